@@ -1,0 +1,193 @@
+//! Configuration from environment variables (or the matching command-line flags), validated
+//! at start-up with messages that name the variable. Every variable is in `.env.example`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sqlx::postgres::PgConnectOptions;
+
+use crate::app::HttpSettings;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "replisync",
+    version,
+    about = "A sync server for Replicache apps"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Serve push, pull and pokes (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct Config {
+    /// `postgres://...` for Postgres, `sqlite://path` for a SQLite file. Unset: the embedded
+    /// SQLite file at REPLISYNC_SQLITE_PATH.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The SQLite file used when DATABASE_URL is unset.
+    #[arg(
+        long,
+        env = "REPLISYNC_SQLITE_PATH",
+        default_value = "replisync-data/replisync.db"
+    )]
+    pub sqlite_path: PathBuf,
+
+    /// Address and port to listen on.
+    #[arg(long, env = "REPLISYNC_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Largest accepted request body, in bytes (larger ones get 413).
+    #[arg(long, env = "REPLISYNC_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Database connections per instance.
+    #[arg(long, env = "REPLISYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+
+    /// Seconds a push or pull may take before it is answered 503 (and rolled back).
+    #[arg(long, env = "REPLISYNC_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// Seconds to finish in-flight requests and pending pokes after SIGTERM or Ctrl-C.
+    #[arg(long, env = "REPLISYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
+    #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_migrate: bool,
+
+    /// Origins allowed to call push and pull from a browser: `*` or a comma-separated list.
+    #[arg(long, env = "REPLISYNC_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+
+    /// The built-in SSE poke stream: on by default without Pusher, off with Pusher.
+    #[arg(long, env = "REPLISYNC_SSE", action = clap::ArgAction::Set)]
+    pub sse: Option<bool>,
+
+    /// Seconds between keep-alive comments on SSE poke streams.
+    #[arg(long, env = "REPLISYNC_SSE_KEEPALIVE_SECS", default_value_t = 15)]
+    pub sse_keepalive_secs: u64,
+
+    /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`).
+    #[arg(long, env = "REPLISYNC_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which database to use, decided from DATABASE_URL.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    Postgres(Box<PgConnectOptions>),
+    Sqlite(PathBuf),
+}
+
+impl Config {
+    pub fn store_choice(&self) -> Result<StoreChoice, String> {
+        let Some(url) = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            return Ok(StoreChoice::Sqlite(self.sqlite_path.clone()));
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return PgConnectOptions::from_str(url)
+                .map(|options| StoreChoice::Postgres(Box::new(options)))
+                .map_err(|e| format!("DATABASE_URL is not a valid Postgres URL: {e}"));
+        }
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err("DATABASE_URL=sqlite://... needs a file path".into());
+            }
+            return Ok(StoreChoice::Sqlite(PathBuf::from(path)));
+        }
+        Err("DATABASE_URL must start with postgres://, postgresql:// or sqlite://".into())
+    }
+
+    pub fn http_settings(&self) -> Result<HttpSettings, String> {
+        let cors_origins = match self.cors_origins.trim() {
+            "*" | "" => None,
+            list => Some(
+                list.split(',')
+                    .map(|origin| {
+                        origin.trim().parse().map_err(|_| {
+                            format!("REPLISYNC_CORS_ORIGINS has an invalid origin: {origin:?}")
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if self.max_body_bytes == 0 {
+            return Err("REPLISYNC_MAX_BODY_BYTES must be above 0".into());
+        }
+        Ok(HttpSettings {
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+            cors_origins,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["replisync"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("valid arguments").config
+    }
+
+    #[test]
+    fn no_database_url_means_the_embedded_sqlite_file() {
+        let mut c = config(&[]);
+        c.database_url = None;
+        assert!(matches!(c.store_choice(), Ok(StoreChoice::Sqlite(p)) if p == c.sqlite_path));
+    }
+
+    #[test]
+    fn database_urls_choose_the_store() {
+        let mut c = config(&[]);
+        c.database_url = Some("postgres://postgres@127.0.0.1/test".into());
+        assert!(matches!(c.store_choice(), Ok(StoreChoice::Postgres(_))));
+        c.database_url = Some("sqlite://data/x.db?mode=rwc".into());
+        assert!(
+            matches!(c.store_choice(), Ok(StoreChoice::Sqlite(p)) if p.as_path() == std::path::Path::new("data/x.db"))
+        );
+        c.database_url = Some("mysql://x".into());
+        assert!(c.store_choice().unwrap_err().contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn cors_origins_parse_as_a_list() {
+        let mut c = config(&[]);
+        c.cors_origins = "https://a.example, https://b.example".into();
+        assert_eq!(c.http_settings().unwrap().cors_origins.unwrap().len(), 2);
+        c.cors_origins = "*".into();
+        assert!(c.http_settings().unwrap().cors_origins.is_none());
+    }
+}

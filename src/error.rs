@@ -1,0 +1,97 @@
+//! The one error type of the HTTP edge: client mistakes become a 4xx with a JSON body naming
+//! the problem, server faults an opaque 5xx (the cause goes to the log, never to the client).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::protocol::ProtocolError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Replicache's own error bodies, answered with status 200 as the client expects.
+    #[error("{0:?}")]
+    Protocol(ProtocolError),
+    #[error("{message}")]
+    BadRequest {
+        error: &'static str,
+        message: String,
+    },
+    #[error("request body is larger than the {limit}-byte limit")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("no such route; replisync serves POST /spaces/{{space}}/push and /pull")]
+    NotFound,
+    #[error(
+        "the built-in SSE poke stream is off (Pusher is configured); set REPLISYNC_SSE=true to enable it, or subscribe to the space's Pusher channel"
+    )]
+    SseDisabled,
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    pub fn bad_request(error: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            error,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::protocol::BodyError> for ApiError {
+    fn from(error: crate::protocol::BodyError) -> Self {
+        use crate::protocol::BodyError;
+        match error {
+            BodyError::UnsupportedVersion(version_type) => {
+                ApiError::Protocol(ProtocolError::VersionNotSupported { version_type })
+            }
+            BodyError::Invalid(message) => ApiError::bad_request("InvalidRequest", message),
+        }
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(error: ProtocolError) -> Self {
+        ApiError::Protocol(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error, message) = match self {
+            ApiError::Protocol(body) => return (StatusCode::OK, Json(body)).into_response(),
+            ApiError::BadRequest { error, message } => (StatusCode::BAD_REQUEST, error, message),
+            ApiError::PayloadTooLarge { .. } => {
+                let message = self.to_string();
+                (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
+            }
+            ApiError::SseDisabled => (StatusCode::NOT_FOUND, "SseDisabled", self.to_string()),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "NotFound", self.to_string()),
+            ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "Unauthorized", message),
+            ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),
+            ApiError::Store(cause) => {
+                let (status, error, message) = match cause {
+                    StoreError::Unavailable(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Unavailable",
+                        "the database is unavailable; retry later",
+                    ),
+                    _ => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Internal",
+                        "internal error; the request changed nothing, retry later",
+                    ),
+                };
+                tracing::error!(error = %cause, "request failed in storage");
+                (status, error, message.to_owned())
+            }
+        };
+        (status, Json(json!({ "error": error, "message": message }))).into_response()
+    }
+}

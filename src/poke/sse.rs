@@ -1,0 +1,119 @@
+//! The built-in poke stream: `GET /spaces/{space}/poke` as Server-Sent Events, one `poke` per
+//! committed change. A single-instance convenience; production deployments use Pusher.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_stream::stream;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::PokeSink;
+use crate::app::{AppState, space_and_user};
+use crate::error::ApiError;
+use crate::protocol::SpaceId;
+
+/// Pokes queued per watcher before older ones collapse into one (a poke carries no data,
+/// so a watcher that lags loses nothing).
+const WATCHER_QUEUE: usize = 16;
+
+/// The event name browsers listen for: `source.addEventListener("poke", () => rep.pull())`.
+pub const EVENT_NAME: &str = "poke";
+
+pub struct SsePokes {
+    watched: Mutex<HashMap<SpaceId, broadcast::Sender<()>>>,
+    keep_alive: Duration,
+    /// Cancelled at shutdown so open streams end and the server can stop.
+    shutdown: CancellationToken,
+}
+
+impl SsePokes {
+    pub fn new(keep_alive: Duration, shutdown: CancellationToken) -> Self {
+        SsePokes {
+            watched: Mutex::new(HashMap::new()),
+            keep_alive,
+            shutdown,
+        }
+    }
+
+    fn subscribe(&self, space: &SpaceId) -> broadcast::Receiver<()> {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        watched
+            .entry(space.clone())
+            .or_insert_with(|| broadcast::channel(WATCHER_QUEUE).0)
+            .subscribe()
+    }
+
+    /// Number of spaces with at least one open stream.
+    pub fn watched_spaces(&self) -> usize {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl PokeSink for SsePokes {
+    fn space_changed(&self, space: &SpaceId, _committed_at: Instant) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let nobody_listens = watched
+            .get(space)
+            .is_some_and(|sender| sender.send(()).is_err());
+        if nobody_listens {
+            // Every watcher of this space has gone: forget it.
+            watched.remove(space);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PokeQuery {
+    /// EventSource cannot send headers, so the token may come as `?auth=`.
+    auth: Option<String>,
+}
+
+/// `GET /spaces/{space}/poke`
+pub async fn handle(
+    State(state): State<AppState>,
+    Path(raw_space): Path<String>,
+    Query(query): Query<PokeQuery>,
+    mut headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let Some(sse) = state.sse.clone() else {
+        return Err(ApiError::SseDisabled);
+    };
+    if let Some(token) = query.auth.as_deref().and_then(|t| t.parse().ok()) {
+        headers
+            .entry(axum::http::header::AUTHORIZATION)
+            .or_insert(token);
+    }
+    let (space, _user) = space_and_user(&state, &raw_space, &headers).await?;
+    let keep_alive = KeepAlive::new().interval(sse.keep_alive).text("keep-alive");
+    Ok(Sse::new(poke_events(sse, space)).keep_alive(keep_alive))
+}
+
+/// A `connected` comment, then a `poke` event per change until the server shuts down.
+fn poke_events(
+    sse: Arc<SsePokes>,
+    space: SpaceId,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> {
+    let mut pokes = sse.subscribe(&space);
+    stream! {
+        yield Ok(Event::default().comment("connected"));
+        loop {
+            tokio::select! {
+                received = pokes.recv() => match received {
+                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        yield Ok(Event::default().event(EVENT_NAME).data("{}"));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                () = sse.shutdown.cancelled() => break,
+            }
+        }
+    }
+}

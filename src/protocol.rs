@@ -1,0 +1,262 @@
+//! The Replicache wire format (pushVersion 1, pullVersion 1) as serde types, field for field,
+//! plus the validated `SpaceId` that names a space in URLs, storage and poke channels.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The only push and pull protocol version replisync speaks.
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// A space: this server's unit of partitioning, authorization and poking.
+/// 1 to 100 characters of `A-Z a-z 0-9 _ -`, so it can also name a Pusher channel.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpaceId(String);
+
+pub const MAX_SPACE_ID_LEN: usize = 100;
+
+impl SpaceId {
+    pub fn parse(raw: &str) -> Result<SpaceId, String> {
+        let well_formed = !raw.is_empty()
+            && raw.len() <= MAX_SPACE_ID_LEN
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if well_formed {
+            Ok(SpaceId(raw.to_owned()))
+        } else {
+            Err(format!(
+                "space id must be 1 to {MAX_SPACE_ID_LEN} characters of A-Z a-z 0-9 _ -"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SpaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `POST /spaces/{space}/push` body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushRequest {
+    pub push_version: u64,
+    #[serde(default)]
+    pub schema_version: String,
+    #[serde(default, rename = "profileID")]
+    pub profile_id: String,
+    #[serde(rename = "clientGroupID")]
+    pub client_group_id: String,
+    pub mutations: Vec<Mutation>,
+}
+
+/// One pending mutation of one client, as the client recorded it.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct Mutation {
+    pub id: u64,
+    pub name: String,
+    #[serde(default)]
+    pub args: Value,
+    /// The client's `performance.now()`; not used by the protocol.
+    #[serde(default)]
+    pub timestamp: f64,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+}
+
+/// `POST /spaces/{space}/pull` body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequest {
+    pub pull_version: u64,
+    #[serde(default)]
+    pub schema_version: String,
+    #[serde(default, rename = "profileID")]
+    pub profile_id: String,
+    #[serde(rename = "clientGroupID")]
+    pub client_group_id: String,
+    /// `null` on a first pull; otherwise whatever this server last answered.
+    pub cookie: Value,
+}
+
+/// Just enough of any body to tell which protocol version it speaks; used to answer
+/// `VersionNotSupported` to legacy (version 0) bodies that fail to parse as version 1.
+#[derive(Debug, Deserialize)]
+pub struct VersionProbe {
+    #[serde(rename = "pushVersion")]
+    pub push_version: Option<Value>,
+    #[serde(rename = "pullVersion")]
+    pub pull_version: Option<Value>,
+}
+
+/// The error bodies Replicache understands; sent with status 200.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(tag = "error")]
+pub enum ProtocolError {
+    ClientStateNotFound,
+    VersionNotSupported {
+        #[serde(rename = "versionType")]
+        version_type: VersionType,
+    },
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionType {
+    Push,
+    Pull,
+    Schema,
+}
+
+/// A request body that names its protocol version.
+pub trait Versioned: serde::de::DeserializeOwned {
+    const VERSION_TYPE: VersionType;
+    fn version(&self) -> u64;
+}
+
+impl Versioned for PushRequest {
+    const VERSION_TYPE: VersionType = VersionType::Push;
+    fn version(&self) -> u64 {
+        self.push_version
+    }
+}
+
+impl Versioned for PullRequest {
+    const VERSION_TYPE: VersionType = VersionType::Pull;
+    fn version(&self) -> u64 {
+        self.pull_version
+    }
+}
+
+/// Why a body could not be taken as a version-1 request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyError {
+    /// A well-formed request of another protocol version (legacy clients send version 0).
+    UnsupportedVersion(VersionType),
+    /// Not JSON, or not the shape of a request; the message names the field at fault.
+    Invalid(String),
+}
+
+/// Parses a push or pull body, answering `UnsupportedVersion` for any version but 1, even
+/// when the rest of the body has an older shape.
+pub fn parse_body<T: Versioned>(body: &[u8]) -> Result<T, BodyError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed = serde_path_to_error::deserialize::<_, T>(&mut deserializer)
+        .map_err(|e| e.to_string())
+        .and_then(|request| {
+            deserializer
+                .end()
+                .map(|()| request)
+                .map_err(|e| e.to_string())
+        });
+    match parsed {
+        Ok(request) if request.version() == PROTOCOL_VERSION => Ok(request),
+        Ok(_) => Err(BodyError::UnsupportedVersion(T::VERSION_TYPE)),
+        Err(message) => match claimed_version(body, T::VERSION_TYPE) {
+            Some(version) if version != PROTOCOL_VERSION => {
+                Err(BodyError::UnsupportedVersion(T::VERSION_TYPE))
+            }
+            _ => Err(BodyError::Invalid(message)),
+        },
+    }
+}
+
+fn claimed_version(body: &[u8], version_type: VersionType) -> Option<Value> {
+    let probe: VersionProbe = serde_json::from_slice(body).ok()?;
+    match version_type {
+        VersionType::Push => probe.push_version,
+        VersionType::Pull => probe.pull_version,
+        VersionType::Schema => None,
+    }
+}
+
+/// Parses a pull cookie this server can honour: null (a first pull) or a non-negative integer
+/// (a space version). Anything else was not issued by replisync.
+pub fn parse_cookie(cookie: &Value) -> Result<Option<u64>, ForeignCookie> {
+    match cookie {
+        Value::Null => Ok(None),
+        Value::Number(n) => n.as_u64().map(Some).ok_or(ForeignCookie),
+        _ => Err(ForeignCookie),
+    }
+}
+
+/// A cookie this server did not issue.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ForeignCookie;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn space_ids_follow_the_channel_alphabet() {
+        assert!(SpaceId::parse("doc-1_A").is_ok());
+        assert!(SpaceId::parse(&"a".repeat(100)).is_ok());
+        for bad in ["", "a b", "a:b", "é", "a/b", &"a".repeat(101)] {
+            assert!(SpaceId::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn bodies_of_other_versions_are_unsupported_not_invalid() {
+        let legacy = br#"{"pushVersion":0,"clientID":"c","mutations":[]}"#;
+        assert_eq!(
+            parse_body::<PushRequest>(legacy).unwrap_err(),
+            BodyError::UnsupportedVersion(VersionType::Push)
+        );
+        let future = br#"{"pullVersion":2,"clientGroupID":"g","cookie":null}"#;
+        assert_eq!(
+            parse_body::<PullRequest>(future).unwrap_err(),
+            BodyError::UnsupportedVersion(VersionType::Pull)
+        );
+    }
+
+    #[test]
+    fn invalid_bodies_name_the_field_at_fault() {
+        let body = br#"{"pushVersion":1,"clientGroupID":"g","mutations":[{"id":"x","name":"set","clientID":"c"}]}"#;
+        match parse_body::<PushRequest>(body).unwrap_err() {
+            BodyError::Invalid(message) => {
+                assert!(message.contains("mutations[0].id"), "{message}")
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        let trailing = br#"{"pullVersion":1,"clientGroupID":"g","cookie":null} x"#;
+        assert!(matches!(
+            parse_body::<PullRequest>(trailing),
+            Err(BodyError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn cookies_are_null_or_versions() {
+        assert_eq!(parse_cookie(&json!(null)), Ok(None));
+        assert_eq!(parse_cookie(&json!(7)), Ok(Some(7)));
+        for bad in [json!(-1), json!(1.5), json!("3"), json!({"order": 3})] {
+            assert!(parse_cookie(&bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn protocol_errors_serialize_as_replicache_expects() {
+        assert_eq!(
+            serde_json::to_value(ProtocolError::ClientStateNotFound).unwrap(),
+            json!({"error": "ClientStateNotFound"})
+        );
+        assert_eq!(
+            serde_json::to_value(ProtocolError::VersionNotSupported {
+                version_type: VersionType::Pull
+            })
+            .unwrap(),
+            json!({"error": "VersionNotSupported", "versionType": "pull"})
+        );
+    }
+}

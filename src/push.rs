@@ -1,0 +1,285 @@
+//! Push: applies a client group's pending mutations to a space, in order, exactly once.
+//! One transaction per push under the space's lock; a poke goes out only after it commits.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+
+use crate::app::{AppState, RequestBody, space_and_user};
+use crate::error::ApiError;
+use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
+use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId, parse_body};
+use crate::store::{ClientGroupRecord, ClientRecord, PushChanges, Store, StoreError};
+
+/// How many times a push that lost a race with a concurrent push is run again.
+const CONFLICT_ATTEMPTS: u32 = 8;
+
+/// `POST /spaces/{space}/push`
+pub async fn handle(
+    State(state): State<AppState>,
+    Path(raw_space): Path<String>,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Result<Json<Value>, ApiError> {
+    let (space, user) = space_and_user(&state, &raw_space, &headers).await?;
+    let request: PushRequest = parse_body(&body)?;
+    validate(&request)?;
+    let outcome =
+        push_with_retries(&*state.store, &state.mutators, &space, &user, &request).await?;
+    if let PushOutcome::Committed {
+        version,
+        committed_at,
+    } = outcome
+    {
+        tracing::debug!(
+            version,
+            mutations = request.mutations.len(),
+            "push committed"
+        );
+        state.pokes.space_changed(&space, committed_at);
+    }
+    Ok(Json(json!({})))
+}
+
+/// What a push did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Every mutation had been applied before (or was blocked by a gap): nothing written.
+    Unchanged,
+    /// The space moved to `version`.
+    Committed { version: u64, committed_at: Instant },
+}
+
+/// Checks what serde cannot: ids that fit the database and non-empty identifiers.
+fn validate(request: &PushRequest) -> Result<(), ApiError> {
+    if request.client_group_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "InvalidRequest",
+            "clientGroupID is empty",
+        ));
+    }
+    for (index, mutation) in request.mutations.iter().enumerate() {
+        if mutation.client_id.is_empty() {
+            return Err(ApiError::bad_request(
+                "InvalidRequest",
+                format!("mutations[{index}].clientID is empty"),
+            ));
+        }
+        if mutation.id > i64::MAX as u64 {
+            return Err(ApiError::bad_request(
+                "InvalidRequest",
+                format!("mutations[{index}].id is larger than {}", i64::MAX),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the push, again from the start when a concurrent push won a race on a new row.
+/// The space lock makes that rare; retrying here means a client never sees it.
+pub async fn push_with_retries(
+    store: &dyn Store,
+    mutators: &Mutators,
+    space: &SpaceId,
+    user: &str,
+    request: &PushRequest,
+) -> Result<PushOutcome, ApiError> {
+    let mut attempt = 1;
+    loop {
+        match apply_push(store, mutators, space, user, request).await {
+            Err(ApiError::Store(StoreError::Conflict(cause))) if attempt < CONFLICT_ATTEMPTS => {
+                tracing::debug!(attempt, %cause, "push conflicted with a concurrent push; retrying");
+                tokio::time::sleep(conflict_backoff(attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn conflict_backoff(attempt: u32) -> Duration {
+    let base_ms = 2u64 << attempt.min(6);
+    Duration::from_millis(base_ms + rand::random_range(0..base_ms))
+}
+
+/// One attempt: the per-space algorithm of the Replicache docs, in one transaction.
+async fn apply_push(
+    store: &dyn Store,
+    mutators: &Mutators,
+    space: &SpaceId,
+    user: &str,
+    request: &PushRequest,
+) -> Result<PushOutcome, ApiError> {
+    let mut tx = store.begin_push(space).await?;
+    let group = tx.client_group(&request.client_group_id).await?;
+    let new_client_group = check_client_group(group, request, space, user)?;
+
+    let client_ids = distinct_client_ids(&request.mutations);
+    let stored = tx.clients(&client_ids).await?;
+    let mut last_mutation_ids = known_clients(stored, request)?;
+
+    let next_version = tx.space_version() + 1;
+    let mut overlay = PushOverlay::default();
+    let mut advanced: HashSet<&str> = HashSet::new();
+    let mut stopped_by_gap: HashSet<&str> = HashSet::new();
+    for mutation in &request.mutations {
+        let client = mutation.client_id.as_str();
+        if stopped_by_gap.contains(client) {
+            continue;
+        }
+        let expected = last_mutation_ids.get(client).copied().unwrap_or(0) + 1;
+        if mutation.id < expected {
+            continue; // applied by an earlier push: re-sent pushes are normal
+        }
+        if mutation.id > expected {
+            tracing::warn!(
+                client,
+                expected,
+                got = mutation.id,
+                "mutation id gap; ignoring this client's later mutations"
+            );
+            stopped_by_gap.insert(client);
+            continue;
+        }
+        let mut write_tx = WriteTx::new(&mut *tx, &mut overlay, space, user, client);
+        match run_mutator(mutators, &mut write_tx, mutation).await {
+            Ok(()) => write_tx.keep_writes(),
+            Err(MutationError::Store(error)) => return Err(error.into()),
+            Err(error) => tracing::warn!(
+                client, id = mutation.id, name = %mutation.name, %error,
+                "mutation failed; its writes are discarded and it counts as processed"
+            ),
+        }
+        last_mutation_ids.insert(client, mutation.id);
+        advanced.insert(client);
+    }
+
+    if advanced.is_empty() {
+        return Ok(PushOutcome::Unchanged); // dropping the transaction rolls it back
+    }
+    let clients = advanced
+        .into_iter()
+        .map(|client| ClientRecord {
+            id: client.to_owned(),
+            client_group_id: request.client_group_id.clone(),
+            last_mutation_id: last_mutation_ids[client],
+        })
+        .collect();
+    let changes = PushChanges {
+        version: next_version,
+        new_client_group,
+        clients,
+        entries: overlay.into_changes(),
+    };
+    tx.commit(changes).await?;
+    Ok(PushOutcome::Committed {
+        version: next_version,
+        committed_at: Instant::now(),
+    })
+}
+
+/// A client group belongs to the space and user that created it. Returns the group to create
+/// when it is new.
+fn check_client_group(
+    stored: Option<ClientGroupRecord>,
+    request: &PushRequest,
+    space: &SpaceId,
+    user: &str,
+) -> Result<Option<ClientGroupRecord>, ApiError> {
+    match stored {
+        Some(group) => {
+            check_group_ownership(&group, space, user)?;
+            Ok(None)
+        }
+        None => Ok(Some(ClientGroupRecord {
+            id: request.client_group_id.clone(),
+            space_id: space.as_str().to_owned(),
+            user_id: user.to_owned(),
+        })),
+    }
+}
+
+/// Rejects a client group used from another space or by another user (shared with pull).
+pub fn check_group_ownership(
+    group: &ClientGroupRecord,
+    space: &SpaceId,
+    user: &str,
+) -> Result<(), ApiError> {
+    if group.space_id != space.as_str() {
+        return Err(ApiError::Forbidden(format!(
+            "client group {} belongs to another space",
+            group.id
+        )));
+    }
+    if group.user_id != user {
+        return Err(ApiError::Forbidden(format!(
+            "client group {} belongs to another user",
+            group.id
+        )));
+    }
+    Ok(())
+}
+
+fn distinct_client_ids(mutations: &[Mutation]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    mutations
+        .iter()
+        .filter(|m| seen.insert(m.client_id.as_str()))
+        .map(|m| m.client_id.clone())
+        .collect()
+}
+
+/// The last mutation id of every client in the push. Rejects a client of another group, and
+/// answers ClientStateNotFound for an unknown client whose first mutation is not id 1 (the
+/// server lost its state: the client must start over).
+fn known_clients(
+    stored: Vec<ClientRecord>,
+    request: &PushRequest,
+) -> Result<HashMap<&str, u64>, ApiError> {
+    let stored: HashMap<String, ClientRecord> =
+        stored.into_iter().map(|c| (c.id.clone(), c)).collect();
+    let mut last_mutation_ids = HashMap::new();
+    for mutation in &request.mutations {
+        let client = mutation.client_id.as_str();
+        if last_mutation_ids.contains_key(client) {
+            continue;
+        }
+        match stored.get(client) {
+            Some(record) if record.client_group_id != request.client_group_id => {
+                return Err(ApiError::Forbidden(format!(
+                    "client {client} belongs to another client group"
+                )));
+            }
+            Some(record) => {
+                last_mutation_ids.insert(client, record.last_mutation_id);
+            }
+            None if mutation.id > 1 => {
+                tracing::info!(
+                    client,
+                    first_id = mutation.id,
+                    "unknown client: ClientStateNotFound"
+                );
+                return Err(ProtocolError::ClientStateNotFound.into());
+            }
+            None => {
+                last_mutation_ids.insert(client, 0);
+            }
+        }
+    }
+    Ok(last_mutation_ids)
+}
+
+async fn run_mutator(
+    mutators: &Mutators,
+    tx: &mut WriteTx<'_>,
+    mutation: &Mutation,
+) -> Result<(), MutationError> {
+    let mutator = mutators.get(&mutation.name).ok_or_else(|| {
+        MutationError::Rejected(format!("no mutator is named {:?}", mutation.name))
+    })?;
+    mutator.apply(tx, &mutation.args).await
+}

@@ -1,0 +1,148 @@
+//! Storage behind push and pull: the `Store` trait that Postgres and SQLite implement, and the
+//! records it moves. Push and pull logic never sees SQL; a store never sees protocol rules.
+
+pub mod postgres;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::protocol::SpaceId;
+
+/// A client group as stored: it belongs to the space and the user that created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientGroupRecord {
+    pub id: String,
+    pub space_id: String,
+    pub user_id: String,
+}
+
+/// A client as stored: its group and the last mutation id the server applied for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub id: String,
+    pub client_group_id: String,
+    pub last_mutation_id: u64,
+}
+
+/// One key's new state: `Some(json text)` to put, `None` to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryChange {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+/// Everything one push writes, all at `version` (the space's next version).
+#[derive(Debug, Default)]
+pub struct PushChanges {
+    pub version: u64,
+    /// Set when the push's client group did not exist yet.
+    pub new_client_group: Option<ClientGroupRecord>,
+    /// Clients whose lastMutationID moved (created ones included).
+    pub clients: Vec<ClientRecord>,
+    pub entries: Vec<EntryChange>,
+}
+
+/// What a pull needs, read from one consistent snapshot.
+pub struct PullSnapshot {
+    /// The space's version: the pull's new cookie (0 for a space never written).
+    pub version: u64,
+    pub client_group: Option<ClientGroupRecord>,
+    /// `(clientID, lastMutationID)` of the group's clients changed after the pull's cookie.
+    pub changed_clients: Vec<(String, u64)>,
+    /// Entries changed after the cookie (with a cookie of 0, live entries only), streamed
+    /// from the same snapshot so a large first pull is never held whole in memory.
+    pub entries: BoxStream<'static, Result<EntryChange, StoreError>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or has no free connection: worth retrying later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A concurrent writer got in the way (serialization failure, deadlock, lost race on a
+    /// new row). The whole push is retried inside the server; clients never see this.
+    #[error("conflict with a concurrent transaction: {0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(error.to_string())
+            }
+            sqlx::Error::Database(db) if is_conflict_code(db.code().as_deref()) => {
+                StoreError::Conflict(error.to_string())
+            }
+            _ => StoreError::Database(error.to_string()),
+        }
+    }
+}
+
+/// Postgres: serialization failure, deadlock, unique violation. SQLite: busy, locked.
+fn is_conflict_code(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("40001" | "40P01" | "23505" | "5" | "6" | "517" | "262")
+    )
+}
+
+/// A database that holds spaces. Implementations: [`postgres::PgStore`], [`sqlite::SqliteStore`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "postgres" or "sqlite", for logs.
+    fn kind(&self) -> &'static str;
+
+    /// Starts a push to `space`: opens a transaction and takes the space's write lock, so
+    /// pushes to one space apply one after another. Dropping the result rolls back.
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError>;
+
+    /// Reads what a pull from `from` needs, in one consistent snapshot.
+    async fn pull(
+        &self,
+        space: &SpaceId,
+        client_group_id: &str,
+        from: u64,
+    ) -> Result<PullSnapshot, StoreError>;
+
+    /// Answers whether the database is reachable and answering.
+    async fn check_health(&self) -> Result<(), StoreError>;
+
+    /// Closes connections; waits for the ones in use.
+    async fn close(&self);
+}
+
+/// A push in progress: reads inside the locked transaction, then one `commit` of all writes.
+#[async_trait]
+pub trait PushTx: Send {
+    /// The space's version when the push took the lock (0 for a new space).
+    fn space_version(&self) -> u64;
+
+    async fn client_group(&mut self, id: &str) -> Result<Option<ClientGroupRecord>, StoreError>;
+
+    /// The stored clients among `ids` (unknown ids are simply absent).
+    async fn clients(&mut self, ids: &[String]) -> Result<Vec<ClientRecord>, StoreError>;
+
+    /// The live value (json text) of `key` in this space, `None` if absent or deleted.
+    async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Writes `changes`, sets the space version to `changes.version` and commits.
+    /// Returns `StoreError::Conflict` when a concurrent push claimed the same new client group
+    /// or client first; the caller retries the whole push.
+    async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError>;
+}
+
+/// Converts a stored BIGINT to the protocol's unsigned integers.
+pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what}: {value}")))
+}
+
+/// Converts the protocol's unsigned integers to a BIGINT.
+pub(crate) fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{value} does not fit a BIGINT")))
+}

@@ -1,0 +1,293 @@
+//! The Postgres store, for production and for any number of instances behind a load balancer.
+//! A push locks its space row (`INSERT .. ON CONFLICT DO UPDATE`); a pull reads one REPEATABLE READ snapshot.
+
+use std::time::Duration;
+
+use async_stream::try_stream;
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{
+    ClientGroupRecord, ClientRecord, EntryChange, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError, to_i64, to_u64,
+};
+use crate::protocol::SpaceId;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects lazily-checked: fails now if the first connection cannot be made.
+    pub async fn connect(
+        options: PgConnectOptions,
+        max_connections: u32,
+    ) -> Result<PgStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(PgStore { pool })
+    }
+
+    /// Applies the migrations in `migrations/postgres` that have not run yet. Safe to run from
+    /// several instances at once (the migrator takes an advisory lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Creates the space on its first push; either way the row stays locked until commit.
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO replisync_spaces (id, version) VALUES ($1, 0)
+             ON CONFLICT (id) DO UPDATE SET version = replisync_spaces.version
+             RETURNING version",
+        )
+        .bind(space.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(Box::new(PgPushTx {
+            tx,
+            space: space.clone(),
+            version: to_u64(version, "space version")?,
+        }))
+    }
+
+    async fn pull(
+        &self,
+        space: &SpaceId,
+        client_group_id: &str,
+        from: u64,
+    ) -> Result<PullSnapshot, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let from_i64 = to_i64(from)?;
+        let row = sqlx::query(
+            "SELECT (SELECT version FROM replisync_spaces WHERE id = $1) AS version,
+                    g.space_id, g.user_id
+             FROM (SELECT 1) AS one
+             LEFT JOIN replisync_client_groups g ON g.id = $2",
+        )
+        .bind(space.as_str())
+        .bind(client_group_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let version = to_u64(
+            row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
+            "version",
+        )?;
+        let client_group = row
+            .try_get::<Option<String>, _>("space_id")?
+            .map(|space_id| -> Result<_, StoreError> {
+                Ok(ClientGroupRecord {
+                    id: client_group_id.to_owned(),
+                    space_id,
+                    user_id: row.try_get("user_id")?,
+                })
+            })
+            .transpose()?;
+
+        let changed_clients = sqlx::query_as::<_, (String, i64)>(
+            "SELECT id, last_mutation_id FROM replisync_clients
+             WHERE client_group_id = $1 AND last_modified_version > $2",
+        )
+        .bind(client_group_id)
+        .bind(from_i64)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(id, lmid)| Ok((id, to_u64(lmid, "last_mutation_id")?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+
+        let space_id = space.as_str().to_owned();
+        let entries = try_stream! {
+            {
+                let mut rows = sqlx::query_as::<_, (String, Option<String>, bool)>(
+                    "SELECT key, value, deleted FROM replisync_entries
+                     WHERE space_id = $1 AND version > $2 AND (NOT deleted OR $2 > 0)",
+                )
+                .bind(space_id)
+                .bind(from_i64)
+                .fetch(&mut *tx);
+                while let Some((key, value, deleted)) = rows.try_next().await? {
+                    yield EntryChange { key, value: if deleted { None } else { value } };
+                }
+            }
+            tx.commit().await?;
+        };
+
+        Ok(PullSnapshot {
+            version,
+            client_group,
+            changed_clients,
+            entries: Box::pin(entries),
+        })
+    }
+
+    async fn check_health(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+struct PgPushTx {
+    tx: Transaction<'static, Postgres>,
+    space: SpaceId,
+    version: u64,
+}
+
+#[async_trait]
+impl PushTx for PgPushTx {
+    fn space_version(&self) -> u64 {
+        self.version
+    }
+
+    async fn client_group(&mut self, id: &str) -> Result<Option<ClientGroupRecord>, StoreError> {
+        let row = sqlx::query_as::<_, (String, String)>(
+            "SELECT space_id, user_id FROM replisync_client_groups WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(row.map(|(space_id, user_id)| ClientGroupRecord {
+            id: id.to_owned(),
+            space_id,
+            user_id,
+        }))
+    }
+
+    async fn clients(&mut self, ids: &[String]) -> Result<Vec<ClientRecord>, StoreError> {
+        sqlx::query_as::<_, (String, String, i64)>(
+            "SELECT id, client_group_id, last_mutation_id FROM replisync_clients
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await?
+        .into_iter()
+        .map(|(id, client_group_id, lmid)| {
+            Ok(ClientRecord {
+                id,
+                client_group_id,
+                last_mutation_id: to_u64(lmid, "last_mutation_id")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        let value: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT value FROM replisync_entries
+             WHERE space_id = $1 AND key = $2 AND NOT deleted",
+        )
+        .bind(self.space.as_str())
+        .bind(key)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(value.flatten())
+    }
+
+    async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
+        let (client_ids, client_groups, client_lmids) = client_columns(&changes.clients)?;
+        let (keys, values): (Vec<String>, Vec<Option<String>>) = changes
+            .entries
+            .into_iter()
+            .map(|entry| (entry.key, entry.value))
+            .unzip();
+        let group = changes.new_client_group;
+        // One round trip for every write. The counts tell whether a concurrent push claimed
+        // the new group or a client id first (then ON CONFLICT skipped our row).
+        let (groups_created, clients_written): (i64, i64) = sqlx::query_as(
+            "WITH new_group AS (
+                 INSERT INTO replisync_client_groups (id, space_id, user_id)
+                 SELECT $3, $1, $4 WHERE $3 IS NOT NULL
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING 1
+             ), written_clients AS (
+                 INSERT INTO replisync_clients
+                     (id, client_group_id, last_mutation_id, last_modified_version)
+                 SELECT c.id, c.grp, c.lmid, $2
+                 FROM UNNEST($5::text[], $6::text[], $7::int8[]) AS c(id, grp, lmid)
+                 ON CONFLICT (id) DO UPDATE
+                     SET last_mutation_id = excluded.last_mutation_id,
+                         last_modified_version = excluded.last_modified_version
+                     WHERE replisync_clients.client_group_id = excluded.client_group_id
+                 RETURNING 1
+             ), written_entries AS (
+                 INSERT INTO replisync_entries (space_id, key, value, deleted, version)
+                 SELECT $1, e.key, e.value, e.value IS NULL, $2
+                 FROM UNNEST($8::text[], $9::text[]) AS e(key, value)
+                 ON CONFLICT (space_id, key) DO UPDATE
+                     SET value = excluded.value,
+                         deleted = excluded.deleted,
+                         version = excluded.version
+             ), bumped AS (
+                 UPDATE replisync_spaces SET version = $2 WHERE id = $1
+             )
+             SELECT (SELECT count(*) FROM new_group), (SELECT count(*) FROM written_clients)",
+        )
+        .bind(self.space.as_str())
+        .bind(to_i64(changes.version)?)
+        .bind(group.as_ref().map(|g| g.id.as_str()))
+        .bind(group.as_ref().map(|g| g.user_id.as_str()))
+        .bind(&client_ids)
+        .bind(&client_groups)
+        .bind(&client_lmids)
+        .bind(&keys)
+        .bind(&values)
+        .fetch_one(&mut *self.tx)
+        .await?;
+
+        if group.is_some() && groups_created != 1 {
+            return Err(StoreError::Conflict(
+                "client group was created concurrently".into(),
+            ));
+        }
+        if clients_written != client_ids.len() as i64 {
+            return Err(StoreError::Conflict(
+                "a client id was claimed by another client group".into(),
+            ));
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+type ClientColumns = (Vec<String>, Vec<String>, Vec<i64>);
+
+/// Splits client records into the column arrays that UNNEST takes.
+pub(crate) fn client_columns(clients: &[ClientRecord]) -> Result<ClientColumns, StoreError> {
+    let mut columns: ClientColumns = Default::default();
+    for client in clients {
+        columns.0.push(client.id.clone());
+        columns.1.push(client.client_group_id.clone());
+        columns.2.push(to_i64(client.last_mutation_id)?);
+    }
+    Ok(columns)
+}

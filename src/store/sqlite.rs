@@ -1,0 +1,285 @@
+//! The embedded SQLite store: the zero-configuration default, one file, one instance only.
+//! Pushes serialize on a single writer connection (`BEGIN IMMEDIATE`); pulls read WAL snapshots.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_stream::try_stream;
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    ClientGroupRecord, ClientRecord, EntryChange, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError, to_i64, to_u64,
+};
+use crate::protocol::SpaceId;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteStore {
+    /// One connection: SQLite has one writer at a time, so pushes queue here, in process,
+    /// instead of failing with SQLITE_BUSY.
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path`, in WAL mode.
+    pub async fn open(path: &Path, max_readers: u32) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged push survives a power cut, not only a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(max_readers.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore { writer, readers })
+    }
+
+    /// Applies the migrations in `migrations/sqlite` that have not run yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.writer)
+            .await
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM replisync_spaces WHERE id = ?1")
+                .bind(space.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        Ok(Box::new(SqlitePushTx {
+            tx,
+            space: space.clone(),
+            version: to_u64(version.unwrap_or(0), "space version")?,
+        }))
+    }
+
+    async fn pull(
+        &self,
+        space: &SpaceId,
+        client_group_id: &str,
+        from: u64,
+    ) -> Result<PullSnapshot, StoreError> {
+        // In WAL mode a read transaction sees one snapshot from its first read to its end.
+        let mut tx = self.readers.begin().await?;
+        let from_i64 = to_i64(from)?;
+        let row = sqlx::query(
+            "SELECT (SELECT version FROM replisync_spaces WHERE id = ?1) AS version,
+                    (SELECT space_id FROM replisync_client_groups WHERE id = ?2) AS space_id,
+                    (SELECT user_id FROM replisync_client_groups WHERE id = ?2) AS user_id",
+        )
+        .bind(space.as_str())
+        .bind(client_group_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let version = to_u64(
+            row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
+            "version",
+        )?;
+        let client_group = match (
+            row.try_get::<Option<String>, _>("space_id")?,
+            row.try_get::<Option<String>, _>("user_id")?,
+        ) {
+            (Some(space_id), Some(user_id)) => Some(ClientGroupRecord {
+                id: client_group_id.to_owned(),
+                space_id,
+                user_id,
+            }),
+            _ => None,
+        };
+
+        let changed_clients = sqlx::query_as::<_, (String, i64)>(
+            "SELECT id, last_mutation_id FROM replisync_clients
+             WHERE client_group_id = ?1 AND last_modified_version > ?2",
+        )
+        .bind(client_group_id)
+        .bind(from_i64)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(id, lmid)| Ok((id, to_u64(lmid, "last_mutation_id")?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+
+        let space_id = space.as_str().to_owned();
+        let entries = try_stream! {
+            {
+                let mut rows = sqlx::query_as::<_, (String, Option<String>, bool)>(
+                    "SELECT key, value, deleted FROM replisync_entries
+                     WHERE space_id = ?1 AND version > ?2 AND (NOT deleted OR ?2 > 0)",
+                )
+                .bind(space_id)
+                .bind(from_i64)
+                .fetch(&mut *tx);
+                while let Some((key, value, deleted)) = rows.try_next().await? {
+                    yield EntryChange { key, value: if deleted { None } else { value } };
+                }
+            }
+            tx.commit().await?;
+        };
+
+        Ok(PullSnapshot {
+            version,
+            client_group,
+            changed_clients,
+            entries: Box::pin(entries),
+        })
+    }
+
+    async fn check_health(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.readers.close().await;
+    }
+}
+
+struct SqlitePushTx {
+    tx: Transaction<'static, Sqlite>,
+    space: SpaceId,
+    version: u64,
+}
+
+#[async_trait]
+impl PushTx for SqlitePushTx {
+    fn space_version(&self) -> u64 {
+        self.version
+    }
+
+    async fn client_group(&mut self, id: &str) -> Result<Option<ClientGroupRecord>, StoreError> {
+        let row = sqlx::query_as::<_, (String, String)>(
+            "SELECT space_id, user_id FROM replisync_client_groups WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(row.map(|(space_id, user_id)| ClientGroupRecord {
+            id: id.to_owned(),
+            space_id,
+            user_id,
+        }))
+    }
+
+    async fn clients(&mut self, ids: &[String]) -> Result<Vec<ClientRecord>, StoreError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query_as::<_, (String, i64)>(
+                "SELECT client_group_id, last_mutation_id FROM replisync_clients WHERE id = ?1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+            if let Some((client_group_id, lmid)) = row {
+                found.push(ClientRecord {
+                    id: id.clone(),
+                    client_group_id,
+                    last_mutation_id: to_u64(lmid, "last_mutation_id")?,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        let value: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT value FROM replisync_entries
+             WHERE space_id = ?1 AND key = ?2 AND NOT deleted",
+        )
+        .bind(self.space.as_str())
+        .bind(key)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(value.flatten())
+    }
+
+    async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
+        let space = self.space.as_str().to_owned();
+        let version = to_i64(changes.version)?;
+        // The single writer connection means nobody else can claim these rows meanwhile.
+        if let Some(group) = &changes.new_client_group {
+            sqlx::query(
+                "INSERT INTO replisync_client_groups (id, space_id, user_id) VALUES (?1, ?2, ?3)",
+            )
+            .bind(&group.id)
+            .bind(&space)
+            .bind(&group.user_id)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        for client in &changes.clients {
+            sqlx::query(
+                "INSERT INTO replisync_clients
+                     (id, client_group_id, last_mutation_id, last_modified_version)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE
+                     SET last_mutation_id = excluded.last_mutation_id,
+                         last_modified_version = excluded.last_modified_version",
+            )
+            .bind(&client.id)
+            .bind(&client.client_group_id)
+            .bind(to_i64(client.last_mutation_id)?)
+            .bind(version)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        for entry in &changes.entries {
+            sqlx::query(
+                "INSERT INTO replisync_entries (space_id, key, value, deleted, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (space_id, key) DO UPDATE
+                     SET value = excluded.value,
+                         deleted = excluded.deleted,
+                         version = excluded.version",
+            )
+            .bind(&space)
+            .bind(&entry.key)
+            .bind(&entry.value)
+            .bind(entry.value.is_none())
+            .bind(version)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO replisync_spaces (id, version) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+        )
+        .bind(&space)
+        .bind(version)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
