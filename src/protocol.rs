@@ -161,7 +161,7 @@ pub fn parse_body<T: Versioned>(body: &[u8]) -> Result<T, BodyError> {
         Ok(request) if request.version() == PROTOCOL_VERSION => Ok(request),
         Ok(_) => Err(BodyError::UnsupportedVersion(T::VERSION_TYPE)),
         Err(message) => match claimed_version(body, T::VERSION_TYPE) {
-            Some(version) if version != PROTOCOL_VERSION => {
+            Some(Value::Number(version)) if version.as_u64() != Some(PROTOCOL_VERSION) => {
                 Err(BodyError::UnsupportedVersion(T::VERSION_TYPE))
             }
             _ => Err(BodyError::Invalid(message)),

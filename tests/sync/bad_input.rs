@@ -1,0 +1,225 @@
+//! Bad input gets a 4xx with a JSON body naming the problem, and changes nothing.
+
+use replisync::app::HttpSettings;
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, Options, TestServer, inc, push_body};
+
+/// Asserts a 4xx `{"error", "message"}` answer whose message mentions `mentions`.
+fn assert_client_error(
+    status: u16,
+    body: &Value,
+    expected_status: u16,
+    error: &str,
+    mentions: &str,
+) {
+    assert_eq!(status, expected_status, "{body}");
+    assert_eq!(body["error"], error, "{body}");
+    let message = body["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {body}"));
+    assert!(
+        message.contains(mentions),
+        "message {message:?} should mention {mentions:?}"
+    );
+}
+
+async fn every_kind_of_bad_push_changes_nothing(backend: Backend) {
+    let options = Options {
+        http: HttpSettings {
+            max_body_bytes: 64 * 1024,
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    server
+        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .await;
+    let before = server.db.fingerprint().await;
+
+    let good = push_body("g", &[("c", 2, "increment", inc("n", 1))]);
+    let without = |field: &str| {
+        let mut body = good.clone();
+        body.as_object_mut().unwrap().remove(field);
+        body.to_string()
+    };
+    let with = |pointer: &str, value: Value| {
+        let mut body = good.clone();
+        *body.pointer_mut(pointer).unwrap() = value;
+        body.to_string()
+    };
+    let cases: Vec<(&str, String, u16, &str, &str)> = vec![
+        (
+            "not JSON",
+            "{\"pushVersion\": 1,".into(),
+            400,
+            "InvalidRequest",
+            "EOF",
+        ),
+        ("empty body", String::new(), 400, "InvalidRequest", "EOF"),
+        (
+            "trailing garbage",
+            format!("{good} trailing"),
+            400,
+            "InvalidRequest",
+            "trailing",
+        ),
+        (
+            "missing clientGroupID",
+            without("clientGroupID"),
+            400,
+            "InvalidRequest",
+            "clientGroupID",
+        ),
+        (
+            "missing mutations",
+            without("mutations"),
+            400,
+            "InvalidRequest",
+            "mutations",
+        ),
+        (
+            "mutations not a list",
+            with("/mutations", json!({"id": 2})),
+            400,
+            "InvalidRequest",
+            "mutations",
+        ),
+        (
+            "id a string",
+            with("/mutations/0/id", json!("2")),
+            400,
+            "InvalidRequest",
+            "mutations[0].id",
+        ),
+        (
+            "id negative",
+            with("/mutations/0/id", json!(-2)),
+            400,
+            "InvalidRequest",
+            "mutations[0].id",
+        ),
+        (
+            "id too large",
+            with("/mutations/0/id", json!(u64::MAX)),
+            400,
+            "InvalidRequest",
+            "mutations[0].id",
+        ),
+        (
+            "name missing",
+            {
+                let mut body = good.clone();
+                body["mutations"][0].as_object_mut().unwrap().remove("name");
+                body.to_string()
+            },
+            400,
+            "InvalidRequest",
+            "name",
+        ),
+        (
+            "clientID a number",
+            with("/mutations/0/clientID", json!(7)),
+            400,
+            "InvalidRequest",
+            "mutations[0].clientID",
+        ),
+        (
+            "empty clientID",
+            with("/mutations/0/clientID", json!("")),
+            400,
+            "InvalidRequest",
+            "clientID is empty",
+        ),
+        (
+            "empty clientGroupID",
+            with("/clientGroupID", json!("")),
+            400,
+            "InvalidRequest",
+            "clientGroupID is empty",
+        ),
+        (
+            "oversized body",
+            {
+                let mut body = good.clone();
+                body["mutations"][0]["args"]["pad"] = json!("x".repeat(100 * 1024));
+                body.to_string()
+            },
+            413,
+            "PayloadTooLarge",
+            "limit",
+        ),
+    ];
+    for (what, body, status, error, mentions) in cases {
+        let (got_status, got_body) = server.post_raw("/spaces/s/push", body, "").await;
+        eprintln!("{what}: {got_status} {got_body}");
+        assert_client_error(got_status, &got_body, status, error, mentions);
+        assert_eq!(
+            server.db.fingerprint().await,
+            before,
+            "{what} changed the database"
+        );
+    }
+
+    let (status, body) = server
+        .post_raw("/spaces/has%20space/push", good.to_string(), "")
+        .await;
+    assert_client_error(status, &body, 400, "InvalidSpaceId", "space id");
+    let long_space = "a".repeat(101);
+    let (status, body) = server
+        .post_raw(&format!("/spaces/{long_space}/push"), good.to_string(), "")
+        .await;
+    assert_client_error(status, &body, 400, "InvalidSpaceId", "space id");
+    let (status, body) = server.post_raw("/nowhere", "{}", "").await;
+    assert_client_error(status, &body, 404, "NotFound", "push");
+    assert_eq!(server.db.fingerprint().await, before);
+}
+
+async fn every_kind_of_bad_pull_is_a_clear_error(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    for (body, mentions) in [
+        ("[]", "PullRequest"),
+        ("{\"pullVersion\":1,\"cookie\":null}", "clientGroupID"),
+        (
+            "{\"pullVersion\":\"1\",\"clientGroupID\":\"g\",\"cookie\":null}",
+            "pullVersion",
+        ),
+        (
+            "{\"pullVersion\":1,\"clientGroupID\":5,\"cookie\":null}",
+            "clientGroupID",
+        ),
+    ] {
+        let (status, response) = server.post_raw("/spaces/s/pull", body, "").await;
+        assert_client_error(status, &response, 400, "InvalidRequest", mentions);
+    }
+}
+
+/// Mutator arguments are the mutator's business: a wrong shape fails that one mutation (it
+/// is logged, skipped, and counted as processed, or the client would resend it forever).
+async fn mutator_arguments_of_the_wrong_shape_fail_only_that_mutation(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let body = push_body(
+        "g",
+        &[
+            ("c", 1, "set", json!({"key": "k"})),
+            ("c", 2, "set", json!({"key": 5, "value": 1})),
+            ("c", 3, "delete", json!("k")),
+            ("c", 4, "increment", json!({"key": "n"})),
+        ],
+    );
+    assert_eq!(server.push("s", &body).await.0, 200);
+    let view = server.state("s", "g").await;
+    assert_eq!(view.lmid("c"), 4);
+    assert!(
+        view.entries.is_empty(),
+        "no write may survive: {:?}",
+        view.entries
+    );
+}
+
+crate::on_both_stores!(
+    every_kind_of_bad_push_changes_nothing,
+    every_kind_of_bad_pull_is_a_clear_error,
+    mutator_arguments_of_the_wrong_shape_fail_only_that_mutation,
+);

@@ -1,0 +1,177 @@
+//! Concurrent pushes never fail and never lose an increment; every pull is internally
+//! consistent while writers push. Bounded in count (and by the test runner's timeout).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, PullView, TestServer, inc, push_body};
+
+const GROUPS: usize = 12;
+const CLIENTS_PER_GROUP: usize = 2;
+const PUSHES_PER_CLIENT: u64 = 15;
+const MUTATIONS_PER_PUSH: u64 = 2;
+
+async fn concurrent_increments_all_land_exactly_once(backend: Backend) {
+    let server = Arc::new(TestServer::start(backend).await);
+    let mut writers = Vec::new();
+    for g in 0..GROUPS {
+        for c in 0..CLIENTS_PER_GROUP {
+            let server = server.clone();
+            writers.push(tokio::spawn(async move {
+                let (group, client) = (format!("group-{g}"), format!("client-{g}-{c}"));
+                let mut next_id = 1;
+                for _ in 0..PUSHES_PER_CLIENT {
+                    let mutations: Vec<_> = (0..MUTATIONS_PER_PUSH)
+                        .map(|i| (client.as_str(), next_id + i, "increment", inc("total", 1)))
+                        .collect();
+                    let (status, body) =
+                        server.push("shared", &push_body(&group, &mutations)).await;
+                    assert_eq!(
+                        (status, &body),
+                        (200, &json!({})),
+                        "a concurrent push failed"
+                    );
+                    next_id += MUTATIONS_PER_PUSH;
+                }
+            }));
+        }
+    }
+    for writer in writers {
+        writer.await.expect("writer finished");
+    }
+
+    let per_client = PUSHES_PER_CLIENT * MUTATIONS_PER_PUSH;
+    let mut total_seen = None;
+    for g in 0..GROUPS {
+        let view = server.state("shared", &format!("group-{g}")).await;
+        for c in 0..CLIENTS_PER_GROUP {
+            assert_eq!(view.lmid(&format!("client-{g}-{c}")), per_client);
+        }
+        assert_eq!(
+            view.last_mutation_ids.len(),
+            CLIENTS_PER_GROUP,
+            "only this group's clients"
+        );
+        total_seen = Some(view.entries["total"].clone());
+        assert_eq!(
+            view.cookie,
+            (GROUPS * CLIENTS_PER_GROUP) as u64 * PUSHES_PER_CLIENT
+        );
+    }
+    let expected = (GROUPS * CLIENTS_PER_GROUP) as u64 * per_client;
+    assert_eq!(total_seen, Some(json!(expected)));
+}
+
+/// Each client increments its own key by one per mutation, so in any consistent pull the
+/// value of `count/<client>` equals that client's lastMutationID.
+async fn every_pull_is_consistent_while_writers_push(backend: Backend) {
+    const WRITERS: usize = 6;
+    const PUSHES: u64 = 25;
+    let server = Arc::new(TestServer::start(backend).await);
+    let writing = Arc::new(AtomicBool::new(true));
+    let pulls_checked = Arc::new(AtomicU64::new(0));
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let server = server.clone();
+        writers.push(tokio::spawn(async move {
+            let (group, client) = (format!("g{w}"), format!("c{w}"));
+            let key = format!("count/{client}");
+            for id in 1..=PUSHES {
+                let body = push_body(&group, &[(client.as_str(), id, "increment", inc(&key, 1))]);
+                assert_eq!(server.push("busy", &body).await.0, 200);
+            }
+        }));
+    }
+
+    let mut readers = Vec::new();
+    for w in 0..WRITERS {
+        let (server, writing, pulls_checked) =
+            (server.clone(), writing.clone(), pulls_checked.clone());
+        readers.push(tokio::spawn(async move {
+            let group = format!("g{w}");
+            let client = format!("c{w}");
+            let mut incremental = PullView::default();
+            let mut cookie = Value::Null;
+            // Bounded: stops when writers finish, and after at most 2000 pulls regardless.
+            for _ in 0..2000 {
+                let still_writing = writing.load(Ordering::Acquire);
+                // A first pull from scratch must be consistent...
+                let (status, body) = server.pull("busy", &group, Value::Null).await;
+                assert_eq!(status, 200, "{body}");
+                check_consistent(&PullView::from_response(&body), &client);
+                // ...and so must the state built from incremental pulls.
+                let (status, body) = server.pull("busy", &group, cookie.clone()).await;
+                assert_eq!(status, 200, "{body}");
+                incremental.apply(&body);
+                cookie = body["cookie"].clone();
+                check_consistent(&incremental, &client);
+                pulls_checked.fetch_add(2, Ordering::Relaxed);
+                if !still_writing {
+                    break;
+                }
+            }
+            incremental
+        }));
+    }
+
+    for writer in writers {
+        writer.await.expect("writer finished");
+    }
+    writing.store(false, Ordering::Release);
+    for (w, reader) in readers.into_iter().enumerate() {
+        let last = reader.await.expect("reader finished");
+        assert_eq!(
+            last.lmid(&format!("c{w}")),
+            PUSHES,
+            "the final pull saw every push"
+        );
+    }
+    assert!(pulls_checked.load(Ordering::Relaxed) > (WRITERS * 2) as u64);
+}
+
+fn check_consistent(view: &PullView, client: &str) {
+    let lmid = view.lmid(client);
+    let count = view
+        .entries
+        .get(&format!("count/{client}"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert_eq!(
+        count, lmid,
+        "pull at cookie {} says lastMutationID {lmid} but data reflects {count} mutations",
+        view.cookie
+    );
+}
+
+/// Two first pushes of one new client group to two spaces at once: exactly one may own it.
+async fn a_new_client_group_is_claimed_by_one_space_only(backend: Backend) {
+    let server = Arc::new(TestServer::start(backend).await);
+    for round in 0..10 {
+        let group = format!("contested-{round}");
+        let pushes = ["left", "right"].map(|space| {
+            let (server, group) = (server.clone(), group.clone());
+            tokio::spawn(async move {
+                let body = push_body(
+                    &group,
+                    &[(&format!("{group}-{space}"), 1, "increment", inc("n", 1))],
+                );
+                server.push(space, &body).await.0
+            })
+        });
+        let mut statuses = Vec::new();
+        for push in pushes {
+            statuses.push(push.await.unwrap());
+        }
+        statuses.sort();
+        assert_eq!(statuses, vec![200, 403], "round {round}");
+    }
+}
+
+crate::on_both_stores!(
+    concurrent_increments_all_land_exactly_once,
+    every_pull_is_consistent_while_writers_push,
+    a_new_client_group_is_claimed_by_one_space_only,
+);

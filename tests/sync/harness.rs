@@ -1,0 +1,365 @@
+//! Test harness: a real replisync router on 127.0.0.1:0 over a fresh store (a new Postgres
+//! schema, or a new SQLite file), and a small HTTP client that speaks the protocol.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use replisync::app::{AppState, HttpSettings, router};
+use replisync::auth::{Anonymous, Authenticator};
+use replisync::mutators::Mutators;
+use replisync::poke::Pokes;
+use replisync::store::Store;
+use replisync::store::postgres::PgStore;
+use replisync::store::sqlite::SqliteStore;
+use serde_json::{Value, json};
+use sqlx::postgres::PgConnectOptions;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// The server under test and a client for it. Dropping it removes the test's database.
+pub struct TestServer {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub db: TestDb,
+}
+
+pub struct Options {
+    pub mutators: Mutators,
+    pub auth: Arc<dyn Authenticator>,
+    pub http: HttpSettings,
+    pub pokes: Pokes,
+    pub sse: Option<Arc<replisync::poke::sse::SsePokes>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mutators: Mutators::builtin(),
+            auth: Arc::new(Anonymous),
+            http: HttpSettings::default(),
+            pokes: Pokes::default(),
+            sse: None,
+        }
+    }
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> TestServer {
+        TestServer::start_with(backend, Options::default()).await
+    }
+
+    pub async fn start_with(backend: Backend, options: Options) -> TestServer {
+        let db = TestDb::create(backend).await;
+        let store = db.open_store().await;
+        let state = AppState {
+            store: store.clone(),
+            mutators: Arc::new(options.mutators),
+            auth: options.auth,
+            pokes: options.pokes,
+            sse: options.sse,
+            http: options.http,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        TestServer {
+            base,
+            http: reqwest::Client::new(),
+            store,
+            db,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs raw bytes; returns the status and the body as JSON (Null when not JSON).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        auth: &str,
+    ) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .header("authorization", auth)
+            .header("x-replicache-requestid", "test-request")
+            .body(body)
+            .send()
+            .await
+            .expect("request reaches the server");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn push(&self, space: &str, body: &Value) -> (u16, Value) {
+        self.push_as(space, body, "").await
+    }
+
+    pub async fn push_as(&self, space: &str, body: &Value, auth: &str) -> (u16, Value) {
+        self.post_raw(&format!("/spaces/{space}/push"), body.to_string(), auth)
+            .await
+    }
+
+    pub async fn pull(&self, space: &str, group: &str, cookie: Value) -> (u16, Value) {
+        self.pull_as(space, group, cookie, "").await
+    }
+
+    pub async fn pull_as(
+        &self,
+        space: &str,
+        group: &str,
+        cookie: Value,
+        auth: &str,
+    ) -> (u16, Value) {
+        let body = json!({"pullVersion": 1, "schemaVersion": "", "profileID": "p",
+                          "clientGroupID": group, "cookie": cookie});
+        self.post_raw(&format!("/spaces/{space}/pull"), body.to_string(), auth)
+            .await
+    }
+
+    /// Pulls from scratch and returns (cookie, lastMutationIDChanges, entries).
+    pub async fn state(&self, space: &str, group: &str) -> PullView {
+        let (status, body) = self.pull(space, group, Value::Null).await;
+        assert_eq!(status, 200, "pull failed: {body}");
+        PullView::from_response(&body)
+    }
+}
+
+/// A pull response taken apart.
+#[derive(Debug, Default)]
+pub struct PullView {
+    pub cookie: u64,
+    pub last_mutation_ids: serde_json::Map<String, Value>,
+    pub entries: serde_json::Map<String, Value>,
+}
+
+impl PullView {
+    pub fn from_response(body: &Value) -> PullView {
+        let mut view = PullView::default();
+        view.apply(body);
+        view
+    }
+
+    /// Applies a pull response as a client would: clear, put, del; cookie and lmids replaced.
+    pub fn apply(&mut self, body: &Value) {
+        let cookie = body["cookie"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cookie in {body}"));
+        assert!(
+            cookie >= self.cookie,
+            "cookie went backwards: {} -> {cookie}",
+            self.cookie
+        );
+        self.cookie = cookie;
+        for (client, lmid) in body["lastMutationIDChanges"].as_object().expect("lmids") {
+            self.last_mutation_ids.insert(client.clone(), lmid.clone());
+        }
+        for op in body["patch"].as_array().expect("patch") {
+            match op["op"].as_str() {
+                Some("clear") => self.entries.clear(),
+                Some("put") => {
+                    self.entries
+                        .insert(op["key"].as_str().unwrap().to_owned(), op["value"].clone());
+                }
+                Some("del") => {
+                    self.entries.remove(op["key"].as_str().unwrap());
+                }
+                other => panic!("unknown patch op {other:?}"),
+            }
+        }
+    }
+
+    pub fn lmid(&self, client: &str) -> u64 {
+        self.last_mutation_ids
+            .get(client)
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+}
+
+/// A push body of `mutations`, each `(client, id, name, args)`.
+pub fn push_body(group: &str, mutations: &[(&str, u64, &str, Value)]) -> Value {
+    let mutations: Vec<Value> = mutations
+        .iter()
+        .map(|(client, id, name, args)| {
+            json!({"id": id, "name": name, "args": args, "timestamp": 12.5, "clientID": client})
+        })
+        .collect();
+    json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p",
+           "clientGroupID": group, "mutations": mutations})
+}
+
+pub fn inc(key: &str, delta: i64) -> Value {
+    json!({"key": key, "delta": delta})
+}
+
+/// A fresh database for one test: a new schema in Postgres, or a new SQLite file.
+pub enum TestDb {
+    Postgres {
+        admin_url: String,
+        schema: String,
+    },
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    },
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The Postgres the tests use; a new schema is made in it per test.
+pub fn postgres_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+impl TestDb {
+    pub async fn create(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Postgres => {
+                let admin_url = postgres_url();
+                let nanos = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos();
+                let schema = format!(
+                    "replisync_test_{}_{}_{}",
+                    std::process::id(),
+                    COUNTER.fetch_add(1, Ordering::Relaxed),
+                    nanos % 1_000_000_000
+                );
+                let mut conn = sqlx::PgConnection::connect_with(&admin_options(&admin_url))
+                    .await
+                    .expect("Postgres for tests (TEST_DATABASE_URL) is reachable");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                TestDb::Postgres { admin_url, schema }
+            }
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("replisync.db");
+                TestDb::Sqlite { _dir: dir, path }
+            }
+        }
+    }
+
+    pub async fn open_store(&self) -> Arc<dyn Store> {
+        match self {
+            TestDb::Postgres { admin_url, schema } => {
+                let options = admin_options(admin_url).options([("search_path", schema.as_str())]);
+                let store = PgStore::connect(options, 16).await.unwrap();
+                store.migrate().await.unwrap();
+                Arc::new(store)
+            }
+            TestDb::Sqlite { path, .. } => {
+                let store = SqliteStore::open(path, 8).await.unwrap();
+                store.migrate().await.unwrap();
+                Arc::new(store)
+            }
+        }
+    }
+
+    /// Every row of every replisync table, as text: equal fingerprints mean nothing changed.
+    pub async fn fingerprint(&self) -> String {
+        const TABLES: [&str; 4] = [
+            "SELECT id || '=' || version FROM replisync_spaces ORDER BY 1",
+            "SELECT id || '@' || space_id || '/' || user_id FROM replisync_client_groups ORDER BY 1",
+            "SELECT id || '@' || client_group_id || ':' || last_mutation_id || '/' || last_modified_version FROM replisync_clients ORDER BY 1",
+            "SELECT space_id || '/' || key || '=' || coalesce(value, '-') || '/' || version FROM replisync_entries ORDER BY 1",
+        ];
+        let mut rows = Vec::new();
+        match self {
+            TestDb::Postgres { admin_url, schema } => {
+                let options = admin_options(admin_url).options([("search_path", schema.as_str())]);
+                let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+                for sql in TABLES {
+                    let table: Vec<String> =
+                        sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap();
+                    rows.push(table.join("\n"));
+                }
+            }
+            TestDb::Sqlite { path, .. } => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .unwrap();
+                for sql in TABLES {
+                    let table: Vec<String> =
+                        sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap();
+                    rows.push(table.join("\n"));
+                }
+            }
+        }
+        rows.join("\n--\n")
+    }
+}
+
+use sqlx::Connection;
+
+fn admin_options(url: &str) -> PgConnectOptions {
+    PgConnectOptions::from_str(url).expect("TEST_DATABASE_URL is a Postgres URL")
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { admin_url, schema } = self {
+            let (url, schema) = (admin_url.clone(), schema.clone());
+            // Drop runs outside async; a short-lived runtime on its own thread cleans up.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(async move {
+                        if let Ok(mut conn) =
+                            sqlx::PgConnection::connect_with(&admin_options(&url)).await
+                        {
+                            let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+                            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                                .execute(&mut conn)
+                                .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}
+
+/// Runs each named async test function once per store: `postgres::name` and `sqlite::name`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::harness::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::harness::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
