@@ -1,4 +1,6 @@
 //! The replisync binary: reads configuration, sets up logging, runs the server.
+use std::io::IsTerminal;
+
 use clap::Parser;
 use replisync::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
@@ -19,7 +21,9 @@ async fn main() -> std::process::ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -1,0 +1,96 @@
+//! The built-in SSE poke stream: a poke after a push to the watched space, nothing for others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use replisync::poke::Pokes;
+use replisync::poke::sse::SsePokes;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{Backend, Options, TestServer, inc, push_body};
+
+/// Reads an SSE response, collecting text until `wanted` appears or `wait` passes.
+struct EventReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    seen: String,
+}
+
+impl EventReader {
+    async fn wait_for(&mut self, wanted: &str, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while !self.seen.contains(wanted) {
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.seen.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    fn take(&mut self) -> String {
+        std::mem::take(&mut self.seen)
+    }
+}
+
+async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
+    let sse = Arc::new(SsePokes::new(
+        Duration::from_secs(15),
+        CancellationToken::new(),
+    ));
+    let options = Options {
+        pokes: Pokes::new(vec![sse.clone()]),
+        sse: Some(sse),
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    let response = server
+        .http
+        .get(server.url("/spaces/watched/poke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut events = EventReader {
+        body: response.bytes_stream().boxed(),
+        seen: String::new(),
+    };
+    assert!(events.wait_for(": connected", Duration::from_secs(5)).await);
+    events.take();
+
+    let push = |space: &'static str, id: u64| {
+        let server = &server;
+        async move {
+            let client = format!("c-{space}");
+            let body = push_body(
+                &format!("g-{space}"),
+                &[(&client, id, "increment", inc("n", 1))],
+            );
+            assert_eq!(server.push(space, &body).await.0, 200);
+        }
+    };
+    push("other", 1).await;
+    assert!(
+        !events
+            .wait_for("event: poke", Duration::from_millis(500))
+            .await,
+        "poked for a push to another space: {:?}",
+        events.seen
+    );
+    push("watched", 1).await;
+    assert!(
+        events.wait_for("event: poke", Duration::from_secs(5)).await,
+        "no poke after a push"
+    );
+    // A re-sent push changes nothing, so it pokes nobody.
+    events.take();
+    push("watched", 1).await;
+    assert!(
+        !events
+            .wait_for("event: poke", Duration::from_millis(500))
+            .await
+    );
+}
+
+crate::on_both_stores!(a_watcher_is_poked_for_its_space_only);
