@@ -17,9 +17,11 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::Pokes;
 use crate::poke::sse::SsePokes;
+use crate::pull::coalesce::PullCoalescer;
 use crate::store::Store;
 use crate::{pull, push};
 
@@ -55,6 +57,26 @@ pub struct AppState {
     /// The built-in SSE poke stream, when enabled.
     pub sse: Option<Arc<SsePokes>>,
     pub http: HttpSettings,
+    pub metrics: Arc<Metrics>,
+    pub pulls: Arc<PullCoalescer>,
+}
+
+impl AppState {
+    /// A server over `store` with the built-in mutators, anonymous users, no pokes and default
+    /// limits; set the public fields to change those.
+    pub fn new(store: Arc<dyn Store>) -> AppState {
+        let metrics = Arc::new(Metrics::default());
+        AppState {
+            pulls: Arc::new(PullCoalescer::new(store.clone(), metrics.clone())),
+            store,
+            mutators: Arc::new(Mutators::builtin()),
+            auth: Arc::new(crate::auth::Anonymous),
+            pokes: Pokes::default(),
+            sse: None,
+            http: HttpSettings::default(),
+            metrics,
+        }
+    }
 }
 
 /// Every route of replisync.
@@ -69,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sync_routes)
         .route("/spaces/{space}/poke", get(crate::poke::sse::handle))
         .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
         .layer(cors(&state.http))
@@ -124,6 +147,11 @@ async fn health(State(state): State<AppState>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// `GET /metrics`: counters in Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> String {
+    state.metrics.render()
 }
 
 async fn not_found() -> ApiError {

@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod mutators;
 pub mod poke;
 pub mod protocol;
@@ -77,7 +78,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let http = config.http_settings().map_err(anyhow::Error::msg)?;
     let pusher_config = PusherConfig::from_env(|name| std::env::var(name).ok())
-        .context("incomplete Pusher configuration")?;
+        .context("invalid Pusher configuration")?;
     let store = open_store(&config, config.auto_migrate).await?;
 
     let shutdown = CancellationToken::new();
@@ -98,14 +99,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("SSE pokes on at GET /spaces/{{space}}/poke (single instance only)");
     }
 
-    let state = AppState {
-        store: store.clone(),
-        mutators: Arc::new(mutators::Mutators::builtin()),
-        auth: Arc::new(auth::Anonymous),
-        pokes: Pokes::new(sinks),
-        sse,
-        http,
-    };
+    let mut state = AppState::new(store.clone());
+    state.pokes = Pokes::new(sinks);
+    state.sse = sse;
+    state.http = http;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (REPLISYNC_LISTEN)", config.listen))?;

@@ -30,16 +30,25 @@ pub enum MutationError {
 
 /// A named server-side mutation. Register your own with [`Mutators::register`].
 ///
-/// ```ignore
+/// ```
+/// use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
+/// use serde_json::Value;
+///
 /// struct Rename;
+///
 /// #[async_trait::async_trait]
 /// impl Mutator for Rename {
 ///     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError> {
-///         let title = args["title"].as_str().ok_or_else(|| MutationError::InvalidArgs("title must be a string".into()))?;
+///         let title = args["title"]
+///             .as_str()
+///             .ok_or_else(|| MutationError::InvalidArgs("`title` must be a string".into()))?;
 ///         tx.put("title", Value::from(title));
 ///         Ok(())
 ///     }
 /// }
+///
+/// let mutators = Mutators::builtin().register("rename", Rename);
+/// assert!(mutators.get("rename").is_some());
 /// ```
 #[async_trait]
 pub trait Mutator: Send + Sync + 'static {

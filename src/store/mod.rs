@@ -55,7 +55,20 @@ pub struct PullSnapshot {
     pub entries: BoxStream<'static, Result<EntryChange, StoreError>>,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// What incremental pulls of several client groups of one space need, read in one snapshot
+/// (identical concurrent pulls share it).
+#[derive(Debug, Default)]
+pub struct PullChanges {
+    pub version: u64,
+    /// The stored groups among those asked for.
+    pub client_groups: Vec<ClientGroupRecord>,
+    /// `(client group, client, lastMutationID)` of clients changed after the cookie.
+    pub changed_clients: Vec<(String, String, u64)>,
+    /// Entries changed after the cookie (deletes included).
+    pub entries: Vec<EntryChange>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or has no free connection: worth retrying later.
     #[error("database unavailable: {0}")]
@@ -109,6 +122,15 @@ pub trait Store: Send + Sync + 'static {
         client_group_id: &str,
         from: u64,
     ) -> Result<PullSnapshot, StoreError>;
+
+    /// Reads what incremental pulls from `from > 0` by each of `client_group_ids` need, in one
+    /// consistent snapshot.
+    async fn pull_changes(
+        &self,
+        space: &SpaceId,
+        client_group_ids: &[String],
+        from: u64,
+    ) -> Result<PullChanges, StoreError>;
 
     /// Answers whether the database is reachable and answering.
     async fn check_health(&self) -> Result<(), StoreError>;

@@ -6,12 +6,13 @@ use std::time::Duration;
 use async_stream::try_stream;
 use async_trait::async_trait;
 use futures::TryStreamExt;
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    ClientGroupRecord, ClientRecord, EntryChange, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError, to_i64, to_u64,
+    ClientGroupRecord, ClientRecord, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx,
+    Store, StoreError, to_i64, to_u64,
 };
 use crate::protocol::SpaceId;
 
@@ -146,6 +147,43 @@ impl Store for PgStore {
         })
     }
 
+    async fn pull_changes(
+        &self,
+        space: &SpaceId,
+        client_group_ids: &[String],
+        from: u64,
+    ) -> Result<PullChanges, StoreError> {
+        // One statement is one snapshot, even without a transaction: one round trip for
+        // every pull in the batch.
+        let (version, groups, clients, entries): (Option<i64>, Value, Value, Value) =
+            sqlx::query_as(
+                "SELECT
+                   (SELECT version FROM replisync_spaces WHERE id = $1),
+                   (SELECT coalesce(json_agg(json_build_array(id, space_id, user_id)), '[]')
+                      FROM replisync_client_groups WHERE id = ANY($2)),
+                   (SELECT coalesce(json_agg(json_build_array(client_group_id, id, last_mutation_id)), '[]')
+                      FROM replisync_clients
+                      WHERE client_group_id = ANY($2) AND last_modified_version > $3),
+                   (SELECT coalesce(json_agg(json_build_array(key, CASE WHEN deleted THEN NULL ELSE value END)), '[]')
+                      FROM replisync_entries WHERE space_id = $1 AND version > $3)",
+            )
+            .bind(space.as_str())
+            .bind(client_group_ids)
+            .bind(to_i64(from)?)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(PullChanges {
+            version: to_u64(version.unwrap_or(0), "space version")?,
+            client_groups: decode_rows(groups, |(id, space_id, user_id)| ClientGroupRecord {
+                id,
+                space_id,
+                user_id,
+            })?,
+            changed_clients: decode_rows(clients, |row: (String, String, u64)| row)?,
+            entries: decode_rows(entries, |(key, value)| EntryChange { key, value })?,
+        })
+    }
+
     async fn check_health(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -277,6 +315,16 @@ impl PushTx for PgPushTx {
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// Decodes a `json_agg` of row arrays into typed rows.
+fn decode_rows<Row: serde::de::DeserializeOwned, T>(
+    rows: Value,
+    into: impl Fn(Row) -> T,
+) -> Result<Vec<T>, StoreError> {
+    let rows: Vec<Row> = serde_json::from_value(rows)
+        .map_err(|e| StoreError::Corrupt(format!("unexpected pull row: {e}")))?;
+    Ok(rows.into_iter().map(into).collect())
 }
 
 type ClientColumns = (Vec<String>, Vec<String>, Vec<i64>);

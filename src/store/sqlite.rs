@@ -13,8 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ClientGroupRecord, ClientRecord, EntryChange, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError, to_i64, to_u64,
+    ClientGroupRecord, ClientRecord, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx,
+    Store, StoreError, to_i64, to_u64,
 };
 use crate::protocol::SpaceId;
 
@@ -152,6 +152,70 @@ impl Store for SqliteStore {
             client_group,
             changed_clients,
             entries: Box::pin(entries),
+        })
+    }
+
+    async fn pull_changes(
+        &self,
+        space: &SpaceId,
+        client_group_ids: &[String],
+        from: u64,
+    ) -> Result<PullChanges, StoreError> {
+        let mut tx = self.readers.begin().await?;
+        let from = to_i64(from)?;
+        // SQLite has no array parameters; the ids travel as one JSON array.
+        let group_ids = serde_json::to_string(client_group_ids)
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM replisync_spaces WHERE id = ?1")
+                .bind(space.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let client_groups = sqlx::query_as::<_, (String, String, String)>(
+            "SELECT id, space_id, user_id FROM replisync_client_groups
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&group_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(id, space_id, user_id)| ClientGroupRecord {
+            id,
+            space_id,
+            user_id,
+        })
+        .collect();
+        let changed_clients = sqlx::query_as::<_, (String, String, i64)>(
+            "SELECT client_group_id, id, last_mutation_id FROM replisync_clients
+             WHERE client_group_id IN (SELECT value FROM json_each(?1))
+               AND last_modified_version > ?2",
+        )
+        .bind(&group_ids)
+        .bind(from)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(group, id, lmid)| Ok((group, id, to_u64(lmid, "last_mutation_id")?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        let entries = sqlx::query_as::<_, (String, Option<String>, bool)>(
+            "SELECT key, value, deleted FROM replisync_entries WHERE space_id = ?1 AND version > ?2",
+        )
+        .bind(space.as_str())
+        .bind(from)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(key, value, deleted)| EntryChange {
+            key,
+            value: if deleted { None } else { value },
+        })
+        .collect();
+        tx.commit().await?;
+        Ok(PullChanges {
+            version: to_u64(version.unwrap_or(0), "space version")?,
+            client_groups,
+            changed_clients,
+            entries,
         })
     }
 

@@ -4,9 +4,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use std::time::Duration;
+
+use async_trait::async_trait;
+use replisync::protocol::SpaceId;
+use replisync::store::{PullChanges, PullSnapshot, PushTx, Store, StoreError};
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, PullView, TestServer, inc, push_body};
+use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
 
 const GROUPS: usize = 12;
 const CLIENTS_PER_GROUP: usize = 2;
@@ -170,7 +175,88 @@ async fn a_new_client_group_is_claimed_by_one_space_only(backend: Backend) {
     }
 }
 
+/// Delays every incremental-pull read, so that concurrent pulls pile up behind the first one.
+struct SlowPullReads(Arc<dyn Store>);
+
+#[async_trait]
+impl Store for SlowPullReads {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        self.0.begin_push(space).await
+    }
+    async fn pull(
+        &self,
+        space: &SpaceId,
+        group: &str,
+        from: u64,
+    ) -> Result<PullSnapshot, StoreError> {
+        self.0.pull(space, group, from).await
+    }
+    async fn pull_changes(
+        &self,
+        space: &SpaceId,
+        groups: &[String],
+        from: u64,
+    ) -> Result<PullChanges, StoreError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.pull_changes(space, groups, from).await
+    }
+    async fn check_health(&self) -> Result<(), StoreError> {
+        self.0.check_health().await
+    }
+    async fn close(&self) {
+        self.0.close().await
+    }
+}
+
+/// The poke storm: every watcher pulls with the same cookie at once. They share reads, and
+/// each still gets exactly its own group's lastMutationIDs.
+async fn identical_concurrent_pulls_share_reads(backend: Backend) {
+    const WATCHERS: usize = 40;
+    let options = Options {
+        wrap_store: |store| Arc::new(SlowPullReads(store)),
+        ..Options::default()
+    };
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    for w in 0..WATCHERS {
+        let body = push_body(
+            &format!("g{w}"),
+            &[(&format!("c{w}"), 1, "increment", inc("n", 1))],
+        );
+        assert_eq!(server.push("storm", &body).await.0, 200);
+    }
+    let cookie = WATCHERS as u64 - 1; // everyone has seen all but the last push
+    let reads_before = server.metrics.pull_reads.get();
+    let pulls: Vec<_> = (0..WATCHERS)
+        .map(|w| {
+            let server = server.clone();
+            tokio::spawn(async move { server.pull("storm", &format!("g{w}"), json!(cookie)).await })
+        })
+        .collect();
+    for (w, pull) in pulls.into_iter().enumerate() {
+        let (status, body) = pull.await.unwrap();
+        assert_eq!(status, 200);
+        let expected_lmids = if w == WATCHERS - 1 {
+            json!({"c39": 1})
+        } else {
+            json!({})
+        };
+        assert_eq!(body["lastMutationIDChanges"], expected_lmids, "watcher {w}");
+        assert_eq!(body["cookie"], json!(WATCHERS));
+        assert_eq!(
+            body["patch"],
+            json!([{"op": "put", "key": "n", "value": WATCHERS}])
+        );
+    }
+    let reads = server.metrics.pull_reads.get() - reads_before;
+    // The first pull's read takes 300 ms; the other 39 arrive meanwhile and share the next.
+    assert!(reads <= 3, "{WATCHERS} identical pulls cost {reads} reads");
+}
+
 crate::on_both_stores!(
+    identical_concurrent_pulls_share_reads,
     concurrent_increments_all_land_exactly_once,
     every_pull_is_consistent_while_writers_push,
     a_new_client_group_is_claimed_by_one_space_only,

@@ -27,6 +27,7 @@ pub struct TestServer {
     pub base: String,
     pub http: reqwest::Client,
     pub store: Arc<dyn Store>,
+    pub metrics: Arc<replisync::metrics::Metrics>,
     pub db: TestDb,
 }
 
@@ -36,6 +37,8 @@ pub struct Options {
     pub http: HttpSettings,
     pub pokes: Pokes,
     pub sse: Option<Arc<replisync::poke::sse::SsePokes>>,
+    /// Wraps the test's store, e.g. to slow it down.
+    pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             http: HttpSettings::default(),
             pokes: Pokes::default(),
             sse: None,
+            wrap_store: |store| store,
         }
     }
 }
@@ -57,22 +61,22 @@ impl TestServer {
 
     pub async fn start_with(backend: Backend, options: Options) -> TestServer {
         let db = TestDb::create(backend).await;
-        let store = db.open_store().await;
-        let state = AppState {
-            store: store.clone(),
-            mutators: Arc::new(options.mutators),
-            auth: options.auth,
-            pokes: options.pokes,
-            sse: options.sse,
-            http: options.http,
-        };
+        let store = (options.wrap_store)(db.open_store().await);
+        let mut state = AppState::new(store.clone());
+        state.mutators = Arc::new(options.mutators);
+        state.auth = options.auth;
+        state.pokes = options.pokes;
+        state.sse = options.sse;
+        state.http = options.http;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let metrics = state.metrics.clone();
         tokio::spawn(async move { axum::serve(listener, router(state)).await });
         TestServer {
             base,
             http: reqwest::Client::new(),
             store,
+            metrics,
             db,
         }
     }

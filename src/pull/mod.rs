@@ -1,5 +1,8 @@
 //! Pull: answers what changed in a space since the client's cookie, from one snapshot.
-//! The patch is streamed as the database returns it, so a large first pull is never held whole.
+//! A first pull is streamed as the database returns it, so a large space is never held whole;
+//! incremental pulls share reads with identical concurrent pulls (see `coalesce`).
+
+pub mod coalesce;
 
 use async_stream::try_stream;
 use axum::body::{Body, Bytes};
@@ -10,7 +13,7 @@ use futures::{Stream, TryStreamExt};
 
 use crate::app::{AppState, RequestBody, space_and_user};
 use crate::error::ApiError;
-use crate::protocol::{ProtocolError, PullRequest, parse_body, parse_cookie};
+use crate::protocol::{ProtocolError, PullRequest, SpaceId, parse_body, parse_cookie};
 use crate::push::check_group_ownership;
 use crate::store::{EntryChange, PullSnapshot, StoreError};
 
@@ -28,24 +31,13 @@ pub async fn handle(
     let request: PullRequest = parse_body(&body)?;
     // A cookie replisync never issued (a string, an object, a fraction) cannot be honoured.
     let cookie = parse_cookie(&request.cookie).map_err(|_| ProtocolError::ClientStateNotFound)?;
-    let snapshot = state
-        .store
-        .pull(&space, &request.client_group_id, cookie.unwrap_or(0))
-        .await?;
-    if let Some(group) = &snapshot.client_group {
-        check_group_ownership(group, &space, &user)?;
-    }
-    if cookie.is_some_and(|c| c > snapshot.version) {
-        // The space is behind the client: the database was reset or replaced. Answering a
-        // lower cookie would wedge the client; this makes it start over.
-        tracing::info!(
-            cookie,
-            version = snapshot.version,
-            "cookie ahead of space: ClientStateNotFound"
-        );
-        return Err(ProtocolError::ClientStateNotFound.into());
-    }
-    let body = Body::from_stream(response_chunks(snapshot, cookie.is_none()));
+    let body = match cookie {
+        None => first_pull(&state, &space, &user, &request.client_group_id).await?,
+        Some(from) => {
+            incremental_pull(&state, &space, &user, &request.client_group_id, from).await?
+        }
+    };
+    state.metrics.pulls.increment();
     let headers = [
         (
             header::CONTENT_TYPE,
@@ -54,6 +46,58 @@ pub async fn handle(
         (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
     ];
     Ok((headers, body).into_response())
+}
+
+/// A pull with a null cookie: `clear` and the whole space, streamed from one snapshot.
+async fn first_pull(
+    state: &AppState,
+    space: &SpaceId,
+    user: &str,
+    client_group_id: &str,
+) -> Result<Body, ApiError> {
+    state.metrics.pull_reads.increment();
+    let snapshot = state.store.pull(space, client_group_id, 0).await?;
+    if let Some(group) = &snapshot.client_group {
+        check_group_ownership(group, space, user)?;
+    }
+    Ok(Body::from_stream(response_chunks(snapshot, true)))
+}
+
+/// A pull from a cookie: answered from a read shared with identical concurrent pulls.
+async fn incremental_pull(
+    state: &AppState,
+    space: &SpaceId,
+    user: &str,
+    client_group_id: &str,
+    from: u64,
+) -> Result<Body, ApiError> {
+    let shared = state.pulls.pull(space, client_group_id, from).await?;
+    if let Some(group) = shared.client_group(client_group_id) {
+        check_group_ownership(group, space, user)?;
+    }
+    check_cookie_not_ahead(from, shared.version)?;
+    let mut body = response_head(
+        shared.version,
+        shared.changed_clients(client_group_id),
+        false,
+    );
+    body.extend_from_slice(&shared.patch);
+    body.extend_from_slice(b"]}");
+    Ok(Body::from(body))
+}
+
+/// A cookie ahead of the space means the database was reset or replaced. Answering a lower
+/// cookie would wedge the client; ClientStateNotFound makes it start over.
+fn check_cookie_not_ahead(cookie: u64, version: u64) -> Result<(), ApiError> {
+    if cookie > version {
+        tracing::info!(
+            cookie,
+            version,
+            "cookie ahead of space: ClientStateNotFound"
+        );
+        return Err(ProtocolError::ClientStateNotFound.into());
+    }
+    Ok(())
 }
 
 /// The response JSON as chunks: cookie and lastMutationIDChanges first, then the patch
@@ -100,7 +144,7 @@ fn response_head(version: u64, changed_clients: &[(String, u64)], first_pull: bo
 
 /// `{"op":"put","key":..,"value":..}` or `{"op":"del","key":..}`; stored values are JSON text
 /// already, so they are copied, not parsed.
-fn write_patch_op(out: &mut Vec<u8>, entry: &EntryChange) {
+pub(crate) fn write_patch_op(out: &mut Vec<u8>, entry: &EntryChange) {
     let mut key = String::with_capacity(entry.key.len() + 2);
     push_json_string(&mut key, &entry.key);
     match &entry.value {

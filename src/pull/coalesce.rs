@@ -1,0 +1,152 @@
+//! Identical concurrent pulls share one database read. After a poke, every watcher of a space
+//! pulls with the same cookie at once; pulls that arrive while a read for their (space, cookie)
+//! is in flight are answered together by the next read, so a storm costs a few reads, not one each.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::protocol::SpaceId;
+use crate::store::{ClientGroupRecord, PullChanges, Store, StoreError};
+
+use super::write_patch_op;
+
+/// Most client groups answered by one read (bounds the query's parameter array).
+const MAX_GROUPS_PER_READ: usize = 1000;
+
+/// One read's answer, shared by every pull of the batch.
+pub struct SharedPull {
+    pub version: u64,
+    client_groups: HashMap<String, ClientGroupRecord>,
+    changed_clients: HashMap<String, Vec<(String, u64)>>,
+    /// The patch's operations, already JSON, comma-separated, without brackets.
+    pub patch: Bytes,
+}
+
+impl SharedPull {
+    fn new(changes: PullChanges) -> SharedPull {
+        let mut patch = Vec::new();
+        for (index, entry) in changes.entries.iter().enumerate() {
+            if index > 0 {
+                patch.push(b',');
+            }
+            write_patch_op(&mut patch, entry);
+        }
+        let mut changed_clients: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        for (group, client, last_mutation_id) in changes.changed_clients {
+            changed_clients
+                .entry(group)
+                .or_default()
+                .push((client, last_mutation_id));
+        }
+        SharedPull {
+            version: changes.version,
+            client_groups: changes
+                .client_groups
+                .into_iter()
+                .map(|g| (g.id.clone(), g))
+                .collect(),
+            changed_clients,
+            patch: Bytes::from(patch),
+        }
+    }
+
+    pub fn client_group(&self, id: &str) -> Option<&ClientGroupRecord> {
+        self.client_groups.get(id)
+    }
+
+    pub fn changed_clients(&self, client_group_id: &str) -> &[(String, u64)] {
+        self.changed_clients
+            .get(client_group_id)
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+type Reply = oneshot::Sender<Result<Arc<SharedPull>, StoreError>>;
+type BatchKey = (SpaceId, u64);
+
+pub struct PullCoalescer {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// Pulls waiting for the next read, per (space, cookie). A key is present exactly while a
+    /// reader task for it runs.
+    waiting: Mutex<HashMap<BatchKey, Vec<(String, Reply)>>>,
+}
+
+impl PullCoalescer {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        PullCoalescer {
+            store,
+            metrics,
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What an incremental pull of `client_group_id` from cookie `from` needs.
+    pub async fn pull(
+        self: &Arc<Self>,
+        space: &SpaceId,
+        client_group_id: &str,
+        from: u64,
+    ) -> Result<Arc<SharedPull>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let key = (space.clone(), from);
+        let start_reader = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            match waiting.entry(key.clone()) {
+                Entry::Occupied(mut batch) => {
+                    batch.get_mut().push((client_group_id.to_owned(), reply));
+                    false
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(vec![(client_group_id.to_owned(), reply)]);
+                    true
+                }
+            }
+        };
+        if start_reader {
+            // A task of its own, so a client that hangs up cannot strand the others.
+            tokio::spawn(self.clone().read_batches(key));
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the pull's read was abandoned".into()))?
+    }
+
+    /// Answers waiting pulls of `key`, one read per batch, until none wait.
+    async fn read_batches(self: Arc<Self>, key: BatchKey) {
+        loop {
+            let batch = {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = waiting.get_mut(&key) else {
+                    return;
+                };
+                if queue.is_empty() {
+                    waiting.remove(&key);
+                    return;
+                }
+                let take = queue.len().min(MAX_GROUPS_PER_READ);
+                queue.drain(..take).collect::<Vec<_>>()
+            };
+            let groups: Vec<String> = batch
+                .iter()
+                .map(|(group, _)| group.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            self.metrics.pull_reads.increment();
+            let result = self
+                .store
+                .pull_changes(&key.0, &groups, key.1)
+                .await
+                .map(|changes| Arc::new(SharedPull::new(changes)));
+            for (_, reply) in batch {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,796 @@
+// Test harness for replisync's end-to-end tests.
+//
+// Starts sockudo and the replisync binary as child processes on free loopback ports, with a
+// temp SQLite file or a fresh Postgres database; makes Replicache clients, pusher-js clients
+// and SSE readers; and tears all of it down at the end of a test, also when the test fails.
+// Every wait is bounded by a timeout and every loop by a count.
+//
+// Environment:
+//   REPLISYNC_BIN      replisync binary (default ../../target/debug/replisync from here)
+//   SOCKUDO_BIN        sockudo binary (default: `sockudo` on PATH, else ~/.cargo/bin/sockudo)
+//   E2E_STORE          sqlite (default) or postgres
+//   E2E_POSTGRES_URL   server to make databases in (default postgres://postgres@127.0.0.1:5432)
+//   E2E_VERBOSE=1      echo child logs and Replicache logs to stderr as they arrive
+
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync, existsSync, mkdirSync } from 'node:fs';
+import { tmpdir, homedir } from 'node:os';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { randomUUID } from 'node:crypto';
+import { setTimeout as delay } from 'node:timers/promises';
+import { Replicache } from 'replicache';
+import PusherPkg from 'pusher-js';
+
+const Pusher = PusherPkg.default ?? PusherPkg;
+
+export const E2E_DIR = path.dirname(fileURLToPath(import.meta.url));
+export const REPO_DIR = path.resolve(E2E_DIR, '..', '..');
+export const ARTIFACTS_DIR = path.join(E2E_DIR, 'artifacts');
+export const VERBOSE = process.env.E2E_VERBOSE === '1';
+
+export const REPLISYNC_BIN = path.resolve(
+  E2E_DIR,
+  process.env.REPLISYNC_BIN ?? '../../target/debug/replisync',
+);
+
+export function sockudoBin() {
+  if (process.env.SOCKUDO_BIN) return process.env.SOCKUDO_BIN;
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    if (dir && existsSync(path.join(dir, 'sockudo'))) return path.join(dir, 'sockudo');
+  }
+  return path.join(homedir(), '.cargo', 'bin', 'sockudo');
+}
+
+export const PUSHER_APP = {
+  appId: '12345',
+  key: 'app-key-abc',
+  secret: 'app-secret-xyz',
+};
+
+export const STORE = process.env.E2E_STORE ?? 'sqlite';
+const POSTGRES_URL = process.env.E2E_POSTGRES_URL ?? 'postgres://postgres@127.0.0.1:5432';
+
+// ---------------------------------------------------------------------------------------------
+// Small utilities
+
+export function log(...args) {
+  if (VERBOSE) console.error('[e2e]', ...args);
+}
+
+/** Polls `fn` until it returns a truthy value (which is returned), at most `timeout` ms. */
+export async function waitFor(fn, { timeout = 10_000, interval = 25, message = 'condition' } = {}) {
+  const deadline = Date.now() + timeout;
+  const maxRounds = Math.ceil(timeout / interval) + 2;
+  let lastError;
+  for (let round = 0; round < maxRounds; round++) {
+    try {
+      const v = await fn();
+      if (v) return v;
+      lastError = undefined;
+    } catch (e) {
+      lastError = e;
+    }
+    if (Date.now() >= deadline) break;
+    await delay(interval);
+  }
+  const detail = lastError ? ` (last error: ${lastError.message ?? lastError})` : '';
+  throw new Error(`timed out after ${timeout} ms waiting for ${message}${detail}`);
+}
+
+/** Rejects with a clear message if `promise` does not settle within `ms`. */
+export async function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A free TCP port on 127.0.0.1 (bound and released; a tiny race is possible). */
+export async function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export function uniqueId(prefix = 's') {
+  return `${prefix}${randomUUID().replaceAll('-', '').slice(0, 12)}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fetch tap: every fetch this process makes (Replicache's pushes and pulls included) is
+// recorded, so tests can tell which client group pushed or pulled, when, and how it went.
+
+export const fetchLog = [];
+const realFetch = globalThis.fetch;
+if (!globalThis.__e2eFetchTapped) {
+  globalThis.__e2eFetchTapped = true;
+  globalThis.fetch = async function tappedFetch(input, init) {
+    const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
+    const entry = { url, start: performance.now(), kind: undefined, clientGroupID: undefined };
+    const m = /\/spaces\/([^/]+)\/(push|pull)(?:\?|$)/.exec(url);
+    if (m && init?.body && typeof init.body === 'string') {
+      entry.space = decodeURIComponent(m[1]);
+      entry.kind = m[2];
+      try {
+        const body = JSON.parse(init.body);
+        entry.clientGroupID = body.clientGroupID;
+        entry.cookie = body.cookie;
+        entry.mutationIDs = body.mutations?.map((x) => x.id);
+      } catch {
+        // not JSON: leave undefined
+      }
+    }
+    if (fetchLog.length < 100_000) fetchLog.push(entry);
+    try {
+      const res = await realFetch(input, init);
+      entry.status = res.status;
+      entry.end = performance.now();
+      return res;
+    } catch (e) {
+      entry.error = String(e?.cause?.code ?? e?.message ?? e);
+      entry.end = performance.now();
+      throw e;
+    }
+  };
+}
+
+/** Replicache requests of one client group (kind: 'push' | 'pull' | undefined for both). */
+export function requestsOf(clientGroupID, kind) {
+  return fetchLog.filter((e) => e.clientGroupID === clientGroupID && (!kind || e.kind === kind));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+const liveChildren = new Set();
+function killAllChildrenSync() {
+  for (const child of liveChildren) {
+    try {
+      child.kill('SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+}
+process.on('exit', killAllChildrenSync);
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.once(sig, () => {
+    killAllChildrenSync();
+    process.exit(130);
+  });
+}
+
+class ChildProcess {
+  constructor(name, cmd, args, { env, cwd }) {
+    this.name = name;
+    this.lines = [];
+    this.exited = false;
+    this.exitCode = undefined;
+    this.signal = undefined;
+    this.child = spawn(cmd, args, {
+      cwd,
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    liveChildren.add(this.child);
+    this.exitPromise = new Promise((resolve) => {
+      this.child.on('exit', (code, signal) => {
+        this.exited = true;
+        this.exitCode = code;
+        this.signal = signal;
+        liveChildren.delete(this.child);
+        resolve();
+      });
+      this.child.on('error', (err) => {
+        this.lines.push(`[spawn error] ${err.message}`);
+        this.exited = true;
+        liveChildren.delete(this.child);
+        resolve();
+      });
+    });
+    for (const stream of [this.child.stdout, this.child.stderr]) {
+      let buf = '';
+      stream.setEncoding('utf8');
+      stream.on('data', (chunk) => {
+        buf += chunk;
+        let i;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          this.pushLine(buf.slice(0, i));
+          buf = buf.slice(i + 1);
+        }
+      });
+      stream.on('end', () => {
+        if (buf) this.pushLine(buf);
+        buf = '';
+      });
+    }
+  }
+
+  pushLine(line) {
+    if (this.lines.length < 200_000) this.lines.push(line);
+    if (VERBOSE) console.error(`[${this.name}] ${line}`);
+  }
+
+  get pid() {
+    return this.child.pid;
+  }
+
+  get output() {
+    return this.lines.join('\n');
+  }
+
+  /** Waits for a log line matching `re`, looking at lines from index `from` on. */
+  async waitForLine(re, { timeout = 10_000, from = 0, message } = {}) {
+    return waitFor(
+      () => {
+        for (let i = from; i < this.lines.length; i++) {
+          const m = re.exec(this.lines[i]);
+          if (m) return m;
+        }
+        if (this.exited) {
+          throw new Error(`${this.name} exited (code ${this.exitCode}, signal ${this.signal})`);
+        }
+        return null;
+      },
+      { timeout, message: message ?? `${this.name} log line ${re}` },
+    ).catch((e) => {
+      throw new Error(`${e.message}\n--- ${this.name} output (last 40 lines) ---\n${this.tail(40)}`);
+    });
+  }
+
+  tail(n = 40) {
+    return this.lines.slice(-n).join('\n');
+  }
+
+  /** Stops the process: `signal` first, SIGKILL if it is still running after `graceMs`. */
+  async stop({ signal = 'SIGTERM', graceMs = 5_000 } = {}) {
+    if (this.exited) return;
+    try {
+      this.child.kill(signal);
+    } catch {
+      // gone already
+    }
+    const done = await Promise.race([
+      this.exitPromise.then(() => true),
+      delay(graceMs).then(() => false),
+    ]);
+    if (!done) {
+      log(`${this.name} did not stop within ${graceMs} ms of ${signal}; killing`);
+      this.stoppedByKill = true;
+      try {
+        this.child.kill('SIGKILL');
+      } catch {
+        // gone
+      }
+      await withTimeout(this.exitPromise, 5_000, `${this.name} exit after SIGKILL`);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scope of one test: everything it starts is registered here and cleaned up in reverse.
+
+export class E2E {
+  constructor(label = 'test') {
+    this.label = label;
+    this.cleanups = [];
+    this.tmp = mkdtempSync(path.join(tmpdir(), 'replisync-e2e-'));
+    this.defer(() => rmSync(this.tmp, { recursive: true, force: true }));
+  }
+
+  /** Registers a cleanup function (run last-in, first-out; each bounded to 15 s). */
+  defer(fn) {
+    this.cleanups.push(fn);
+  }
+
+  async cleanup() {
+    const errors = [];
+    while (this.cleanups.length) {
+      const fn = this.cleanups.pop();
+      try {
+        await withTimeout(Promise.resolve().then(fn), 15_000, 'cleanup step');
+      } catch (e) {
+        errors.push(e);
+      }
+    }
+    killAllChildrenSync();
+    if (errors.length) log('cleanup errors:', errors.map((e) => e.message).join('; '));
+  }
+
+  // --- Databases -----------------------------------------------------------------------
+
+  /** A fresh, empty database URL for replisync: a new SQLite file or a new Postgres database. */
+  newDatabaseUrl() {
+    if (STORE === 'postgres') {
+      const name = uniqueId('e2e_').toLowerCase();
+      execFileSync('psql', [`${POSTGRES_URL}/postgres`, '-qAtc', `CREATE DATABASE ${name}`], {
+        stdio: ['ignore', 'ignore', 'inherit'],
+        timeout: 20_000,
+      });
+      this.defer(() => {
+        try {
+          execFileSync(
+            'psql',
+            [`${POSTGRES_URL}/postgres`, '-qAtc', `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`],
+            { stdio: ['ignore', 'ignore', 'ignore'], timeout: 20_000 },
+          );
+        } catch {
+          // best effort
+        }
+      });
+      return `${POSTGRES_URL}/${name}`;
+    }
+    const file = path.join(this.tmp, `${uniqueId('db')}.db`);
+    return `sqlite://${file}`;
+  }
+
+  // --- sockudo ---------------------------------------------------------------------------
+
+  async startSockudo({ port } = {}) {
+    const bin = sockudoBin();
+    if (!existsSync(bin)) {
+      throw new Error(
+        `sockudo not found at ${bin}: run \`cargo install sockudo --version 5.2.0 --locked\` ` +
+          `(needs protobuf-compiler) or set SOCKUDO_BIN`,
+      );
+    }
+    port ??= await freePort();
+    const metricsPort = await freePort();
+    const cwd = mkdtempSync(path.join(this.tmp, 'sockudo-'));
+    const env = {
+      PATH: process.env.PATH,
+      HOME: process.env.HOME,
+      HOST: '127.0.0.1',
+      PORT: String(port),
+      METRICS_HOST: '127.0.0.1',
+      METRICS_PORT: String(metricsPort),
+      SOCKUDO_DEFAULT_APP_ID: PUSHER_APP.appId,
+      SOCKUDO_DEFAULT_APP_KEY: PUSHER_APP.key,
+      SOCKUDO_DEFAULT_APP_SECRET: PUSHER_APP.secret,
+      RATE_LIMITER_ENABLED: 'false',
+      NO_COLOR: '1',
+    };
+    const proc = new ChildProcess('sockudo', bin, [], { env, cwd });
+    this.defer(() => proc.stop({ graceMs: 3_000 }));
+    const url = `http://127.0.0.1:${port}`;
+    await waitFor(
+      async () => {
+        if (proc.exited) throw new Error(`sockudo exited:\n${proc.tail(30)}`);
+        const res = await realFetch(`${url}/up`, { signal: AbortSignal.timeout(1_000) });
+        return res.status === 200;
+      },
+      { timeout: 20_000, interval: 50, message: `sockudo /up on ${url}` },
+    );
+    return { proc, port, url, stop: (opts) => proc.stop(opts) };
+  }
+
+  // --- replisync ---------------------------------------------------------------------------
+
+  /**
+   * Starts replisync. Options: databaseUrl (default: a fresh one), port (default: any free),
+   * pusher ({port, secret?}) to configure Pusher pokes, env (extra variables).
+   * Returns a handle with url, port, logs, stop() and restart(overrides).
+   */
+  async startReplisync(opts = {}) {
+    if (!existsSync(REPLISYNC_BIN)) {
+      throw new Error(
+        `replisync binary not found at ${REPLISYNC_BIN}: run \`cargo build --bin replisync\` ` +
+          `in ${REPO_DIR} or set REPLISYNC_BIN`,
+      );
+    }
+    const server = new ReplisyncServer(this, opts);
+    await server.start();
+    this.defer(() => server.stop());
+    return server;
+  }
+
+  // --- Replicache ----------------------------------------------------------------------------
+
+  /**
+   * A Replicache client of `server` on space `space`. Options are passed to Replicache,
+   * except: name (default unique), mutators (default: the server's built-ins),
+   * poke ('sse' to pull on SSE pokes; default none).
+   */
+  async replicache(server, space, { name, mutators, poke, ...options } = {}) {
+    const logs = [];
+    const sink = {
+      log(level, context, ...args) {
+        const text = args
+          .map((a) => (a instanceof Error ? `${a.name}: ${a.message}` : typeof a === 'string' ? a : safeJson(a)))
+          .join(' ');
+        if (logs.length < 10_000) logs.push({ level, text, at: performance.now() });
+        if (VERBOSE) console.error(`[replicache ${name}] ${level} ${text}`);
+      },
+    };
+    name ??= uniqueId('rep-');
+    const rep = new Replicache({
+      name,
+      pushURL: `${server.url}/spaces/${encodeURIComponent(space)}/push`,
+      pullURL: `${server.url}/spaces/${encodeURIComponent(space)}/pull`,
+      kvStore: 'mem',
+      licenseKey: 'no-license',
+      logLevel: 'info',
+      logSinks: [sink],
+      mutators: mutators ?? serverMutators(),
+      ...options,
+    });
+    rep.e2eLogs = logs;
+    rep.e2eName = name;
+    let closed = false;
+    const close = async () => {
+      if (closed) return;
+      closed = true;
+      await withTimeout(rep.close(), 10_000, `closing Replicache ${name}`);
+    };
+    rep.e2eClose = close;
+    this.defer(close);
+    if (poke === 'sse') {
+      const reader = this.sse(server, space, { onPoke: () => rep.pull().catch(() => {}) });
+      rep.e2eSse = reader;
+      await reader.connected;
+    }
+    return rep;
+  }
+
+  // --- pusher-js ------------------------------------------------------------------------------
+
+  /** A pusher-js client connected to sockudo on `port`; resolves once connected. */
+  async pusherClient(port) {
+    const client = new Pusher(PUSHER_APP.key, {
+      cluster: '',
+      wsHost: '127.0.0.1',
+      wsPort: port,
+      wssPort: port,
+      forceTLS: false,
+      enabledTransports: ['ws', 'wss'],
+      disableStats: true,
+    });
+    this.defer(() => client.disconnect());
+    await withTimeout(
+      new Promise((resolve, reject) => {
+        client.connection.bind('connected', resolve);
+        client.connection.bind('failed', () => reject(new Error('pusher-js connection failed')));
+        client.connection.bind('unavailable', () =>
+          reject(new Error('pusher-js connection unavailable')),
+        );
+      }),
+      10_000,
+      `pusher-js connecting to 127.0.0.1:${port}`,
+    );
+    return client;
+  }
+
+  /**
+   * Subscribes `client` to `channel` and records every `eventName` event (with arrival
+   * time) in the returned array; resolves once the subscription succeeded.
+   */
+  async subscribe(client, channel, eventName = 'poke', onEvent) {
+    const events = [];
+    const ch = client.subscribe(channel);
+    ch.bind(eventName, (data) => {
+      events.push({ at: performance.now(), data });
+      onEvent?.(data);
+    });
+    await withTimeout(
+      new Promise((resolve, reject) => {
+        ch.bind('pusher:subscription_succeeded', resolve);
+        ch.bind('pusher:subscription_error', (e) =>
+          reject(new Error(`subscription to ${channel} failed: ${safeJson(e)}`)),
+        );
+      }),
+      10_000,
+      `subscribing to ${channel}`,
+    );
+    return events;
+  }
+
+  // --- SSE ------------------------------------------------------------------------------------
+
+  /** Reads GET /spaces/{space}/poke; see SseReader. */
+  sse(server, space, opts = {}) {
+    const reader = new SseReader(`${server.url}/spaces/${encodeURIComponent(space)}/poke`, opts);
+    this.defer(() => reader.close());
+    return reader;
+  }
+}
+
+function safeJson(v) {
+  try {
+    return JSON.stringify(v);
+  } catch {
+    return String(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+export class ReplisyncServer {
+  constructor(scope, { databaseUrl, port, pusher, env = {} } = {}) {
+    this.scope = scope;
+    this.databaseUrl = databaseUrl ?? scope.newDatabaseUrl();
+    this.port = port ?? 0;
+    this.pusher = pusher;
+    this.extraEnv = env;
+    this.proc = undefined;
+    this.generations = []; // every process started, oldest first (for log assertions)
+  }
+
+  get url() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** All log lines of every run of this server, oldest first. */
+  get lines() {
+    return this.generations.flatMap((p) => p.lines);
+  }
+
+  get output() {
+    return this.lines.join('\n');
+  }
+
+  buildEnv() {
+    const env = {
+      PATH: process.env.PATH,
+      HOME: process.env.HOME,
+      REPLISYNC_LISTEN: `127.0.0.1:${this.port}`,
+      DATABASE_URL: this.databaseUrl,
+      RUST_LOG: 'info',
+      NO_COLOR: '1',
+      REPLISYNC_LOG_FORMAT: 'text',
+      REPLISYNC_SHUTDOWN_TIMEOUT_SECS: '3',
+    };
+    if (this.pusher) {
+      Object.assign(env, {
+        PUSHER_APP_ID: PUSHER_APP.appId,
+        PUSHER_KEY: PUSHER_APP.key,
+        PUSHER_SECRET: this.pusher.secret ?? PUSHER_APP.secret,
+        PUSHER_HOST: '127.0.0.1',
+        PUSHER_PORT: String(this.pusher.port),
+        PUSHER_SCHEME: 'http',
+      });
+    }
+    return { ...env, ...this.extraEnv };
+  }
+
+  async start() {
+    const cwd = mkdtempSync(path.join(this.scope.tmp, 'replisync-'));
+    const proc = new ChildProcess(`replisync#${this.generations.length + 1}`, REPLISYNC_BIN, [], {
+      env: this.buildEnv(),
+      cwd,
+    });
+    this.proc = proc;
+    this.generations.push(proc);
+    const m = await proc.waitForLine(/replisync listening address=(\S+)/, {
+      timeout: 20_000,
+      message: 'replisync to listen',
+    });
+    const port = Number(/:(\d+)$/.exec(m[1])[1]);
+    if (this.port && port !== this.port) {
+      throw new Error(`replisync listens on ${m[1]}, wanted port ${this.port}`);
+    }
+    this.port = port;
+    await waitFor(
+      async () => (await realFetch(`${this.url}/healthz`)).status === 200,
+      { timeout: 10_000, message: 'replisync /healthz' },
+    );
+    return this;
+  }
+
+  async stop(opts) {
+    if (this.proc && !this.proc.exited) await this.proc.stop(opts);
+  }
+
+  /** Stops and starts again on the same port; `changes` may replace databaseUrl, pusher, env. */
+  async restart(changes = {}, stopOpts) {
+    await this.stop(stopOpts);
+    if ('databaseUrl' in changes) this.databaseUrl = changes.databaseUrl;
+    if ('pusher' in changes) this.pusher = changes.pusher;
+    if ('env' in changes) this.extraEnv = changes.env;
+    // The port was just released; retry a few times in case the kernel is slow to free it.
+    let lastError;
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        return await this.start();
+      } catch (e) {
+        lastError = e;
+        if (!/Address already in use|AddrInUse|exited/i.test(e.message)) throw e;
+        await delay(200 * (attempt + 1));
+      }
+    }
+    throw lastError;
+  }
+
+  /** Raw protocol push (pushVersion 1). Returns {status, body, ms}. */
+  async push(space, { clientGroupID, clientID, mutations, firstID = 1 }) {
+    const body = {
+      pushVersion: 1,
+      schemaVersion: '',
+      profileID: 'e2e-profile',
+      clientGroupID,
+      mutations: mutations.map((m, i) => ({
+        id: m.id ?? firstID + i,
+        name: m.name,
+        args: m.args,
+        timestamp: performance.now(),
+        clientID,
+      })),
+    };
+    const t0 = performance.now();
+    const res = await realFetch(`${this.url}/spaces/${encodeURIComponent(space)}/push`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(15_000),
+    });
+    const text = await res.text();
+    return { status: res.status, body: text, ms: performance.now() - t0, respondedAt: performance.now() };
+  }
+
+  /** Raw protocol pull (pullVersion 1). Returns the parsed response. */
+  async pull(space, { clientGroupID = uniqueId('cg-'), cookie = null } = {}) {
+    const res = await realFetch(`${this.url}/spaces/${encodeURIComponent(space)}/pull`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({
+        pullVersion: 1,
+        schemaVersion: '',
+        profileID: 'e2e-profile',
+        clientGroupID,
+        cookie,
+      }),
+      signal: AbortSignal.timeout(15_000),
+    });
+    if (res.status !== 200) throw new Error(`pull answered ${res.status}: ${await res.text()}`);
+    return res.json();
+  }
+
+  /** The space's entries as the server has them now (a fresh client group's full pull). */
+  async snapshot(space) {
+    const res = await this.pull(space);
+    const data = {};
+    for (const op of res.patch) {
+      if (op.op === 'put') data[op.key] = op.value;
+      if (op.op === 'del') delete data[op.key];
+    }
+    return { cookie: res.cookie, data };
+  }
+
+  async healthz() {
+    const res = await realFetch(`${this.url}/healthz`, { signal: AbortSignal.timeout(5_000) });
+    return { status: res.status, body: await res.json().catch(() => null) };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * A small Server-Sent Events reader over fetch. `events` collects {event, data, at};
+ * `comments` collects comment lines; `connected` resolves when the first comment or event
+ * arrives (replisync sends `: connected` once the stream is subscribed).
+ */
+export class SseReader {
+  constructor(url, { onPoke, onEvent } = {}) {
+    this.url = url;
+    this.events = [];
+    this.comments = [];
+    this.controller = new AbortController();
+    this.closed = false;
+    let resolveConnected, rejectConnected;
+    this.connected = new Promise((res, rej) => {
+      resolveConnected = res;
+      rejectConnected = rej;
+    });
+    this.connected.catch(() => {});
+    const timer = setTimeout(() => rejectConnected(new Error(`SSE ${url}: not connected in 10 s`)), 10_000);
+    this.done = (async () => {
+      try {
+        const res = await realFetch(url, {
+          headers: { accept: 'text/event-stream' },
+          signal: this.controller.signal,
+        });
+        if (res.status !== 200) throw new Error(`SSE ${url} answered ${res.status}`);
+        this.contentType = res.headers.get('content-type');
+        const decoder = new TextDecoder();
+        let buf = '';
+        let event = { event: 'message', data: [] };
+        for await (const chunk of res.body) {
+          buf += decoder.decode(chunk, { stream: true });
+          let i;
+          while ((i = buf.search(/\r\n|\n|\r/)) >= 0) {
+            const line = buf.slice(0, i);
+            buf = buf.slice(i + (buf.startsWith('\r\n', i) ? 2 : 1));
+            if (line === '') {
+              if (event.data.length || event.event !== 'message') {
+                const ev = { event: event.event, data: event.data.join('\n'), at: performance.now() };
+                this.events.push(ev);
+                onEvent?.(ev);
+                if (ev.event === 'poke') onPoke?.(ev);
+                resolveConnected();
+              }
+              event = { event: 'message', data: [] };
+            } else if (line.startsWith(':')) {
+              this.comments.push(line.slice(1).trim());
+              resolveConnected();
+            } else {
+              const c = line.indexOf(':');
+              const field = c < 0 ? line : line.slice(0, c);
+              let value = c < 0 ? '' : line.slice(c + 1);
+              if (value.startsWith(' ')) value = value.slice(1);
+              if (field === 'event') event.event = value;
+              else if (field === 'data') event.data.push(value);
+            }
+          }
+        }
+      } catch (e) {
+        if (!this.closed) {
+          this.error = e;
+          rejectConnected(e);
+        }
+      } finally {
+        clearTimeout(timer);
+      }
+    })();
+  }
+
+  pokes() {
+    return this.events.filter((e) => e.event === 'poke');
+  }
+
+  async close() {
+    this.closed = true;
+    this.controller.abort();
+    await withTimeout(this.done, 5_000, 'closing SSE reader').catch(() => {});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutators matching replisync's built-ins.
+
+export function serverMutators({ incrementFactor = 1 } = {}) {
+  return {
+    async set(tx, { key, value }) {
+      await tx.set(key, value);
+    },
+    async delete(tx, { key }) {
+      await tx.del(key);
+    },
+    async increment(tx, { key, delta }) {
+      const current = (await tx.get(key)) ?? 0;
+      await tx.set(key, current + delta * incrementFactor);
+    },
+  };
+}
+
+/** Reads one key of a Replicache client. */
+export async function readKey(rep, key) {
+  return rep.query((tx) => tx.get(key));
+}
+
+/** Waits until `rep` has no pending (unacknowledged) mutations. */
+export async function waitNoPending(rep, { timeout = 20_000 } = {}) {
+  return waitFor(async () => (await rep.experimentalPendingMutations()).length === 0, {
+    timeout,
+    interval: 50,
+    message: `${rep.e2eName} to have no pending mutations`,
+  });
+}
+
+export function ensureArtifactsDir() {
+  mkdirSync(ARTIFACTS_DIR, { recursive: true });
+  return ARTIFACTS_DIR;
+}
+
+export { realFetch, delay, Replicache, Pusher };
