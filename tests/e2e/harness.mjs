@@ -121,11 +121,18 @@ if (!globalThis.__e2eFetchTapped) {
     const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
     const entry = { url, start: performance.now(), kind: undefined, clientGroupID: undefined };
     const m = /\/spaces\/([^/]+)\/(push|pull)(?:\?|$)/.exec(url);
-    if (m && init?.body && typeof init.body === 'string') {
+    if (m) {
       entry.space = decodeURIComponent(m[1]);
       entry.kind = m[2];
       try {
-        const body = JSON.parse(init.body);
+        // Replicache 15 passes a Request object; raw helpers pass (url, init).
+        const text =
+          typeof init?.body === 'string'
+            ? init.body
+            : typeof input === 'object' && 'clone' in input
+              ? await input.clone().text()
+              : '{}';
+        const body = JSON.parse(text);
         entry.clientGroupID = body.clientGroupID;
         entry.cookie = body.cookie;
         entry.mutationIDs = body.mutations?.map((x) => x.id);
@@ -438,7 +445,12 @@ export class E2E {
     rep.e2eClose = close;
     this.defer(close);
     if (poke === 'sse') {
-      const reader = this.sse(server, space, { onPoke: () => rep.pull().catch(() => {}) });
+      // Like a browser app with EventSource: pull on every poke, and on every (re)connection
+      // to catch up with pokes sent while the stream was down.
+      const pull = () => {
+        if (!closed) rep.pull().catch(() => {});
+      };
+      const reader = this.sse(server, space, { onPoke: pull, onConnect: pull, reconnect: true });
       rep.e2eSse = reader;
       await reader.connected;
     }
@@ -679,65 +691,87 @@ export class ReplisyncServer {
 /**
  * A small Server-Sent Events reader over fetch. `events` collects {event, data, at};
  * `comments` collects comment lines; `connected` resolves when the first comment or event
- * arrives (replisync sends `: connected` once the stream is subscribed).
+ * arrives (replisync sends `: connected` once the stream is subscribed). With
+ * `reconnect: true` it reconnects like a browser's EventSource (every `retryMs`, at most
+ * `maxAttempts` times) and calls `onConnect` after each (re)connection.
  */
 export class SseReader {
-  constructor(url, { onPoke, onEvent } = {}) {
+  constructor(url, { onPoke, onEvent, onConnect, reconnect = false, retryMs = 250, maxAttempts = 400 } = {}) {
     this.url = url;
     this.events = [];
     this.comments = [];
-    this.controller = new AbortController();
+    this.connections = 0;
     this.closed = false;
+    this.controller = undefined;
     let resolveConnected, rejectConnected;
     this.connected = new Promise((res, rej) => {
       resolveConnected = res;
       rejectConnected = rej;
     });
     this.connected.catch(() => {});
-    const timer = setTimeout(() => rejectConnected(new Error(`SSE ${url}: not connected in 10 s`)), 10_000);
-    this.done = (async () => {
-      try {
-        const res = await realFetch(url, {
-          headers: { accept: 'text/event-stream' },
-          signal: this.controller.signal,
-        });
-        if (res.status !== 200) throw new Error(`SSE ${url} answered ${res.status}`);
-        this.contentType = res.headers.get('content-type');
-        const decoder = new TextDecoder();
-        let buf = '';
-        let event = { event: 'message', data: [] };
-        for await (const chunk of res.body) {
-          buf += decoder.decode(chunk, { stream: true });
-          let i;
-          while ((i = buf.search(/\r\n|\n|\r/)) >= 0) {
-            const line = buf.slice(0, i);
-            buf = buf.slice(i + (buf.startsWith('\r\n', i) ? 2 : 1));
-            if (line === '') {
-              if (event.data.length || event.event !== 'message') {
-                const ev = { event: event.event, data: event.data.join('\n'), at: performance.now() };
-                this.events.push(ev);
-                onEvent?.(ev);
-                if (ev.event === 'poke') onPoke?.(ev);
-                resolveConnected();
-              }
-              event = { event: 'message', data: [] };
-            } else if (line.startsWith(':')) {
-              this.comments.push(line.slice(1).trim());
-              resolveConnected();
-            } else {
-              const c = line.indexOf(':');
-              const field = c < 0 ? line : line.slice(0, c);
-              let value = c < 0 ? '' : line.slice(c + 1);
-              if (value.startsWith(' ')) value = value.slice(1);
-              if (field === 'event') event.event = value;
-              else if (field === 'data') event.data.push(value);
+    const timer = setTimeout(
+      () => rejectConnected(new Error(`SSE ${url}: not connected in 10 s`)),
+      10_000,
+    );
+    const readOnce = async () => {
+      this.controller = new AbortController();
+      const res = await realFetch(url, {
+        headers: { accept: 'text/event-stream' },
+        signal: this.controller.signal,
+      });
+      if (res.status !== 200) throw new Error(`SSE ${url} answered ${res.status}`);
+      this.contentType = res.headers.get('content-type');
+      const decoder = new TextDecoder();
+      let buf = '';
+      let event = { event: 'message', data: [] };
+      let open = false;
+      const opened = () => {
+        if (open) return;
+        open = true;
+        this.connections++;
+        resolveConnected();
+        onConnect?.(this.connections);
+      };
+      for await (const chunk of res.body) {
+        buf += decoder.decode(chunk, { stream: true });
+        let i;
+        while ((i = buf.search(/\r\n|\n|\r/)) >= 0) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + (buf.startsWith('\r\n', i) ? 2 : 1));
+          if (line === '') {
+            if (event.data.length || event.event !== 'message') {
+              const ev = { event: event.event, data: event.data.join('\n'), at: performance.now() };
+              this.events.push(ev);
+              opened();
+              onEvent?.(ev);
+              if (ev.event === 'poke') onPoke?.(ev);
             }
+            event = { event: 'message', data: [] };
+          } else if (line.startsWith(':')) {
+            this.comments.push(line.slice(1).trim());
+            opened();
+          } else {
+            const c = line.indexOf(':');
+            const field = c < 0 ? line : line.slice(0, c);
+            let value = c < 0 ? '' : line.slice(c + 1);
+            if (value.startsWith(' ')) value = value.slice(1);
+            if (field === 'event') event.event = value;
+            else if (field === 'data') event.data.push(value);
           }
         }
-      } catch (e) {
-        if (!this.closed) {
-          this.error = e;
-          rejectConnected(e);
+      }
+    };
+    this.done = (async () => {
+      try {
+        for (let attempt = 0; attempt < (reconnect ? maxAttempts : 1) && !this.closed; attempt++) {
+          try {
+            await readOnce();
+          } catch (e) {
+            if (this.closed) break;
+            this.error = e;
+            if (!reconnect) rejectConnected(e);
+          }
+          if (reconnect && !this.closed) await delay(retryMs);
         }
       } finally {
         clearTimeout(timer);
@@ -751,7 +785,7 @@ export class SseReader {
 
   async close() {
     this.closed = true;
-    this.controller.abort();
+    this.controller?.abort();
     await withTimeout(this.done, 5_000, 'closing SSE reader').catch(() => {});
   }
 }
