@@ -115,12 +115,12 @@ async fn apply_push(
     request: &PushRequest,
 ) -> Result<PushOutcome, ApiError> {
     let mut tx = store.begin_push(space).await?;
-    let group = tx.client_group(&request.client_group_id).await?;
-    let new_client_group = check_client_group(group, request, space, user)?;
-
     let client_ids = distinct_client_ids(&request.mutations);
-    let stored = tx.clients(&client_ids).await?;
-    let mut last_mutation_ids = known_clients(stored, request)?;
+    let stored = tx
+        .client_state(&request.client_group_id, &client_ids)
+        .await?;
+    let new_client_group = check_client_group(stored.group, request, space, user)?;
+    let mut last_mutation_ids = known_clients(stored.clients, request)?;
 
     let next_version = tx.space_version() + 1;
     let mut overlay = PushOverlay::default();

@@ -39,6 +39,13 @@ struct Args {
     /// The replisync binary (default: next to this one).
     #[arg(long)]
     server: Option<String>,
+    /// Run only these workloads (comma-separated): push, storm, first-pull, poke.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "push,storm,first-pull,poke"
+    )]
+    only: Vec<String>,
 }
 
 const DB_NAME: &str = "replisync_bench";
@@ -66,13 +73,44 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.idle_rss_mb = server.rss_mb();
 
+    let run = |workload: &str| args.only.iter().any(|w| w == workload);
+    if run("push") {
+        push_workloads(&bench, &floor_store, &mut report).await?;
+    }
+    if run("storm") {
+        report.storm = Some(bench.poke_storm(1000).await?);
+    }
+    if run("first-pull") {
+        for entries in [10_000, 100_000] {
+            report
+                .first_pulls
+                .push(bench.first_pull(&server, entries).await?);
+        }
+    }
+    if let Some(sockudo) = sockudo.as_ref().filter(|_| run("poke")) {
+        report.poke = Some(bench.poke_latency(&server, sockudo, 60).await?);
+    }
+    report.idle_rss_after_mb = server.rss_mb();
+    report.print();
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report.to_json())?)?;
+    println!("\nwrote {}", args.json);
+    floor_store.close().await;
+    Ok(())
+}
+
+/// Workloads 1 to 3 and the floor: one space, 100 spaces, batches of 100.
+async fn push_workloads(
+    bench: &Bench,
+    floor_store: &Arc<PgStore>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     for clients in [1, 8, 64] {
         let total = bench.total_pushes(clients);
         let served = bench
             .push_workload(&format!("one-{clients}"), clients, 1, 1, total)
             .await?;
         let floor = floor_workload(
-            &floor_store,
+            floor_store,
             &format!("floor-one-{clients}"),
             clients,
             1,
@@ -87,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             .push_workload(&format!("many-{clients}"), clients, 100, 1, total)
             .await?;
         let floor = floor_workload(
-            &floor_store,
+            floor_store,
             &format!("floor-many-{clients}"),
             clients,
             100,
@@ -104,21 +142,6 @@ async fn main() -> anyhow::Result<()> {
         .push_workload("batched", 8, 1, 100, 400 / bench.scale)
         .await?;
     report.push_rows("push, 100 mutations each, C=8".into(), batched, None);
-
-    report.storm = Some(bench.poke_storm(1000).await?);
-    for entries in [10_000, 100_000] {
-        report
-            .first_pulls
-            .push(bench.first_pull(&server, entries).await?);
-    }
-    if let Some(sockudo) = &sockudo {
-        report.poke = Some(bench.poke_latency(&server, sockudo, 60).await?);
-    }
-    report.idle_rss_after_mb = server.rss_mb();
-    report.print();
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report.to_json())?)?;
-    println!("\nwrote {}", args.json);
-    floor_store.close().await;
     Ok(())
 }
 
@@ -644,8 +667,10 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
     let space = SpaceId::parse(space).map_err(anyhow::Error::msg)?;
     let group_id = format!("{client}-group");
     let mut tx = store.begin_push(&space).await?;
-    let group = tx.client_group(&group_id).await?;
-    tx.clients(&[client.to_owned()]).await?;
+    let group = tx
+        .client_state(&group_id, &[client.to_owned()])
+        .await?
+        .group;
     let key = "counter-0";
     let current: i64 = tx
         .entry(key)

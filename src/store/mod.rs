@@ -25,6 +25,13 @@ pub struct ClientRecord {
     pub last_mutation_id: u64,
 }
 
+/// What a push needs to know about its client group and clients before applying mutations.
+#[derive(Debug, Default)]
+pub struct ClientState {
+    pub group: Option<ClientGroupRecord>,
+    pub clients: Vec<ClientRecord>,
+}
+
 /// One key's new state: `Some(json text)` to put, `None` to delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryChange {
@@ -145,10 +152,13 @@ pub trait PushTx: Send {
     /// The space's version when the push took the lock (0 for a new space).
     fn space_version(&self) -> u64;
 
-    async fn client_group(&mut self, id: &str) -> Result<Option<ClientGroupRecord>, StoreError>;
-
-    /// The stored clients among `ids` (unknown ids are simply absent).
-    async fn clients(&mut self, ids: &[String]) -> Result<Vec<ClientRecord>, StoreError>;
+    /// The push's client group, if stored, and the stored clients among `client_ids`
+    /// (unknown ids are simply absent), read together.
+    async fn client_state(
+        &mut self,
+        client_group_id: &str,
+        client_ids: &[String],
+    ) -> Result<ClientState, StoreError>;
 
     /// The live value (json text) of `key` in this space, `None` if absent or deleted.
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError>;

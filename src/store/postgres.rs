@@ -11,8 +11,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    ClientGroupRecord, ClientRecord, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx,
-    Store, StoreError, to_i64, to_u64,
+    ClientGroupRecord, ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot,
+    PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
 };
 use crate::protocol::SpaceId;
 
@@ -206,37 +206,38 @@ impl PushTx for PgPushTx {
         self.version
     }
 
-    async fn client_group(&mut self, id: &str) -> Result<Option<ClientGroupRecord>, StoreError> {
-        let row = sqlx::query_as::<_, (String, String)>(
-            "SELECT space_id, user_id FROM replisync_client_groups WHERE id = $1",
+    async fn client_state(
+        &mut self,
+        client_group_id: &str,
+        client_ids: &[String],
+    ) -> Result<ClientState, StoreError> {
+        // One round trip; runs after the space lock is held, so it sees every earlier push.
+        let (space_id, user_id, clients): (Option<String>, Option<String>, Value) = sqlx::query_as(
+            "SELECT g.space_id, g.user_id,
+                    (SELECT coalesce(json_agg(json_build_array(id, client_group_id, last_mutation_id)), '[]')
+                       FROM replisync_clients WHERE id = ANY($2))
+             FROM (SELECT 1) AS one
+             LEFT JOIN replisync_client_groups g ON g.id = $1",
         )
-        .bind(id)
-        .fetch_optional(&mut *self.tx)
+        .bind(client_group_id)
+        .bind(client_ids)
+        .fetch_one(&mut *self.tx)
         .await?;
-        Ok(row.map(|(space_id, user_id)| ClientGroupRecord {
-            id: id.to_owned(),
-            space_id,
-            user_id,
-        }))
-    }
-
-    async fn clients(&mut self, ids: &[String]) -> Result<Vec<ClientRecord>, StoreError> {
-        sqlx::query_as::<_, (String, String, i64)>(
-            "SELECT id, client_group_id, last_mutation_id FROM replisync_clients
-             WHERE id = ANY($1)",
-        )
-        .bind(ids)
-        .fetch_all(&mut *self.tx)
-        .await?
-        .into_iter()
-        .map(|(id, client_group_id, lmid)| {
-            Ok(ClientRecord {
+        let group = space_id
+            .zip(user_id)
+            .map(|(space_id, user_id)| ClientGroupRecord {
+                id: client_group_id.to_owned(),
+                space_id,
+                user_id,
+            });
+        let clients = decode_rows(clients, |(id, client_group_id, last_mutation_id)| {
+            ClientRecord {
                 id,
                 client_group_id,
-                last_mutation_id: to_u64(lmid, "last_mutation_id")?,
-            })
-        })
-        .collect()
+                last_mutation_id,
+            }
+        })?;
+        Ok(ClientState { group, clients })
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {

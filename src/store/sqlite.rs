@@ -13,8 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ClientGroupRecord, ClientRecord, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx,
-    Store, StoreError, to_i64, to_u64,
+    ClientGroupRecord, ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot,
+    PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
 };
 use crate::protocol::SpaceId;
 
@@ -242,23 +242,24 @@ impl PushTx for SqlitePushTx {
         self.version
     }
 
-    async fn client_group(&mut self, id: &str) -> Result<Option<ClientGroupRecord>, StoreError> {
-        let row = sqlx::query_as::<_, (String, String)>(
+    async fn client_state(
+        &mut self,
+        client_group_id: &str,
+        client_ids: &[String],
+    ) -> Result<ClientState, StoreError> {
+        let group = sqlx::query_as::<_, (String, String)>(
             "SELECT space_id, user_id FROM replisync_client_groups WHERE id = ?1",
         )
-        .bind(id)
+        .bind(client_group_id)
         .fetch_optional(&mut *self.tx)
-        .await?;
-        Ok(row.map(|(space_id, user_id)| ClientGroupRecord {
-            id: id.to_owned(),
+        .await?
+        .map(|(space_id, user_id)| ClientGroupRecord {
+            id: client_group_id.to_owned(),
             space_id,
             user_id,
-        }))
-    }
-
-    async fn clients(&mut self, ids: &[String]) -> Result<Vec<ClientRecord>, StoreError> {
-        let mut found = Vec::with_capacity(ids.len());
-        for id in ids {
+        });
+        let mut clients = Vec::with_capacity(client_ids.len());
+        for id in client_ids {
             let row = sqlx::query_as::<_, (String, i64)>(
                 "SELECT client_group_id, last_mutation_id FROM replisync_clients WHERE id = ?1",
             )
@@ -266,14 +267,14 @@ impl PushTx for SqlitePushTx {
             .fetch_optional(&mut *self.tx)
             .await?;
             if let Some((client_group_id, lmid)) = row {
-                found.push(ClientRecord {
+                clients.push(ClientRecord {
                     id: id.clone(),
                     client_group_id,
                     last_mutation_id: to_u64(lmid, "last_mutation_id")?,
                 });
             }
         }
-        Ok(found)
+        Ok(ClientState { group, clients })
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {

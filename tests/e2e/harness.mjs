@@ -270,10 +270,10 @@ class ChildProcess {
     } catch {
       // gone already
     }
-    const done = await Promise.race([
-      this.exitPromise.then(() => true),
-      delay(graceMs).then(() => false),
-    ]);
+    const done = await withTimeout(this.exitPromise, graceMs, 'exit').then(
+      () => true,
+      () => false,
+    );
     if (!done) {
       log(`${this.name} did not stop within ${graceMs} ms of ${signal}; killing`);
       this.stoppedByKill = true;
