@@ -20,6 +20,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::Pokes;
+use crate::poke::pusher::PusherPoker;
 use crate::poke::sse::SsePokes;
 use crate::pull::coalesce::PullCoalescer;
 use crate::store::Store;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub http: HttpSettings,
     pub metrics: Arc<Metrics>,
     pub pulls: Arc<PullCoalescer>,
+    /// The Pusher poker, when configured (its counters go to `/metrics`).
+    pub pusher: Option<Arc<PusherPoker>>,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             sse: None,
             http: HttpSettings::default(),
             metrics,
+            pusher: None,
         }
     }
 }
@@ -151,7 +155,9 @@ async fn health(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: counters in Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> String {
-    state.metrics.render()
+    state
+        .metrics
+        .render(state.pusher.as_ref().map(|poker| poker.stats()))
 }
 
 async fn not_found() -> ApiError {

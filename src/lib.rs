@@ -104,6 +104,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     state.pokes = Pokes::new(sinks);
     state.sse = sse;
     state.http = http;
+    state.pusher = pusher.clone();
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (REPLISYNC_LISTEN)", config.listen))?;

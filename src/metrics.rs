@@ -1,8 +1,10 @@
 //! Counters an operator (and the benchmark) reads at `GET /metrics`, in Prometheus text format:
-//! requests served and the database reads they cost.
+//! requests served, the database reads they cost, and how Pusher pokes fare.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::poke::pusher::PokerStats;
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -30,36 +32,76 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn render(&self) -> String {
+    /// The counters, and the Pusher poker's when pokes go through Pusher.
+    pub fn render(&self, pusher: Option<PokerStats>) -> String {
         let mut out = String::new();
-        for (name, help, counter) in [
+        for (name, help, value) in [
             (
                 "replisync_pushes_total",
                 "Push requests answered 200.",
-                &self.pushes,
+                self.pushes.get(),
             ),
             (
                 "replisync_push_commits_total",
                 "Pushes that committed a change.",
-                &self.push_commits,
+                self.push_commits.get(),
             ),
             (
                 "replisync_pulls_total",
                 "Pull requests answered with a patch.",
-                &self.pulls,
+                self.pulls.get(),
             ),
             (
                 "replisync_pull_reads_total",
                 "Database snapshots read for pulls.",
-                &self.pull_reads,
+                self.pull_reads.get(),
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                counter.get()
-            );
+            write_counter(&mut out, name, help, value);
+        }
+        if let Some(stats) = pusher {
+            for (name, help, value) in [
+                (
+                    "replisync_pusher_calls_ok_total",
+                    "Calls Pusher accepted.",
+                    stats.calls_ok,
+                ),
+                (
+                    "replisync_pusher_spaces_poked_total",
+                    "Spaces in accepted calls.",
+                    stats.spaces_poked,
+                ),
+                (
+                    "replisync_pusher_failed_calls_total",
+                    "Calls that failed, retried or not.",
+                    stats.failed_calls,
+                ),
+                (
+                    "replisync_pusher_retries_total",
+                    "Calls repeated after a transient failure.",
+                    stats.retries,
+                ),
+                (
+                    "replisync_pusher_given_up_spaces_total",
+                    "Pokes abandoned (rejected, out of attempts, shutdown).",
+                    stats.given_up_spaces,
+                ),
+                (
+                    "replisync_pusher_dropped_spaces_total",
+                    "Pokes dropped from a full queue.",
+                    stats.dropped_spaces,
+                ),
+            ] {
+                write_counter(&mut out, name, help, value);
+            }
         }
         out
     }
+}
+
+fn write_counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
 }
