@@ -40,8 +40,10 @@ pub async fn handle(
             mutations = request.mutations.len(),
             "push committed"
         );
+        state.metrics.push_commits.increment();
         state.pokes.space_changed(&space, committed_at);
     }
+    state.metrics.pushes.increment();
     Ok(Json(json!({})))
 }
 

@@ -527,6 +527,34 @@ async fn health_reports_the_store(backend: Backend) {
     assert_eq!(response.status(), 503);
 }
 
+async fn metrics_count_requests_and_reads(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
+    server.push("s", &body).await;
+    server.push("s", &body).await; // re-sent: answered, but commits nothing
+    server.pull("s", "g", Value::Null).await;
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "replisync_pushes_total 2",
+        "replisync_push_commits_total 1",
+        "replisync_pulls_total 1",
+        "replisync_pull_reads_total 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing from:\n{text}"
+        );
+    }
+}
+
 async fn browsers_on_other_origins_may_push_and_pull(backend: Backend) {
     let server = TestServer::start(backend).await;
     let preflight = server
@@ -576,5 +604,6 @@ crate::on_both_stores!(
     failing_mutations_roll_back_and_still_count,
     a_database_fault_rolls_the_whole_push_back,
     health_reports_the_store,
+    metrics_count_requests_and_reads,
     browsers_on_other_origins_may_push_and_pull,
 );
