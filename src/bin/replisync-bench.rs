@@ -377,18 +377,7 @@ impl Bench {
     }
 
     async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .body(body.to_string())
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        if status != 200 || body.get("error").is_some() {
-            bail!("{path} answered {status}: {body}");
-        }
-        Ok(body)
+        post(&self.http, &self.base, path, body).await
     }
 
     /// `clients` concurrent clients, each pushing `batch` increments per push in turn to the
@@ -402,46 +391,20 @@ impl Bench {
         batch: usize,
         total_pushes: usize,
     ) -> anyhow::Result<PushFigures> {
-        let per_client = total_pushes.div_ceil(clients);
-        let started = Instant::now();
-        let workers: Vec<_> = (0..clients)
-            .map(|c| {
-                let (http, base, name) = (self.http.clone(), self.base.clone(), name.to_owned());
-                tokio::spawn(async move {
-                    let bench = Bench { http, base, scale: 1, admin_url: String::new() };
-                    let mut next_ids = vec![1u64; spaces];
-                    let mut latencies = Vec::with_capacity(per_client);
-                    for k in 0..per_client {
-                        if started.elapsed() > WORKLOAD_DEADLINE {
-                            break;
-                        }
-                        let s = (c + k) % spaces;
-                        let client = format!("{name}-c{c}-s{s}");
-                        let mutations: Vec<Value> = (0..batch as u64)
-                            .map(|i| json!({"id": next_ids[s] + i, "name": "increment", "clientID": client,
-                                            "args": {"key": format!("counter-{}", i % 10), "delta": 1}, "timestamp": 1.0}))
-                            .collect();
-                        next_ids[s] += batch as u64;
-                        let body = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "bench",
-                                          "clientGroupID": format!("{client}-group"), "mutations": mutations});
-                        let sent = Instant::now();
-                        bench.post(&format!("/spaces/{name}-{s}/push"), &body).await?;
-                        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
-                    }
-                    anyhow::Ok(latencies)
-                })
-            })
-            .collect();
-        let mut latencies_ms = Vec::new();
-        for worker in workers {
-            latencies_ms.extend(worker.await??);
-        }
-        let elapsed = started.elapsed();
-        Ok(PushFigures {
-            mutations: latencies_ms.len() * batch,
-            elapsed,
-            latencies_ms,
+        let (http, base, name) = (self.http.clone(), self.base.clone(), name.to_owned());
+        drive_clients(clients, spaces, batch, total_pushes, move |job| {
+            let (http, base) = (http.clone(), base.clone());
+            let client = format!("{name}-c{}-s{}", job.client, job.space);
+            let mutations: Vec<Value> = (0..batch as u64)
+                .map(|i| json!({"id": job.first_id + i, "name": "increment", "clientID": client,
+                                "args": {"key": format!("counter-{}", i % 10), "delta": 1}, "timestamp": 1.0}))
+                .collect();
+            let body = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "bench",
+                              "clientGroupID": format!("{client}-group"), "mutations": mutations});
+            let path = format!("/spaces/{name}-{}/push", job.space);
+            async move { post(&http, &base, &path, &body).await.map(drop) }
         })
+        .await
     }
 
     /// N clients hold cookie V; one push makes V+1; all N pull from V at once.
@@ -602,6 +565,26 @@ impl Bench {
     }
 }
 
+/// POSTs a push or pull; anything but a 200 without an `error` field is an error.
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
+    let response = http
+        .post(format!("{base}{path}"))
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    if status != 200 || body.get("error").is_some() {
+        bail!("{path} answered {status}: {body}");
+    }
+    Ok(body)
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|line| {
@@ -624,11 +607,44 @@ async fn floor_workload(
     spaces: usize,
     total_pushes: usize,
 ) -> anyhow::Result<PushFigures> {
+    let (store, name) = (store.clone(), name.to_owned());
+    drive_clients(clients, spaces, 1, total_pushes, move |job| {
+        let store = store.clone();
+        let space = format!("{name}-{}", job.space);
+        let client = format!("{name}-c{}-s{}", job.client, job.space);
+        async move { floor_push(&*store, &space, &client, job.first_id).await }
+    })
+    .await
+}
+
+/// One push for a workload to make: which client, to which of the workload's spaces, and the
+/// id of its first mutation.
+#[derive(Clone, Copy)]
+struct PushJob {
+    client: usize,
+    space: usize,
+    first_id: u64,
+}
+
+/// Runs `clients` concurrent clients; each makes its share of `total_pushes` pushes (of
+/// `batch` mutations) one after another, in turn to each of `spaces` spaces, through `push`.
+/// Bounded by WORKLOAD_DEADLINE as well.
+async fn drive_clients<F, Fut>(
+    clients: usize,
+    spaces: usize,
+    batch: usize,
+    total_pushes: usize,
+    push: F,
+) -> anyhow::Result<PushFigures>
+where
+    F: Fn(PushJob) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let per_client = total_pushes.div_ceil(clients);
     let started = Instant::now();
     let workers: Vec<_> = (0..clients)
-        .map(|c| {
-            let (store, name) = (store.clone(), name.to_owned());
+        .map(|client| {
+            let push = push.clone();
             tokio::spawn(async move {
                 let mut next_ids = vec![1u64; spaces];
                 let mut latencies = Vec::with_capacity(per_client);
@@ -636,16 +652,15 @@ async fn floor_workload(
                     if started.elapsed() > WORKLOAD_DEADLINE {
                         break;
                     }
-                    let s = (c + k) % spaces;
+                    let space = (client + k) % spaces;
+                    let job = PushJob {
+                        client,
+                        space,
+                        first_id: next_ids[space],
+                    };
+                    next_ids[space] += batch as u64;
                     let sent = Instant::now();
-                    floor_push(
-                        &*store,
-                        &format!("{name}-{s}"),
-                        &format!("{name}-c{c}-s{s}"),
-                        next_ids[s],
-                    )
-                    .await?;
-                    next_ids[s] += 1;
+                    push(job).await?;
                     latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
                 }
                 anyhow::Ok(latencies)
@@ -657,7 +672,7 @@ async fn floor_workload(
         latencies_ms.extend(worker.await??);
     }
     Ok(PushFigures {
-        mutations: latencies_ms.len(),
+        mutations: latencies_ms.len() * batch,
         elapsed: started.elapsed(),
         latencies_ms,
     })

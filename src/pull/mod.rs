@@ -56,7 +56,7 @@ async fn first_pull(
     client_group_id: &str,
 ) -> Result<Body, ApiError> {
     state.metrics.pull_reads.increment();
-    let snapshot = state.store.pull(space, client_group_id, 0).await?;
+    let snapshot = state.store.first_pull(space, client_group_id).await?;
     if let Some(group) = &snapshot.client_group {
         check_group_ownership(group, space, user)?;
     }

@@ -50,15 +50,15 @@ pub struct PushChanges {
     pub entries: Vec<EntryChange>,
 }
 
-/// What a pull needs, read from one consistent snapshot.
+/// What a first pull needs, read from one consistent snapshot.
 pub struct PullSnapshot {
     /// The space's version: the pull's new cookie (0 for a space never written).
     pub version: u64,
     pub client_group: Option<ClientGroupRecord>,
-    /// `(clientID, lastMutationID)` of the group's clients changed after the pull's cookie.
+    /// `(clientID, lastMutationID)` of every client of the group.
     pub changed_clients: Vec<(String, u64)>,
-    /// Entries changed after the cookie (with a cookie of 0, live entries only), streamed
-    /// from the same snapshot so a large first pull is never held whole in memory.
+    /// Every live entry, streamed from the same snapshot so that a large space is never held
+    /// whole in memory.
     pub entries: BoxStream<'static, Result<EntryChange, StoreError>>,
 }
 
@@ -122,12 +122,11 @@ pub trait Store: Send + Sync + 'static {
     /// pushes to one space apply one after another. Dropping the result rolls back.
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError>;
 
-    /// Reads what a pull from `from` needs, in one consistent snapshot.
-    async fn pull(
+    /// Reads what a first pull (null cookie) needs: the whole space, in one snapshot.
+    async fn first_pull(
         &self,
         space: &SpaceId,
         client_group_id: &str,
-        from: u64,
     ) -> Result<PullSnapshot, StoreError>;
 
     /// Reads what incremental pulls from `from > 0` by each of `client_group_ids` need, in one

@@ -74,17 +74,15 @@ impl Store for PgStore {
         }))
     }
 
-    async fn pull(
+    async fn first_pull(
         &self,
         space: &SpaceId,
         client_group_id: &str,
-        from: u64,
     ) -> Result<PullSnapshot, StoreError> {
         let mut tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
-        let from_i64 = to_i64(from)?;
         let row = sqlx::query(
             "SELECT (SELECT version FROM replisync_spaces WHERE id = $1) AS version,
                     g.space_id, g.user_id
@@ -112,10 +110,9 @@ impl Store for PgStore {
 
         let changed_clients = sqlx::query_as::<_, (String, i64)>(
             "SELECT id, last_mutation_id FROM replisync_clients
-             WHERE client_group_id = $1 AND last_modified_version > $2",
+             WHERE client_group_id = $1",
         )
         .bind(client_group_id)
-        .bind(from_i64)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -125,15 +122,14 @@ impl Store for PgStore {
         let space_id = space.as_str().to_owned();
         let entries = try_stream! {
             {
-                let mut rows = sqlx::query_as::<_, (String, Option<String>, bool)>(
-                    "SELECT key, value, deleted FROM replisync_entries
-                     WHERE space_id = $1 AND version > $2 AND (NOT deleted OR $2 > 0)",
+                let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
+                    "SELECT key, value FROM replisync_entries
+                     WHERE space_id = $1 AND NOT deleted",
                 )
                 .bind(space_id)
-                .bind(from_i64)
                 .fetch(&mut *tx);
-                while let Some((key, value, deleted)) = rows.try_next().await? {
-                    yield EntryChange { key, value: if deleted { None } else { value } };
+                while let Some((key, value)) = rows.try_next().await? {
+                    yield EntryChange { key, value };
                 }
             }
             tx.commit().await?;

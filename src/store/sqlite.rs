@@ -84,15 +84,13 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn pull(
+    async fn first_pull(
         &self,
         space: &SpaceId,
         client_group_id: &str,
-        from: u64,
     ) -> Result<PullSnapshot, StoreError> {
         // In WAL mode a read transaction sees one snapshot from its first read to its end.
         let mut tx = self.readers.begin().await?;
-        let from_i64 = to_i64(from)?;
         let row = sqlx::query(
             "SELECT (SELECT version FROM replisync_spaces WHERE id = ?1) AS version,
                     (SELECT space_id FROM replisync_client_groups WHERE id = ?2) AS space_id,
@@ -120,10 +118,9 @@ impl Store for SqliteStore {
 
         let changed_clients = sqlx::query_as::<_, (String, i64)>(
             "SELECT id, last_mutation_id FROM replisync_clients
-             WHERE client_group_id = ?1 AND last_modified_version > ?2",
+             WHERE client_group_id = ?1",
         )
         .bind(client_group_id)
-        .bind(from_i64)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -133,15 +130,14 @@ impl Store for SqliteStore {
         let space_id = space.as_str().to_owned();
         let entries = try_stream! {
             {
-                let mut rows = sqlx::query_as::<_, (String, Option<String>, bool)>(
-                    "SELECT key, value, deleted FROM replisync_entries
-                     WHERE space_id = ?1 AND version > ?2 AND (NOT deleted OR ?2 > 0)",
+                let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
+                    "SELECT key, value FROM replisync_entries
+                     WHERE space_id = ?1 AND NOT deleted",
                 )
                 .bind(space_id)
-                .bind(from_i64)
                 .fetch(&mut *tx);
-                while let Some((key, value, deleted)) = rows.try_next().await? {
-                    yield EntryChange { key, value: if deleted { None } else { value } };
+                while let Some((key, value)) = rows.try_next().await? {
+                    yield EntryChange { key, value };
                 }
             }
             tx.commit().await?;

@@ -186,13 +186,8 @@ impl Store for SlowPullReads {
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         self.0.begin_push(space).await
     }
-    async fn pull(
-        &self,
-        space: &SpaceId,
-        group: &str,
-        from: u64,
-    ) -> Result<PullSnapshot, StoreError> {
-        self.0.pull(space, group, from).await
+    async fn first_pull(&self, space: &SpaceId, group: &str) -> Result<PullSnapshot, StoreError> {
+        self.0.first_pull(space, group).await
     }
     async fn pull_changes(
         &self,

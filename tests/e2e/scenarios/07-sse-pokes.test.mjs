@@ -1,0 +1,56 @@
+// Scenario 7: SSE pokes. With no Pusher configuration, a listener on GET /spaces/A/poke gets a
+// poke after a push to A and nothing after a push to B.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { E2E, uniqueId, waitFor, delay } from '../harness.mjs';
+
+test('7. SSE pokes reach the pushed space only', { timeout: 60_000 }, async (t) => {
+  const env = new E2E();
+  t.after(() => env.cleanup());
+
+  const server = await env.startReplisync();
+  assert.ok(server.lines.some((l) => /SSE pokes on/.test(l)), 'SSE is on without Pusher configuration');
+  const spaceA = uniqueId('A-');
+  const spaceB = uniqueId('B-');
+
+  const listenerA = env.sse(server, spaceA);
+  const listenerB = env.sse(server, spaceB);
+  await listenerA.connected;
+  await listenerB.connected;
+  assert.match(listenerA.contentType ?? '', /^text\/event-stream/);
+  assert.ok(listenerA.comments.includes('connected'), `": connected" comment (got ${JSON.stringify(listenerA.comments)})`);
+  assert.equal(listenerA.pokes().length, 0, 'no poke before any push');
+
+  let n = 0;
+  const push = async (space) => {
+    n++;
+    const res = await server.push(space, {
+      clientGroupID: uniqueId('cg-'),
+      clientID: uniqueId('c-'),
+      mutations: [{ name: 'increment', args: { key: 'n', delta: 1 } }],
+    });
+    assert.equal(res.status, 200, res.body);
+  };
+
+  await push(spaceA);
+  await waitFor(() => listenerA.pokes().length >= 1, { timeout: 10_000, message: 'the SSE poke on A' });
+  assert.equal(listenerA.pokes()[0].data, '{}');
+
+  await push(spaceB);
+  await waitFor(() => listenerB.pokes().length >= 1, { timeout: 10_000, message: 'the SSE poke on B' });
+  await delay(1_000); // bounded: a stray poke for A would arrive within this second
+  assert.equal(listenerA.pokes().length, 1, 'the push to B poked A');
+  assert.equal(listenerB.pokes().length, 1, 'the push to A poked B');
+
+  // A push that changes nothing (a mutation already applied) pokes no one.
+  const cg = uniqueId('cg-');
+  const c = uniqueId('c-');
+  const once = { clientGroupID: cg, clientID: c, mutations: [{ name: 'set', args: { key: 'x', value: 1 } }] };
+  assert.equal((await server.push(spaceA, once)).status, 200);
+  await waitFor(() => listenerA.pokes().length === 2, { timeout: 10_000, message: 'the second poke on A' });
+  assert.equal((await server.push(spaceA, once)).status, 200, 'a replayed push answers 200');
+  await delay(1_000);
+  assert.equal(listenerA.pokes().length, 2, 'a push that changed nothing poked');
+  assert.deepEqual((await server.snapshot(spaceA)).data, { n: 1, x: 1 });
+});
