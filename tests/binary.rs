@@ -138,3 +138,18 @@ fn half_a_pusher_configuration_stops_start_up_naming_what_is_missing() {
         assert!(stderr.contains(missing), "{missing} not named in: {stderr}");
     }
 }
+
+#[test]
+fn migrate_applies_migrations_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", "sqlite://ops/replisync.db")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("migrations applied"));
+    assert!(dir.path().join("ops/replisync.db").exists());
+}
