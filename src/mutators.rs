@@ -42,8 +42,7 @@ pub enum MutationError {
 ///         let title = args["title"]
 ///             .as_str()
 ///             .ok_or_else(|| MutationError::InvalidArgs("`title` must be a string".into()))?;
-///         tx.put("title", Value::from(title));
-///         Ok(())
+///         tx.put("title", Value::from(title))
 ///     }
 /// }
 ///
@@ -174,12 +173,18 @@ impl<'a> WriteTx<'a> {
         Ok(stored)
     }
 
-    pub fn put(&mut self, key: impl Into<String>, value: Value) {
-        self.mutation_writes.insert(key.into(), Some(value));
+    /// Writes `value` at `key`. Fails (failing the mutation) for a key no store can hold.
+    pub fn put(&mut self, key: impl Into<String>, value: Value) -> Result<(), MutationError> {
+        let key = checked_key(key.into())?;
+        self.mutation_writes.insert(key, Some(value));
+        Ok(())
     }
 
-    pub fn del(&mut self, key: impl Into<String>) {
-        self.mutation_writes.insert(key.into(), None);
+    /// Deletes `key`. Fails (failing the mutation) for a key no store can hold.
+    pub fn del(&mut self, key: impl Into<String>) -> Result<(), MutationError> {
+        let key = checked_key(key.into())?;
+        self.mutation_writes.insert(key, None);
+        Ok(())
     }
 
     /// Keeps this mutation's writes for the push's commit.
@@ -189,6 +194,24 @@ impl<'a> WriteTx<'a> {
             self.overlay.known.insert(key, value);
         }
     }
+}
+
+/// The longest key, in bytes (an index entry must fit a database page).
+pub const MAX_KEY_BYTES: usize = 1000;
+
+fn checked_key(key: String) -> Result<String, MutationError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(MutationError::InvalidArgs(format!(
+            "key is {} bytes long; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    if key.contains('\0') {
+        return Err(MutationError::InvalidArgs(
+            "key contains a NUL character".into(),
+        ));
+    }
+    Ok(key)
 }
 
 /// `set {key: string, value: any JSON}`
@@ -206,8 +229,7 @@ impl Mutator for Set {
         let value = args
             .get("value")
             .ok_or_else(|| MutationError::InvalidArgs("`value` is missing".into()))?;
-        tx.put(key, value.clone());
-        Ok(())
+        tx.put(key, value.clone())
     }
 }
 
@@ -215,8 +237,7 @@ impl Mutator for Set {
 impl Mutator for Delete {
     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError> {
         let key = string_arg(object_args(args)?, "key")?;
-        tx.del(key);
-        Ok(())
+        tx.del(key)
     }
 }
 
@@ -242,8 +263,7 @@ impl Mutator for Increment {
                 )));
             }
         };
-        tx.put(key, Value::Number(add_numbers(&current, &delta)?));
-        Ok(())
+        tx.put(key, Value::Number(add_numbers(&current, &delta)?))
     }
 }
 

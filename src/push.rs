@@ -58,19 +58,9 @@ pub enum PushOutcome {
 
 /// Checks what serde cannot: ids that fit the database and non-empty identifiers.
 fn validate(request: &PushRequest) -> Result<(), ApiError> {
-    if request.client_group_id.is_empty() {
-        return Err(ApiError::bad_request(
-            "InvalidRequest",
-            "clientGroupID is empty",
-        ));
-    }
+    check_identifier(&request.client_group_id, "clientGroupID")?;
     for (index, mutation) in request.mutations.iter().enumerate() {
-        if mutation.client_id.is_empty() {
-            return Err(ApiError::bad_request(
-                "InvalidRequest",
-                format!("mutations[{index}].clientID is empty"),
-            ));
-        }
+        check_identifier(&mutation.client_id, &format!("mutations[{index}].clientID"))?;
         if mutation.id > i64::MAX as u64 {
             return Err(ApiError::bad_request(
                 "InvalidRequest",
@@ -79,6 +69,27 @@ fn validate(request: &PushRequest) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The longest client or client group id, in bytes (Replicache's are about 20).
+pub const MAX_ID_BYTES: usize = 200;
+
+/// Client and client group ids are stored and indexed: non-empty, bounded, and free of NUL
+/// characters.
+pub fn check_identifier(id: &str, field: &str) -> Result<(), ApiError> {
+    let problem = if id.is_empty() {
+        "is empty".to_owned()
+    } else if id.len() > MAX_ID_BYTES {
+        format!("is longer than {MAX_ID_BYTES} bytes")
+    } else if id.contains('\0') {
+        "contains a NUL character".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::bad_request(
+        "InvalidRequest",
+        format!("{field} {problem}"),
+    ))
 }
 
 /// Runs the push, again from the start when a concurrent push won a race on a new row.

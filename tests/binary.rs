@@ -149,7 +149,11 @@ fn migrate_applies_migrations_and_exits() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("migrations applied"));
     assert!(dir.path().join("ops/replisync.db").exists());
 }

@@ -14,7 +14,7 @@ use futures::{Stream, TryStreamExt};
 use crate::app::{AppState, RequestBody, space_and_user};
 use crate::error::ApiError;
 use crate::protocol::{ProtocolError, PullRequest, SpaceId, parse_body, parse_cookie};
-use crate::push::check_group_ownership;
+use crate::push::{check_group_ownership, check_identifier};
 use crate::store::{EntryChange, PullSnapshot, StoreError};
 
 /// Patch bytes gathered before a chunk is handed to the connection.
@@ -29,6 +29,7 @@ pub async fn handle(
 ) -> Result<Response, ApiError> {
     let (space, user) = space_and_user(&state, &raw_space, &headers).await?;
     let request: PullRequest = parse_body(&body)?;
+    check_identifier(&request.client_group_id, "clientGroupID")?;
     // A cookie replisync never issued (a string, an object, a fraction) cannot be honoured.
     let cookie = parse_cookie(&request.cookie).map_err(|_| ProtocolError::ClientStateNotFound)?;
     let body = match cookie {

@@ -140,6 +140,20 @@ async fn every_kind_of_bad_push_changes_nothing(backend: Backend) {
             "clientGroupID is empty",
         ),
         (
+            "NUL in clientGroupID",
+            with("/clientGroupID", json!("g\u{0}")),
+            400,
+            "InvalidRequest",
+            "clientGroupID contains a NUL",
+        ),
+        (
+            "clientID too long",
+            with("/mutations/0/clientID", json!("c".repeat(201))),
+            400,
+            "InvalidRequest",
+            "clientID is longer than",
+        ),
+        (
             "oversized body",
             {
                 let mut body = good.clone();
@@ -189,6 +203,10 @@ async fn every_kind_of_bad_pull_is_a_clear_error(backend: Backend) {
             "{\"pullVersion\":1,\"clientGroupID\":5,\"cookie\":null}",
             "clientGroupID",
         ),
+        (
+            "{\"pullVersion\":1,\"clientGroupID\":\"g\\u0000\",\"cookie\":null}",
+            "clientGroupID contains a NUL",
+        ),
     ] {
         let (status, response) = server.post_raw("/spaces/s/pull", body, "").await;
         assert_client_error(status, &response, 400, "InvalidRequest", mentions);
@@ -206,11 +224,14 @@ async fn mutator_arguments_of_the_wrong_shape_fail_only_that_mutation(backend: B
             ("c", 2, "set", json!({"key": 5, "value": 1})),
             ("c", 3, "delete", json!("k")),
             ("c", 4, "increment", json!({"key": "n"})),
+            ("c", 5, "set", json!({"key": "nul\u{0}byte", "value": 1})),
+            ("c", 6, "set", json!({"key": "k".repeat(1001), "value": 1})),
+            ("c", 7, "delete", json!({"key": "k".repeat(1001)})),
         ],
     );
     assert_eq!(server.push("s", &body).await.0, 200);
     let view = server.state("s", "g").await;
-    assert_eq!(view.lmid("c"), 4);
+    assert_eq!(view.lmid("c"), 7);
     assert!(
         view.entries.is_empty(),
         "no write may survive: {:?}",

@@ -419,8 +419,8 @@ struct WriteThenReject;
 #[async_trait]
 impl Mutator for WriteThenReject {
     async fn apply(&self, tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
-        tx.put("poison", json!("should never be stored"));
-        tx.put("n", json!(-1000));
+        tx.put("poison", json!("should never be stored"))?;
+        tx.put("n", json!(-1000))?;
         Err(MutationError::Rejected("business rule says no".into()))
     }
 }
@@ -467,7 +467,7 @@ struct DatabaseFault;
 #[async_trait]
 impl Mutator for DatabaseFault {
     async fn apply(&self, tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
-        tx.put("half", json!("applied"));
+        tx.put("half", json!("applied"))?;
         Err(MutationError::Store(StoreError::Unavailable(
             "injected fault".into(),
         )))
