@@ -10,9 +10,10 @@
 import { Replicache } from 'replicache';
 
 const params = new URLSearchParams(location.search);
-const server = (
-  params.get('server') ?? document.querySelector('meta[name="replisync-url"]').content
-).replace(/\/+$/, '');
+const server = (params.get('server') ?? document.querySelector('meta[name="replisync-url"]').content).replace(
+  /\/+$/,
+  '',
+);
 const space = params.get('space') ?? 'demo';
 const spaceURL = `${server}/spaces/${encodeURIComponent(space)}`;
 

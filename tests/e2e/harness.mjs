@@ -70,6 +70,7 @@ export async function waitFor(fn, { timeout = 10_000, interval = 25, message = '
       if (v) return v;
       lastError = undefined;
     } catch (e) {
+      if (e?.fatal) throw e; // e.g. the process being waited on has exited
       lastError = e;
     }
     if (Date.now() >= deadline) break;
@@ -77,6 +78,13 @@ export async function waitFor(fn, { timeout = 10_000, interval = 25, message = '
   }
   const detail = lastError ? ` (last error: ${lastError.message ?? lastError})` : '';
   throw new Error(`timed out after ${timeout} ms waiting for ${message}${detail}`);
+}
+
+/** An error that makes waitFor stop at once instead of polling until its timeout. */
+export function fatal(message) {
+  const e = new Error(message);
+  e.fatal = true;
+  return e;
 }
 
 /** Rejects with a clear message if `promise` does not settle within `ms`. */
@@ -248,7 +256,7 @@ class ChildProcess {
           if (m) return m;
         }
         if (this.exited) {
-          throw new Error(`${this.name} exited (code ${this.exitCode}, signal ${this.signal})`);
+          throw fatal(`${this.name} exited (code ${this.exitCode}, signal ${this.signal})`);
         }
         return null;
       },
@@ -346,7 +354,21 @@ export class E2E {
 
   // --- sockudo ---------------------------------------------------------------------------
 
+  /** Starts sockudo on a free port (tries up to 3 ports, in case another process took one). */
   async startSockudo({ port } = {}) {
+    let lastError;
+    for (let attempt = 0; attempt < (port ? 1 : 3); attempt++) {
+      try {
+        return await this.startSockudoOnce({ port });
+      } catch (e) {
+        lastError = e;
+        log(`sockudo did not start: ${e.message}`);
+      }
+    }
+    throw lastError;
+  }
+
+  async startSockudoOnce({ port } = {}) {
     const bin = sockudoBin();
     if (!existsSync(bin)) {
       throw new Error(
@@ -378,7 +400,7 @@ export class E2E {
     const url = `http://127.0.0.1:${port}`;
     await waitFor(
       async () => {
-        if (proc.exited) throw new Error(`sockudo exited:\n${proc.tail(30)}`);
+        if (proc.exited) throw fatal(`sockudo exited:\n${proc.tail(30)}`);
         const res = await realFetch(`${url}/up`, { signal: AbortSignal.timeout(1_000) });
         return res.status === 200;
       },
@@ -419,7 +441,9 @@ export class E2E {
     const sink = {
       log(level, context, ...args) {
         const text = args
-          .map((a) => (a instanceof Error ? `${a.name}: ${a.message}` : typeof a === 'string' ? a : safeJson(a)))
+          .map((a) =>
+            a instanceof Error ? `${a.name}: ${a.message}` : typeof a === 'string' ? a : safeJson(a),
+          )
           .join(' ');
         if (logs.length < 10_000) logs.push({ level, text, at: performance.now() });
         if (VERBOSE) console.error(`[replicache ${name}] ${level} ${text}`);
@@ -478,9 +502,7 @@ export class E2E {
       new Promise((resolve, reject) => {
         client.connection.bind('connected', resolve);
         client.connection.bind('failed', () => reject(new Error('pusher-js connection failed')));
-        client.connection.bind('unavailable', () =>
-          reject(new Error('pusher-js connection unavailable')),
-        );
+        client.connection.bind('unavailable', () => reject(new Error('pusher-js connection unavailable')));
       }),
       10_000,
       `pusher-js connecting to 127.0.0.1:${port}`,
@@ -510,6 +532,60 @@ export class E2E {
       `subscribing to ${channel}`,
     );
     return events;
+  }
+
+  // --- The demo page and a browser ------------------------------------------------------------
+
+  /** Starts demo/server.mjs (on a free port) pointed at `server`; resolves to its URL. */
+  async startDemo(server) {
+    const demoDir = path.join(REPO_DIR, 'demo');
+    if (!existsSync(path.join(demoDir, 'node_modules', 'replicache', 'package.json'))) {
+      throw new Error(`the demo's dependencies are missing: run \`npm ci\` in ${demoDir}`);
+    }
+    const proc = new ChildProcess('demo', process.execPath, [path.join(demoDir, 'server.mjs')], {
+      cwd: demoDir,
+      env: {
+        PATH: process.env.PATH,
+        HOME: process.env.HOME,
+        HOST: '127.0.0.1',
+        PORT: '0',
+        REPLISYNC_URL: server.url,
+      },
+    });
+    this.defer(() => proc.stop({ graceMs: 2_000 }));
+    const m = await proc.waitForLine(/replisync demo: (http:\/\/\S+)/, {
+      timeout: 10_000,
+      message: 'the demo server to print its URL',
+    });
+    return { url: m[1], proc };
+  }
+
+  /** Launches headless Chromium (CHROMIUM_PATH, default /usr/bin/chromium) via playwright-core. */
+  async browser() {
+    const { chromium } = await import('playwright-core');
+    const executablePath = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
+    if (!existsSync(executablePath)) {
+      throw new Error(
+        `Chromium not found at ${executablePath}: apt-get install -y chromium, or set CHROMIUM_PATH`,
+      );
+    }
+    const browser = await chromium.launch({
+      executablePath,
+      headless: true,
+      timeout: 60_000,
+      args: [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
+    });
+    this.defer(() => browser.close());
+    return browser;
   }
 
   // --- SSE ------------------------------------------------------------------------------------
@@ -597,10 +673,10 @@ export class ReplisyncServer {
       throw new Error(`replisync listens on ${m[1]}, wanted port ${this.port}`);
     }
     this.port = port;
-    await waitFor(
-      async () => (await realFetch(`${this.url}/healthz`)).status === 200,
-      { timeout: 10_000, message: 'replisync /healthz' },
-    );
+    await waitFor(async () => (await realFetch(`${this.url}/healthz`)).status === 200, {
+      timeout: 10_000,
+      message: 'replisync /healthz',
+    });
     return this;
   }
 
@@ -621,7 +697,7 @@ export class ReplisyncServer {
         return await this.start();
       } catch (e) {
         lastError = e;
-        if (!/Address already in use|AddrInUse|exited/i.test(e.message)) throw e;
+        if (!/address already in use|AddrInUse|exited/i.test(e.message)) throw e;
         await delay(200 * (attempt + 1));
       }
     }
@@ -712,10 +788,7 @@ export class SseReader {
       rejectConnected = rej;
     });
     this.connected.catch(() => {});
-    const timer = setTimeout(
-      () => rejectConnected(new Error(`SSE ${url}: not connected in 10 s`)),
-      10_000,
-    );
+    const timer = setTimeout(() => rejectConnected(new Error(`SSE ${url}: not connected in 10 s`)), 10_000);
     const readOnce = async () => {
       this.controller = new AbortController();
       const res = await realFetch(url, {
@@ -772,7 +845,11 @@ export class SseReader {
           } catch (e) {
             if (this.closed) break;
             this.error = e;
-            if (!reconnect) rejectConnected(e);
+            // Until the first connection, an HTTP error answer is final (e.g. SSE turned off).
+            if (!reconnect || (this.connections === 0 && /answered/.test(e.message))) {
+              rejectConnected(e);
+              break;
+            }
           }
           if (reconnect && !this.closed) await delay(retryMs);
         }

@@ -12,85 +12,92 @@ function setMutation(key, value) {
   return { name: 'set', args: { key, value } };
 }
 
-test('6. pokes through sockudo reach only their space; a bad secret or a dead sockudo never fails a push', { timeout: 120_000 }, async (t) => {
-  const env = new E2E();
-  t.after(() => env.cleanup());
+test(
+  '6. pokes through sockudo reach only their space; a bad secret or a dead sockudo never fails a push',
+  { timeout: 120_000 },
+  async (t) => {
+    const env = new E2E();
+    t.after(() => env.cleanup());
 
-  const sockudo = await env.startSockudo();
-  const server = await env.startReplisync({ pusher: { port: sockudo.port } });
-  const spaceA = uniqueId('A-');
-  const spaceB = uniqueId('B-');
+    const sockudo = await env.startSockudo();
+    const server = await env.startReplisync({ pusher: { port: sockudo.port } });
+    const spaceA = uniqueId('A-');
+    const spaceB = uniqueId('B-');
 
-  const watcherA = await env.pusherClient(sockudo.port);
-  const watcherB = await env.pusherClient(sockudo.port);
-  const pokesA = await env.subscribe(watcherA, `space-${spaceA}`);
-  const pokesB = await env.subscribe(watcherB, `space-${spaceB}`);
+    const watcherA = await env.pusherClient(sockudo.port);
+    const watcherB = await env.pusherClient(sockudo.port);
+    const pokesA = await env.subscribe(watcherA, `space-${spaceA}`);
+    const pokesB = await env.subscribe(watcherB, `space-${spaceB}`);
 
-  // Each push comes from its own client (first mutation id 1), so every push changes the space.
-  let n = 0;
-  const push = async (space) => {
-    n++;
-    const res = await server.push(space, {
-      clientGroupID: uniqueId('cg-'),
-      clientID: uniqueId('c-'),
-      mutations: [setMutation(`k${n}`, n)],
+    // Each push comes from its own client (first mutation id 1), so every push changes the space.
+    let n = 0;
+    const push = async (space) => {
+      n++;
+      const res = await server.push(space, {
+        clientGroupID: uniqueId('cg-'),
+        clientID: uniqueId('c-'),
+        mutations: [setMutation(`k${n}`, n)],
+      });
+      assert.equal(res.status, 200, `push ${n} to ${space}: ${res.body}`);
+      return res;
+    };
+
+    // a) The right channel gets the poke; the other gets nothing.
+    await push(spaceA);
+    await waitFor(() => pokesA.length >= 1, { timeout: 10_000, message: 'the poke on space-A' });
+    assert.equal(pokesA[0].data, '', 'a zero-payload poke');
+    await delay(1_000); // bounded: a stray poke would arrive within this second
+    assert.equal(pokesB.length, 0, 'a client of another space was poked');
+    assert.equal(pokesA.length, 1, 'one push, one poke');
+
+    await push(spaceB);
+    await waitFor(() => pokesB.length >= 1, { timeout: 10_000, message: 'the poke on space-B' });
+    await delay(500);
+    assert.equal(pokesA.length, 1, "B's push poked space-A");
+
+    // b) Wrong secret: sockudo answers 401, replisync logs it, the push still answers 200.
+    await server.restart({ pusher: { port: sockudo.port, secret: 'not-the-secret' } });
+    const fromLine = server.proc.lines.length;
+    await push(spaceA);
+    const rejected = await server.proc.waitForLine(/Pusher rejected.*401|401.*Pusher rejected/, {
+      timeout: 15_000,
+      from: fromLine,
+      message: 'the log line about the 401 rejection',
     });
-    assert.equal(res.status, 200, `push ${n} to ${space}: ${res.body}`);
-    return res;
-  };
+    assert.match(rejected.input, /ERROR/, 'the rejection is logged at error level');
+    await delay(500);
+    assert.equal(pokesA.length, 1, 'a rejected poke must not be delivered');
+    // Another push while misconfigured: still 200.
+    await push(spaceA);
 
-  // a) The right channel gets the poke; the other gets nothing.
-  await push(spaceA);
-  await waitFor(() => pokesA.length >= 1, { timeout: 10_000, message: 'the poke on space-A' });
-  assert.equal(pokesA[0].data, '', 'a zero-payload poke');
-  await delay(1_000); // bounded: a stray poke would arrive within this second
-  assert.equal(pokesB.length, 0, 'a client of another space was poked');
-  assert.equal(pokesA.length, 1, 'one push, one poke');
+    // c) Back to the right secret: pokes flow again; then sockudo dies mid-test.
+    await server.restart({ pusher: { port: sockudo.port } });
+    await push(spaceA);
+    await waitFor(() => pokesA.length >= 2, {
+      timeout: 10_000,
+      message: 'pokes to resume with the right secret',
+    });
 
-  await push(spaceB);
-  await waitFor(() => pokesB.length >= 1, { timeout: 10_000, message: 'the poke on space-B' });
-  await delay(500);
-  assert.equal(pokesA.length, 1, "B's push poked space-A");
-
-  // b) Wrong secret: sockudo answers 401, replisync logs it, the push still answers 200.
-  await server.restart({ pusher: { port: sockudo.port, secret: 'not-the-secret' } });
-  const fromLine = server.proc.lines.length;
-  await push(spaceA);
-  const rejected = await server.proc.waitForLine(/Pusher rejected.*401|401.*Pusher rejected/, {
-    timeout: 15_000,
-    from: fromLine,
-    message: 'the log line about the 401 rejection',
-  });
-  assert.match(rejected.input, /ERROR/, 'the rejection is logged at error level');
-  await delay(500);
-  assert.equal(pokesA.length, 1, 'a rejected poke must not be delivered');
-  // Another push while misconfigured: still 200.
-  await push(spaceA);
-
-  // c) Back to the right secret: pokes flow again; then sockudo dies mid-test.
-  await server.restart({ pusher: { port: sockudo.port } });
-  await push(spaceA);
-  await waitFor(() => pokesA.length >= 2, { timeout: 10_000, message: 'pokes to resume with the right secret' });
-
-  await sockudo.stop();
-  const afterStop = server.proc.lines.length;
-  const timings = [];
-  for (let i = 0; i < 5; i++) {
-    const res = await push(i % 2 ? spaceB : spaceA);
-    timings.push(res.ms);
-  }
-  // The poke is off the response path: an unreachable sockudo must not slow pushes down.
-  assert.ok(Math.max(...timings) < 2_000, `pushes took ${timings.map((x) => x.toFixed(0)).join(', ')} ms`);
-  const health = await server.healthz();
-  assert.equal(health.status, 200);
-  assert.equal(health.body.status, 'ok');
-  const snap = await server.snapshot(spaceA);
-  assert.ok(Object.keys(snap.data).length >= 5, 'pushes to A landed while sockudo was down');
-  // The failed deliveries are reported in the log (a warning or an error naming Pusher).
-  await server.proc.waitForLine(/(WARN|ERROR).*[Pp]usher/, {
-    timeout: 15_000,
-    from: afterStop,
-    message: 'a log line about the failing Pusher delivery',
-  });
-  t.diagnostic(`push latency with sockudo down: max ${Math.max(...timings).toFixed(1)} ms`);
-});
+    await sockudo.stop();
+    const afterStop = server.proc.lines.length;
+    const timings = [];
+    for (let i = 0; i < 5; i++) {
+      const res = await push(i % 2 ? spaceB : spaceA);
+      timings.push(res.ms);
+    }
+    // The poke is off the response path: an unreachable sockudo must not slow pushes down.
+    assert.ok(Math.max(...timings) < 2_000, `pushes took ${timings.map((x) => x.toFixed(0)).join(', ')} ms`);
+    const health = await server.healthz();
+    assert.equal(health.status, 200);
+    assert.equal(health.body.status, 'ok');
+    const snap = await server.snapshot(spaceA);
+    assert.ok(Object.keys(snap.data).length >= 5, 'pushes to A landed while sockudo was down');
+    // The failed deliveries are reported in the log (a warning or an error naming Pusher).
+    await server.proc.waitForLine(/(WARN|ERROR).*[Pp]usher/, {
+      timeout: 15_000,
+      from: afterStop,
+      message: 'a log line about the failing Pusher delivery',
+    });
+    t.diagnostic(`push latency with sockudo down: max ${Math.max(...timings).toFixed(1)} ms`);
+  },
+);

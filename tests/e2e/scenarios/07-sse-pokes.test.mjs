@@ -10,7 +10,10 @@ test('7. SSE pokes reach the pushed space only', { timeout: 60_000 }, async (t) 
   t.after(() => env.cleanup());
 
   const server = await env.startReplisync();
-  assert.ok(server.lines.some((l) => /SSE pokes on/.test(l)), 'SSE is on without Pusher configuration');
+  assert.ok(
+    server.lines.some((l) => /SSE pokes on/.test(l)),
+    'SSE is on without Pusher configuration',
+  );
   const spaceA = uniqueId('A-');
   const spaceB = uniqueId('B-');
 
@@ -19,7 +22,10 @@ test('7. SSE pokes reach the pushed space only', { timeout: 60_000 }, async (t) 
   await listenerA.connected;
   await listenerB.connected;
   assert.match(listenerA.contentType ?? '', /^text\/event-stream/);
-  assert.ok(listenerA.comments.includes('connected'), `": connected" comment (got ${JSON.stringify(listenerA.comments)})`);
+  assert.ok(
+    listenerA.comments.includes('connected'),
+    `": connected" comment (got ${JSON.stringify(listenerA.comments)})`,
+  );
   assert.equal(listenerA.pokes().length, 0, 'no poke before any push');
 
   let n = 0;
