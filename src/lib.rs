@@ -119,23 +119,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let server = axum::serve(listener, app::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(server.into_future());
+    // One deadline for everything shutdown waits for: requests, then pending pokes.
+    let shutdown_budget = Duration::from_secs(config.shutdown_timeout_secs);
+    let mut shutdown_deadline = tokio::time::Instant::now() + shutdown_budget;
     tokio::select! {
         result = &mut server => result.context("server task failed")??,
         () = shutdown_signal() => {
             tracing::info!("shutting down: finishing requests and pokes");
             shutdown.cancel();
-            let deadline = Duration::from_secs(config.shutdown_timeout_secs);
-            if tokio::time::timeout(deadline, server).await.is_err() {
+            shutdown_deadline = tokio::time::Instant::now() + shutdown_budget;
+            if tokio::time::timeout_at(shutdown_deadline, server).await.is_err() {
                 tracing::warn!("requests still running at the shutdown deadline were cut off");
             }
         }
     }
     if let Some(poker) = pusher {
-        let undelivered = poker
-            .shutdown(Duration::from_secs(config.shutdown_timeout_secs))
-            .await;
+        let remaining = shutdown_deadline.saturating_duration_since(tokio::time::Instant::now());
+        let undelivered = poker.shutdown(remaining).await;
         if undelivered > 0 {
-            tracing::warn!(undelivered, "pokes left undelivered at shutdown");
+            tracing::warn!(
+                undelivered,
+                "pokes pending at shutdown that were not delivered (rejected, failed or cut off by the deadline)"
+            );
         }
     }
     store.close().await;
