@@ -33,6 +33,9 @@ struct Args {
     /// Fewer requests per workload, for a quick look (the figures are noisier).
     #[arg(long)]
     quick: bool,
+    /// Rounds of each push workload (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench-results.json")]
     json: String,
@@ -66,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         base: server.base.clone(),
         scale: if args.quick { 4 } else { 1 },
         admin_url: args.database_url.clone(),
+        repeat: args.repeat.max(1),
     };
     let floor_store =
         Arc::new(PgStore::connect(PgConnectOptions::from_str(&bench_url)?, POOL_SIZE).await?);
@@ -105,44 +109,55 @@ async fn push_workloads(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     for clients in [1, 8, 64] {
-        let total = bench.total_pushes(clients);
-        let served = bench
-            .push_workload(&format!("one-{clients}"), clients, 1, 1, total)
-            .await?;
-        let floor = floor_workload(
-            floor_store,
-            &format!("floor-one-{clients}"),
-            clients,
-            1,
-            total,
-        )
-        .await?;
-        report.push_rows(format!("push, one space, C={clients}"), served, Some(floor));
+        let label = format!("push, one space, C={clients}");
+        let rounds =
+            compare_with_floor(bench, floor_store, &format!("one-{clients}"), clients, 1).await?;
+        report.push_rows(label, rounds);
     }
     for clients in [8, 64] {
-        let total = bench.total_pushes(clients);
+        let label = format!("push, 100 spaces, C={clients}");
+        let rounds =
+            compare_with_floor(bench, floor_store, &format!("many-{clients}"), clients, 100)
+                .await?;
+        report.push_rows(label, rounds);
+    }
+    let mut rounds = Vec::new();
+    for round in 0..bench.repeat {
         let served = bench
-            .push_workload(&format!("many-{clients}"), clients, 100, 1, total)
+            .push_workload(&format!("batched-r{round}"), 8, 1, 100, 400 / bench.scale)
+            .await?;
+        rounds.push((served, None));
+    }
+    report.push_rows("push, 100 mutations each, C=8".into(), rounds);
+    Ok(())
+}
+
+/// Runs a push workload and its floor `bench.repeat` times, alternating, each round on
+/// fresh spaces and clients.
+async fn compare_with_floor(
+    bench: &Bench,
+    floor_store: &Arc<PgStore>,
+    name: &str,
+    clients: usize,
+    spaces: usize,
+) -> anyhow::Result<Vec<(PushFigures, Option<PushFigures>)>> {
+    let total = bench.total_pushes(clients);
+    let mut rounds = Vec::new();
+    for round in 0..bench.repeat {
+        let served = bench
+            .push_workload(&format!("{name}-r{round}"), clients, spaces, 1, total)
             .await?;
         let floor = floor_workload(
             floor_store,
-            &format!("floor-many-{clients}"),
+            &format!("floor-{name}-r{round}"),
             clients,
-            100,
+            spaces,
             total,
         )
         .await?;
-        report.push_rows(
-            format!("push, 100 spaces, C={clients}"),
-            served,
-            Some(floor),
-        );
+        rounds.push((served, Some(floor)));
     }
-    let batched = bench
-        .push_workload("batched", 8, 1, 100, 400 / bench.scale)
-        .await?;
-    report.push_rows("push, 100 mutations each, C=8".into(), batched, None);
-    Ok(())
+    Ok(rounds)
 }
 
 /// Drops and recreates the benchmark database; returns its URL.
@@ -352,6 +367,8 @@ struct Bench {
     scale: usize,
     /// For Postgres's statistics views.
     admin_url: String,
+    /// Rounds of each push workload.
+    repeat: usize,
 }
 
 /// Latencies and throughput of one push workload.
@@ -464,7 +481,7 @@ impl Bench {
             "pull_latency_p50_ms": percentile(&mut latencies, 50.0),
             "pull_latency_p99_ms": percentile(&mut latencies, 99.0),
             "snapshot_reads": reads,
-            "database_round_trips_per_pull": xacts as f64 / watchers as f64,
+            "database_transactions_per_pull": xacts as f64 / watchers as f64,
         }))
     }
 
@@ -733,20 +750,46 @@ struct Report {
 }
 
 impl Report {
-    fn push_rows(&mut self, workload: String, mut served: PushFigures, floor: Option<PushFigures>) {
-        let throughput = served.mutations_per_second();
+    /// One table row from several rounds: median throughputs, the median of the rounds'
+    /// ratios, and latency percentiles over every push of every round.
+    fn push_rows(&mut self, workload: String, rounds: Vec<(PushFigures, Option<PushFigures>)>) {
+        let mut throughputs: Vec<f64> = rounds
+            .iter()
+            .map(|(s, _)| s.mutations_per_second())
+            .collect();
+        let mut latencies: Vec<f64> = rounds
+            .iter()
+            .flat_map(|(s, _)| s.latencies_ms.iter().copied())
+            .collect();
         let mut row = json!({
             "workload": workload,
-            "mutations_per_second": throughput,
-            "push_p50_ms": percentile(&mut served.latencies_ms, 50.0),
-            "push_p99_ms": percentile(&mut served.latencies_ms, 99.0),
-            "pushes": served.latencies_ms.len(),
+            "rounds": rounds.len(),
+            "mutations_per_second": percentile(&mut throughputs, 50.0),
+            "mutations_per_second_rounds": throughputs,
+            "push_p50_ms": percentile(&mut latencies, 50.0),
+            "push_p99_ms": percentile(&mut latencies, 99.0),
+            "pushes": latencies.len(),
         });
-        if let Some(mut floor) = floor {
-            let floor_throughput = floor.mutations_per_second();
-            row["floor_mutations_per_second"] = json!(floor_throughput);
-            row["floor_p50_ms"] = json!(percentile(&mut floor.latencies_ms, 50.0));
-            row["ratio_to_floor"] = json!(throughput / floor_throughput);
+        let floors: Vec<(f64, f64)> = rounds
+            .iter()
+            .filter_map(|(served, floor)| {
+                floor
+                    .as_ref()
+                    .map(|f| (served.mutations_per_second(), f.mutations_per_second()))
+            })
+            .collect();
+        if !floors.is_empty() {
+            let mut floor_throughputs: Vec<f64> = floors.iter().map(|(_, f)| *f).collect();
+            let mut ratios: Vec<f64> = floors.iter().map(|(s, f)| s / f).collect();
+            let mut floor_latencies: Vec<f64> = rounds
+                .iter()
+                .filter_map(|(_, f)| f.as_ref())
+                .flat_map(|f| f.latencies_ms.iter().copied())
+                .collect();
+            row["floor_mutations_per_second"] = json!(percentile(&mut floor_throughputs, 50.0));
+            row["floor_p50_ms"] = json!(percentile(&mut floor_latencies, 50.0));
+            row["ratio_to_floor"] = json!(percentile(&mut ratios, 50.0));
+            row["ratio_to_floor_rounds"] = json!(ratios);
         }
         eprintln!("  {}", row);
         self.pushes.push(row);
@@ -785,14 +828,14 @@ impl Report {
         if let Some(storm) = &self.storm {
             println!(
                 "\npoke storm: {} watchers pulled at once; all answered in {} ms ({} pulls/s; pull p50 {} ms, p99 {} ms); \
-                 {} snapshot reads, {:.3} database round trips per pull",
+                 {} snapshot reads, {:.3} database transactions per pull",
                 storm["watchers"],
                 f(&storm["all_answered_ms"]),
                 f(&storm["pulls_per_second"]),
                 f(&storm["pull_latency_p50_ms"]),
                 f(&storm["pull_latency_p99_ms"]),
                 storm["snapshot_reads"],
-                storm["database_round_trips_per_pull"]
+                storm["database_transactions_per_pull"]
                     .as_f64()
                     .unwrap_or(f64::NAN),
             );
