@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
         for entries in [10_000, 100_000] {
             report
                 .first_pulls
-                .push(bench.first_pull(&server, entries).await?);
+                .push(bench.first_pull(&args, &bench_url, entries).await?);
         }
     }
     report.idle_rss_after_mb = server.rss_mb();
@@ -489,7 +489,14 @@ impl Bench {
     }
 
     /// A space of `entries` entries of about 200 bytes, then one first pull of it.
-    async fn first_pull(&self, server: &Server, entries: usize) -> anyhow::Result<Value> {
+    /// The pull is served by a freshly started server (after loading through the main one),
+    /// so its memory figures are not blurred by what loading left in the allocator.
+    async fn first_pull(
+        &self,
+        args: &Args,
+        database_url: &str,
+        entries: usize,
+    ) -> anyhow::Result<Value> {
         let space = format!("big-{entries}");
         let value = "x".repeat(180);
         let mut id = 1u64;
@@ -511,13 +518,14 @@ impl Bench {
                 "loading {entries} entries took too long"
             );
         }
+        let server = Server::start(args, database_url, None).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rss_before = server.rss_mb();
         let peak_reset = server.reset_peak_rss();
         let started = Instant::now();
         let response = self
             .http
-            .post(format!("{}/spaces/{space}/pull", self.base))
+            .post(format!("{}/spaces/{space}/pull", server.base))
             .body(pull_body("reader", Value::Null).to_string())
             .send()
             .await?;
