@@ -105,10 +105,6 @@ impl PushOverlay {
             })
             .collect()
     }
-
-    pub fn has_writes(&self) -> bool {
-        !self.written.is_empty()
-    }
 }
 
 /// What a mutator sees: reads through to the store, writes buffered until it returns.

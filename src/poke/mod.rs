@@ -27,10 +27,6 @@ impl Pokes {
         Self { sinks }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.sinks.is_empty()
-    }
-
     pub fn space_changed(&self, space: &SpaceId, committed_at: Instant) {
         for sink in &self.sinks {
             sink.space_changed(space, committed_at);

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::PokeSink;
-use crate::protocol::SpaceId;
+use crate::protocol::{MAX_SPACE_ID_LEN, SpaceId};
 
 /// Pusher accepts at most this many channels in one `POST /apps/{app_id}/events` call.
 pub const MAX_CHANNELS_PER_CALL: usize = 100;
@@ -25,7 +25,6 @@ pub const MAX_CHANNELS_PER_CALL: usize = 100;
 pub const AUTH_VERSION: &str = "1.0";
 
 const MAX_CHANNEL_NAME_LEN: usize = 164;
-const MAX_SPACE_ID_LEN: usize = 100;
 const MAX_CHANNEL_PREFIX_LEN: usize = MAX_CHANNEL_NAME_LEN - MAX_SPACE_ID_LEN;
 const MAX_EVENT_NAME_LEN: usize = 200;
 const DEFAULT_CHANNEL_PREFIX: &str = "space-";

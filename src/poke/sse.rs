@@ -50,11 +50,6 @@ impl SsePokes {
             .or_insert_with(|| broadcast::channel(WATCHER_QUEUE).0)
             .subscribe()
     }
-
-    /// Number of spaces with at least one open stream.
-    pub fn watched_spaces(&self) -> usize {
-        self.watched.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 impl PokeSink for SsePokes {

@@ -44,10 +44,6 @@ impl PgStore {
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
     }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
 }
 
 #[async_trait]
