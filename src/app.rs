@@ -139,7 +139,7 @@ fn request_span(request: &Request) -> tracing::Span {
 
 /// `GET /healthz`: 200 when the database answers, 503 otherwise.
 async fn health(State(state): State<AppState>) -> Response {
-    match state.store.check_health().await {
+    match crate::store::reconnecting(|| state.store.check_health()).await {
         Ok(()) => Json(json!({"status": "ok", "store": state.store.kind()})).into_response(),
         Err(error) => {
             tracing::warn!(%error, "health check failed");

@@ -77,7 +77,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),
             ApiError::Store(cause) => {
                 let (status, error, message) = match cause {
-                    StoreError::Unavailable(_) => (
+                    StoreError::Unavailable(_) | StoreError::Disconnected(_) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "Unavailable",
                         "the database is unavailable; retry later",

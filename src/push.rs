@@ -13,7 +13,9 @@ use crate::app::{AppState, RequestBody, space_and_user};
 use crate::error::ApiError;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
 use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId, parse_body};
-use crate::store::{ClientGroupRecord, ClientRecord, PushChanges, Store, StoreError};
+use crate::store::{
+    ClientGroupRecord, ClientRecord, PushChanges, RECONNECT_ATTEMPTS, Store, StoreError,
+};
 
 /// How many times a push that lost a race with a concurrent push is run again.
 const CONFLICT_ATTEMPTS: u32 = 8;
@@ -92,8 +94,9 @@ pub fn check_identifier(id: &str, field: &str) -> Result<(), ApiError> {
     ))
 }
 
-/// Runs the push, again from the start when a concurrent push won a race on a new row.
-/// The space lock makes that rare; retrying here means a client never sees it.
+/// Runs the push, again from the start when a concurrent push won a race on a new row (the
+/// space lock makes that rare) or when it met a dead database connection. Running a push again
+/// is always safe, even after a commit whose answer was lost: applied mutation ids are skipped.
 pub async fn push_with_retries(
     store: &dyn Store,
     mutators: &Mutators,
@@ -101,13 +104,20 @@ pub async fn push_with_retries(
     user: &str,
     request: &PushRequest,
 ) -> Result<PushOutcome, ApiError> {
-    let mut attempt = 1;
+    let mut conflicts = 1;
+    let mut reconnects = 0;
     loop {
         match apply_push(store, mutators, space, user, request).await {
-            Err(ApiError::Store(StoreError::Conflict(cause))) if attempt < CONFLICT_ATTEMPTS => {
-                tracing::debug!(attempt, %cause, "push conflicted with a concurrent push; retrying");
-                tokio::time::sleep(conflict_backoff(attempt)).await;
-                attempt += 1;
+            Err(ApiError::Store(StoreError::Conflict(cause))) if conflicts < CONFLICT_ATTEMPTS => {
+                tracing::debug!(attempt = conflicts, %cause, "push conflicted with a concurrent push; retrying");
+                tokio::time::sleep(conflict_backoff(conflicts)).await;
+                conflicts += 1;
+            }
+            Err(ApiError::Store(StoreError::Disconnected(cause)))
+                if reconnects < RECONNECT_ATTEMPTS =>
+            {
+                reconnects += 1;
+                tracing::info!(attempt = reconnects, %cause, "database connection lost; running the push again");
             }
             other => return other,
         }
@@ -132,10 +142,10 @@ async fn apply_push(
     let stored = tx
         .client_state(&request.client_group_id, &client_ids)
         .await?;
+    let next_version = stored.space_version + 1;
     let new_client_group = check_client_group(stored.group, request, space, user)?;
     let mut last_mutation_ids = known_clients(stored.clients, request)?;
 
-    let next_version = tx.space_version() + 1;
     let mut overlay = PushOverlay::default();
     let mut advanced: HashSet<&str> = HashSet::new();
     let mut stopped_by_gap: HashSet<&str> = HashSet::new();

@@ -705,10 +705,7 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
     let space = SpaceId::parse(space).map_err(anyhow::Error::msg)?;
     let group_id = format!("{client}-group");
     let mut tx = store.begin_push(&space).await?;
-    let group = tx
-        .client_state(&group_id, &[client.to_owned()])
-        .await?
-        .group;
+    let state = tx.client_state(&group_id, &[client.to_owned()]).await?;
     let key = "counter-0";
     let current: i64 = tx
         .entry(key)
@@ -716,8 +713,8 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let changes = PushChanges {
-        version: tx.space_version() + 1,
-        new_client_group: group.is_none().then(|| ClientGroupRecord {
+        version: state.space_version + 1,
+        new_client_group: state.group.is_none().then(|| ClientGroupRecord {
             id: group_id.clone(),
             space_id: space.as_str().to_owned(),
             user_id: "anonymous".into(),

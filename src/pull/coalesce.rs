@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
-use crate::store::{ClientGroupRecord, PullChanges, Store, StoreError};
+use crate::store::{ClientGroupRecord, PullChanges, Store, StoreError, reconnecting};
 
 use super::write_patch_op;
 
@@ -139,9 +139,7 @@ impl PullCoalescer {
                 .into_iter()
                 .collect();
             self.metrics.pull_reads.increment();
-            let result = self
-                .store
-                .pull_changes(&key.0, &groups, key.1)
+            let result = reconnecting(|| self.store.pull_changes(&key.0, &groups, key.1))
                 .await
                 .map(|changes| Arc::new(SharedPull::new(changes)));
             for (_, reply) in batch {

@@ -15,7 +15,7 @@ use crate::app::{AppState, RequestBody, space_and_user};
 use crate::error::ApiError;
 use crate::protocol::{ProtocolError, PullRequest, SpaceId, parse_body, parse_cookie};
 use crate::push::{check_group_ownership, check_identifier};
-use crate::store::{EntryChange, PullSnapshot, StoreError};
+use crate::store::{EntryChange, PullSnapshot, StoreError, reconnecting};
 
 /// Patch bytes gathered before a chunk is handed to the connection.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -57,7 +57,7 @@ async fn first_pull(
     client_group_id: &str,
 ) -> Result<Body, ApiError> {
     state.metrics.pull_reads.increment();
-    let snapshot = state.store.first_pull(space, client_group_id).await?;
+    let snapshot = reconnecting(|| state.store.first_pull(space, client_group_id)).await?;
     if let Some(group) = &snapshot.client_group {
         check_group_ownership(group, space, user)?;
     }

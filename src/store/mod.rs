@@ -25,9 +25,12 @@ pub struct ClientRecord {
     pub last_mutation_id: u64,
 }
 
-/// What a push needs to know about its client group and clients before applying mutations.
+/// What a push needs to know about its space, client group and clients before applying
+/// mutations, read under the space's lock.
 #[derive(Debug, Default)]
 pub struct ClientState {
+    /// The space's version (0 for a new space); the push writes at the next one.
+    pub space_version: u64,
     pub group: Option<ClientGroupRecord>,
     pub clients: Vec<ClientRecord>,
 }
@@ -80,6 +83,10 @@ pub enum StoreError {
     /// The database cannot be reached or has no free connection: worth retrying later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A pooled connection turned out dead (the database restarted, failed over, or ended the
+    /// session). Run again at once: every attempt retires one dead connection.
+    #[error("database connection lost: {0}")]
+    Disconnected(String),
     /// A concurrent writer got in the way (serialization failure, deadlock, lost race on a
     /// new row). The whole push is retried inside the server; clients never see this.
     #[error("conflict with a concurrent transaction: {0}")]
@@ -93,8 +100,12 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                 StoreError::Unavailable(error.to_string())
+            }
+            sqlx::Error::Io(_) => StoreError::Disconnected(error.to_string()),
+            sqlx::Error::Database(db) if is_disconnect_code(db.code().as_deref()) => {
+                StoreError::Disconnected(error.to_string())
             }
             sqlx::Error::Database(db) if is_conflict_code(db.code().as_deref()) => {
                 StoreError::Conflict(error.to_string())
@@ -110,6 +121,35 @@ fn is_conflict_code(code: Option<&str>) -> bool {
         code,
         Some("40001" | "40P01" | "23505" | "5" | "6" | "517" | "262")
     )
+}
+
+/// Postgres: connection exceptions (class 08) and the server shutting the session down
+/// (57P01 admin, 57P02 crash, 57P03 cannot connect now).
+fn is_disconnect_code(code: Option<&str>) -> bool {
+    code.is_some_and(|code| code.starts_with("08") || code.starts_with("57P0"))
+}
+
+/// How many times an operation that met a dead pooled connection is run again. Each failed
+/// attempt retires one dead connection, so this covers a restart under the default pool size.
+pub const RECONNECT_ATTEMPTS: u32 = 20;
+
+/// Runs `operation`, again at once each time it meets a dead connection (up to
+/// [`RECONNECT_ATTEMPTS`] times): a database restart costs no request an error.
+pub async fn reconnecting<T, F, Fut>(mut operation: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match operation().await {
+            Err(StoreError::Disconnected(cause)) if attempt < RECONNECT_ATTEMPTS => {
+                attempt += 1;
+                tracing::info!(attempt, %cause, "database connection lost; retrying on another");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A database that holds spaces. Implementations: [`postgres::PgStore`], [`sqlite::SqliteStore`].
@@ -148,11 +188,8 @@ pub trait Store: Send + Sync + 'static {
 /// A push in progress: reads inside the locked transaction, then one `commit` of all writes.
 #[async_trait]
 pub trait PushTx: Send {
-    /// The space's version when the push took the lock (0 for a new space).
-    fn space_version(&self) -> u64;
-
-    /// The push's client group, if stored, and the stored clients among `client_ids`
-    /// (unknown ids are simply absent), read together.
+    /// The space's version, the push's client group, if stored, and the stored clients among
+    /// `client_ids` (unknown ids are simply absent), read together.
     async fn client_state(
         &mut self,
         client_group_id: &str,

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
 
 use super::{
     ClientGroupRecord, ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot,
@@ -17,6 +17,10 @@ use super::{
 use crate::protocol::SpaceId;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// A pooled connection idle for longer than this is pinged before use; one used more recently
+/// is handed out as it is (a ping is a full round trip, on every push and pull).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub struct PgStore {
     pool: PgPool,
@@ -31,6 +35,16 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > PING_IF_IDLE_FOR {
+                        // A dead connection fails here and the pool opens a fresh one.
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(PgStore { pool })
@@ -53,20 +67,17 @@ impl Store for PgStore {
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Creates the space on its first push; either way the row stays locked until commit.
-        let version: i64 = sqlx::query_scalar(
-            "INSERT INTO replisync_spaces (id, version) VALUES ($1, 0)
-             ON CONFLICT (id) DO UPDATE SET version = replisync_spaces.version
-             RETURNING version",
-        )
-        .bind(space.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
+        // BEGIN and the lock in one round trip: creates the space on its first push; either
+        // way its row stays locked until commit. A space id is only `A-Z a-z 0-9 _ -`, so it
+        // can be written into the statement as a literal.
+        let begin_and_lock = format!(
+            "BEGIN; INSERT INTO replisync_spaces (id, version) VALUES ('{space}', 0)
+             ON CONFLICT (id) DO UPDATE SET version = replisync_spaces.version"
+        );
+        let tx = self.pool.begin_with(AssertSqlSafe(begin_and_lock)).await?;
         Ok(Box::new(PgPushTx {
             tx,
             space: space.clone(),
-            version: to_u64(version, "space version")?,
         }))
     }
 
@@ -189,23 +200,18 @@ impl Store for PgStore {
 struct PgPushTx {
     tx: Transaction<'static, Postgres>,
     space: SpaceId,
-    version: u64,
 }
 
 #[async_trait]
 impl PushTx for PgPushTx {
-    fn space_version(&self) -> u64 {
-        self.version
-    }
-
     async fn client_state(
         &mut self,
         client_group_id: &str,
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
         // One round trip; runs after the space lock is held, so it sees every earlier push.
-        let (space_id, user_id, clients): (Option<String>, Option<String>, Value) = sqlx::query_as(
-            "SELECT g.space_id, g.user_id,
+        let (version, space_id, user_id, clients): (i64, Option<String>, Option<String>, Value) = sqlx::query_as(
+            "SELECT (SELECT version FROM replisync_spaces WHERE id = $3), g.space_id, g.user_id,
                     (SELECT coalesce(json_agg(json_build_array(id, client_group_id, last_mutation_id)), '[]')
                        FROM replisync_clients WHERE id = ANY($2))
              FROM (SELECT 1) AS one
@@ -213,6 +219,7 @@ impl PushTx for PgPushTx {
         )
         .bind(client_group_id)
         .bind(client_ids)
+        .bind(self.space.as_str())
         .fetch_one(&mut *self.tx)
         .await?;
         let group = space_id
@@ -229,7 +236,11 @@ impl PushTx for PgPushTx {
                 last_mutation_id,
             }
         })?;
-        Ok(ClientState { group, clients })
+        Ok(ClientState {
+            space_version: to_u64(version, "space version")?,
+            group,
+            clients,
+        })
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {

@@ -234,10 +234,6 @@ struct SqlitePushTx {
 
 #[async_trait]
 impl PushTx for SqlitePushTx {
-    fn space_version(&self) -> u64 {
-        self.version
-    }
-
     async fn client_state(
         &mut self,
         client_group_id: &str,
@@ -270,7 +266,11 @@ impl PushTx for SqlitePushTx {
                 });
             }
         }
-        Ok(ClientState { group, clients })
+        Ok(ClientState {
+            space_version: self.version,
+            group,
+            clients,
+        })
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {

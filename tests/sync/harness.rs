@@ -264,7 +264,10 @@ impl TestDb {
     pub async fn open_store(&self) -> Arc<dyn Store> {
         match self {
             TestDb::Postgres { admin_url, schema } => {
-                let options = admin_options(admin_url).options([("search_path", schema.as_str())]);
+                // Named after the schema, so that a test can find its server's connections.
+                let options = admin_options(admin_url)
+                    .options([("search_path", schema.as_str())])
+                    .application_name(schema);
                 let store = PgStore::connect(options, 16).await.unwrap();
                 store.migrate().await.unwrap();
                 Arc::new(store)
@@ -275,6 +278,25 @@ impl TestDb {
                 Arc::new(store)
             }
         }
+    }
+
+    /// Ends every Postgres session of the server under test, as a database restart or failover
+    /// would; answers how many it ended.
+    pub async fn end_server_sessions(&self) -> i64 {
+        let TestDb::Postgres { admin_url, schema } = self else {
+            panic!("only a Postgres server has sessions to end");
+        };
+        let mut conn = sqlx::PgConnection::connect_with(&admin_options(admin_url))
+            .await
+            .unwrap();
+        sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1",
+        )
+        .bind(schema)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
     }
 
     /// Every row of every replisync table, as text: equal fingerprints mean nothing changed.

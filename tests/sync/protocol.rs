@@ -607,3 +607,62 @@ crate::on_both_stores!(
     metrics_count_requests_and_reads,
     browsers_on_other_origins_may_push_and_pull,
 );
+
+/// Postgres restarted or failed over under a running server: every pooled connection is dead,
+/// most of them used a moment ago (so not pinged before use). Pushes, pulls and the health
+/// check run again on live connections instead of answering an error. Postgres only: ending
+/// the server's sessions is a fault a real Postgres produces on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_database_sessions_cost_no_request_an_error() {
+    let server = TestServer::start(Backend::Postgres).await;
+    // Several connections in the pool, all used within the last second.
+    let readers: Vec<String> = (0..6).map(|i| format!("reader-{i}")).collect();
+    let pulls: Vec<_> = readers
+        .iter()
+        .map(|reader| server.pull("s", reader, Value::Null))
+        .collect();
+    for (status, body) in futures::future::join_all(pulls).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = server
+        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    assert!(
+        server.db.end_server_sessions().await >= 1,
+        "no session ended"
+    );
+    let (status, body) = server
+        .push("s", &push_body("g", &[("c", 2, "increment", inc("n", 1))]))
+        .await;
+    assert_eq!(status, 200, "push after the sessions ended: {body}");
+
+    server.db.end_server_sessions().await;
+    let (status, body) = server.pull("s", "g", Value::Null).await;
+    assert_eq!(status, 200, "first pull after the sessions ended: {body}");
+    let view = PullView::from_response(&body);
+    assert_eq!(view.entries["n"], json!(2));
+    assert_eq!(view.lmid("c"), 2);
+
+    server.db.end_server_sessions().await;
+    let (status, body) = server.pull("s", "g", json!(1)).await;
+    assert_eq!(
+        status, 200,
+        "incremental pull after the sessions ended: {body}"
+    );
+    assert_eq!(body["cookie"], json!(2));
+
+    server.db.end_server_sessions().await;
+    let health = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "health check after the sessions ended"
+    );
+}
