@@ -85,6 +85,11 @@ impl TestServer {
         format!("{}{}", self.base, path)
     }
 
+    /// GETs `path` (health, metrics, the SSE stream).
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
     /// POSTs raw bytes; returns the status and the body as JSON (Null when not JSON).
     pub async fn post_raw(
         &self,

@@ -503,12 +503,7 @@ async fn a_database_fault_rolls_the_whole_push_back(backend: Backend) {
 
 async fn health_reports_the_store(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let response = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.get("/healthz").await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     let kind = if backend == Backend::Postgres {
@@ -518,12 +513,7 @@ async fn health_reports_the_store(backend: Backend) {
     };
     assert_eq!(body, json!({"status": "ok", "store": kind}));
     server.store.close().await;
-    let response = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.get("/healthz").await;
     assert_eq!(response.status(), 503);
 }
 
@@ -533,15 +523,7 @@ async fn metrics_count_requests_and_reads(backend: Backend) {
     server.push("s", &body).await;
     server.push("s", &body).await; // re-sent: answered, but commits nothing
     server.pull("s", "g", Value::Null).await;
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.get("/metrics").await.text().await.unwrap();
     for line in [
         "replisync_pushes_total 2",
         "replisync_push_commits_total 1",
@@ -654,12 +636,7 @@ async fn lost_database_sessions_cost_no_request_an_error() {
     assert_eq!(body["cookie"], json!(2));
 
     server.db.end_server_sessions().await;
-    let health = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let health = server.get("/healthz").await;
     assert_eq!(
         health.status(),
         200,

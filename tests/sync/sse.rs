@@ -44,12 +44,7 @@ async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
         ..Options::default()
     };
     let server = TestServer::start_with(backend, options).await;
-    let response = server
-        .http
-        .get(server.url("/spaces/watched/poke"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.get("/spaces/watched/poke").await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut events = EventReader {
