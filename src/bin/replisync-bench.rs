@@ -166,6 +166,7 @@ async fn compare_with_floor(
 /// Drops and recreates the benchmark database; returns its URL.
 async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
     let options = PgConnectOptions::from_str(admin_url).context("BENCH_DATABASE_URL")?;
+    ensure_loopback(options.get_host())?;
     let mut conn = sqlx::PgConnection::connect_with(&options).await?;
     sqlx::query("DROP DATABASE IF EXISTS replisync_bench WITH (FORCE)")
         .execute(&mut conn)
@@ -176,6 +177,22 @@ async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
     let mut url = reqwest::Url::parse(admin_url)?;
     url.set_path(DB_NAME);
     Ok(url.to_string())
+}
+
+/// The benchmark loads the database as hard as it can: it refuses any but this machine's.
+fn ensure_loopback(host: &str) -> anyhow::Result<()> {
+    let is_socket_dir = host.starts_with('/');
+    let is_loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !(is_socket_dir || is_loopback) {
+        bail!(
+            "BENCH_DATABASE_URL must name a Postgres on this machine (loopback or a Unix socket), not {host}"
+        );
+    }
+    Ok(())
 }
 
 /// A replisync process whose log lines are kept for the poke latencies.
