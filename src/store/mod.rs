@@ -158,8 +158,9 @@ pub trait Store: Send + Sync + 'static {
     /// "postgres" or "sqlite", for logs.
     fn kind(&self) -> &'static str;
 
-    /// Starts a push to `space`: opens a transaction and takes the space's write lock, so
-    /// pushes to one space apply one after another. Dropping the result rolls back.
+    /// Starts a push to `space`: opens a transaction. The space's write lock, which makes
+    /// pushes to one space apply one after another, is held from here or at the latest from
+    /// [`PushTx::client_state`] until the end. Dropping the result rolls back.
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError>;
 
     /// Reads what a first pull (null cookie) needs: the whole space, in one snapshot.
@@ -188,8 +189,9 @@ pub trait Store: Send + Sync + 'static {
 /// A push in progress: reads inside the locked transaction, then one `commit` of all writes.
 #[async_trait]
 pub trait PushTx: Send {
-    /// The space's version, the push's client group, if stored, and the stored clients among
-    /// `client_ids` (unknown ids are simply absent), read together.
+    /// Takes the space's write lock if `begin_push` did not, then reads the space's version,
+    /// the push's client group, if stored, and the stored clients among `client_ids`
+    /// (unknown ids are simply absent), together. Called once, first.
     async fn client_state(
         &mut self,
         client_group_id: &str,

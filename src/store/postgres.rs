@@ -1,5 +1,6 @@
 //! The Postgres store, for production and for any number of instances behind a load balancer.
-//! A push locks its space row (`INSERT .. ON CONFLICT DO UPDATE`); a pull reads one REPEATABLE READ snapshot.
+//! A push locks its space row (`INSERT .. ON CONFLICT DO UPDATE`, in a function that also reads
+//! the client state); a pull reads one REPEATABLE READ snapshot.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
+use sqlx::{Connection, Postgres, Row, Transaction};
 
 use super::{
     ClientGroupRecord, ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot,
@@ -67,14 +68,9 @@ impl Store for PgStore {
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
-        // BEGIN and the lock in one round trip: creates the space on its first push; either
-        // way its row stays locked until commit. A space id is only `A-Z a-z 0-9 _ -`, so it
-        // can be written into the statement as a literal.
-        let begin_and_lock = format!(
-            "BEGIN; INSERT INTO replisync_spaces (id, version) VALUES ('{space}', 0)
-             ON CONFLICT (id) DO UPDATE SET version = replisync_spaces.version"
-        );
-        let tx = self.pool.begin_with(AssertSqlSafe(begin_and_lock)).await?;
+        // The space's lock is taken by `client_state`, together with its reads, so that it is
+        // held for one round trip fewer.
+        let tx = self.pool.begin().await?;
         Ok(Box::new(PgPushTx {
             tx,
             space: space.clone(),
@@ -209,19 +205,14 @@ impl PushTx for PgPushTx {
         client_group_id: &str,
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // One round trip; runs after the space lock is held, so it sees every earlier push.
-        let (version, space_id, user_id, clients): (i64, Option<String>, Option<String>, Value) = sqlx::query_as(
-            "SELECT (SELECT version FROM replisync_spaces WHERE id = $3), g.space_id, g.user_id,
-                    (SELECT coalesce(json_agg(json_build_array(id, client_group_id, last_mutation_id)), '[]')
-                       FROM replisync_clients WHERE id = ANY($2))
-             FROM (SELECT 1) AS one
-             LEFT JOIN replisync_client_groups g ON g.id = $1",
-        )
-        .bind(client_group_id)
-        .bind(client_ids)
-        .bind(self.space.as_str())
-        .fetch_one(&mut *self.tx)
-        .await?;
+        // Lock, then read, in one round trip (see the migration that defines the function).
+        let (version, space_id, user_id, clients): (i64, Option<String>, Option<String>, Value) =
+            sqlx::query_as("SELECT * FROM replisync_lock_space_and_read($1, $2, $3)")
+                .bind(self.space.as_str())
+                .bind(client_group_id)
+                .bind(client_ids)
+                .fetch_one(&mut *self.tx)
+                .await?;
         let group = space_id
             .zip(user_id)
             .map(|(space_id, user_id)| ClientGroupRecord {

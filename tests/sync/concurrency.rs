@@ -69,6 +69,41 @@ async fn concurrent_increments_all_land_exactly_once(backend: Backend) {
     assert_eq!(total_seen, Some(json!(expected)));
 }
 
+/// Two tabs of one client group push the same pending mutations, and a client retries while
+/// its first push is still running: the same push arrives many times at once. Each mutation
+/// must apply exactly once, whichever copy wins the space's lock.
+async fn the_same_push_sent_many_times_at_once_applies_once(backend: Backend) {
+    const COPIES: usize = 8;
+    const ROUNDS: u64 = 10;
+    let server = Arc::new(TestServer::start(backend).await);
+    for round in 0..ROUNDS {
+        // Each round re-sends every earlier mutation too, as Replicache does until a pull
+        // acknowledges them.
+        let mutations: Vec<_> = (1..=round + 1)
+            .map(|id| ("client", id, "increment", inc("n", 1)))
+            .collect();
+        let body = Arc::new(push_body("group", &mutations));
+        let copies: Vec<_> = (0..COPIES)
+            .map(|_| {
+                let (server, body) = (server.clone(), body.clone());
+                tokio::spawn(async move { server.push("space", &body).await })
+            })
+            .collect();
+        for copy in copies {
+            let (status, body) = copy.await.expect("push task finished");
+            assert_eq!((status, &body), (200, &json!({})), "round {round}");
+        }
+        let view = server.state("space", "group").await;
+        assert_eq!(view.entries["n"], json!(round + 1), "round {round}");
+        assert_eq!(view.lmid("client"), round + 1);
+        assert_eq!(
+            view.cookie,
+            round + 1,
+            "one version per round's new mutation"
+        );
+    }
+}
+
 /// Each client increments its own key by one per mutation, so in any consistent pull the
 /// value of `count/<client>` equals that client's lastMutationID.
 async fn every_pull_is_consistent_while_writers_push(backend: Backend) {
@@ -251,6 +286,7 @@ async fn identical_concurrent_pulls_share_reads(backend: Backend) {
 }
 
 crate::on_both_stores!(
+    the_same_push_sent_many_times_at_once_applies_once,
     identical_concurrent_pulls_share_reads,
     concurrent_increments_all_land_exactly_once,
     every_pull_is_consistent_while_writers_push,
