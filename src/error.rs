@@ -35,6 +35,15 @@ pub enum ApiError {
     Store(#[from] StoreError),
 }
 
+impl crate::store::ConnectionLoss for ApiError {
+    fn connection_lost(&self) -> Option<&str> {
+        match self {
+            ApiError::Store(error) => error.connection_lost(),
+            _ => None,
+        }
+    }
+}
+
 impl ApiError {
     pub fn bad_request(error: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {

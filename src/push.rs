@@ -13,9 +13,7 @@ use crate::app::{AppState, RequestBody, space_and_user};
 use crate::error::ApiError;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
 use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId, parse_body};
-use crate::store::{
-    ClientGroupRecord, ClientRecord, PushChanges, RECONNECT_ATTEMPTS, Store, StoreError,
-};
+use crate::store::{ClientGroupRecord, ClientRecord, PushChanges, Store, StoreError, reconnecting};
 
 /// How many times a push that lost a race with a concurrent push is run again.
 const CONFLICT_ATTEMPTS: u32 = 8;
@@ -104,20 +102,13 @@ pub async fn push_with_retries(
     user: &str,
     request: &PushRequest,
 ) -> Result<PushOutcome, ApiError> {
-    let mut conflicts = 1;
-    let mut reconnects = 0;
+    let mut attempt = 1;
     loop {
-        match apply_push(store, mutators, space, user, request).await {
-            Err(ApiError::Store(StoreError::Conflict(cause))) if conflicts < CONFLICT_ATTEMPTS => {
-                tracing::debug!(attempt = conflicts, %cause, "push conflicted with a concurrent push; retrying");
-                tokio::time::sleep(conflict_backoff(conflicts)).await;
-                conflicts += 1;
-            }
-            Err(ApiError::Store(StoreError::Disconnected(cause)))
-                if reconnects < RECONNECT_ATTEMPTS =>
-            {
-                reconnects += 1;
-                tracing::info!(attempt = reconnects, %cause, "database connection lost; running the push again");
+        match reconnecting(|| apply_push(store, mutators, space, user, request)).await {
+            Err(ApiError::Store(StoreError::Conflict(cause))) if attempt < CONFLICT_ATTEMPTS => {
+                tracing::debug!(attempt, %cause, "push conflicted with a concurrent push; retrying");
+                tokio::time::sleep(conflict_backoff(attempt)).await;
+                attempt += 1;
             }
             other => return other,
         }

@@ -133,21 +133,43 @@ fn is_disconnect_code(code: Option<&str>) -> bool {
 /// attempt retires one dead connection, so this covers a restart under the default pool size.
 pub const RECONNECT_ATTEMPTS: u32 = 20;
 
+/// An error that may say the operation met a dead pooled connection.
+pub trait ConnectionLoss {
+    /// The cause, when the operation failed only because its connection was dead.
+    fn connection_lost(&self) -> Option<&str>;
+}
+
+impl ConnectionLoss for StoreError {
+    fn connection_lost(&self) -> Option<&str> {
+        match self {
+            StoreError::Disconnected(cause) => Some(cause),
+            _ => None,
+        }
+    }
+}
+
 /// Runs `operation`, again at once each time it meets a dead connection (up to
-/// [`RECONNECT_ATTEMPTS`] times): a database restart costs no request an error.
-pub async fn reconnecting<T, F, Fut>(mut operation: F) -> Result<T, StoreError>
+/// [`RECONNECT_ATTEMPTS`] times): a database restart costs no request an error. The operation
+/// must be safe to run again (a read, or a whole push).
+pub async fn reconnecting<T, E, F, Fut>(mut operation: F) -> Result<T, E>
 where
+    E: ConnectionLoss,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut attempt = 0;
     loop {
-        match operation().await {
-            Err(StoreError::Disconnected(cause)) if attempt < RECONNECT_ATTEMPTS => {
+        let result = operation().await;
+        match result
+            .as_ref()
+            .err()
+            .and_then(ConnectionLoss::connection_lost)
+        {
+            Some(cause) if attempt < RECONNECT_ATTEMPTS => {
                 attempt += 1;
-                tracing::info!(attempt, %cause, "database connection lost; retrying on another");
+                tracing::info!(attempt, %cause, "database connection lost; running again on another");
             }
-            other => return other,
+            _ => return result,
         }
     }
 }
