@@ -2,6 +2,7 @@
 //! records it moves. Push and pull logic never sees SQL; a store never sees protocol rules.
 
 pub mod postgres;
+mod shared;
 pub mod sqlite;
 
 use async_trait::async_trait;

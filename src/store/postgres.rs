@@ -1,19 +1,17 @@
-//! The Postgres store, for production and for any number of instances behind a load balancer.
-//! A push locks its space row (`INSERT .. ON CONFLICT DO UPDATE`, in a function that also reads
-//! the client state); a pull reads one REPEATABLE READ snapshot.
+//! The Postgres store, for production and any number of instances behind a load balancer. A push
+//! locks its space and reads clients in one function call; pulls read REPEATABLE READ snapshots.
 
 use std::time::Duration;
 
-use async_stream::try_stream;
 use async_trait::async_trait;
-use futures::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, Postgres, Row, Transaction};
+use sqlx::{Connection, Postgres, Transaction};
 
+use super::shared::{self, client_group_record, stored_client_group, to_space_version};
 use super::{
-    ClientGroupRecord, ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot,
-    PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
+    ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError, to_i64, to_u64,
 };
 use crate::protocol::SpaceId;
 
@@ -82,68 +80,11 @@ impl Store for PgStore {
         space: &SpaceId,
         client_group_id: &str,
     ) -> Result<PullSnapshot, StoreError> {
-        let mut tx = self
+        let tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
-        let row = sqlx::query(
-            "SELECT (SELECT version FROM replisync_spaces WHERE id = $1) AS version,
-                    g.space_id, g.user_id
-             FROM (SELECT 1) AS one
-             LEFT JOIN replisync_client_groups g ON g.id = $2",
-        )
-        .bind(space.as_str())
-        .bind(client_group_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let version = to_u64(
-            row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
-            "version",
-        )?;
-        let client_group = row
-            .try_get::<Option<String>, _>("space_id")?
-            .map(|space_id| -> Result<_, StoreError> {
-                Ok(ClientGroupRecord {
-                    id: client_group_id.to_owned(),
-                    space_id,
-                    user_id: row.try_get("user_id")?,
-                })
-            })
-            .transpose()?;
-
-        let changed_clients = sqlx::query_as::<_, (String, i64)>(
-            "SELECT id, last_mutation_id FROM replisync_clients
-             WHERE client_group_id = $1",
-        )
-        .bind(client_group_id)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|(id, lmid)| Ok((id, to_u64(lmid, "last_mutation_id")?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-
-        let space_id = space.as_str().to_owned();
-        let entries = try_stream! {
-            {
-                let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
-                    "SELECT key, value FROM replisync_entries
-                     WHERE space_id = $1 AND NOT deleted",
-                )
-                .bind(space_id)
-                .fetch(&mut *tx);
-                while let Some((key, value)) = rows.try_next().await? {
-                    yield EntryChange { key, value };
-                }
-            }
-            tx.commit().await?;
-        };
-
-        Ok(PullSnapshot {
-            version,
-            client_group,
-            changed_clients,
-            entries: Box::pin(entries),
-        })
+        shared::first_pull(tx, space, client_group_id).await
     }
 
     async fn pull_changes(
@@ -172,12 +113,8 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(PullChanges {
-            version: to_u64(version.unwrap_or(0), "space version")?,
-            client_groups: decode_rows(groups, |(id, space_id, user_id)| ClientGroupRecord {
-                id,
-                space_id,
-                user_id,
-            })?,
+            version: to_space_version(version)?,
+            client_groups: decode_rows(groups, client_group_record)?,
             changed_clients: decode_rows(clients, |row: (String, String, u64)| row)?,
             entries: decode_rows(entries, |(key, value)| EntryChange { key, value })?,
         })
@@ -213,13 +150,7 @@ impl PushTx for PgPushTx {
                 .bind(client_ids)
                 .fetch_one(&mut *self.tx)
                 .await?;
-        let group = space_id
-            .zip(user_id)
-            .map(|(space_id, user_id)| ClientGroupRecord {
-                id: client_group_id.to_owned(),
-                space_id,
-                user_id,
-            });
+        let group = stored_client_group(client_group_id, space_id.zip(user_id));
         let clients = decode_rows(clients, |(id, client_group_id, last_mutation_id)| {
             ClientRecord {
                 id,
@@ -235,15 +166,7 @@ impl PushTx for PgPushTx {
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        let value: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT value FROM replisync_entries
-             WHERE space_id = $1 AND key = $2 AND NOT deleted",
-        )
-        .bind(self.space.as_str())
-        .bind(key)
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        Ok(value.flatten())
+        shared::entry(&mut self.tx, &self.space, key).await
     }
 
     async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {

@@ -4,17 +4,17 @@
 use std::path::Path;
 use std::time::Duration;
 
-use async_stream::try_stream;
 use async_trait::async_trait;
-use futures::TryStreamExt;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
+use super::shared::{self, client_group_record, stored_client_group, to_lmid, to_space_version};
 use super::{
-    ClientGroupRecord, ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot,
-    PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
+    ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError, to_i64,
 };
 use crate::protocol::SpaceId;
 
@@ -72,15 +72,11 @@ impl Store for SqliteStore {
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM replisync_spaces WHERE id = ?1")
-                .bind(space.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let version = space_version(&mut tx, space).await?;
         Ok(Box::new(SqlitePushTx {
             tx,
             space: space.clone(),
-            version: to_u64(version.unwrap_or(0), "space version")?,
+            version,
         }))
     }
 
@@ -90,65 +86,8 @@ impl Store for SqliteStore {
         client_group_id: &str,
     ) -> Result<PullSnapshot, StoreError> {
         // In WAL mode a read transaction sees one snapshot from its first read to its end.
-        let mut tx = self.readers.begin().await?;
-        let row = sqlx::query(
-            "SELECT (SELECT version FROM replisync_spaces WHERE id = ?1) AS version,
-                    (SELECT space_id FROM replisync_client_groups WHERE id = ?2) AS space_id,
-                    (SELECT user_id FROM replisync_client_groups WHERE id = ?2) AS user_id",
-        )
-        .bind(space.as_str())
-        .bind(client_group_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let version = to_u64(
-            row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
-            "version",
-        )?;
-        let client_group = match (
-            row.try_get::<Option<String>, _>("space_id")?,
-            row.try_get::<Option<String>, _>("user_id")?,
-        ) {
-            (Some(space_id), Some(user_id)) => Some(ClientGroupRecord {
-                id: client_group_id.to_owned(),
-                space_id,
-                user_id,
-            }),
-            _ => None,
-        };
-
-        let changed_clients = sqlx::query_as::<_, (String, i64)>(
-            "SELECT id, last_mutation_id FROM replisync_clients
-             WHERE client_group_id = ?1",
-        )
-        .bind(client_group_id)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|(id, lmid)| Ok((id, to_u64(lmid, "last_mutation_id")?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-
-        let space_id = space.as_str().to_owned();
-        let entries = try_stream! {
-            {
-                let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
-                    "SELECT key, value FROM replisync_entries
-                     WHERE space_id = ?1 AND NOT deleted",
-                )
-                .bind(space_id)
-                .fetch(&mut *tx);
-                while let Some((key, value)) = rows.try_next().await? {
-                    yield EntryChange { key, value };
-                }
-            }
-            tx.commit().await?;
-        };
-
-        Ok(PullSnapshot {
-            version,
-            client_group,
-            changed_clients,
-            entries: Box::pin(entries),
-        })
+        let tx = self.readers.begin().await?;
+        shared::first_pull(tx, space, client_group_id).await
     }
 
     async fn pull_changes(
@@ -157,16 +96,13 @@ impl Store for SqliteStore {
         client_group_ids: &[String],
         from: u64,
     ) -> Result<PullChanges, StoreError> {
+        // Several statements in one read transaction (a WAL snapshot), where Postgres runs one
+        // `json_agg` statement. SQLite has no array parameters; the ids travel as a JSON array.
         let mut tx = self.readers.begin().await?;
         let from = to_i64(from)?;
-        // SQLite has no array parameters; the ids travel as one JSON array.
         let group_ids = serde_json::to_string(client_group_ids)
             .map_err(|e| StoreError::Database(e.to_string()))?;
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM replisync_spaces WHERE id = ?1")
-                .bind(space.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let version = space_version(&mut tx, space).await?;
         let client_groups = sqlx::query_as::<_, (String, String, String)>(
             "SELECT id, space_id, user_id FROM replisync_client_groups
              WHERE id IN (SELECT value FROM json_each(?1))",
@@ -175,11 +111,7 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
-        .map(|(id, space_id, user_id)| ClientGroupRecord {
-            id,
-            space_id,
-            user_id,
-        })
+        .map(client_group_record)
         .collect();
         let changed_clients = sqlx::query_as::<_, (String, String, i64)>(
             "SELECT client_group_id, id, last_mutation_id FROM replisync_clients
@@ -191,7 +123,7 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
-        .map(|(group, id, lmid)| Ok((group, id, to_u64(lmid, "last_mutation_id")?)))
+        .map(|(group, id, lmid)| Ok((group, id, to_lmid(lmid)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
         let entries = sqlx::query_as::<_, (String, Option<String>, bool)>(
             "SELECT key, value, deleted FROM replisync_entries WHERE space_id = ?1 AND version > ?2",
@@ -208,7 +140,7 @@ impl Store for SqliteStore {
         .collect();
         tx.commit().await?;
         Ok(PullChanges {
-            version: to_u64(version.unwrap_or(0), "space version")?,
+            version,
             client_groups,
             changed_clients,
             entries,
@@ -239,50 +171,27 @@ impl PushTx for SqlitePushTx {
         client_group_id: &str,
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
+        // Unlike Postgres's one function call, plain reads one by one: `begin_push` already
+        // holds the lock and the embedded database costs no round trips.
         let group = sqlx::query_as::<_, (String, String)>(
             "SELECT space_id, user_id FROM replisync_client_groups WHERE id = ?1",
         )
         .bind(client_group_id)
         .fetch_optional(&mut *self.tx)
-        .await?
-        .map(|(space_id, user_id)| ClientGroupRecord {
-            id: client_group_id.to_owned(),
-            space_id,
-            user_id,
-        });
+        .await?;
         let mut clients = Vec::with_capacity(client_ids.len());
         for id in client_ids {
-            let row = sqlx::query_as::<_, (String, i64)>(
-                "SELECT client_group_id, last_mutation_id FROM replisync_clients WHERE id = ?1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-            if let Some((client_group_id, lmid)) = row {
-                clients.push(ClientRecord {
-                    id: id.clone(),
-                    client_group_id,
-                    last_mutation_id: to_u64(lmid, "last_mutation_id")?,
-                });
-            }
+            clients.extend(stored_client(&mut self.tx, id).await?);
         }
         Ok(ClientState {
             space_version: self.version,
-            group,
+            group: stored_client_group(client_group_id, group),
             clients,
         })
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        let value: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT value FROM replisync_entries
-             WHERE space_id = ?1 AND key = ?2 AND NOT deleted",
-        )
-        .bind(self.space.as_str())
-        .bind(key)
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        Ok(value.flatten())
+        shared::entry(&mut self.tx, &self.space, key).await
     }
 
     async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
@@ -343,4 +252,35 @@ impl PushTx for SqlitePushTx {
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// The version of `space` (0 for a space never written).
+async fn space_version(conn: &mut SqliteConnection, space: &SpaceId) -> Result<u64, StoreError> {
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM replisync_spaces WHERE id = ?1")
+            .bind(space.as_str())
+            .fetch_optional(conn)
+            .await?;
+    to_space_version(version)
+}
+
+/// The stored client `id`, if any.
+async fn stored_client(
+    conn: &mut SqliteConnection,
+    id: &str,
+) -> Result<Option<ClientRecord>, StoreError> {
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "SELECT client_group_id, last_mutation_id FROM replisync_clients WHERE id = ?1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|(client_group_id, lmid)| {
+        Ok(ClientRecord {
+            id: id.to_owned(),
+            client_group_id,
+            last_mutation_id: to_lmid(lmid)?,
+        })
+    })
+    .transpose()
 }

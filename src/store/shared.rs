@@ -1,0 +1,157 @@
+//! What the Postgres and SQLite stores do alike: statements that both databases accept, run on
+//! either one's connection, and the conversions of stored rows into the store's records.
+
+use async_stream::try_stream;
+use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use sqlx::database::HasStatementCache;
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Transaction, Type};
+
+use super::{ClientGroupRecord, EntryChange, PullSnapshot, StoreError, to_u64};
+use crate::protocol::SpaceId;
+
+// The statements here number their parameters `$1`, `$2`, ...: Postgres's own style, and one
+// that SQLite reads as named parameters which sqlx binds by their number (see the test below).
+
+/// Reads a first pull in `tx`, which must see one snapshot from its first read to its end: the
+/// space's version, the client group and its clients now, then the entries as the stream is read.
+/// The stream commits `tx` once it has yielded the last entry.
+pub(super) async fn first_pull<DB>(
+    mut tx: Transaction<'static, DB>,
+    space: &SpaceId,
+    client_group_id: &str,
+) -> Result<PullSnapshot, StoreError>
+where
+    DB: Database + HasStatementCache,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    (Option<i64>, Option<String>, Option<String>): for<'r> FromRow<'r, DB::Row>,
+    (String, i64): for<'r> FromRow<'r, DB::Row>,
+    (String, Option<String>): for<'r> FromRow<'r, DB::Row>,
+{
+    let (version, space_id, user_id): (Option<i64>, Option<String>, Option<String>) =
+        sqlx::query_as(
+            "SELECT (SELECT version FROM replisync_spaces WHERE id = $1), g.space_id, g.user_id
+             FROM (SELECT 1) AS one
+             LEFT JOIN replisync_client_groups g ON g.id = $2",
+        )
+        .bind(space.as_str())
+        .bind(client_group_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let changed_clients = sqlx::query_as::<_, (String, i64)>(
+        "SELECT id, last_mutation_id FROM replisync_clients WHERE client_group_id = $1",
+    )
+    .bind(client_group_id)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(id, lmid)| Ok((id, to_lmid(lmid)?)))
+    .collect::<Result<_, StoreError>>()?;
+    Ok(PullSnapshot {
+        version: to_space_version(version)?,
+        client_group: stored_client_group(client_group_id, space_id.zip(user_id)),
+        changed_clients,
+        entries: live_entries(tx, space.as_str().to_owned()),
+    })
+}
+
+/// Streams the live entries of `space_id` from `tx`, then commits it.
+fn live_entries<DB>(
+    mut tx: Transaction<'static, DB>,
+    space_id: String,
+) -> BoxStream<'static, Result<EntryChange, StoreError>>
+where
+    DB: Database + HasStatementCache,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    (String, Option<String>): for<'r> FromRow<'r, DB::Row>,
+{
+    Box::pin(try_stream! {
+        {
+            let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
+                "SELECT key, value FROM replisync_entries WHERE space_id = $1 AND NOT deleted",
+            )
+            .bind(space_id.as_str())
+            .fetch(&mut *tx);
+            while let Some((key, value)) = rows.try_next().await? {
+                yield EntryChange { key, value };
+            }
+        }
+        tx.commit().await?;
+    })
+}
+
+/// The live value (json text) of `key` in `space`, `None` if absent or deleted.
+pub(super) async fn entry<DB>(
+    tx: &mut Transaction<'static, DB>,
+    space: &SpaceId,
+    key: &str,
+) -> Result<Option<String>, StoreError>
+where
+    DB: Database + HasStatementCache,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    (Option<String>,): for<'r> FromRow<'r, DB::Row>,
+{
+    let value: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT value FROM replisync_entries WHERE space_id = $1 AND key = $2 AND NOT deleted",
+    )
+    .bind(space.as_str())
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(value.flatten())
+}
+
+/// A client group from its stored columns `(id, space_id, user_id)`.
+pub(super) fn client_group_record(
+    (id, space_id, user_id): (String, String, String),
+) -> ClientGroupRecord {
+    ClientGroupRecord {
+        id,
+        space_id,
+        user_id,
+    }
+}
+
+/// The client group `id`, given its stored `(space_id, user_id)` if it is stored.
+pub(super) fn stored_client_group(
+    id: &str,
+    columns: Option<(String, String)>,
+) -> Option<ClientGroupRecord> {
+    columns.map(|(space_id, user_id)| client_group_record((id.to_owned(), space_id, user_id)))
+}
+
+/// A stored space version; a space never written (no row) is at version 0.
+pub(super) fn to_space_version(version: Option<i64>) -> Result<u64, StoreError> {
+    to_u64(version.unwrap_or(0), "space version")
+}
+
+/// A stored client's last mutation id.
+pub(super) fn to_lmid(last_mutation_id: i64) -> Result<u64, StoreError> {
+    to_u64(last_mutation_id, "last_mutation_id")
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::sqlite::SqlitePool;
+
+    /// The shared statements rely on SQLite binding `$N` to the N-th argument, in any order and
+    /// however often it is used.
+    #[tokio::test]
+    async fn sqlite_binds_numbered_dollar_parameters_by_number() {
+        let pool = SqlitePool::connect("sqlite::memory:").await.unwrap();
+        let row: (String, String, i64) = sqlx::query_as("SELECT $2 || $1, $1, $3 + $3")
+            .bind("a")
+            .bind("b")
+            .bind(20_i64)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(row, ("ba".to_owned(), "a".to_owned(), 40));
+    }
+}
