@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use clap::{Parser, Subcommand};
 use sqlx::postgres::PgConnectOptions;
-
-use crate::app::HttpSettings;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +87,28 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// Limits and switches of the HTTP edge, validated from [`Config`].
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// `None` allows every origin.
+    pub cors_origins: Option<Vec<HeaderValue>>,
+    /// How long shutdown waits for in-flight requests and pending pokes.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            max_body_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            cors_origins: None,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -148,6 +169,7 @@ impl Config {
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             cors_origins,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
         })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Map, Number, Value};
 
-use crate::protocol::SpaceId;
+use crate::protocol::{SpaceId, check_key};
 use crate::store::{EntryChange, PushTx, StoreError};
 
 /// Why a mutation was not applied.
@@ -192,21 +192,9 @@ impl<'a> WriteTx<'a> {
     }
 }
 
-/// The longest key, in bytes (an index entry must fit a database page).
-pub const MAX_KEY_BYTES: usize = 1000;
-
+/// A key no store can hold fails the mutation, not the push.
 fn checked_key(key: String) -> Result<String, MutationError> {
-    if key.len() > MAX_KEY_BYTES {
-        return Err(MutationError::InvalidArgs(format!(
-            "key is {} bytes long; the limit is {MAX_KEY_BYTES}",
-            key.len()
-        )));
-    }
-    if key.contains('\0') {
-        return Err(MutationError::InvalidArgs(
-            "key contains a NUL character".into(),
-        ));
-    }
+    check_key(&key).map_err(MutationError::InvalidArgs)?;
     Ok(key)
 }
 

@@ -43,6 +43,41 @@ impl fmt::Display for SpaceId {
     }
 }
 
+/// The longest client or client group id, in bytes (Replicache's are about 20).
+pub const MAX_ID_BYTES: usize = 200;
+
+/// The longest key, in bytes (an index entry must fit a database page).
+pub const MAX_KEY_BYTES: usize = 1000;
+
+/// Client and client group ids are stored and indexed: non-empty, bounded, and free of NUL
+/// characters. `field` names the id in the error.
+pub fn check_identifier(id: &str, field: &str) -> Result<(), BodyError> {
+    let problem = if id.is_empty() {
+        "is empty".to_owned()
+    } else if id.len() > MAX_ID_BYTES {
+        format!("is longer than {MAX_ID_BYTES} bytes")
+    } else if id.contains('\0') {
+        "contains a NUL character".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(BodyError::Invalid(format!("{field} {problem}")))
+}
+
+/// Keys are stored and indexed: bounded and free of NUL characters.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "key is {} bytes long; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    if key.contains('\0') {
+        return Err("key contains a NUL character".into());
+    }
+    Ok(())
+}
+
 /// `POST /spaces/{space}/push` body.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -55,6 +90,23 @@ pub struct PushRequest {
     #[serde(rename = "clientGroupID")]
     pub client_group_id: String,
     pub mutations: Vec<Mutation>,
+}
+
+impl PushRequest {
+    /// Checks what serde cannot: ids that fit the database and non-empty identifiers.
+    pub fn validate(&self) -> Result<(), BodyError> {
+        check_identifier(&self.client_group_id, "clientGroupID")?;
+        for (index, mutation) in self.mutations.iter().enumerate() {
+            check_identifier(&mutation.client_id, &format!("mutations[{index}].clientID"))?;
+            if mutation.id > i64::MAX as u64 {
+                return Err(BodyError::Invalid(format!(
+                    "mutations[{index}].id is larger than {}",
+                    i64::MAX
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One pending mutation of one client, as the client recorded it.

@@ -4,48 +4,14 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
-use serde_json::{Value, json};
-
-use crate::app::{AppState, RequestBody, space_and_user};
+use crate::auth::check_group_ownership;
 use crate::error::ApiError;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
-use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId, parse_body};
+use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId};
 use crate::store::{ClientGroupRecord, ClientRecord, PushChanges, Store, StoreError, reconnecting};
 
 /// How many times a push that lost a race with a concurrent push is run again.
 const CONFLICT_ATTEMPTS: u32 = 8;
-
-/// `POST /spaces/{space}/push`
-pub async fn handle(
-    State(state): State<AppState>,
-    Path(raw_space): Path<String>,
-    headers: HeaderMap,
-    RequestBody(body): RequestBody,
-) -> Result<Json<Value>, ApiError> {
-    let (space, user) = space_and_user(&state, &raw_space, &headers).await?;
-    let request: PushRequest = parse_body(&body)?;
-    validate(&request)?;
-    let outcome =
-        push_with_retries(&*state.store, &state.mutators, &space, &user, &request).await?;
-    if let PushOutcome::Committed {
-        version,
-        committed_at,
-    } = outcome
-    {
-        tracing::debug!(
-            version,
-            mutations = request.mutations.len(),
-            "push committed"
-        );
-        state.metrics.push_commits.increment();
-        state.pokes.space_changed(&space, committed_at);
-    }
-    state.metrics.pushes.increment();
-    Ok(Json(json!({})))
-}
 
 /// What a push did.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,46 +22,10 @@ pub enum PushOutcome {
     Committed { version: u64, committed_at: Instant },
 }
 
-/// Checks what serde cannot: ids that fit the database and non-empty identifiers.
-fn validate(request: &PushRequest) -> Result<(), ApiError> {
-    check_identifier(&request.client_group_id, "clientGroupID")?;
-    for (index, mutation) in request.mutations.iter().enumerate() {
-        check_identifier(&mutation.client_id, &format!("mutations[{index}].clientID"))?;
-        if mutation.id > i64::MAX as u64 {
-            return Err(ApiError::bad_request(
-                "InvalidRequest",
-                format!("mutations[{index}].id is larger than {}", i64::MAX),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The longest client or client group id, in bytes (Replicache's are about 20).
-pub const MAX_ID_BYTES: usize = 200;
-
-/// Client and client group ids are stored and indexed: non-empty, bounded, and free of NUL
-/// characters.
-pub fn check_identifier(id: &str, field: &str) -> Result<(), ApiError> {
-    let problem = if id.is_empty() {
-        "is empty".to_owned()
-    } else if id.len() > MAX_ID_BYTES {
-        format!("is longer than {MAX_ID_BYTES} bytes")
-    } else if id.contains('\0') {
-        "contains a NUL character".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(ApiError::bad_request(
-        "InvalidRequest",
-        format!("{field} {problem}"),
-    ))
-}
-
 /// Runs the push, again from the start when a concurrent push won a race on a new row (the
 /// space lock makes that rare) or when it met a dead database connection. Running a push again
 /// is always safe, even after a commit whose answer was lost: applied mutation ids are skipped.
-pub async fn push_with_retries(
+pub async fn push(
     store: &dyn Store,
     mutators: &Mutators,
     space: &SpaceId,
@@ -215,27 +145,6 @@ fn check_client_group(
             user_id: user.to_owned(),
         })),
     }
-}
-
-/// Rejects a client group used from another space or by another user (shared with pull).
-pub fn check_group_ownership(
-    group: &ClientGroupRecord,
-    space: &SpaceId,
-    user: &str,
-) -> Result<(), ApiError> {
-    if group.space_id != space.as_str() {
-        return Err(ApiError::Forbidden(format!(
-            "client group {} belongs to another space",
-            group.id
-        )));
-    }
-    if group.user_id != user {
-        return Err(ApiError::Forbidden(format!(
-            "client group {} belongs to another user",
-            group.id
-        )));
-    }
-    Ok(())
 }
 
 fn distinct_client_ids(mutations: &[Mutation]) -> Vec<String> {

@@ -7,17 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_stream::stream;
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::response::IntoResponse;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use serde::Deserialize;
+use axum::response::sse::{Event, KeepAlive};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::PokeSink;
-use crate::app::{AppState, space_and_user};
-use crate::error::ApiError;
 use crate::protocol::SpaceId;
 
 /// Pokes queued per watcher before older ones collapse into one (a poke carries no data,
@@ -43,6 +37,13 @@ impl SsePokes {
         }
     }
 
+    /// The keep-alive comments of an open stream (they keep proxies from closing it).
+    pub fn keep_alive(&self) -> KeepAlive {
+        KeepAlive::new()
+            .interval(self.keep_alive)
+            .text("keep-alive")
+    }
+
     fn subscribe(&self, space: &SpaceId) -> broadcast::Receiver<()> {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         watched
@@ -65,34 +66,8 @@ impl PokeSink for SsePokes {
     }
 }
 
-#[derive(Deserialize)]
-pub struct PokeQuery {
-    /// EventSource cannot send headers, so the token may come as `?auth=`.
-    auth: Option<String>,
-}
-
-/// `GET /spaces/{space}/poke`
-pub async fn handle(
-    State(state): State<AppState>,
-    Path(raw_space): Path<String>,
-    Query(query): Query<PokeQuery>,
-    mut headers: HeaderMap,
-) -> Result<impl IntoResponse, ApiError> {
-    let Some(sse) = state.sse.clone() else {
-        return Err(ApiError::SseDisabled);
-    };
-    if let Some(token) = query.auth.as_deref().and_then(|t| t.parse().ok()) {
-        headers
-            .entry(axum::http::header::AUTHORIZATION)
-            .or_insert(token);
-    }
-    let (space, _user) = space_and_user(&state, &raw_space, &headers).await?;
-    let keep_alive = KeepAlive::new().interval(sse.keep_alive).text("keep-alive");
-    Ok(Sse::new(poke_events(sse, space)).keep_alive(keep_alive))
-}
-
 /// A `connected` comment, then a `poke` event per change until the server shuts down.
-fn poke_events(
+pub fn poke_events(
     sse: Arc<SsePokes>,
     space: SpaceId,
 ) -> impl futures::Stream<Item = Result<Event, Infallible>> {

@@ -6,14 +6,14 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
 use crate::store::{ClientGroupRecord, PullChanges, Store, StoreError, reconnecting};
 
-use super::write_patch_op;
+use super::patch::write_patch_op;
 
 /// Most client groups answered by one read (bounds the query's parameter array).
 const MAX_GROUPS_PER_READ: usize = 1000;

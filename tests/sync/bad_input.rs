@@ -1,6 +1,6 @@
 //! Bad input gets a 4xx with a JSON body naming the problem, and changes nothing.
 
-use replisync::app::HttpSettings;
+use replisync::config::HttpSettings;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, Options, TestServer, inc, push_body};

@@ -5,16 +5,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use replisync::app::{AppState, HttpSettings, router};
 use replisync::auth::{Anonymous, Authenticator};
+use replisync::config::HttpSettings;
 use replisync::mutators::Mutators;
-use replisync::poke::Pokes;
+use replisync::startup::{App, serve};
 use replisync::store::Store;
 use replisync::store::postgres::PgStore;
 use replisync::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -22,21 +23,23 @@ pub enum Backend {
     Sqlite,
 }
 
-/// The server under test and a client for it. Dropping it removes the test's database.
+/// The server under test and a client for it. Dropping it stops the server and removes the
+/// test's database.
 pub struct TestServer {
     pub base: String,
     pub http: reqwest::Client,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<replisync::metrics::Metrics>,
     pub db: TestDb,
+    _stop: DropGuard,
 }
 
 pub struct Options {
     pub mutators: Mutators,
     pub auth: Arc<dyn Authenticator>,
     pub http: HttpSettings,
-    pub pokes: Pokes,
-    pub sse: Option<Arc<replisync::poke::sse::SsePokes>>,
+    /// Serve the built-in SSE poke stream with this keep-alive interval.
+    pub sse_keep_alive: Option<std::time::Duration>,
     /// Wraps the test's store, e.g. to slow it down.
     pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
 }
@@ -47,8 +50,7 @@ impl Default for Options {
             mutators: Mutators::builtin(),
             auth: Arc::new(Anonymous),
             http: HttpSettings::default(),
-            pokes: Pokes::default(),
-            sse: None,
+            sse_keep_alive: None,
             wrap_store: |store| store,
         }
     }
@@ -59,25 +61,31 @@ impl TestServer {
         TestServer::start_with(backend, Options::default()).await
     }
 
+    /// Builds the app as the binary does (once, whole) and serves it through the binary's own
+    /// `serve`, on 127.0.0.1:0.
     pub async fn start_with(backend: Backend, options: Options) -> TestServer {
         let db = TestDb::create(backend).await;
         let store = (options.wrap_store)(db.open_store().await);
-        let mut state = AppState::new(store.clone());
-        state.mutators = Arc::new(options.mutators);
-        state.auth = options.auth;
-        state.pokes = options.pokes;
-        state.sse = options.sse;
-        state.http = options.http;
+        let mut builder = App::builder(store)
+            .mutators(options.mutators)
+            .authenticator(options.auth)
+            .http(options.http);
+        if let Some(keep_alive) = options.sse_keep_alive {
+            builder = builder.sse(keep_alive);
+        }
+        let app = builder.build();
+        let (store, metrics) = (app.store().clone(), app.metrics().clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let metrics = state.metrics.clone();
-        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
         TestServer {
             base,
             http: reqwest::Client::new(),
             store,
             metrics,
             db,
+            _stop: stop.drop_guard(),
         }
     }
 

@@ -1,12 +1,8 @@
 //! The built-in SSE poke stream: a poke after a push to the watched space, nothing for others.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use replisync::poke::Pokes;
-use replisync::poke::sse::SsePokes;
-use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Backend, Options, TestServer, inc, push_body};
 
@@ -34,13 +30,8 @@ impl EventReader {
 }
 
 async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
-    let sse = Arc::new(SsePokes::new(
-        Duration::from_secs(15),
-        CancellationToken::new(),
-    ));
     let options = Options {
-        pokes: Pokes::new(vec![sse.clone()]),
-        sse: Some(sse),
+        sse_keep_alive: Some(Duration::from_secs(15)),
         ..Options::default()
     };
     let server = TestServer::start_with(backend, options).await;

@@ -1,0 +1,134 @@
+//! The route handlers: each takes the parts of the state it needs, hands the work to `push`,
+//! `pull` or `poke`, and turns the outcome into a response (counted in `/metrics`).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::Sse;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::extract::{Caller, RequestBody};
+use super::state::AppState;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::poke::pusher::PusherPoker;
+use crate::poke::sse::{SsePokes, poke_events};
+use crate::protocol::{PullRequest, PushRequest, parse_body};
+use crate::pull::{PullBody, Pulls};
+use crate::push::{PushOutcome, push};
+use crate::store::{Store, reconnecting};
+
+/// `POST /spaces/{space}/push`
+pub async fn push_handler(
+    State(state): State<AppState>,
+    Caller { space, user }: Caller,
+    RequestBody(body): RequestBody,
+) -> Result<Json<Value>, ApiError> {
+    let request: PushRequest = parse_body(&body)?;
+    request.validate()?;
+    let outcome = push(&*state.store, &state.mutators, &space, &user, &request).await?;
+    if let PushOutcome::Committed {
+        version,
+        committed_at,
+    } = outcome
+    {
+        tracing::debug!(
+            version,
+            mutations = request.mutations.len(),
+            "push committed"
+        );
+        state.metrics.push_commits.increment();
+        state.pokes.space_changed(&space, committed_at);
+    }
+    state.metrics.pushes.increment();
+    Ok(Json(json!({})))
+}
+
+/// `POST /spaces/{space}/pull`
+pub async fn pull_handler(
+    State(pulls): State<Arc<Pulls>>,
+    Caller { space, user }: Caller,
+    RequestBody(body): RequestBody,
+) -> Result<Response, ApiError> {
+    let request: PullRequest = parse_body(&body)?;
+    let body = match pulls.pull(&space, &user, &request).await? {
+        PullBody::Streamed(chunks) => Body::from_stream(chunks),
+        PullBody::Whole(bytes) => Body::from(bytes),
+    };
+    let headers = [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+    ];
+    Ok((headers, body).into_response())
+}
+
+/// `GET /spaces/{space}/poke`: the built-in SSE poke stream.
+pub async fn poke_handler(
+    State(sse): State<Option<Arc<SsePokes>>>,
+    Caller { space, user: _ }: Caller,
+) -> Result<Response, ApiError> {
+    let Some(sse) = sse else {
+        return Err(ApiError::SseDisabled);
+    };
+    let keep_alive = sse.keep_alive();
+    Ok(Sse::new(poke_events(sse, space))
+        .keep_alive(keep_alive)
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct AuthQuery {
+    auth: Option<String>,
+}
+
+/// EventSource cannot send headers, so the SSE stream also takes its token as `?auth=`:
+/// it becomes the `Authorization` header when the request has none.
+pub async fn auth_query_as_header(mut request: Request) -> Request {
+    let token = Query::<AuthQuery>::try_from_uri(request.uri())
+        .ok()
+        .and_then(|Query(query)| query.auth)
+        .and_then(|token| token.parse().ok());
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .entry(header::AUTHORIZATION)
+            .or_insert(token);
+    }
+    request
+}
+
+/// `GET /healthz`: 200 when the database answers, 503 otherwise.
+pub async fn health_handler(State(store): State<Arc<dyn Store>>) -> Response {
+    match reconnecting(|| store.check_health()).await {
+        Ok(()) => Json(json!({"status": "ok", "store": store.kind()})).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "health check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "store": store.kind(),
+                            "message": "the database does not answer"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `GET /metrics`: counters in Prometheus text format.
+pub async fn metrics_handler(
+    State(metrics): State<Arc<Metrics>>,
+    State(pusher): State<Option<Arc<PusherPoker>>>,
+) -> String {
+    metrics.render(pusher.as_ref().map(|poker| poker.stats()))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}

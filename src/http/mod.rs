@@ -1,0 +1,86 @@
+//! The HTTP edge: every route in one `router`, and the layers around them (CORS, body limit,
+//! timeouts, request spans). The binary and the in-process tests serve this exact router.
+
+mod extract;
+mod handlers;
+mod state;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::middleware::map_request;
+use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use self::state::AppState;
+use crate::config::HttpSettings;
+
+/// The header Replicache sends with every push and pull; logged on each request span.
+pub const REQUEST_ID_HEADER: &str = "x-replicache-requestid";
+
+/// Every route of replisync.
+pub fn router(state: AppState) -> Router {
+    let timeout =
+        TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, state.http.request_timeout);
+    let sync_routes = Router::new()
+        .route("/spaces/{space}/push", post(handlers::push_handler))
+        .route("/spaces/{space}/pull", post(handlers::pull_handler))
+        .route_layer(timeout);
+    let poke_routes = Router::new()
+        .route("/spaces/{space}/poke", get(handlers::poke_handler))
+        .route_layer(map_request(handlers::auth_query_as_header));
+    Router::new()
+        .merge(sync_routes)
+        .merge(poke_routes)
+        .route("/healthz", get(handlers::health_handler))
+        .route("/metrics", get(handlers::metrics_handler))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
+        .layer(cors(&state.http))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .with_state(state)
+}
+
+/// CORS for browser clients on other origins: Replicache sends `Authorization`,
+/// `Content-Type` and `X-Replicache-RequestID`, so every push and pull is preflighted.
+fn cors(http: &HttpSettings) -> CorsLayer {
+    let origins = match &http.cors_origins {
+        None => AllowOrigin::any(),
+        Some(list) => AllowOrigin::list(list.clone()),
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static(REQUEST_ID_HEADER),
+        ])
+        .max_age(Duration::from_secs(24 * 60 * 60))
+}
+
+/// One span per request: the route (`/spaces/{space}/push`, not the raw path), the path, the
+/// Replicache request id; the `Caller` extractor records the space.
+fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", MatchedPath::as_str);
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        route,
+        path = %request.uri().path(),
+        request_id,
+        space = tracing::field::Empty,
+    )
+}
