@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::http::HeaderValue;
 use clap::{Parser, Subcommand};
+use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser, Debug)]
@@ -85,6 +86,79 @@ pub struct Config {
     /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`).
     #[arg(long, env = "REPLISYNC_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Who may read and write which space. With no JWT variable set, every caller is one
+/// anonymous user with access to every space (allowed on loopback addresses only).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// Verify HS256/384/512 tokens signed with this secret (turns authentication on).
+    #[arg(long, env = "REPLISYNC_JWT_SECRET", hide_env_values = true, value_parser = secret)]
+    pub jwt_secret: Option<SecretString>,
+
+    /// Verify RS256/ES256/EdDSA tokens with the keys of an identity provider's JWKS
+    /// (turns authentication on).
+    #[arg(long, env = "REPLISYNC_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Fetch the JWKS again for an unknown key id at most once per this many seconds.
+    #[arg(long, env = "REPLISYNC_JWT_JWKS_REFETCH_SECS", default_value_t = 30)]
+    pub jwt_jwks_refetch_secs: u64,
+
+    /// Tokens must name this issuer (`iss`), when set.
+    #[arg(long, env = "REPLISYNC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Tokens must name this audience (`aud`), when set.
+    #[arg(long, env = "REPLISYNC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The claim that holds the user id.
+    #[arg(long, env = "REPLISYNC_JWT_USER_CLAIM", default_value = "sub")]
+    pub jwt_user_claim: String,
+
+    /// The claim listing spaces the user may read and write (`team-7-*` matches a prefix).
+    #[arg(long, env = "REPLISYNC_JWT_SPACES_CLAIM", default_value = "spaces")]
+    pub jwt_spaces_claim: String,
+
+    /// The claim listing spaces the user may only read.
+    #[arg(long, env = "REPLISYNC_JWT_SPACES_READ_CLAIM", default_value = "spaces_read")]
+    pub jwt_spaces_read_claim: String,
+
+    /// The app's authorization webhook, asked about spaces the token does not grant.
+    #[arg(long, env = "REPLISYNC_AUTHZ_URL")]
+    pub authz_url: Option<String>,
+
+    /// Seconds the webhook's decisions are cached.
+    #[arg(long, env = "REPLISYNC_AUTHZ_CACHE_SECS", default_value_t = 30)]
+    pub authz_cache_secs: u64,
+
+    /// Most decisions kept in the cache.
+    #[arg(long, env = "REPLISYNC_AUTHZ_CACHE_SIZE", default_value_t = 100_000)]
+    pub authz_cache_size: u64,
+
+    /// Milliseconds the webhook (and a JWKS fetch) may take before the request is answered 503.
+    #[arg(long, env = "REPLISYNC_AUTHZ_TIMEOUT_MS", default_value_t = 3000)]
+    pub authz_timeout_ms: u64,
+
+    /// Serve without authentication on a non-loopback address (everyone may read and write
+    /// every space).
+    #[arg(long, env = "REPLISYNC_ALLOW_ANONYMOUS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_anonymous: bool,
+}
+
+impl AuthArgs {
+    /// Whether tokens are verified (either JWT variable is set).
+    pub fn tokens_on(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_jwks_url.is_some()
+    }
+}
+
+fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(raw))
 }
 
 /// Limits and switches of the HTTP edge, validated from [`Config`].

@@ -25,6 +25,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// An authentication or authorization check that could not be made: refused, never allowed.
+    #[error("the access check cannot be made right now; retry later")]
+    AuthUnavailable,
     #[error("no such route; replisync serves POST /spaces/{{space}}/push and /pull")]
     NotFound,
     #[error(
@@ -65,6 +68,18 @@ impl From<crate::protocol::BodyError> for ApiError {
     }
 }
 
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(error: crate::auth::AuthError) -> Self {
+        match error {
+            crate::auth::AuthError::Unauthorized(message) => ApiError::Unauthorized(message),
+            crate::auth::AuthError::Unavailable(cause) => {
+                tracing::warn!(%cause, "authentication check failed; refusing with 503");
+                ApiError::AuthUnavailable
+            }
+        }
+    }
+}
+
 impl From<ProtocolError> for ApiError {
     fn from(error: ProtocolError) -> Self {
         ApiError::Protocol(error)
@@ -84,6 +99,10 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NotFound", self.to_string()),
             ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "Unauthorized", message),
             ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),
+            ApiError::AuthUnavailable => {
+                let message = self.to_string();
+                (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", message)
+            }
             ApiError::Store(cause) => {
                 let (status, error, message) = match cause {
                     StoreError::Unavailable(_) | StoreError::Disconnected(_) => (

@@ -29,6 +29,14 @@ pub struct Metrics {
     pub pulls: Counter,
     /// Database snapshots read for pulls (coalesced pulls share one).
     pub pull_reads: Counter,
+    /// Requests refused 401: no token, or a malformed, expired or badly signed one.
+    pub unauthorized: Counter,
+    /// Requests refused 403: the user may not use the space (or the client group).
+    pub forbidden: Counter,
+    /// Calls made to the authorization webhook.
+    pub authz_webhook_calls: Counter,
+    /// Authorization decisions answered from the cache.
+    pub authz_cache_hits: Counter,
 }
 
 impl Metrics {
@@ -55,6 +63,26 @@ impl Metrics {
                 "replisync_pull_reads_total",
                 "Database snapshots read for pulls.",
                 self.pull_reads.get(),
+            ),
+            (
+                "replisync_unauthorized_total",
+                "Requests refused 401 (no valid token).",
+                self.unauthorized.get(),
+            ),
+            (
+                "replisync_forbidden_total",
+                "Requests refused 403 (no access to the space or client group).",
+                self.forbidden.get(),
+            ),
+            (
+                "replisync_authz_webhook_calls_total",
+                "Calls to the authorization webhook.",
+                self.authz_webhook_calls.get(),
+            ),
+            (
+                "replisync_authz_cache_hits_total",
+                "Authorization decisions answered from the cache.",
+                self.authz_cache_hits.get(),
             ),
         ] {
             write_counter(&mut out, name, help, value);

@@ -6,11 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use jsonwebtoken::DecodingKey;
+use secrecy::ExposeSecret;
 use axum::Router;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::authorize::{Authorizer, Webhook};
+use crate::auth::jwks::Jwks;
+use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
 use crate::http::{AppState, router};
@@ -91,6 +96,7 @@ impl App {
             mutators: Mutators::builtin(),
             auth: Arc::new(Anonymous),
             http: HttpSettings::default(),
+            webhook: None,
             sinks: Vec::new(),
             pusher: None,
             sse_keep_alive: None,
@@ -103,8 +109,14 @@ impl App {
         let http = config.http_settings().map_err(anyhow::Error::msg)?;
         let pusher_config = PusherConfig::from_env(|name| std::env::var(name).ok())
             .context("invalid Pusher configuration")?;
+        let (authenticator, webhook) = auth_from_config(config)?;
         let store = open_store(config, config.auto_migrate).await?;
-        let mut builder = App::builder(store).http(http);
+        let mut builder = App::builder(store)
+            .http(http)
+            .authenticator(authenticator);
+        if let Some(webhook) = webhook {
+            builder = builder.authz_webhook(webhook);
+        }
         match pusher_config {
             Some(pusher_config) => {
                 builder =
@@ -137,6 +149,7 @@ pub struct AppBuilder {
     store: Arc<dyn Store>,
     mutators: Mutators,
     auth: Arc<dyn Authenticator>,
+    webhook: Option<Webhook>,
     http: HttpSettings,
     sinks: Vec<Arc<dyn PokeSink>>,
     pusher: Option<Arc<PusherPoker>>,
@@ -151,6 +164,12 @@ impl AppBuilder {
 
     pub fn authenticator(mut self, auth: Arc<dyn Authenticator>) -> Self {
         self.auth = auth;
+        self
+    }
+
+    /// Asks the app's webhook about spaces the caller's token does not grant.
+    pub fn authz_webhook(mut self, webhook: Webhook) -> Self {
+        self.webhook = Some(webhook);
         self
     }
 
@@ -193,6 +212,7 @@ impl AppBuilder {
             store: self.store,
             mutators: Arc::new(self.mutators),
             auth: self.auth,
+            authorizer: Arc::new(Authorizer::new(self.webhook, metrics.clone())),
             pokes: Pokes::new(sinks),
             sse,
             http: self.http,
@@ -201,6 +221,80 @@ impl AppBuilder {
         };
         App { state, shutdown }
     }
+}
+
+/// The authenticator and the authorization webhook the configuration asks for. Refuses an
+/// anonymous server on a non-loopback address unless REPLISYNC_ALLOW_ANONYMOUS=true.
+fn auth_from_config(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn Authenticator>, Option<Webhook>)> {
+    let auth = &config.auth;
+    let timeout = Duration::from_millis(auth.authz_timeout_ms.max(1));
+    let http = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("replisync/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot build the HTTP client for JWKS and the authorization webhook")?;
+    let webhook = auth.authz_url.as_ref().map(|url| {
+        Webhook::new(
+            url.clone(),
+            http.clone(),
+            Duration::from_secs(auth.authz_cache_secs),
+            auth.authz_cache_size,
+        )
+    });
+    let keys = match (&auth.jwt_secret, &auth.jwt_jwks_url) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL, not both"
+        ),
+        (Some(secret), None) if secret.expose_secret().is_empty() => {
+            anyhow::bail!("REPLISYNC_JWT_SECRET is empty")
+        }
+        (Some(secret), None) => Keys::Secret(DecodingKey::from_secret(
+            secret.expose_secret().as_bytes(),
+        )),
+        (None, Some(url)) => Keys::Jwks(Jwks::new(
+            url.clone(),
+            http,
+            Duration::from_secs(auth.jwt_jwks_refetch_secs),
+        )),
+        (None, None) => {
+            check_anonymous_allowed(config)?;
+            if webhook.is_some() {
+                anyhow::bail!(
+                    "REPLISYNC_AUTHZ_URL needs authenticated users: set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL"
+                );
+            }
+            return Ok((Arc::new(Anonymous), None));
+        }
+    };
+    let rules = ClaimRules {
+        issuer: auth.jwt_issuer.clone(),
+        audience: auth.jwt_audience.clone(),
+        user_claim: auth.jwt_user_claim.clone(),
+        spaces_claim: auth.jwt_spaces_claim.clone(),
+        spaces_read_claim: auth.jwt_spaces_read_claim.clone(),
+    };
+    tracing::info!(webhook = webhook.is_some(), "authentication: JSON Web Tokens");
+    Ok((Arc::new(JwtAuthenticator::new(keys, rules)), webhook))
+}
+
+fn check_anonymous_allowed(config: &Config) -> anyhow::Result<()> {
+    if config.listen.ip().is_loopback() {
+        tracing::info!("authentication off: every caller may read and write every space (loopback only)");
+        return Ok(());
+    }
+    if config.auth.allow_anonymous {
+        tracing::warn!(listen = %config.listen, "authentication off on a non-loopback address (REPLISYNC_ALLOW_ANONYMOUS): anyone who can reach it may read and write every space");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve {} without authentication: anyone could read and write every space. \
+         Set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL to verify tokens, or \
+         REPLISYNC_ALLOW_ANONYMOUS=true if that is what you want",
+        config.listen
+    )
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then gives requests and pending

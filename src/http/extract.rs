@@ -1,6 +1,7 @@
 //! Extractors: the request body within its size limit, and the caller (the space a request
 //! addresses and the user its `Authorization` header names), each failing with an `ApiError`.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -8,7 +9,8 @@ use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 
-use crate::auth::Authenticator;
+use crate::auth::authorize::Authorizer;
+use crate::auth::{Access, Authenticator};
 use crate::config::HttpSettings;
 use crate::error::ApiError;
 use crate::protocol::SpaceId;
@@ -40,16 +42,38 @@ where
 }
 
 /// Who asks about which space: the `{space}` of the path (recorded on the request's span) and
-/// the user the authenticator finds in the `Authorization` header.
-pub struct Caller {
+/// the user the authenticator finds in the `Authorization` header, once that user is allowed
+/// `A`'s access to the space (401, 403 or 503 otherwise, before the body is read).
+pub struct Caller<A> {
     pub space: SpaceId,
     pub user: String,
+    access: PhantomData<A>,
 }
 
-impl<S> FromRequestParts<S> for Caller
+/// The access a route needs: [`Reads`] or [`Writes`].
+pub trait NeedsAccess: Send + Sync {
+    const ACCESS: Access;
+}
+
+/// Pull, the SSE stream.
+pub struct Reads;
+/// Push.
+pub struct Writes;
+
+impl NeedsAccess for Reads {
+    const ACCESS: Access = Access::Read;
+}
+
+impl NeedsAccess for Writes {
+    const ACCESS: Access = Access::Write;
+}
+
+impl<S, A> FromRequestParts<S> for Caller<A>
 where
     S: Send + Sync,
+    A: NeedsAccess,
     Arc<dyn Authenticator>: FromRef<S>,
+    Arc<Authorizer>: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -60,14 +84,24 @@ where
         let space = SpaceId::parse(&raw_space)
             .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
         tracing::Span::current().record("space", space.as_str());
-        let authorization = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let user = Arc::<dyn Authenticator>::from_ref(state)
+        let authorization = authorization_header(parts);
+        let identity = Arc::<dyn Authenticator>::from_ref(state)
             .authenticate(authorization)
-            .await
-            .map_err(ApiError::Unauthorized)?;
-        Ok(Caller { space, user })
+            .await?;
+        Arc::<Authorizer>::from_ref(state)
+            .authorize(&identity, &space, A::ACCESS, authorization)
+            .await?;
+        Ok(Caller {
+            space,
+            user: identity.user,
+            access: PhantomData,
+        })
     }
+}
+
+pub fn authorization_header(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::extract::{Caller, RequestBody};
+use super::extract::{Caller, Reads, RequestBody, Writes};
 use super::state::AppState;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -26,7 +26,7 @@ use crate::store::{Store, reconnecting};
 /// `POST /spaces/{space}/push`
 pub async fn push_handler(
     State(state): State<AppState>,
-    Caller { space, user }: Caller,
+    Caller { space, user, .. }: Caller<Writes>,
     RequestBody(body): RequestBody,
 ) -> Result<Json<Value>, ApiError> {
     let request: PushRequest = parse_body(&body)?;
@@ -52,7 +52,7 @@ pub async fn push_handler(
 /// `POST /spaces/{space}/pull`
 pub async fn pull_handler(
     State(pulls): State<Arc<Pulls>>,
-    Caller { space, user }: Caller,
+    Caller { space, user, .. }: Caller<Reads>,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let request: PullRequest = parse_body(&body)?;
@@ -73,7 +73,7 @@ pub async fn pull_handler(
 /// `GET /spaces/{space}/poke`: the built-in SSE poke stream.
 pub async fn poke_handler(
     State(sse): State<Option<Arc<SsePokes>>>,
-    Caller { space, user: _ }: Caller,
+    Caller { space, .. }: Caller<Reads>,
 ) -> Result<Response, ApiError> {
     let Some(sse) = sse else {
         return Err(ApiError::SseDisabled);

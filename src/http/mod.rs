@@ -5,12 +5,15 @@ mod extract;
 mod handlers;
 mod state;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, Method, StatusCode, header};
-use axum::middleware::map_request;
+use axum::extract::State;
+use axum::middleware::{map_request, map_response_with_state};
+use axum::response::Response;
 use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -18,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 pub use self::state::AppState;
 use crate::config::HttpSettings;
+use crate::metrics::Metrics;
 
 /// The header Replicache sends with every push and pull; logged on each request span.
 pub const REQUEST_ID_HEADER: &str = "x-replicache-requestid";
@@ -39,10 +43,24 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(handlers::health_handler))
         .route("/metrics", get(handlers::metrics_handler))
         .fallback(handlers::not_found)
+        .layer(map_response_with_state(
+            state.metrics.clone(),
+            count_refusals,
+        ))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
         .layer(cors(&state.http))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// Counts requests refused 401 and 403 in `/metrics`, wherever the refusal came from.
+async fn count_refusals(State(metrics): State<Arc<Metrics>>, response: Response) -> Response {
+    match response.status() {
+        StatusCode::UNAUTHORIZED => metrics.unauthorized.increment(),
+        StatusCode::FORBIDDEN => metrics.forbidden.increment(),
+        _ => {}
+    }
+    response
 }
 
 /// CORS for browser clients on other origins: Replicache sends `Authorization`,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::extract::FromRef;
 
 use crate::auth::Authenticator;
+use crate::auth::authorize::Authorizer;
 use crate::config::HttpSettings;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
@@ -20,6 +21,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub mutators: Arc<Mutators>,
     pub auth: Arc<dyn Authenticator>,
+    pub authorizer: Arc<Authorizer>,
     pub pokes: Pokes,
     /// The built-in SSE poke stream, when enabled.
     pub sse: Option<Arc<SsePokes>>,

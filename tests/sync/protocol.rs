@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use replisync::auth::Authenticator;
+use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::store::StoreError;
 use serde_json::{Value, json};
@@ -282,12 +282,12 @@ struct TokenIsUser;
 
 #[async_trait]
 impl Authenticator for TokenIsUser {
-    async fn authenticate(&self, authorization: Option<&str>) -> Result<String, String> {
+    async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
         authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .filter(|user| !user.is_empty())
-            .map(str::to_owned)
-            .ok_or_else(|| "send Authorization: Bearer <token>".to_owned())
+            .map(Identity::with_full_access)
+            .ok_or_else(|| AuthError::Unauthorized("send Authorization: Bearer <token>".into()))
     }
 }
 

@@ -1,0 +1,166 @@
+//! JSON Web Tokens: verifies the `Authorization` token (HS256/384/512 with a shared secret, or
+//! RS/ES/EdDSA with an identity provider's JWKS) and reads the user and space grants from it.
+
+use async_trait::async_trait;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde_json::{Map, Value};
+
+use super::jwks::Jwks;
+use super::{AuthError, Authenticator, Grants, Identity};
+use crate::protocol::MAX_ID_BYTES;
+
+/// Seconds of clock difference tolerated on `exp` and `nbf`.
+const LEEWAY_SECS: u64 = 30;
+
+/// Where the verification keys come from.
+pub enum Keys {
+    /// REPLISYNC_JWT_SECRET: HMAC tokens.
+    Secret(DecodingKey),
+    /// REPLISYNC_JWT_JWKS_URL: an identity provider's public keys.
+    Jwks(Jwks),
+}
+
+/// Which claims say what, and what the token must name.
+#[derive(Debug, Clone)]
+pub struct ClaimRules {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub user_claim: String,
+    pub spaces_claim: String,
+    pub spaces_read_claim: String,
+}
+
+pub struct JwtAuthenticator {
+    keys: Keys,
+    rules: ClaimRules,
+}
+
+impl JwtAuthenticator {
+    pub fn new(keys: Keys, rules: ClaimRules) -> JwtAuthenticator {
+        JwtAuthenticator { keys, rules }
+    }
+
+    fn validation(&self, algorithms: Vec<Algorithm>) -> Validation {
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        validation.validate_aud = self.rules.audience.is_some();
+        if let Some(audience) = &self.rules.audience {
+            validation.set_audience(&[audience]);
+        }
+        if let Some(issuer) = &self.rules.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        validation
+    }
+}
+
+#[async_trait]
+impl Authenticator for JwtAuthenticator {
+    async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+        let token = bearer_token(authorization)?;
+        let header = decode_header(token).map_err(|e| unauthorized(e.kind()))?;
+        let (key, algorithms) = match &self.keys {
+            Keys::Secret(secret) => (
+                secret.clone(),
+                vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
+            ),
+            Keys::Jwks(jwks) => {
+                let found = jwks.key_for(header.kid.as_deref()).await?;
+                (found.key, vec![found.algorithm])
+            }
+        };
+        let claims = decode::<Map<String, Value>>(token, &key, &self.validation(algorithms))
+            .map_err(|e| unauthorized(e.kind()))?
+            .claims;
+        identity_from_claims(&claims, &self.rules)
+    }
+}
+
+/// `Bearer <token>` or the bare token, as Replicache's `auth` option sends whatever it is given.
+fn bearer_token(authorization: Option<&str>) -> Result<&str, AuthError> {
+    let value = authorization.map(str::trim).unwrap_or_default();
+    let token = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => value,
+    };
+    if token.is_empty() {
+        return Err(AuthError::Unauthorized(
+            "send a token: Authorization: Bearer <token> (Replicache's `auth` option)".into(),
+        ));
+    }
+    Ok(token)
+}
+
+/// What the client is told about a token that failed verification.
+fn unauthorized(kind: &ErrorKind) -> AuthError {
+    let problem = match kind {
+        ErrorKind::ExpiredSignature => "the token has expired",
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
+        ErrorKind::InvalidSignature => "the token's signature does not verify",
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "the token is signed with an algorithm this server does not accept"
+        }
+        ErrorKind::InvalidIssuer => "the token's issuer (iss) is not REPLISYNC_JWT_ISSUER",
+        ErrorKind::InvalidAudience => "the token's audience (aud) is not REPLISYNC_JWT_AUDIENCE",
+        ErrorKind::MissingRequiredClaim(_) => "the token has no expiry (exp)",
+        _ => "the token is malformed",
+    };
+    AuthError::Unauthorized(format!("{problem}; fetch a new token"))
+}
+
+fn identity_from_claims(
+    claims: &Map<String, Value>,
+    rules: &ClaimRules,
+) -> Result<Identity, AuthError> {
+    let user = match claims.get(&rules.user_claim) {
+        Some(Value::String(user)) if !user.is_empty() && user.len() <= MAX_ID_BYTES => user.clone(),
+        _ => {
+            return Err(AuthError::Unauthorized(format!(
+                "the token's `{}` claim must name the user (a string of 1 to {MAX_ID_BYTES} bytes)",
+                rules.user_claim
+            )));
+        }
+    };
+    Ok(Identity {
+        user,
+        grants: Grants::Listed {
+            read_write: space_list(claims, &rules.spaces_claim)?,
+            read_only: space_list(claims, &rules.spaces_read_claim)?,
+        },
+    })
+}
+
+/// A claim listing space patterns; absent means none.
+fn space_list(claims: &Map<String, Value>, name: &str) -> Result<Vec<String>, AuthError> {
+    let malformed = || {
+        AuthError::Unauthorized(format!(
+            "the token's `{name}` claim must be a list of space ids"
+        ))
+    };
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_owned).ok_or_else(malformed))
+            .collect(),
+        Some(_) => Err(malformed()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_bare_or_after_bearer() {
+        assert_eq!(bearer_token(Some("Bearer abc")), Ok("abc"));
+        assert_eq!(bearer_token(Some("bearer  abc ")), Ok("abc"));
+        assert_eq!(bearer_token(Some("abc")), Ok("abc"));
+        assert!(bearer_token(Some("Bearer ")).is_err());
+        assert!(bearer_token(None).is_err());
+    }
+}
