@@ -191,3 +191,34 @@ pub fn channel_counts(requests: &[Received]) -> HashMap<String, usize> {
     }
     counts
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::poke::pusher::signing::signed_query;
+
+    #[tokio::test]
+    async fn the_mock_answers_401_to_a_wrong_signature_and_200_to_a_right_one() {
+        let mock = MockPusher::start(vec![]).await;
+        let config = mock.config();
+        let body = br#"{"name":"poke","data":"","channels":["space-a"]}"#;
+        let send = |secret: &str| {
+            let path = config.events_path();
+            let query = signed_query(KEY, secret, "POST", &path, &[], body, unix_timestamp());
+            let mut url = config.events_url().expect("url");
+            url.query_pairs_mut().extend_pairs(&query);
+            reqwest::Client::new().post(url).body(body.to_vec()).send()
+        };
+        let wrong = send("not-the-secret").await.expect("mock answers");
+        assert_eq!(wrong.status().as_u16(), 401);
+        let right = send(SECRET).await.expect("mock answers");
+        assert_eq!(right.status().as_u16(), 200);
+        let signed: Vec<bool> = mock
+            .requests()
+            .await
+            .iter()
+            .map(|request| request.signed_correctly)
+            .collect();
+        assert_eq!(signed, [false, true]);
+    }
+}
