@@ -81,6 +81,7 @@ impl Counters {
     }
 }
 
+/// Adds `amount` to `counter` (relaxed: the counters are only read for metrics).
 pub(super) fn add(counter: &AtomicU64, amount: usize) {
     counter.fetch_add(amount as u64, Ordering::Relaxed);
 }
