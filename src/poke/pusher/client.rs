@@ -1,0 +1,171 @@
+//! The HTTP publisher: signed `POST /apps/{app_id}/events` calls over one keep-alive reqwest
+//! client, each answer classified as accepted, transient (retry) or rejected (give up).
+
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use secrecy::ExposeSecret;
+
+use super::config::PusherConfig;
+use super::signing::{signed_query, unix_timestamp};
+use super::stats::PokerOptions;
+
+/// Pusher accepts at most this many channels in one `POST /apps/{app_id}/events` call.
+pub const MAX_CHANNELS_PER_CALL: usize = 100;
+
+const MAX_LOGGED_RESPONSE_CHARS: usize = 500;
+const USER_AGENT: &str = concat!("replisync/", env!("CARGO_PKG_VERSION"));
+
+pub(super) enum PublishOutcome {
+    Accepted,
+    /// Worth retrying: timeout, connection error, 429, 5xx.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// A configuration problem retrying cannot fix: any other non-2xx answer.
+    Rejected {
+        status: StatusCode,
+        detail: String,
+    },
+}
+
+/// Sends signed poke calls over one shared, keep-alive `reqwest::Client`.
+pub(super) struct Publisher {
+    client: reqwest::Client,
+    events_url: Url,
+    events_path: String,
+    config: PusherConfig,
+}
+
+impl Publisher {
+    /// Fails, with the reason, on a configuration that fails `validate`.
+    pub(super) fn new(config: &PusherConfig, options: &PokerOptions) -> Result<Publisher, String> {
+        config.validate().map_err(|error| error.to_string())?;
+        let events_url = config.events_url().map_err(|error| error.to_string())?;
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(options.connect_timeout)
+            .timeout(options.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|error| format!("cannot build the HTTP client: {}", error_chain(&error)))?;
+        Ok(Publisher {
+            client,
+            events_url,
+            events_path: config.events_path(),
+            config: config.clone(),
+        })
+    }
+
+    pub(super) fn config(&self) -> &PusherConfig {
+        &self.config
+    }
+
+    /// One signed call (a fresh `auth_timestamp` each time).
+    pub(super) async fn publish(&self, body: &[u8]) -> PublishOutcome {
+        let query = signed_query(
+            &self.config.key,
+            self.config.secret.expose_secret(),
+            "POST",
+            &self.events_path,
+            &[],
+            body,
+            unix_timestamp(),
+        );
+        let mut url = self.events_url.clone();
+        url.query_pairs_mut().extend_pairs(&query);
+        let sent = self
+            .client
+            .post(url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_vec())
+            .send()
+            .await;
+        match sent {
+            Ok(response) => classify_response(response).await,
+            Err(error) => PublishOutcome::Transient {
+                reason: describe_request_error(error),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+async fn classify_response(response: reqwest::Response) -> PublishOutcome {
+    let status = response.status();
+    if status.is_success() {
+        // Read the body to the end so the connection can be reused; its content is irrelevant.
+        let _ = response.bytes().await;
+        return PublishOutcome::Accepted;
+    }
+    let retry_after = retry_after(response.headers());
+    let detail = response_text(response).await;
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        PublishOutcome::Transient {
+            reason: format!("Pusher answered {}: {detail}", status.as_u16()),
+            retry_after,
+        }
+    } else {
+        PublishOutcome::Rejected { status, detail }
+    }
+}
+
+/// `retry-after` in seconds; an HTTP-date or garbage counts as absent.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+async fn response_text(response: reqwest::Response) -> String {
+    match response.text().await {
+        Ok(text) => text.chars().take(MAX_LOGGED_RESPONSE_CHARS).collect(),
+        Err(error) => format!("<unreadable response body: {}>", error_chain(&error)),
+    }
+}
+
+fn describe_request_error(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    format!("{kind}: {}", error_chain(&error))
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use reqwest::header::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_ignores_dates() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static(" 7 "));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&headers), None);
+    }
+}

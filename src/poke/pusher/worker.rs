@@ -1,0 +1,642 @@
+//! The poker: the [`PusherPoker`] handle the push path calls, and the one background worker
+//! that coalesces, batches, sends, retries with backoff and logs rejections at most once a minute.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::client::{MAX_CHANNELS_PER_CALL, PublishOutcome, Publisher};
+use super::config::PusherConfig;
+use super::queue::{Insert, PendingPoke, PokeQueue};
+use super::signing::trigger_body;
+use super::stats::{Counters, PokerOptions, PokerStats, add};
+use crate::poke::PokeSink;
+use crate::protocol::SpaceId;
+
+/// Publishes pokes to a Pusher-compatible API from one background task; see [`PokeSink`].
+pub struct PusherPoker {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl PusherPoker {
+    /// Spawns the worker task (call it inside a Tokio runtime: `tokio::spawn` panics outside).
+    /// A configuration that fails `validate` is logged at error level and every poke is dropped.
+    pub fn start(config: PusherConfig, options: PokerOptions) -> Arc<PusherPoker> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(PokeQueue::new(options.max_pending_spaces)),
+            wake: Notify::new(),
+            counters: Counters::default(),
+        });
+        let publisher = Publisher::new(&config, &options)
+            .inspect_err(|reason| tracing::error!(%reason, "Pusher pokes cannot be sent"))
+            .ok();
+        let worker = Worker {
+            shared: Arc::clone(&shared),
+            rejections: RejectionLog::new(options.rejection_log_interval),
+            publisher,
+            options,
+        };
+        let handle = tokio::spawn(worker.run());
+        Arc::new(PusherPoker {
+            shared,
+            worker: Mutex::new(Some(handle)),
+        })
+    }
+
+    pub fn stats(&self) -> PokerStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Stops accepting changes, flushes every pending poke (still coalesced and batched) and
+    /// waits for that until `deadline`, then abandons the rest. Returns how many of the spaces
+    /// pending or in flight when shutdown began were not delivered.
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        let given_up_before = self.stats().given_up_spaces;
+        self.shared.stop_accepting();
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut worker) = worker
+            && tokio::time::timeout(deadline, &mut worker).await.is_err()
+        {
+            worker.abort();
+            let _ = worker.await;
+        }
+        let abandoned = self.shared.queue().abandon_all();
+        if abandoned > 0 {
+            add(&self.shared.counters.given_up_spaces, abandoned);
+            tracing::warn!(
+                spaces = abandoned,
+                "shutdown deadline reached before every poke was delivered"
+            );
+        }
+        let given_up = self.stats().given_up_spaces.saturating_sub(given_up_before);
+        usize::try_from(given_up).unwrap_or(usize::MAX)
+    }
+}
+
+impl PokeSink for PusherPoker {
+    fn space_changed(&self, space: &SpaceId, committed_at: Instant) {
+        let outcome = self.shared.queue().insert(space, committed_at);
+        match outcome {
+            Insert::Queued | Insert::AlreadyPending => {}
+            Insert::QueuedDroppingOldest(dropped) => {
+                add(&self.shared.counters.dropped_spaces, 1);
+                tracing::debug!(space = dropped.as_str(), "poke queue full: dropped oldest");
+            }
+            Insert::Refused => {
+                add(&self.shared.counters.dropped_spaces, 1);
+                tracing::debug!(space = space.as_str(), "poke after shutdown began: dropped");
+            }
+        }
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Drop for PusherPoker {
+    /// Without `shutdown`, the worker still flushes what is pending, then ends.
+    fn drop(&mut self) {
+        self.shared.stop_accepting();
+    }
+}
+
+/// State shared by the handle (`PusherPoker`) and its worker task.
+struct Shared {
+    queue: Mutex<PokeQueue>,
+    wake: Notify,
+    counters: Counters,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, PokeQueue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stop_accepting(&self) {
+        self.queue().stop_accepting();
+        self.wake.notify_one();
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    publisher: Option<Publisher>,
+    options: PokerOptions,
+    rejections: RejectionLog,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        while let Some(batch) = self.next_batch().await {
+            self.deliver(&batch).await;
+            self.shared.queue().finish_batch();
+        }
+    }
+
+    /// Waits for a change, lets more arrive for the coalescing window, then takes a batch.
+    /// `None` once shutdown began and nothing is pending.
+    async fn next_batch(&self) -> Option<Vec<PendingPoke>> {
+        loop {
+            let (pending, accepting) = {
+                let queue = self.shared.queue();
+                (queue.pending(), queue.is_accepting())
+            };
+            match (pending, accepting) {
+                (0, false) => return None,
+                (0, true) => self.shared.wake.notified().await,
+                (_, true) => {
+                    tokio::time::sleep(self.options.coalesce_window).await;
+                    break;
+                }
+                (_, false) => break,
+            }
+        }
+        Some(self.shared.queue().take_batch(MAX_CHANNELS_PER_CALL))
+    }
+
+    async fn deliver(&mut self, batch: &[PendingPoke]) {
+        let Some(publisher) = &self.publisher else {
+            give_up(
+                &self.shared.counters,
+                batch,
+                "the Pusher client is not set up",
+            );
+            return;
+        };
+        let channels: Vec<String> = batch
+            .iter()
+            .map(|poke| publisher.config().channel_for(&poke.space))
+            .collect();
+        let body = match trigger_body(&publisher.config().event_name, &channels) {
+            Ok(body) => body,
+            Err(error) => {
+                give_up(&self.shared.counters, batch, &error.to_string());
+                return;
+            }
+        };
+        let counters = &self.shared.counters;
+        for attempt in 1..=self.options.max_attempts.max(1) {
+            match publisher.publish(&body).await {
+                PublishOutcome::Accepted => {
+                    record_delivery(counters, batch);
+                    return;
+                }
+                PublishOutcome::Rejected { status, detail } => {
+                    add(&counters.failed_calls, 1);
+                    add(&counters.given_up_spaces, batch.len());
+                    let log_as_error = self.rejections.should_log(status, Instant::now());
+                    log_rejection(status, &detail, batch, log_as_error);
+                    return;
+                }
+                PublishOutcome::Transient {
+                    reason,
+                    retry_after,
+                } => {
+                    add(&counters.failed_calls, 1);
+                    if attempt >= self.options.max_attempts {
+                        give_up(counters, batch, &reason);
+                        return;
+                    }
+                    add(&counters.retries, 1);
+                    let delay = retry_delay(&self.options, attempt, retry_after);
+                    tracing::debug!(%reason, attempt, ?delay, "poke failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+fn record_delivery(counters: &Counters, batch: &[PendingPoke]) {
+    add(&counters.calls_ok, 1);
+    add(&counters.spaces_poked, batch.len());
+    let accepted_at = Instant::now();
+    tracing::debug!(channels = batch.len(), "Pusher accepted the poke");
+    for poke in batch {
+        let latency = accepted_at.saturating_duration_since(poke.committed_at);
+        tracing::debug!(
+            space = poke.space.as_str(),
+            poke_latency_ms = latency.as_secs_f64() * 1000.0,
+            "space poked"
+        );
+    }
+}
+
+fn give_up(counters: &Counters, batch: &[PendingPoke], reason: &str) {
+    add(&counters.given_up_spaces, batch.len());
+    tracing::warn!(spaces = %space_list(batch), reason, "gave up poking {} space(s)", batch.len());
+}
+
+fn log_rejection(status: StatusCode, detail: &str, batch: &[PendingPoke], log_as_error: bool) {
+    let hint = rejection_hint(status);
+    let spaces = space_list(batch);
+    if log_as_error {
+        tracing::error!(
+            status = status.as_u16(),
+            response = detail,
+            %spaces,
+            "Pusher rejected the poke with {}: {hint} (not retried; logged at most once a minute)",
+            status.as_u16()
+        );
+    } else {
+        tracing::debug!(status = status.as_u16(), response = detail, %spaces, "Pusher rejected the poke again");
+    }
+}
+
+fn rejection_hint(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "check PUSHER_KEY/PUSHER_SECRET/PUSHER_APP_ID and the server clock",
+        403 => "the app is disabled or over its quota",
+        404 => "check PUSHER_APP_ID and PUSHER_HOST/PUSHER_PORT",
+        413 => "the request is too large",
+        300..=399 => "check PUSHER_SCHEME/PUSHER_HOST/PUSHER_PORT (redirects are not followed)",
+        _ => "check the PUSHER_* settings",
+    }
+}
+
+fn space_list(batch: &[PendingPoke]) -> String {
+    let names: Vec<&str> = batch.iter().map(|poke| poke.space.as_str()).collect();
+    names.join(",")
+}
+
+/// Rate-limits the error log of a rejection: the same status at most once per interval.
+struct RejectionLog {
+    interval: Duration,
+    last_logged: Option<(StatusCode, Instant)>,
+}
+
+impl RejectionLog {
+    fn new(interval: Duration) -> Self {
+        RejectionLog {
+            interval,
+            last_logged: None,
+        }
+    }
+
+    fn should_log(&mut self, status: StatusCode, now: Instant) -> bool {
+        let recently_logged = matches!(
+            self.last_logged,
+            Some((last_status, at)) if last_status == status
+                && now.saturating_duration_since(at) < self.interval
+        );
+        if !recently_logged {
+            self.last_logged = Some((status, now));
+        }
+        !recently_logged
+    }
+}
+
+/// Exponential backoff with up to 25% jitter; a 429's `retry-after` (capped) if longer.
+fn retry_delay(options: &PokerOptions, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let backoff = with_jitter(exponential_backoff(options, attempt));
+    match retry_after {
+        Some(wait) => wait.min(options.max_retry_after).max(backoff),
+        None => backoff,
+    }
+}
+
+fn exponential_backoff(options: &PokerOptions, attempt: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+    options
+        .first_backoff
+        .saturating_mul(factor)
+        .min(options.max_backoff)
+}
+
+fn with_jitter(delay: Duration) -> Duration {
+    delay.saturating_add((delay / 4).mul_f64(rand::random::<f64>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener as StdTcpListener;
+
+    use wiremock::ResponseTemplate;
+
+    use super::*;
+    use crate::poke::pusher::test_support::{
+        MockPusher, PATIENCE, Received, channel_counts, config_for_port, reply, space,
+    };
+
+    #[test]
+    fn backoff_grows_exponentially_with_bounded_jitter() {
+        let options = PokerOptions::default();
+        for _ in 0..100 {
+            let first = retry_delay(&options, 1, None);
+            assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(125));
+            let third = retry_delay(&options, 3, None);
+            assert!(third >= Duration::from_millis(400) && third <= Duration::from_millis(500));
+            let capped = retry_delay(&options, 30, None);
+            assert!(capped >= Duration::from_secs(2) && capped <= Duration::from_millis(2500));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_capped() {
+        let options = PokerOptions::default();
+        let one_second = retry_delay(&options, 1, Some(Duration::from_secs(1)));
+        assert_eq!(one_second, Duration::from_secs(1));
+        let hour = retry_delay(&options, 1, Some(Duration::from_secs(3600)));
+        assert_eq!(hour, options.max_retry_after);
+    }
+
+    #[test]
+    fn rejection_log_repeats_the_same_status_at_most_once_per_interval() {
+        let mut log = RejectionLog::new(Duration::from_secs(60));
+        let start = Instant::now();
+        assert!(log.should_log(StatusCode::UNAUTHORIZED, start));
+        assert!(!log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(59)));
+        assert!(log.should_log(StatusCode::FORBIDDEN, start + Duration::from_secs(59)));
+        assert!(log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(60)));
+        assert!(!log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(61)));
+        assert!(log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(121)));
+    }
+
+    fn fast_options() -> PokerOptions {
+        PokerOptions {
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(40),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            ..PokerOptions::default()
+        }
+    }
+
+    fn assert_all_well_formed(requests: &[Received]) {
+        for request in requests {
+            assert!(request.signed_correctly, "badly signed: {request:?}");
+            assert_eq!(request.event, "poke");
+            assert_eq!(request.data, "", "a poke carries no data");
+            assert!(request.channels.len() <= MAX_CHANNELS_PER_CALL);
+            assert!(request.user_agent.starts_with("replisync/"), "{request:?}");
+        }
+    }
+
+    fn unused_port() -> u16 {
+        let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    }
+
+    #[tokio::test]
+    async fn changes_within_the_coalescing_window_become_one_call() {
+        let mock = MockPusher::start(vec![]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        let sink: Arc<dyn PokeSink> = poker.clone();
+        for _ in 0..50 {
+            sink.space_changed(&space("s1"), Instant::now());
+        }
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(requests[0].channels, ["space-s1"]);
+        assert_all_well_formed(&requests);
+        let stats = poker.stats();
+        assert_eq!((stats.calls_ok, stats.spaces_poked), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn changes_while_a_call_is_in_flight_coalesce_into_one_more_call() {
+        let mock = MockPusher::start(vec![reply(200).set_delay(Duration::from_millis(300))]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        poker.space_changed(&space("s1"), Instant::now());
+        mock.wait_for_requests(1).await;
+        for _ in 0..49 {
+            poker.space_changed(&space("s1"), Instant::now());
+        }
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        for request in &requests {
+            assert_eq!(request.channels, ["space-s1"]);
+        }
+        assert_all_well_formed(&requests);
+        assert_eq!(poker.stats().spaces_poked, 2);
+    }
+
+    #[tokio::test]
+    async fn many_spaces_are_batched_at_most_100_channels_per_call() {
+        let mock = MockPusher::start(vec![]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        let spaces: Vec<SpaceId> = (0..250).map(|n| space(&format!("s{n}"))).collect();
+        for space in &spaces {
+            poker.space_changed(space, Instant::now());
+        }
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+
+        let requests = mock.requests().await;
+        assert_all_well_formed(&requests);
+        let sizes: Vec<usize> = requests.iter().map(|r| r.channels.len()).collect();
+        assert_eq!(sizes, [100, 100, 50]);
+        let counts = channel_counts(&requests);
+        assert_eq!(counts.len(), 250);
+        for space in &spaces {
+            assert_eq!(counts.get(&format!("space-{}", space.as_str())), Some(&1));
+        }
+        let stats = poker.stats();
+        assert_eq!((stats.calls_ok, stats.spaces_poked), (3, 250));
+    }
+
+    #[tokio::test]
+    async fn server_error_then_success_is_delivered_after_a_retry() {
+        let mock = MockPusher::start(vec![reply(500)]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        poker.space_changed(&space("a"), Instant::now());
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 2);
+        assert!(requests.iter().all(|r| r.channels == ["space-a"]));
+        assert_all_well_formed(&requests);
+        let stats = poker.stats();
+        assert_eq!(stats.calls_ok, 1);
+        assert_eq!(stats.spaces_poked, 1);
+        assert_eq!(stats.failed_calls, 1);
+        assert_eq!(stats.retries, 1);
+        assert_eq!(stats.given_up_spaces, 0);
+    }
+
+    #[tokio::test]
+    async fn persistent_server_errors_give_up_after_max_attempts() {
+        let mock = MockPusher::start(vec![reply(503); 10]).await;
+        let options = PokerOptions {
+            max_attempts: 3,
+            ..fast_options()
+        };
+        let poker = PusherPoker::start(mock.config(), options);
+        poker.space_changed(&space("a"), Instant::now());
+        assert_eq!(poker.shutdown(PATIENCE).await, 1);
+
+        assert_eq!(mock.requests().await.len(), 3);
+        let stats = poker.stats();
+        assert_eq!(stats.failed_calls, 3);
+        assert_eq!(stats.retries, 2);
+        assert_eq!(stats.given_up_spaces, 1);
+        assert_eq!(stats.calls_ok, 0);
+    }
+
+    #[tokio::test]
+    async fn rate_limited_call_waits_for_retry_after_then_delivers() {
+        let mock = MockPusher::start(vec![reply(429).insert_header("retry-after", "1")]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        poker.space_changed(&space("a"), Instant::now());
+        let first_seen = mock.wait_for_requests(1).await;
+        let second_seen = mock.wait_for_requests(2).await;
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 2);
+        assert_all_well_formed(&requests);
+        let waited = second_seen.duration_since(first_seen);
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(8),
+            "waited {waited:?}"
+        );
+        let stats = poker.stats();
+        assert_eq!(
+            (stats.calls_ok, stats.retries, stats.failed_calls),
+            (1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn rejected_call_is_not_retried_and_later_pokes_still_work() {
+        let unauthorized =
+            ResponseTemplate::new(401).set_body_string(r#"{"error":"Invalid signature"}"#);
+        let mock = MockPusher::start(vec![unauthorized]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        poker.space_changed(&space("a"), Instant::now());
+        mock.wait_for_requests(1).await;
+        let given_up = tokio::time::timeout(PATIENCE, async {
+            while poker.stats().given_up_spaces == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(given_up.is_ok(), "the rejected poke was never given up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(mock.requests().await.len(), 1, "a 401 must not be retried");
+
+        poker.space_changed(&space("b"), Instant::now());
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 2);
+        assert_eq!(requests[1].channels, ["space-b"]);
+        assert_all_well_formed(&requests);
+        let stats = poker.stats();
+        assert_eq!(stats.failed_calls, 1);
+        assert_eq!(stats.retries, 0);
+        assert_eq!(stats.given_up_spaces, 1);
+        assert_eq!((stats.calls_ok, stats.spaces_poked), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn refused_connection_gives_up_after_bounded_attempts() {
+        let options = PokerOptions {
+            max_attempts: 3,
+            ..fast_options()
+        };
+        let poker = PusherPoker::start(config_for_port(unused_port()), options);
+        poker.space_changed(&space("a"), Instant::now());
+        poker.space_changed(&space("b"), Instant::now());
+        assert_eq!(poker.shutdown(PATIENCE).await, 2);
+
+        let stats = poker.stats();
+        assert_eq!(
+            stats.failed_calls, 3,
+            "one call per attempt for the one batch"
+        );
+        assert_eq!(stats.retries, 2);
+        assert_eq!(stats.given_up_spaces, 2);
+        assert_eq!(stats.calls_ok, 0);
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_the_oldest_space_and_counts_it() {
+        let mock = MockPusher::start(vec![reply(200).set_delay(Duration::from_millis(300))]).await;
+        let options = PokerOptions {
+            max_pending_spaces: 3,
+            ..fast_options()
+        };
+        let poker = PusherPoker::start(mock.config(), options);
+        poker.space_changed(&space("first"), Instant::now());
+        mock.wait_for_requests(1).await;
+        for id in ["a", "b", "c", "d", "e"] {
+            poker.space_changed(&space(id), Instant::now());
+        }
+        assert_eq!(poker.stats().dropped_spaces, 2);
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+
+        let requests = mock.requests().await;
+        assert_all_well_formed(&requests);
+        let channels: Vec<Vec<String>> = requests.into_iter().map(|r| r.channels).collect();
+        assert_eq!(
+            channels,
+            [vec!["space-first"], vec!["space-c", "space-d", "space-e"]]
+        );
+        assert_eq!(poker.stats().spaces_poked, 4);
+    }
+
+    #[tokio::test]
+    async fn shutdown_drains_pending_pokes_and_then_refuses_new_ones() {
+        let slow = reply(200).set_delay(Duration::from_millis(50));
+        let mock = MockPusher::start(vec![slow.clone(), slow]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        for n in 0..150 {
+            poker.space_changed(&space(&format!("s{n}")), Instant::now());
+        }
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 2);
+        assert_all_well_formed(&requests);
+        let counts = channel_counts(&requests);
+        assert_eq!(counts.len(), 150);
+        assert!(counts.values().all(|&count| count == 1));
+
+        poker.space_changed(&space("late"), Instant::now());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(mock.requests().await.len(), 2, "no poke after shutdown");
+        let stats = poker.stats();
+        assert_eq!((stats.spaces_poked, stats.dropped_spaces), (150, 1));
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_up_at_the_deadline() {
+        let mock = MockPusher::start(vec![reply(200).set_delay(Duration::from_secs(5))]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        poker.space_changed(&space("in-flight"), Instant::now());
+        mock.wait_for_requests(1).await;
+        poker.space_changed(&space("p1"), Instant::now());
+        poker.space_changed(&space("p2"), Instant::now());
+
+        let started = Instant::now();
+        assert_eq!(poker.shutdown(Duration::from_millis(200)).await, 3);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let stats = poker.stats();
+        assert_eq!((stats.given_up_spaces, stats.calls_ok), (3, 0));
+        assert_eq!(poker.shutdown(Duration::from_millis(200)).await, 0);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_configuration_drops_pokes_without_panicking() {
+        let mut config = config_for_port(unused_port());
+        config.channel_prefix = "bad:prefix".to_owned();
+        let poker = PusherPoker::start(config, fast_options());
+        poker.space_changed(&space("a"), Instant::now());
+        assert_eq!(poker.shutdown(PATIENCE).await, 1);
+        let stats = poker.stats();
+        assert_eq!((stats.given_up_spaces, stats.failed_calls), (1, 0));
+    }
+}
