@@ -9,6 +9,8 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
+
+use crate::poke::pusher::PusherArgs;
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser, Debug)]
@@ -89,6 +91,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub pusher: PusherArgs,
 }
 
 /// Who may read and write which space. With no JWT variable set, every caller is one
@@ -125,7 +130,11 @@ pub struct AuthArgs {
     pub jwt_spaces_claim: String,
 
     /// The claim listing spaces the user may only read.
-    #[arg(long, env = "REPLISYNC_JWT_SPACES_READ_CLAIM", default_value = "spaces_read")]
+    #[arg(
+        long,
+        env = "REPLISYNC_JWT_SPACES_READ_CLAIM",
+        default_value = "spaces_read"
+    )]
     pub jwt_spaces_read_claim: String,
 
     /// The app's authorization webhook, asked about spaces the token does not grant.

@@ -34,6 +34,10 @@ pub enum ApiError {
         "the built-in SSE poke stream is off (Pusher is configured); set REPLISYNC_SSE=true to enable it, or subscribe to the space's Pusher channel"
     )]
     SseDisabled,
+    #[error(
+        "private poke channels are off: they are served when Pusher is configured and tokens are verified (REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL)"
+    )]
+    PrivateChannelsOff,
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
 }
@@ -96,6 +100,11 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
             }
             ApiError::SseDisabled => (StatusCode::NOT_FOUND, "SseDisabled", self.to_string()),
+            ApiError::PrivateChannelsOff => (
+                StatusCode::NOT_FOUND,
+                "PrivateChannelsOff",
+                self.to_string(),
+            ),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NotFound", self.to_string()),
             ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "Unauthorized", message),
             ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use jsonwebtoken::DecodingKey;
-use secrecy::ExposeSecret;
 use axum::Router;
 use axum::serve::ListenerExt;
+use jsonwebtoken::DecodingKey;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +21,9 @@ use crate::config::{Command, Config, HttpSettings, StoreChoice};
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
-use crate::poke::pusher::{PokerOptions, PusherConfig, PusherPoker};
+use crate::poke::pusher::{
+    PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherConfig, PusherPoker,
+};
 use crate::poke::sse::SsePokes;
 use crate::poke::{PokeSink, Pokes};
 use crate::pull::Pulls;
@@ -97,6 +99,7 @@ impl App {
             auth: Arc::new(Anonymous),
             http: HttpSettings::default(),
             webhook: None,
+            private_channels: None,
             sinks: Vec::new(),
             pusher: None,
             sse_keep_alive: None,
@@ -107,18 +110,18 @@ impl App {
     /// Pusher pokes when PUSHER_* is set, SSE pokes when REPLISYNC_SSE says so.
     pub async fn from_config(config: &Config) -> anyhow::Result<App> {
         let http = config.http_settings().map_err(anyhow::Error::msg)?;
-        let pusher_config = PusherConfig::from_env(|name| std::env::var(name).ok())
-            .context("invalid Pusher configuration")?;
         let (authenticator, webhook) = auth_from_config(config)?;
+        let pusher_config = pusher_from_config(config)?;
         let store = open_store(config, config.auto_migrate).await?;
-        let mut builder = App::builder(store)
-            .http(http)
-            .authenticator(authenticator);
+        let mut builder = App::builder(store).http(http).authenticator(authenticator);
         if let Some(webhook) = webhook {
             builder = builder.authz_webhook(webhook);
         }
         match pusher_config {
             Some(pusher_config) => {
+                if config.auth.tokens_on() {
+                    builder = builder.private_channels(PrivateChannels::new(&pusher_config));
+                }
                 builder =
                     builder.pusher(PusherPoker::start(pusher_config, PokerOptions::default()));
             }
@@ -150,6 +153,7 @@ pub struct AppBuilder {
     mutators: Mutators,
     auth: Arc<dyn Authenticator>,
     webhook: Option<Webhook>,
+    private_channels: Option<Arc<PrivateChannels>>,
     http: HttpSettings,
     sinks: Vec<Arc<dyn PokeSink>>,
     pusher: Option<Arc<PusherPoker>>,
@@ -192,6 +196,12 @@ impl AppBuilder {
         self
     }
 
+    /// Serves `POST /pusher/auth`, which signs subscriptions to private poke channels.
+    pub fn private_channels(mut self, channels: PrivateChannels) -> Self {
+        self.private_channels = Some(Arc::new(channels));
+        self
+    }
+
     /// Serves the built-in SSE poke stream, with a keep-alive comment every `keep_alive`.
     pub fn sse(mut self, keep_alive: Duration) -> Self {
         self.sse_keep_alive = Some(keep_alive);
@@ -218,16 +228,31 @@ impl AppBuilder {
             http: self.http,
             metrics,
             pusher: self.pusher,
+            private_channels: self.private_channels,
         };
         App { state, shutdown }
     }
 }
 
+/// Pusher's settings; with tokens on, spaces are poked on private channels (`private-space-abc`)
+/// that only users who may read the space can subscribe to.
+fn pusher_from_config(config: &Config) -> anyhow::Result<Option<PusherConfig>> {
+    let Some(mut pusher) =
+        PusherConfig::from_args(&config.pusher).context("invalid Pusher configuration")?
+    else {
+        return Ok(None);
+    };
+    if config.auth.tokens_on() && !pusher.channel_prefix.starts_with(PRIVATE_PREFIX) {
+        pusher.channel_prefix = format!("{PRIVATE_PREFIX}{}", pusher.channel_prefix);
+        pusher.validate().context("invalid Pusher configuration")?;
+    }
+    tracing::info!(channels = %format!("{}<space>", pusher.channel_prefix), "pokes through Pusher");
+    Ok(Some(pusher))
+}
+
 /// The authenticator and the authorization webhook the configuration asks for. Refuses an
 /// anonymous server on a non-loopback address unless REPLISYNC_ALLOW_ANONYMOUS=true.
-fn auth_from_config(
-    config: &Config,
-) -> anyhow::Result<(Arc<dyn Authenticator>, Option<Webhook>)> {
+fn auth_from_config(config: &Config) -> anyhow::Result<(Arc<dyn Authenticator>, Option<Webhook>)> {
     let auth = &config.auth;
     let timeout = Duration::from_millis(auth.authz_timeout_ms.max(1));
     let http = reqwest::Client::builder()
@@ -245,15 +270,15 @@ fn auth_from_config(
         )
     });
     let keys = match (&auth.jwt_secret, &auth.jwt_jwks_url) {
-        (Some(_), Some(_)) => anyhow::bail!(
-            "set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL, not both"
-        ),
+        (Some(_), Some(_)) => {
+            anyhow::bail!("set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL, not both")
+        }
         (Some(secret), None) if secret.expose_secret().is_empty() => {
             anyhow::bail!("REPLISYNC_JWT_SECRET is empty")
         }
-        (Some(secret), None) => Keys::Secret(DecodingKey::from_secret(
-            secret.expose_secret().as_bytes(),
-        )),
+        (Some(secret), None) => {
+            Keys::Secret(DecodingKey::from_secret(secret.expose_secret().as_bytes()))
+        }
         (None, Some(url)) => Keys::Jwks(Jwks::new(
             url.clone(),
             http,
@@ -276,13 +301,18 @@ fn auth_from_config(
         spaces_claim: auth.jwt_spaces_claim.clone(),
         spaces_read_claim: auth.jwt_spaces_read_claim.clone(),
     };
-    tracing::info!(webhook = webhook.is_some(), "authentication: JSON Web Tokens");
+    tracing::info!(
+        webhook = webhook.is_some(),
+        "authentication: JSON Web Tokens"
+    );
     Ok((Arc::new(JwtAuthenticator::new(keys, rules)), webhook))
 }
 
 fn check_anonymous_allowed(config: &Config) -> anyhow::Result<()> {
     if config.listen.ip().is_loopback() {
-        tracing::info!("authentication off: every caller may read and write every space (loopback only)");
+        tracing::info!(
+            "authentication off: every caller may read and write every space (loopback only)"
+        );
         return Ok(());
     }
     if config.auth.allow_anonymous {

@@ -50,9 +50,7 @@ impl Jwks {
     /// The key a token with header `kid` was signed with.
     pub async fn key_for(&self, kid: Option<&str>) -> Result<VerifyingKey, AuthError> {
         let mut cache = self.cache.lock().await;
-        let stale = cache
-            .fetched_at
-            .is_none_or(|at| at.elapsed() > MAX_KEY_AGE);
+        let stale = cache.fetched_at.is_none_or(|at| at.elapsed() > MAX_KEY_AGE);
         let unknown = cache.find(kid).is_none();
         let may_fetch = cache
             .fetched_at
@@ -70,14 +68,17 @@ impl Jwks {
         }
         cache.find(kid).cloned().ok_or_else(|| {
             AuthError::Unauthorized(match kid {
-                Some(kid) => format!("the token's key id {kid:?} is not in the identity provider's JWKS"),
+                Some(kid) => {
+                    format!("the token's key id {kid:?} is not in the identity provider's JWKS")
+                }
                 None => "the token has no key id (kid) and the JWKS holds several keys".into(),
             })
         })
     }
 
     async fn fetch(&self) -> Result<KeyCache, String> {
-        let failed = |e: reqwest::Error| format!("cannot fetch the JWKS (REPLISYNC_JWT_JWKS_URL): {e}");
+        let failed =
+            |e: reqwest::Error| format!("cannot fetch the JWKS (REPLISYNC_JWT_JWKS_URL): {e}");
         let set: JwkSet = self
             .http
             .get(&self.url)

@@ -85,6 +85,7 @@ fn bearer_token(authorization: Option<&str>) -> Result<&str, AuthError> {
     let value = authorization.map(str::trim).unwrap_or_default();
     let token = match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ if value.eq_ignore_ascii_case("bearer") => "",
         _ => value,
     };
     if token.is_empty() {

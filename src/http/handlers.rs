@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -14,9 +15,11 @@ use serde_json::{Value, json};
 
 use super::extract::{Caller, Reads, RequestBody, Writes};
 use super::state::AppState;
+use crate::auth::authorize::Authorizer;
+use crate::auth::{Access, Authenticator};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::poke::pusher::PusherPoker;
+use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
 use crate::poke::sse::{SsePokes, poke_events};
 use crate::protocol::{PullRequest, PushRequest, parse_body};
 use crate::pull::{PullBody, Pulls};
@@ -103,6 +106,50 @@ pub async fn auth_query_as_header(mut request: Request) -> Request {
             .or_insert(token);
     }
     request
+}
+
+#[derive(Deserialize)]
+pub struct ChannelAuthRequest {
+    socket_id: String,
+    channel_name: String,
+}
+
+/// `POST /pusher/auth`: pusher-js's `channelAuthorization` endpoint. Signs a subscription to a
+/// space's private poke channel for a user who may read that space.
+pub async fn pusher_auth_handler(
+    State(channels): State<Option<Arc<PrivateChannels>>>,
+    State(authenticator): State<Arc<dyn Authenticator>>,
+    State(authorizer): State<Arc<Authorizer>>,
+    headers: HeaderMap,
+    form: Result<Form<ChannelAuthRequest>, FormRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(channels) = channels else {
+        return Err(ApiError::PrivateChannelsOff);
+    };
+    let Form(request) =
+        form.map_err(|rejection| ApiError::bad_request("InvalidRequest", rejection.body_text()))?;
+    if !is_socket_id(&request.socket_id) {
+        return Err(ApiError::bad_request(
+            "InvalidRequest",
+            "socket_id must look like 1234.5678",
+        ));
+    }
+    let space = channels.space_of(&request.channel_name).ok_or_else(|| {
+        ApiError::Forbidden(format!(
+            "{:?} is not the private poke channel of a space",
+            request.channel_name
+        ))
+    })?;
+    tracing::Span::current().record("space", space.as_str());
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let identity = authenticator.authenticate(authorization).await?;
+    authorizer
+        .authorize(&identity, &space, Access::Read, authorization)
+        .await?;
+    let auth = channels.sign(&request.socket_id, &request.channel_name);
+    Ok(Json(json!({ "auth": auth })))
 }
 
 /// `GET /healthz`: 200 when the database answers, 503 otherwise.

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, Method, StatusCode, header};
-use axum::extract::State;
 use axum::middleware::{map_request, map_response_with_state};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(sync_routes)
         .merge(poke_routes)
+        .route("/pusher/auth", post(handlers::pusher_auth_handler))
         .route("/healthz", get(handlers::health_handler))
         .route("/metrics", get(handlers::metrics_handler))
         .fallback(handlers::not_found)

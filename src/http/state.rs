@@ -11,7 +11,7 @@ use crate::config::HttpSettings;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::Pokes;
-use crate::poke::pusher::PusherPoker;
+use crate::poke::pusher::{PrivateChannels, PusherPoker};
 use crate::poke::sse::SsePokes;
 use crate::pull::Pulls;
 use crate::store::Store;
@@ -30,4 +30,6 @@ pub struct AppState {
     pub pulls: Arc<Pulls>,
     /// The Pusher poker, when configured (its counters go to `/metrics`).
     pub pusher: Option<Arc<PusherPoker>>,
+    /// Signs private poke channel subscriptions (Pusher with authentication on).
+    pub private_channels: Option<Arc<PrivateChannels>>,
 }

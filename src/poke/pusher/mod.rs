@@ -3,6 +3,7 @@
 
 mod client;
 mod config;
+mod private;
 mod queue;
 mod signing;
 mod stats;
@@ -12,6 +13,7 @@ mod worker;
 
 pub use client::MAX_CHANNELS_PER_CALL;
 pub use config::{PusherArgs, PusherConfig, PusherConfigError, Scheme, UrlParseError};
+pub use private::{PRIVATE_PREFIX, PrivateChannels, is_socket_id};
 pub use signing::{
     AUTH_VERSION, body_md5, channel_auth_signature, sign, signed_query, string_to_sign,
 };
