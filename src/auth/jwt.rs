@@ -31,6 +31,19 @@ pub struct ClaimRules {
     pub spaces_read_claim: String,
 }
 
+impl Default for ClaimRules {
+    /// `sub` names the user, `spaces` and `spaces_read` grant spaces; no issuer or audience.
+    fn default() -> Self {
+        ClaimRules {
+            issuer: None,
+            audience: None,
+            user_claim: "sub".into(),
+            spaces_claim: "spaces".into(),
+            spaces_read_claim: "spaces_read".into(),
+        }
+    }
+}
+
 pub struct JwtAuthenticator {
     keys: Keys,
     rules: ClaimRules,

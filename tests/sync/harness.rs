@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use replisync::auth::authorize::Webhook;
 use replisync::auth::{Anonymous, Authenticator};
 use replisync::config::HttpSettings;
 use replisync::mutators::Mutators;
+use replisync::poke::pusher::PrivateChannels;
 use replisync::startup::{App, serve};
 use replisync::store::Store;
 use replisync::store::postgres::PgStore;
@@ -38,6 +40,10 @@ pub struct Options {
     pub mutators: Mutators,
     pub auth: Arc<dyn Authenticator>,
     pub http: HttpSettings,
+    /// Asks this webhook about spaces the caller's token does not grant.
+    pub authz_webhook: Option<Webhook>,
+    /// Serves `POST /pusher/auth` for these private channels.
+    pub private_channels: Option<PrivateChannels>,
     /// Serve the built-in SSE poke stream with this keep-alive interval.
     pub sse_keep_alive: Option<std::time::Duration>,
     /// Wraps the test's store, e.g. to slow it down.
@@ -50,6 +56,8 @@ impl Default for Options {
             mutators: Mutators::builtin(),
             auth: Arc::new(Anonymous),
             http: HttpSettings::default(),
+            authz_webhook: None,
+            private_channels: None,
             sse_keep_alive: None,
             wrap_store: |store| store,
         }
@@ -70,6 +78,12 @@ impl TestServer {
             .mutators(options.mutators)
             .authenticator(options.auth)
             .http(options.http);
+        if let Some(webhook) = options.authz_webhook {
+            builder = builder.authz_webhook(webhook);
+        }
+        if let Some(channels) = options.private_channels {
+            builder = builder.private_channels(channels);
+        }
         if let Some(keep_alive) = options.sse_keep_alive {
             builder = builder.sse(keep_alive);
         }
@@ -148,7 +162,12 @@ impl TestServer {
 
     /// Pulls from scratch and returns (cookie, lastMutationIDChanges, entries).
     pub async fn state(&self, space: &str, group: &str) -> PullView {
-        let (status, body) = self.pull(space, group, Value::Null).await;
+        self.state_as(space, group, "").await
+    }
+
+    /// `state`, with this `Authorization` header.
+    pub async fn state_as(&self, space: &str, group: &str, auth: &str) -> PullView {
+        let (status, body) = self.pull_as(space, group, Value::Null, auth).await;
         assert_eq!(status, 200, "pull failed: {body}");
         PullView::from_response(&body)
     }

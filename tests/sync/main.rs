@@ -1,6 +1,7 @@
 //! The sync server's behaviour over HTTP, against each store: Postgres (a fresh schema per test
 //! in TEST_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test) and SQLite (a fresh file).
 
+mod auth;
 mod bad_input;
 mod concurrency;
 mod harness;
