@@ -25,7 +25,10 @@ use server::{Server, Sockudo};
 use workloads::Bench;
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks a replisync server on loopback")]
+#[command(
+    name = "replisync-bench",
+    about = "Benchmarks a replisync server on loopback"
+)]
 struct Args {
     /// A Postgres server where the benchmark may create and drop the database `replisync_bench`.
     #[arg(
@@ -43,7 +46,7 @@ struct Args {
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench-results.json")]
     json: String,
-    /// The replisync binary to benchmark (default: the one cargo built along with this bench).
+    /// The replisync binary to benchmark (by default the one cargo built along with this bench).
     #[arg(long, default_value = env!("CARGO_BIN_EXE_replisync"))]
     server: PathBuf,
     /// Run only these workloads (comma-separated): push, storm, first-pull, poke.
