@@ -1,0 +1,132 @@
+//! The replisync protocol as the benchmark speaks it: the one builder of push bodies and of
+//! pull bodies, and the HTTP calls that send them to a server on loopback.
+
+use anyhow::bail;
+use serde_json::{Value, json};
+
+/// A mutation before it is numbered: a mutator and its arguments.
+pub struct Mutation {
+    name: &'static str,
+    args: Value,
+}
+
+/// The `increment` mutator: adds `delta` to the number at `key`.
+pub fn increment(key: &str, delta: i64) -> Mutation {
+    Mutation {
+        name: "increment",
+        args: json!({"key": key, "delta": delta}),
+    }
+}
+
+/// The `set` mutator: writes `value` at `key`.
+pub fn set(key: &str, value: Value) -> Mutation {
+    Mutation {
+        name: "set",
+        args: json!({"key": key, "value": value}),
+    }
+}
+
+/// A push body: `mutations` of `client` (in client group `group`), numbered from `first_id`.
+pub fn push_body(
+    group: &str,
+    client: &str,
+    first_id: u64,
+    mutations: impl IntoIterator<Item = Mutation>,
+) -> Value {
+    let mutations: Vec<Value> = mutations
+        .into_iter()
+        .zip(first_id..)
+        .map(|(mutation, id)| {
+            json!({"id": id, "name": mutation.name, "clientID": client,
+                   "args": mutation.args, "timestamp": 1.0})
+        })
+        .collect();
+    json!({"pushVersion": 1, "schemaVersion": "", "profileID": "bench",
+           "clientGroupID": group, "mutations": mutations})
+}
+
+/// A pull body for client group `group`, from `cookie` (null for a first pull).
+pub fn pull_body(group: &str, cookie: Value) -> Value {
+    json!({"pullVersion": 1, "schemaVersion": "", "profileID": "bench", "clientGroupID": group, "cookie": cookie})
+}
+
+/// One replisync server, reached through a shared HTTP client.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    pub fn new(http: reqwest::Client, base: &str) -> Api {
+        Api {
+            http,
+            base: base.to_owned(),
+        }
+    }
+
+    /// The same HTTP client, talking to the server at `base`.
+    pub fn at(&self, base: &str) -> Api {
+        Api::new(self.http.clone(), base)
+    }
+
+    pub async fn push(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
+        self.post(&format!("/spaces/{space}/push"), body).await
+    }
+
+    pub async fn pull(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
+        self.post(&format!("/spaces/{space}/pull"), body).await
+    }
+
+    /// Sends a pull and counts the bytes of its response as they stream in, without parsing.
+    pub async fn pull_response_bytes(&self, space: &str, body: &Value) -> anyhow::Result<usize> {
+        let mut response = self
+            .http
+            .post(format!("{}/spaces/{space}/pull", self.base))
+            .body(body.to_string())
+            .send()
+            .await?;
+        let mut bytes = 0usize;
+        while let Some(chunk) = response.chunk().await? {
+            bytes += chunk.len();
+        }
+        Ok(bytes)
+    }
+
+    /// The current value of the counter `name` on the server's `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(metric_value(&text, name))
+    }
+
+    /// POSTs a push or pull; anything but a 200 without an `error` field is an error.
+    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if status != 200 || body.get("error").is_some() {
+            bail!("{path} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+}
+
+fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,62 @@
+//! The floor: the SQL work of a one-increment push, straight through the Postgres store (the
+//! same statements, in the same order), with the same clients, spaces and concurrency.
+
+use std::sync::Arc;
+
+use replisync::protocol::SpaceId;
+use replisync::store::postgres::PgStore;
+use replisync::store::{ClientGroupRecord, ClientRecord, EntryChange, PushChanges, Store};
+
+use crate::load::{PushFigures, client_name, drive_clients, group_name, space_name};
+
+/// Run in the same run and at the same concurrency as a push workload, it makes replisync's
+/// throughput readable as a ratio that means the same on any machine.
+pub async fn floor_workload(
+    store: &Arc<PgStore>,
+    name: &str,
+    clients: usize,
+    spaces: usize,
+    total_pushes: usize,
+) -> anyhow::Result<PushFigures> {
+    let (store, name) = (store.clone(), name.to_owned());
+    drive_clients(clients, spaces, 1, total_pushes, move |job| {
+        let store = store.clone();
+        let space = space_name(&name, job.space);
+        let client = client_name(&name, job);
+        async move { floor_push(&*store, &space, &client, job.first_id).await }
+    })
+    .await
+}
+
+/// What a push of one `increment` of `counter-0` does in the database.
+async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> anyhow::Result<()> {
+    let space = SpaceId::parse(space).map_err(anyhow::Error::msg)?;
+    let group_id = group_name(client);
+    let mut tx = store.begin_push(&space).await?;
+    let state = tx.client_state(&group_id, &[client.to_owned()]).await?;
+    let key = "counter-0";
+    let current: i64 = tx
+        .entry(key)
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let changes = PushChanges {
+        version: state.space_version + 1,
+        new_client_group: state.group.is_none().then(|| ClientGroupRecord {
+            id: group_id.clone(),
+            space_id: space.as_str().to_owned(),
+            user_id: "anonymous".into(),
+        }),
+        clients: vec![ClientRecord {
+            id: client.to_owned(),
+            client_group_id: group_id,
+            last_mutation_id: id,
+        }],
+        entries: vec![EntryChange {
+            key: key.into(),
+            value: Some((current + 1).to_string()),
+        }],
+    };
+    tx.commit(changes).await?;
+    Ok(())
+}

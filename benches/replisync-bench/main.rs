@@ -1,0 +1,121 @@
+//! The benchmark (`cargo bench --bench replisync-bench`): starts a real replisync (and sockudo,
+//! when installed) on loopback, runs the chosen workloads, prints the tables and writes JSON.
+
+mod api;
+mod database;
+mod floor;
+mod load;
+mod report;
+mod server;
+mod workloads;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use replisync::store::Store;
+use replisync::store::postgres::PgStore;
+use sqlx::postgres::PgConnectOptions;
+
+use api::Api;
+use report::Report;
+use server::{Server, Sockudo};
+use workloads::Bench;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "replisync-bench",
+    about = "Benchmarks a replisync server on loopback"
+)]
+struct Args {
+    /// A Postgres server where the benchmark may create and drop the database `replisync_bench`.
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Fewer requests per workload, for a quick look (the figures are noisier).
+    #[arg(long)]
+    quick: bool,
+    /// Rounds of each push workload (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    json: String,
+    /// The replisync binary to benchmark (by default the one cargo built along with this bench).
+    #[arg(long, default_value = env!("CARGO_BIN_EXE_replisync"))]
+    server: PathBuf,
+    /// Run only these workloads (comma-separated): push, storm, first-pull, poke.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "push,storm,first-pull,poke"
+    )]
+    only: Vec<String>,
+    /// Passed by `cargo bench` to every bench target; ignored.
+    #[arg(long = "bench", hide = true)]
+    _cargo_bench: bool,
+}
+
+impl Args {
+    fn runs(&self, workload: &str) -> bool {
+        self.only.iter().any(|w| w == workload)
+    }
+}
+
+/// Connections of replisync's pool, and of the floor's.
+const POOL_SIZE: u32 = 16;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bench_url = database::fresh_database(&args.database_url).await?;
+    // Pokes off for workloads 1-5: sockudo on the same two cores would compete with them.
+    let server = Server::start(&args.server, &bench_url, None).await?;
+    let bench = Bench {
+        api: Api::new(
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(1024)
+                .build()?,
+            &server.base,
+        ),
+        scale: if args.quick { 4 } else { 1 },
+        repeat: args.repeat.max(1),
+        admin_url: args.database_url.clone(),
+        server_binary: args.server.clone(),
+        database_url: bench_url.clone(),
+    };
+    let floor_store =
+        Arc::new(PgStore::connect(PgConnectOptions::from_str(&bench_url)?, POOL_SIZE).await?);
+    let mut report = Report::default();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    report.idle_rss_mb = server.rss_mb();
+
+    if args.runs("push") {
+        bench.push_workloads(&floor_store, &mut report).await?;
+    }
+    if args.runs("storm") {
+        report.poke_storm = Some(bench.poke_storm(1000).await?);
+    }
+    if args.runs("first-pull") {
+        for entries in [10_000, 100_000] {
+            report.first_pulls.push(bench.first_pull(entries).await?);
+        }
+    }
+    report.idle_rss_after_mb = server.rss_mb();
+    if args.runs("poke")
+        && let Some(sockudo) = Sockudo::start().await
+    {
+        let poking_server = Server::start(&args.server, &bench_url, Some(&sockudo)).await?;
+        report.poke_latency = Some(bench.poke_latency(&poking_server, 60).await?);
+    }
+    report.print();
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwrote {}", args.json);
+    floor_store.close().await;
+    Ok(())
+}

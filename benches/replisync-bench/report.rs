@@ -1,0 +1,257 @@
+//! The results: one typed struct per workload (each figure a field, serialized as the JSON
+//! file), medians and percentiles, and the tables printed at the end.
+
+use serde::Serialize;
+
+use crate::load::PushFigures;
+
+/// Everything one run measured; written as is to the JSON file.
+#[derive(Serialize, Default)]
+pub struct Report {
+    pub idle_rss_mb: f64,
+    pub idle_rss_after_mb: f64,
+    pub pushes: Vec<PushRow>,
+    pub poke_storm: Option<StormFigures>,
+    pub first_pulls: Vec<FirstPullFigures>,
+    pub poke_latency: Option<PokeFigures>,
+}
+
+/// One push workload, over all its rounds.
+#[derive(Serialize)]
+pub struct PushRow {
+    pub workload: String,
+    pub rounds: usize,
+    /// Median over the rounds.
+    pub mutations_per_second: f64,
+    /// Each round's, in ascending order.
+    pub mutations_per_second_rounds: Vec<f64>,
+    /// Over every push of every round.
+    pub push_p50_ms: f64,
+    pub push_p99_ms: f64,
+    pub pushes: usize,
+    /// Absent for workloads without a floor.
+    #[serde(flatten)]
+    pub floor: Option<FloorComparison>,
+}
+
+/// A push workload against its floor (see floor.rs).
+#[derive(Serialize)]
+pub struct FloorComparison {
+    /// Median over the rounds.
+    pub floor_mutations_per_second: f64,
+    /// Over every floor push of every round.
+    pub floor_p50_ms: f64,
+    /// Median of the rounds' ratios of replisync's throughput to the floor's.
+    pub ratio_to_floor: f64,
+    /// Each round's, in ascending order.
+    pub ratio_to_floor_rounds: Vec<f64>,
+}
+
+/// One round of a push workload: replisync's figures, and the floor's when it has one.
+pub struct PushRound {
+    pub served: PushFigures,
+    pub floor: Option<PushFigures>,
+}
+
+/// The poke storm: many watchers pulling the same new version at once.
+#[derive(Serialize)]
+pub struct StormFigures {
+    pub watchers: usize,
+    pub all_answered_ms: f64,
+    pub pulls_per_second: f64,
+    pub pull_latency_p50_ms: f64,
+    pub pull_latency_p99_ms: f64,
+    pub snapshot_reads: u64,
+    pub database_transactions_per_pull: f64,
+}
+
+/// One first pull of a big space.
+#[derive(Serialize)]
+pub struct FirstPullFigures {
+    pub entries: usize,
+    pub latency_ms: f64,
+    pub response_mb: f64,
+    pub server_rss_before_mb: f64,
+    /// None where the peak cannot be reset (not Linux).
+    pub server_peak_rss_mb: Option<f64>,
+}
+
+/// Latency from a push's commit to sockudo accepting its poke.
+#[derive(Serialize)]
+pub struct PokeFigures {
+    pub pokes: usize,
+    pub commit_to_accepted_p50_ms: f64,
+    pub commit_to_accepted_p99_ms: f64,
+}
+
+/// The `pct` percentile (nearest rank) of `values`, which it sorts; NaN when empty.
+pub fn percentile(values: &mut [f64], pct: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((pct / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[rank]
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    percentile(values, 50.0)
+}
+
+fn all_latencies<'a>(figures: impl Iterator<Item = &'a PushFigures>) -> Vec<f64> {
+    figures
+        .flat_map(|f| f.latencies_ms.iter().copied())
+        .collect()
+}
+
+impl PushRow {
+    /// One table row from several rounds: median throughputs, the median of the rounds'
+    /// ratios, and latency percentiles over every push of every round.
+    pub fn from_rounds(workload: String, rounds: &[PushRound]) -> PushRow {
+        let mut throughputs: Vec<f64> = rounds
+            .iter()
+            .map(|r| r.served.mutations_per_second())
+            .collect();
+        let mut latencies = all_latencies(rounds.iter().map(|r| &r.served));
+        let with_floor: Vec<(&PushFigures, &PushFigures)> = rounds
+            .iter()
+            .filter_map(|r| r.floor.as_ref().map(|floor| (&r.served, floor)))
+            .collect();
+        PushRow {
+            workload,
+            rounds: rounds.len(),
+            mutations_per_second: median(&mut throughputs),
+            mutations_per_second_rounds: throughputs,
+            push_p50_ms: percentile(&mut latencies, 50.0),
+            push_p99_ms: percentile(&mut latencies, 99.0),
+            pushes: latencies.len(),
+            floor: (!with_floor.is_empty()).then(|| FloorComparison::from_rounds(&with_floor)),
+        }
+    }
+}
+
+impl FloorComparison {
+    /// From (replisync, floor) pairs of figures, one per round.
+    fn from_rounds(rounds: &[(&PushFigures, &PushFigures)]) -> FloorComparison {
+        let mut floor_throughputs: Vec<f64> = rounds
+            .iter()
+            .map(|(_, floor)| floor.mutations_per_second())
+            .collect();
+        let mut ratios: Vec<f64> = rounds
+            .iter()
+            .map(|(served, floor)| served.mutations_per_second() / floor.mutations_per_second())
+            .collect();
+        let mut floor_latencies = all_latencies(rounds.iter().map(|(_, floor)| *floor));
+        FloorComparison {
+            floor_mutations_per_second: median(&mut floor_throughputs),
+            floor_p50_ms: percentile(&mut floor_latencies, 50.0),
+            ratio_to_floor: median(&mut ratios),
+            ratio_to_floor_rounds: ratios,
+        }
+    }
+}
+
+/// `x` with `places` decimals, or "-" when there is no figure (NaN, infinite).
+fn decimals(x: f64, places: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.places$}")
+    } else {
+        "-".to_owned()
+    }
+}
+
+fn one_decimal(x: f64) -> String {
+    decimals(x, 1)
+}
+
+impl Report {
+    /// Adds a push workload's row, and shows it on stderr straight away.
+    pub fn add_push_row(&mut self, workload: String, rounds: &[PushRound]) {
+        let row = PushRow::from_rounds(workload, rounds);
+        eprintln!(
+            "  {}",
+            serde_json::to_string(&row).unwrap_or_else(|e| e.to_string())
+        );
+        self.pushes.push(row);
+    }
+
+    pub fn print(&self) {
+        self.print_pushes();
+        if let Some(storm) = &self.poke_storm {
+            storm.print();
+        }
+        self.print_first_pulls();
+        if let Some(poke) = &self.poke_latency {
+            poke.print();
+        }
+        println!(
+            "\nserver resident memory: {:.1} MB idle at start, {:.1} MB at the end",
+            self.idle_rss_mb, self.idle_rss_after_mb
+        );
+    }
+
+    fn print_pushes(&self) {
+        println!(
+            "\n| workload | mutations/s | push p50 ms | push p99 ms | floor mutations/s | ratio to floor |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for row in &self.pushes {
+            let floor = row.floor.as_ref();
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                row.workload,
+                one_decimal(row.mutations_per_second),
+                one_decimal(row.push_p50_ms),
+                one_decimal(row.push_p99_ms),
+                floor.map_or("-".to_owned(), |f| one_decimal(
+                    f.floor_mutations_per_second
+                )),
+                floor.map_or("-".to_owned(), |f| decimals(f.ratio_to_floor, 2)),
+            );
+        }
+    }
+
+    fn print_first_pulls(&self) {
+        println!(
+            "\n| first pull | latency ms | response MB | server RSS before MB | server peak RSS MB |"
+        );
+        println!("|---|---:|---:|---:|---:|");
+        for pull in &self.first_pulls {
+            println!(
+                "| {} entries | {} | {} | {} | {} |",
+                pull.entries,
+                one_decimal(pull.latency_ms),
+                one_decimal(pull.response_mb),
+                one_decimal(pull.server_rss_before_mb),
+                pull.server_peak_rss_mb.map_or("-".to_owned(), one_decimal),
+            );
+        }
+    }
+}
+
+impl StormFigures {
+    fn print(&self) {
+        println!(
+            "\npoke storm: {} watchers pulled at once; all answered in {} ms ({} pulls/s; pull p50 {} ms, p99 {} ms); \
+             {} snapshot reads, {:.3} database transactions per pull",
+            self.watchers,
+            one_decimal(self.all_answered_ms),
+            one_decimal(self.pulls_per_second),
+            one_decimal(self.pull_latency_p50_ms),
+            one_decimal(self.pull_latency_p99_ms),
+            self.snapshot_reads,
+            self.database_transactions_per_pull,
+        );
+    }
+}
+
+impl PokeFigures {
+    fn print(&self) {
+        println!(
+            "\npoke latency (commit to accepted by sockudo, {} pokes): p50 {} ms, p99 {} ms",
+            self.pokes,
+            one_decimal(self.commit_to_accepted_p50_ms),
+            one_decimal(self.commit_to_accepted_p99_ms)
+        );
+    }
+}

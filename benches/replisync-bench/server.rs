@@ -1,0 +1,223 @@
+//! The processes under test: a replisync server (its address, log and memory read back) and,
+//! for poke latency, sockudo; both on loopback, both killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::POOL_SIZE;
+
+/// A replisync process whose log lines are kept for the poke latencies.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `binary` on a free loopback port against `database_url`, poking through
+    /// `sockudo` when given, and waits until it logs its address.
+    pub async fn start(
+        binary: &Path,
+        database_url: &str,
+        sockudo: Option<&Sockudo>,
+    ) -> anyhow::Result<Server> {
+        let mut command = server_command(binary, database_url);
+        if let Some(sockudo) = sockudo {
+            sockudo.configure_pusher(&mut command);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let address = collect_log(stdout, log.clone())
+            .recv_timeout(Duration::from_secs(30))
+            .context("replisync did not report its address")?;
+        Ok(Server {
+            child,
+            base: format!("http://{address}"),
+            log,
+        })
+    }
+
+    pub fn rss_mb(&self) -> f64 {
+        proc_status_kb(self.child.id(), "VmRSS:") as f64 / 1024.0
+    }
+
+    /// Resets the peak resident size (Linux `clear_refs` 5), so `peak_rss_mb` covers what follows.
+    pub fn reset_peak_rss(&self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").is_ok()
+    }
+
+    pub fn peak_rss_mb(&self) -> f64 {
+        proc_status_kb(self.child.id(), "VmHWM:") as f64 / 1024.0
+    }
+
+    /// Poke latencies (commit to accepted) the server logged since `from_line`.
+    pub fn poke_latencies_since(&self, from_line: usize) -> Vec<f64> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter()
+            .skip(from_line)
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter_map(|entry| entry["fields"]["poke_latency_ms"].as_f64())
+            .collect()
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// replisync with nothing from this environment but the settings below: JSON logs on stdout,
+/// SSE off, the benchmark's pool size.
+fn server_command(binary: &Path, database_url: &str) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .env_clear()
+        .env("DATABASE_URL", database_url)
+        .env("REPLISYNC_LISTEN", "127.0.0.1:0")
+        .env("REPLISYNC_DB_MAX_CONNECTIONS", POOL_SIZE.to_string())
+        .env("REPLISYNC_LOG_FORMAT", "json")
+        .env("REPLISYNC_SSE", "false")
+        .env(
+            "RUST_LOG",
+            "warn,replisync=info,replisync::poke::pusher=debug",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    command
+}
+
+/// Keeps every line of the server's stdout in `log` (on a thread of its own); the returned
+/// channel receives the address the server says it listens on.
+fn collect_log(
+    stdout: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<Vec<String>>>,
+) -> std::sync::mpsc::Receiver<String> {
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                && let Some(address) = entry["fields"]["address"].as_str()
+            {
+                let _ = address_tx.send(address.to_owned());
+            }
+            log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    address_rx
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with(field))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// sockudo on loopback, when it is installed (scripts/setup installs it).
+pub struct Sockudo {
+    child: Child,
+    port: u16,
+}
+
+impl Sockudo {
+    const APP_ID: &str = "12345";
+    const KEY: &str = "app-key-abc";
+    const SECRET: &str = "app-secret-xyz";
+
+    /// Starts sockudo and waits (10 s at most) until it is up; None, said on stderr, when it
+    /// is not installed or does not come up.
+    pub async fn start() -> Option<Sockudo> {
+        // An empty directory: sockudo reads ./config/config.toml when there is one.
+        let dir =
+            std::env::temp_dir().join(format!("replisync-bench-sockudo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let (port, metrics_port) = (free_port()?, free_port()?);
+        let child = Command::new("sockudo")
+            .current_dir(&dir)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("METRICS_HOST", "127.0.0.1")
+            .env("METRICS_PORT", metrics_port.to_string())
+            .env("SOCKUDO_DEFAULT_APP_ID", Self::APP_ID)
+            .env("SOCKUDO_DEFAULT_APP_KEY", Self::KEY)
+            .env("SOCKUDO_DEFAULT_APP_SECRET", Self::SECRET)
+            .env("RATE_LIMITER_ENABLED", "false")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            eprintln!(
+                "sockudo is not installed (scripts/setup installs it): skipping poke latency"
+            );
+            return None;
+        };
+        let sockudo = Sockudo { child, port };
+        if sockudo.wait_until_up().await {
+            Some(sockudo)
+        } else {
+            eprintln!("sockudo did not come up: skipping poke latency");
+            None
+        }
+    }
+
+    async fn wait_until_up(&self) -> bool {
+        let up = format!("http://127.0.0.1:{}/up", self.port);
+        for _ in 0..100 {
+            if reqwest::get(&up)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// Points a replisync `command` at this sockudo.
+    fn configure_pusher(&self, command: &mut Command) {
+        command
+            .env("PUSHER_APP_ID", Self::APP_ID)
+            .env("PUSHER_KEY", Self::KEY)
+            .env("PUSHER_SECRET", Self::SECRET)
+            .env("PUSHER_HOST", "127.0.0.1")
+            .env("PUSHER_PORT", self.port.to_string())
+            .env("PUSHER_SCHEME", "http");
+    }
+}
+
+impl Drop for Sockudo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()
+        .map(|a| a.port())
+}

@@ -1,0 +1,251 @@
+//! The workloads, each bounded in requests and in time: pushes (with their floor), the poke
+//! storm, first pulls of big spaces and poke latency; each returns its typed figures.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replisync::store::postgres::PgStore;
+use serde_json::{Value, json};
+
+use crate::api::{Api, increment, pull_body, push_body, set};
+use crate::database::transactions_so_far;
+use crate::floor::floor_workload;
+use crate::load::{PushFigures, client_name, drive_clients, group_name, space_name};
+use crate::report::{FirstPullFigures, PokeFigures, PushRound, Report, StormFigures, percentile};
+use crate::server::Server;
+
+/// Entries of the space a first pull reads are loaded this many per push.
+const LOAD_BATCH: usize = 500;
+/// Loading the entries a first pull reads may take this long at most.
+const LOAD_DEADLINE: Duration = Duration::from_secs(300);
+
+pub struct Bench {
+    /// The server the push workloads and the storm run against.
+    pub api: Api,
+    /// Divides request counts (4 with --quick).
+    pub scale: usize,
+    /// Rounds of each push workload.
+    pub repeat: usize,
+    /// For Postgres's statistics views.
+    pub admin_url: String,
+    /// What the first pulls start a fresh server with: its binary and database.
+    pub server_binary: PathBuf,
+    pub database_url: String,
+}
+
+impl Bench {
+    /// Workloads 1 to 3 and the floor: one space, 100 spaces, batches of 100.
+    pub async fn push_workloads(
+        &self,
+        floor_store: &Arc<PgStore>,
+        report: &mut Report,
+    ) -> anyhow::Result<()> {
+        for clients in [1, 8, 64] {
+            let label = format!("push, one space, C={clients}");
+            let rounds = self
+                .compare_with_floor(floor_store, &format!("one-{clients}"), clients, 1)
+                .await?;
+            report.add_push_row(label, &rounds);
+        }
+        for clients in [8, 64] {
+            let label = format!("push, 100 spaces, C={clients}");
+            let rounds = self
+                .compare_with_floor(floor_store, &format!("many-{clients}"), clients, 100)
+                .await?;
+            report.add_push_row(label, &rounds);
+        }
+        let mut rounds = Vec::new();
+        for round in 0..self.repeat {
+            let served = self
+                .push_workload(&format!("batched-r{round}"), 8, 1, 100, 400 / self.scale)
+                .await?;
+            rounds.push(PushRound {
+                served,
+                floor: None,
+            });
+        }
+        report.add_push_row("push, 100 mutations each, C=8".into(), &rounds);
+        Ok(())
+    }
+
+    /// Runs a push workload and its floor `self.repeat` times, alternating, each round on
+    /// fresh spaces and clients.
+    async fn compare_with_floor(
+        &self,
+        floor_store: &Arc<PgStore>,
+        name: &str,
+        clients: usize,
+        spaces: usize,
+    ) -> anyhow::Result<Vec<PushRound>> {
+        let total = self.total_pushes(clients);
+        let mut rounds = Vec::new();
+        for round in 0..self.repeat {
+            let served = self
+                .push_workload(&format!("{name}-r{round}"), clients, spaces, 1, total)
+                .await?;
+            let floor_name = format!("floor-{name}-r{round}");
+            let floor = floor_workload(floor_store, &floor_name, clients, spaces, total).await?;
+            rounds.push(PushRound {
+                served,
+                floor: Some(floor),
+            });
+        }
+        Ok(rounds)
+    }
+
+    fn total_pushes(&self, clients: usize) -> usize {
+        (match clients {
+            1 => 1000,
+            8 => 2400,
+            _ => 3200,
+        }) / self.scale
+    }
+
+    /// `clients` concurrent clients, each pushing `batch` increments per push in turn to the
+    /// `spaces` spaces of this workload (one client group per client and space), until
+    /// `total_pushes` pushes are answered.
+    async fn push_workload(
+        &self,
+        name: &str,
+        clients: usize,
+        spaces: usize,
+        batch: usize,
+        total_pushes: usize,
+    ) -> anyhow::Result<PushFigures> {
+        let (api, name) = (self.api.clone(), name.to_owned());
+        drive_clients(clients, spaces, batch, total_pushes, move |job| {
+            let api = api.clone();
+            let client = client_name(&name, job);
+            let increments = (0..batch).map(|i| increment(&format!("counter-{}", i % 10), 1));
+            let body = push_body(&group_name(&client), &client, job.first_id, increments);
+            let space = space_name(&name, job.space);
+            async move { api.push(&space, &body).await.map(drop) }
+        })
+        .await
+    }
+
+    /// N clients hold cookie V; one push makes V+1; all N pull from V at once.
+    pub async fn poke_storm(&self, watchers: usize) -> anyhow::Result<StormFigures> {
+        let space = "storm";
+        let push = |id: u64| push_body("storm-writer", "storm-writer-c", id, [increment("n", 1)]);
+        self.api.push(space, &push(1)).await?;
+        let first = self
+            .api
+            .pull(space, &pull_body("storm-w0", Value::Null))
+            .await?;
+        let cookie = first["cookie"].clone();
+        self.api.push(space, &push(2)).await?;
+
+        let reads_before = self.api.metric("replisync_pull_reads_total").await?;
+        let xacts_before = transactions_so_far(&self.admin_url).await?;
+        let started = Instant::now();
+        let mut latencies = self.pull_all_at_once(space, watchers, &cookie).await?;
+        let elapsed = started.elapsed();
+        let xacts = transactions_so_far(&self.admin_url).await? - xacts_before;
+        let reads = self.api.metric("replisync_pull_reads_total").await? - reads_before;
+        Ok(StormFigures {
+            watchers,
+            all_answered_ms: elapsed.as_secs_f64() * 1000.0,
+            pulls_per_second: watchers as f64 / elapsed.as_secs_f64(),
+            pull_latency_p50_ms: percentile(&mut latencies, 50.0),
+            pull_latency_p99_ms: percentile(&mut latencies, 99.0),
+            snapshot_reads: reads,
+            database_transactions_per_pull: xacts as f64 / watchers as f64,
+        })
+    }
+
+    /// `watchers` client groups pull `space` from `cookie` concurrently; each must get a patch
+    /// of one operation. Returns their latencies in milliseconds.
+    async fn pull_all_at_once(
+        &self,
+        space: &str,
+        watchers: usize,
+        cookie: &Value,
+    ) -> anyhow::Result<Vec<f64>> {
+        let pulls: Vec<_> = (0..watchers)
+            .map(|w| {
+                let (api, space) = (self.api.clone(), space.to_owned());
+                let body = pull_body(&format!("storm-w{w}"), cookie.clone());
+                tokio::spawn(async move {
+                    let sent = Instant::now();
+                    let body = api.pull(&space, &body).await?;
+                    anyhow::ensure!(
+                        body["patch"].as_array().is_some_and(|p| p.len() == 1),
+                        "bad storm pull: {body}"
+                    );
+                    anyhow::Ok(sent.elapsed().as_secs_f64() * 1000.0)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for pull in pulls {
+            latencies.push(pull.await??);
+        }
+        Ok(latencies)
+    }
+
+    /// A space of `entries` entries of about 200 bytes, then one first pull of it.
+    /// The pull is served by a freshly started server (after loading through the main one),
+    /// so its memory figures are not blurred by what loading left in the allocator.
+    pub async fn first_pull(&self, entries: usize) -> anyhow::Result<FirstPullFigures> {
+        let space = format!("big-{entries}");
+        self.load_entries(&space, entries).await?;
+        let server = Server::start(&self.server_binary, &self.database_url, None).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss_before = server.rss_mb();
+        let peak_reset = server.reset_peak_rss();
+        let started = Instant::now();
+        let bytes = self
+            .api
+            .at(&server.base)
+            .pull_response_bytes(&space, &pull_body("reader", Value::Null))
+            .await?;
+        let latency = started.elapsed();
+        let peak = server.peak_rss_mb();
+        Ok(FirstPullFigures {
+            entries,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            response_mb: bytes as f64 / 1_048_576.0,
+            server_rss_before_mb: rss_before,
+            server_peak_rss_mb: peak_reset.then_some(peak),
+        })
+    }
+
+    /// Sets `item/00000000`... in `space`, `entries` of them, through pushes of LOAD_BATCH.
+    async fn load_entries(&self, space: &str, entries: usize) -> anyhow::Result<()> {
+        let client = format!("{space}-loader");
+        let text = "x".repeat(180);
+        let started = Instant::now();
+        for first in (0..entries).step_by(LOAD_BATCH) {
+            let chunk = first..(first + LOAD_BATCH).min(entries);
+            let sets = chunk.map(|i| set(&format!("item/{i:08}"), json!({"i": i, "text": text})));
+            let body = push_body(&group_name(&client), &client, first as u64 + 1, sets);
+            self.api.push(space, &body).await?;
+            anyhow::ensure!(
+                started.elapsed() < LOAD_DEADLINE,
+                "loading {entries} entries took too long"
+            );
+        }
+        Ok(())
+    }
+
+    /// Pushes spaced out so that they do not coalesce; latency from commit to sockudo's 200,
+    /// as the server logs it.
+    pub async fn poke_latency(&self, server: &Server, pokes: u64) -> anyhow::Result<PokeFigures> {
+        let from_line = server.log_len();
+        let api = self.api.at(&server.base);
+        for id in 1..=pokes {
+            let body = push_body("poker-group", "poker", id, [increment("n", 1)]);
+            api.push("poked", &body).await?;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut latencies = server.poke_latencies_since(from_line);
+        Ok(PokeFigures {
+            pokes: latencies.len(),
+            commit_to_accepted_p50_ms: percentile(&mut latencies, 50.0),
+            commit_to_accepted_p99_ms: percentile(&mut latencies, 99.0),
+        })
+    }
+}
