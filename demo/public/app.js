@@ -4,8 +4,14 @@
 // replisync applies the same mutation authoritatively on push. The page listens to
 // replisync's Server-Sent Events poke stream and pulls whenever the space changes.
 //
+// Token mode (the demo server was started with DEMO_JWT_SECRET or REPLISYNC_JWT_SECRET):
+// the page fetches a short-lived token for its user and space from the demo server's
+// /dev-token, sends it with every push and pull (Replicache's `auth`), gets a new one through
+// `getAuth` when replisync answers 401, and opens the SSE stream with `?auth=<token>`.
+//
 // Query parameters: ?space=NAME (default "demo"), ?server=URL (default: what the demo
-// server was started with, REPLISYNC_URL).
+// server was started with, REPLISYNC_URL), ?user=NAME (token mode; default a random name
+// kept in this browser's localStorage).
 
 import { Replicache } from 'replicache';
 
@@ -14,6 +20,7 @@ const server = (params.get('server') ?? document.querySelector('meta[name="repli
   /\/+$/,
   '',
 );
+const tokenMode = document.querySelector('meta[name="replisync-auth"]')?.content === 'token';
 const space = params.get('space') ?? 'demo';
 const spaceURL = `${server}/spaces/${encodeURIComponent(space)}`;
 
@@ -21,10 +28,46 @@ const $ = (id) => document.getElementById(id);
 $('space').textContent = space;
 $('server').textContent = server;
 
+// --- Tokens (token mode only) ------------------------------------------------------------
+
+function defaultUser() {
+  const key = 'replisync-demo-user';
+  let user = localStorage.getItem(key);
+  if (!user) {
+    user = `user-${Math.random().toString(36).slice(2, 8)}`;
+    localStorage.setItem(key, user);
+  }
+  return user;
+}
+
+const userID = tokenMode ? (params.get('user') ?? defaultUser()) : undefined;
+let token = '';
+window.demoTokenFetches = 0;
+
+/** Fetches a fresh token for this user and space from the demo server. */
+async function fetchToken() {
+  const query = new URLSearchParams({ user: userID, space });
+  const res = await fetch(`/dev-token?${query}`, { cache: 'no-store' });
+  if (!res.ok) throw new Error(`/dev-token answered ${res.status}: ${await res.text()}`);
+  token = (await res.json()).token;
+  window.demoTokenFetches++;
+  return token;
+}
+
+if (tokenMode) {
+  $('user').textContent = userID;
+  $('as').hidden = false;
+  await fetchToken();
+}
+
+// --- Replicache ----------------------------------------------------------------------------
+
 const rep = new Replicache({
-  name: `replisync-demo/${space}`,
+  // One local database per user and space, so two users on one browser never share data.
+  name: tokenMode ? `${userID}/${space}` : `replisync-demo/${space}`,
   pushURL: `${spaceURL}/push`,
   pullURL: `${spaceURL}/pull`,
+  auth: tokenMode ? `Bearer ${token}` : undefined,
   // The same mutator replisync runs on the server (its built-in `increment`).
   mutators: {
     async increment(tx, { key, delta }) {
@@ -33,6 +76,11 @@ const rep = new Replicache({
     },
   },
 });
+if (tokenMode) {
+  // Replicache calls this when a push or pull is answered 401 (e.g. the token expired), then
+  // retries with what it returns. (An instance property: the constructor takes no getAuth.)
+  rep.getAuth = async () => `Bearer ${await fetchToken()}`;
+}
 
 rep.subscribe((tx) => tx.get('count'), {
   onData(count) {
@@ -44,22 +92,47 @@ $('increment').addEventListener('click', () => {
   rep.mutate.increment({ key: 'count', delta: 1 });
 });
 
-// Pokes: replisync sends `event: poke` on this stream after every push that changed the space.
+// --- Pokes -----------------------------------------------------------------------------------
+
+// replisync sends `event: poke` on this stream after every push that changed the space.
 // On each (re)connection we also pull, to catch up with pokes sent while we were away.
 const status = $('status');
 function setStatus(state, text) {
   status.dataset.sse = state;
   status.textContent = text;
 }
-const events = new EventSource(`${spaceURL}/poke`);
-events.addEventListener('open', () => {
-  setStatus('open', 'live: changes from others appear as they happen');
-  rep.pull();
-});
-events.addEventListener('poke', () => rep.pull());
-events.addEventListener('error', () => {
-  setStatus('connecting', 'reconnecting to replisync…');
-});
+
+let events;
+let reopenDelay = 1_000;
+function openPokes() {
+  const url = tokenMode ? `${spaceURL}/poke?auth=${encodeURIComponent(token)}` : `${spaceURL}/poke`;
+  events = new EventSource(url);
+  events.addEventListener('open', () => {
+    reopenDelay = 1_000;
+    setStatus('open', 'live: changes from others appear as they happen');
+    rep.pull();
+  });
+  events.addEventListener('poke', () => rep.pull());
+  events.addEventListener('error', () => {
+    setStatus('connecting', 'reconnecting to replisync…');
+    // EventSource reconnects by itself after a dropped connection, but gives up for good on
+    // an HTTP error, e.g. a 401 once the token in its URL has expired: then open a new
+    // stream with a fresh token.
+    if (tokenMode && events.readyState === EventSource.CLOSED) {
+      events.close();
+      setTimeout(async () => {
+        try {
+          await fetchToken();
+        } catch {
+          // the demo server is away: try again later
+        }
+        openPokes();
+      }, reopenDelay);
+      reopenDelay = Math.min(reopenDelay * 2, 30_000);
+    }
+  });
+}
+openPokes();
 
 // For tests and the curious: the Replicache instance.
 window.rep = rep;

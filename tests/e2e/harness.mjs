@@ -18,7 +18,7 @@ import { tmpdir, homedir } from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { randomUUID } from 'node:crypto';
+import { randomUUID, createHmac } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 import { Replicache } from 'replicache';
 import PusherPkg from 'pusher-js';
@@ -115,6 +115,36 @@ export async function freePort() {
 
 export function uniqueId(prefix = 's') {
   return `${prefix}${randomUUID().replaceAll('-', '').slice(0, 12)}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens: HS256 JWTs made with node's crypto, for replisync started with REPLISYNC_JWT_SECRET.
+
+/** The secret the token scenarios give replisync (REPLISYNC_JWT_SECRET) and sign with. */
+export const JWT_SECRET = 'e2e-jwt-secret-not-for-production';
+
+function base64url(value) {
+  return Buffer.from(typeof value === 'string' ? value : JSON.stringify(value)).toString('base64url');
+}
+
+/**
+ * An HS256 (or HS384/HS512) JWT. `claims` are copied as they are (sub, spaces, spaces_read,
+ * nbf, ...); `exp` defaults to now + `ttl` seconds (default 300). Pass `exp: null` for a
+ * token without expiry.
+ */
+export function signToken(claims, { secret = JWT_SECRET, alg = 'HS256', ttl = 300 } = {}) {
+  const now = Math.floor(Date.now() / 1000);
+  const payload = { iat: now, exp: now + ttl, ...claims };
+  if (payload.exp === null) delete payload.exp;
+  const head = `${base64url({ alg, typ: 'JWT' })}.${base64url(payload)}`;
+  const hash = { HS256: 'sha256', HS384: 'sha384', HS512: 'sha512' }[alg];
+  if (!hash) throw new Error(`signToken: unsupported alg ${alg}`);
+  return `${head}.${createHmac(hash, secret).update(head).digest('base64url')}`;
+}
+
+/** `Bearer <token>`: what Replicache's `auth` option and raw requests send. */
+export function bearer(token) {
+  return `Bearer ${token}`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,9 +464,10 @@ export class E2E {
   /**
    * A Replicache client of `server` on space `space`. Options are passed to Replicache,
    * except: name (default unique), mutators (default: the server's built-ins),
-   * poke ('sse' to pull on SSE pokes; default none).
+   * poke ('sse' to pull on SSE pokes; default none), getAuth (set as `rep.getAuth`, an
+   * instance property: Replicache 15's constructor ignores a `getAuth` option).
    */
-  async replicache(server, space, { name, mutators, poke, ...options } = {}) {
+  async replicache(server, space, { name, mutators, poke, getAuth, ...options } = {}) {
     const logs = [];
     const sink = {
       log(level, context, ...args) {
@@ -461,6 +492,7 @@ export class E2E {
       mutators: mutators ?? serverMutators(),
       ...options,
     });
+    if (getAuth) rep.getAuth = getAuth;
     rep.e2eLogs = logs;
     rep.e2eName = name;
     let closed = false;
@@ -486,9 +518,13 @@ export class E2E {
 
   // --- pusher-js ------------------------------------------------------------------------------
 
-  /** A pusher-js client connected to sockudo on `port`; resolves once connected. */
-  async pusherClient(port) {
-    const client = new Pusher(PUSHER_APP.key, {
+  /**
+   * A pusher-js client connected to sockudo on `port`; resolves once connected. With
+   * `authServer` and `token`, private channels are authorized by `authServer`'s
+   * `POST /pusher/auth` (pusher-js's own ajax transport, the token in `Authorization`).
+   */
+  async pusherClient(port, { authServer, token } = {}) {
+    const options = {
       cluster: '',
       wsHost: '127.0.0.1',
       wsPort: port,
@@ -496,7 +532,15 @@ export class E2E {
       forceTLS: false,
       enabledTransports: ['ws', 'wss'],
       disableStats: true,
-    });
+    };
+    if (authServer) {
+      options.channelAuthorization = {
+        endpoint: `${authServer.url}/pusher/auth`,
+        transport: 'ajax',
+        headers: token ? { Authorization: bearer(token) } : {},
+      };
+    }
+    const client = new Pusher(PUSHER_APP.key, options);
     this.defer(() => client.disconnect());
     await withTimeout(
       new Promise((resolve, reject) => {
@@ -534,10 +578,32 @@ export class E2E {
     return events;
   }
 
+  /**
+   * Like `subscribe`, but never throws on a refused subscription: resolves to
+   * `{ok: true, events}` or `{ok: false, error, events}` (`error` is pusher-js's
+   * `pusher:subscription_error` payload, e.g. `{type: 'AuthError', status: 403, error}`).
+   */
+  async trySubscribe(client, channel, eventName = 'poke') {
+    const events = [];
+    const ch = client.subscribe(channel);
+    ch.bind(eventName, (data) => events.push({ at: performance.now(), data }));
+    return withTimeout(
+      new Promise((resolve) => {
+        ch.bind('pusher:subscription_succeeded', () => resolve({ ok: true, events }));
+        ch.bind('pusher:subscription_error', (error) => resolve({ ok: false, error, events }));
+      }),
+      10_000,
+      `the outcome of subscribing to ${channel}`,
+    );
+  }
+
   // --- The demo page and a browser ------------------------------------------------------------
 
-  /** Starts demo/server.mjs (on a free port) pointed at `server`; resolves to its URL. */
-  async startDemo(server) {
+  /**
+   * Starts demo/server.mjs (on a free port) pointed at `server`; resolves to its URL.
+   * `env` adds variables (e.g. REPLISYNC_JWT_SECRET for the demo's token mode).
+   */
+  async startDemo(server, { env = {} } = {}) {
     const demoDir = path.join(REPO_DIR, 'demo');
     if (!existsSync(path.join(demoDir, 'node_modules', 'replicache', 'package.json'))) {
       throw new Error(`the demo's dependencies are missing: run \`npm ci\` in ${demoDir}`);
@@ -550,6 +616,7 @@ export class E2E {
         HOST: '127.0.0.1',
         PORT: '0',
         REPLISYNC_URL: server.url,
+        ...env,
       },
     });
     this.defer(() => proc.stop({ graceMs: 2_000 }));
@@ -590,12 +657,20 @@ export class E2E {
 
   // --- SSE ------------------------------------------------------------------------------------
 
-  /** Reads GET /spaces/{space}/poke; see SseReader. */
-  sse(server, space, opts = {}) {
-    const reader = new SseReader(`${server.url}/spaces/${encodeURIComponent(space)}/poke`, opts);
+  /** Reads GET /spaces/{space}/poke (with `auth`: `?auth=<token>`); see SseReader. */
+  sse(server, space, { auth, ...opts } = {}) {
+    const query = auth === undefined ? '' : `?auth=${encodeURIComponent(auth)}`;
+    const reader = new SseReader(`${server.url}/spaces/${encodeURIComponent(space)}/poke${query}`, opts);
     this.defer(() => reader.close());
     return reader;
   }
+}
+
+/** JSON request headers, with `Authorization: auth` when given. */
+function authHeaders(auth) {
+  const headers = { 'content-type': 'application/json' };
+  if (auth !== undefined) headers.authorization = auth;
+  return headers;
 }
 
 function safeJson(v) {
@@ -609,8 +684,9 @@ function safeJson(v) {
 // ---------------------------------------------------------------------------------------------
 
 export class ReplisyncServer {
-  constructor(scope, { databaseUrl, port, pusher, env = {} } = {}) {
+  constructor(scope, { databaseUrl, port, pusher, jwtSecret, env = {} } = {}) {
     this.scope = scope;
+    this.jwtSecret = jwtSecret;
     this.databaseUrl = databaseUrl ?? scope.newDatabaseUrl();
     this.port = port ?? 0;
     this.pusher = pusher;
@@ -653,6 +729,7 @@ export class ReplisyncServer {
         PUSHER_SCHEME: 'http',
       });
     }
+    if (this.jwtSecret) env.REPLISYNC_JWT_SECRET = this.jwtSecret;
     return { ...env, ...this.extraEnv };
   }
 
@@ -705,7 +782,7 @@ export class ReplisyncServer {
   }
 
   /** Raw protocol push (pushVersion 1). Returns {status, body, ms}. */
-  async push(space, { clientGroupID, clientID, mutations, firstID = 1 }) {
+  async push(space, { clientGroupID, clientID, mutations, firstID = 1, auth }) {
     const body = {
       pushVersion: 1,
       schemaVersion: '',
@@ -722,7 +799,7 @@ export class ReplisyncServer {
     const t0 = performance.now();
     const res = await realFetch(`${this.url}/spaces/${encodeURIComponent(space)}/push`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: authHeaders(auth),
       body: JSON.stringify(body),
       signal: AbortSignal.timeout(15_000),
     });
@@ -730,11 +807,18 @@ export class ReplisyncServer {
     return { status: res.status, body: text, ms: performance.now() - t0, respondedAt: performance.now() };
   }
 
-  /** Raw protocol pull (pullVersion 1). Returns the parsed response. */
-  async pull(space, { clientGroupID = uniqueId('cg-'), cookie = null } = {}) {
-    const res = await realFetch(`${this.url}/spaces/${encodeURIComponent(space)}/pull`, {
+  /** Raw protocol pull (pullVersion 1). Returns the parsed response (throws unless 200). */
+  async pull(space, opts = {}) {
+    const res = await this.pullRaw(space, opts);
+    if (res.status !== 200) throw new Error(`pull answered ${res.status}: ${await res.text()}`);
+    return res.json();
+  }
+
+  /** Raw protocol pull; resolves to the fetch Response whatever its status. */
+  async pullRaw(space, { clientGroupID = uniqueId('cg-'), cookie = null, auth } = {}) {
+    return realFetch(`${this.url}/spaces/${encodeURIComponent(space)}/pull`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: authHeaders(auth),
       body: JSON.stringify({
         pullVersion: 1,
         schemaVersion: '',
@@ -744,13 +828,14 @@ export class ReplisyncServer {
       }),
       signal: AbortSignal.timeout(15_000),
     });
-    if (res.status !== 200) throw new Error(`pull answered ${res.status}: ${await res.text()}`);
-    return res.json();
   }
 
-  /** The space's entries as the server has them now (a fresh client group's full pull). */
-  async snapshot(space) {
-    const res = await this.pull(space);
+  /**
+   * The space's entries as the server has them now (a fresh client group's full pull);
+   * `auth` is the Authorization header, needed when tokens are on.
+   */
+  async snapshot(space, { auth } = {}) {
+    const res = await this.pull(space, { auth });
     const data = {};
     for (const op of res.patch) {
       if (op.op === 'put') data[op.key] = op.value;
