@@ -157,3 +157,43 @@ fn migrate_applies_migrations_and_exits() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("migrations applied"));
     assert!(dir.path().join("ops/replisync.db").exists());
 }
+
+#[test]
+fn no_authentication_on_a_public_address_stops_start_up_naming_both_ways_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
+        .args(["--listen", "0.0.0.0:0"])
+        .env_clear()
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for named in [
+        "REPLISYNC_JWT_SECRET",
+        "REPLISYNC_JWT_JWKS_URL",
+        "REPLISYNC_ALLOW_ANONYMOUS",
+    ] {
+        assert!(stderr.contains(named), "{named} not named in: {stderr}");
+    }
+    assert!(
+        !dir.path().join("replisync-data").exists(),
+        "it opened a database before refusing"
+    );
+}
+
+#[test]
+fn help_lists_the_secret_variables_without_their_values() {
+    let help = Command::new(env!("CARGO_BIN_EXE_replisync"))
+        .arg("--help")
+        .env_clear()
+        .env("REPLISYNC_JWT_SECRET", "top-secret-value")
+        .env("PUSHER_SECRET", "pusher-secret-value")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for variable in ["REPLISYNC_JWT_SECRET", "PUSHER_SECRET", "PUSHER_APP_ID"] {
+        assert!(help.contains(variable), "--help does not list {variable}");
+    }
+    assert!(!help.contains("top-secret-value") && !help.contains("pusher-secret-value"));
+}

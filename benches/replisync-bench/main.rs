@@ -56,6 +56,10 @@ struct Args {
         default_value = "push,storm,first-pull,poke"
     )]
     only: Vec<String>,
+    /// Run the server with REPLISYNC_JWT_SECRET set to this, and send every request with an
+    /// HS256 token signed with it (to measure what token checks cost).
+    #[arg(long)]
+    jwt_secret: Option<String>,
     /// Passed by `cargo bench` to every bench target; ignored.
     #[arg(long = "bench", hide = true)]
     _cargo_bench: bool,
@@ -75,19 +79,16 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bench_url = database::fresh_database(&args.database_url).await?;
     // Pokes off for workloads 1-5: sockudo on the same two cores would compete with them.
-    let server = Server::start(&args.server, &bench_url, None).await?;
+    let jwt_secret = args.jwt_secret.as_deref();
+    let server = Server::start(&args.server, &bench_url, None, jwt_secret).await?;
     let bench = Bench {
-        api: Api::new(
-            reqwest::Client::builder()
-                .pool_max_idle_per_host(1024)
-                .build()?,
-            &server.base,
-        ),
+        api: Api::new(http_client(jwt_secret)?, &server.base),
         scale: if args.quick { 4 } else { 1 },
         repeat: args.repeat.max(1),
         admin_url: args.database_url.clone(),
         server_binary: args.server.clone(),
         database_url: bench_url.clone(),
+        jwt_secret: args.jwt_secret.clone(),
     };
     let floor_store =
         Arc::new(PgStore::connect(PgConnectOptions::from_str(&bench_url)?, POOL_SIZE).await?);
@@ -110,7 +111,8 @@ async fn main() -> anyhow::Result<()> {
     if args.runs("poke")
         && let Some(sockudo) = Sockudo::start().await
     {
-        let poking_server = Server::start(&args.server, &bench_url, Some(&sockudo)).await?;
+        let poking_server =
+            Server::start(&args.server, &bench_url, Some(&sockudo), jwt_secret).await?;
         report.poke_latency = Some(bench.poke_latency(&poking_server, 60).await?);
     }
     report.print();
@@ -118,4 +120,30 @@ async fn main() -> anyhow::Result<()> {
     println!("\nwrote {}", args.json);
     floor_store.close().await;
     Ok(())
+}
+
+/// The benchmark's HTTP client; with a JWT secret, every request carries a token granting
+/// every space.
+fn http_client(jwt_secret: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(secret) = jwt_secret {
+        let claims = serde_json::json!({
+            "sub": "bench",
+            "exp": jsonwebtoken::get_current_timestamp() + 24 * 60 * 60,
+            "spaces": ["*"],
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )?;
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse()?,
+        );
+    }
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .default_headers(headers)
+        .build()?)
 }

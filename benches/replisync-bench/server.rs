@@ -26,8 +26,12 @@ impl Server {
         binary: &Path,
         database_url: &str,
         sockudo: Option<&Sockudo>,
+        jwt_secret: Option<&str>,
     ) -> anyhow::Result<Server> {
         let mut command = server_command(binary, database_url);
+        if let Some(secret) = jwt_secret {
+            command.env("REPLISYNC_JWT_SECRET", secret);
+        }
         if let Some(sockudo) = sockudo {
             sockudo.configure_pusher(&mut command);
         }

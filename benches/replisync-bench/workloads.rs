@@ -32,6 +32,8 @@ pub struct Bench {
     /// What the first pulls start a fresh server with: its binary and database.
     pub server_binary: PathBuf,
     pub database_url: String,
+    /// REPLISYNC_JWT_SECRET of every server started, when tokens are measured.
+    pub jwt_secret: Option<String>,
 }
 
 impl Bench {
@@ -191,7 +193,13 @@ impl Bench {
     pub async fn first_pull(&self, entries: usize) -> anyhow::Result<FirstPullFigures> {
         let space = format!("big-{entries}");
         self.load_entries(&space, entries).await?;
-        let server = Server::start(&self.server_binary, &self.database_url, None).await?;
+        let server = Server::start(
+            &self.server_binary,
+            &self.database_url,
+            None,
+            self.jwt_secret.as_deref(),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rss_before = server.rss_mb();
         let peak_reset = server.reset_peak_rss();
