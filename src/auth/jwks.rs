@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use tokio::sync::Mutex;
+use tokio::sync::RwLock;
 
 use super::AuthError;
 
@@ -26,7 +26,7 @@ pub struct Jwks {
     /// At most one fetch per this interval, so a flood of bogus `kid`s cannot make replisync
     /// hammer the provider.
     min_refetch: Duration,
-    cache: Mutex<KeyCache>,
+    cache: RwLock<KeyCache>,
 }
 
 #[derive(Default)]
@@ -43,13 +43,21 @@ impl Jwks {
             url,
             http,
             min_refetch,
-            cache: Mutex::new(KeyCache::default()),
+            cache: RwLock::new(KeyCache::default()),
         }
     }
 
     /// The key a token with header `kid` was signed with.
     pub async fn key_for(&self, kid: Option<&str>) -> Result<VerifyingKey, AuthError> {
-        let mut cache = self.cache.lock().await;
+        {
+            // The common case, shared by concurrent requests: a known key, fetched recently.
+            let cache = self.cache.read().await;
+            if let Some(key) = cache.find(kid).filter(|_| !cache.is_stale()) {
+                return Ok(key.clone());
+            }
+        }
+        // One request at a time decides whether to fetch; the others wait for its answer.
+        let mut cache = self.cache.write().await;
         let stale = cache.fetched_at.is_none_or(|at| at.elapsed() > MAX_KEY_AGE);
         let unknown = cache.find(kid).is_none();
         let may_fetch = cache
@@ -111,6 +119,11 @@ impl Jwks {
 }
 
 impl KeyCache {
+    /// Never fetched, or fetched longer than [`MAX_KEY_AGE`] ago.
+    fn is_stale(&self) -> bool {
+        self.fetched_at.is_none_or(|at| at.elapsed() > MAX_KEY_AGE)
+    }
+
     fn find(&self, kid: Option<&str>) -> Option<&VerifyingKey> {
         match kid {
             Some(kid) => self.keys.get(kid),

@@ -224,8 +224,9 @@ impl PusherConfig {
         Ok(Some(config))
     }
 
-    /// [`PusherConfig::from_args`] on the `PUSHER_*` variables read through `lookup`. Start-up
-    /// calls it with `std::env::var` until `PusherArgs` is part of the main clap configuration.
+    /// [`PusherConfig::from_args`] on `PUSHER_*` variables read through `lookup` (tests write
+    /// configurations as variable lists; start-up reads them through clap).
+    #[cfg(test)]
     pub fn from_env(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<PusherConfig>, PusherConfigError> {
