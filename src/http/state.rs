@@ -18,18 +18,18 @@ use crate::store::Store;
 
 #[derive(Clone, FromRef)]
 pub struct AppState {
-    pub store: Arc<dyn Store>,
-    pub mutators: Arc<Mutators>,
-    pub auth: Arc<dyn Authenticator>,
-    pub authorizer: Arc<Authorizer>,
-    pub pokes: Pokes,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) mutators: Arc<Mutators>,
+    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) authorizer: Arc<Authorizer>,
+    pub(crate) pokes: Pokes,
     /// The built-in SSE poke stream, when enabled.
-    pub sse: Option<Arc<SsePokes>>,
-    pub http: HttpSettings,
-    pub metrics: Arc<Metrics>,
-    pub pulls: Arc<Pulls>,
+    pub(crate) sse: Option<Arc<SsePokes>>,
+    pub(crate) http: HttpSettings,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pulls: Arc<Pulls>,
     /// The Pusher poker, when configured (its counters go to `/metrics`).
-    pub pusher: Option<Arc<PusherPoker>>,
+    pub(crate) pusher: Option<Arc<PusherPoker>>,
     /// Signs private poke channel subscriptions (Pusher with authentication on).
-    pub private_channels: Option<Arc<PrivateChannels>>,
+    pub(crate) private_channels: Option<Arc<PrivateChannels>>,
 }
