@@ -19,7 +19,7 @@ test('10. the demo in token mode: two users, live clicks, token renewal', { time
 
   const server = await env.startReplisync({ jwtSecret: JWT_SECRET });
   const demo = await env.startDemo(server, { env: { REPLISYNC_JWT_SECRET: JWT_SECRET } });
-  assert.match(demo.proc.output, /token mode/);
+  await demo.proc.waitForLine(/token mode/, { timeout: 5_000, message: 'the demo server to say it is in token mode' });
   const space = uniqueId('demo-');
 
   // Without a token replisync refuses the space.
