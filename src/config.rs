@@ -65,7 +65,8 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
 
-    /// Seconds to finish in-flight requests and pending pokes after SIGTERM or Ctrl-C.
+    /// Seconds to finish in-flight requests and pending pokes after SIGTERM or Ctrl-C; then what
+    /// still runs is dropped and the process exits with status 1.
     #[arg(long, env = "REPLISYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
 
@@ -73,8 +74,9 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_migrate: bool,
 
-    /// Origins allowed to call push and pull from a browser: `*` or a comma-separated list.
-    #[arg(long, env = "REPLISYNC_CORS_ORIGINS", default_value = "*")]
+    /// Origins allowed to call push, pull and pokes from a browser: a comma-separated list, or
+    /// `*` for every origin. Unset: loopback origins only (http://localhost:PORT, 127.0.0.1).
+    #[arg(long, env = "REPLISYNC_CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
 
     /// The built-in SSE poke stream: on by default without Pusher, off with Pusher.
@@ -175,8 +177,8 @@ fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
 pub struct HttpSettings {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
-    /// `None` allows every origin.
-    pub cors_origins: Option<Vec<HeaderValue>>,
+    /// Which browser origins may call push, pull and pokes.
+    pub cors_origins: CorsOrigins,
     /// How long shutdown waits for in-flight requests and pending pokes.
     pub shutdown_timeout: Duration,
 }
@@ -186,10 +188,23 @@ impl Default for HttpSettings {
         HttpSettings {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
-            cors_origins: None,
+            cors_origins: CorsOrigins::Loopback,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Browser origins allowed to call replisync cross-origin. `/metrics` and `/healthz` are never
+/// served cross-origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// Pages served from this machine only (`http://localhost:3000`, `http://127.0.0.1:5173`):
+    /// no web page on the internet can reach a local replisync through a visitor's browser.
+    Loopback,
+    /// Every origin (`REPLISYNC_CORS_ORIGINS=*`).
+    Any,
+    /// These origins exactly.
+    List(Vec<HeaderValue>),
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,8 +249,9 @@ impl Config {
 
     pub fn http_settings(&self) -> Result<HttpSettings, String> {
         let cors_origins = match self.cors_origins.trim() {
-            "*" | "" => None,
-            list => Some(
+            "" => CorsOrigins::Loopback,
+            "*" => CorsOrigins::Any,
+            list => CorsOrigins::List(
                 list.split(',')
                     .map(|origin| {
                         origin.trim().parse().map_err(|_| {
@@ -291,8 +307,15 @@ mod tests {
     fn cors_origins_parse_as_a_list() {
         let mut c = config(&[]);
         c.cors_origins = "https://a.example, https://b.example".into();
-        assert_eq!(c.http_settings().unwrap().cors_origins.unwrap().len(), 2);
+        assert!(
+            matches!(c.http_settings().unwrap().cors_origins, CorsOrigins::List(list) if list.len() == 2)
+        );
         c.cors_origins = "*".into();
-        assert!(c.http_settings().unwrap().cors_origins.is_none());
+        assert_eq!(c.http_settings().unwrap().cors_origins, CorsOrigins::Any);
+        c.cors_origins = String::new();
+        assert_eq!(
+            c.http_settings().unwrap().cors_origins,
+            CorsOrigins::Loopback
+        );
     }
 }

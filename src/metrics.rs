@@ -40,8 +40,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The counters, and the Pusher poker's when pokes go through Pusher.
-    pub fn render(&self, pusher: Option<PokerStats>) -> String {
+    /// The counters, the Pusher poker's when pokes go through Pusher, and the number of spaces
+    /// with open SSE streams when SSE is on.
+    pub fn render(&self, pusher: Option<PokerStats>, sse_watched_spaces: Option<usize>) -> String {
         let mut out = String::new();
         for (name, help, value) in [
             (
@@ -86,6 +87,13 @@ impl Metrics {
             ),
         ] {
             write_counter(&mut out, name, help, value);
+        }
+        if let Some(spaces) = sse_watched_spaces {
+            let _ = writeln!(
+                out,
+                "# HELP replisync_sse_watched_spaces Spaces with at least one open SSE poke stream.\n\
+                 # TYPE replisync_sse_watched_spaces gauge\nreplisync_sse_watched_spaces {spaces}"
+            );
         }
         if let Some(stats) = pusher {
             for (name, help, value) in [

@@ -68,6 +68,7 @@ async fn apply_push(
     let mut last_mutation_ids = known_clients(stored.clients, request)?;
 
     let mut overlay = PushOverlay::default();
+    let mut failed = FailedMutations::default();
     let mut advanced: HashSet<&str> = HashSet::new();
     let mut stopped_by_gap: HashSet<&str> = HashSet::new();
     for mutation in &request.mutations {
@@ -81,7 +82,7 @@ async fn apply_push(
         }
         if mutation.id > expected {
             tracing::warn!(
-                client,
+                client = ?shortened(client),
                 expected,
                 got = mutation.id,
                 "mutation id gap; ignoring this client's later mutations"
@@ -93,15 +94,13 @@ async fn apply_push(
         match run_mutator(mutators, &mut write_tx, mutation).await {
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error.into()),
-            Err(error) => tracing::warn!(
-                client, id = mutation.id, name = %mutation.name, %error,
-                "mutation failed; its writes are discarded and it counts as processed"
-            ),
+            Err(error) => failed.record(mutation, &error),
         }
         last_mutation_ids.insert(client, mutation.id);
         advanced.insert(client);
     }
 
+    failed.log();
     if advanced.is_empty() {
         return Ok(PushOutcome::Unchanged); // dropping the transaction rolls it back
     }
@@ -194,6 +193,57 @@ fn known_clients(
         }
     }
     Ok(last_mutation_ids)
+}
+
+/// How many failed mutations a push's log line describes, and how much of each client string.
+const LOGGED_FAILURES: usize = 5;
+const LOGGED_TEXT_BYTES: usize = 200;
+
+/// A push's failed mutations, logged as one line: a push of 90,000 failing mutations (or one
+/// with a 4 MB argument) writes a few hundred bytes of log, not megabytes.
+#[derive(Default)]
+struct FailedMutations {
+    count: usize,
+    first: Vec<String>,
+}
+
+impl FailedMutations {
+    fn record(&mut self, mutation: &Mutation, error: &MutationError) {
+        self.count += 1;
+        if self.first.len() < LOGGED_FAILURES {
+            self.first.push(format!(
+                "{}#{} {}: {}",
+                shortened(&mutation.client_id),
+                mutation.id,
+                shortened(&mutation.name),
+                shortened(&error.to_string())
+            ));
+        }
+    }
+
+    /// Client strings are logged with `?` (escaped): a name holding a newline cannot forge a
+    /// log line.
+    fn log(&self) {
+        if self.count > 0 {
+            tracing::warn!(
+                failed = self.count,
+                first = ?self.first,
+                "mutations failed; their writes are discarded and they count as processed"
+            );
+        }
+    }
+}
+
+/// At most [`LOGGED_TEXT_BYTES`] of `text` (cut at a character boundary, marked with `…`).
+fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= LOGGED_TEXT_BYTES {
+        return text.into();
+    }
+    let mut end = LOGGED_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
 }
 
 async fn run_mutator(

@@ -345,27 +345,48 @@ pub async fn serve(
     let server =
         axum::serve(listener, app.router()).with_graceful_shutdown(stop.clone().cancelled_owned());
     let mut server = tokio::spawn(server.into_future());
-    // One deadline for everything shutdown waits for: requests, then pending pokes.
+    // One deadline for everything shutdown waits for: requests, then pending pokes, then the
+    // database connections. Past it, what still runs is dropped and the process exits.
     let budget = app.state.http.shutdown_timeout;
     let mut deadline = tokio::time::Instant::now() + budget;
+    let mut cut_short = false;
     tokio::select! {
         result = &mut server => result.context("server task failed")??,
         () = shutdown => {
             tracing::info!("shutting down: finishing requests and pokes");
             stop.cancel();
             deadline = tokio::time::Instant::now() + budget;
-            if tokio::time::timeout_at(deadline, server).await.is_err() {
+            if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
                 tracing::warn!("requests still running at the shutdown deadline were cut off");
+                server.abort();
+                cut_short = true;
             }
         }
     }
     if let Some(poker) = &app.state.pusher {
         drain_pokes(poker, deadline).await;
     }
-    app.state.store.close().await;
+    // A connection still held by a cut-off response would make closing the pool wait forever.
+    let close_by = deadline.max(tokio::time::Instant::now() + CLOSE_GRACE);
+    if tokio::time::timeout_at(close_by, app.state.store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database connections still in use at the shutdown deadline were dropped");
+        cut_short = true;
+    }
+    if cut_short {
+        anyhow::bail!(
+            "shutdown cut work short after REPLISYNC_SHUTDOWN_TIMEOUT_SECS ({} s); cut-off transactions were rolled back",
+            budget.as_secs()
+        );
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Time given to closing the database's connections when the shutdown deadline has passed.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 async fn drain_pokes(poker: &PusherPoker, deadline: tokio::time::Instant) {
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -11,14 +11,22 @@ use serde_json::{Value, json};
 struct Server {
     child: Child,
     base: String,
+    /// Every line the server logged so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 /// Starts `replisync` in `dir` with nothing in its environment and `--listen 127.0.0.1:0`
 /// (so parallel tests never fight over a port); returns once it logs its address.
 fn start(dir: &std::path::Path) -> Server {
+    start_with(dir, &[])
+}
+
+/// `start`, with these variables in the environment.
+fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_replisync"))
         .args(["--listen", "127.0.0.1:0"])
         .env_clear()
+        .envs(env.iter().copied())
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -26,12 +34,15 @@ fn start(dir: &std::path::Path) -> Server {
         .expect("the replisync binary starts");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let kept = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("replisync: {line}");
+            println!("replisync: {}", line.chars().take(300).collect::<String>());
             if let Some(address) = line.split("address=").nth(1) {
                 let _ = tx.send(address.trim().to_owned());
             }
+            kept.lock().unwrap().push(line);
         }
     });
     let address = rx
@@ -40,6 +51,7 @@ fn start(dir: &std::path::Path) -> Server {
     Server {
         child,
         base: format!("http://{address}"),
+        log,
     }
 }
 
@@ -196,4 +208,113 @@ fn help_lists_the_secret_variables_without_their_values() {
         assert!(help.contains(variable), "--help does not list {variable}");
     }
     assert!(!help.contains("top-secret-value") && !help.contains("pusher-secret-value"));
+}
+
+/// A reader that stops reading a large first pull holds a database snapshot; shutdown must
+/// still end at its deadline (the process exits, saying it cut work short), not wait forever.
+#[tokio::test]
+async fn shutdown_ends_at_its_deadline_even_with_a_stalled_reader() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_with(dir.path(), &[("REPLISYNC_SHUTDOWN_TIMEOUT_SECS", "1")]);
+    // 16 MB of data: far more than the socket buffers between a stalled reader and replisync.
+    let megabyte = "x".repeat(1024 * 1024);
+    for id in 1..=16u64 {
+        let push = json!({"pushVersion": 1, "clientGroupID": "g", "mutations": [
+            {"id": id, "name": "set", "clientID": "c", "timestamp": 1.0,
+             "args": {"key": format!("k{id}"), "value": megabyte}}]});
+        assert_eq!(
+            post(&server.base, "/spaces/big/push", push).await,
+            json!({})
+        );
+    }
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stalled = std::net::TcpStream::connect(&address).unwrap();
+    let pull = r#"{"pullVersion":1,"clientGroupID":"g2","cookie":null}"#;
+    write!(
+        stalled,
+        "POST /spaces/big/pull HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{pull}",
+        pull.len()
+    )
+    .unwrap();
+    let mut first_bytes = [0u8; 64];
+    stalled.read_exact(&mut first_bytes).unwrap(); // the answer has begun; now stop reading
+    std::thread::sleep(Duration::from_millis(500));
+
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status =
+        exited.expect("replisync still runs 10 s after SIGTERM with a 1 s shutdown timeout");
+    assert!(
+        !status.success(),
+        "cutting a response short must show in the exit status"
+    );
+    drop(stalled);
+}
+
+/// Failing mutations cannot flood or forge the log: one line per push, arguments cut short,
+/// client strings escaped.
+#[tokio::test]
+async fn failing_mutations_are_one_short_escaped_log_line_per_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let huge = "y".repeat(1024 * 1024);
+    let mut mutations = vec![
+        // Invalid arguments of a megabyte: the error quotes them.
+        json!({"id": 1, "name": "set", "args": [huge], "timestamp": 1.0, "clientID": "c"}),
+        json!({"id": 2, "name": "nope\nINFO forged: all is well", "args": {},
+               "timestamp": 1.0, "clientID": "c"}),
+    ];
+    for id in 3..=2000u64 {
+        mutations.push(json!({"id": id, "name": "unknownMutator", "args": {},
+            "timestamp": 1.0, "clientID": "c"}));
+    }
+    let push = json!({"pushVersion": 1, "clientGroupID": "g", "mutations": mutations});
+    assert_eq!(
+        post(&server.base, "/spaces/logs/push", push).await,
+        json!({})
+    );
+    let pull = json!({"pullVersion": 1, "clientGroupID": "g", "cookie": null});
+    assert_eq!(
+        post(&server.base, "/spaces/logs/pull", pull).await["lastMutationIDChanges"],
+        json!({"c": 2000})
+    );
+    let log = server.log.lock().unwrap().clone();
+    let failure_lines: Vec<&String> = log
+        .iter()
+        .filter(|line| line.contains("mutations failed"))
+        .collect();
+    assert_eq!(
+        failure_lines.len(),
+        1,
+        "one line per push: {failure_lines:#?}"
+    );
+    assert!(
+        failure_lines[0].contains("failed=2000"),
+        "{}",
+        failure_lines[0]
+    );
+    assert!(
+        log.iter().all(|line| line.len() < 4096),
+        "a log line of {} bytes",
+        log.iter().map(String::len).max().unwrap_or(0)
+    );
+    assert!(
+        !log.iter().any(|line| line.starts_with("INFO forged")),
+        "a mutation name forged a log line"
+    );
 }

@@ -172,8 +172,12 @@ pub async fn health_handler(State(store): State<Arc<dyn Store>>) -> Response {
 pub async fn metrics_handler(
     State(metrics): State<Arc<Metrics>>,
     State(pusher): State<Option<Arc<PusherPoker>>>,
+    State(sse): State<Option<Arc<SsePokes>>>,
 ) -> String {
-    metrics.render(pusher.as_ref().map(|poker| poker.stats()))
+    metrics.render(
+        pusher.as_ref().map(|poker| poker.stats()),
+        sse.as_ref().map(|sse| sse.watched_spaces()),
+    )
 }
 
 pub async fn not_found() -> ApiError {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{map_request, map_response_with_state};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -20,7 +20,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use self::state::AppState;
-use crate::config::HttpSettings;
+use crate::config::{CorsOrigins, HttpSettings};
 use crate::metrics::Metrics;
 
 /// The header Replicache sends with every push and pull; logged on each request span.
@@ -37,10 +37,14 @@ pub fn router(state: AppState) -> Router {
     let poke_routes = Router::new()
         .route("/spaces/{space}/poke", get(handlers::poke_handler))
         .route_layer(map_request(handlers::auth_query_as_header));
-    Router::new()
+    // What browsers call cross-origin; `/healthz` and `/metrics` are never served to them.
+    let browser_routes = Router::new()
         .merge(sync_routes)
         .merge(poke_routes)
         .route("/pusher/auth", post(handlers::pusher_auth_handler))
+        .layer(cors(&state.http));
+    Router::new()
+        .merge(browser_routes)
         .route("/healthz", get(handlers::health_handler))
         .route("/metrics", get(handlers::metrics_handler))
         .fallback(handlers::not_found)
@@ -49,7 +53,6 @@ pub fn router(state: AppState) -> Router {
             count_refusals,
         ))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
-        .layer(cors(&state.http))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
@@ -68,8 +71,9 @@ async fn count_refusals(State(metrics): State<Arc<Metrics>>, response: Response)
 /// `Content-Type` and `X-Replicache-RequestID`, so every push and pull is preflighted.
 fn cors(http: &HttpSettings) -> CorsLayer {
     let origins = match &http.cors_origins {
-        None => AllowOrigin::any(),
-        Some(list) => AllowOrigin::list(list.clone()),
+        CorsOrigins::Loopback => AllowOrigin::predicate(|origin, _| is_loopback_origin(origin)),
+        CorsOrigins::Any => AllowOrigin::any(),
+        CorsOrigins::List(list) => AllowOrigin::list(list.clone()),
     };
     CorsLayer::new()
         .allow_origin(origins)
@@ -80,6 +84,24 @@ fn cors(http: &HttpSettings) -> CorsLayer {
             HeaderName::from_static(REQUEST_ID_HEADER),
         ])
         .max_age(Duration::from_secs(24 * 60 * 60))
+}
+
+/// `http(s)://localhost`, `127.0.0.0/8` or `[::1]`, any port: a page served from this machine.
+fn is_loopback_origin(origin: &HeaderValue) -> bool {
+    let Some(url) = origin
+        .to_str()
+        .ok()
+        .and_then(|o| reqwest::Url::parse(o).ok())
+    else {
+        return false;
+    };
+    let host = url.host_str().unwrap_or_default();
+    let ip = host.trim_start_matches('[').trim_end_matches(']');
+    matches!(url.scheme(), "http" | "https")
+        && (host.eq_ignore_ascii_case("localhost")
+            || ip
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()))
 }
 
 /// One span per request: the route (`/spaces/{space}/push`, not the raw path), the path, the

@@ -44,18 +44,62 @@ impl SsePokes {
             .text("keep-alive")
     }
 
-    fn subscribe(&self, space: &SpaceId) -> broadcast::Receiver<()> {
-        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        watched
+    /// Spaces with at least one open stream.
+    pub fn watched_spaces(&self) -> usize {
+        self.watched().len()
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, HashMap<SpaceId, broadcast::Sender<()>>> {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn subscribe(self: &Arc<Self>, space: &SpaceId) -> Watcher {
+        let pokes = self
+            .watched()
             .entry(space.clone())
             .or_insert_with(|| broadcast::channel(WATCHER_QUEUE).0)
-            .subscribe()
+            .subscribe();
+        Watcher {
+            pokes: Some(pokes),
+            sse: self.clone(),
+            space: space.clone(),
+        }
+    }
+}
+
+/// One open stream's subscription. When the last watcher of a space goes, the space's entry
+/// goes with it, so the map holds only spaces someone watches.
+struct Watcher {
+    pokes: Option<broadcast::Receiver<()>>,
+    sse: Arc<SsePokes>,
+    space: SpaceId,
+}
+
+impl Watcher {
+    async fn next_poke(&mut self) -> Result<(), broadcast::error::RecvError> {
+        match &mut self.pokes {
+            Some(pokes) => pokes.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let mut watched = self.sse.watched();
+        drop(self.pokes.take());
+        let unwatched = watched
+            .get(&self.space)
+            .is_some_and(|sender| sender.receiver_count() == 0);
+        if unwatched {
+            watched.remove(&self.space);
+        }
     }
 }
 
 impl PokeSink for SsePokes {
     fn space_changed(&self, space: &SpaceId, _committed_at: Instant) {
-        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watched = self.watched();
         let nobody_listens = watched
             .get(space)
             .is_some_and(|sender| sender.send(()).is_err());
@@ -71,12 +115,12 @@ pub fn poke_events(
     sse: Arc<SsePokes>,
     space: SpaceId,
 ) -> impl futures::Stream<Item = Result<Event, Infallible>> {
-    let mut pokes = sse.subscribe(&space);
+    let mut watcher = sse.subscribe(&space);
     stream! {
         yield Ok(Event::default().comment("connected"));
         loop {
             tokio::select! {
-                received = pokes.recv() => match received {
+                received = watcher.next_poke() => match received {
                     Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         yield Ok(Event::default().event(EVENT_NAME).data("{}"));
                     }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use replisync::auth::{AuthError, Authenticator, Identity};
+use replisync::config::{CorsOrigins, HttpSettings};
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::store::StoreError;
 use serde_json::{Value, json};
@@ -538,7 +539,14 @@ async fn metrics_count_requests_and_reads(backend: Backend) {
 }
 
 async fn browsers_on_other_origins_may_push_and_pull(backend: Backend) {
-    let server = TestServer::start(backend).await;
+    let options = Options {
+        http: HttpSettings {
+            cors_origins: CorsOrigins::List(vec!["https://app.example".parse().unwrap()]),
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
     let preflight = server
         .http
         .request(reqwest::Method::OPTIONS, server.url("/spaces/s/push"))
@@ -567,7 +575,66 @@ async fn browsers_on_other_origins_may_push_and_pull(backend: Backend) {
         .send()
         .await
         .unwrap();
-    assert_eq!(pull.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        pull.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+}
+
+/// With no REPLISYNC_CORS_ORIGINS, only pages served from this machine may call replisync
+/// from a browser: a web page elsewhere cannot drive a local anonymous server. `/metrics` is
+/// never served cross-origin.
+async fn by_default_only_loopback_pages_are_allowed_cross_origin(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let preflight = |origin: &'static str, path: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .http
+                .request(reqwest::Method::OPTIONS, server.url(path))
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .header("access-control-request-headers", "content-type")
+                .send()
+                .await
+                .unwrap()
+                .headers()
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap().to_owned())
+        }
+    };
+    for origin in [
+        "http://127.0.0.1:3000",
+        "http://localhost:5173",
+        "http://[::1]:8000",
+    ] {
+        assert_eq!(
+            preflight(origin, "/spaces/s/push").await.as_deref(),
+            Some(origin),
+            "{origin}"
+        );
+    }
+    for origin in [
+        "https://evil.example",
+        "http://localhost.evil.example",
+        "null",
+    ] {
+        assert_eq!(preflight(origin, "/spaces/s/push").await, None, "{origin}");
+        assert_eq!(preflight(origin, "/spaces/s/pull").await, None, "{origin}");
+    }
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .header("origin", "http://127.0.0.1:3000")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
 }
 
 crate::on_both_stores!(
@@ -588,6 +655,7 @@ crate::on_both_stores!(
     health_reports_the_store,
     metrics_count_requests_and_reads,
     browsers_on_other_origins_may_push_and_pull,
+    by_default_only_loopback_pages_are_allowed_cross_origin,
 );
 
 /// Postgres restarted or failed over under a running server: every pooled connection is dead,

@@ -79,4 +79,56 @@ async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
     );
 }
 
-crate::on_both_stores!(a_watcher_is_poked_for_its_space_only);
+/// The `replisync_sse_watched_spaces` gauge of `/metrics`.
+async fn watched_spaces(server: &TestServer) -> u64 {
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("replisync_sse_watched_spaces "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no watched-spaces gauge in {metrics}"))
+}
+
+async fn a_space_is_forgotten_when_its_last_watcher_leaves(backend: Backend) {
+    let options = Options {
+        // The server notices a closed stream when it next writes: a keep-alive every second.
+        sse_keep_alive: Some(Duration::from_secs(1)),
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    let mut streams = Vec::new();
+    for space in ["a", "a", "b"] {
+        let response = server.get(&format!("/spaces/{space}/poke")).await;
+        let mut events = EventReader {
+            body: response.bytes_stream().boxed(),
+            seen: String::new(),
+        };
+        assert!(events.wait_for(": connected", Duration::from_secs(5)).await);
+        streams.push(events);
+    }
+    assert_eq!(watched_spaces(&server).await, 2);
+    streams.truncate(1); // b's watcher and one of a's leave
+    let mut remaining = 0;
+    for _ in 0..200 {
+        remaining = watched_spaces(&server).await;
+        if remaining == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(remaining, 1, "b is still in the map after its watcher left");
+    streams.clear();
+    for _ in 0..200 {
+        remaining = watched_spaces(&server).await;
+        if remaining == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(remaining, 0, "a space nobody watches is still in the map");
+}
+
+crate::on_both_stores!(
+    a_watcher_is_poked_for_its_space_only,
+    a_space_is_forgotten_when_its_last_watcher_leaves
+);
