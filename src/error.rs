@@ -76,8 +76,9 @@ impl From<crate::auth::AuthError> for ApiError {
     fn from(error: crate::auth::AuthError) -> Self {
         match error {
             crate::auth::AuthError::Unauthorized(message) => ApiError::Unauthorized(message),
+            crate::auth::AuthError::Forbidden(message) => ApiError::Forbidden(message),
             crate::auth::AuthError::Unavailable(cause) => {
-                tracing::warn!(%cause, "authentication check failed; refusing with 503");
+                tracing::warn!(%cause, "access check failed; refusing with 503");
                 ApiError::AuthUnavailable
             }
         }

@@ -115,6 +115,9 @@ async fn main() -> anyhow::Result<()> {
             Server::start(&args.server, &bench_url, Some(&sockudo), jwt_secret).await?;
         report.poke_latency = Some(bench.poke_latency(&poking_server, 60).await?);
     }
+    if let Some(secret) = jwt_secret {
+        report.token_check_us = Some(token_check_micros(secret).await?);
+    }
     report.print();
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
     println!("\nwrote {}", args.json);
@@ -122,24 +125,56 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Verifies the benchmark's token 20,000 times in this process (as the server does on every
+/// request: signature, claims, grants) and answers the median of 20 batches, in µs per check.
+async fn token_check_micros(secret: &str) -> anyhow::Result<f64> {
+    use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
+    use replisync::auth::{Access, Authenticator};
+    let authenticator = JwtAuthenticator::new(
+        Keys::Secret(jsonwebtoken::DecodingKey::from_secret(secret.as_bytes())),
+        ClaimRules::default(),
+    );
+    let header = bearer_token(secret)?;
+    let space = replisync::protocol::SpaceId::parse("bench-space").map_err(anyhow::Error::msg)?;
+    let mut batches = Vec::new();
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        for _ in 0..1000 {
+            let identity = authenticator
+                .authenticate(Some(&header))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::ensure!(identity.grants.allow(&space, Access::Write));
+        }
+        batches.push(started.elapsed().as_secs_f64() * 1e6 / 1000.0);
+    }
+    batches.sort_by(f64::total_cmp);
+    Ok(batches[batches.len() / 2])
+}
+
+/// `Bearer <token>` for user `bench`, granting every space for a day.
+fn bearer_token(secret: &str) -> anyhow::Result<String> {
+    let claims = serde_json::json!({
+        "sub": "bench",
+        "exp": jsonwebtoken::get_current_timestamp() + 24 * 60 * 60,
+        "spaces": ["*"],
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?;
+    Ok(format!("Bearer {token}"))
+}
+
 /// The benchmark's HTTP client; with a JWT secret, every request carries a token granting
 /// every space.
 fn http_client(jwt_secret: Option<&str>) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(secret) = jwt_secret {
-        let claims = serde_json::json!({
-            "sub": "bench",
-            "exp": jsonwebtoken::get_current_timestamp() + 24 * 60 * 60,
-            "spaces": ["*"],
-        });
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        )?;
         headers.insert(
             reqwest::header::AUTHORIZATION,
-            format!("Bearer {token}").parse()?,
+            bearer_token(secret)?.parse()?,
         );
     }
     Ok(reqwest::Client::builder()

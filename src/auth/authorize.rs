@@ -9,8 +9,7 @@ use axum::http::StatusCode;
 use moka::future::Cache;
 use serde_json::json;
 
-use super::{Access, Identity};
-use crate::error::ApiError;
+use super::{Access, AuthError, Identity};
 use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
 
@@ -33,12 +32,12 @@ impl Authorizer {
         space: &SpaceId,
         access: Access,
         authorization: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), AuthError> {
         if identity.grants.allow(space, access) {
             return Ok(());
         }
         let denied = || {
-            ApiError::Forbidden(format!(
+            AuthError::Forbidden(format!(
                 "user {} may not {} space {space}; ask the app for access",
                 identity.user,
                 access.as_str()
@@ -53,10 +52,9 @@ impl Authorizer {
         {
             Ok(true) => Ok(()),
             Ok(false) => Err(denied()),
-            Err(cause) => {
-                tracing::warn!(%cause, "authorization webhook failed; refusing with 503");
-                Err(ApiError::AuthUnavailable)
-            }
+            Err(cause) => Err(AuthError::Unavailable(format!(
+                "authorization webhook failed: {cause}"
+            ))),
         }
     }
 }

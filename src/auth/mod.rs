@@ -7,7 +7,6 @@ pub mod jwt;
 
 use async_trait::async_trait;
 
-use crate::error::ApiError;
 use crate::protocol::SpaceId;
 use crate::store::ClientGroupRecord;
 
@@ -84,13 +83,16 @@ impl Identity {
     }
 }
 
-/// Why a request could not be authenticated.
+/// Why a request was refused: not authenticated, not allowed, or not checkable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No token, or one that is malformed, expired or badly signed: answered 401, after which
     /// Replicache calls `getAuth` and retries with a fresh token.
     #[error("{0}")]
     Unauthorized(String),
+    /// The user may not use this space (or client group): answered 403.
+    #[error("{0}")]
+    Forbidden(String),
     /// The check could not be made (the identity provider's keys cannot be fetched):
     /// answered 503, never allowed.
     #[error("{0}")]
@@ -122,16 +124,16 @@ pub fn check_group_ownership(
     group: &ClientGroupRecord,
     space: &SpaceId,
     user: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), AuthError> {
     if group.space_id != space.as_str() {
-        return Err(ApiError::Forbidden(format!(
+        return Err(AuthError::Forbidden(format!(
             "client group {} belongs to another space ({}); a Replicache client serves one \
              space: give each space its own Replicache `name` (for example `${{userID}}/${{space}}`)",
             group.id, group.space_id
         )));
     }
     if group.user_id != user {
-        return Err(ApiError::Forbidden(format!(
+        return Err(AuthError::Forbidden(format!(
             "client group {} belongs to another user; give each user their own Replicache \
              `name` (for example `${{userID}}/${{space}}`)",
             group.id
