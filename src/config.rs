@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
 use crate::poke::pusher::PusherArgs;
+use crate::pull::{PullLimits, StreamLimits};
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser, Debug)]
@@ -69,6 +70,25 @@ pub struct Config {
     /// still runs is dropped and the process exits with status 1.
     #[arg(long, env = "REPLISYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
+
+    /// First pulls (whole spaces, streamed) in flight at once; others wait up to 5 s for a turn,
+    /// then get 503. Unset: half of REPLISYNC_DB_MAX_CONNECTIONS, so pushes and health checks
+    /// always find a connection.
+    #[arg(long, env = "REPLISYNC_MAX_FIRST_PULLS")]
+    pub max_first_pulls: Option<usize>,
+
+    /// Seconds a client may leave a streamed pull unread before it is cut off (its database
+    /// snapshot and connection released).
+    #[arg(long, env = "REPLISYNC_PULL_STALL_TIMEOUT_SECS", default_value_t = 15)]
+    pub pull_stall_timeout_secs: u64,
+
+    /// Seconds a streamed pull may take in all before it is cut off.
+    #[arg(
+        long,
+        env = "REPLISYNC_PULL_STREAM_TIMEOUT_SECS",
+        default_value_t = 120
+    )]
+    pub pull_stream_timeout_secs: u64,
 
     /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
     #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -181,6 +201,8 @@ pub struct HttpSettings {
     pub cors_origins: CorsOrigins,
     /// How long shutdown waits for in-flight requests and pending pokes.
     pub shutdown_timeout: Duration,
+    /// First pulls in flight, the wait for a turn, and how long a streamed one may take.
+    pub pulls: PullLimits,
 }
 
 impl Default for HttpSettings {
@@ -190,6 +212,14 @@ impl Default for HttpSettings {
             request_timeout: Duration::from_secs(30),
             cors_origins: CorsOrigins::Loopback,
             shutdown_timeout: Duration::from_secs(10),
+            pulls: PullLimits {
+                max_first_pulls: 4,
+                queue_wait: Duration::from_secs(5),
+                stream: StreamLimits {
+                    stall: Duration::from_secs(15),
+                    deadline: Duration::from_secs(120),
+                },
+            },
         }
     }
 }
@@ -269,6 +299,17 @@ impl Config {
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             cors_origins,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            pulls: PullLimits {
+                max_first_pulls: self
+                    .max_first_pulls
+                    .unwrap_or(self.db_max_connections as usize / 2)
+                    .max(1),
+                queue_wait: Duration::from_secs(5),
+                stream: StreamLimits {
+                    stall: Duration::from_secs(self.pull_stall_timeout_secs.max(1)),
+                    deadline: Duration::from_secs(self.pull_stream_timeout_secs.max(1)),
+                },
+            },
         })
     }
 }

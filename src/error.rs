@@ -9,6 +9,9 @@ use serde_json::json;
 use crate::protocol::ProtocolError;
 use crate::store::StoreError;
 
+/// What an `Overloaded` answer asks the client to wait, in seconds.
+const RETRY_AFTER_SECS: &str = "1";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Replicache's own error bodies, answered with status 200 as the client expects.
@@ -28,6 +31,9 @@ pub enum ApiError {
     /// An authentication or authorization check that could not be made: refused, never allowed.
     #[error("the access check cannot be made right now; retry later")]
     AuthUnavailable,
+    /// A limit on concurrent work was reached: 503 with `Retry-After`, and Replicache retries.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("no such route; replisync serves POST /spaces/{{space}}/push and /pull")]
     NotFound,
     #[error(
@@ -109,6 +115,11 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NotFound", self.to_string()),
             ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "Unauthorized", message),
             ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),
+            ApiError::Overloaded(message) => {
+                let body = Json(json!({ "error": "Overloaded", "message": message }));
+                let retry_after = [(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECS)];
+                return (StatusCode::SERVICE_UNAVAILABLE, retry_after, body).into_response();
+            }
             ApiError::AuthUnavailable => {
                 let message = self.to_string();
                 (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", message)

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub pulls: Counter,
     /// Database snapshots read for pulls (coalesced pulls share one).
     pub pull_reads: Counter,
+    /// Streamed pulls cut off because the client stopped reading or took too long.
+    pub pull_streams_cut: Counter,
+    /// First pulls refused because too many were in flight.
+    pub first_pulls_refused: Counter,
     /// Requests refused 401: no token, or a malformed, expired or badly signed one.
     pub unauthorized: Counter,
     /// Requests refused 403: the user may not use the space (or the client group).
@@ -64,6 +68,16 @@ impl Metrics {
                 "replisync_pull_reads_total",
                 "Database snapshots read for pulls.",
                 self.pull_reads.get(),
+            ),
+            (
+                "replisync_pull_streams_cut_total",
+                "Streamed pulls cut off (client stopped reading, or too slow).",
+                self.pull_streams_cut.get(),
+            ),
+            (
+                "replisync_first_pulls_refused_total",
+                "First pulls answered 503 because too many were in flight.",
+                self.first_pulls_refused.get(),
             ),
             (
                 "replisync_unauthorized_total",

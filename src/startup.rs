@@ -218,7 +218,11 @@ impl AppBuilder {
         });
         let metrics = Arc::new(Metrics::default());
         let state = AppState {
-            pulls: Arc::new(Pulls::new(self.store.clone(), metrics.clone())),
+            pulls: Arc::new(Pulls::new(
+                self.store.clone(),
+                metrics.clone(),
+                self.http.pulls,
+            )),
             store: self.store,
             mutators: Arc::new(self.mutators),
             auth: self.auth,

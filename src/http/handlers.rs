@@ -1,6 +1,7 @@
 //! The route handlers: each takes the parts of the state it needs, hands the work to `push`,
 //! `pull` or `poke`, and turns the outcome into a response (counted in `/metrics`).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
@@ -61,7 +62,9 @@ pub async fn pull_handler(
     let request: PullRequest = parse_body(&body)?;
     let body = match pulls.pull(&space, &user, &request).await? {
         PullBody::Streamed(chunks) => Body::from_stream(chunks),
-        PullBody::Whole(bytes) => Body::from(bytes),
+        PullBody::Parts(parts) => Body::from_stream(futures::stream::iter(
+            parts.into_iter().map(Ok::<_, Infallible>),
+        )),
     };
     let headers = [
         (

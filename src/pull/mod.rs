@@ -3,16 +3,20 @@
 //! incremental pulls share reads with identical concurrent pulls (see `coalesce`).
 
 pub mod coalesce;
+mod guard;
 mod patch;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_stream::try_stream;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, TryStreamExt};
+use tokio::sync::Semaphore;
 
 use self::coalesce::PullCoalescer;
+pub use self::guard::StreamLimits;
 use self::patch::{response_head, write_patch_op};
 use crate::auth::check_group_ownership;
 use crate::error::ApiError;
@@ -29,20 +33,37 @@ pub struct Pulls {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     coalescer: Arc<PullCoalescer>,
+    limits: PullLimits,
+    /// One permit per first pull in flight: fewer than the pool's connections, so pushes and
+    /// health checks always find one.
+    first_pulls: Arc<Semaphore>,
 }
 
-/// A pull's response body: streamed (first pulls, whatever the space's size) or whole.
+/// What first pulls may hold, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct PullLimits {
+    pub max_first_pulls: usize,
+    /// How long a first pull waits for a permit before it is answered 503.
+    pub queue_wait: Duration,
+    pub stream: StreamLimits,
+}
+
+/// A pull's response body: streamed (first pulls, whatever the space's size) or in parts.
 pub enum PullBody {
     Streamed(BoxStream<'static, Result<Bytes, StoreError>>),
-    Whole(Vec<u8>),
+    /// A whole response in parts (incremental pulls: their own head, then a patch shared with
+    /// the other pulls of their batch, not copied).
+    Parts(Vec<Bytes>),
 }
 
 impl Pulls {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Pulls {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, limits: PullLimits) -> Pulls {
         Pulls {
             coalescer: Arc::new(PullCoalescer::new(store.clone(), metrics.clone())),
             store,
             metrics,
+            first_pulls: Arc::new(Semaphore::new(limits.max_first_pulls.max(1))),
+            limits,
         }
     }
 
@@ -79,14 +100,29 @@ impl Pulls {
         user: &str,
         client_group_id: &str,
     ) -> Result<PullBody, ApiError> {
+        let permit = tokio::time::timeout(
+            self.limits.queue_wait,
+            self.first_pulls.clone().acquire_owned(),
+        )
+        .await;
+        let Ok(Ok(permit)) = permit else {
+            self.metrics.first_pulls_refused.increment();
+            return Err(ApiError::Overloaded(format!(
+                "{} first pulls are in flight (REPLISYNC_MAX_FIRST_PULLS); retry shortly",
+                self.limits.max_first_pulls
+            )));
+        };
         self.metrics.pull_reads.increment();
         let snapshot = reconnecting(|| self.store.first_pull(space, client_group_id)).await?;
         if let Some(group) = &snapshot.client_group {
             check_group_ownership(group, space, user)?;
         }
-        Ok(PullBody::Streamed(Box::pin(response_chunks(
-            snapshot, true,
-        ))))
+        Ok(PullBody::Streamed(guard::guarded(
+            response_chunks(snapshot, true),
+            self.limits.stream,
+            self.metrics.clone(),
+            permit,
+        )))
     }
 
     /// A pull from a cookie: answered from a read shared with identical concurrent pulls.
@@ -102,14 +138,17 @@ impl Pulls {
             check_group_ownership(group, space, user)?;
         }
         check_cookie_not_ahead(from, shared.version)?;
-        let mut body = response_head(
+        let head = response_head(
             shared.version,
             shared.changed_clients(client_group_id),
             false,
         );
-        body.extend_from_slice(&shared.patch);
-        body.extend_from_slice(b"]}");
-        Ok(PullBody::Whole(body))
+        // The patch is shared by every pull of the batch: each response points at it.
+        Ok(PullBody::Parts(vec![
+            Bytes::from(head),
+            shared.patch.clone(),
+            Bytes::from_static(b"]}"),
+        ]))
     }
 }
 

@@ -7,3 +7,4 @@ mod concurrency;
 mod harness;
 mod protocol;
 mod sse;
+mod stalled;

@@ -1,0 +1,112 @@
+//! Clients that stop reading cannot starve the server: first pulls in flight are capped below
+//! the pool's size, and a stalled streamed pull is cut off, releasing its snapshot.
+
+use std::time::Duration;
+
+use replisync::config::HttpSettings;
+use replisync::pull::{PullLimits, StreamLimits};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{Backend, Options, TestServer, inc, push_body};
+
+/// Opens a connection, asks for a first pull of `space`, reads the first bytes of the answer,
+/// and then never reads again.
+async fn stalled_first_pull(server: &TestServer, space: &str) -> TcpStream {
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut socket = TcpStream::connect(&address).await.unwrap();
+    let body = json!({"pullVersion": 1, "clientGroupID": format!("g-{}", rand_suffix()),
+                      "cookie": null})
+    .to_string();
+    let request = format!(
+        "POST /spaces/{space}/pull HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut first = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(10), socket.read_exact(&mut first)).await;
+    socket
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) {
+    let options = Options {
+        http: HttpSettings {
+            pulls: PullLimits {
+                max_first_pulls: 4,
+                queue_wait: Duration::from_secs(1),
+                stream: StreamLimits {
+                    stall: Duration::from_secs(1),
+                    deadline: Duration::from_secs(60),
+                },
+            },
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    // 24 MB: far more than the socket buffers between a stalled reader and the server.
+    let megabyte = "x".repeat(1024 * 1024);
+    for id in 1..=24u64 {
+        let body = push_body(
+            "writer",
+            &[(
+                "w",
+                id,
+                "set",
+                json!({"key": format!("k{id}"), "value": megabyte}),
+            )],
+        );
+        assert_eq!(server.push("big", &body).await.0, 200);
+    }
+    // More stalled readers than the pool has connections (16 for Postgres, 8 for SQLite).
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        stalled.push(stalled_first_pull(&server, "big").await);
+    }
+    // Pushes and health checks still find a connection, at once.
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let push = push_body("other", &[("o", 1, "increment", inc("n", 1))]);
+    let pushed = quick
+        .post(server.url("/spaces/small/push"))
+        .body(push.to_string())
+        .send()
+        .await
+        .expect("a push answers while readers stall");
+    assert_eq!(pushed.status(), 200);
+    let health = quick.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "the health check found no connection");
+    // The stalled streams are cut off and their snapshots released: a normal first pull of the
+    // big space then completes.
+    let mut cut = 0;
+    for _ in 0..100 {
+        let metrics = server.get("/metrics").await.text().await.unwrap();
+        cut = metric(&metrics, "replisync_pull_streams_cut_total ");
+        if cut >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cut >= 4, "{cut} stalled pulls were cut off");
+    drop(stalled);
+    let (status, body) = server.pull("big", "reader", Value::Null).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["patch"].as_array().map(Vec::len), Some(25)); // clear and 24 keys
+}
+
+crate::on_both_stores!(stalled_readers_cannot_starve_pushes_pulls_or_health);
