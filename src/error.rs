@@ -9,6 +9,9 @@ use serde_json::json;
 use crate::protocol::ProtocolError;
 use crate::store::StoreError;
 
+/// Seconds a client refused for load is told to wait (`Retry-After`).
+pub const RETRY_AFTER_SECS: u64 = 5;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Replicache's own error bodies, answered with status 200 as the client expects.
@@ -38,6 +41,9 @@ pub enum ApiError {
         "private poke channels are off: they are served when Pusher is configured and tokens are verified (REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL)"
     )]
     PrivateChannelsOff,
+    /// A limit on open streams or connections is reached: 503 with `Retry-After`.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
 }
@@ -112,6 +118,14 @@ impl IntoResponse for ApiError {
             ApiError::AuthUnavailable => {
                 let message = self.to_string();
                 (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", message)
+            }
+            ApiError::Overloaded(message) => {
+                let body = Json(json!({ "error": "Overloaded", "message": message }));
+                let retry_after = (
+                    axum::http::header::RETRY_AFTER,
+                    RETRY_AFTER_SECS.to_string(),
+                );
+                return (StatusCode::SERVICE_UNAVAILABLE, [retry_after], body).into_response();
             }
             ApiError::Store(cause) => {
                 let (status, error, message) = match cause {

@@ -5,5 +5,6 @@ mod auth;
 mod bad_input;
 mod concurrency;
 mod harness;
+mod limits;
 mod protocol;
 mod sse;
