@@ -188,6 +188,8 @@ async fn serve_connection(
         })
     };
     let connection = http1::Builder::new()
+        // The watchdog keeps the header read timeout (see the module's comment).
+        .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(io, tracked);
     tokio::pin!(connection);
