@@ -89,6 +89,20 @@ pub struct Config {
         default_value_t = 120
     )]
     pub pull_stream_timeout_secs: u64,
+    /// Seconds a connection may take to send complete request headers (counted from accept, or
+    /// from the first byte of a later request); then it is closed.
+    #[arg(long, env = "REPLISYNC_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+
+    /// Seconds a keep-alive connection may stay open with no request in flight; then it is
+    /// closed.
+    #[arg(long, env = "REPLISYNC_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Most client connections open at once; beyond it, new connections are answered 503 with
+    /// Retry-After and closed.
+    #[arg(long, env = "REPLISYNC_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
 
     /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
     #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -106,6 +120,19 @@ pub struct Config {
     /// Seconds between keep-alive comments on SSE poke streams.
     #[arg(long, env = "REPLISYNC_SSE_KEEPALIVE_SECS", default_value_t = 15)]
     pub sse_keepalive_secs: u64,
+
+    /// Most SSE poke streams open at once; beyond it, `GET /spaces/{space}/poke` is answered 503
+    /// with Retry-After.
+    #[arg(long, env = "REPLISYNC_SSE_MAX_STREAMS", default_value_t = 1000)]
+    pub sse_max_streams: usize,
+
+    /// Most SSE poke streams open at once on one space; beyond it, 503 with Retry-After.
+    #[arg(
+        long,
+        env = "REPLISYNC_SSE_MAX_STREAMS_PER_SPACE",
+        default_value_t = 100
+    )]
+    pub sse_max_streams_per_space: usize,
 
     /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`).
     #[arg(long, env = "REPLISYNC_LOG_FORMAT", default_value = "text")]
@@ -203,6 +230,16 @@ pub struct HttpSettings {
     pub shutdown_timeout: Duration,
     /// First pulls in flight, the wait for a turn, and how long a streamed one may take.
     pub pulls: PullLimits,
+    /// How long a connection may take to send complete request headers.
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Most SSE poke streams open at once, in all.
+    pub sse_max_streams: usize,
+    /// Most SSE poke streams open at once on one space.
+    pub sse_max_streams_per_space: usize,
 }
 
 impl Default for HttpSettings {
@@ -220,6 +257,11 @@ impl Default for HttpSettings {
                     deadline: Duration::from_secs(120),
                 },
             },
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            sse_max_streams: 1000,
+            sse_max_streams_per_space: 100,
         }
     }
 }
@@ -291,8 +333,18 @@ impl Config {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        if self.max_body_bytes == 0 {
-            return Err("REPLISYNC_MAX_BODY_BYTES must be above 0".into());
+        for (value, name) in [
+            (self.max_body_bytes, "REPLISYNC_MAX_BODY_BYTES"),
+            (self.max_connections, "REPLISYNC_MAX_CONNECTIONS"),
+            (self.sse_max_streams, "REPLISYNC_SSE_MAX_STREAMS"),
+            (
+                self.sse_max_streams_per_space,
+                "REPLISYNC_SSE_MAX_STREAMS_PER_SPACE",
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be above 0"));
+            }
         }
         Ok(HttpSettings {
             max_body_bytes: self.max_body_bytes,
@@ -310,6 +362,11 @@ impl Config {
                     deadline: Duration::from_secs(self.pull_stream_timeout_secs.max(1)),
                 },
             },
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
+            max_connections: self.max_connections,
+            sse_max_streams: self.sse_max_streams,
+            sse_max_streams_per_space: self.sse_max_streams_per_space,
         })
     }
 }

@@ -9,8 +9,8 @@ use serde_json::json;
 use crate::protocol::ProtocolError;
 use crate::store::StoreError;
 
-/// What an `Overloaded` answer asks the client to wait, in seconds.
-const RETRY_AFTER_SECS: &str = "1";
+/// Seconds a client refused for load is told to wait (`Retry-After`).
+pub const RETRY_AFTER_SECS: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -31,9 +31,6 @@ pub enum ApiError {
     /// An authentication or authorization check that could not be made: refused, never allowed.
     #[error("the access check cannot be made right now; retry later")]
     AuthUnavailable,
-    /// A limit on concurrent work was reached: 503 with `Retry-After`, and Replicache retries.
-    #[error("{0}")]
-    Overloaded(String),
     #[error("no such route; replisync serves POST /spaces/{{space}}/push and /pull")]
     NotFound,
     #[error(
@@ -44,6 +41,10 @@ pub enum ApiError {
         "private poke channels are off: they are served when Pusher is configured and tokens are verified (REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL)"
     )]
     PrivateChannelsOff,
+    /// A limit on concurrent work (connections, streams, first pulls) is reached: 503 with
+    /// `Retry-After`, and Replicache retries.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
 }
@@ -115,14 +116,17 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NotFound", self.to_string()),
             ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "Unauthorized", message),
             ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),
-            ApiError::Overloaded(message) => {
-                let body = Json(json!({ "error": "Overloaded", "message": message }));
-                let retry_after = [(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECS)];
-                return (StatusCode::SERVICE_UNAVAILABLE, retry_after, body).into_response();
-            }
             ApiError::AuthUnavailable => {
                 let message = self.to_string();
                 (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", message)
+            }
+            ApiError::Overloaded(message) => {
+                let body = Json(json!({ "error": "Overloaded", "message": message }));
+                let retry_after = (
+                    axum::http::header::RETRY_AFTER,
+                    RETRY_AFTER_SECS.to_string(),
+                );
+                return (StatusCode::SERVICE_UNAVAILABLE, [retry_after], body).into_response();
             }
             ApiError::Store(cause) => {
                 let (status, error, message) = match cause {

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::poke::pusher::PokerStats;
+use crate::poke::sse::SseStats;
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -12,6 +13,24 @@ pub struct Counter(AtomicU64);
 impl Counter {
     pub fn increment(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down (open connections).
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> u64 {
@@ -41,12 +60,24 @@ pub struct Metrics {
     pub authz_webhook_calls: Counter,
     /// Authorization decisions answered from the cache.
     pub authz_cache_hits: Counter,
+    /// Open client connections.
+    pub open_connections: Gauge,
+    /// Connections refused (503, or closed at once) because REPLISYNC_MAX_CONNECTIONS were open.
+    pub connections_refused: Counter,
+    /// Connections closed because request headers did not arrive within
+    /// REPLISYNC_HEADER_READ_TIMEOUT_SECS.
+    pub header_read_timeouts: Counter,
+    /// Keep-alive connections closed after REPLISYNC_IDLE_TIMEOUT_SECS without a request.
+    pub idle_closes: Counter,
+    /// SSE poke streams refused 503 over REPLISYNC_SSE_MAX_STREAMS or
+    /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE.
+    pub sse_streams_refused: Counter,
 }
 
 impl Metrics {
     /// The counters, the Pusher poker's when pokes go through Pusher, and the number of spaces
-    /// with open SSE streams when SSE is on.
-    pub fn render(&self, pusher: Option<PokerStats>, sse_watched_spaces: Option<usize>) -> String {
+    /// with open SSE streams and the open streams when SSE is on.
+    pub fn render(&self, pusher: Option<PokerStats>, sse: Option<SseStats>) -> String {
         let mut out = String::new();
         for (name, help, value) in [
             (
@@ -99,14 +130,47 @@ impl Metrics {
                 "Authorization decisions answered from the cache.",
                 self.authz_cache_hits.get(),
             ),
+            (
+                "replisync_connections_refused_total",
+                "Connections refused over REPLISYNC_MAX_CONNECTIONS.",
+                self.connections_refused.get(),
+            ),
+            (
+                "replisync_header_read_timeouts_total",
+                "Connections closed for not sending request headers in time.",
+                self.header_read_timeouts.get(),
+            ),
+            (
+                "replisync_idle_closes_total",
+                "Keep-alive connections closed after the idle timeout.",
+                self.idle_closes.get(),
+            ),
+            (
+                "replisync_sse_streams_refused_total",
+                "SSE poke streams refused 503 over the stream caps.",
+                self.sse_streams_refused.get(),
+            ),
         ] {
             write_counter(&mut out, name, help, value);
         }
-        if let Some(spaces) = sse_watched_spaces {
-            let _ = writeln!(
-                out,
-                "# HELP replisync_sse_watched_spaces Spaces with at least one open SSE poke stream.\n\
-                 # TYPE replisync_sse_watched_spaces gauge\nreplisync_sse_watched_spaces {spaces}"
+        write_gauge(
+            &mut out,
+            "replisync_open_connections",
+            "Open client connections.",
+            self.open_connections.get(),
+        );
+        if let Some(sse) = sse {
+            write_gauge(
+                &mut out,
+                "replisync_sse_watched_spaces",
+                "Spaces with at least one open SSE poke stream.",
+                sse.watched_spaces as u64,
+            );
+            write_gauge(
+                &mut out,
+                "replisync_sse_open_streams",
+                "Open SSE poke streams.",
+                sse.open_streams as u64,
             );
         }
         if let Some(stats) = pusher {
@@ -147,6 +211,13 @@ impl Metrics {
         }
         out
     }
+}
+
+fn write_gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
 }
 
 fn write_counter(out: &mut String, name: &str, help: &str, value: u64) {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::serve::ListenerExt;
 use jsonwebtoken::DecodingKey;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
@@ -18,13 +17,13 @@ use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
-use crate::http::{AppState, router};
+use crate::http::{AppState, accept_loop, router};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::pusher::{
     PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherConfig, PusherPoker,
 };
-use crate::poke::sse::SsePokes;
+use crate::poke::sse::{SsePokes, StreamLimits};
 use crate::poke::{PokeSink, Pokes};
 use crate::pull::Pulls;
 use crate::store::Store;
@@ -212,7 +211,11 @@ impl AppBuilder {
         let shutdown = CancellationToken::new();
         let mut sinks = self.sinks;
         let sse = self.sse_keep_alive.map(|keep_alive| {
-            let sse = Arc::new(SsePokes::new(keep_alive, shutdown.clone()));
+            let limits = StreamLimits {
+                total: self.http.sse_max_streams,
+                per_space: self.http.sse_max_streams_per_space,
+            };
+            let sse = Arc::new(SsePokes::new(keep_alive, limits, shutdown.clone()));
             sinks.push(sse.clone());
             sse
         });
@@ -339,23 +342,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "replisync listening");
-    // Small request/response exchanges: send each write at once (no Nagle delay).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    });
     let stop = app.shutdown.clone();
-    let server =
-        axum::serve(listener, app.router()).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let mut server = tokio::spawn(server.into_future());
+    // Aborting this task drops every connection it serves.
+    let mut server = tokio::spawn(accept_loop(
+        listener,
+        app.router(),
+        app.state.http.clone(),
+        app.state.metrics.clone(),
+        stop.clone(),
+    ));
     // One deadline for everything shutdown waits for: requests, then pending pokes, then the
     // database connections. Past it, what still runs is dropped and the process exits.
     let budget = app.state.http.shutdown_timeout;
     let mut deadline = tokio::time::Instant::now() + budget;
     let mut cut_short = false;
     tokio::select! {
-        result = &mut server => result.context("server task failed")??,
+        result = &mut server => result.context("server task failed")?,
         () = shutdown => {
             tracing::info!("shutting down: finishing requests and pokes");
             stop.cancel();

@@ -21,7 +21,7 @@ use crate::auth::{Access, Authenticator};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
-use crate::poke::sse::{SsePokes, poke_events};
+use crate::poke::sse::{SsePokes, StreamsFull, poke_events};
 use crate::protocol::{PullRequest, PushRequest, parse_body};
 use crate::pull::{PullBody, Pulls};
 use crate::push::{PushOutcome, push};
@@ -79,15 +79,25 @@ pub async fn pull_handler(
 /// `GET /spaces/{space}/poke`: the built-in SSE poke stream.
 pub async fn poke_handler(
     State(sse): State<Option<Arc<SsePokes>>>,
+    State(metrics): State<Arc<Metrics>>,
     Caller { space, .. }: Caller<Reads>,
 ) -> Result<Response, ApiError> {
     let Some(sse) = sse else {
         return Err(ApiError::SseDisabled);
     };
     let keep_alive = sse.keep_alive();
-    Ok(Sse::new(poke_events(sse, space))
-        .keep_alive(keep_alive)
-        .into_response())
+    let events = poke_events(sse, space).map_err(|full| {
+        metrics.sse_streams_refused.increment();
+        ApiError::Overloaded(match full {
+            StreamsFull::Total(cap) => format!(
+                "{cap} SSE poke streams are open, as many as the server allows (REPLISYNC_SSE_MAX_STREAMS); retry later"
+            ),
+            StreamsFull::Space(cap) => format!(
+                "{cap} SSE poke streams watch this space, as many as the server allows (REPLISYNC_SSE_MAX_STREAMS_PER_SPACE); retry later"
+            ),
+        })
+    })?;
+    Ok(Sse::new(events).keep_alive(keep_alive).into_response())
 }
 
 #[derive(Deserialize)]
@@ -179,7 +189,7 @@ pub async fn metrics_handler(
 ) -> String {
     metrics.render(
         pusher.as_ref().map(|poker| poker.stats()),
-        sse.as_ref().map(|sse| sse.watched_spaces()),
+        sse.as_ref().map(|sse| sse.stats()),
     )
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP edge: every route in one `router`, and the layers around them (CORS, body limit,
 //! timeouts, request spans). The binary and the in-process tests serve this exact router.
 
+mod conn;
 mod extract;
 mod handlers;
 mod state;
@@ -19,6 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+pub use self::conn::accept_loop;
 pub use self::state::AppState;
 use crate::config::{CorsOrigins, HttpSettings};
 use crate::metrics::Metrics;

@@ -22,17 +22,49 @@ const WATCHER_QUEUE: usize = 16;
 pub const EVENT_NAME: &str = "poke";
 
 pub struct SsePokes {
-    watched: Mutex<HashMap<SpaceId, broadcast::Sender<()>>>,
+    watched: Mutex<Watched>,
     keep_alive: Duration,
+    limits: StreamLimits,
     /// Cancelled at shutdown so open streams end and the server can stop.
     shutdown: CancellationToken,
 }
 
+/// The SSE poke streams' numbers for `/metrics`.
+#[derive(Clone, Copy, Debug)]
+pub struct SseStats {
+    pub watched_spaces: usize,
+    pub open_streams: usize,
+}
+
+/// The most SSE streams open at once: in all, and per space.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    pub total: usize,
+    pub per_space: usize,
+}
+
+/// The watched spaces and the number of open streams, changed together under one lock.
+#[derive(Default)]
+struct Watched {
+    spaces: HashMap<SpaceId, broadcast::Sender<()>>,
+    streams: usize,
+}
+
+/// A stream refused because a cap is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamsFull {
+    /// REPLISYNC_SSE_MAX_STREAMS streams are open.
+    Total(usize),
+    /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE streams watch this space.
+    Space(usize),
+}
+
 impl SsePokes {
-    pub fn new(keep_alive: Duration, shutdown: CancellationToken) -> Self {
+    pub fn new(keep_alive: Duration, limits: StreamLimits, shutdown: CancellationToken) -> Self {
         SsePokes {
-            watched: Mutex::new(HashMap::new()),
+            watched: Mutex::new(Watched::default()),
             keep_alive,
+            limits,
             shutdown,
         }
     }
@@ -46,24 +78,46 @@ impl SsePokes {
 
     /// Spaces with at least one open stream.
     pub fn watched_spaces(&self) -> usize {
-        self.watched().len()
+        self.watched().spaces.len()
     }
 
-    fn watched(&self) -> std::sync::MutexGuard<'_, HashMap<SpaceId, broadcast::Sender<()>>> {
+    /// Watched spaces and open streams, for `/metrics`.
+    pub fn stats(&self) -> SseStats {
+        let watched = self.watched();
+        SseStats {
+            watched_spaces: watched.spaces.len(),
+            open_streams: watched.streams,
+        }
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, Watched> {
         self.watched.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn subscribe(self: &Arc<Self>, space: &SpaceId) -> Watcher {
-        let pokes = self
-            .watched()
+    /// A new watcher of `space`, unless a cap is reached.
+    fn subscribe(self: &Arc<Self>, space: &SpaceId) -> Result<Watcher, StreamsFull> {
+        let mut watched = self.watched();
+        if watched.streams >= self.limits.total {
+            return Err(StreamsFull::Total(self.limits.total));
+        }
+        let watching = watched
+            .spaces
+            .get(space)
+            .map_or(0, broadcast::Sender::receiver_count);
+        if watching >= self.limits.per_space {
+            return Err(StreamsFull::Space(self.limits.per_space));
+        }
+        let pokes = watched
+            .spaces
             .entry(space.clone())
             .or_insert_with(|| broadcast::channel(WATCHER_QUEUE).0)
             .subscribe();
-        Watcher {
+        watched.streams += 1;
+        Ok(Watcher {
             pokes: Some(pokes),
             sse: self.clone(),
             space: space.clone(),
-        }
+        })
     }
 }
 
@@ -88,11 +142,13 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         let mut watched = self.sse.watched();
         drop(self.pokes.take());
+        watched.streams -= 1;
         let unwatched = watched
+            .spaces
             .get(&self.space)
             .is_some_and(|sender| sender.receiver_count() == 0);
         if unwatched {
-            watched.remove(&self.space);
+            watched.spaces.remove(&self.space);
         }
     }
 }
@@ -101,22 +157,24 @@ impl PokeSink for SsePokes {
     fn space_changed(&self, space: &SpaceId, _committed_at: Instant) {
         let mut watched = self.watched();
         let nobody_listens = watched
+            .spaces
             .get(space)
             .is_some_and(|sender| sender.send(()).is_err());
         if nobody_listens {
             // Every watcher of this space has gone: forget it.
-            watched.remove(space);
+            watched.spaces.remove(space);
         }
     }
 }
 
-/// A `connected` comment, then a `poke` event per change until the server shuts down.
+/// A `connected` comment, then a `poke` event per change until the server shuts down; or
+/// `StreamsFull` when a cap on open streams is reached.
 pub fn poke_events(
     sse: Arc<SsePokes>,
     space: SpaceId,
-) -> impl futures::Stream<Item = Result<Event, Infallible>> {
-    let mut watcher = sse.subscribe(&space);
-    stream! {
+) -> Result<impl futures::Stream<Item = Result<Event, Infallible>>, StreamsFull> {
+    let mut watcher = sse.subscribe(&space)?;
+    Ok(stream! {
         yield Ok(Event::default().comment("connected"));
         loop {
             tokio::select! {
@@ -129,5 +187,5 @@ pub fn poke_events(
                 () = sse.shutdown.cancelled() => break,
             }
         }
-    }
+    })
 }

@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod concurrency;
 mod harness;
+mod limits;
 mod protocol;
 mod sse;
 mod stalled;
