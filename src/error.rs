@@ -19,8 +19,16 @@ pub enum ApiError {
         error: &'static str,
         message: String,
     },
-    #[error("request body is larger than the {limit}-byte limit")]
-    PayloadTooLarge { limit: usize },
+    #[error("request body is larger than the {limit}-byte limit ({variable})")]
+    PayloadTooLarge {
+        limit: usize,
+        variable: &'static str,
+    },
+    /// Too many push bodies are being read at once; the client retries.
+    #[error(
+        "the server is reading too many push bodies at once (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT); retry later"
+    )]
+    Busy,
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -99,6 +107,15 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 let message = self.to_string();
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
+            }
+            ApiError::Busy => {
+                let body = json!({"error": "Busy", "message": self.to_string()});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    Json(body),
+                )
+                    .into_response();
             }
             ApiError::SseDisabled => (StatusCode::NOT_FOUND, "SseDisabled", self.to_string()),
             ApiError::PrivateChannelsOff => (

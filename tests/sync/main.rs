@@ -6,4 +6,5 @@ mod bad_input;
 mod concurrency;
 mod harness;
 mod protocol;
+mod push_limits;
 mod sse;
