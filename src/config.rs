@@ -401,4 +401,27 @@ mod tests {
             CorsOrigins::Loopback
         );
     }
+
+    #[test]
+    fn push_limits_are_checked_and_name_their_variable() {
+        let c = config(&[]);
+        let push = c.http_settings().unwrap().push;
+        assert_eq!(push.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(push.max_bytes_in_flight, 64 * 1024 * 1024);
+        let mut small = config(&["--max-push-bytes-in-flight", "1024"]);
+        assert!(
+            small
+                .http_settings()
+                .unwrap_err()
+                .contains("REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT")
+        );
+        small.max_push_bytes_in_flight = small.max_push_body_bytes;
+        small.max_mutations_per_push = 0;
+        assert!(
+            small
+                .http_settings()
+                .unwrap_err()
+                .contains("REPLISYNC_MAX_MUTATIONS_PER_PUSH")
+        );
+    }
 }

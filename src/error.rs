@@ -29,6 +29,13 @@ pub enum ApiError {
         "the server is reading too many push bodies at once (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT); retry later"
     )]
     Busy,
+    /// The push applied a prefix of its mutations (committed) and left the rest: answered 503
+    /// so that Replicache, whose push loop only pushes again on a failure or a new mutation,
+    /// retries at once and sends the rest.
+    #[error(
+        "applied {applied} mutations of this push, the most one push may apply (REPLISYNC_MAX_MUTATIONS_PER_PUSH, or a third of REPLISYNC_REQUEST_TIMEOUT_SECS); push again to apply the rest"
+    )]
+    PartiallyApplied { applied: usize },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -113,6 +120,15 @@ impl IntoResponse for ApiError {
                 return (
                     StatusCode::SERVICE_UNAVAILABLE,
                     [(axum::http::header::RETRY_AFTER, "1")],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::PartiallyApplied { .. } => {
+                let body = json!({"error": "PartiallyApplied", "message": self.to_string()});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "0")],
                     Json(body),
                 )
                     .into_response();

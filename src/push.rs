@@ -18,12 +18,13 @@ const CONFLICT_ATTEMPTS: u32 = 8;
 pub enum PushOutcome {
     /// Every mutation had been applied before (or was blocked by a gap): nothing written.
     Unchanged,
-    /// The space moved to `version`. `partial` when the push's budget ran out before its last
-    /// mutation: the client keeps the rest pending and sends them again.
+    /// The space moved to `version`. `partial` (how many mutations were applied) when the
+    /// push's budget ran out before its last mutation: the client keeps the rest pending and
+    /// sends them again.
     Committed {
         version: u64,
         committed_at: Instant,
-        partial: bool,
+        partial: Option<usize>,
     },
 }
 
@@ -108,7 +109,7 @@ async fn apply_push(
     let mut advanced: HashSet<&str> = HashSet::new();
     let mut stopped_by_gap: HashSet<&str> = HashSet::new();
     let mut applied = 0usize;
-    let mut partial = false;
+    let mut partial = None;
     for mutation in &request.mutations {
         let client = mutation.client_id.as_str();
         if stopped_by_gap.contains(client) {
@@ -135,7 +136,7 @@ async fn apply_push(
                 applied,
                 "push budget spent; the rest of its mutations are left for the next push"
             );
-            partial = true;
+            partial = Some(applied);
             break;
         }
         let mut write_tx = WriteTx::new(&mut *tx, &mut overlay, space, user, client);

@@ -61,14 +61,17 @@ pub async fn push_handler(
         tracing::debug!(
             version,
             mutations = request.mutations.len(),
-            partial,
+            ?partial,
             "push committed"
         );
         state.metrics.push_commits.increment();
-        if partial {
-            state.metrics.push_partial.increment();
-        }
         state.pokes.space_changed(&space, committed_at);
+        if let Some(applied) = partial {
+            // Committed, but the client must push again for the rest: only a failure makes
+            // Replicache push again without a new mutation (its push loop has no timer).
+            state.metrics.push_partial.increment();
+            return Err(ApiError::PartiallyApplied { applied });
+        }
     }
     state.metrics.pushes.increment();
     Ok(Json(json!({})))
