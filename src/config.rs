@@ -54,9 +54,32 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Largest accepted request body, in bytes (larger ones get 413).
+    /// Largest accepted request body but a push's, in bytes (larger ones get 413).
     #[arg(long, env = "REPLISYNC_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Largest accepted push body, in bytes (larger ones get 413). Replicache sends every
+    /// pending mutation in one push, so this is what a client may have pending.
+    #[arg(long, env = "REPLISYNC_MAX_PUSH_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_push_body_bytes: usize,
+
+    /// Most distinct client ids in one push (more get 400 and change nothing).
+    #[arg(long, env = "REPLISYNC_MAX_CLIENTS_PER_PUSH", default_value_t = 100)]
+    pub max_clients_per_push: usize,
+
+    /// Most mutations one push applies; the rest stay pending on the client and are applied
+    /// by its next pushes.
+    #[arg(
+        long,
+        env = "REPLISYNC_MAX_MUTATIONS_PER_PUSH",
+        default_value_t = 10_000
+    )]
+    pub max_mutations_per_push: usize,
+
+    /// Bytes of push bodies read at once across all requests; a push beyond it gets 503 with
+    /// `Retry-After` (the client retries).
+    #[arg(long, env = "REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT", default_value_t = 64 * 1024 * 1024)]
+    pub max_push_bytes_in_flight: usize,
 
     /// Database connections per instance.
     #[arg(long, env = "REPLISYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
@@ -240,6 +263,41 @@ pub struct HttpSettings {
     pub sse_max_streams: usize,
     /// Most SSE poke streams open at once on one space.
     pub sse_max_streams_per_space: usize,
+    /// What one push may carry and do.
+    pub push: PushLimits,
+}
+
+/// Bounds on one push, and on pushes together; a real client never meets them.
+#[derive(Clone, Debug)]
+pub struct PushLimits {
+    /// Largest push body, in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Most distinct client ids in one push (400 beyond it).
+    pub max_clients: usize,
+    /// Most mutations one push applies; later ones are left for the next push.
+    pub max_mutations: usize,
+    /// Bytes of push bodies read at once (503 with `Retry-After` beyond it).
+    pub max_bytes_in_flight: usize,
+}
+
+impl Default for PushLimits {
+    fn default() -> Self {
+        PushLimits {
+            max_body_bytes: 32 * 1024 * 1024,
+            max_clients: 100,
+            max_mutations: 10_000,
+            max_bytes_in_flight: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl HttpSettings {
+    /// Time a push spends running mutators before it commits what it applied and leaves the
+    /// rest for the next push: a third of the request timeout, so the commit and the wait for
+    /// the space's lock fit in what remains.
+    pub fn push_work_budget(&self) -> Duration {
+        self.request_timeout / 3
+    }
 }
 
 impl Default for HttpSettings {
@@ -262,6 +320,7 @@ impl Default for HttpSettings {
             max_connections: 1024,
             sse_max_streams: 1000,
             sse_max_streams_per_space: 100,
+            push: PushLimits::default(),
         }
     }
 }
@@ -346,6 +405,24 @@ impl Config {
                 return Err(format!("{name} must be above 0"));
             }
         }
+        for (value, variable) in [
+            (self.max_push_body_bytes, "REPLISYNC_MAX_PUSH_BODY_BYTES"),
+            (self.max_clients_per_push, "REPLISYNC_MAX_CLIENTS_PER_PUSH"),
+            (
+                self.max_mutations_per_push,
+                "REPLISYNC_MAX_MUTATIONS_PER_PUSH",
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{variable} must be above 0"));
+            }
+        }
+        if self.max_push_bytes_in_flight < self.max_push_body_bytes {
+            return Err(format!(
+                "REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT ({}) must be at least REPLISYNC_MAX_PUSH_BODY_BYTES ({}): a push of the largest size must be able to get in",
+                self.max_push_bytes_in_flight, self.max_push_body_bytes
+            ));
+        }
         Ok(HttpSettings {
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
@@ -367,6 +444,12 @@ impl Config {
             max_connections: self.max_connections,
             sse_max_streams: self.sse_max_streams,
             sse_max_streams_per_space: self.sse_max_streams_per_space,
+            push: PushLimits {
+                max_body_bytes: self.max_push_body_bytes,
+                max_clients: self.max_clients_per_push,
+                max_mutations: self.max_mutations_per_push,
+                max_bytes_in_flight: self.max_push_bytes_in_flight,
+            },
         })
     }
 }
@@ -414,6 +497,29 @@ mod tests {
         assert_eq!(
             c.http_settings().unwrap().cors_origins,
             CorsOrigins::Loopback
+        );
+    }
+
+    #[test]
+    fn push_limits_are_checked_and_name_their_variable() {
+        let c = config(&[]);
+        let push = c.http_settings().unwrap().push;
+        assert_eq!(push.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(push.max_bytes_in_flight, 64 * 1024 * 1024);
+        let mut small = config(&["--max-push-bytes-in-flight", "1024"]);
+        assert!(
+            small
+                .http_settings()
+                .unwrap_err()
+                .contains("REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT")
+        );
+        small.max_push_bytes_in_flight = small.max_push_body_bytes;
+        small.max_mutations_per_push = 0;
+        assert!(
+            small
+                .http_settings()
+                .unwrap_err()
+                .contains("REPLISYNC_MAX_MUTATIONS_PER_PUSH")
         );
     }
 }

@@ -22,8 +22,23 @@ pub enum ApiError {
         error: &'static str,
         message: String,
     },
-    #[error("request body is larger than the {limit}-byte limit")]
-    PayloadTooLarge { limit: usize },
+    #[error("request body is larger than the {limit}-byte limit ({variable})")]
+    PayloadTooLarge {
+        limit: usize,
+        variable: &'static str,
+    },
+    /// Too many push bodies are being read at once; the client retries.
+    #[error(
+        "the server is reading too many push bodies at once (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT); retry later"
+    )]
+    Busy,
+    /// The push applied a prefix of its mutations (committed) and left the rest: answered 503
+    /// so that Replicache, whose push loop only pushes again on a failure or a new mutation,
+    /// retries at once and sends the rest.
+    #[error(
+        "applied {applied} mutations of this push, the most one push may apply (REPLISYNC_MAX_MUTATIONS_PER_PUSH, or a third of REPLISYNC_REQUEST_TIMEOUT_SECS); push again to apply the rest"
+    )]
+    PartiallyApplied { applied: usize },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -106,6 +121,24 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 let message = self.to_string();
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
+            }
+            ApiError::Busy => {
+                let body = json!({"error": "Busy", "message": self.to_string()});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::PartiallyApplied { .. } => {
+                let body = json!({"error": "PartiallyApplied", "message": self.to_string()});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "0")],
+                    Json(body),
+                )
+                    .into_response();
             }
             ApiError::SseDisabled => (StatusCode::NOT_FOUND, "SseDisabled", self.to_string()),
             ApiError::PrivateChannelsOff => (

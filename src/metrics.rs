@@ -56,6 +56,15 @@ pub struct Metrics {
     pub unauthorized: Counter,
     /// Requests refused 403: the user may not use the space (or the client group).
     pub forbidden: Counter,
+    /// Pushes refused 413: a body over REPLISYNC_MAX_PUSH_BODY_BYTES.
+    pub push_refused_too_large: Counter,
+    /// Pushes refused 503: REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT was taken by other pushes.
+    pub push_refused_busy: Counter,
+    /// Pushes refused 400: more client ids than REPLISYNC_MAX_CLIENTS_PER_PUSH.
+    pub push_refused_too_many_clients: Counter,
+    /// Pushes that applied part of their mutations (REPLISYNC_MAX_MUTATIONS_PER_PUSH or the
+    /// time budget) and left the rest for the client's next push.
+    pub push_partial: Counter,
     /// Calls made to the authorization webhook.
     pub authz_webhook_calls: Counter,
     /// Authorization decisions answered from the cache.
@@ -119,6 +128,26 @@ impl Metrics {
                 "replisync_forbidden_total",
                 "Requests refused 403 (no access to the space or client group).",
                 self.forbidden.get(),
+            ),
+            (
+                "replisync_push_refused_too_large_total",
+                "Pushes refused 413 (over REPLISYNC_MAX_PUSH_BODY_BYTES).",
+                self.push_refused_too_large.get(),
+            ),
+            (
+                "replisync_push_refused_busy_total",
+                "Pushes refused 503 (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT taken).",
+                self.push_refused_busy.get(),
+            ),
+            (
+                "replisync_push_refused_too_many_clients_total",
+                "Pushes refused 400 (over REPLISYNC_MAX_CLIENTS_PER_PUSH).",
+                self.push_refused_too_many_clients.get(),
+            ),
+            (
+                "replisync_push_partial_total",
+                "Pushes that applied a prefix of their mutations and left the rest for the next push.",
+                self.push_partial.get(),
             ),
             (
                 "replisync_authz_webhook_calls_total",

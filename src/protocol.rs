@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The only push and pull protocol version replisync speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -115,13 +116,19 @@ impl PushRequest {
 pub struct Mutation {
     pub id: u64,
     pub name: String,
-    #[serde(default)]
-    pub args: Value,
+    /// The arguments as they arrived (checked to be JSON), parsed only when the mutation is
+    /// applied: a push of 40,000 mutations holds 40,000 strings, not 40,000 JSON trees.
+    #[serde(default = "null_args")]
+    pub args: Box<RawValue>,
     /// The client's `performance.now()`; not used by the protocol.
     #[serde(default)]
     pub timestamp: f64,
     #[serde(rename = "clientID")]
     pub client_id: String,
+}
+
+fn null_args() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("null is JSON")
 }
 
 /// `POST /spaces/{space}/pull` body.

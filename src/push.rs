@@ -18,8 +18,43 @@ const CONFLICT_ATTEMPTS: u32 = 8;
 pub enum PushOutcome {
     /// Every mutation had been applied before (or was blocked by a gap): nothing written.
     Unchanged,
-    /// The space moved to `version`.
-    Committed { version: u64, committed_at: Instant },
+    /// The space moved to `version`. `partial` (how many mutations were applied) when the
+    /// push's budget ran out before its last mutation: the client keeps the rest pending and
+    /// sends them again.
+    Committed {
+        version: u64,
+        committed_at: Instant,
+        partial: Option<usize>,
+    },
+}
+
+/// How much one push may do. Past either bound the push commits what it applied and leaves the
+/// rest (a prefix of each client's mutations is applied, never a later mutation without the
+/// earlier ones); the client's next push continues from its last mutation id. At least one
+/// mutation is always applied, so every push makes progress.
+#[derive(Clone, Copy, Debug)]
+pub struct PushBudget {
+    /// Most mutations applied (already applied ones, skipped, do not count).
+    pub max_mutations: usize,
+    /// No mutator is started after this instant.
+    pub deadline: Instant,
+}
+
+/// Refuses a push naming more clients than `max` (a client group has a handful): each would
+/// be a row to read and create.
+pub fn check_client_count(request: &PushRequest, max: usize) -> Result<(), ApiError> {
+    let mut seen = HashSet::new();
+    for mutation in &request.mutations {
+        if seen.insert(mutation.client_id.as_str()) && seen.len() > max {
+            return Err(ApiError::bad_request(
+                "TooManyClients",
+                format!(
+                    "the push names more than {max} client ids; the limit is REPLISYNC_MAX_CLIENTS_PER_PUSH"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs the push, again from the start when a concurrent push won a race on a new row (the
@@ -31,10 +66,11 @@ pub async fn push(
     space: &SpaceId,
     user: &str,
     request: &PushRequest,
+    budget: PushBudget,
 ) -> Result<PushOutcome, ApiError> {
     let mut attempt = 1;
     loop {
-        match reconnecting(|| apply_push(store, mutators, space, user, request)).await {
+        match reconnecting(|| apply_push(store, mutators, space, user, request, budget)).await {
             Err(ApiError::Store(StoreError::Conflict(cause))) if attempt < CONFLICT_ATTEMPTS => {
                 tracing::debug!(attempt, %cause, "push conflicted with a concurrent push; retrying");
                 tokio::time::sleep(conflict_backoff(attempt)).await;
@@ -57,6 +93,7 @@ async fn apply_push(
     space: &SpaceId,
     user: &str,
     request: &PushRequest,
+    budget: PushBudget,
 ) -> Result<PushOutcome, ApiError> {
     let mut tx = store.begin_push(space).await?;
     let client_ids = distinct_client_ids(&request.mutations);
@@ -71,6 +108,8 @@ async fn apply_push(
     let mut failed = FailedMutations::default();
     let mut advanced: HashSet<&str> = HashSet::new();
     let mut stopped_by_gap: HashSet<&str> = HashSet::new();
+    let mut applied = 0usize;
+    let mut partial = None;
     for mutation in &request.mutations {
         let client = mutation.client_id.as_str();
         if stopped_by_gap.contains(client) {
@@ -90,6 +129,16 @@ async fn apply_push(
             stopped_by_gap.insert(client);
             continue;
         }
+        if applied > 0 && (applied >= budget.max_mutations || Instant::now() >= budget.deadline) {
+            // Stopping here leaves every client with a prefix applied: the rest of the push
+            // comes later in the list, and the client sends it again.
+            tracing::info!(
+                applied,
+                "push budget spent; the rest of its mutations are left for the next push"
+            );
+            partial = Some(applied);
+            break;
+        }
         let mut write_tx = WriteTx::new(&mut *tx, &mut overlay, space, user, client);
         match run_mutator(mutators, &mut write_tx, mutation).await {
             Ok(()) => write_tx.keep_writes(),
@@ -98,6 +147,7 @@ async fn apply_push(
         }
         last_mutation_ids.insert(client, mutation.id);
         advanced.insert(client);
+        applied += 1;
     }
 
     failed.log();
@@ -122,6 +172,7 @@ async fn apply_push(
     Ok(PushOutcome::Committed {
         version: next_version,
         committed_at: Instant::now(),
+        partial,
     })
 }
 
@@ -254,5 +305,7 @@ async fn run_mutator(
     let mutator = mutators.get(&mutation.name).ok_or_else(|| {
         MutationError::Rejected(format!("no mutator is named {:?}", mutation.name))
     })?;
-    mutator.apply(tx, &mutation.args).await
+    let args: serde_json::Value = serde_json::from_str(mutation.args.get())
+        .map_err(|e| MutationError::InvalidArgs(format!("arguments are not JSON: {e}")))?;
+    mutator.apply(tx, &args).await
 }

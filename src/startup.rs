@@ -17,7 +17,7 @@ use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
-use crate::http::{AppState, accept_loop, router};
+use crate::http::{AppState, InFlightBytes, accept_loop, router};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::pusher::{
@@ -232,6 +232,7 @@ impl AppBuilder {
             authorizer: Arc::new(Authorizer::new(self.webhook, metrics.clone())),
             pokes: Pokes::new(sinks),
             sse,
+            push_bytes: InFlightBytes::new(self.http.push.max_bytes_in_flight),
             http: self.http,
             metrics,
             pusher: self.pusher,

@@ -11,8 +11,11 @@ use axum::http::{StatusCode, header};
 
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::config::HttpSettings;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
 
 /// A request body read whole, within the configured limit (413 beyond it).
@@ -33,11 +36,97 @@ where
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::PayloadTooLarge {
                         limit: HttpSettings::from_ref(state).max_body_bytes,
+                        variable: "REPLISYNC_MAX_BODY_BYTES",
                     }
                 } else {
                     ApiError::bad_request("InvalidBody", rejection.body_text())
                 }
             })
+    }
+}
+
+/// The bytes of push bodies being read or worked on, across requests: a semaphore counted in
+/// KiB, so that 30 concurrent 4 MB pushes cannot take gigabytes.
+#[derive(Clone)]
+pub struct InFlightBytes {
+    free: Arc<Semaphore>,
+    total_kib: usize,
+}
+
+impl InFlightBytes {
+    pub fn new(max_bytes: usize) -> Self {
+        let total_kib = kib(max_bytes).clamp(1, u32::MAX as usize);
+        InFlightBytes {
+            free: Arc::new(Semaphore::new(total_kib)),
+            total_kib,
+        }
+    }
+
+    /// Reserves `bytes` (at most the whole budget, so that any body within the body limit can
+    /// get in), or nothing when they are not free.
+    fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let wanted = kib(bytes).clamp(1, self.total_kib) as u32;
+        self.free.clone().try_acquire_many_owned(wanted).ok()
+    }
+}
+
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024)
+}
+
+/// A push body, read whole within REPLISYNC_MAX_PUSH_BODY_BYTES (413 beyond it) once its bytes
+/// fit the in-flight budget (503 with `Retry-After` otherwise). The reservation, by
+/// `Content-Length` (or the whole body limit when the length is not declared), is held until the
+/// push is answered.
+pub struct PushBody {
+    pub bytes: Bytes,
+    _reserved: OwnedSemaphorePermit,
+}
+
+impl<S> FromRequest<S> for PushBody
+where
+    S: Send + Sync,
+    HttpSettings: FromRef<S>,
+    InFlightBytes: FromRef<S>,
+    Arc<Metrics>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let limit = HttpSettings::from_ref(state).push.max_body_bytes;
+        let metrics = Arc::<Metrics>::from_ref(state);
+        let too_large = || ApiError::PayloadTooLarge {
+            limit,
+            variable: "REPLISYNC_MAX_PUSH_BODY_BYTES",
+        };
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            metrics.push_refused_too_large.increment();
+            return Err(too_large());
+        }
+        let Some(reserved) = InFlightBytes::from_ref(state).try_reserve(declared.unwrap_or(limit))
+        else {
+            metrics.push_refused_busy.increment();
+            return Err(ApiError::Busy);
+        };
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    metrics.push_refused_too_large.increment();
+                    too_large()
+                } else {
+                    ApiError::bad_request("InvalidBody", rejection.body_text())
+                }
+            })?;
+        Ok(PushBody {
+            bytes,
+            _reserved: reserved,
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
@@ -14,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::extract::{Caller, Reads, RequestBody, Writes};
+use super::extract::{Caller, PushBody, Reads, RequestBody, Writes};
 use super::state::AppState;
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator};
@@ -24,30 +25,54 @@ use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
 use crate::poke::sse::{SsePokes, StreamsFull, poke_events};
 use crate::protocol::{PullRequest, PushRequest, parse_body};
 use crate::pull::{PullBody, Pulls};
-use crate::push::{PushOutcome, push};
+use crate::push::{PushBudget, PushOutcome, check_client_count, push};
 use crate::store::{Store, reconnecting};
 
 /// `POST /spaces/{space}/push`
 pub async fn push_handler(
     State(state): State<AppState>,
     Caller { space, user, .. }: Caller<Writes>,
-    RequestBody(body): RequestBody,
+    body: PushBody,
 ) -> Result<Json<Value>, ApiError> {
-    let request: PushRequest = parse_body(&body)?;
+    let budget = PushBudget {
+        max_mutations: state.http.push.max_mutations,
+        deadline: Instant::now() + state.http.push_work_budget(),
+    };
+    let request: PushRequest = parse_body(&body.bytes)?;
     request.validate()?;
-    let outcome = push(&*state.store, &state.mutators, &space, &user, &request).await?;
+    if let Err(error) = check_client_count(&request, state.http.push.max_clients) {
+        state.metrics.push_refused_too_many_clients.increment();
+        return Err(error);
+    }
+    let outcome = push(
+        &*state.store,
+        &state.mutators,
+        &space,
+        &user,
+        &request,
+        budget,
+    )
+    .await?;
     if let PushOutcome::Committed {
         version,
         committed_at,
+        partial,
     } = outcome
     {
         tracing::debug!(
             version,
             mutations = request.mutations.len(),
+            ?partial,
             "push committed"
         );
         state.metrics.push_commits.increment();
         state.pokes.space_changed(&space, committed_at);
+        if let Some(applied) = partial {
+            // Committed, but the client must push again for the rest: only a failure makes
+            // Replicache push again without a new mutation (its push loop has no timer).
+            state.metrics.push_partial.increment();
+            return Err(ApiError::PartiallyApplied { applied });
+        }
     }
     state.metrics.pushes.increment();
     Ok(Json(json!({})))

@@ -21,6 +21,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use self::conn::accept_loop;
+pub use self::extract::InFlightBytes;
 pub use self::state::AppState;
 use crate::config::{CorsOrigins, HttpSettings};
 use crate::metrics::Metrics;
@@ -33,7 +34,11 @@ pub fn router(state: AppState) -> Router {
     let timeout =
         TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, state.http.request_timeout);
     let sync_routes = Router::new()
-        .route("/spaces/{space}/push", post(handlers::push_handler))
+        .route(
+            "/spaces/{space}/push",
+            post(handlers::push_handler)
+                .layer(DefaultBodyLimit::max(state.http.push.max_body_bytes)),
+        )
         .route("/spaces/{space}/pull", post(handlers::pull_handler))
         .route_layer(timeout);
     let poke_routes = Router::new()

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 
+use super::extract::InFlightBytes;
 use crate::auth::Authenticator;
 use crate::auth::authorize::Authorizer;
 use crate::config::HttpSettings;
@@ -26,6 +27,8 @@ pub struct AppState {
     /// The built-in SSE poke stream, when enabled.
     pub(crate) sse: Option<Arc<SsePokes>>,
     pub(crate) http: HttpSettings,
+    /// The bytes of push bodies being worked on (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT).
+    pub(crate) push_bytes: InFlightBytes,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pulls: Arc<Pulls>,
     /// The Pusher poker, when configured (its counters go to `/metrics`).

@@ -7,5 +7,6 @@ mod concurrency;
 mod harness;
 mod limits;
 mod protocol;
+mod push_limits;
 mod sse;
 mod stalled;
