@@ -122,23 +122,9 @@ impl IntoResponse for ApiError {
                 let message = self.to_string();
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
             }
-            ApiError::Busy => {
-                let body = json!({"error": "Busy", "message": self.to_string()});
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(axum::http::header::RETRY_AFTER, "1")],
-                    Json(body),
-                )
-                    .into_response();
-            }
+            ApiError::Busy => return retry_later("Busy", self.to_string(), 1),
             ApiError::PartiallyApplied { .. } => {
-                let body = json!({"error": "PartiallyApplied", "message": self.to_string()});
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(axum::http::header::RETRY_AFTER, "0")],
-                    Json(body),
-                )
-                    .into_response();
+                return retry_later("PartiallyApplied", self.to_string(), 0);
             }
             ApiError::SseDisabled => (StatusCode::NOT_FOUND, "SseDisabled", self.to_string()),
             ApiError::PrivateChannelsOff => (
@@ -154,12 +140,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", message)
             }
             ApiError::Overloaded(message) => {
-                let body = Json(json!({ "error": "Overloaded", "message": message }));
-                let retry_after = (
-                    axum::http::header::RETRY_AFTER,
-                    RETRY_AFTER_SECS.to_string(),
-                );
-                return (StatusCode::SERVICE_UNAVAILABLE, [retry_after], body).into_response();
+                return retry_later("Overloaded", message, RETRY_AFTER_SECS);
             }
             ApiError::Store(cause) => {
                 let (status, error, message) = match cause {
@@ -180,4 +161,14 @@ impl IntoResponse for ApiError {
         };
         (status, Json(json!({ "error": error, "message": message }))).into_response()
     }
+}
+
+/// A 503 that Replicache retries, with `Retry-After` and the JSON error body.
+fn retry_later(error: &str, message: String, retry_after_secs: u64) -> Response {
+    let body = Json(json!({ "error": error, "message": message }));
+    let retry_after = [(
+        axum::http::header::RETRY_AFTER,
+        retry_after_secs.to_string(),
+    )];
+    (StatusCode::SERVICE_UNAVAILABLE, retry_after, body).into_response()
 }

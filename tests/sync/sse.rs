@@ -108,24 +108,30 @@ async fn a_space_is_forgotten_when_its_last_watcher_leaves(backend: Backend) {
     }
     assert_eq!(watched_spaces(&server).await, 2);
     streams.truncate(1); // b's watcher and one of a's leave
-    let mut remaining = 0;
-    for _ in 0..200 {
-        remaining = watched_spaces(&server).await;
-        if remaining == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(remaining, 1, "b is still in the map after its watcher left");
+    assert_eq!(
+        watched_spaces_once_settled(&server, 1).await,
+        1,
+        "b is still in the map after its watcher left"
+    );
     streams.clear();
+    assert_eq!(
+        watched_spaces_once_settled(&server, 0).await,
+        0,
+        "a space nobody watches is still in the map"
+    );
+}
+
+/// The gauge once it reads `expected`, or after 10 s.
+async fn watched_spaces_once_settled(server: &TestServer, expected: u64) -> u64 {
+    let mut watched = watched_spaces(server).await;
     for _ in 0..200 {
-        remaining = watched_spaces(&server).await;
-        if remaining == 0 {
+        if watched == expected {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+        watched = watched_spaces(server).await;
     }
-    assert_eq!(remaining, 0, "a space nobody watches is still in the map");
+    watched
 }
 
 crate::on_both_stores!(
