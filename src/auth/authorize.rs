@@ -126,7 +126,7 @@ impl Webhook {
         let response = request
             .send()
             .await
-            .map_err(|e| format!("REPLISYNC_AUTHZ_URL did not answer: {e}"))?;
+            .map_err(|e| format!("REPLISYNC_AUTHZ_URL did not answer: {}", e.without_url()))?;
         decision_of(response.status())
     }
 }

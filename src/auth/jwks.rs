@@ -85,8 +85,12 @@ impl Jwks {
     }
 
     async fn fetch(&self) -> Result<KeyCache, String> {
-        let failed =
-            |e: reqwest::Error| format!("cannot fetch the JWKS (REPLISYNC_JWT_JWKS_URL): {e}");
+        let failed = |e: reqwest::Error| {
+            format!(
+                "cannot fetch the JWKS (REPLISYNC_JWT_JWKS_URL): {}",
+                e.without_url()
+            )
+        };
         let set: JwkSet = self
             .http
             .get(&self.url)

@@ -47,28 +47,36 @@ impl Default for ClaimRules {
 pub struct JwtAuthenticator {
     keys: Keys,
     rules: ClaimRules,
+    /// What every token must satisfy, built once: HMAC algorithms for a secret; for a JWKS,
+    /// each key's own algorithm replaces them per token.
+    validation: Validation,
 }
 
 impl JwtAuthenticator {
     pub fn new(keys: Keys, rules: ClaimRules) -> JwtAuthenticator {
-        JwtAuthenticator { keys, rules }
+        let validation = validation(&rules);
+        JwtAuthenticator {
+            keys,
+            rules,
+            validation,
+        }
     }
+}
 
-    fn validation(&self, algorithms: Vec<Algorithm>) -> Validation {
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        validation.validate_aud = self.rules.audience.is_some();
-        if let Some(audience) = &self.rules.audience {
-            validation.set_audience(&[audience]);
-        }
-        if let Some(issuer) = &self.rules.issuer {
-            validation.set_issuer(&[issuer]);
-        }
-        validation
+fn validation(rules: &ClaimRules) -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.algorithms = vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+    validation.leeway = LEEWAY_SECS;
+    validation.validate_nbf = true;
+    validation.set_required_spec_claims(&["exp"]);
+    validation.validate_aud = rules.audience.is_some();
+    if let Some(audience) = &rules.audience {
+        validation.set_audience(&[audience]);
     }
+    if let Some(issuer) = &rules.issuer {
+        validation.set_issuer(&[issuer]);
+    }
+    validation
 }
 
 #[async_trait]
@@ -76,19 +84,16 @@ impl Authenticator for JwtAuthenticator {
     async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
         let token = bearer_token(authorization)?;
         let header = decode_header(token).map_err(|e| unauthorized(e.kind()))?;
-        let (key, algorithms) = match &self.keys {
-            Keys::Secret(secret) => (
-                secret.clone(),
-                vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
-            ),
+        let decoded = match &self.keys {
+            Keys::Secret(secret) => decode::<Map<String, Value>>(token, secret, &self.validation),
             Keys::Jwks(jwks) => {
                 let found = jwks.key_for(header.kid.as_deref()).await?;
-                (found.key, vec![found.algorithm])
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![found.algorithm];
+                decode(token, &found.key, &validation)
             }
         };
-        let claims = decode::<Map<String, Value>>(token, &key, &self.validation(algorithms))
-            .map_err(|e| unauthorized(e.kind()))?
-            .claims;
+        let claims = decoded.map_err(|e| unauthorized(e.kind()))?.claims;
         identity_from_claims(&claims, &self.rules)
     }
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::authorize::Authorizer;
-use crate::auth::{Access, Authenticator};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use crate::auth::{Access, Authenticator, Identity};
 
 use crate::config::HttpSettings;
 use crate::error::ApiError;
@@ -173,13 +174,14 @@ where
         let space = SpaceId::parse(&raw_space)
             .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
         tracing::Span::current().record("space", space.as_str());
-        let authorization = authorization_header(parts);
-        let identity = Arc::<dyn Authenticator>::from_ref(state)
-            .authenticate(authorization)
-            .await?;
-        Arc::<Authorizer>::from_ref(state)
-            .authorize(&identity, &space, A::ACCESS, authorization)
-            .await?;
+        let identity = allowed_identity(
+            &Arc::<dyn Authenticator>::from_ref(state),
+            &Arc::<Authorizer>::from_ref(state),
+            &parts.headers,
+            &space,
+            A::ACCESS,
+        )
+        .await?;
         Ok(Caller {
             space,
             user: identity.user,
@@ -188,9 +190,21 @@ where
     }
 }
 
-pub fn authorization_header(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
+/// The identity the request's `Authorization` header proves, once it may have `access` to
+/// `space` (401, 403 or 503 otherwise).
+pub async fn allowed_identity(
+    authenticator: &Arc<dyn Authenticator>,
+    authorizer: &Authorizer,
+    headers: &HeaderMap,
+    space: &SpaceId,
+    access: Access,
+) -> Result<Identity, ApiError> {
+    let authorization = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.to_str().ok());
+    let identity = authenticator.authenticate(authorization).await?;
+    authorizer
+        .authorize(&identity, space, access, authorization)
+        .await?;
+    Ok(identity)
 }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::extract::{Caller, PushBody, Reads, RequestBody, Writes};
+use super::extract::{Caller, PushBody, Reads, RequestBody, Writes, allowed_identity};
 use super::state::AppState;
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator};
@@ -179,13 +179,7 @@ pub async fn pusher_auth_handler(
         ))
     })?;
     tracing::Span::current().record("space", space.as_str());
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let identity = authenticator.authenticate(authorization).await?;
-    authorizer
-        .authorize(&identity, &space, Access::Read, authorization)
-        .await?;
+    allowed_identity(&authenticator, &authorizer, &headers, &space, Access::Read).await?;
     let auth = channels.sign(&request.socket_id, &request.channel_name);
     Ok(Json(json!({ "auth": auth })))
 }
