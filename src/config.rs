@@ -100,6 +100,12 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_MAX_FIRST_PULLS")]
     pub max_first_pulls: Option<usize>,
 
+    /// Largest delta, in bytes, that an incremental pull builds in memory and shares with
+    /// identical concurrent pulls. A larger delta is streamed to each pull from a snapshot of its
+    /// own, like a first pull, and counts against REPLISYNC_MAX_FIRST_PULLS.
+    #[arg(long, env = "REPLISYNC_MAX_SHARED_DELTA_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_shared_delta_bytes: usize,
+
     /// Seconds a client may leave a streamed pull unread before it is cut off (its database
     /// snapshot and connection released).
     #[arg(long, env = "REPLISYNC_PULL_STALL_TIMEOUT_SECS", default_value_t = 15)]
@@ -309,6 +315,7 @@ impl Default for HttpSettings {
             shutdown_timeout: Duration::from_secs(10),
             pulls: PullLimits {
                 max_first_pulls: 4,
+                max_shared_delta_bytes: 4 * 1024 * 1024,
                 queue_wait: Duration::from_secs(5),
                 stream: StreamLimits {
                     stall: Duration::from_secs(15),
@@ -433,6 +440,7 @@ impl Config {
                     .max_first_pulls
                     .unwrap_or(self.db_max_connections as usize / 2)
                     .max(1),
+                max_shared_delta_bytes: self.max_shared_delta_bytes,
                 queue_wait: Duration::from_secs(5),
                 stream: StreamLimits {
                     stall: Duration::from_secs(self.pull_stall_timeout_secs.max(1)),

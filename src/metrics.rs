@@ -50,8 +50,10 @@ pub struct Metrics {
     pub pull_reads: Counter,
     /// Streamed pulls cut off because the client stopped reading or took too long.
     pub pull_streams_cut: Counter,
-    /// First pulls refused because too many were in flight.
+    /// Streamed pulls (first pulls, large deltas) refused because too many were in flight.
     pub first_pulls_refused: Counter,
+    /// Incremental pulls whose delta was too large to share, streamed on their own.
+    pub pull_deltas_streamed: Counter,
     /// Requests refused 401: no token, or a malformed, expired or badly signed one.
     pub unauthorized: Counter,
     /// Requests refused 403: the user may not use the space (or the client group).
@@ -116,8 +118,13 @@ impl Metrics {
             ),
             (
                 "replisync_first_pulls_refused_total",
-                "First pulls answered 503 because too many were in flight.",
+                "Streamed pulls (first pulls, large deltas) answered 503 because too many were in flight.",
                 self.first_pulls_refused.get(),
+            ),
+            (
+                "replisync_pull_deltas_streamed_total",
+                "Incremental pulls whose delta exceeded REPLISYNC_MAX_SHARED_DELTA_BYTES, streamed from a snapshot of their own.",
+                self.pull_deltas_streamed.get(),
             ),
             (
                 "replisync_unauthorized_total",

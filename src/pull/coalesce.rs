@@ -23,19 +23,23 @@ pub struct SharedPull {
     pub version: u64,
     client_groups: HashMap<String, ClientGroupRecord>,
     changed_clients: HashMap<String, Vec<(String, u64)>>,
-    /// The patch's operations, already JSON, comma-separated, without brackets.
-    pub patch: Bytes,
+    /// The patch's operations, already JSON, comma-separated, without brackets; `None` when
+    /// the delta was too large to build in memory (each pull streams it instead).
+    pub patch: Option<Bytes>,
 }
 
 impl SharedPull {
     fn new(changes: PullChanges) -> SharedPull {
-        let mut patch = Vec::new();
-        for (index, entry) in changes.entries.iter().enumerate() {
-            if index > 0 {
-                patch.push(b',');
+        let patch = changes.entries.as_deref().map(|entries| {
+            let mut patch = Vec::new();
+            for (index, entry) in entries.iter().enumerate() {
+                if index > 0 {
+                    patch.push(b',');
+                }
+                write_patch_op(&mut patch, entry);
             }
-            write_patch_op(&mut patch, entry);
-        }
+            Bytes::from(patch)
+        });
         let mut changed_clients: HashMap<String, Vec<(String, u64)>> = HashMap::new();
         for (group, client, last_mutation_id) in changes.changed_clients {
             changed_clients
@@ -51,7 +55,7 @@ impl SharedPull {
                 .map(|g| (g.id.clone(), g))
                 .collect(),
             changed_clients,
-            patch: Bytes::from(patch),
+            patch,
         }
     }
 
@@ -72,16 +76,23 @@ type BatchKey = (SpaceId, u64);
 pub struct PullCoalescer {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// Largest delta built in memory and shared; a larger one is streamed to each pull.
+    max_shared_delta_bytes: usize,
     /// Pulls waiting for the next read, per (space, cookie). A key is present exactly while a
     /// reader task for it runs.
     waiting: Mutex<HashMap<BatchKey, Vec<(String, Reply)>>>,
 }
 
 impl PullCoalescer {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        max_shared_delta_bytes: usize,
+    ) -> Self {
         PullCoalescer {
             store,
             metrics,
+            max_shared_delta_bytes,
             waiting: Mutex::new(HashMap::new()),
         }
     }
@@ -139,9 +150,12 @@ impl PullCoalescer {
                 .into_iter()
                 .collect();
             self.metrics.pull_reads.increment();
-            let result = reconnecting(|| self.store.pull_changes(&key.0, &groups, key.1))
-                .await
-                .map(|changes| Arc::new(SharedPull::new(changes)));
+            let result = reconnecting(|| {
+                self.store
+                    .pull_changes(&key.0, &groups, key.1, self.max_shared_delta_bytes)
+            })
+            .await
+            .map(|changes| Arc::new(SharedPull::new(changes)));
             for (_, reply) in batch {
                 let _ = reply.send(result.clone());
             }

@@ -1,6 +1,7 @@
 //! Pull: answers what changed in a space since the client's cookie, from one snapshot.
 //! A first pull is streamed as the database returns it, so a large space is never held whole;
-//! incremental pulls share reads with identical concurrent pulls (see `coalesce`).
+//! incremental pulls share reads with identical concurrent pulls (see `coalesce`), unless their
+//! delta is too large to hold: then each is streamed like a first pull.
 
 pub mod coalesce;
 mod guard;
@@ -34,35 +35,44 @@ pub struct Pulls {
     metrics: Arc<Metrics>,
     coalescer: Arc<PullCoalescer>,
     limits: PullLimits,
-    /// One permit per first pull in flight: fewer than the pool's connections, so pushes and
-    /// health checks always find one.
-    first_pulls: Arc<Semaphore>,
+    /// One permit per streamed pull in flight (first pulls and large deltas): fewer than the
+    /// pool's connections, so pushes and health checks always find one.
+    streamed_pulls: Arc<Semaphore>,
 }
 
-/// What first pulls may hold, and for how long.
+/// What pulls may hold, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct PullLimits {
+    /// Streamed pulls in flight at once: first pulls, and incremental pulls of a large delta.
     pub max_first_pulls: usize,
+    /// Largest delta built in memory and shared by identical concurrent pulls; beyond it each
+    /// pull streams the delta from its own snapshot, as a first pull does.
+    pub max_shared_delta_bytes: usize,
     /// How long a first pull waits for a permit before it is answered 503.
     pub queue_wait: Duration,
     pub stream: StreamLimits,
 }
 
-/// A pull's response body: streamed (first pulls, whatever the space's size) or in parts.
+/// A pull's response body: streamed (first pulls whatever the space's size, and large deltas)
+/// or in parts.
 pub enum PullBody {
     Streamed(BoxStream<'static, Result<Bytes, StoreError>>),
-    /// A whole response in parts (incremental pulls: their own head, then a patch shared with
-    /// the other pulls of their batch, not copied).
+    /// A whole response in parts (small incremental pulls: their own head, then a patch shared
+    /// with the other pulls of their batch, not copied).
     Parts(Vec<Bytes>),
 }
 
 impl Pulls {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, limits: PullLimits) -> Pulls {
         Pulls {
-            coalescer: Arc::new(PullCoalescer::new(store.clone(), metrics.clone())),
+            coalescer: Arc::new(PullCoalescer::new(
+                store.clone(),
+                metrics.clone(),
+                limits.max_shared_delta_bytes,
+            )),
             store,
             metrics,
-            first_pulls: Arc::new(Semaphore::new(limits.max_first_pulls.max(1))),
+            streamed_pulls: Arc::new(Semaphore::new(limits.max_first_pulls.max(1))),
             limits,
         }
     }
@@ -81,7 +91,7 @@ impl Pulls {
             parse_cookie(&request.cookie).map_err(|_| ProtocolError::ClientStateNotFound)?;
         let body = match cookie {
             None => {
-                self.first_pull(space, user, &request.client_group_id)
+                self.streamed_pull(space, user, &request.client_group_id, None)
                     .await?
             }
             Some(from) => {
@@ -93,39 +103,46 @@ impl Pulls {
         Ok(body)
     }
 
-    /// A pull with a null cookie: `clear` and the whole space, streamed from one snapshot.
-    async fn first_pull(
+    /// A pull streamed from one snapshot: `clear` and the whole space for a null cookie
+    /// (`since: None`), or what changed after the cookie when that is too large to share.
+    async fn streamed_pull(
         &self,
         space: &SpaceId,
         user: &str,
         client_group_id: &str,
+        since: Option<u64>,
     ) -> Result<PullBody, ApiError> {
         let permit = tokio::time::timeout(
             self.limits.queue_wait,
-            self.first_pulls.clone().acquire_owned(),
+            self.streamed_pulls.clone().acquire_owned(),
         )
         .await;
         let Ok(Ok(permit)) = permit else {
             self.metrics.first_pulls_refused.increment();
             return Err(ApiError::Overloaded(format!(
-                "{} first pulls are in flight (REPLISYNC_MAX_FIRST_PULLS); retry shortly",
+                "{} streamed pulls (first pulls and large deltas) are in flight (REPLISYNC_MAX_FIRST_PULLS); retry shortly",
                 self.limits.max_first_pulls
             )));
         };
         self.metrics.pull_reads.increment();
-        let snapshot = reconnecting(|| self.store.first_pull(space, client_group_id)).await?;
+        let snapshot =
+            reconnecting(|| self.store.streamed_pull(space, client_group_id, since)).await?;
         if let Some(group) = &snapshot.client_group {
             check_group_ownership(group, space, user)?;
         }
+        if let Some(from) = since {
+            check_cookie_not_ahead(from, snapshot.version)?;
+        }
         Ok(PullBody::Streamed(guard::guarded(
-            response_chunks(snapshot, true),
+            response_chunks(snapshot, since.is_none()),
             self.limits.stream,
             self.metrics.clone(),
             permit,
         )))
     }
 
-    /// A pull from a cookie: answered from a read shared with identical concurrent pulls.
+    /// A pull from a cookie: answered from a read shared with identical concurrent pulls, or
+    /// streamed from a snapshot of its own when the delta is too large to share.
     async fn incremental_pull(
         &self,
         space: &SpaceId,
@@ -138,6 +155,12 @@ impl Pulls {
             check_group_ownership(group, space, user)?;
         }
         check_cookie_not_ahead(from, shared.version)?;
+        let Some(patch) = &shared.patch else {
+            self.metrics.pull_deltas_streamed.increment();
+            return self
+                .streamed_pull(space, user, client_group_id, Some(from))
+                .await;
+        };
         let head = response_head(
             shared.version,
             shared.changed_clients(client_group_id),
@@ -146,7 +169,7 @@ impl Pulls {
         // The patch is shared by every pull of the batch: each response points at it.
         Ok(PullBody::Parts(vec![
             Bytes::from(head),
-            shared.patch.clone(),
+            patch.clone(),
             Bytes::from_static(b"]}"),
         ]))
     }

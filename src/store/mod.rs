@@ -54,15 +54,16 @@ pub struct PushChanges {
     pub entries: Vec<EntryChange>,
 }
 
-/// What a first pull needs, read from one consistent snapshot.
+/// What a streamed pull (a first pull, or a delta too large to share) needs, read from one
+/// consistent snapshot.
 pub struct PullSnapshot {
     /// The space's version: the pull's new cookie (0 for a space never written).
     pub version: u64,
     pub client_group: Option<ClientGroupRecord>,
-    /// `(clientID, lastMutationID)` of every client of the group.
+    /// `(clientID, lastMutationID)` of the group's clients (changed after the cookie, if any).
     pub changed_clients: Vec<(String, u64)>,
-    /// Every live entry, streamed from the same snapshot so that a large space is never held
-    /// whole in memory.
+    /// Every live entry (or every change after the cookie), streamed from the same snapshot so
+    /// that a large space or delta is never held whole in memory.
     pub entries: BoxStream<'static, Result<EntryChange, StoreError>>,
 }
 
@@ -75,9 +76,19 @@ pub struct PullChanges {
     pub client_groups: Vec<ClientGroupRecord>,
     /// `(client group, client, lastMutationID)` of clients changed after the cookie.
     pub changed_clients: Vec<(String, String, u64)>,
-    /// Entries changed after the cookie (deletes included).
-    pub entries: Vec<EntryChange>,
+    /// Entries changed after the cookie (deletes included); `None` when they add up to more
+    /// than the read's byte limit (see [`delta_bytes`]): each pull then streams its own.
+    pub entries: Option<Vec<EntryChange>>,
 }
+
+/// What a change counts against a shared delta's byte limit: its key and value, and a little for
+/// the JSON around them.
+pub fn delta_bytes(key: &str, value: Option<&str>) -> usize {
+    key.len() + value.map_or(0, str::len) + DELTA_BYTES_PER_ENTRY
+}
+
+/// The JSON around one patch operation, roughly; the stores count it the same way.
+pub const DELTA_BYTES_PER_ENTRY: usize = 32;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -186,20 +197,24 @@ pub trait Store: Send + Sync + 'static {
     /// [`PushTx::client_state`] until the end. Dropping the result rolls back.
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError>;
 
-    /// Reads what a first pull (null cookie) needs: the whole space, in one snapshot.
-    async fn first_pull(
+    /// Reads a pull to be streamed, in one snapshot held until the stream ends: the whole space
+    /// for `since: None` (a first pull), what changed after the cookie otherwise.
+    async fn streamed_pull(
         &self,
         space: &SpaceId,
         client_group_id: &str,
+        since: Option<u64>,
     ) -> Result<PullSnapshot, StoreError>;
 
     /// Reads what incremental pulls from `from > 0` by each of `client_group_ids` need, in one
-    /// consistent snapshot.
+    /// consistent snapshot. The entries are left out (`None`) when they would take more than
+    /// `max_delta_bytes` (counted by [`delta_bytes`]).
     async fn pull_changes(
         &self,
         space: &SpaceId,
         client_group_ids: &[String],
         from: u64,
+        max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError>;
 
     /// Answers whether the database is reachable and answering.

@@ -10,8 +10,8 @@ use sqlx::{Connection, Postgres, Transaction};
 
 use super::shared::{self, client_group_record, stored_client_group, to_space_version};
 use super::{
-    ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError, to_i64, to_u64,
+    ClientRecord, ClientState, DELTA_BYTES_PER_ENTRY, EntryChange, PullChanges, PullSnapshot,
+    PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
 };
 use crate::protocol::SpaceId;
 
@@ -75,16 +75,17 @@ impl Store for PgStore {
         }))
     }
 
-    async fn first_pull(
+    async fn streamed_pull(
         &self,
         space: &SpaceId,
         client_group_id: &str,
+        since: Option<u64>,
     ) -> Result<PullSnapshot, StoreError> {
         let tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
-        shared::first_pull(tx, space, client_group_id).await
+        shared::streamed_pull(tx, space, client_group_id, since).await
     }
 
     async fn pull_changes(
@@ -92,10 +93,13 @@ impl Store for PgStore {
         space: &SpaceId,
         client_group_ids: &[String],
         from: u64,
+        max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError> {
         // One statement is one snapshot, even without a transaction: one round trip for
-        // every pull in the batch.
-        let (version, groups, clients, entries): (Option<i64>, Value, Value, Value) =
+        // every pull in the batch. The entries are aggregated only up to `$4` bytes (a running
+        // sum over the delta, which reads value sizes without reading large values), so no
+        // delta is built whole past the limit, nor meets the 1 GB limit of one `json_agg`.
+        let (version, groups, clients, entries): (Option<i64>, Value, Value, Option<Value>) =
             sqlx::query_as(
                 "SELECT
                    (SELECT version FROM replisync_spaces WHERE id = $1),
@@ -104,19 +108,27 @@ impl Store for PgStore {
                    (SELECT coalesce(json_agg(json_build_array(client_group_id, id, last_mutation_id)), '[]')
                       FROM replisync_clients
                       WHERE client_group_id = ANY($2) AND last_modified_version > $3),
-                   (SELECT coalesce(json_agg(json_build_array(key, CASE WHEN deleted THEN NULL ELSE value END)), '[]')
-                      FROM replisync_entries WHERE space_id = $1 AND version > $3)",
+                   (SELECT CASE WHEN bool_or(running > $4) THEN NULL
+                               ELSE coalesce(json_agg(json_build_array(key, value)) FILTER (WHERE running <= $4), '[]') END
+                      FROM (SELECT key, CASE WHEN deleted THEN NULL ELSE value END AS value,
+                                   sum(octet_length(key) + coalesce(octet_length(value), 0) + $5)
+                                       OVER (ROWS UNBOUNDED PRECEDING) AS running
+                              FROM replisync_entries WHERE space_id = $1 AND version > $3) AS delta)",
             )
             .bind(space.as_str())
             .bind(client_group_ids)
             .bind(to_i64(from)?)
+            .bind(to_i64(max_delta_bytes as u64)?)
+            .bind(DELTA_BYTES_PER_ENTRY as i32)
             .fetch_one(&self.pool)
             .await?;
         Ok(PullChanges {
             version: to_space_version(version)?,
             client_groups: decode_rows(groups, client_group_record)?,
             changed_clients: decode_rows(clients, |row: (String, String, u64)| row)?,
-            entries: decode_rows(entries, |(key, value)| EntryChange { key, value })?,
+            entries: entries
+                .map(|rows| decode_rows(rows, |(key, value)| EntryChange { key, value }))
+                .transpose()?,
         })
     }
 

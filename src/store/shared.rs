@@ -7,19 +7,22 @@ use futures::stream::BoxStream;
 use sqlx::database::HasStatementCache;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Transaction, Type};
 
-use super::{ClientGroupRecord, EntryChange, PullSnapshot, StoreError, to_u64};
+use super::{ClientGroupRecord, EntryChange, PullSnapshot, StoreError, to_i64, to_u64};
 use crate::protocol::SpaceId;
 
 // The statements here number their parameters `$1`, `$2`, ...: Postgres's own style, and one
 // that SQLite reads as named parameters which sqlx binds by their number (see the test below).
 
-/// Reads a first pull in `tx`, which must see one snapshot from its first read to its end: the
+/// Reads a streamed pull in `tx`, which must see one snapshot from its first read to its end: the
 /// space's version, the client group and its clients now, then the entries as the stream is read.
-/// The stream commits `tx` once it has yielded the last entry.
-pub(super) async fn first_pull<DB>(
+/// `since: None` reads a first pull (every client of the group, every live entry); `Some(cookie)`
+/// what changed after the cookie (deletions included). The stream commits `tx` once it has
+/// yielded the last entry.
+pub(super) async fn streamed_pull<DB>(
     mut tx: Transaction<'static, DB>,
     space: &SpaceId,
     client_group_id: &str,
+    since: Option<u64>,
 ) -> Result<PullSnapshot, StoreError>
 where
     DB: Database + HasStatementCache,
@@ -29,7 +32,13 @@ where
     (Option<i64>, Option<String>, Option<String>): for<'r> FromRow<'r, DB::Row>,
     (String, i64): for<'r> FromRow<'r, DB::Row>,
     (String, Option<String>): for<'r> FromRow<'r, DB::Row>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
+    // -1 when every client and entry counts (versions start at 1).
+    let after = match since {
+        Some(cookie) => to_i64(cookie)?,
+        None => -1,
+    };
     let (version, space_id, user_id): (Option<i64>, Option<String>, Option<String>) =
         sqlx::query_as(
             "SELECT (SELECT version FROM replisync_spaces WHERE id = $1), g.space_id, g.user_id
@@ -41,9 +50,11 @@ where
         .fetch_one(&mut *tx)
         .await?;
     let changed_clients = sqlx::query_as::<_, (String, i64)>(
-        "SELECT id, last_mutation_id FROM replisync_clients WHERE client_group_id = $1",
+        "SELECT id, last_mutation_id FROM replisync_clients
+         WHERE client_group_id = $1 AND last_modified_version > $2",
     )
     .bind(client_group_id)
+    .bind(after)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
@@ -53,14 +64,16 @@ where
         version: to_space_version(version)?,
         client_group: stored_client_group(client_group_id, space_id.zip(user_id)),
         changed_clients,
-        entries: live_entries(tx, space.as_str().to_owned()),
+        entries: entries_after(tx, space.as_str().to_owned(), after),
     })
 }
 
-/// Streams the live entries of `space_id` from `tx`, then commits it.
-fn live_entries<DB>(
+/// Streams the entries of `space_id` changed after version `after` from `tx` (only live ones
+/// for a first pull, `after` = -1; deletions as `None` otherwise), then commits it.
+fn entries_after<DB>(
     mut tx: Transaction<'static, DB>,
     space_id: String,
+    after: i64,
 ) -> BoxStream<'static, Result<EntryChange, StoreError>>
 where
     DB: Database + HasStatementCache,
@@ -68,13 +81,17 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     (String, Option<String>): for<'r> FromRow<'r, DB::Row>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
     Box::pin(try_stream! {
         {
+            // A first pull skips deletions: the client has nothing to delete after `clear`.
             let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
-                "SELECT key, value FROM replisync_entries WHERE space_id = $1 AND NOT deleted",
+                "SELECT key, CASE WHEN deleted THEN NULL ELSE value END FROM replisync_entries
+                 WHERE space_id = $1 AND version > $2 AND ($2 >= 0 OR NOT deleted)",
             )
             .bind(space_id.as_str())
+            .bind(after)
             .fetch(&mut *tx);
             while let Some((key, value)) = rows.try_next().await? {
                 yield EntryChange { key, value };

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -14,7 +15,7 @@ use sqlx::{Sqlite, Transaction};
 use super::shared::{self, client_group_record, stored_client_group, to_lmid, to_space_version};
 use super::{
     ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError, to_i64,
+    StoreError, delta_bytes, to_i64,
 };
 use crate::protocol::SpaceId;
 
@@ -80,14 +81,15 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn first_pull(
+    async fn streamed_pull(
         &self,
         space: &SpaceId,
         client_group_id: &str,
+        since: Option<u64>,
     ) -> Result<PullSnapshot, StoreError> {
         // In WAL mode a read transaction sees one snapshot from its first read to its end.
         let tx = self.readers.begin().await?;
-        shared::first_pull(tx, space, client_group_id).await
+        shared::streamed_pull(tx, space, client_group_id, since).await
     }
 
     async fn pull_changes(
@@ -95,6 +97,7 @@ impl Store for SqliteStore {
         space: &SpaceId,
         client_group_ids: &[String],
         from: u64,
+        max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError> {
         // Several statements in one read transaction (a WAL snapshot), where Postgres runs one
         // `json_agg` statement. SQLite has no array parameters; the ids travel as a JSON array.
@@ -125,19 +128,7 @@ impl Store for SqliteStore {
         .into_iter()
         .map(|(group, id, lmid)| Ok((group, id, to_lmid(lmid)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
-        let entries = sqlx::query_as::<_, (String, Option<String>, bool)>(
-            "SELECT key, value, deleted FROM replisync_entries WHERE space_id = ?1 AND version > ?2",
-        )
-        .bind(space.as_str())
-        .bind(from)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|(key, value, deleted)| EntryChange {
-            key,
-            value: if deleted { None } else { value },
-        })
-        .collect();
+        let entries = delta_within(&mut tx, space, from, max_delta_bytes).await?;
         tx.commit().await?;
         Ok(PullChanges {
             version,
@@ -252,6 +243,33 @@ impl PushTx for SqlitePushTx {
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// The entries of `space` changed after version `from`, read until they add up to more than
+/// `max_bytes` (then `None`: the rest is never read).
+async fn delta_within(
+    conn: &mut SqliteConnection,
+    space: &SpaceId,
+    from: i64,
+    max_bytes: usize,
+) -> Result<Option<Vec<EntryChange>>, StoreError> {
+    let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
+        "SELECT key, CASE WHEN deleted THEN NULL ELSE value END FROM replisync_entries
+         WHERE space_id = ?1 AND version > ?2",
+    )
+    .bind(space.as_str())
+    .bind(from)
+    .fetch(conn);
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    while let Some((key, value)) = rows.try_next().await? {
+        bytes += delta_bytes(&key, value.as_deref());
+        if bytes > max_bytes {
+            return Ok(None);
+        }
+        entries.push(EntryChange { key, value });
+    }
+    Ok(Some(entries))
 }
 
 /// The version of `space` (0 for a space never written).

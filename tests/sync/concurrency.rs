@@ -221,17 +221,25 @@ impl Store for SlowPullReads {
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         self.0.begin_push(space).await
     }
-    async fn first_pull(&self, space: &SpaceId, group: &str) -> Result<PullSnapshot, StoreError> {
-        self.0.first_pull(space, group).await
+    async fn streamed_pull(
+        &self,
+        space: &SpaceId,
+        group: &str,
+        since: Option<u64>,
+    ) -> Result<PullSnapshot, StoreError> {
+        self.0.streamed_pull(space, group, since).await
     }
     async fn pull_changes(
         &self,
         space: &SpaceId,
         groups: &[String],
         from: u64,
+        max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError> {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        self.0.pull_changes(space, groups, from).await
+        self.0
+            .pull_changes(space, groups, from, max_delta_bytes)
+            .await
     }
     async fn check_health(&self) -> Result<(), StoreError> {
         self.0.check_health().await

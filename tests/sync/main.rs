@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod concurrency;
 mod harness;
+mod large_deltas;
 mod limits;
 mod protocol;
 mod push_limits;

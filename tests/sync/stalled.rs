@@ -14,10 +14,16 @@ use crate::harness::{Backend, Options, TestServer, inc, push_body};
 /// Opens a connection, asks for a first pull of `space`, reads the first bytes of the answer,
 /// and then never reads again.
 async fn stalled_first_pull(server: &TestServer, space: &str) -> TcpStream {
+    stalled_pull(server, space, Value::Null).await
+}
+
+/// Opens a connection, asks for a pull of `space` from `cookie`, reads the first bytes of the
+/// answer, and then never reads again.
+async fn stalled_pull(server: &TestServer, space: &str, cookie: Value) -> TcpStream {
     let address = server.base.trim_start_matches("http://").to_owned();
     let mut socket = TcpStream::connect(&address).await.unwrap();
     let body = json!({"pullVersion": 1, "clientGroupID": format!("g-{}", rand_suffix()),
-                      "cookie": null})
+                      "cookie": cookie})
     .to_string();
     let request = format!(
         "POST /spaces/{space}/pull HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -46,6 +52,7 @@ async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) 
         http: HttpSettings {
             pulls: PullLimits {
                 max_first_pulls: 4,
+                max_shared_delta_bytes: 4 * 1024 * 1024,
                 queue_wait: Duration::from_secs(1),
                 stream: StreamLimits {
                     stall: Duration::from_secs(1),
@@ -109,4 +116,77 @@ async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) 
     assert_eq!(body["patch"].as_array().map(Vec::len), Some(25)); // clear and 24 keys
 }
 
-crate::on_both_stores!(stalled_readers_cannot_starve_pushes_pulls_or_health);
+/// Finding 3: readers that stop reading an incremental pull of a large delta used to get the whole
+/// delta built in memory, once per cookie (16 stalled pulls of a 40 MB delta held 1.2 GB). Now a
+/// delta over REPLISYNC_MAX_SHARED_DELTA_BYTES is streamed like a first pull: each stalled reader
+/// holds a few chunks and a streamed-pull permit, those permits are capped, and a stalled one is
+/// cut off.
+async fn stalled_readers_of_a_large_delta_hold_only_capped_streams(backend: Backend) {
+    let options = Options {
+        http: HttpSettings {
+            pulls: PullLimits {
+                max_first_pulls: 2,
+                max_shared_delta_bytes: 64 * 1024,
+                queue_wait: Duration::from_millis(500),
+                stream: StreamLimits {
+                    stall: Duration::from_secs(3),
+                    deadline: Duration::from_secs(60),
+                },
+            },
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    let first = push_body("writer", &[("w", 1, "increment", inc("n", 1))]);
+    assert_eq!(server.push("big", &first).await.0, 200);
+    let cookie = json!(1);
+    // A 12 MB delta after cookie 1: more than the socket buffers of a stalled reader hold.
+    let megabyte = "x".repeat(1024 * 1024);
+    for id in 2..=13u64 {
+        let body = push_body(
+            "writer",
+            &[(
+                "w",
+                id,
+                "set",
+                json!({"key": format!("k{id}"), "value": megabyte}),
+            )],
+        );
+        assert_eq!(server.push("big", &body).await.0, 200);
+    }
+    let stalled = vec![
+        stalled_pull(&server, "big", cookie.clone()).await,
+        stalled_pull(&server, "big", cookie.clone()).await,
+    ];
+    // Both streamed-pull permits are held by the stalled readers: a third pull of the delta
+    // waits its turn, then is told to come back, instead of building another copy.
+    let (status, answer) = server.pull("big", "third", cookie.clone()).await;
+    assert_eq!(
+        status,
+        503,
+        "the third pull was answered: {:.200}",
+        answer.to_string()
+    );
+    assert_eq!(answer["error"], "Overloaded");
+    assert_eq!(server.metrics.pull_deltas_streamed.get(), 3);
+    // The stalled readers are cut off, and the delta is then answered whole.
+    let mut cut = 0;
+    for _ in 0..100 {
+        cut = server.metrics.pull_streams_cut.get();
+        if cut >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cut, 2, "the stalled delta pulls were not cut off");
+    drop(stalled);
+    let (status, delta) = server.pull("big", "reader", cookie).await;
+    assert_eq!(status, 200);
+    assert_eq!(delta["patch"].as_array().map(Vec::len), Some(12));
+}
+
+crate::on_both_stores!(
+    stalled_readers_cannot_starve_pushes_pulls_or_health,
+    stalled_readers_of_a_large_delta_hold_only_capped_streams,
+);
