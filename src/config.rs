@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Address and port for `/metrics` alone (e.g. 127.0.0.1:9090, for a scraper on a private
+    /// network). Unset: `/metrics` is served on REPLISYNC_LISTEN, beside push and pull.
+    #[arg(long, env = "REPLISYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Largest accepted request body but a push's, in bytes (larger ones get 413).
     #[arg(long, env = "REPLISYNC_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -76,6 +81,13 @@ pub struct Config {
     )]
     pub max_mutations_per_push: usize,
 
+    /// Milliseconds a push spends running mutators before it commits what it applied and
+    /// answers 503 PartiallyApplied (the client sends the rest at once). Unset: a third of
+    /// REPLISYNC_REQUEST_TIMEOUT_SECS, so the wait for the space's lock and the commit fit in
+    /// what remains.
+    #[arg(long, env = "REPLISYNC_PUSH_TIME_BUDGET_MS")]
+    pub push_time_budget_ms: Option<u64>,
+
     /// Bytes of push bodies read at once across all requests; a push beyond it gets 503 with
     /// `Retry-After` (the client retries).
     #[arg(long, env = "REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT", default_value_t = 64 * 1024 * 1024)]
@@ -94,7 +106,8 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
 
-    /// First pulls (whole spaces, streamed) in flight at once; others wait up to 5 s for a turn,
+    /// Streamed pulls (first pulls, and deltas over REPLISYNC_MAX_SHARED_DELTA_BYTES) in flight
+    /// at once; others wait up to 5 s for a turn,
     /// then get 503. Unset: half of REPLISYNC_DB_MAX_CONNECTIONS, so pushes and health checks
     /// always find a connection.
     #[arg(long, env = "REPLISYNC_MAX_FIRST_PULLS")]
@@ -284,6 +297,9 @@ pub struct PushLimits {
     pub max_mutations: usize,
     /// Bytes of push bodies read at once (503 with `Retry-After` beyond it).
     pub max_bytes_in_flight: usize,
+    /// Time spent running mutators before the push commits what it applied; `None`: a third of
+    /// the request timeout.
+    pub time_budget: Option<Duration>,
 }
 
 impl Default for PushLimits {
@@ -293,16 +309,17 @@ impl Default for PushLimits {
             max_clients: 100,
             max_mutations: 10_000,
             max_bytes_in_flight: 64 * 1024 * 1024,
+            time_budget: None,
         }
     }
 }
 
 impl HttpSettings {
     /// Time a push spends running mutators before it commits what it applied and leaves the
-    /// rest for the next push: a third of the request timeout, so the commit and the wait for
-    /// the space's lock fit in what remains.
+    /// rest for the next push: as configured, or a third of the request timeout, so the commit
+    /// and the wait for the space's lock fit in what remains.
     pub fn push_work_budget(&self) -> Duration {
-        self.request_timeout / 3
+        self.push.time_budget.unwrap_or(self.request_timeout / 3)
     }
 }
 
@@ -424,6 +441,14 @@ impl Config {
                 return Err(format!("{variable} must be above 0"));
             }
         }
+        if let Some(budget) = self.push_time_budget_ms
+            && (budget == 0 || budget >= self.request_timeout_secs.max(1) * 1000)
+        {
+            return Err(format!(
+                "REPLISYNC_PUSH_TIME_BUDGET_MS ({budget}) must be above 0 and below REPLISYNC_REQUEST_TIMEOUT_SECS ({} s), or the push would time out before it commits",
+                self.request_timeout_secs
+            ));
+        }
         if self.max_push_bytes_in_flight < self.max_push_body_bytes {
             return Err(format!(
                 "REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT ({}) must be at least REPLISYNC_MAX_PUSH_BODY_BYTES ({}): a push of the largest size must be able to get in",
@@ -457,6 +482,7 @@ impl Config {
                 max_clients: self.max_clients_per_push,
                 max_mutations: self.max_mutations_per_push,
                 max_bytes_in_flight: self.max_push_bytes_in_flight,
+                time_budget: self.push_time_budget_ms.map(Duration::from_millis),
             },
         })
     }
@@ -528,6 +554,30 @@ mod tests {
                 .http_settings()
                 .unwrap_err()
                 .contains("REPLISYNC_MAX_MUTATIONS_PER_PUSH")
+        );
+    }
+
+    #[test]
+    fn the_push_time_budget_defaults_to_a_third_of_the_request_timeout() {
+        let settings = config(&["--request-timeout-secs", "9"])
+            .http_settings()
+            .unwrap();
+        assert_eq!(settings.push_work_budget(), Duration::from_secs(3));
+        let settings = config(&["--push-time-budget-ms", "250"])
+            .http_settings()
+            .unwrap();
+        assert_eq!(settings.push_work_budget(), Duration::from_millis(250));
+        let too_long = config(&[
+            "--request-timeout-secs",
+            "2",
+            "--push-time-budget-ms",
+            "2000",
+        ]);
+        assert!(
+            too_long
+                .http_settings()
+                .unwrap_err()
+                .contains("REPLISYNC_PUSH_TIME_BUDGET_MS")
         );
     }
 }

@@ -36,7 +36,7 @@ pub enum ApiError {
     /// so that Replicache, whose push loop only pushes again on a failure or a new mutation,
     /// retries at once and sends the rest.
     #[error(
-        "applied {applied} mutations of this push, the most one push may apply (REPLISYNC_MAX_MUTATIONS_PER_PUSH, or a third of REPLISYNC_REQUEST_TIMEOUT_SECS); push again to apply the rest"
+        "applied {applied} mutations of this push, the most one push may apply (REPLISYNC_MAX_MUTATIONS_PER_PUSH or REPLISYNC_PUSH_TIME_BUDGET_MS); push again to apply the rest"
     )]
     PartiallyApplied { applied: usize },
     #[error("{0}")]

@@ -17,7 +17,7 @@ use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
-use crate::http::{AppState, InFlightBytes, accept_loop, router};
+use crate::http::{AppState, InFlightBytes, MetricsEndpoint, accept_loop, metrics_router, router};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::pusher::{
@@ -44,7 +44,13 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let listener = TcpListener::bind(config.listen).await.with_context(|| {
                 format!("cannot listen on {} (REPLISYNC_LISTEN)", config.listen)
             })?;
-            serve(listener, app, shutdown_signal()).await
+            let metrics_listener = match config.metrics_listen {
+                Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+                    format!("cannot listen on {address} (REPLISYNC_METRICS_LISTEN)")
+                })?),
+                None => None,
+            };
+            serve_with_metrics(listener, metrics_listener, app, shutdown_signal()).await
         }
     }
 }
@@ -141,8 +147,8 @@ impl App {
         &self.state.metrics
     }
 
-    pub fn router(&self) -> Router {
-        router(self.state.clone())
+    pub fn router(&self, metrics_endpoint: MetricsEndpoint) -> Router {
+        router(self.state.clone(), metrics_endpoint)
     }
 }
 
@@ -342,12 +348,29 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with_metrics(listener, None, app, shutdown).await
+}
+
+/// [`serve`], with `/metrics` on `metrics_listener` alone when one is given.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "replisync listening");
     let stop = app.shutdown.clone();
+    let metrics_endpoint = match metrics_listener {
+        Some(metrics_listener) => {
+            serve_metrics(metrics_listener, &app, stop.clone())?;
+            MetricsEndpoint::Elsewhere
+        }
+        None => MetricsEndpoint::Here,
+    };
     // Aborting this task drops every connection it serves.
     let mut server = tokio::spawn(accept_loop(
         listener,
-        app.router(),
+        app.router(metrics_endpoint),
         app.state.http.clone(),
         app.state.metrics.clone(),
         stop.clone(),
@@ -389,6 +412,21 @@ pub async fn serve(
         );
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves `/metrics` alone on `listener` until `stop`; scrapes are short, so it is not drained.
+fn serve_metrics(listener: TcpListener, app: &App, stop: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(address = %listener.local_addr()?, "/metrics listening");
+    let router = metrics_router(app.state.clone());
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the /metrics listener failed");
+        }
+    });
     Ok(())
 }
 

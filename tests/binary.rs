@@ -318,3 +318,51 @@ async fn failing_mutations_are_one_short_escaped_log_line_per_push() {
         "a mutation name forged a log line"
     );
 }
+
+#[tokio::test]
+async fn metrics_can_move_to_an_address_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("REPLISYNC_METRICS_LISTEN", "127.0.0.1:0")]);
+    let mut metrics_address = None;
+    for _ in 0..100 {
+        metrics_address = server.log.lock().unwrap().iter().find_map(|line| {
+            let rest = line.split("/metrics listening").nth(1)?;
+            Some(rest.split("address=").nth(1)?.trim().to_owned())
+        });
+        if metrics_address.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics_address = metrics_address.expect("the metrics address is logged");
+    let client = reqwest::Client::new();
+    let main = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        main.status(),
+        404,
+        "/metrics is still served beside push and pull"
+    );
+    let own = client
+        .get(format!("http://{metrics_address}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    assert!(own.text().await.unwrap().contains("replisync_pushes_total"));
+    let pull = client
+        .post(format!("http://{metrics_address}/spaces/s/pull"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        pull.status(),
+        404,
+        "the metrics address serves nothing else"
+    );
+    server.stop();
+}

@@ -29,8 +29,17 @@ use crate::metrics::Metrics;
 /// The header Replicache sends with every push and pull; logged on each request span.
 pub const REQUEST_ID_HEADER: &str = "x-replicache-requestid";
 
-/// Every route of replisync.
-pub fn router(state: AppState) -> Router {
+/// Where `/metrics` is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsEndpoint {
+    /// Beside push and pull, on the main address.
+    Here,
+    /// On an address of its own (REPLISYNC_METRICS_LISTEN), served by [`metrics_router`].
+    Elsewhere,
+}
+
+/// Every route of replisync, `/metrics` included when it is served `Here`.
+pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
     let timeout =
         TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, state.http.request_timeout);
     let sync_routes = Router::new()
@@ -50,10 +59,13 @@ pub fn router(state: AppState) -> Router {
         .merge(poke_routes)
         .route("/pusher/auth", post(handlers::pusher_auth_handler))
         .layer(cors(&state.http));
-    Router::new()
+    let mut routes = Router::new()
         .merge(browser_routes)
-        .route("/healthz", get(handlers::health_handler))
-        .route("/metrics", get(handlers::metrics_handler))
+        .route("/healthz", get(handlers::health_handler));
+    if metrics_endpoint == MetricsEndpoint::Here {
+        routes = routes.route("/metrics", get(handlers::metrics_handler));
+    }
+    routes
         .fallback(handlers::not_found)
         .layer(map_response_with_state(
             state.metrics.clone(),
@@ -61,6 +73,14 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for an address of its own that only the operator's scraper reaches.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(handlers::metrics_handler))
+        .fallback(handlers::not_found)
         .with_state(state)
 }
 
