@@ -1,4 +1,5 @@
-// A tiny static server for the replisync demo page. No dependencies beyond Node itself: the
+// A tiny static server for the replisync demo pages (the todo list at /, the counter at
+// /counter.html). No dependencies beyond Node itself: the
 // page loads the npm `replicache` package (and its four small dependencies) straight from
 // node_modules as ES modules, through an import map this server writes into the page.
 //
@@ -128,8 +129,10 @@ const server = http.createServer(async (req, res) => {
     res.writeHead(405, { allow: 'GET, HEAD' });
     return res.end();
   }
-  if (pathname === '/' || pathname === '/index.html') {
-    const html = (await readFile(path.join(publicDir, 'index.html'), 'utf8'))
+  const page = pathname === '/' ? '/index.html' : pathname;
+  const pageFile = page.endsWith('.html') ? inside(publicDir, page) : null;
+  if (pageFile && (await stat(pageFile).catch(() => null))?.isFile()) {
+    const html = (await readFile(pageFile, 'utf8'))
       .replace('%IMPORT_MAP%', JSON.stringify(importMap, null, 2))
       .replaceAll('%REPLISYNC_URL%', escapeHtml(REPLISYNC_URL))
       .replaceAll('%AUTH_MODE%', AUTH_MODE);
@@ -155,7 +158,7 @@ server.listen(PORT, HOST, () => {
         'who can reach this server gets a token for any user and space)',
     );
   }
-  console.log('Open it in two browsers (or a normal and a private window) and click +1.');
+  console.log('Open it in two browsers (or a normal and a private window): the todo list at /, the counter at /counter.html.');
 });
 
 for (const sig of ['SIGINT', 'SIGTERM']) {

@@ -19,7 +19,7 @@ test("8. two Chromium pages of the demo see each other's clicks live", { timeout
 
   const browser = await env.browser();
   const space = uniqueId('demo-');
-  const pageUrl = `${demo.url}?space=${space}`;
+  const pageUrl = `${demo.url}counter.html?space=${space}`;
 
   const problems = [];
   const pages = [];

@@ -65,7 +65,7 @@ test('10. the demo in token mode: two users, live clicks, token renewal', { time
         authorization: await r.request().headerValue('authorization'),
       });
     });
-    await page.goto(`${demo.url}?space=${space}&user=${users[i]}`);
+    await page.goto(`${demo.url}counter.html?space=${space}&user=${users[i]}`);
     pages.push(page);
   }
   const [p1, p2] = pages;

@@ -1,15 +1,12 @@
-// The demo app: one counter in one replisync space, shared by everyone who opens the page.
-//
-// Replicache keeps a local copy (IndexedDB) and runs the `increment` mutator optimistically;
-// replisync applies the same mutation authoritatively on push. The page listens to
-// replisync's Server-Sent Events poke stream and pulls whenever the space changes.
+// What both demo pages share: where replisync is, tokens (token mode), a Replicache instance
+// for one space, and replisync's Server-Sent Events pokes, which make every open page pull.
 //
 // Token mode (the demo server was started with DEMO_JWT_SECRET or REPLISYNC_JWT_SECRET):
 // the page fetches a short-lived token for its user and space from the demo server's
 // /dev-token, sends it with every push and pull (Replicache's `auth`), gets a new one through
 // `getAuth` when replisync answers 401, and opens the SSE stream with `?auth=<token>`.
 //
-// Query parameters: ?space=NAME (default "demo"), ?server=URL (default: what the demo
+// Query parameters: ?space=NAME (default: the page's own), ?server=URL (default: what the demo
 // server was started with, REPLISYNC_URL), ?user=NAME (token mode; default a random name
 // kept in this browser's localStorage).
 
@@ -21,7 +18,7 @@ const server = (params.get('server') ?? document.querySelector('meta[name="repli
   '',
 );
 const tokenMode = document.querySelector('meta[name="replisync-auth"]')?.content === 'token';
-const space = params.get('space') ?? 'demo';
+const space = params.get('space') ?? document.querySelector('meta[name="default-space"]')?.content ?? 'demo';
 const spaceURL = `${server}/spaces/${encodeURIComponent(space)}`;
 
 const $ = (id) => document.getElementById(id);
@@ -62,35 +59,29 @@ if (tokenMode) {
 
 // --- Replicache ----------------------------------------------------------------------------
 
-const rep = new Replicache({
-  // One local database per user and space, so two users on one browser never share data.
-  name: tokenMode ? `${userID}/${space}` : `replisync-demo/${space}`,
-  pushURL: `${spaceURL}/push`,
-  pullURL: `${spaceURL}/pull`,
-  auth: tokenMode ? `Bearer ${token}` : undefined,
-  // The same mutator replisync runs on the server (its built-in `increment`).
-  mutators: {
-    async increment(tx, { key, delta }) {
-      const current = (await tx.get(key)) ?? 0;
-      await tx.set(key, current + delta);
-    },
-  },
-});
-if (tokenMode) {
-  // Replicache calls this when a push or pull is answered 401 (e.g. the token expired), then
-  // retries with what it returns. (An instance property: the constructor takes no getAuth.)
-  rep.getAuth = async () => `Bearer ${await fetchToken()}`;
+/**
+ * A Replicache for this page's space with these `mutators`, with tokens in token mode and
+ * pulls on every poke. `app` names the local database, so two demo pages never share one.
+ */
+export function startReplicache(app, mutators) {
+  const rep = new Replicache({
+    // One local database per app, user and space, so two users on one browser never share data.
+    name: tokenMode ? `${app}/${userID}/${space}` : `replisync-demo/${app}/${space}`,
+    pushURL: `${spaceURL}/push`,
+    pullURL: `${spaceURL}/pull`,
+    auth: tokenMode ? `Bearer ${token}` : undefined,
+    mutators,
+  });
+  if (tokenMode) {
+    // Replicache calls this when a push or pull is answered 401 (e.g. the token expired), then
+    // retries with what it returns. (An instance property: the constructor takes no getAuth.)
+    rep.getAuth = async () => `Bearer ${await fetchToken()}`;
+  }
+  openPokes(rep);
+  // For tests and the curious: the Replicache instance.
+  window.rep = rep;
+  return rep;
 }
-
-rep.subscribe((tx) => tx.get('count'), {
-  onData(count) {
-    $('count').textContent = String(count ?? 0);
-  },
-});
-
-$('increment').addEventListener('click', () => {
-  rep.mutate.increment({ key: 'count', delta: 1 });
-});
 
 // --- Pokes -----------------------------------------------------------------------------------
 
@@ -104,7 +95,7 @@ function setStatus(state, text) {
 
 let events;
 let reopenDelay = 1_000;
-function openPokes() {
+function openPokes(rep) {
   const url = tokenMode ? `${spaceURL}/poke?auth=${encodeURIComponent(token)}` : `${spaceURL}/poke`;
   events = new EventSource(url);
   events.addEventListener('open', () => {
@@ -126,13 +117,10 @@ function openPokes() {
         } catch {
           // the demo server is away: try again later
         }
-        openPokes();
+        openPokes(rep);
       }, reopenDelay);
       reopenDelay = Math.min(reopenDelay * 2, 30_000);
     }
   });
 }
-openPokes();
 
-// For tests and the curious: the Replicache instance.
-window.rep = rep;
