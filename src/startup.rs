@@ -219,7 +219,10 @@ impl AppBuilder {
             sinks.push(sse.clone());
             sse
         });
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics {
+            script_failures: self.mutators.script_failures().clone(),
+            ..Metrics::default()
+        });
         let state = AppState {
             pulls: Arc::new(Pulls::new(
                 self.store.clone(),

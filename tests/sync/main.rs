@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod concurrency;
 mod harness;
+mod js_mutators;
 mod limits;
 mod protocol;
 mod push_limits;
