@@ -61,7 +61,7 @@ pub struct ScriptError {
     pub message: String,
 }
 
-/// A named server-side mutation. Register your own with [`Mutators::register`].
+/// A named server-side mutation. Register your own with `Mutators::register`.
 ///
 /// ```
 /// use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
@@ -82,8 +82,6 @@ pub struct ScriptError {
 /// let mutators = Mutators::builtin().register("rename", Rename);
 /// assert!(mutators.get("rename").is_some());
 /// ```
-///
-/// [`Mutators::register`]: super::Mutators::register
 #[async_trait]
 pub trait Mutator: Send + Sync + 'static {
     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError>;

@@ -166,7 +166,7 @@ impl Engine {
         })()
         .catch(ctx);
         self.deadline.set(None);
-        result.map_err(|caught| self.failure(caught, &format!("loading {}", self.module.name)))
+        result.map_err(|caught| self.failure(caught))
     }
 
     /// Runs one mutation: its promise settled, and every job it started finished.
@@ -216,7 +216,7 @@ impl Engine {
         match result {
             Ok(()) if !interrupted => Ok(()),
             Ok(()) => Err(self.timeout_error()),
-            Err(caught) => Err(self.failure(caught, &name)),
+            Err(caught) => Err(self.failure(caught)),
         }
     }
 
@@ -263,7 +263,7 @@ impl Engine {
     }
 
     /// Why the code failed: the deadline, the memory limit, or what it threw.
-    fn failure(&self, caught: CaughtError<'_>, what: &str) -> ScriptError {
+    fn failure(&self, caught: CaughtError<'_>) -> ScriptError {
         if self.interrupted.get() {
             return self.timeout_error();
         }
@@ -274,14 +274,14 @@ impl Engine {
             return ScriptError {
                 reason: ScriptFailure::Memory,
                 message: format!(
-                    "{what}: allocated more than {} MB (REPLISYNC_MUTATOR_MEMORY_MB)",
+                    "allocated more than {} MB (REPLISYNC_MUTATOR_MEMORY_MB)",
                     self.limits.memory_bytes / (1024 * 1024)
                 ),
             };
         }
         ScriptError {
             reason: ScriptFailure::Threw,
-            message: format!("{what}: {description}"),
+            message: description,
         }
     }
 }
@@ -370,14 +370,10 @@ impl Link {
         if self.to_push.send(FromEngine::Host(request)).is_err() {
             return Err("the push has ended".into());
         }
-        loop {
-            match self.from_push.borrow_mut().blocking_recv() {
-                Some(ToEngine::Reply(reply)) => return reply,
-                Some(ToEngine::Run(_)) => {
-                    return Err("the push sent a mutation while one was running".into());
-                }
-                None => return Err("the push has ended".into()),
-            }
+        match self.from_push.borrow_mut().blocking_recv() {
+            Some(ToEngine::Reply(reply)) => reply,
+            Some(ToEngine::Run(_)) => Err("the push sent a mutation while one was running".into()),
+            None => Err("the push has ended".into()),
         }
     }
 }
