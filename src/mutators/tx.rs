@@ -210,6 +210,9 @@ impl<'a> WriteTx<'a> {
         if let Some(value) = self.overlay.known.get(key) {
             return Ok(value.clone());
         }
+        if check_key(key).is_err() {
+            return Ok(None); // no store can hold it (and Postgres refuses a NUL in a query)
+        }
         let stored = match self.store.entry(key).await? {
             Some(text) => Some(parse_stored(key, &text)?),
             None => None,
@@ -232,6 +235,14 @@ impl<'a> WriteTx<'a> {
         range: &ScanRange,
         limit: usize,
     ) -> Result<Vec<(String, Value)>, MutationError> {
+        if range.start.contains('\0') {
+            return Err(MutationError::InvalidArgs(
+                "a scan's start key cannot hold a NUL character".into(),
+            ));
+        }
+        if range.prefix.contains('\0') {
+            return Ok(Vec::new()); // no key holds one
+        }
         let in_prefix = |key: &str| key.starts_with(range.prefix.as_str());
         // This push's writes in the range: earlier mutations', then this one's over them.
         let mut pending: BTreeMap<&str, Option<&Value>> = BTreeMap::new();

@@ -367,6 +367,21 @@ async fn non_ascii_keys_in_code_point_order(backend: Backend) {
     );
 }
 
+/// Keys no store can hold never reach the database (Postgres refuses a NUL): reading one finds
+/// nothing, writing one throws in the mutator, and the push succeeds.
+async fn keys_no_store_can_hold(backend: Backend) {
+    let server = js_server(backend).await;
+    let entries = run(&server, "s", 1, &[("probeOddKeys", json!({"into": "out"}))]).await;
+    let seen = &entries["out"];
+    assert_eq!(seen["getNul"], json!(null));
+    assert_eq!(seen["hasNul"], json!(false));
+    assert_eq!(seen["scanNulPrefix"], json!([]));
+    let start = seen["scanNulStart"].as_str().unwrap();
+    assert!(start.contains("NUL"), "{start}");
+    let long = seen["setLong"].as_str().unwrap();
+    assert!(long.contains("1001 bytes"), "{long}");
+}
+
 async fn tx_says_who_where_and_why(backend: Backend) {
     let server = js_server(backend).await;
     let body = push_body("g1", &[("c7", 1, "probeTx", json!({"into": "out"}))]);
@@ -614,6 +629,7 @@ crate::on_both_stores!(
     scan_merges_pages_with_the_push_writes,
     non_ascii_keys_in_code_point_order,
     tx_says_who_where_and_why,
+    keys_no_store_can_hold,
     server_only_rule,
     failing_mutators_fail_alone,
     endless_loop_times_out,
