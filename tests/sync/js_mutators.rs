@@ -726,3 +726,50 @@ fn mutators_are_found_in_each_export_shape() {
         assert_eq!(names, expected, "{source}");
     }
 }
+
+/// Two engines: a push to another space runs while one space's push spins in its mutator
+/// (Postgres only: SQLite has a single writer, so its pushes wait for each other anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_to_other_spaces_run_while_one_spins() {
+    let limits = JsLimits {
+        timeout: Duration::from_secs(5),
+        engines: 2,
+        ..test_limits()
+    };
+    let server = Arc::new(js_server_with(Backend::Postgres, limits).await);
+    let spinning = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let body = push_body("g-a", &[("c-a", 1, "spins", json!({"key": "k"}))]);
+            server.push("a", &body).await
+        })
+    };
+    // Give the first push time to reach its engine.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !spinning.is_finished(),
+        "the spinning push is still running"
+    );
+    let entries = run(
+        &server,
+        "b",
+        1,
+        &[("setValue", json!({"key": "k", "value": 1}))],
+    )
+    .await;
+    assert_eq!(entries["k"], json!(1));
+    assert!(
+        !spinning.is_finished(),
+        "the other space's push was answered while the first one still spun"
+    );
+    let (status, _) = spinning.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(
+            &server,
+            "replisync_js_mutator_failures_total{reason=\"timeout\"}"
+        )
+        .await,
+        1
+    );
+}
