@@ -10,6 +10,7 @@ use axum::http::HeaderValue;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
+use crate::mutators::js::JsLimits;
 use crate::poke::pusher::PusherArgs;
 use crate::pull::{PullLimits, StreamLimits};
 use sqlx::postgres::PgConnectOptions;
@@ -184,8 +185,61 @@ pub struct Config {
     pub auth: AuthArgs,
 
     #[command(flatten)]
+    pub js: MutatorArgs,
+
+    #[command(flatten)]
     pub pusher: PusherArgs,
 }
+
+/// The app's own mutators, in JavaScript, and the bounds on running them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MutatorArgs {
+    /// A JavaScript module exporting the app's mutators (the file the client passes to
+    /// `new Replicache({mutators})`), run on every push beside the built-in ones.
+    #[arg(long, env = "REPLISYNC_MUTATORS")]
+    pub mutators: Option<PathBuf>,
+
+    /// Milliseconds one JavaScript mutation may run, its reads included; past it the mutation
+    /// fails (its writes discarded) and the push goes on.
+    #[arg(long, env = "REPLISYNC_MUTATOR_TIMEOUT_MS", default_value_t = 1000)]
+    pub mutator_timeout_ms: u64,
+
+    /// Megabytes a JavaScript engine may hold while it runs a push's mutations; past it the
+    /// mutation fails.
+    #[arg(long, env = "REPLISYNC_MUTATOR_MEMORY_MB", default_value_t = 64)]
+    pub mutator_memory_mb: usize,
+
+    /// JavaScript engines (threads), hence pushes to different spaces running JavaScript at
+    /// once. Unset: the number of CPUs.
+    #[arg(long, env = "REPLISYNC_MUTATOR_ENGINES")]
+    pub mutator_engines: Option<usize>,
+}
+
+impl MutatorArgs {
+    /// The limits, checked.
+    pub fn limits(&self) -> Result<JsLimits, String> {
+        if self.mutator_timeout_ms == 0 {
+            return Err("REPLISYNC_MUTATOR_TIMEOUT_MS must be above 0".into());
+        }
+        if self.mutator_memory_mb < MIN_MUTATOR_MEMORY_MB {
+            return Err(format!(
+                "REPLISYNC_MUTATOR_MEMORY_MB must be at least {MIN_MUTATOR_MEMORY_MB}: an engine needs that much for the module and its context"
+            ));
+        }
+        if self.mutator_engines == Some(0) {
+            return Err("REPLISYNC_MUTATOR_ENGINES must be above 0".into());
+        }
+        let defaults = JsLimits::default();
+        Ok(JsLimits {
+            timeout: Duration::from_millis(self.mutator_timeout_ms),
+            memory_bytes: self.mutator_memory_mb.saturating_mul(1024 * 1024),
+            engines: self.mutator_engines.unwrap_or(defaults.engines),
+        })
+    }
+}
+
+/// Below this an engine cannot even hold a context.
+const MIN_MUTATOR_MEMORY_MB: usize = 4;
 
 /// Who may read and write which space. With no JWT variable set, every caller is one
 /// anonymous user with access to every space (allowed on loopback addresses only).
@@ -532,6 +586,31 @@ mod tests {
             c.http_settings().unwrap().cors_origins,
             CorsOrigins::Loopback
         );
+    }
+
+    #[test]
+    fn mutator_limits_default_and_name_their_variable() {
+        let c = config(&[]);
+        assert!(c.js.mutators.is_none());
+        let limits = c.js.limits().unwrap();
+        assert_eq!(limits.timeout, Duration::from_millis(1000));
+        assert_eq!(limits.memory_bytes, 64 * 1024 * 1024);
+        assert!(limits.engines >= 1);
+        let c = config(&["--mutator-timeout-ms", "0"]);
+        assert!(
+            c.js.limits()
+                .unwrap_err()
+                .contains("REPLISYNC_MUTATOR_TIMEOUT_MS")
+        );
+        let c = config(&["--mutator-memory-mb", "1"]);
+        assert!(
+            c.js.limits()
+                .unwrap_err()
+                .contains("REPLISYNC_MUTATOR_MEMORY_MB")
+        );
+        let c = config(&["--mutator-engines", "3", "--mutators", "app/mutators.js"]);
+        assert_eq!(c.js.limits().unwrap().engines, 3);
+        assert_eq!(c.js.mutators.unwrap(), PathBuf::from("app/mutators.js"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! requests served, the database reads they cost, and how Pusher pokes fare.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::poke::pusher::PokerStats;
@@ -83,6 +84,37 @@ pub struct Metrics {
     /// SSE poke streams refused 503 over REPLISYNC_SSE_MAX_STREAMS or
     /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE.
     pub sse_streams_refused: Counter,
+    /// JavaScript mutations that failed, by reason (shared with the app's `Mutators`).
+    pub script_failures: Arc<ScriptFailures>,
+}
+
+/// JavaScript mutations that failed, by reason. The mutation's writes were discarded; it still
+/// counts as processed.
+#[derive(Default)]
+pub struct ScriptFailures {
+    /// It threw, or its promise was rejected or never settled.
+    pub threw: Counter,
+    /// It ran past REPLISYNC_MUTATOR_TIMEOUT_MS.
+    pub timeout: Counter,
+    /// It allocated past REPLISYNC_MUTATOR_MEMORY_MB.
+    pub memory: Counter,
+}
+
+impl ScriptFailures {
+    fn render(&self, out: &mut String) {
+        let name = "replisync_js_mutator_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} JavaScript mutations that failed, by reason (threw, timeout, memory).\n# TYPE {name} counter"
+        );
+        for (reason, counter) in [
+            ("threw", &self.threw),
+            ("timeout", &self.timeout),
+            ("memory", &self.memory),
+        ] {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", counter.get());
+        }
+    }
 }
 
 impl Metrics {
@@ -195,6 +227,7 @@ impl Metrics {
             "Open client connections.",
             self.open_connections.get(),
         );
+        self.script_failures.render(&mut out);
         if let Some(sse) = sse {
             write_gauge(
                 &mut out,

@@ -139,7 +139,7 @@ async fn apply_push(
             partial = Some(applied);
             break;
         }
-        let mut write_tx = WriteTx::new(&mut *tx, &mut overlay, space, user, client);
+        let mut write_tx = WriteTx::new(&mut *tx, &mut overlay, space, user, client, mutation.id);
         match run_mutator(mutators, &mut write_tx, mutation).await {
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error.into()),

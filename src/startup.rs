@@ -20,6 +20,7 @@ use crate::config::{Command, Config, HttpSettings, StoreChoice};
 use crate::http::{AppState, InFlightBytes, MetricsEndpoint, accept_loop, metrics_router, router};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
+use crate::mutators::js::JsMutators;
 use crate::poke::pusher::{
     PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherConfig, PusherPoker,
 };
@@ -117,8 +118,12 @@ impl App {
         let http = config.http_settings().map_err(anyhow::Error::msg)?;
         let (authenticator, webhook) = auth_from_config(config)?;
         let pusher_config = pusher_from_config(config)?;
+        let mutators = mutators_from_config(config)?;
         let store = open_store(config, config.auto_migrate).await?;
-        let mut builder = App::builder(store).http(http).authenticator(authenticator);
+        let mut builder = App::builder(store)
+            .http(http)
+            .authenticator(authenticator)
+            .mutators(mutators);
         if let Some(webhook) = webhook {
             builder = builder.authz_webhook(webhook);
         }
@@ -225,7 +230,10 @@ impl AppBuilder {
             sinks.push(sse.clone());
             sse
         });
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics {
+            script_failures: self.mutators.script_failures().clone(),
+            ..Metrics::default()
+        });
         let state = AppState {
             pulls: Arc::new(Pulls::new(
                 self.store.clone(),
@@ -246,6 +254,24 @@ impl AppBuilder {
         };
         App { state, shutdown }
     }
+}
+
+/// The built-in mutators, and the app's JavaScript ones when REPLISYNC_MUTATORS names a module
+/// (loaded now: a module that does not load stops start-up, naming its file and line).
+fn mutators_from_config(config: &Config) -> anyhow::Result<Mutators> {
+    let Some(path) = &config.js.mutators else {
+        return Ok(Mutators::builtin());
+    };
+    let limits = config.js.limits().map_err(anyhow::Error::msg)?;
+    let js = JsMutators::load(path, limits)?;
+    tracing::info!(
+        module = %path.display(),
+        engines = limits.engines,
+        timeout_ms = limits.timeout.as_millis() as u64,
+        memory_mb = limits.memory_bytes / (1024 * 1024),
+        "JavaScript mutators on"
+    );
+    Ok(js.register(Mutators::builtin()))
 }
 
 /// Pusher's settings; with tokens on, spaces are poked on private channels (`private-space-abc`)

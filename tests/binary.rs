@@ -366,3 +366,67 @@ async fn metrics_can_move_to_an_address_of_their_own() {
     );
     server.stop();
 }
+
+#[test]
+fn a_broken_mutators_module_stops_start_up_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("broken.js"),
+        "export const mutators = {\n  async ok(tx) {},\n  async bad(tx) { let = ; },\n};\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env_clear()
+        .env("REPLISYNC_MUTATORS", "broken.js")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("broken.js:3"), "file and line in: {stderr}");
+    assert!(stderr.contains("SyntaxError"), "{stderr}");
+}
+
+/// The fixture module's mutators run in the binary; a failing one is logged with its name, id
+/// and reason, and its `increment` replaces the built-in one (said at start-up).
+#[tokio::test]
+async fn javascript_mutators_run_and_their_failures_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mutators.js");
+    let server = start_with(dir.path(), &[("REPLISYNC_MUTATORS", fixture)]);
+    let mutation = |id: u64, name: &str, args: Value| json!({"id": id, "name": name, "args": args, "timestamp": 1.0, "clientID": "c"});
+    let push = json!({"pushVersion": 1, "clientGroupID": "g", "mutations": [
+        mutation(1, "increment", json!({"key": "n", "delta": 4})),
+        mutation(2, "throws", json!({"key": "k"})),
+        mutation(3, "createTodo", json!({"id": 1, "title": "milk"})),
+    ]});
+    assert_eq!(post(&server.base, "/spaces/js/push", push).await, json!({}));
+    let pull = json!({"pullVersion": 1, "clientGroupID": "g", "cookie": null});
+    let pulled = post(&server.base, "/spaces/js/pull", pull).await;
+    assert_eq!(pulled["lastMutationIDChanges"], json!({"c": 3}));
+    let mut puts: Vec<Value> = pulled["patch"].as_array().unwrap()[1..].to_vec();
+    puts.sort_by_key(|op| op["key"].as_str().unwrap().to_owned());
+    assert_eq!(
+        puts,
+        [
+            json!({"op": "put", "key": "n", "value": 4}),
+            json!({"op": "put", "key": "todo/1",
+                   "value": {"id": 1, "title": "milk", "createdBy": "anonymous"}}),
+        ]
+    );
+    let log = server.log.lock().unwrap().clone();
+    let failure = log
+        .iter()
+        .find(|line| line.contains("mutations failed"))
+        .expect("the failure is logged");
+    for part in ["c#2 throws", "threw", "refused on purpose"] {
+        assert!(failure.contains(part), "{part:?} in {failure}");
+    }
+    assert!(
+        log.iter()
+            .any(|line| line.contains("replaces the built-in") && line.contains("increment")),
+        "the clash with the built-in increment is logged"
+    );
+    server.stop();
+}

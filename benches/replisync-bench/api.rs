@@ -18,6 +18,15 @@ pub fn increment(key: &str, delta: i64) -> Mutation {
     }
 }
 
+/// `jsIncrement` of the benchmark's JavaScript module (mutators.js beside this file): what
+/// `increment` does, in JavaScript.
+pub fn js_increment(key: &str, delta: i64) -> Mutation {
+    Mutation {
+        name: "jsIncrement",
+        args: json!({"key": key, "delta": delta}),
+    }
+}
+
 /// The `set` mutator: writes `value` at `key`.
 pub fn set(key: &str, value: Value) -> Mutation {
     Mutation {

@@ -49,11 +49,11 @@ struct Args {
     /// The replisync binary to benchmark (by default the one cargo built along with this bench).
     #[arg(long, default_value = env!("CARGO_BIN_EXE_replisync"))]
     server: PathBuf,
-    /// Run only these workloads (comma-separated): push, storm, first-pull, poke.
+    /// Run only these workloads (comma-separated): push, storm, first-pull, poke, js.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "push,storm,first-pull,poke"
+        default_value = "push,storm,first-pull,poke,js"
     )]
     only: Vec<String>,
     /// Run the server with REPLISYNC_JWT_SECRET set to this, and send every request with an
@@ -98,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
 
     if args.runs("push") {
         bench.push_workloads(&floor_store, &mut report).await?;
+    }
+    if args.runs("js") {
+        bench.js_workloads(&mut report).await?;
     }
     if args.runs("storm") {
         report.poke_storm = Some(bench.poke_storm(1000).await?);

@@ -16,6 +16,19 @@ pub struct Report {
     pub poke_latency: Option<PokeFigures>,
     /// With --jwt-secret: what verifying one HS256 token costs, in process.
     pub token_check_us: Option<f64>,
+    /// The built-in `increment` beside the same mutator in JavaScript.
+    pub js_mutators: Vec<JsComparison>,
+}
+
+/// One push workload run through the built-in `increment` and through `jsIncrement` (the same
+/// work in JavaScript) on the same server.
+#[derive(Serialize)]
+pub struct JsComparison {
+    pub workload: String,
+    pub builtin: PushRow,
+    pub javascript: PushRow,
+    /// Median of the rounds' ratios of JavaScript's throughput to the built-in's.
+    pub ratio: f64,
 }
 
 /// One push workload, over all its rounds.
@@ -177,8 +190,58 @@ impl Report {
         self.pushes.push(row);
     }
 
+    /// Adds a comparison of the built-in and the JavaScript rounds (alternated, same count).
+    pub fn add_js_row(
+        &mut self,
+        workload: String,
+        builtin: &[PushRound],
+        javascript: &[PushRound],
+    ) {
+        let mut ratios: Vec<f64> = builtin
+            .iter()
+            .zip(javascript)
+            .map(|(b, j)| j.served.mutations_per_second() / b.served.mutations_per_second())
+            .collect();
+        let row = JsComparison {
+            builtin: PushRow::from_rounds(format!("{workload}, built-in increment"), builtin),
+            javascript: PushRow::from_rounds(
+                format!("{workload}, JavaScript increment"),
+                javascript,
+            ),
+            ratio: median(&mut ratios),
+            workload,
+        };
+        eprintln!(
+            "  {}",
+            serde_json::to_string(&row).unwrap_or_else(|e| e.to_string())
+        );
+        self.js_mutators.push(row);
+    }
+
+    fn print_js(&self) {
+        if self.js_mutators.is_empty() {
+            return;
+        }
+        println!(
+            "\n| workload | built-in mutations/s | JavaScript mutations/s | ratio | built-in p50 ms | JavaScript p50 ms |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for row in &self.js_mutators {
+            println!(
+                "| {} | {} | {} | {:.2} | {} | {} |",
+                row.workload,
+                one_decimal(row.builtin.mutations_per_second),
+                one_decimal(row.javascript.mutations_per_second),
+                row.ratio,
+                one_decimal(row.builtin.push_p50_ms),
+                one_decimal(row.javascript.push_p50_ms),
+            );
+        }
+    }
+
     pub fn print(&self) {
         self.print_pushes();
+        self.print_js();
         if let Some(storm) = &self.poke_storm {
             storm.print();
         }

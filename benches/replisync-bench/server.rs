@@ -28,7 +28,19 @@ impl Server {
         sockudo: Option<&Sockudo>,
         jwt_secret: Option<&str>,
     ) -> anyhow::Result<Server> {
+        Server::start_with_env(binary, database_url, sockudo, jwt_secret, &[]).await
+    }
+
+    /// `start`, with these variables set too.
+    pub async fn start_with_env(
+        binary: &Path,
+        database_url: &str,
+        sockudo: Option<&Sockudo>,
+        jwt_secret: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
         let mut command = server_command(binary, database_url);
+        command.envs(env.iter().copied());
         if let Some(secret) = jwt_secret {
             command.env("REPLISYNC_JWT_SECRET", secret);
         }

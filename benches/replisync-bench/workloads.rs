@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use replisync::store::postgres::PgStore;
 use serde_json::{Value, json};
 
-use crate::api::{Api, increment, pull_body, push_body, set};
+use crate::api::{Api, Mutation, increment, js_increment, pull_body, push_body, set};
 use crate::database::transactions_so_far;
 use crate::floor::floor_workload;
 use crate::load::{PushFigures, client_name, drive_clients, group_name, space_name};
@@ -115,16 +115,47 @@ impl Bench {
         batch: usize,
         total_pushes: usize,
     ) -> anyhow::Result<PushFigures> {
-        let (api, name) = (self.api.clone(), name.to_owned());
-        drive_clients(clients, spaces, batch, total_pushes, move |job| {
-            let api = api.clone();
-            let client = client_name(&name, job);
-            let increments = (0..batch).map(|i| increment(&format!("counter-{}", i % 10), 1));
-            let body = push_body(&group_name(&client), &client, job.first_id, increments);
-            let space = space_name(&name, job.space);
-            async move { api.push(&space, &body).await.map(drop) }
-        })
-        .await
+        let shape = (clients, spaces, batch, total_pushes);
+        push_workload_on(&self.api, increment, name, shape).await
+    }
+
+    /// One-mutation pushes through the JavaScript `jsIncrement` beside the built-in `increment`,
+    /// on one server started with the benchmark's module (mutators.js), rounds alternating.
+    pub async fn js_workloads(&self, report: &mut Report) -> anyhow::Result<()> {
+        let module = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/replisync-bench/mutators.js"
+        );
+        let server = Server::start_with_env(
+            &self.server_binary,
+            &self.database_url,
+            None,
+            self.jwt_secret.as_deref(),
+            &[("REPLISYNC_MUTATORS", module)],
+        )
+        .await?;
+        let api = self.api.at(&server.base);
+        for (clients, spaces) in [(1, 1), (8, 100)] {
+            let shape = (clients, spaces, 1, self.total_pushes(clients));
+            let (mut builtin, mut js) = (Vec::new(), Vec::new());
+            for round in 0..self.repeat {
+                let name = format!("js-{clients}-{spaces}-r{round}");
+                let served = push_workload_on(&api, increment, &format!("{name}-b"), shape).await?;
+                builtin.push(PushRound {
+                    served,
+                    floor: None,
+                });
+                let served =
+                    push_workload_on(&api, js_increment, &format!("{name}-j"), shape).await?;
+                js.push(PushRound {
+                    served,
+                    floor: None,
+                });
+            }
+            let label = format!("one-mutation pushes, {spaces} space(s), C={clients}");
+            report.add_js_row(label, &builtin, &js);
+        }
+        Ok(())
     }
 
     /// N clients hold cookie V; one push makes V+1; all N pull from V at once.
@@ -256,4 +287,25 @@ impl Bench {
             commit_to_accepted_p99_ms: percentile(&mut latencies, 99.0),
         })
     }
+}
+
+/// `clients` concurrent clients of `api`, each pushing `batch` mutations made by `mutation` (an
+/// increment of one of 10 counters) per push in turn to the `spaces` spaces of this workload (one
+/// client group per client and space), until `total_pushes` pushes are answered.
+async fn push_workload_on(
+    api: &Api,
+    mutation: fn(&str, i64) -> Mutation,
+    name: &str,
+    (clients, spaces, batch, total_pushes): (usize, usize, usize, usize),
+) -> anyhow::Result<PushFigures> {
+    let (api, name) = (api.clone(), name.to_owned());
+    drive_clients(clients, spaces, batch, total_pushes, move |job| {
+        let api = api.clone();
+        let client = client_name(&name, job);
+        let mutations = (0..batch).map(|i| mutation(&format!("counter-{}", i % 10), 1));
+        let body = push_body(&group_name(&client), &client, job.first_id, mutations);
+        let space = space_name(&name, job.space);
+        async move { api.push(&space, &body).await.map(drop) }
+    })
+    .await
 }

@@ -239,6 +239,16 @@ pub trait PushTx: Send {
     /// The live value (json text) of `key` in this space, `None` if absent or deleted.
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError>;
 
+    /// At most `limit` live entries `(key, json text)` of this space whose keys come after
+    /// `start` (or are equal to it, unless `exclusive`), in the order of their UTF-8 bytes (the
+    /// order of Unicode code points, which is Replicache's key order).
+    async fn scan_entries(
+        &mut self,
+        start: &str,
+        exclusive: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError>;
+
     /// Writes `changes`, sets the space version to `changes.version` and commits.
     /// Returns `StoreError::Conflict` when a concurrent push claimed the same new client group
     /// or client first; the caller retries the whole push.

@@ -181,6 +181,15 @@ impl PushTx for PgPushTx {
         shared::entry(&mut self.tx, &self.space, key).await
     }
 
+    async fn scan_entries(
+        &mut self,
+        start: &str,
+        exclusive: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        shared::scan_entries(&mut self.tx, &self.space, start, exclusive, limit).await
+    }
+
     async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
         let (client_ids, client_groups, client_lmids) = client_columns(&changes.clients)?;
         let (keys, values): (Vec<String>, Vec<Option<String>>) = changes

@@ -124,6 +124,47 @@ where
     Ok(value.flatten())
 }
 
+/// At most `limit` live entries of `space` after `start` (from it, unless `exclusive`), in the
+/// order of the keys' UTF-8 bytes: SQLite's BINARY collation and Postgres's `COLLATE "C"` (the
+/// key column's) both compare bytes, which for UTF-8 is code point order.
+pub(super) async fn scan_entries<DB>(
+    tx: &mut Transaction<'static, DB>,
+    space: &SpaceId,
+    start: &str,
+    exclusive: bool,
+    limit: usize,
+) -> Result<Vec<(String, String)>, StoreError>
+where
+    DB: Database + HasStatementCache,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    (String, Option<String>): for<'r> FromRow<'r, DB::Row>,
+{
+    let sql = if exclusive {
+        "SELECT key, value FROM replisync_entries
+         WHERE space_id = $1 AND key > $2 AND NOT deleted ORDER BY key LIMIT $3"
+    } else {
+        "SELECT key, value FROM replisync_entries
+         WHERE space_id = $1 AND key >= $2 AND NOT deleted ORDER BY key LIMIT $3"
+    };
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(sql)
+        .bind(space.as_str())
+        .bind(start)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await?;
+    rows.into_iter()
+        .map(|(key, value)| match value {
+            Some(value) => Ok((key, value)),
+            None => Err(StoreError::Corrupt(format!(
+                "live entry {key:?} has no value"
+            ))),
+        })
+        .collect()
+}
+
 /// A client group from its stored columns `(id, space_id, user_id)`.
 pub(super) fn client_group_record(
     (id, space_id, user_id): (String, String, String),

@@ -185,6 +185,15 @@ impl PushTx for SqlitePushTx {
         shared::entry(&mut self.tx, &self.space, key).await
     }
 
+    async fn scan_entries(
+        &mut self,
+        start: &str,
+        exclusive: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        shared::scan_entries(&mut self.tx, &self.space, start, exclusive, limit).await
+    }
+
     async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
         let space = self.space.as_str().to_owned();
         let version = to_i64(changes.version)?;

@@ -6,6 +6,7 @@ mod bad_input;
 mod concurrency;
 mod harness;
 mod large_deltas;
+mod js_mutators;
 mod limits;
 mod protocol;
 mod push_limits;

@@ -1,0 +1,71 @@
+//! What a push and the engine thread running its JavaScript mutators say to each other: the push
+//! asks for a mutation, the engine asks for reads and writes of the push's data until it is done.
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::mutators::ScriptError;
+
+/// One mutation to run.
+pub(super) struct Call {
+    pub name: String,
+    /// The mutation's arguments, JSON text.
+    pub args: String,
+    pub client_id: String,
+    pub mutation_id: u64,
+    pub user_id: String,
+    pub space_id: String,
+}
+
+/// A read or write the running mutator asks of the push's transaction.
+pub(super) enum HostRequest {
+    Get(String),
+    Has(String),
+    Scan {
+        prefix: String,
+        start: String,
+        exclusive: bool,
+        limit: usize,
+    },
+    /// The value is JSON text.
+    Put(String, String),
+    Del(String),
+}
+
+/// The answer to a [`HostRequest`]: text for the JavaScript side (JSON, or `true`/`false`), or
+/// an error message that it throws.
+pub(super) type HostReply = Result<Option<String>, String>;
+
+pub(super) enum ToEngine {
+    Run(Call),
+    Reply(HostReply),
+}
+
+pub(super) enum FromEngine {
+    Host(HostRequest),
+    Done(Result<(), ScriptError>),
+}
+
+/// The engine's end of a push's session.
+pub(super) struct EngineEnd {
+    pub from_push: UnboundedReceiver<ToEngine>,
+    pub to_push: UnboundedSender<FromEngine>,
+}
+
+/// The push's end of its session with an engine. Dropping it ends the session.
+pub(super) struct PushEnd {
+    pub to_engine: UnboundedSender<ToEngine>,
+    pub from_engine: UnboundedReceiver<FromEngine>,
+}
+
+/// A new session's two ends.
+pub(super) fn session() -> (PushEnd, EngineEnd) {
+    let (to_engine, from_push) = unbounded_channel();
+    let (to_push, from_engine) = unbounded_channel();
+    (
+        PushEnd {
+            to_engine,
+            from_engine,
+        },
+        EngineEnd { from_push, to_push },
+    )
+}

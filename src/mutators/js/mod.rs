@@ -1,0 +1,262 @@
+//! The app's own mutators, written in JavaScript (REPLISYNC_MUTATORS): the module the client
+//! imports, loaded at start-up and run by a pool of embedded QuickJS engines, in the push's
+//! transaction.
+//!
+//! Each exported mutator is registered as a [`Mutator`]. A push opens a session with a free
+//! engine at its first JavaScript mutation and keeps it to its last (a fresh JavaScript context:
+//! nothing carries over from another push or space); while a mutator runs, the push answers its
+//! `tx` reads from its open transaction and buffers its writes like any mutator's.
+
+mod engine;
+mod messages;
+mod pool;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use serde_json::Value;
+
+use self::engine::{Engine, EngineLimits, ModuleSource};
+use self::messages::{Call, FromEngine, HostReply, HostRequest, PushEnd, ToEngine};
+use self::pool::EnginePool;
+use crate::metrics::ScriptFailures;
+use crate::mutators::{
+    MutationError, Mutator, Mutators, ScanRange, ScriptError, ScriptFailure, WriteTx,
+};
+
+/// The bounds on JavaScript mutators.
+#[derive(Clone, Copy, Debug)]
+pub struct JsLimits {
+    /// How long one mutation may run, its `tx` reads included.
+    pub timeout: Duration,
+    /// How much memory an engine may hold while it runs a push's mutations (its module, the
+    /// context and what the mutators allocate).
+    pub memory_bytes: usize,
+    /// Engines (threads), hence pushes running JavaScript at once.
+    pub engines: usize,
+}
+
+impl Default for JsLimits {
+    fn default() -> Self {
+        JsLimits {
+            timeout: Duration::from_millis(1000),
+            memory_bytes: 64 * 1024 * 1024,
+            engines: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// Most entries one `tx.scan` read hands the engine (the shim reads pages of 100).
+const MAX_SCAN_PAGE: usize = 1000;
+
+/// A loaded JavaScript module and the engines that run its mutators.
+pub struct JsMutators {
+    names: Vec<String>,
+    pool: Arc<EnginePool>,
+    module_name: String,
+}
+
+impl JsMutators {
+    /// Loads the module at `path`: fails, naming the file (and the line), when it does not
+    /// parse, imports another module, throws while loading, or exports no mutator.
+    pub fn load(path: &Path, limits: JsLimits) -> anyhow::Result<JsMutators> {
+        let source = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the mutators module {}", path.display()))?;
+        JsMutators::from_source(&path.display().to_string(), source, limits)
+    }
+
+    /// Loads a module from its source; `name` stands for its file in error messages.
+    pub fn from_source(name: &str, source: String, limits: JsLimits) -> anyhow::Result<JsMutators> {
+        let module = Arc::new(ModuleSource {
+            name: name.to_owned(),
+            source,
+        });
+        let engine_limits = EngineLimits {
+            timeout: limits.timeout,
+            memory_bytes: limits.memory_bytes,
+        };
+        let names = Engine::new(module.clone(), engine_limits)
+            .and_then(|engine| engine.exported_names())
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("cannot load the mutators module {name}"))?;
+        if names.is_empty() {
+            anyhow::bail!(
+                "the mutators module {name} exports no mutators: export an object of functions \
+                 named `mutators` (as passed to new Replicache({{mutators}})), a default object of \
+                 functions, or the functions themselves"
+            );
+        }
+        let pool = EnginePool::start(module, engine_limits, limits.engines)
+            .context("cannot start the JavaScript engines")?;
+        Ok(JsMutators {
+            names,
+            pool: Arc::new(pool),
+            module_name: name.to_owned(),
+        })
+    }
+
+    /// The names of the module's mutators.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// `mutators` with every mutator of the module added. A name `mutators` already has (such
+    /// as a built-in `set`, `delete` or `increment`) is taken over by the module's, with a log
+    /// line saying so.
+    pub fn register(&self, mut mutators: Mutators) -> Mutators {
+        for name in &self.names {
+            if mutators.contains(name) {
+                tracing::info!(
+                    mutator = %name,
+                    module = %self.module_name,
+                    "the JavaScript mutator replaces the built-in mutator of the same name"
+                );
+            }
+            let mutator = JsMutator {
+                name: name.clone(),
+                pool: self.pool.clone(),
+                failures: mutators.script_failures().clone(),
+            };
+            mutators = mutators.register(name.clone(), mutator);
+        }
+        tracing::info!(
+            module = %self.module_name,
+            mutators = ?self.names,
+            "JavaScript mutators loaded"
+        );
+        mutators
+    }
+}
+
+/// One mutator of the module, run on the push's engine session.
+struct JsMutator {
+    name: String,
+    pool: Arc<EnginePool>,
+    failures: Arc<ScriptFailures>,
+}
+
+/// A push's session with an engine, kept from its first JavaScript mutation to its last.
+#[derive(Default)]
+struct JsSession(Option<PushEnd>);
+
+#[async_trait]
+impl Mutator for JsMutator {
+    async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError> {
+        let mut session = std::mem::take(tx.push_scoped::<JsSession>());
+        let result = self.run(&mut session, tx, args).await;
+        match &result {
+            // The push fails whole; the engine learns it when the session is dropped.
+            Err(MutationError::Store(_)) => return result,
+            Err(MutationError::Script(error)) => match error.reason {
+                ScriptFailure::Threw => self.failures.threw.increment(),
+                ScriptFailure::Timeout => self.failures.timeout.increment(),
+                ScriptFailure::Memory => self.failures.memory.increment(),
+            },
+            _ => {}
+        }
+        *tx.push_scoped::<JsSession>() = session;
+        result
+    }
+}
+
+impl JsMutator {
+    async fn run(
+        &self,
+        session: &mut JsSession,
+        tx: &mut WriteTx<'_>,
+        args: &Value,
+    ) -> Result<(), MutationError> {
+        let end = match &mut session.0 {
+            Some(end) => end,
+            None => session
+                .0
+                .insert(self.pool.open_session().ok_or_else(engine_gone)?),
+        };
+        let call = Call {
+            name: self.name.clone(),
+            args: args.to_string(),
+            client_id: tx.client_id().to_owned(),
+            mutation_id: tx.mutation_id(),
+            user_id: tx.user_id().to_owned(),
+            space_id: tx.space().as_str().to_owned(),
+        };
+        if end.to_engine.send(ToEngine::Run(call)).is_err() {
+            session.0 = None;
+            return Err(engine_gone());
+        }
+        loop {
+            match end.from_engine.recv().await {
+                Some(FromEngine::Done(result)) => return result.map_err(MutationError::from),
+                Some(FromEngine::Host(request)) => {
+                    let reply = answer(tx, request).await?;
+                    let _ = end.to_engine.send(ToEngine::Reply(reply));
+                }
+                None => {
+                    session.0 = None;
+                    return Err(engine_gone());
+                }
+            }
+        }
+    }
+}
+
+fn engine_gone() -> MutationError {
+    MutationError::Script(ScriptError {
+        reason: ScriptFailure::Threw,
+        message: "the JavaScript engine stopped".into(),
+    })
+}
+
+/// Serves a running mutator's read or write from the push's transaction. Only a database
+/// failure is an `Err` (it fails the push); anything else is thrown in JavaScript.
+async fn answer(tx: &mut WriteTx<'_>, request: HostRequest) -> Result<HostReply, MutationError> {
+    let outcome = match request {
+        HostRequest::Get(key) => tx
+            .get(&key)
+            .await
+            .map(|value| value.map(|value| value.to_string())),
+        HostRequest::Has(key) => tx.has(&key).await.map(|has| Some(has.to_string())),
+        HostRequest::Scan {
+            prefix,
+            start,
+            exclusive,
+            limit,
+        } => {
+            let range = ScanRange {
+                prefix,
+                start,
+                exclusive,
+            };
+            tx.scan(&range, limit.min(MAX_SCAN_PAGE))
+                .await
+                .map(|entries| {
+                    Some(
+                        Value::from_iter(
+                            entries
+                                .into_iter()
+                                .map(|(k, v)| Value::from(vec![Value::from(k), v])),
+                        )
+                        .to_string(),
+                    )
+                })
+        }
+        HostRequest::Put(key, text) => match serde_json::from_str(&text) {
+            Ok(value) => tx.put(key, value).map(|()| None),
+            Err(error) => Err(MutationError::InvalidArgs(format!(
+                "the value for {key:?} is not JSON: {error}"
+            ))),
+        },
+        HostRequest::Del(key) => match tx.has(&key).await {
+            Ok(existed) => tx.del(key).map(|()| Some(existed.to_string())),
+            Err(error) => Err(error),
+        },
+    };
+    match outcome {
+        Ok(reply) => Ok(Ok(reply)),
+        Err(MutationError::Store(error)) => Err(MutationError::Store(error)),
+        Err(other) => Ok(Err(other.to_string())),
+    }
+}

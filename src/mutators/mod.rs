@@ -1,0 +1,59 @@
+//! Mutators: the named functions a push runs, one per mutation, against the space's data.
+//! `Mutator` is the seam for your own in Rust; `set`, `delete` and `increment` come built in;
+//! `js` runs the app's own mutators, written in JavaScript, in an embedded engine.
+
+mod builtin;
+pub mod js;
+mod tx;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::metrics::ScriptFailures;
+
+pub use self::tx::{
+    MutationError, Mutator, PushOverlay, ScanRange, ScriptError, ScriptFailure, WriteTx,
+};
+
+/// The mutators a server knows, by name.
+#[derive(Clone, Default)]
+pub struct Mutators {
+    by_name: HashMap<String, Arc<dyn Mutator>>,
+    /// Failed JavaScript mutations by reason, shared with `/metrics`.
+    script_failures: Arc<ScriptFailures>,
+}
+
+impl Mutators {
+    /// No mutators at all.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// `set`, `delete` and `increment`.
+    pub fn builtin() -> Self {
+        Self::empty()
+            .register("set", builtin::Set)
+            .register("delete", builtin::Delete)
+            .register("increment", builtin::Increment)
+    }
+
+    /// Adds (or replaces) the mutator called `name`.
+    pub fn register(mut self, name: impl Into<String>, mutator: impl Mutator) -> Self {
+        self.by_name.insert(name.into(), Arc::new(mutator));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Mutator>> {
+        self.by_name.get(name)
+    }
+
+    /// Whether a mutator is called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// The counters of failed JavaScript mutations that `/metrics` shows.
+    pub fn script_failures(&self) -> &Arc<ScriptFailures> {
+        &self.script_failures
+    }
+}

@@ -1,0 +1,352 @@
+//! What a mutator sees of one push: `WriteTx` reads through the push's open transaction, sees
+//! the writes of earlier mutations in the push and its own, and buffers its writes.
+//!
+//! A mutator reads and writes through a [`WriteTx`]. Its writes stay in memory until the
+//! mutator returns: an `Err` discards them (the mutation still counts as processed, as the
+//! Replicache protocol requires), an `Ok` keeps them for the push's single commit.
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::protocol::{SpaceId, check_key};
+use crate::store::{EntryChange, PushTx, StoreError};
+
+/// Why a mutation was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum MutationError {
+    /// The arguments do not have the shape the mutator needs.
+    #[error("invalid arguments: {0}")]
+    InvalidArgs(String),
+    /// A business rule refused the mutation.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// A JavaScript mutator threw, ran out of time or memory, or wrote a value that is not JSON.
+    #[error("{0}")]
+    Script(#[from] ScriptError),
+    /// The database failed: the whole push is rolled back and answered 5xx.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a JavaScript mutator failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptFailure {
+    /// It threw, or its promise was rejected (or never settled).
+    Threw,
+    /// It ran past REPLISYNC_MUTATOR_TIMEOUT_MS.
+    Timeout,
+    /// It allocated past REPLISYNC_MUTATOR_MEMORY_MB.
+    Memory,
+}
+
+impl ScriptFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScriptFailure::Threw => "threw",
+            ScriptFailure::Timeout => "timeout",
+            ScriptFailure::Memory => "memory",
+        }
+    }
+}
+
+/// A JavaScript mutator's failure: why, and what the engine said.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("JavaScript mutator failed ({}): {message}", reason.as_str())]
+pub struct ScriptError {
+    pub reason: ScriptFailure,
+    pub message: String,
+}
+
+/// A named server-side mutation. Register your own with `Mutators::register`.
+///
+/// ```
+/// use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
+/// use serde_json::Value;
+///
+/// struct Rename;
+///
+/// #[async_trait::async_trait]
+/// impl Mutator for Rename {
+///     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError> {
+///         let title = args["title"]
+///             .as_str()
+///             .ok_or_else(|| MutationError::InvalidArgs("`title` must be a string".into()))?;
+///         tx.put("title", Value::from(title))
+///     }
+/// }
+///
+/// let mutators = Mutators::builtin().register("rename", Rename);
+/// assert!(mutators.get("rename").is_some());
+/// ```
+#[async_trait]
+pub trait Mutator: Send + Sync + 'static {
+    async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError>;
+}
+
+/// The state of one push's data: what it read from the store and what its successful
+/// mutations wrote. Values are parsed JSON; `None` means absent or deleted.
+#[derive(Default)]
+pub struct PushOverlay {
+    known: HashMap<String, Option<Value>>,
+    written: BTreeSet<String>,
+    /// What mutators keep for the rest of the push (see [`WriteTx::push_scoped`]).
+    scoped: HashMap<TypeId, Box<dyn Any + Send>>,
+}
+
+impl PushOverlay {
+    /// The writes to commit, in key order. Push-scoped state is dropped here.
+    pub fn into_changes(self) -> Vec<EntryChange> {
+        let PushOverlay {
+            mut known, written, ..
+        } = self;
+        written
+            .into_iter()
+            .map(|key| {
+                let value = known.remove(&key).flatten().map(|v| v.to_string());
+                EntryChange { key, value }
+            })
+            .collect()
+    }
+}
+
+/// Which keys a scan reads: those starting with `prefix`, from `start` on (after it when
+/// `exclusive`). Keys are ordered by their UTF-8 bytes, which is the order of their Unicode
+/// code points, as Replicache's `scan` orders them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanRange {
+    pub prefix: String,
+    pub start: String,
+    pub exclusive: bool,
+}
+
+impl ScanRange {
+    /// The first key the scan may return: `start`, or `prefix` when `start` sorts before it.
+    fn lower_bound(&self) -> Bound<&str> {
+        if self.start.as_str() < self.prefix.as_str() {
+            Bound::Included(&self.prefix)
+        } else if self.exclusive {
+            Bound::Excluded(&self.start)
+        } else {
+            Bound::Included(&self.start)
+        }
+    }
+}
+
+/// Most entries one store read of a scan asks for.
+const SCAN_PAGE: usize = 256;
+
+/// What a mutator sees: reads through to the store, writes buffered until it returns.
+pub struct WriteTx<'a> {
+    store: &'a mut dyn PushTx,
+    overlay: &'a mut PushOverlay,
+    mutation_writes: BTreeMap<String, Option<Value>>,
+    space: &'a SpaceId,
+    user_id: &'a str,
+    client_id: &'a str,
+    mutation_id: u64,
+}
+
+impl<'a> WriteTx<'a> {
+    pub(crate) fn new(
+        store: &'a mut dyn PushTx,
+        overlay: &'a mut PushOverlay,
+        space: &'a SpaceId,
+        user_id: &'a str,
+        client_id: &'a str,
+        mutation_id: u64,
+    ) -> Self {
+        WriteTx {
+            store,
+            overlay,
+            mutation_writes: BTreeMap::new(),
+            space,
+            user_id,
+            client_id,
+            mutation_id,
+        }
+    }
+
+    pub fn space(&self) -> &SpaceId {
+        self.space
+    }
+
+    /// The user the authenticator found for this request.
+    pub fn user_id(&self) -> &str {
+        self.user_id
+    }
+
+    /// The Replicache client that made the mutation.
+    pub fn client_id(&self) -> &str {
+        self.client_id
+    }
+
+    /// The mutation's id (per client, consecutive).
+    pub fn mutation_id(&self) -> u64 {
+        self.mutation_id
+    }
+
+    /// State of type `T` kept from one mutation of this push to the next, created with
+    /// `T::default()` on first use and dropped when the push's mutations are done (a push run
+    /// again after a conflict starts with none).
+    pub fn push_scoped<T: Default + Send + 'static>(&mut self) -> &mut T {
+        self.overlay
+            .scoped
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(T::default()))
+            .downcast_mut::<T>()
+            .expect("push-scoped state is stored under its own type id")
+    }
+
+    /// The value of `key` as this mutation sees it: its own writes, then earlier mutations'
+    /// writes in the same push, then the database.
+    pub async fn get(&mut self, key: &str) -> Result<Option<Value>, MutationError> {
+        if let Some(value) = self.mutation_writes.get(key) {
+            return Ok(value.clone());
+        }
+        if let Some(value) = self.overlay.known.get(key) {
+            return Ok(value.clone());
+        }
+        if check_key(key).is_err() {
+            return Ok(None); // no store can hold it (and Postgres refuses a NUL in a query)
+        }
+        let stored = match self.store.entry(key).await? {
+            Some(text) => Some(parse_stored(key, &text)?),
+            None => None,
+        };
+        self.overlay.known.insert(key.to_owned(), stored.clone());
+        Ok(stored)
+    }
+
+    /// Whether `key` holds a value, as this mutation sees it.
+    pub async fn has(&mut self, key: &str) -> Result<bool, MutationError> {
+        Ok(self.get(key).await?.is_some())
+    }
+
+    /// At most `limit` entries of `range`, in key order, as this mutation sees them: the
+    /// database's, overwritten or hidden by this push's writes so far. Reads at most a few pages
+    /// of the database however large the space; call again from the last key (exclusive) for
+    /// more.
+    pub async fn scan(
+        &mut self,
+        range: &ScanRange,
+        limit: usize,
+    ) -> Result<Vec<(String, Value)>, MutationError> {
+        if range.start.contains('\0') {
+            return Err(MutationError::InvalidArgs(
+                "a scan's start key cannot hold a NUL character".into(),
+            ));
+        }
+        if range.prefix.contains('\0') {
+            return Ok(Vec::new()); // no key holds one
+        }
+        let in_prefix = |key: &str| key.starts_with(range.prefix.as_str());
+        // This push's writes in the range: earlier mutations', then this one's over them.
+        let mut pending: BTreeMap<&str, Option<&Value>> = BTreeMap::new();
+        let bounds = (range.lower_bound(), Bound::Unbounded);
+        for key in self.overlay.written.range::<str, _>(bounds) {
+            if !in_prefix(key) {
+                break;
+            }
+            pending.insert(key, self.overlay.known.get(key).and_then(Option::as_ref));
+        }
+        for (key, value) in self.mutation_writes.range::<str, _>(bounds) {
+            if !in_prefix(key) {
+                break;
+            }
+            pending.insert(key, value.as_ref());
+        }
+        let mut pending = pending.into_iter().peekable();
+
+        let mut out = Vec::new();
+        let mut stored: std::collections::VecDeque<(String, String)> = Default::default();
+        let (mut cursor, mut cursor_exclusive) = match range.lower_bound() {
+            Bound::Excluded(key) => (key.to_owned(), true),
+            Bound::Included(key) => (key.to_owned(), false),
+            Bound::Unbounded => (String::new(), false),
+        };
+        let mut store_done = false;
+        while out.len() < limit {
+            if stored.is_empty() && !store_done {
+                let want = (limit - out.len()).clamp(1, SCAN_PAGE);
+                let page = self
+                    .store
+                    .scan_entries(&cursor, cursor_exclusive, want)
+                    .await?;
+                store_done = page.len() < want;
+                if let Some((last, _)) = page.last() {
+                    cursor = last.clone();
+                    cursor_exclusive = true;
+                }
+                for (key, value) in page {
+                    if !in_prefix(&key) {
+                        store_done = true;
+                        break;
+                    }
+                    stored.push_back((key, value));
+                }
+            }
+            let next_pending = pending.peek().map(|(key, _)| *key);
+            let next_stored = stored.front().map(|(key, _)| key.as_str());
+            match (next_pending, next_stored) {
+                (None, None) => break,
+                (Some(p), Some(s)) if s < p => {
+                    let (key, text) = stored.pop_front().expect("peeked");
+                    let value = parse_stored(&key, &text)?;
+                    out.push((key, value));
+                }
+                (Some(p), s) => {
+                    if s == Some(p) {
+                        stored.pop_front(); // this push's write wins over the stored value
+                    }
+                    let (key, value) = pending.next().expect("peeked");
+                    if let Some(value) = value {
+                        out.push((key.to_owned(), value.clone()));
+                    }
+                }
+                (None, Some(_)) => {
+                    let (key, text) = stored.pop_front().expect("peeked");
+                    let value = parse_stored(&key, &text)?;
+                    out.push((key, value));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `value` at `key`. Fails (failing the mutation) for a key no store can hold.
+    pub fn put(&mut self, key: impl Into<String>, value: Value) -> Result<(), MutationError> {
+        let key = checked_key(key.into())?;
+        self.mutation_writes.insert(key, Some(value));
+        Ok(())
+    }
+
+    /// Deletes `key`. Fails (failing the mutation) for a key no store can hold.
+    pub fn del(&mut self, key: impl Into<String>) -> Result<(), MutationError> {
+        let key = checked_key(key.into())?;
+        self.mutation_writes.insert(key, None);
+        Ok(())
+    }
+
+    /// Keeps this mutation's writes for the push's commit.
+    pub(crate) fn keep_writes(self) {
+        for (key, value) in self.mutation_writes {
+            self.overlay.written.insert(key.clone());
+            self.overlay.known.insert(key, value);
+        }
+    }
+}
+
+fn parse_stored(key: &str, text: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("value of {key:?} is not JSON: {e}")))
+}
+
+/// A key no store can hold fails the mutation, not the push.
+fn checked_key(key: String) -> Result<String, MutationError> {
+    check_key(&key).map_err(MutationError::InvalidArgs)?;
+    Ok(key)
+}
