@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { E2E, REPO_DIR, uniqueId, waitFor, waitNoPending, readKey } from '../harness.mjs';
+import { E2E, REPO_DIR, uniqueId, waitFor, readKey } from '../harness.mjs';
 import { mutators } from '../../fixtures/mutators.js';
 
 const FIXTURE = path.join(REPO_DIR, 'tests', 'fixtures', 'mutators.js');
@@ -54,8 +54,7 @@ test('13. JavaScript mutators on the server answer what the real client answers'
   for (const [key, value] of Object.entries(DATA)) {
     await rep.mutate.setValue({ key, value });
   }
-  await waitNoPending(rep);
-  await rep.pull();
+  await pushedAndPulled(rep);
 
   // Each probe: run it on the client, read its optimistic answer at once (nothing pulls until
   // we ask), and remember where the server's answer will be.
@@ -75,7 +74,7 @@ test('13. JavaScript mutators on the server answer what the real client answers'
   await probe('probeScan', { options: { prefix: 'w/' }, how: 'entries' });
   await probe('probeTx', {});
 
-  await waitNoPending(rep);
+  await pushedAndPulled(rep);
   const server_ = await server.snapshot(space);
   for (const { name, args, into, client } of probes) {
     const onServer = server_.data[into];
@@ -104,3 +103,15 @@ test('13. JavaScript mutators on the server answer what the real client answers'
   }
   t.diagnostic(`${probes.length} probes: client and server agree`);
 });
+
+/** Waits until the server has applied every pending mutation of `rep` and `rep` has pulled
+ * the result (this client has no poke stream: it pulls when asked). */
+async function pushedAndPulled(rep) {
+  await waitFor(
+    async () => {
+      await rep.pull();
+      return (await rep.experimentalPendingMutations()).length === 0;
+    },
+    { timeout: 20_000, interval: 100, message: 'the server to apply every pending mutation' },
+  );
+}
