@@ -85,7 +85,7 @@ test('10. the demo in token mode: two users, live clicks, token renewal', { time
       await page.locator('#status[data-sse="open"]').waitFor();
       await page.locator('#count', { hasText: /^0$/ }).waitFor();
       await page.locator('#user', { hasText: users[i] }).waitFor();
-      assert.equal(await page.evaluate(() => window.rep.name), `${users[i]}/${space}`);
+      assert.equal(await page.evaluate(() => window.rep.name), `counter/${users[i]}/${space}`);
       await page.evaluate(() => {
         window.__e2eNoReload = true;
       });
