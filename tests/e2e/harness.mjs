@@ -978,6 +978,20 @@ export async function readKey(rep, key) {
   return rep.query((tx) => tx.get(key));
 }
 
+/**
+ * Waits until the server has applied every pending mutation of `rep` and `rep` has pulled the
+ * result, pulling as it waits (for clients with no poke stream, which pull only when asked).
+ */
+export async function pushedAndPulled(rep, { timeout = 20_000 } = {}) {
+  await waitFor(
+    async () => {
+      await rep.pull();
+      return (await rep.experimentalPendingMutations()).length === 0;
+    },
+    { timeout, interval: 100, message: `${rep.e2eName} to have every mutation applied and pulled` },
+  );
+}
+
 /** Waits until `rep` has no pending (unacknowledged) mutations. */
 export async function waitNoPending(rep, { timeout = 20_000 } = {}) {
   return waitFor(async () => (await rep.experimentalPendingMutations()).length === 0, {

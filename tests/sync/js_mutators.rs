@@ -74,6 +74,15 @@ fn set(key: &str, value: Value) -> (&'static str, Value) {
 }
 
 /// The value of one labelled series in the /metrics text.
+/// `replisync_js_mutator_failures_total` for `reason` (threw, timeout, memory).
+async fn failures(server: &TestServer, reason: &str) -> u64 {
+    metric(
+        server,
+        &format!("replisync_js_mutator_failures_total{{reason=\"{reason}\"}}"),
+    )
+    .await
+}
+
 async fn metric(server: &TestServer, series: &str) -> u64 {
     let text = server.get("/metrics").await.text().await.unwrap();
     text.lines()
@@ -445,22 +454,8 @@ async fn failing_mutators_fail_alone(backend: Backend) {
     .await;
     assert_eq!(entries.keys().collect::<Vec<_>>(), ["after"]);
     assert_eq!(server.state("s", "g-s").await.lmid("c-s"), 5);
-    assert_eq!(
-        metric(
-            &server,
-            "replisync_js_mutator_failures_total{reason=\"threw\"}"
-        )
-        .await,
-        4
-    );
-    assert_eq!(
-        metric(
-            &server,
-            "replisync_js_mutator_failures_total{reason=\"timeout\"}"
-        )
-        .await,
-        0
-    );
+    assert_eq!(failures(&server, "threw").await, 4);
+    assert_eq!(failures(&server, "timeout").await, 0);
 }
 
 /// An endless loop is stopped at the time limit; the push's later mutations still run.
@@ -478,22 +473,8 @@ async fn endless_loop_times_out(backend: Backend) {
     .await;
     assert_eq!(entries.keys().collect::<Vec<_>>(), ["after"]);
     assert_eq!(server.state("s", "g-s").await.lmid("c-s"), 2);
-    assert_eq!(
-        metric(
-            &server,
-            "replisync_js_mutator_failures_total{reason=\"timeout\"}"
-        )
-        .await,
-        1
-    );
-    assert_eq!(
-        metric(
-            &server,
-            "replisync_js_mutator_failures_total{reason=\"threw\"}"
-        )
-        .await,
-        0
-    );
+    assert_eq!(failures(&server, "timeout").await, 1);
+    assert_eq!(failures(&server, "threw").await, 0);
 }
 
 /// A mutator that allocates without end is stopped at the memory limit.
@@ -514,26 +495,12 @@ async fn memory_hog_hits_the_limit(backend: Backend) {
     )
     .await;
     assert_eq!(entries.keys().collect::<Vec<_>>(), ["after"]);
-    assert_eq!(
-        metric(
-            &server,
-            "replisync_js_mutator_failures_total{reason=\"memory\"}"
-        )
-        .await,
-        1
-    );
-    assert_eq!(
-        metric(
-            &server,
-            "replisync_js_mutator_failures_total{reason=\"timeout\"}"
-        )
-        .await,
-        0
-    );
+    assert_eq!(failures(&server, "memory").await, 1);
+    assert_eq!(failures(&server, "timeout").await, 0);
 }
 
-/// What a mutator leaves in globals or module state stays in its push: another space (and
-/// another push) starts from a fresh context.
+/// What a mutator leaves in globals or module state stays in its space: another space starts
+/// from a context of its own.
 async fn globals_do_not_leak(backend: Backend) {
     let limits = JsLimits {
         engines: 1, // every push on the same engine
@@ -566,6 +533,19 @@ async fn globals_do_not_leak(backend: Backend) {
     )
     .await;
     assert_eq!(entries["out2"], fresh);
+    // The engine keeps the context of the space it served last for that space's next push: the
+    // module state it finds is its own space's (never another's).
+    let entries = run(
+        &server,
+        "a",
+        4,
+        &[("probeGlobals", json!({"into": "out3"}))],
+    )
+    .await;
+    assert_eq!(
+        entries["out3"],
+        json!({"leaked": null, "polluted": null, "calls": 2})
+    );
 }
 
 /// No timers, network, filesystem or process, and no module to import them from.
@@ -764,12 +744,5 @@ async fn pushes_to_other_spaces_run_while_one_spins() {
     );
     let (status, _) = spinning.await.unwrap();
     assert_eq!(status, 200);
-    assert_eq!(
-        metric(
-            &server,
-            "replisync_js_mutator_failures_total{reason=\"timeout\"}"
-        )
-        .await,
-        1
-    );
+    assert_eq!(failures(&server, "timeout").await, 1);
 }

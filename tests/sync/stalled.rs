@@ -41,6 +41,27 @@ fn rand_suffix() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Pushes a 1 MB value at `k{id}` of `space` for each id (client "w", mutation `id`).
+async fn push_megabytes(server: &TestServer, space: &str, ids: std::ops::RangeInclusive<u64>) {
+    let megabyte = "x".repeat(1024 * 1024);
+    for id in ids {
+        let set = json!({"key": format!("k{id}"), "value": megabyte});
+        let body = push_body("writer", &[("w", id, "set", set)]);
+        assert_eq!(server.push(space, &body).await.0, 200);
+    }
+}
+
+/// Streamed pulls cut off so far, once there are `expected` (or after 10 s).
+async fn streams_cut_off(server: &TestServer, expected: u64) -> u64 {
+    for _ in 0..100 {
+        if server.metrics.pull_streams_cut.get() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.metrics.pull_streams_cut.get()
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
@@ -65,19 +86,7 @@ async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) 
     };
     let server = TestServer::start_with(backend, options).await;
     // 24 MB: far more than the socket buffers between a stalled reader and the server.
-    let megabyte = "x".repeat(1024 * 1024);
-    for id in 1..=24u64 {
-        let body = push_body(
-            "writer",
-            &[(
-                "w",
-                id,
-                "set",
-                json!({"key": format!("k{id}"), "value": megabyte}),
-            )],
-        );
-        assert_eq!(server.push("big", &body).await.0, 200);
-    }
+    push_megabytes(&server, "big", 1..=24).await;
     // More stalled readers than the pool has connections (16 for Postgres, 8 for SQLite).
     let mut stalled = Vec::new();
     for _ in 0..20 {
@@ -100,16 +109,13 @@ async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) 
     assert_eq!(health.status(), 200, "the health check found no connection");
     // The stalled streams are cut off and their snapshots released: a normal first pull of the
     // big space then completes.
-    let mut cut = 0;
-    for _ in 0..100 {
-        let metrics = server.get("/metrics").await.text().await.unwrap();
-        cut = metric(&metrics, "replisync_pull_streams_cut_total ");
-        if cut >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let cut = streams_cut_off(&server, 4).await;
     assert!(cut >= 4, "{cut} stalled pulls were cut off");
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metric(&metrics, "replisync_pull_streams_cut_total ") >= 4,
+        "/metrics counts them"
+    );
     drop(stalled);
     let (status, body) = server.pull("big", "reader", Value::Null).await;
     assert_eq!(status, 200);
@@ -142,19 +148,7 @@ async fn stalled_readers_of_a_large_delta_hold_only_capped_streams(backend: Back
     assert_eq!(server.push("big", &first).await.0, 200);
     let cookie = json!(1);
     // A 12 MB delta after cookie 1: more than the socket buffers of a stalled reader hold.
-    let megabyte = "x".repeat(1024 * 1024);
-    for id in 2..=13u64 {
-        let body = push_body(
-            "writer",
-            &[(
-                "w",
-                id,
-                "set",
-                json!({"key": format!("k{id}"), "value": megabyte}),
-            )],
-        );
-        assert_eq!(server.push("big", &body).await.0, 200);
-    }
+    push_megabytes(&server, "big", 2..=13).await;
     let stalled = vec![
         stalled_pull(&server, "big", cookie.clone()).await,
         stalled_pull(&server, "big", cookie.clone()).await,
@@ -171,14 +165,7 @@ async fn stalled_readers_of_a_large_delta_hold_only_capped_streams(backend: Back
     assert_eq!(answer["error"], "Overloaded");
     assert_eq!(server.metrics.pull_deltas_streamed.get(), 3);
     // The stalled readers are cut off, and the delta is then answered whole.
-    let mut cut = 0;
-    for _ in 0..100 {
-        cut = server.metrics.pull_streams_cut.get();
-        if cut >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let cut = streams_cut_off(&server, 2).await;
     assert_eq!(cut, 2, "the stalled delta pulls were not cut off");
     drop(stalled);
     let (status, delta) = server.pull("big", "reader", cookie).await;

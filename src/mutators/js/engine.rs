@@ -1,9 +1,11 @@
 //! One JavaScript engine: a QuickJS runtime on its own thread, under a memory limit and a
 //! per-mutation deadline, running one push's mutations at a time in a context of their own.
 //!
-//! Each push gets a fresh context (a new realm: its own globals), in which the app's module is
-//! evaluated again, so nothing a mutator leaves behind reaches another push, or another space.
-//! `tx` reads block this thread on the push, which answers from its open transaction.
+//! Each space gets a context of its own (a realm: its own globals), in which the app's module is
+//! evaluated, so nothing a mutator leaves behind reaches another space. The engine keeps the
+//! context of the space it served last for that space's next push (loading one costs more than
+//! the push); a stopped mutation (time or memory) always gets a fresh one. `tx` reads block this
+//! thread on the push, which answers from its open transaction.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -12,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use rquickjs::promise::PromiseState;
 use rquickjs::{
-    CatchResultExt, CaughtError, Context, Ctx, Function, Module, Object, Promise, Runtime, Value,
+    CatchResultExt, CaughtError, Context, Ctx, Function, Module, Object, Persistent, Promise,
+    Runtime, Value,
 };
 
 use super::messages::{Call, EngineEnd, FromEngine, HostReply, HostRequest, ToEngine};
@@ -40,6 +43,9 @@ pub(super) struct EngineLimits {
 
 /// A QuickJS runtime with its limits. Not `Send`: it lives and dies on one thread.
 pub(super) struct Engine {
+    /// The context of the space served last. Declared before `runtime`: it must be dropped
+    /// first (a context or value outliving its runtime aborts the process).
+    warm: Option<SpaceContext>,
     runtime: Runtime,
     module: Arc<ModuleSource>,
     limits: EngineLimits,
@@ -55,12 +61,31 @@ struct Loaded<'js> {
     mutators: Object<'js>,
 }
 
+/// One space's context, with the module loaded (or the error loading it gave), and the link its
+/// host functions ask through (attached to each push's session in turn).
+struct SpaceContext {
+    space: String,
+    link: Rc<Link>,
+    loaded: Result<(Persistent<Function<'static>>, Persistent<Object<'static>>), ScriptError>,
+    context: Context,
+}
+
+/// How serving a push's calls in a context ended.
+enum Served {
+    /// The push let the session go: the context may serve the space's next push.
+    SessionEnded,
+    /// A mutation was stopped (time or memory): its context is dropped, and the push's next
+    /// call is `pending`, for a fresh context.
+    Stopped { pending: Option<Call> },
+}
+
 impl Engine {
     pub(super) fn new(module: Arc<ModuleSource>, limits: EngineLimits) -> Result<Engine, String> {
         let deadline = Rc::new(Cell::new(None::<Instant>));
         let interrupted = Rc::new(Cell::new(false));
         let runtime = new_runtime(&limits, &deadline, &interrupted)?;
         Ok(Engine {
+            warm: None,
             runtime,
             module,
             limits,
@@ -91,55 +116,100 @@ impl Engine {
 
     /// Serves one push's session until the push drops its end.
     pub(super) fn serve(&mut self, end: EngineEnd) {
-        let link = Rc::new(Link {
-            to_push: end.to_push,
-            from_push: RefCell::new(end.from_push),
-        });
-        loop {
-            let ended = match Context::full(&self.runtime) {
-                Ok(context) => context.with(|ctx| self.serve_in(&ctx, &link)),
-                Err(error) => {
-                    fail_every_call(
-                        &link,
-                        &format!("cannot create a JavaScript context: {error}"),
-                    );
-                    true
-                }
+        let session = Link::attached(end);
+        let mut next = session.next_call();
+        while let Some(call) = next.take() {
+            let space = match self.warm.take() {
+                Some(warm) if warm.space == call.space_id => warm,
+                _ => match self.space_context(&call.space_id) {
+                    Ok(fresh) => fresh,
+                    Err(error) => {
+                        fail_every_call(&session, Some(call), &error);
+                        return;
+                    }
+                },
             };
+            space.link.attach_from(&session);
+            let served = space
+                .context
+                .with(|ctx| self.serve_calls(&ctx, &space, call));
+            space.link.detach_into(&session);
             self.deadline.set(None);
-            self.runtime.run_gc();
+            match served {
+                Served::SessionEnded => self.warm = Some(space),
+                Served::Stopped { pending } => {
+                    drop(space);
+                    next = pending;
+                }
+            }
             if self.runtime.is_job_pending() {
                 // Jobs left by a mutation that was stopped belong to no one: start afresh.
+                self.warm = None;
                 match new_runtime(&self.limits, &self.deadline, &self.interrupted) {
                     Ok(runtime) => self.runtime = runtime,
                     Err(error) => tracing::error!(%error, "cannot renew a JavaScript runtime"),
                 }
             }
-            if ended {
-                return;
-            }
         }
     }
 
-    /// Runs the session's calls in `ctx`. Answers `false` when a mutation was stopped (time or
-    /// memory) and the rest of the session needs a fresh context, `true` when the session ended.
-    fn serve_in<'js>(&self, ctx: &Ctx<'js>, link: &Rc<Link>) -> bool {
-        let loaded = self.load(ctx, link);
+    /// A new context for `space`, with the module loaded in it.
+    fn space_context(&self, space: &str) -> Result<SpaceContext, String> {
+        let context = Context::full(&self.runtime)
+            .map_err(|error| format!("cannot create a JavaScript context: {error}"))?;
+        let link = Rc::new(Link::detached());
+        let loaded = context.with(|ctx| {
+            self.load(&ctx, &link).map(|loaded| {
+                (
+                    Persistent::save(&ctx, loaded.make_tx),
+                    Persistent::save(&ctx, loaded.mutators),
+                )
+            })
+        });
+        Ok(SpaceContext {
+            space: space.to_owned(),
+            link,
+            loaded,
+            context,
+        })
+    }
+
+    /// Runs `first` and the session's next calls in `space`'s context, until the session ends or
+    /// a mutation is stopped (time or memory).
+    fn serve_calls<'js>(&self, ctx: &Ctx<'js>, space: &SpaceContext, first: Call) -> Served {
+        let loaded = match &space.loaded {
+            Ok((make_tx, mutators)) => {
+                match (make_tx.clone().restore(ctx), mutators.clone().restore(ctx)) {
+                    (Ok(make_tx), Ok(mutators)) => Ok(Loaded { make_tx, mutators }),
+                    (Err(error), _) | (_, Err(error)) => Err(ScriptError {
+                        reason: ScriptFailure::Threw,
+                        message: format!("the mutators module is gone from its context: {error}"),
+                    }),
+                }
+            }
+            Err(error) => Err(error.clone()),
+        };
+        let mut call = first;
         loop {
-            let message = link.from_push.borrow_mut().blocking_recv();
-            let call = match message {
-                None => return true,
-                Some(ToEngine::Run(call)) => call,
-                Some(ToEngine::Reply(_)) => continue, // an answer nobody waits for
-            };
+            if call.space_id != space.space {
+                return Served::Stopped {
+                    pending: Some(call),
+                };
+            }
             let result = match &loaded {
                 Ok(loaded) => self.run(ctx, loaded, call),
                 Err(error) => Err(error.clone()),
             };
             let stopped = matches!(&result, Err(e) if e.reason != ScriptFailure::Threw);
-            let _ = link.to_push.send(FromEngine::Done(result));
-            if stopped {
-                return false;
+            space.link.send(FromEngine::Done(result));
+            match space.link.next_call() {
+                None => return Served::SessionEnded,
+                Some(next) if stopped => {
+                    return Served::Stopped {
+                        pending: Some(next),
+                    };
+                }
+                Some(next) => call = next,
             }
         }
     }
@@ -348,26 +418,66 @@ fn first_frame(stack: &str) -> Option<String> {
     Some(format!("at {place}"))
 }
 
-/// The engine's link to the push it serves.
+/// The engine's link to the push it serves: the channels of the push's session, attached to a
+/// space's context for as long as it serves the push.
 struct Link {
-    to_push: tokio::sync::mpsc::UnboundedSender<FromEngine>,
+    to_push: RefCell<tokio::sync::mpsc::UnboundedSender<FromEngine>>,
     from_push: RefCell<tokio::sync::mpsc::UnboundedReceiver<ToEngine>>,
 }
 
 impl Link {
-    /// A link to no push, for loading the module at start-up (no mutator runs).
+    /// A link to no push (a context between pushes, or loading the module at start-up).
     fn detached() -> Link {
         let (to_push, _) = tokio::sync::mpsc::unbounded_channel();
         let (_, from_push) = tokio::sync::mpsc::unbounded_channel();
         Link {
-            to_push,
+            to_push: RefCell::new(to_push),
             from_push: RefCell::new(from_push),
+        }
+    }
+
+    /// A link to the push at the other `end`.
+    fn attached(end: EngineEnd) -> Link {
+        Link {
+            to_push: RefCell::new(end.to_push),
+            from_push: RefCell::new(end.from_push),
+        }
+    }
+
+    /// Takes `session`'s channels (leaving it detached).
+    fn attach_from(&self, session: &Link) {
+        self.to_push.swap(&session.to_push);
+        self.from_push.swap(&session.from_push);
+    }
+
+    /// Gives the channels back to `session` (leaving this link detached).
+    fn detach_into(&self, session: &Link) {
+        self.to_push.swap(&session.to_push);
+        self.from_push.swap(&session.from_push);
+    }
+
+    fn send(&self, message: FromEngine) {
+        let _ = self.to_push.borrow().send(message);
+    }
+
+    /// The push's next mutation; `None` when the push let the session go.
+    fn next_call(&self) -> Option<Call> {
+        loop {
+            match self.from_push.borrow_mut().blocking_recv()? {
+                ToEngine::Run(call) => return Some(call),
+                ToEngine::Reply(_) => continue, // an answer nobody waits for
+            }
         }
     }
 
     /// Asks the push for a read or write and waits for its answer.
     fn ask(&self, request: HostRequest) -> HostReply {
-        if self.to_push.send(FromEngine::Host(request)).is_err() {
+        if self
+            .to_push
+            .borrow()
+            .send(FromEngine::Host(request))
+            .is_err()
+        {
             return Err("the push has ended".into());
         }
         match self.from_push.borrow_mut().blocking_recv() {
@@ -378,15 +488,15 @@ impl Link {
     }
 }
 
-/// Answers every call of a session with `message`, until the push drops it.
-fn fail_every_call(link: &Link, message: &str) {
-    while let Some(request) = link.from_push.borrow_mut().blocking_recv() {
-        if let ToEngine::Run(_) = request {
-            let _ = link.to_push.send(FromEngine::Done(Err(ScriptError {
-                reason: ScriptFailure::Memory,
-                message: message.to_owned(),
-            })));
-        }
+/// Answers `first` and every later call of a session with `message`, until the push drops it.
+fn fail_every_call(session: &Link, first: Option<Call>, message: &str) {
+    let mut next = first;
+    while next.is_some() {
+        session.send(FromEngine::Done(Err(ScriptError {
+            reason: ScriptFailure::Memory,
+            message: message.to_owned(),
+        })));
+        next = session.next_call();
     }
 }
 

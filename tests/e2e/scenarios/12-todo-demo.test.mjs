@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { E2E, REPO_DIR, uniqueId, waitFor, readKey, ensureArtifactsDir } from '../harness.mjs';
+import { E2E, REPO_DIR, uniqueId, waitFor, pushedAndPulled, readKey, ensureArtifactsDir } from '../harness.mjs';
 import { MAX_TITLE_LENGTH, mutators } from '../../../demo/public/mutators.js';
 
 const MUTATORS_FILE = path.join(REPO_DIR, 'demo', 'public', 'mutators.js');
@@ -109,15 +109,3 @@ test('12. two pages of the todo demo converge; the server enforces the title rul
   await p1.screenshot({ path: file });
   t.diagnostic(`screenshot: ${path.relative(process.cwd(), file)}`);
 });
-
-/** Waits until the server has applied every pending mutation of `rep` and `rep` has pulled
- * the result (this client has no poke stream: it pulls when asked). */
-async function pushedAndPulled(rep) {
-  await waitFor(
-    async () => {
-      await rep.pull();
-      return (await rep.experimentalPendingMutations()).length === 0;
-    },
-    { timeout: 20_000, interval: 100, message: 'the server to apply every pending mutation' },
-  );
-}

@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { E2E, REPO_DIR, uniqueId, waitFor, readKey } from '../harness.mjs';
+import { E2E, REPO_DIR, uniqueId, waitFor, pushedAndPulled, readKey } from '../harness.mjs';
 import { mutators } from '../../fixtures/mutators.js';
 
 const FIXTURE = path.join(REPO_DIR, 'tests', 'fixtures', 'mutators.js');
@@ -103,15 +103,3 @@ test('13. JavaScript mutators on the server answer what the real client answers'
   }
   t.diagnostic(`${probes.length} probes: client and server agree`);
 });
-
-/** Waits until the server has applied every pending mutation of `rep` and `rep` has pulled
- * the result (this client has no poke stream: it pulls when asked). */
-async function pushedAndPulled(rep) {
-  await waitFor(
-    async () => {
-      await rep.pull();
-      return (await rep.experimentalPendingMutations()).length === 0;
-    },
-    { timeout: 20_000, interval: 100, message: 'the server to apply every pending mutation' },
-  );
-}
