@@ -3,9 +3,9 @@
 //! transaction.
 //!
 //! Each exported mutator is registered as a [`Mutator`]. A push opens a session with a free
-//! engine at its first JavaScript mutation and keeps it to its last (a fresh JavaScript context:
-//! nothing carries over from another push or space); while a mutator runs, the push answers its
-//! `tx` reads from its open transaction and buffers its writes like any mutator's.
+//! engine at its first JavaScript mutation and keeps it to its last (in its space's own
+//! JavaScript context: nothing carries over from another space); while a mutator runs, the push
+//! answers its `tx` reads from its open transaction and buffers its writes like any mutator's.
 
 mod engine;
 mod messages;
