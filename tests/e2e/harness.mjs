@@ -718,6 +718,8 @@ export class ReplisyncServer {
       NO_COLOR: '1',
       REPLISYNC_LOG_FORMAT: 'text',
       REPLISYNC_SHUTDOWN_TIMEOUT_SECS: '3',
+      // Stop accepting at once on SIGTERM; scenario 14 sets a drain delay for its balancer.
+      REPLISYNC_DRAIN_DELAY_SECS: '0',
     };
     if (this.pusher) {
       Object.assign(env, {
