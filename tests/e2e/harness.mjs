@@ -455,7 +455,7 @@ export class E2E {
    * {proc, port, url, conf, accessLines()}.
    */
   async startNginx(servers) {
-    const bin = process.env.NGINX_BIN ?? 'nginx';
+    const bin = process.env.NGINX_BIN ?? (existsSync('/usr/sbin/nginx') ? '/usr/sbin/nginx' : 'nginx');
     const port = await freePort();
     const conf = nginxConf(readFileSync(path.join(REPO_DIR, 'deploy', 'nginx.conf'), 'utf8'), {
       listen: `127.0.0.1:${port}`,
