@@ -34,6 +34,9 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Ask the server on REPLISYNC_LISTEN's port (through 127.0.0.1 when it listens on every
+    /// address) for `GET /healthz`; exit 0 on 200, 1 otherwise. For container health checks.
+    Healthcheck,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -106,6 +109,12 @@ pub struct Config {
     /// still runs is dropped and the process exits with status 1.
     #[arg(long, env = "REPLISYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
+
+    /// Seconds to keep serving after SIGTERM, with `GET /readyz` answering 503, before the
+    /// server stops accepting connections: time for a load balancer to take it out of rotation.
+    /// 0 stops accepting at once. The shutdown timeout counts from the end of this delay.
+    #[arg(long, env = "REPLISYNC_DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
 
     /// Streamed pulls (first pulls, and deltas over REPLISYNC_MAX_SHARED_DELTA_BYTES) in flight
     /// at once; others wait up to 5 s for a turn,
@@ -324,6 +333,9 @@ pub struct HttpSettings {
     pub cors_origins: CorsOrigins,
     /// How long shutdown waits for in-flight requests and pending pokes.
     pub shutdown_timeout: Duration,
+    /// How long the server keeps serving after SIGTERM (`/readyz` answering 503) before it
+    /// stops accepting connections.
+    pub drain_delay: Duration,
     /// First pulls in flight, the wait for a turn, and how long a streamed one may take.
     pub pulls: PullLimits,
     /// How long a connection may take to send complete request headers.
@@ -384,6 +396,7 @@ impl Default for HttpSettings {
             request_timeout: Duration::from_secs(30),
             cors_origins: CorsOrigins::Loopback,
             shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
             pulls: PullLimits {
                 max_first_pulls: 4,
                 max_shared_delta_bytes: 4 * 1024 * 1024,
@@ -514,6 +527,7 @@ impl Config {
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             cors_origins,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            drain_delay: Duration::from_secs(self.drain_delay_secs),
             pulls: PullLimits {
                 max_first_pulls: self
                     .max_first_pulls

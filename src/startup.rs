@@ -17,7 +17,9 @@ use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
-use crate::http::{AppState, InFlightBytes, MetricsEndpoint, accept_loop, metrics_router, router};
+use crate::http::{
+    AppState, Draining, InFlightBytes, MetricsEndpoint, accept_loop, metrics_router, router,
+};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::mutators::js::JsMutators;
@@ -40,6 +42,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
+        Command::Healthcheck => healthcheck(&config).await,
         Command::Serve => {
             let app = App::from_config(&config).await?;
             let listener = TcpListener::bind(config.listen).await.with_context(|| {
@@ -251,6 +254,7 @@ impl AppBuilder {
             metrics,
             pusher: self.pusher,
             private_channels: self.private_channels,
+            draining: Draining::default(),
         };
         App { state, shutdown }
     }
@@ -409,6 +413,11 @@ pub async fn serve_with_metrics(
     tokio::select! {
         result = &mut server => result.context("server task failed")?,
         () = shutdown => {
+            if let Some(ended) = drain(&app.state, &mut server).await {
+                // The accept loop only ends on `stop`: this is a failure of the server task.
+                ended.context("server task failed")?;
+                return Ok(());
+            }
             tracing::info!("shutting down: finishing requests and pokes");
             stop.cancel();
             deadline = tokio::time::Instant::now() + budget;
@@ -440,6 +449,49 @@ pub async fn serve_with_metrics(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Turns `/readyz` to 503 and keeps serving for the drain delay, so a load balancer takes the
+/// instance out before it stops accepting. `Some` when the server task ended meanwhile.
+async fn drain(
+    state: &AppState,
+    server: &mut tokio::task::JoinHandle<()>,
+) -> Option<Result<(), tokio::task::JoinError>> {
+    state.draining.start();
+    let delay = state.http.drain_delay;
+    if delay.is_zero() {
+        return None;
+    }
+    tracing::info!(
+        seconds = delay.as_secs(),
+        "draining: /readyz answers 503; still serving until the drain delay ends (REPLISYNC_DRAIN_DELAY_SECS)"
+    );
+    tokio::time::timeout(delay, server).await.ok()
+}
+
+/// `replisync healthcheck`: GET /healthz on this machine at REPLISYNC_LISTEN's port; an error
+/// (so exit status 1) unless it answers 200.
+async fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    let mut address = config.listen;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{address}/healthz");
+    let response = reqwest::Client::builder()
+        .timeout(HEALTHCHECK_TIMEOUT)
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("{url} does not answer"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}",
+        response.status()
+    );
+    Ok(())
+}
+
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `/metrics` alone on `listener` until `stop`; scrapes are short, so it is not drained.
 fn serve_metrics(listener: TcpListener, app: &App, stop: CancellationToken) -> anyhow::Result<()> {

@@ -26,6 +26,7 @@ fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_replisync"))
         .args(["--listen", "127.0.0.1:0"])
         .env_clear()
+        .env("REPLISYNC_DRAIN_DELAY_SECS", "0") // stop at once unless a test asks otherwise
         .envs(env.iter().copied())
         .current_dir(dir)
         .stdout(Stdio::piped())
@@ -429,4 +430,96 @@ async fn javascript_mutators_run_and_their_failures_are_logged() {
         "the clash with the built-in increment is logged"
     );
     server.stop();
+}
+
+/// After SIGTERM the server drains: `/readyz` turns 503 at once (so a load balancer takes it
+/// out) while `/healthz`, pushes and pulls are still served for REPLISYNC_DRAIN_DELAY_SECS;
+/// then it stops cleanly.
+#[tokio::test]
+async fn readyz_turns_503_while_draining_and_requests_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("REPLISYNC_DRAIN_DELAY_SECS", "3")]);
+    let client = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let (client, url) = (client.clone(), format!("{}{path}", server.base));
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/readyz").await, 200);
+    assert_eq!(status("/healthz").await, 200);
+
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut ready = 200;
+    for _ in 0..40 {
+        ready = status("/readyz").await;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(ready, 503, "/readyz while draining");
+    assert_eq!(status("/healthz").await, 200, "alive while draining");
+    let push = json!({"pushVersion": 1, "clientGroupID": "g", "mutations": [
+        {"id": 1, "name": "set", "clientID": "c", "timestamp": 1.0,
+         "args": {"key": "k", "value": "drained"}}]});
+    assert_eq!(post(&server.base, "/spaces/s/push", push).await, json!({}));
+    let pull = post(
+        &server.base,
+        "/spaces/s/pull",
+        json!({"pullVersion": 1, "clientGroupID": "g2", "cookie": null}),
+    )
+    .await;
+    assert_eq!(pull["patch"][1]["value"], "drained", "{pull}");
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("draining")),
+        "the drain is logged"
+    );
+    let mut server = server;
+    let mut exited = None;
+    for _ in 0..150 {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = exited.expect("replisync stops within 15 s of SIGTERM with a 3 s drain delay");
+    assert!(status.success(), "replisync exited with {status}");
+}
+
+/// `replisync healthcheck` exits 0 while the server on its port answers, 1 once it is gone.
+#[tokio::test]
+async fn the_healthcheck_subcommand_asks_the_server_on_its_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let port = address.rsplit(':').next().unwrap().to_owned();
+    let check = |listen: String| {
+        Command::new(env!("CARGO_BIN_EXE_replisync"))
+            .args(["--listen", &listen, "healthcheck"])
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let up = check(format!("0.0.0.0:{port}"));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    server.stop();
+    let down = check(address);
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("/healthz"));
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::extract::{Caller, PushBody, Reads, RequestBody, Writes, allowed_identity};
-use super::state::AppState;
+use super::state::{AppState, Draining};
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator};
 use crate::error::ApiError;
@@ -198,6 +198,23 @@ pub async fn health_handler(State(store): State<Arc<dyn Store>>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// `GET /readyz`: whether a load balancer should send requests here. 503 from SIGTERM on (the
+/// server still serves while it drains) and while the database does not answer; 200 otherwise.
+pub async fn ready_handler(
+    State(draining): State<Draining>,
+    State(store): State<Arc<dyn Store>>,
+) -> Response {
+    if draining.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining",
+                        "message": "shutting down: finishing requests, send new ones elsewhere"})),
+        )
+            .into_response();
+    }
+    health_handler(State(store)).await
 }
 
 /// `GET /metrics`: counters in Prometheus text format.

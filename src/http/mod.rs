@@ -22,7 +22,7 @@ use tower_http::trace::TraceLayer;
 
 pub use self::conn::accept_loop;
 pub use self::extract::InFlightBytes;
-pub use self::state::AppState;
+pub use self::state::{AppState, Draining};
 use crate::config::{CorsOrigins, HttpSettings};
 use crate::metrics::Metrics;
 
@@ -61,7 +61,8 @@ pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
         .layer(cors(&state.http));
     let mut routes = Router::new()
         .merge(browser_routes)
-        .route("/healthz", get(handlers::health_handler));
+        .route("/healthz", get(handlers::health_handler))
+        .route("/readyz", get(handlers::ready_handler));
     if metrics_endpoint == MetricsEndpoint::Here {
         routes = routes.route("/metrics", get(handlers::metrics_handler));
     }
@@ -70,6 +71,10 @@ pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
         .layer(map_response_with_state(
             state.metrics.clone(),
             count_refusals,
+        ))
+        .layer(map_response_with_state(
+            state.draining.clone(),
+            close_while_draining,
         ))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
@@ -90,6 +95,20 @@ async fn count_refusals(State(metrics): State<Arc<Metrics>>, response: Response)
         StatusCode::UNAUTHORIZED => metrics.unauthorized.increment(),
         StatusCode::FORBIDDEN => metrics.forbidden.increment(),
         _ => {}
+    }
+    response
+}
+
+/// While the server drains, every response asks its client (or load balancer) to close the
+/// connection, so the next request opens one to an instance that stays.
+async fn close_while_draining(
+    State(draining): State<Draining>,
+    mut response: Response,
+) -> Response {
+    if draining.is_draining() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

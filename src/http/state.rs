@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::FromRef;
+use tokio_util::sync::CancellationToken;
 
 use super::extract::InFlightBytes;
 use crate::auth::Authenticator;
@@ -35,4 +36,20 @@ pub struct AppState {
     pub(crate) pusher: Option<Arc<PusherPoker>>,
     /// Signs private poke channel subscriptions (Pusher with authentication on).
     pub(crate) private_channels: Option<Arc<PrivateChannels>>,
+    /// Cancelled on SIGTERM: `/readyz` answers 503 and responses close their connections.
+    pub(crate) draining: Draining,
+}
+
+/// Whether shutdown has begun; the server still serves while it drains.
+#[derive(Clone, Default)]
+pub struct Draining(CancellationToken);
+
+impl Draining {
+    pub fn start(&self) {
+        self.0.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.is_cancelled()
+    }
 }

@@ -10,10 +10,13 @@
 //   SOCKUDO_BIN        sockudo binary (default: `sockudo` on PATH, else ~/.cargo/bin/sockudo)
 //   E2E_STORE          sqlite (default) or postgres
 //   E2E_POSTGRES_URL   server to make databases in (default postgres://postgres@127.0.0.1:5432)
+//   NGINX_BIN          nginx binary (default: `nginx` on PATH; scenario 14)
 //   E2E_VERBOSE=1      echo child logs and Replicache logs to stderr as they arrive
 
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync, mkdirSync } from 'node:fs';
+import {
+  mkdtempSync, rmSync, existsSync, mkdirSync, readFileSync, writeFileSync, chmodSync, openSync, closeSync,
+} from 'node:fs';
 import { tmpdir, homedir } from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
@@ -219,7 +222,8 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
 }
 
 class ChildProcess {
-  constructor(name, cmd, args, { env, cwd }) {
+  /** `stdout`: a file descriptor to write standard output to instead of `lines`. */
+  constructor(name, cmd, args, { env, cwd, stdout = 'pipe' }) {
     this.name = name;
     this.lines = [];
     this.exited = false;
@@ -228,7 +232,7 @@ class ChildProcess {
     this.child = spawn(cmd, args, {
       cwd,
       env,
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: ['ignore', stdout, 'pipe'],
     });
     liveChildren.add(this.child);
     this.exitPromise = new Promise((resolve) => {
@@ -246,7 +250,7 @@ class ChildProcess {
         resolve();
       });
     });
-    for (const stream of [this.child.stdout, this.child.stderr]) {
+    for (const stream of [this.child.stdout, this.child.stderr].filter(Boolean)) {
       let buf = '';
       stream.setEncoding('utf8');
       stream.on('data', (chunk) => {
@@ -357,9 +361,12 @@ export class E2E {
 
   // --- Databases -----------------------------------------------------------------------
 
-  /** A fresh, empty database URL for replisync: a new SQLite file or a new Postgres database. */
-  newDatabaseUrl() {
-    if (STORE === 'postgres') {
+  /**
+   * A fresh, empty database URL for replisync: a new SQLite file or a new Postgres database
+   * (`store` overrides E2E_STORE, for scenarios that need Postgres whatever the run).
+   */
+  newDatabaseUrl({ store = STORE } = {}) {
+    if (store === 'postgres') {
       const name = uniqueId('e2e_').toLowerCase();
       execFileSync('psql', [`${POSTGRES_URL}/postgres`, '-qAtc', `CREATE DATABASE ${name}`], {
         stdio: ['ignore', 'ignore', 'inherit'],
@@ -437,6 +444,50 @@ export class E2E {
       { timeout: 20_000, interval: 50, message: `sockudo /up on ${url}` },
     );
     return { proc, port, url, stop };
+  }
+
+  // --- nginx ---------------------------------------------------------------------------------
+
+  /**
+   * Starts nginx (NGINX_BIN, default `nginx` on the PATH) with deploy/nginx.conf, only its
+   * `listen` line and its upstream `server` lines rewritten: a free loopback port, and one
+   * server line per replisync in `servers` (same parameters as the file's). Returns
+   * {proc, port, url, conf, accessLines()}.
+   */
+  async startNginx(servers) {
+    const bin = process.env.NGINX_BIN ?? (existsSync('/usr/sbin/nginx') ? '/usr/sbin/nginx' : 'nginx');
+    const port = await freePort();
+    const conf = nginxConf(readFileSync(path.join(REPO_DIR, 'deploy', 'nginx.conf'), 'utf8'), {
+      listen: `127.0.0.1:${port}`,
+      upstreams: servers.map((s) => `127.0.0.1:${s.port}`),
+    });
+    // nginx's workers run as `nobody` when started by root: they must reach the temp files.
+    const prefix = mkdtempSync(path.join(this.tmp, 'nginx-'));
+    chmodSync(this.tmp, 0o755);
+    chmodSync(prefix, 0o755);
+    const confPath = path.join(prefix, 'nginx.conf');
+    writeFileSync(confPath, conf);
+    // The access log goes to /dev/stdout, which nginx opens by name: a file here, not a socket.
+    const accessLog = path.join(prefix, 'access.log');
+    const stdout = openSync(accessLog, 'a');
+    const proc = new ChildProcess('nginx', bin, ['-c', confPath, '-p', `${prefix}/`], {
+      env: { PATH: process.env.PATH },
+      cwd: prefix,
+      stdout,
+    });
+    closeSync(stdout);
+    this.defer(() => proc.stop({ signal: 'SIGQUIT', graceMs: 5_000 }));
+    const url = `http://127.0.0.1:${port}`;
+    await waitFor(
+      async () => {
+        if (proc.exited) throw fatal(`nginx exited:\n${proc.tail(30)}`);
+        const res = await realFetch(`${url}/healthz`, { signal: AbortSignal.timeout(1_000) }).catch(() => null);
+        return res?.status === 200;
+      },
+      { timeout: 10_000, interval: 50, message: `nginx on ${url}` },
+    );
+    const accessLines = () => readFileSync(accessLog, 'utf8').split('\n').filter((l) => / upstream=/.test(l));
+    return { proc, port, url, conf, accessLines };
   }
 
   // --- replisync ---------------------------------------------------------------------------
@@ -666,6 +717,26 @@ export class E2E {
   }
 }
 
+/**
+ * deploy/nginx.conf with its `listen 8080;` line on `listen` and its upstream `server name:port
+ * params;` lines replaced by one line per address in `upstreams`; throws if either is missing,
+ * so the test cannot drift from the deployed file unnoticed.
+ */
+export function nginxConf(text, { listen, upstreams }) {
+  const listenLine = /^(\s*)listen 8080;$/m;
+  const serverLines = /^(\s*)server replisync-\d+:8080((?: [^;\n]+)?);\n/gm;
+  const servers = [...text.matchAll(serverLines)];
+  if (!listenLine.test(text) || servers.length === 0) {
+    throw new Error('deploy/nginx.conf has no `listen 8080;` line or no `server replisync-N:8080` lines');
+  }
+  const [, indent, params] = servers[0];
+  const ours = upstreams.map((address) => `${indent}server ${address}${params};\n`).join('');
+  let replaced = false;
+  return text
+    .replace(listenLine, (_, i) => `${i}listen ${listen};`)
+    .replace(serverLines, () => (replaced ? '' : ((replaced = true), ours)));
+}
+
 /** JSON request headers, with `Authorization: auth` when given. */
 function authHeaders(auth) {
   const headers = { 'content-type': 'application/json' };
@@ -718,6 +789,8 @@ export class ReplisyncServer {
       NO_COLOR: '1',
       REPLISYNC_LOG_FORMAT: 'text',
       REPLISYNC_SHUTDOWN_TIMEOUT_SECS: '3',
+      // Stop accepting at once on SIGTERM; scenario 14 sets a drain delay for its balancer.
+      REPLISYNC_DRAIN_DELAY_SECS: '0',
     };
     if (this.pusher) {
       Object.assign(env, {
