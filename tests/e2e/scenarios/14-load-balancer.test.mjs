@@ -84,9 +84,7 @@ test(
       }),
     );
     await Promise.all(reps.map((rep) => pushedAndPulled(rep)));
-    for (const rep of reps) {
-      assert.equal(await readKey(rep, 'count'), CLIENTS * ROUND_B_INCREMENTS, `${rep.e2eName} converged`);
-    }
+    for (const rep of reps) await converges(rep, CLIENTS * ROUND_B_INCREMENTS);
     for (const [i, server] of servers.entries()) {
       const metrics = await (await fetch(`${server.url}/metrics`)).text();
       assert.ok(counter(metrics, 'replisync_pushes_total') > 0, `instance ${i + 1} served no push`);
@@ -201,8 +199,24 @@ async function checkExact(server, reps, made, space) {
       made[k],
       `client ${k}'s last mutation id on the server`,
     );
-    assert.equal(await readKey(rep, 'count'), total, `${rep.e2eName} converged`);
+    await converges(rep, total);
   }
+}
+
+/**
+ * Waits until `rep` shows `count` = `expected`, pulling as it waits: each client's own
+ * mutations are acknowledged by then, but others' may have landed after its last pull.
+ */
+async function converges(rep, expected) {
+  let seen;
+  await waitFor(
+    async () => {
+      await rep.pull();
+      seen = await readKey(rep, 'count');
+      return seen === expected;
+    },
+    { timeout: 15_000, interval: 100, message: `${rep.e2eName} to converge on count ${expected} (it shows ${seen})` },
+  );
 }
 
 /** Replicache's requests to `url` that started between `from` and `until`. */
