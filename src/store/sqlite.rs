@@ -10,12 +10,13 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Connection, Sqlite, Transaction};
 
 use super::shared::{self, client_group_record, stored_client_group, to_lmid, to_space_version};
 use super::{
-    ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError, delta_bytes, to_i64,
+    ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, Collected,
+    EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError, delta_bytes,
+    to_i64, unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -106,16 +107,8 @@ impl Store for SqliteStore {
         let group_ids = serde_json::to_string(client_group_ids)
             .map_err(|e| StoreError::Database(e.to_string()))?;
         let version = space_version(&mut tx, space).await?;
-        let client_groups = sqlx::query_as::<_, (String, String, String)>(
-            "SELECT id, space_id, user_id FROM replisync_client_groups
-             WHERE id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&group_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(client_group_record)
-        .collect();
+        let now = unix_now();
+        let (client_groups, idle) = pulled_groups(&mut tx, &group_ids, now).await?;
         let changed_clients = sqlx::query_as::<_, (String, String, i64)>(
             "SELECT client_group_id, id, last_mutation_id FROM replisync_clients
              WHERE client_group_id IN (SELECT value FROM json_each(?1))
@@ -130,12 +123,33 @@ impl Store for SqliteStore {
         .collect::<Result<Vec<_>, StoreError>>()?;
         let entries = delta_within(&mut tx, space, from, max_delta_bytes).await?;
         tx.commit().await?;
+        self.record_pull_activity(&idle, now).await;
         Ok(PullChanges {
             version,
             client_groups,
             changed_clients,
             entries,
         })
+    }
+
+    async fn collect_client_groups(
+        &self,
+        inactive_before: i64,
+        batch: usize,
+    ) -> Result<Option<Collected>, StoreError> {
+        // One instance only: nothing to lock against. Each batch is a short write transaction,
+        // so pushes queued on the writer wait for one batch at most.
+        let mut collected = Collected::default();
+        loop {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let gone = collect_batch(&mut tx, inactive_before, batch.max(1)).await?;
+            tx.commit().await?;
+            collected.client_groups += gone.client_groups;
+            collected.clients += gone.clients;
+            if gone.client_groups < batch.max(1) as u64 {
+                return Ok(Some(collected));
+            }
+        }
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {
@@ -146,6 +160,28 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.readers.close().await;
+    }
+}
+
+impl SqliteStore {
+    /// Moves the last activity of pulled groups whose stored value is older than the
+    /// granularity, only when the writer is free: a pull never queues behind a push for it (a
+    /// later pull tries again). Failing is harmless, and only logged.
+    async fn record_pull_activity(&self, idle: &[String], now: i64) {
+        if idle.is_empty() {
+            return;
+        }
+        let Some(mut conn) = self.writer.try_acquire() else {
+            return;
+        };
+        let touched = async {
+            let mut tx = conn.begin().await?;
+            touch_groups(&mut tx, idle, now).await?;
+            tx.commit().await.map_err(StoreError::from)
+        };
+        if let Err(error) = touched.await {
+            tracing::warn!(%error, "could not record pull activity");
+        }
     }
 }
 
@@ -200,13 +236,17 @@ impl PushTx for SqlitePushTx {
         // The single writer connection means nobody else can claim these rows meanwhile.
         if let Some(group) = &changes.new_client_group {
             sqlx::query(
-                "INSERT INTO replisync_client_groups (id, space_id, user_id) VALUES (?1, ?2, ?3)",
+                "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+                 VALUES (?1, ?2, ?3, ?4)",
             )
             .bind(&group.id)
             .bind(&space)
             .bind(&group.user_id)
+            .bind(changes.active_at)
             .execute(&mut *self.tx)
             .await?;
+        } else {
+            touch_groups(&mut self.tx, &[changes.client_group_id], changes.active_at).await?;
         }
         for client in &changes.clients {
             sqlx::query(
@@ -279,6 +319,80 @@ async fn delta_within(
         entries.push(EntryChange { key, value });
     }
     Ok(Some(entries))
+}
+
+/// The stored groups among `group_ids` (a JSON array), and the ids of those whose last activity
+/// is older than the granularity at `now`.
+async fn pulled_groups(
+    conn: &mut SqliteConnection,
+    group_ids: &str,
+    now: i64,
+) -> Result<(Vec<ClientGroupRecord>, Vec<String>), StoreError> {
+    let rows = sqlx::query_as::<_, (String, String, String, i64)>(
+        "SELECT id, space_id, user_id, last_active FROM replisync_client_groups
+         WHERE id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(group_ids)
+    .fetch_all(conn)
+    .await?;
+    let idle = rows
+        .iter()
+        .filter(|row| row.3 < now - ACTIVITY_GRANULARITY_SECS)
+        .map(|row| row.0.clone())
+        .collect();
+    let groups = rows
+        .into_iter()
+        .map(|(id, space_id, user_id, _)| client_group_record((id, space_id, user_id)))
+        .collect();
+    Ok((groups, idle))
+}
+
+/// Sets the last activity of `group_ids` to `now` where it is older than the granularity.
+async fn touch_groups(
+    conn: &mut SqliteConnection,
+    group_ids: &[String],
+    now: i64,
+) -> Result<(), StoreError> {
+    for id in group_ids {
+        sqlx::query(
+            "UPDATE replisync_client_groups SET last_active = ?1
+             WHERE id = ?2 AND last_active < ?1 - ?3",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(ACTIVITY_GRANULARITY_SECS)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Deletes at most `batch` client groups last active before `inactive_before`, and their clients.
+async fn collect_batch(
+    conn: &mut SqliteConnection,
+    inactive_before: i64,
+    batch: usize,
+) -> Result<Collected, StoreError> {
+    let gone: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM replisync_client_groups WHERE id IN
+             (SELECT id FROM replisync_client_groups WHERE last_active < ?1 LIMIT ?2)
+         RETURNING id",
+    )
+    .bind(inactive_before)
+    .bind(to_i64(batch as u64)?)
+    .fetch_all(&mut *conn)
+    .await?;
+    let clients = sqlx::query(
+        "DELETE FROM replisync_clients WHERE client_group_id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(serde_json::to_string(&gone).map_err(|e| StoreError::Database(e.to_string()))?)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(Collected {
+        client_groups: gone.len() as u64,
+        clients,
+    })
 }
 
 /// The version of `space` (0 for a space never written).
