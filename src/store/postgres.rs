@@ -151,15 +151,16 @@ impl Store for PgStore {
         // A session lock on one connection: one instance collects at a time, and a crashed
         // instance's lock goes with its session.
         let mut conn = self.pool.acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(GC_LOCK_KEY)
-            .fetch_one(&mut *conn)
-            .await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext(current_schema()))")
+                .bind(GC_LOCK_KEY)
+                .fetch_one(&mut *conn)
+                .await?;
         if !locked {
             return Ok(None);
         }
         let collected = collect_batches(&mut conn, inactive_before, batch).await;
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema()))")
             .bind(GC_LOCK_KEY)
             .execute(&mut *conn)
             .await;
@@ -312,8 +313,10 @@ impl PushTx for PgPushTx {
     }
 }
 
-/// The advisory lock key of garbage collection ("replisyn" in ASCII).
-const GC_LOCK_KEY: i64 = 0x7265_706c_6973_796e;
+/// The advisory lock of garbage collection: this key with the hash of the schema replisync's
+/// tables are in, so deployments sharing one database in different schemas do not exclude each
+/// other (`pg_try_advisory_lock(GC_LOCK_KEY, hashtext(current_schema()))`).
+pub const GC_LOCK_KEY: i32 = 0x7267_6300; // "rgc"
 
 /// Deletes idle client groups and their clients, `batch` groups per transaction (each
 /// statement commits on its own), until a batch comes back short.

@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod concurrency;
+mod gc;
 mod harness;
 mod js_mutators;
 mod large_deltas;
