@@ -728,4 +728,21 @@ mod tests {
                 .contains("REPLISYNC_PUSH_TIME_BUDGET_MS")
         );
     }
+
+    #[test]
+    fn gc_durations_take_units_and_the_ttl_has_a_floor() {
+        let defaults = config(&[]).gc_settings().unwrap();
+        assert_eq!(defaults.client_ttl, Duration::from_secs(30 * 86_400));
+        assert_eq!(defaults.interval, Some(Duration::from_secs(3600)));
+        let set = config(&["--client-ttl", "36h", "--gc-interval", "90m"]);
+        assert_eq!(set.client_ttl, Duration::from_secs(36 * 3600));
+        assert_eq!(set.gc_interval, Duration::from_secs(90 * 60));
+        assert_eq!(duration("45"), Ok(Duration::from_secs(45)));
+        assert!(duration("3 weeks").is_err());
+        assert!(duration("d").is_err());
+        let off = config(&["--gc-interval", "0"]).gc_settings().unwrap();
+        assert_eq!(off.interval, None);
+        let short = config(&["--client-ttl", "1h"]).gc_settings().unwrap_err();
+        assert!(short.contains("REPLISYNC_CLIENT_TTL"), "{short}");
+    }
 }
