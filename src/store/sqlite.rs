@@ -1,7 +1,9 @@
 //! The embedded SQLite store: the zero-configuration default, one file, one instance only.
 //! Pushes serialize on a single writer connection (`BEGIN IMMEDIATE`); pulls read WAL snapshots.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +12,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
 use super::shared::{self, client_group_record, stored_client_group, to_lmid, to_space_version};
 use super::{
@@ -27,6 +29,8 @@ pub struct SqliteStore {
     /// instead of failing with SQLITE_BUSY.
     writer: SqlitePool,
     readers: SqlitePool,
+    /// Client groups whose pull activity is being written (see `record_pull_activity`).
+    touching: Arc<Mutex<HashSet<String>>>,
 }
 
 impl SqliteStore {
@@ -54,7 +58,11 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(SqliteStore { writer, readers })
+        Ok(SqliteStore {
+            writer,
+            readers,
+            touching: Arc::default(),
+        })
     }
 
     /// Applies the migrations in `migrations/sqlite` that have not run yet.
@@ -123,7 +131,7 @@ impl Store for SqliteStore {
         .collect::<Result<Vec<_>, StoreError>>()?;
         let entries = delta_within(&mut tx, space, from, max_delta_bytes).await?;
         tx.commit().await?;
-        self.record_pull_activity(&idle, now).await;
+        self.record_pull_activity(idle, now);
         Ok(PullChanges {
             version,
             client_groups,
@@ -165,23 +173,33 @@ impl Store for SqliteStore {
 
 impl SqliteStore {
     /// Moves the last activity of pulled groups whose stored value is older than the
-    /// granularity, only when the writer is free: a pull never queues behind a push for it (a
-    /// later pull tries again). Failing is harmless, and only logged.
-    async fn record_pull_activity(&self, idle: &[String], now: i64) {
-        if idle.is_empty() {
+    /// granularity, in a task of its own: the pull never waits for the writer (a push may hold
+    /// it). A group already being written is skipped. Failing is harmless: a later pull retries.
+    fn record_pull_activity(&self, idle: Vec<String>, now: i64) {
+        let fresh: Vec<String> = {
+            let mut touching = self.touching.lock().unwrap_or_else(|e| e.into_inner());
+            idle.into_iter()
+                .filter(|id| touching.insert(id.clone()))
+                .collect()
+        };
+        if fresh.is_empty() {
             return;
         }
-        let Some(mut conn) = self.writer.try_acquire() else {
-            return;
-        };
-        let touched = async {
-            let mut tx = conn.begin().await?;
-            touch_groups(&mut tx, idle, now).await?;
-            tx.commit().await.map_err(StoreError::from)
-        };
-        if let Err(error) = touched.await {
-            tracing::warn!(%error, "could not record pull activity");
-        }
+        let (writer, touching) = (self.writer.clone(), self.touching.clone());
+        tokio::spawn(async move {
+            let written = async {
+                let mut tx = writer.begin().await?;
+                touch_groups(&mut tx, &fresh, now).await?;
+                tx.commit().await.map_err(StoreError::from)
+            };
+            if let Err(error) = written.await {
+                tracing::debug!(%error, "could not record pull activity; a later pull retries");
+            }
+            let mut touching = touching.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &fresh {
+                touching.remove(id);
+            }
+        });
     }
 }
 

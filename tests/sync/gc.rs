@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use replisync::gc;
-use replisync::store::{ACTIVITY_GRANULARITY_SECS, Collected, unix_now};
+use replisync::protocol::SpaceId;
+use replisync::store::{
+    ACTIVITY_GRANULARITY_SECS, ClientRecord, Collected, PushChanges, StoreError, unix_now,
+};
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, PullView, TestServer, inc, push_body};
@@ -287,4 +290,49 @@ async fn postgres_collects_on_one_instance_at_a_time() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(collected.map(|c| c.client_groups), Some(1));
+}
+
+/// A push that read its client group before a collection deleted it does not commit (it would
+/// leave clients without their group): it is retried, and the retry finds the client gone.
+/// Postgres only: SQLite collects on the writer a push holds, so the two never overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_push_whose_group_is_collected_before_its_commit_does_not_commit() {
+    let server = TestServer::start(Backend::Postgres).await;
+    server
+        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .await;
+    set_last_active(&server, "g", TTL.as_secs() as i64 + 60).await;
+    let space = SpaceId::parse("s").unwrap();
+    let mut tx = server.store.begin_push(&space).await.unwrap();
+    let state = tx.client_state("g", &["c".to_owned()]).await.unwrap();
+    assert!(state.group.is_some());
+    // Collection does not wait for the push: it holds the space's lock, not the group's row.
+    assert_eq!(collect_now(&server).await.map(|c| c.client_groups), Some(1));
+    let changes = PushChanges {
+        version: state.space_version + 1,
+        client_group_id: "g".into(),
+        active_at: unix_now(),
+        new_client_group: None,
+        clients: vec![ClientRecord {
+            id: "c".into(),
+            client_group_id: "g".into(),
+            last_mutation_id: 2,
+        }],
+        entries: vec![],
+    };
+    let committed = tx.commit(changes).await;
+    assert!(
+        matches!(committed, Err(StoreError::Conflict(_))),
+        "{committed:?}"
+    );
+    assert_eq!(
+        count(&server, "replisync_clients").await,
+        0,
+        "no orphan client"
+    );
+    let next = push_body("g", &[("c", 2, "increment", inc("n", 1))]);
+    assert_eq!(
+        server.push("s", &next).await,
+        (200, json!({"error": "ClientStateNotFound"}))
+    );
 }
