@@ -163,7 +163,7 @@ pub struct Config {
 
     /// Client groups that have neither pushed nor pulled for this long are deleted with their
     /// clients (a duration: `30d`, `12h`, `90m`, `3600s`, or seconds). A client that comes back
-    /// after it starts over by itself; its unpushed mutations are lost. At least 2h: activity is
+    /// later starts over by itself; its unpushed mutations are lost. At least 2h: activity is
     /// recorded hourly.
     #[arg(long, env = "REPLISYNC_CLIENT_TTL", default_value = "30d", value_parser = duration)]
     pub client_ttl: Duration,
