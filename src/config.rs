@@ -168,6 +168,12 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_CLIENT_TTL", default_value = "30d", value_parser = duration)]
     pub client_ttl: Duration,
 
+    /// Deleted entries (tombstones) older than this are removed (a duration, as
+    /// REPLISYNC_CLIENT_TTL; at least 1h). A client whose cookie is older than a removed deletion
+    /// gets the whole space at its next pull instead of a delta.
+    #[arg(long, env = "REPLISYNC_TOMBSTONE_TTL", default_value = "30d", value_parser = duration)]
+    pub tombstone_ttl: Duration,
+
     /// Time between background garbage collection passes (a duration, as REPLISYNC_CLIENT_TTL);
     /// 0 turns them off (`replisync gc` still runs a pass). With Postgres, one instance at a
     /// time collects.
@@ -492,8 +498,14 @@ impl Config {
                 min_ttl.as_secs() / 3600
             ));
         }
+        if self.tombstone_ttl < Duration::from_secs(3600) {
+            return Err(
+                "REPLISYNC_TOMBSTONE_TTL must be at least 1h: a pull across a removed deletion gets the whole space".into(),
+            );
+        }
         Ok(GcSettings {
             client_ttl: self.client_ttl,
+            tombstone_ttl: self.tombstone_ttl,
             interval: Some(self.gc_interval).filter(|interval| !interval.is_zero()),
         })
     }
@@ -744,5 +756,12 @@ mod tests {
         assert_eq!(off.interval, None);
         let short = config(&["--client-ttl", "1h"]).gc_settings().unwrap_err();
         assert!(short.contains("REPLISYNC_CLIENT_TTL"), "{short}");
+        let tombstones = config(&["--tombstone-ttl", "59m"])
+            .gc_settings()
+            .unwrap_err();
+        assert!(
+            tombstones.contains("REPLISYNC_TOMBSTONE_TTL"),
+            "{tombstones}"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Garbage collection: forgets client groups that have neither pushed nor pulled for
-//! REPLISYNC_CLIENT_TTL, in the background on a schedule and on demand (`replisync gc`).
+//! Garbage collection: forgets client groups idle past REPLISYNC_CLIENT_TTL and removes deletions
+//! older than REPLISYNC_TOMBSTONE_TTL, in the background on a schedule and on demand (`replisync gc`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,37 +18,53 @@ pub const BATCH: usize = 1000;
 pub struct GcSettings {
     /// Client groups idle for longer than this are deleted, with their clients.
     pub client_ttl: Duration,
+    /// Deleted entries older than this are removed; a pull from a cookie older than a removed
+    /// deletion gets the whole space.
+    pub tombstone_ttl: Duration,
     /// Time between background passes; `None`: no background passes.
     pub interval: Option<Duration>,
 }
 
 /// One pass as of `now` (seconds since the Unix epoch): deletes the client groups idle for
-/// longer than `client_ttl` and counts them in `metrics`. `None` when another instance sharing
-/// the database is collecting.
+/// longer than the client TTL, then the tombstones older than the tombstone TTL, and counts
+/// them in `metrics`. `None` when another instance sharing the database is collecting.
 pub async fn collect(
     store: &dyn Store,
     metrics: &Metrics,
     now: i64,
-    client_ttl: Duration,
+    settings: &GcSettings,
 ) -> Result<Option<Collected>, StoreError> {
     let started = Instant::now();
-    let ttl = i64::try_from(client_ttl.as_secs()).unwrap_or(i64::MAX);
-    let collected = store
-        .collect_client_groups(now.saturating_sub(ttl), BATCH)
-        .await?;
-    if let Some(collected) = collected {
-        metrics
-            .gc_client_groups_removed
-            .add(collected.client_groups);
-        metrics.gc_clients_removed.add(collected.clients);
-        metrics
-            .gc_last_run
-            .set(u64::try_from(unix_now()).unwrap_or(0));
-        metrics
-            .gc_last_run_duration_ms
-            .set(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-    }
-    Ok(collected)
+    let Some(mut collected) = store
+        .collect_client_groups(before(now, settings.client_ttl), BATCH)
+        .await?
+    else {
+        return Ok(None);
+    };
+    metrics
+        .gc_client_groups_removed
+        .add(collected.client_groups);
+    metrics.gc_clients_removed.add(collected.clients);
+    let Some(tombstones) = store
+        .compact_tombstones(before(now, settings.tombstone_ttl), BATCH)
+        .await?
+    else {
+        return Ok(None);
+    };
+    collected.tombstones = tombstones;
+    metrics.gc_tombstones_removed.add(tombstones);
+    metrics
+        .gc_last_run
+        .set(u64::try_from(unix_now()).unwrap_or(0));
+    metrics
+        .gc_last_run_duration_ms
+        .set(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    Ok(Some(collected))
+}
+
+/// `now` minus `ttl`, in seconds since the Unix epoch.
+fn before(now: i64, ttl: Duration) -> i64 {
+    now.saturating_sub(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Runs a pass every `settings.interval` (the first one interval after start) until `stop`.
@@ -69,7 +85,7 @@ pub fn spawn_schedule(
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
             }
-            log_pass(collect(&*store, &metrics, unix_now(), settings.client_ttl).await);
+            log_pass(collect(&*store, &metrics, unix_now(), &settings).await);
         }
     });
 }
@@ -80,7 +96,8 @@ pub fn log_pass(result: Result<Option<Collected>, StoreError>) {
         Ok(Some(collected)) => tracing::info!(
             client_groups = collected.client_groups,
             clients = collected.clients,
-            "garbage collection: removed idle client groups"
+            tombstones = collected.tombstones,
+            "garbage collection: removed idle client groups and old deletions"
         ),
         Ok(None) => {
             tracing::info!("garbage collection: another instance is collecting; skipped")

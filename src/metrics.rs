@@ -86,6 +86,11 @@ pub struct Metrics {
     pub gc_client_groups_removed: Counter,
     /// Clients removed with their groups.
     pub gc_clients_removed: Counter,
+    /// Deletions (tombstones) removed by compaction.
+    pub gc_tombstones_removed: Counter,
+    /// Pulls answered with the whole space because their cookie was older than the space's
+    /// compacted version.
+    pub pull_resets: Counter,
     /// When this instance's last garbage collection pass ended (seconds since the Unix epoch;
     /// 0 before the first), and how long it took in milliseconds.
     pub gc_last_run: Gauge,
@@ -243,6 +248,16 @@ impl Metrics {
                 "replisync_gc_clients_removed_total",
                 "Clients removed with their client groups by garbage collection.",
                 self.gc_clients_removed.get(),
+            ),
+            (
+                "replisync_gc_tombstones_removed_total",
+                "Deleted entries (tombstones) removed by compaction, past REPLISYNC_TOMBSTONE_TTL.",
+                self.gc_tombstones_removed.get(),
+            ),
+            (
+                "replisync_pull_resets_total",
+                "Pulls answered with the whole space: their cookie was older than the space's compaction.",
+                self.pull_resets.get(),
             ),
         ] {
             write_counter(&mut out, name, help, value);

@@ -65,20 +65,16 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 async fn collect_once(config: &Config) -> anyhow::Result<()> {
     let settings = config.gc_settings().map_err(anyhow::Error::msg)?;
     let store = open_store(config, config.auto_migrate).await?;
-    let result = gc::collect(
-        &*store,
-        &Metrics::default(),
-        unix_now(),
-        settings.client_ttl,
-    )
-    .await;
+    let result = gc::collect(&*store, &Metrics::default(), unix_now(), &settings).await;
     store.close().await;
     match result? {
         Some(collected) => println!(
-            "removed {} client groups and {} clients idle for more than {} s",
+            "removed {} client groups and {} clients idle for more than {} s, and {} deletions older than {} s",
             collected.client_groups,
             collected.clients,
-            settings.client_ttl.as_secs()
+            settings.client_ttl.as_secs(),
+            collected.tombstones,
+            settings.tombstone_ttl.as_secs()
         ),
         None => println!("another instance is collecting; nothing done"),
     }

@@ -63,6 +63,9 @@ pub struct PushChanges {
 pub struct PullSnapshot {
     /// The space's version: the pull's new cookie (0 for a space never written).
     pub version: u64,
+    /// Set when the cookie asked for is older than the space's compacted version: the snapshot
+    /// holds the whole space (every live entry, every client of the group), as for a first pull.
+    pub reset: bool,
     pub client_group: Option<ClientGroupRecord>,
     /// `(clientID, lastMutationID)` of the group's clients (changed after the cookie, if any).
     pub changed_clients: Vec<(String, u64)>,
@@ -76,6 +79,9 @@ pub struct PullSnapshot {
 #[derive(Debug, Default)]
 pub struct PullChanges {
     pub version: u64,
+    /// The highest version of a deletion removed by compaction: a cookie below it cannot get a
+    /// delta (see [`Store::compact_tombstones`]).
+    pub compacted_version: u64,
     /// The stored groups among those asked for.
     pub client_groups: Vec<ClientGroupRecord>,
     /// `(client group, client, lastMutationID)` of clients changed after the cookie.
@@ -105,6 +111,8 @@ pub struct Collected {
     pub client_groups: u64,
     /// Clients removed.
     pub clients: u64,
+    /// Deleted entries (tombstones) removed.
+    pub tombstones: u64,
 }
 
 /// What a change counts against a shared delta's byte limit: its key and value, and a little for
@@ -251,6 +259,16 @@ pub trait Store: Send + Sync + 'static {
         inactive_before: i64,
         batch: usize,
     ) -> Result<Option<Collected>, StoreError>;
+
+    /// Removes the deletions (tombstones) written before `deleted_before` (seconds since the
+    /// Unix epoch), `batch` per transaction under their space's write lock, raising each space's
+    /// compacted version to the highest version removed. `None` when another instance sharing
+    /// the database is collecting already.
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        batch: usize,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Answers whether the database is reachable and answering.
     async fn check_health(&self) -> Result<(), StoreError>;

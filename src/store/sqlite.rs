@@ -114,7 +114,7 @@ impl Store for SqliteStore {
         let from = to_i64(from)?;
         let group_ids = serde_json::to_string(client_group_ids)
             .map_err(|e| StoreError::Database(e.to_string()))?;
-        let version = space_version(&mut tx, space).await?;
+        let (version, compacted_version) = space_versions(&mut tx, space).await?;
         let now = unix_now();
         let (client_groups, idle) = pulled_groups(&mut tx, &group_ids, now).await?;
         let changed_clients = sqlx::query_as::<_, (String, String, i64)>(
@@ -134,6 +134,7 @@ impl Store for SqliteStore {
         self.record_pull_activity(idle, now);
         Ok(PullChanges {
             version,
+            compacted_version,
             client_groups,
             changed_clients,
             entries,
@@ -156,6 +157,24 @@ impl Store for SqliteStore {
             collected.clients += gone.clients;
             if gone.client_groups < batch.max(1) as u64 {
                 return Ok(Some(collected));
+            }
+        }
+    }
+
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        batch: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        // Each batch holds the writer, which is every space's write lock, briefly.
+        let mut removed = 0;
+        loop {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let count = compact_batch(&mut tx, deleted_before, batch.max(1)).await?;
+            tx.commit().await?;
+            match count {
+                Some(count) => removed += count,
+                None => return Ok(Some(removed)),
             }
         }
     }
@@ -284,18 +303,20 @@ impl PushTx for SqlitePushTx {
         }
         for entry in &changes.entries {
             sqlx::query(
-                "INSERT INTO replisync_entries (space_id, key, value, deleted, version)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (space_id, key) DO UPDATE
                      SET value = excluded.value,
                          deleted = excluded.deleted,
-                         version = excluded.version",
+                         version = excluded.version,
+                         changed_at = excluded.changed_at",
             )
             .bind(&space)
             .bind(&entry.key)
             .bind(&entry.value)
             .bind(entry.value.is_none())
             .bind(version)
+            .bind(changes.active_at)
             .execute(&mut *self.tx)
             .await?;
         }
@@ -410,7 +431,47 @@ async fn collect_batch(
     Ok(Collected {
         client_groups: gone.len() as u64,
         clients,
+        tombstones: 0,
     })
+}
+
+/// Removes at most `batch` tombstones written before `deleted_before` from one space and raises
+/// its compacted version. `None` when no such tombstone is left.
+async fn compact_batch(
+    conn: &mut SqliteConnection,
+    deleted_before: i64,
+    batch: usize,
+) -> Result<Option<u64>, StoreError> {
+    let space: Option<String> = sqlx::query_scalar(
+        "SELECT space_id FROM replisync_entries WHERE deleted AND changed_at < ?1 LIMIT 1",
+    )
+    .bind(deleted_before)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(space) = space else {
+        return Ok(None);
+    };
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "DELETE FROM replisync_entries
+         WHERE space_id = ?1 AND key IN (
+             SELECT key FROM replisync_entries
+             WHERE space_id = ?1 AND deleted AND changed_at < ?2 LIMIT ?3)
+         RETURNING version",
+    )
+    .bind(&space)
+    .bind(deleted_before)
+    .bind(to_i64(batch as u64)?)
+    .fetch_all(&mut *conn)
+    .await?;
+    let highest = versions.iter().copied().max().unwrap_or(0);
+    sqlx::query(
+        "UPDATE replisync_spaces SET compacted_version = max(compacted_version, ?2) WHERE id = ?1",
+    )
+    .bind(&space)
+    .bind(highest)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(versions.len() as u64))
 }
 
 /// The version of `space` (0 for a space never written).
@@ -421,6 +482,23 @@ async fn space_version(conn: &mut SqliteConnection, space: &SpaceId) -> Result<u
             .fetch_optional(conn)
             .await?;
     to_space_version(version)
+}
+
+/// The version and the compacted version of `space` (0 and 0 for a space never written).
+async fn space_versions(
+    conn: &mut SqliteConnection,
+    space: &SpaceId,
+) -> Result<(u64, u64), StoreError> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT version, compacted_version FROM replisync_spaces WHERE id = ?1")
+            .bind(space.as_str())
+            .fetch_optional(conn)
+            .await?;
+    let (version, compacted) = row.unwrap_or((0, 0));
+    Ok((
+        to_space_version(Some(version))?,
+        to_space_version(Some(compacted))?,
+    ))
 }
 
 /// The stored client `id`, if any.

@@ -248,6 +248,13 @@ impl Store for SlowPullReads {
     ) -> Result<Option<Collected>, StoreError> {
         self.0.collect_client_groups(inactive_before, batch).await
     }
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        batch: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        self.0.compact_tombstones(deleted_before, batch).await
+    }
     async fn check_health(&self) -> Result<(), StoreError> {
         self.0.check_health().await
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use replisync::gc;
+use replisync::gc::{self, GcSettings};
 use replisync::protocol::SpaceId;
 use replisync::store::{
     ACTIVITY_GRANULARITY_SECS, ClientRecord, Collected, PushChanges, StoreError, unix_now,
@@ -15,6 +15,11 @@ use serde_json::{Value, json};
 use crate::harness::{Backend, PullView, TestServer, inc, push_body};
 
 const TTL: Duration = Duration::from_secs(30 * 86_400);
+const SETTINGS: GcSettings = GcSettings {
+    client_ttl: TTL,
+    tombstone_ttl: TTL,
+    interval: None,
+};
 
 /// Sets a client group's last activity, as if it had last synced `ago_secs` ago.
 async fn set_last_active(server: &TestServer, group: &str, ago_secs: i64) {
@@ -42,7 +47,7 @@ async fn count(server: &TestServer, table: &str) -> i64 {
 }
 
 async fn collect_now(server: &TestServer) -> Option<Collected> {
-    gc::collect(&*server.store, &server.metrics, unix_now(), TTL)
+    gc::collect(&*server.store, &server.metrics, unix_now(), &SETTINGS)
         .await
         .unwrap()
 }
@@ -69,7 +74,8 @@ async fn a_collected_client_starts_over_and_loses_nothing_of_the_space(backend: 
         collected,
         Some(Collected {
             client_groups: 1,
-            clients: 1
+            clients: 1,
+            tombstones: 0,
         })
     );
     assert_eq!(last_active(&server, "gone").await, None);
@@ -114,10 +120,10 @@ async fn only_groups_idle_past_the_ttl_are_collected(backend: Backend) {
     server.push("s", &body).await;
     let ttl = TTL.as_secs() as i64;
     let store = &*server.store;
-    let kept = gc::collect(store, &server.metrics, unix_now() + ttl - 60, TTL).await;
+    let kept = gc::collect(store, &server.metrics, unix_now() + ttl - 60, &SETTINGS).await;
     assert_eq!(kept.unwrap(), Some(Collected::default()));
     assert_eq!(count(&server, "replisync_clients").await, 1);
-    let gone = gc::collect(store, &server.metrics, unix_now() + ttl + 60, TTL).await;
+    let gone = gc::collect(store, &server.metrics, unix_now() + ttl + 60, &SETTINGS).await;
     assert_eq!(gone.unwrap().map(|c| c.client_groups), Some(1));
     assert_eq!(count(&server, "replisync_client_groups").await, 0);
     assert_eq!(count(&server, "replisync_clients").await, 0);

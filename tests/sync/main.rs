@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod compaction;
 mod concurrency;
 mod gc;
 mod harness;
