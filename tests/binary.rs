@@ -539,15 +539,25 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
             json!({})
         );
     }
+    let deletion = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": "other",
+        "mutations": [{"id": 1, "name": "delete", "args": {"key": "gone"}, "timestamp": 1.0, "clientID": "other-client"}]});
+    assert_eq!(
+        post(&server.base, "/spaces/demo/push", deletion).await,
+        json!({})
+    );
     server.stop();
 
-    // Forty days without a push or pull, as far as the database knows.
+    // Forty days without a push or pull, as far as the database knows, and as old a deletion.
     let file = dir.path().join("replisync-data/replisync.db");
     let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&file);
     let mut conn = sqlx::SqliteConnection::connect_with(&options)
         .await
         .unwrap();
     sqlx::query("UPDATE replisync_client_groups SET last_active = last_active - 40 * 86400 WHERE id = 'idle'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE replisync_entries SET changed_at = changed_at - 40 * 86400 WHERE deleted")
         .execute(&mut conn)
         .await
         .unwrap();
@@ -576,6 +586,7 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
         stdout.contains("removed 1 client groups and 1 clients"),
         "{stdout}"
     );
+    assert!(stdout.contains("and 1 deletions"), "{stdout}");
 
     let server = start(dir.path());
     let next = |group: &str| {
