@@ -3,9 +3,7 @@
 
 mod auth;
 mod bad_input;
-mod compaction;
 mod concurrency;
-mod gc;
 mod harness;
 mod js_mutators;
 mod large_deltas;
