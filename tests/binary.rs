@@ -56,6 +56,20 @@ fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
     }
 }
 
+/// Runs `replisync --listen LISTEN` in `dir` with only `env`, expects it to refuse to start, and
+/// returns what it wrote to stderr.
+fn refused_start_up(dir: &std::path::Path, listen: &str, env: &[(&str, &str)]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
+        .args(["--listen", listen])
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "replisync started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 impl Server {
     /// SIGTERM, as an orchestrator stops it; it must exit cleanly within its shutdown timeout.
     fn stop(mut self) {
@@ -138,15 +152,7 @@ async fn data_survives_a_restart_with_no_configuration() {
 #[test]
 fn half_a_pusher_configuration_stops_start_up_naming_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env_clear()
-        .env("PUSHER_KEY", "app-key-abc")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start_up(dir.path(), "127.0.0.1:0", &[("PUSHER_KEY", "app-key-abc")]);
     for missing in ["PUSHER_APP_ID", "PUSHER_SECRET"] {
         assert!(stderr.contains(missing), "{missing} not named in: {stderr}");
     }
@@ -174,14 +180,7 @@ fn migrate_applies_migrations_and_exits() {
 #[test]
 fn no_authentication_on_a_public_address_stops_start_up_naming_both_ways_out() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .args(["--listen", "0.0.0.0:0"])
-        .env_clear()
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start_up(dir.path(), "0.0.0.0:0", &[]);
     for named in [
         "REPLISYNC_JWT_SECRET",
         "REPLISYNC_JWT_JWKS_URL",
@@ -376,15 +375,11 @@ fn a_broken_mutators_module_stops_start_up_naming_file_and_line() {
         "export const mutators = {\n  async ok(tx) {},\n  async bad(tx) { let = ; },\n};\n",
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env_clear()
-        .env("REPLISYNC_MUTATORS", "broken.js")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start_up(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("REPLISYNC_MUTATORS", "broken.js")],
+    );
     assert!(stderr.contains("broken.js:3"), "file and line in: {stderr}");
     assert!(stderr.contains("SyntaxError"), "{stderr}");
 }
