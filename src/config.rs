@@ -10,9 +10,11 @@ use axum::http::HeaderValue;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
+use crate::gc::GcSettings;
 use crate::mutators::js::JsLimits;
 use crate::poke::pusher::PusherArgs;
 use crate::pull::{PullLimits, StreamLimits};
+use crate::store::ACTIVITY_GRANULARITY_SECS;
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser, Debug)]
@@ -34,6 +36,9 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Run one garbage collection pass (forget client groups idle past REPLISYNC_CLIENT_TTL)
+    /// and exit; does nothing when another instance is collecting.
+    Gc,
     /// Ask the server on REPLISYNC_LISTEN's port (through 127.0.0.1 when it listens on every
     /// address) for `GET /healthz`; exit 0 on 200, 1 otherwise. For container health checks.
     Healthcheck,
@@ -155,6 +160,25 @@ pub struct Config {
     /// Retry-After and closed.
     #[arg(long, env = "REPLISYNC_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+
+    /// Client groups that have neither pushed nor pulled for this long are deleted with their
+    /// clients (a duration: `30d`, `12h`, `90m`, `3600s`, or seconds). A client that comes back
+    /// later starts over by itself; its unpushed mutations are lost. At least 2h: activity is
+    /// recorded hourly.
+    #[arg(long, env = "REPLISYNC_CLIENT_TTL", default_value = "30d", value_parser = duration)]
+    pub client_ttl: Duration,
+
+    /// Deleted entries (tombstones) older than this are removed (a duration, as
+    /// REPLISYNC_CLIENT_TTL; at least 1h). A client whose cookie is older than a removed deletion
+    /// gets the whole space at its next pull instead of a delta.
+    #[arg(long, env = "REPLISYNC_TOMBSTONE_TTL", default_value = "30d", value_parser = duration)]
+    pub tombstone_ttl: Duration,
+
+    /// Time between background garbage collection passes (a duration, as REPLISYNC_CLIENT_TTL);
+    /// 0 turns them off (`replisync gc` still runs a pass). With Postgres, one instance at a
+    /// time collects.
+    #[arg(long, env = "REPLISYNC_GC_INTERVAL", default_value = "1h", value_parser = duration)]
+    pub gc_interval: Duration,
 
     /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
     #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -320,6 +344,27 @@ impl AuthArgs {
     }
 }
 
+/// A duration: a whole number with an optional unit, `s` (the default), `m`, `h` or `d`.
+fn duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration such as 30d, 12h, 90m or 3600s"))?;
+    let unit_secs = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown duration unit {other:?}: use s, m, h or d")),
+    };
+    number
+        .checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{raw:?} is too long"))
+}
+
 fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(raw))
 }
@@ -443,6 +488,28 @@ pub enum StoreChoice {
 }
 
 impl Config {
+    /// Garbage collection's settings, checked: a TTL shorter than two activity granularities
+    /// could forget a group that is still pulling.
+    pub fn gc_settings(&self) -> Result<GcSettings, String> {
+        let min_ttl = Duration::from_secs(2 * ACTIVITY_GRANULARITY_SECS.unsigned_abs());
+        if self.client_ttl < min_ttl {
+            return Err(format!(
+                "REPLISYNC_CLIENT_TTL must be at least {}h: a client group's activity is recorded once an hour",
+                min_ttl.as_secs() / 3600
+            ));
+        }
+        if self.tombstone_ttl < Duration::from_secs(3600) {
+            return Err(
+                "REPLISYNC_TOMBSTONE_TTL must be at least 1h: a pull across a removed deletion gets the whole space".into(),
+            );
+        }
+        Ok(GcSettings {
+            client_ttl: self.client_ttl,
+            tombstone_ttl: self.tombstone_ttl,
+            interval: Some(self.gc_interval).filter(|interval| !interval.is_zero()),
+        })
+    }
+
     pub fn store_choice(&self) -> Result<StoreChoice, String> {
         let Some(url) = self
             .database_url
@@ -671,6 +738,30 @@ mod tests {
                 .http_settings()
                 .unwrap_err()
                 .contains("REPLISYNC_PUSH_TIME_BUDGET_MS")
+        );
+    }
+
+    #[test]
+    fn gc_durations_take_units_and_the_ttl_has_a_floor() {
+        let defaults = config(&[]).gc_settings().unwrap();
+        assert_eq!(defaults.client_ttl, Duration::from_secs(30 * 86_400));
+        assert_eq!(defaults.interval, Some(Duration::from_secs(3600)));
+        let set = config(&["--client-ttl", "36h", "--gc-interval", "90m"]);
+        assert_eq!(set.client_ttl, Duration::from_secs(36 * 3600));
+        assert_eq!(set.gc_interval, Duration::from_secs(90 * 60));
+        assert_eq!(duration("45"), Ok(Duration::from_secs(45)));
+        assert!(duration("3 weeks").is_err());
+        assert!(duration("d").is_err());
+        let off = config(&["--gc-interval", "0"]).gc_settings().unwrap();
+        assert_eq!(off.interval, None);
+        let short = config(&["--client-ttl", "1h"]).gc_settings().unwrap_err();
+        assert!(short.contains("REPLISYNC_CLIENT_TTL"), "{short}");
+        let tombstones = config(&["--tombstone-ttl", "59m"])
+            .gc_settings()
+            .unwrap_err();
+        assert!(
+            tombstones.contains("REPLISYNC_TOMBSTONE_TTL"),
+            "{tombstones}"
         );
     }
 }

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod gc;
 pub mod http;
 pub mod metrics;
 pub mod mutators;

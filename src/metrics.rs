@@ -16,6 +16,10 @@ impl Counter {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -32,6 +36,10 @@ impl Gauge {
 
     pub fn sub(&self, n: u64) {
         self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> u64 {
@@ -74,6 +82,19 @@ pub struct Metrics {
     pub authz_cache_hits: Counter,
     /// Open client connections.
     pub open_connections: Gauge,
+    /// Client groups removed by garbage collection (idle past REPLISYNC_CLIENT_TTL).
+    pub gc_client_groups_removed: Counter,
+    /// Clients removed with their groups.
+    pub gc_clients_removed: Counter,
+    /// Deletions (tombstones) removed by compaction.
+    pub gc_tombstones_removed: Counter,
+    /// Pulls answered with the whole space because their cookie was older than the space's
+    /// compacted version.
+    pub pull_resets: Counter,
+    /// When this instance's last garbage collection pass ended (seconds since the Unix epoch;
+    /// 0 before the first), and how long it took in milliseconds.
+    pub gc_last_run: Gauge,
+    pub gc_last_run_duration_ms: Gauge,
     /// Connections refused (503, or closed at once) because REPLISYNC_MAX_CONNECTIONS were open.
     pub connections_refused: Counter,
     /// Connections closed because request headers did not arrive within
@@ -218,6 +239,26 @@ impl Metrics {
                 "SSE poke streams refused 503 over the stream caps.",
                 self.sse_streams_refused.get(),
             ),
+            (
+                "replisync_gc_client_groups_removed_total",
+                "Client groups removed by garbage collection, idle past REPLISYNC_CLIENT_TTL.",
+                self.gc_client_groups_removed.get(),
+            ),
+            (
+                "replisync_gc_clients_removed_total",
+                "Clients removed with their client groups by garbage collection.",
+                self.gc_clients_removed.get(),
+            ),
+            (
+                "replisync_gc_tombstones_removed_total",
+                "Deleted entries (tombstones) removed by compaction, past REPLISYNC_TOMBSTONE_TTL.",
+                self.gc_tombstones_removed.get(),
+            ),
+            (
+                "replisync_pull_resets_total",
+                "Pulls answered with the whole space: their cookie was older than the space's compaction.",
+                self.pull_resets.get(),
+            ),
         ] {
             write_counter(&mut out, name, help, value);
         }
@@ -226,6 +267,18 @@ impl Metrics {
             "replisync_open_connections",
             "Open client connections.",
             self.open_connections.get(),
+        );
+        write_gauge(
+            &mut out,
+            "replisync_gc_last_run_timestamp_seconds",
+            "When this instance's last garbage collection pass ended (0: none yet).",
+            self.gc_last_run.get(),
+        );
+        write_gauge(
+            &mut out,
+            "replisync_gc_last_run_duration_milliseconds",
+            "How long this instance's last garbage collection pass took.",
+            self.gc_last_run_duration_ms.get(),
         );
         self.script_failures.render(&mut out);
         if let Some(sse) = sse {

@@ -8,7 +8,9 @@ use crate::auth::check_group_ownership;
 use crate::error::ApiError;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
 use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId};
-use crate::store::{ClientGroupRecord, ClientRecord, PushChanges, Store, StoreError, reconnecting};
+use crate::store::{
+    ClientGroupRecord, ClientRecord, PushChanges, Store, StoreError, reconnecting, unix_now,
+};
 
 /// How many times a push that lost a race with a concurrent push is run again.
 const CONFLICT_ATTEMPTS: u32 = 8;
@@ -164,6 +166,8 @@ async fn apply_push(
         .collect();
     let changes = PushChanges {
         version: next_version,
+        client_group_id: request.client_group_id.clone(),
+        active_at: unix_now(),
         new_client_group,
         clients,
         entries: overlay.into_changes(),

@@ -17,6 +17,7 @@ use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
+use crate::gc::{self, GcSettings};
 use crate::http::{
     AppState, Draining, InFlightBytes, MetricsEndpoint, accept_loop, metrics_router, router,
 };
@@ -29,9 +30,9 @@ use crate::poke::pusher::{
 use crate::poke::sse::{SsePokes, StreamLimits};
 use crate::poke::{PokeSink, Pokes};
 use crate::pull::Pulls;
-use crate::store::Store;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, unix_now};
 
 /// Runs the command line: serve (the default) or migrate.
 pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -43,6 +44,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Healthcheck => healthcheck(&config).await,
+        Command::Gc => collect_once(&config).await,
         Command::Serve => {
             let app = App::from_config(&config).await?;
             let listener = TcpListener::bind(config.listen).await.with_context(|| {
@@ -57,6 +59,26 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             serve_with_metrics(listener, metrics_listener, app, shutdown_signal()).await
         }
     }
+}
+
+/// `replisync gc`: one garbage collection pass, reported on standard output.
+async fn collect_once(config: &Config) -> anyhow::Result<()> {
+    let settings = config.gc_settings().map_err(anyhow::Error::msg)?;
+    let store = open_store(config, config.auto_migrate).await?;
+    let result = gc::collect(&*store, &Metrics::default(), unix_now(), &settings).await;
+    store.close().await;
+    match result? {
+        Some(collected) => println!(
+            "removed {} client groups and {} clients idle for more than {} s, and {} deletions older than {} s",
+            collected.client_groups,
+            collected.clients,
+            settings.client_ttl.as_secs(),
+            collected.tombstones,
+            settings.tombstone_ttl.as_secs()
+        ),
+        None => println!("another instance is collecting; nothing done"),
+    }
+    Ok(())
 }
 
 /// Opens the configured store and, when asked, applies its migrations.
@@ -96,6 +118,8 @@ pub struct App {
     state: AppState,
     /// Cancelled when shutdown begins: open SSE streams end so requests can drain.
     shutdown: CancellationToken,
+    /// Background garbage collection, when on.
+    gc: Option<GcSettings>,
 }
 
 impl App {
@@ -112,6 +136,7 @@ impl App {
             sinks: Vec::new(),
             pusher: None,
             sse_keep_alive: None,
+            gc: None,
         }
     }
 
@@ -119,11 +144,13 @@ impl App {
     /// Pusher pokes when PUSHER_* is set, SSE pokes when REPLISYNC_SSE says so.
     pub async fn from_config(config: &Config) -> anyhow::Result<App> {
         let http = config.http_settings().map_err(anyhow::Error::msg)?;
+        let gc = config.gc_settings().map_err(anyhow::Error::msg)?;
         let (authenticator, webhook) = auth_from_config(config)?;
         let pusher_config = pusher_from_config(config)?;
         let mutators = mutators_from_config(config)?;
         let store = open_store(config, config.auto_migrate).await?;
         let mut builder = App::builder(store)
+            .gc(gc)
             .http(http)
             .authenticator(authenticator)
             .mutators(mutators);
@@ -171,6 +198,7 @@ pub struct AppBuilder {
     sinks: Vec<Arc<dyn PokeSink>>,
     pusher: Option<Arc<PusherPoker>>,
     sse_keep_alive: Option<Duration>,
+    gc: Option<GcSettings>,
 }
 
 impl AppBuilder {
@@ -221,6 +249,12 @@ impl AppBuilder {
         self
     }
 
+    /// Collects idle client groups in the background while the server runs.
+    pub fn gc(mut self, settings: GcSettings) -> Self {
+        self.gc = Some(settings);
+        self
+    }
+
     pub fn build(self) -> App {
         let shutdown = CancellationToken::new();
         let mut sinks = self.sinks;
@@ -256,7 +290,11 @@ impl AppBuilder {
             private_channels: self.private_channels,
             draining: Draining::default(),
         };
-        App { state, shutdown }
+        App {
+            state,
+            shutdown,
+            gc: self.gc,
+        }
     }
 }
 
@@ -397,6 +435,14 @@ pub async fn serve_with_metrics(
         }
         None => MetricsEndpoint::Here,
     };
+    if let Some(settings) = app.gc {
+        gc::spawn_schedule(
+            app.state.store.clone(),
+            app.state.metrics.clone(),
+            settings,
+            stop.clone(),
+        );
+    }
     // Aborting this task drops every connection it serves.
     let mut server = tokio::spawn(accept_loop(
         listener,

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::Connection;
 
 struct Server {
     child: Child,
@@ -517,4 +518,89 @@ async fn the_healthcheck_subcommand_asks_the_server_on_its_port() {
     let down = check(address);
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("/healthz"));
+}
+
+/// `replisync gc` runs one pass against the configured database and says what it removed; a
+/// client it collected starts over at its next push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gc_subcommand_forgets_idle_client_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    for group in ["idle", "active"] {
+        let push = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
+            "mutations": [{"id": 1, "name": "increment", "args": {"key": "n", "delta": 1}, "timestamp": 1.0, "clientID": format!("{group}-client")}]});
+        assert_eq!(
+            post(&server.base, "/spaces/demo/push", push).await,
+            json!({})
+        );
+    }
+    let deletion = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": "other",
+        "mutations": [{"id": 1, "name": "delete", "args": {"key": "gone"}, "timestamp": 1.0, "clientID": "other-client"}]});
+    assert_eq!(
+        post(&server.base, "/spaces/demo/push", deletion).await,
+        json!({})
+    );
+    server.stop();
+
+    // Forty days without a push or pull, as far as the database knows, and as old a deletion.
+    let file = dir.path().join("replisync-data/replisync.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&file);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE replisync_client_groups SET last_active = last_active - 40 * 86400 WHERE id = 'idle'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE replisync_entries SET changed_at = changed_at - 40 * 86400 WHERE deleted")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    let gc = |env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_replisync"))
+            .arg("gc")
+            .env_clear()
+            .envs(env.iter().copied())
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let refused = gc(&[("REPLISYNC_CLIENT_TTL", "1h")]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("REPLISYNC_CLIENT_TTL"));
+    let output = gc(&[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("removed 1 client groups and 1 clients"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("and 1 deletions"), "{stdout}");
+
+    let server = start(dir.path());
+    let next = |group: &str| {
+        json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
+        "mutations": [{"id": 2, "name": "increment", "args": {"key": "n", "delta": 1}, "timestamp": 2.0, "clientID": format!("{group}-client")}]})
+    };
+    assert_eq!(
+        post(&server.base, "/spaces/demo/push", next("idle")).await,
+        json!({"error": "ClientStateNotFound"})
+    );
+    assert_eq!(
+        post(&server.base, "/spaces/demo/push", next("active")).await,
+        json!({})
+    );
+    let pull = json!({"pullVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": "new", "cookie": null});
+    let body = post(&server.base, "/spaces/demo/pull", pull).await;
+    assert_eq!(
+        body["patch"][1],
+        json!({"op": "put", "key": "n", "value": 3})
+    );
+    server.stop();
 }

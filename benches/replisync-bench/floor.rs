@@ -42,6 +42,8 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
         .unwrap_or(0);
     let changes = PushChanges {
         version: state.space_version + 1,
+        client_group_id: group_id.clone(),
+        active_at: replisync::store::unix_now(),
         new_client_group: state.group.is_none().then(|| ClientGroupRecord {
             id: group_id.clone(),
             space_id: space.as_str().to_owned(),

@@ -21,6 +21,8 @@ const MAX_GROUPS_PER_READ: usize = 1000;
 /// One read's answer, shared by every pull of the batch.
 pub struct SharedPull {
     pub version: u64,
+    /// Cookies below this may miss compacted deletions: they get the whole space instead.
+    pub compacted_version: u64,
     client_groups: HashMap<String, ClientGroupRecord>,
     changed_clients: HashMap<String, Vec<(String, u64)>>,
     /// The patch's operations, already JSON, comma-separated, without brackets; `None` when
@@ -49,6 +51,7 @@ impl SharedPull {
         }
         SharedPull {
             version: changes.version,
+            compacted_version: changes.compacted_version,
             client_groups: changes
                 .client_groups
                 .into_iter()

@@ -104,7 +104,8 @@ impl Pulls {
     }
 
     /// A pull streamed from one snapshot: `clear` and the whole space for a null cookie
-    /// (`since: None`), or what changed after the cookie when that is too large to share.
+    /// (`since: None`) or a cookie older than the space's compacted version, or what changed
+    /// after the cookie when that is too large to share.
     async fn streamed_pull(
         &self,
         space: &SpaceId,
@@ -132,9 +133,13 @@ impl Pulls {
         }
         if let Some(from) = since {
             check_cookie_not_ahead(from, snapshot.version)?;
+            if snapshot.reset {
+                self.metrics.pull_resets.increment();
+            }
         }
+        let from_scratch = since.is_none() || snapshot.reset;
         Ok(PullBody::Streamed(guard::guarded(
-            response_chunks(snapshot, since.is_none()),
+            response_chunks(snapshot, from_scratch),
             self.limits.stream,
             self.metrics.clone(),
             permit,
@@ -155,6 +160,11 @@ impl Pulls {
             check_group_ownership(group, space, user)?;
         }
         check_cookie_not_ahead(from, shared.version)?;
+        if from < shared.compacted_version {
+            // Deletions after this cookie were compacted away: the whole space, from scratch.
+            self.metrics.pull_resets.increment();
+            return self.streamed_pull(space, user, client_group_id, None).await;
+        }
         let Some(patch) = &shared.patch else {
             self.metrics.pull_deltas_streamed.increment();
             return self

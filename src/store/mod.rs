@@ -47,6 +47,10 @@ pub struct EntryChange {
 #[derive(Debug, Default)]
 pub struct PushChanges {
     pub version: u64,
+    /// The push's client group: its last activity moves (see [`ACTIVITY_GRANULARITY_SECS`]).
+    pub client_group_id: String,
+    /// When the push happened, in seconds since the Unix epoch.
+    pub active_at: i64,
     /// Set when the push's client group did not exist yet.
     pub new_client_group: Option<ClientGroupRecord>,
     /// Clients whose lastMutationID moved (created ones included).
@@ -59,6 +63,9 @@ pub struct PushChanges {
 pub struct PullSnapshot {
     /// The space's version: the pull's new cookie (0 for a space never written).
     pub version: u64,
+    /// Set when the cookie asked for is older than the space's compacted version: the snapshot
+    /// holds the whole space (every live entry, every client of the group), as for a first pull.
+    pub reset: bool,
     pub client_group: Option<ClientGroupRecord>,
     /// `(clientID, lastMutationID)` of the group's clients (changed after the cookie, if any).
     pub changed_clients: Vec<(String, u64)>,
@@ -72,6 +79,9 @@ pub struct PullSnapshot {
 #[derive(Debug, Default)]
 pub struct PullChanges {
     pub version: u64,
+    /// The highest version of a deletion removed by compaction: a cookie below it cannot get a
+    /// delta (see [`Store::compact_tombstones`]).
+    pub compacted_version: u64,
     /// The stored groups among those asked for.
     pub client_groups: Vec<ClientGroupRecord>,
     /// `(client group, client, lastMutationID)` of clients changed after the cookie.
@@ -79,6 +89,30 @@ pub struct PullChanges {
     /// Entries changed after the cookie (deletes included); `None` when they add up to more
     /// than the read's byte limit (see [`delta_bytes`]): each pull then streams its own.
     pub entries: Option<Vec<EntryChange>>,
+}
+
+/// How coarsely a client group's last activity is kept: a push or pull writes it only when the
+/// stored value is older than this, so a busy group costs one write an hour, not one a pull.
+pub const ACTIVITY_GRANULARITY_SECS: i64 = 3600;
+
+/// Now, in seconds since the Unix epoch: the unit of a client group's last activity.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+        })
+}
+
+/// What a store's garbage collection pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    /// Client groups removed, with their clients.
+    pub client_groups: u64,
+    /// Clients removed.
+    pub clients: u64,
+    /// Deleted entries (tombstones) removed.
+    pub tombstones: u64,
 }
 
 /// What a change counts against a shared delta's byte limit: its key and value, and a little for
@@ -216,6 +250,25 @@ pub trait Store: Send + Sync + 'static {
         from: u64,
         max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError>;
+
+    /// Deletes the client groups (and their clients) last active before `inactive_before`
+    /// (seconds since the Unix epoch), `batch` groups per transaction, until none is left.
+    /// `None` when another instance sharing the database is collecting already.
+    async fn collect_client_groups(
+        &self,
+        inactive_before: i64,
+        batch: usize,
+    ) -> Result<Option<Collected>, StoreError>;
+
+    /// Removes the deletions (tombstones) written before `deleted_before` (seconds since the
+    /// Unix epoch), `batch` per transaction under their space's write lock, raising each space's
+    /// compacted version to the highest version removed. `None` when another instance sharing
+    /// the database is collecting already.
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        batch: usize,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Answers whether the database is reachable and answering.
     async fn check_health(&self) -> Result<(), StoreError>;

@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 use super::shared::{self, client_group_record, stored_client_group, to_space_version};
 use super::{
-    ClientRecord, ClientState, DELTA_BYTES_PER_ENTRY, EntryChange, PullChanges, PullSnapshot,
-    PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
+    ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, Collected, DELTA_BYTES_PER_ENTRY,
+    EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
+    unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -96,13 +98,21 @@ impl Store for PgStore {
         max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError> {
         // One statement is one snapshot, even without a transaction: one round trip for
-        // every pull in the batch. The entries are aggregated only up to `$4` bytes (a running
+        // every pull in the batch. It also records the groups' activity, at most once per
+        // ACTIVITY_GRANULARITY_SECS per group, skipping a row another transaction has locked (a
+        // push touching it): the pull never waits for it. The entries are aggregated only up to `$4` bytes (a running
         // sum over the delta, which reads value sizes without reading large values), so no
         // delta is built whole past the limit, nor meets the 1 GB limit of one `json_agg`.
-        let (version, groups, clients, entries): (Option<i64>, Value, Value, Option<Value>) =
-            sqlx::query_as(
-                "SELECT
+        let (version, compacted, groups, clients, entries): PullRow = sqlx::query_as(
+                "WITH touched AS (
+                   UPDATE replisync_client_groups SET last_active = $6
+                   WHERE id IN (SELECT id FROM replisync_client_groups
+                                WHERE id = ANY($2) AND last_active < $6 - $7
+                                FOR UPDATE SKIP LOCKED)
+                 )
+                 SELECT
                    (SELECT version FROM replisync_spaces WHERE id = $1),
+                   (SELECT compacted_version FROM replisync_spaces WHERE id = $1),
                    (SELECT coalesce(json_agg(json_build_array(id, space_id, user_id)), '[]')
                       FROM replisync_client_groups WHERE id = ANY($2)),
                    (SELECT coalesce(json_agg(json_build_array(client_group_id, id, last_mutation_id)), '[]')
@@ -120,16 +130,47 @@ impl Store for PgStore {
             .bind(to_i64(from)?)
             .bind(to_i64(max_delta_bytes as u64)?)
             .bind(DELTA_BYTES_PER_ENTRY as i32)
+            .bind(unix_now())
+            .bind(ACTIVITY_GRANULARITY_SECS)
             .fetch_one(&self.pool)
             .await?;
         Ok(PullChanges {
             version: to_space_version(version)?,
+            compacted_version: to_space_version(compacted)?,
             client_groups: decode_rows(groups, client_group_record)?,
             changed_clients: decode_rows(clients, |row: (String, String, u64)| row)?,
             entries: entries
                 .map(|rows| decode_rows(rows, |(key, value)| EntryChange { key, value }))
                 .transpose()?,
         })
+    }
+
+    async fn collect_client_groups(
+        &self,
+        inactive_before: i64,
+        batch: usize,
+    ) -> Result<Option<Collected>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        if !try_gc_lock(&mut conn).await? {
+            return Ok(None);
+        }
+        let collected = collect_batches(&mut conn, inactive_before, batch).await;
+        gc_unlock(conn).await;
+        collected.map(Some)
+    }
+
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        batch: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        if !try_gc_lock(&mut conn).await? {
+            return Ok(None);
+        }
+        let removed = compact_spaces(&mut conn, deleted_before, batch.max(1)).await;
+        gc_unlock(conn).await;
+        removed.map(Some)
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {
@@ -199,11 +240,14 @@ impl PushTx for PgPushTx {
             .unzip();
         let group = changes.new_client_group;
         // One round trip for every write. The counts tell whether a concurrent push claimed
-        // the new group or a client id first (then ON CONFLICT skipped our row).
-        let (groups_created, clients_written): (i64, i64) = sqlx::query_as(
+        // the new group or a client id first (then ON CONFLICT skipped our row), and whether
+        // the stored group is still there: touched now, or touched within the granularity
+        // (garbage collection only takes groups idle far longer, and a group it deleted after
+        // our read is touched by nobody).
+        let (groups_created, clients_written, group_alive): (i64, i64, i64) = sqlx::query_as(
             "WITH new_group AS (
-                 INSERT INTO replisync_client_groups (id, space_id, user_id)
-                 SELECT $3, $1, $4 WHERE $3 IS NOT NULL
+                 INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+                 SELECT $3, $1, $4, $11 WHERE $3 IS NOT NULL
                  ON CONFLICT (id) DO NOTHING
                  RETURNING 1
              ), written_clients AS (
@@ -217,17 +261,25 @@ impl PushTx for PgPushTx {
                      WHERE replisync_clients.client_group_id = excluded.client_group_id
                  RETURNING 1
              ), written_entries AS (
-                 INSERT INTO replisync_entries (space_id, key, value, deleted, version)
-                 SELECT $1, e.key, e.value, e.value IS NULL, $2
+                 INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
+                 SELECT $1, e.key, e.value, e.value IS NULL, $2, $11
                  FROM UNNEST($8::text[], $9::text[]) AS e(key, value)
                  ON CONFLICT (space_id, key) DO UPDATE
                      SET value = excluded.value,
                          deleted = excluded.deleted,
-                         version = excluded.version
+                         version = excluded.version,
+                         changed_at = excluded.changed_at
              ), bumped AS (
                  UPDATE replisync_spaces SET version = $2 WHERE id = $1
+             ), touched AS (
+                 UPDATE replisync_client_groups SET last_active = $11
+                 WHERE id = $10 AND last_active < $11 - $12
+                 RETURNING 1
              )
-             SELECT (SELECT count(*) FROM new_group), (SELECT count(*) FROM written_clients)",
+             SELECT (SELECT count(*) FROM new_group), (SELECT count(*) FROM written_clients),
+                    (SELECT count(*) FROM touched)
+                  + (SELECT count(*) FROM replisync_client_groups
+                     WHERE id = $10 AND last_active >= $11 - $12)",
         )
         .bind(self.space.as_str())
         .bind(to_i64(changes.version)?)
@@ -238,12 +290,20 @@ impl PushTx for PgPushTx {
         .bind(&client_lmids)
         .bind(&keys)
         .bind(&values)
+        .bind(&changes.client_group_id)
+        .bind(changes.active_at)
+        .bind(ACTIVITY_GRANULARITY_SECS)
         .fetch_one(&mut *self.tx)
         .await?;
 
         if group.is_some() && groups_created != 1 {
             return Err(StoreError::Conflict(
                 "client group was created concurrently".into(),
+            ));
+        }
+        if group.is_none() && group_alive == 0 {
+            return Err(StoreError::Conflict(
+                "the client group was collected concurrently".into(),
             ));
         }
         if clients_written != client_ids.len() as i64 {
@@ -255,6 +315,132 @@ impl PushTx for PgPushTx {
         Ok(())
     }
 }
+
+/// The advisory lock of garbage collection: this key with the hash of the schema replisync's
+/// tables are in, so deployments sharing one database in different schemas do not exclude each
+/// other (`pg_try_advisory_lock(GC_LOCK_KEY, hashtext(current_schema()))`).
+pub const GC_LOCK_KEY: i32 = 0x7267_6300; // "rgc"
+
+/// Takes garbage collection's session lock on `conn`: one instance collects at a time, and a
+/// crashed instance's lock goes with its session. `false` when another session holds it.
+async fn try_gc_lock(conn: &mut PgConnection) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext(current_schema()))")
+            .bind(GC_LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
+
+/// Releases garbage collection's lock; when that fails, closes the connection, which does.
+async fn gc_unlock(mut conn: PoolConnection<Postgres>) {
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema()))")
+        .bind(GC_LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
+    if unlocked.is_err() {
+        drop(conn.detach());
+    }
+}
+
+/// Removes the tombstones written before `deleted_before`, batch after batch.
+async fn compact_spaces(
+    conn: &mut PgConnection,
+    deleted_before: i64,
+    batch: usize,
+) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    while let Some(count) = compact_batch(conn, deleted_before, batch).await? {
+        removed += count;
+    }
+    Ok(removed)
+}
+
+/// Removes at most `batch` tombstones written before `deleted_before` from one space, in a
+/// transaction holding that space's write lock (taken first, as a push takes it), and raises
+/// the space's compacted version. `None` when no such tombstone is left.
+async fn compact_batch(
+    conn: &mut PgConnection,
+    deleted_before: i64,
+    batch: usize,
+) -> Result<Option<u64>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let space: Option<String> = sqlx::query_scalar(
+        "SELECT space_id FROM replisync_entries WHERE deleted AND changed_at < $1 LIMIT 1",
+    )
+    .bind(deleted_before)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(space) = space else {
+        return Ok(None);
+    };
+    sqlx::query("SELECT 1 FROM replisync_spaces WHERE id = $1 FOR UPDATE")
+        .bind(&space)
+        .execute(&mut *tx)
+        .await?;
+    let removed: i64 = sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM replisync_entries
+             WHERE space_id = $1 AND key IN (
+                 SELECT key FROM replisync_entries
+                 WHERE space_id = $1 AND deleted AND changed_at < $2 LIMIT $3)
+               AND deleted AND changed_at < $2
+             RETURNING version
+         ), raised AS (
+             UPDATE replisync_spaces
+             SET compacted_version = greatest(compacted_version, (SELECT max(version) FROM gone))
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM gone)
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(&space)
+    .bind(deleted_before)
+    .bind(to_i64(batch as u64)?)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(to_u64(removed, "removed tombstones")?))
+}
+
+/// Deletes idle client groups and their clients, `batch` groups per transaction (each
+/// statement commits on its own), until a batch comes back short.
+async fn collect_batches(
+    conn: &mut PgConnection,
+    inactive_before: i64,
+    batch: usize,
+) -> Result<Collected, StoreError> {
+    let mut collected = Collected::default();
+    loop {
+        // Rows a push has locked (touching them) are skipped; the DELETE checks the idle
+        // condition again against the newest row version.
+        let (groups, clients): (i64, i64) = sqlx::query_as(
+            "WITH gone AS (
+                 DELETE FROM replisync_client_groups
+                 WHERE id IN (SELECT id FROM replisync_client_groups WHERE last_active < $1
+                              LIMIT $2 FOR UPDATE SKIP LOCKED)
+                   AND last_active < $1
+                 RETURNING id
+             ), gone_clients AS (
+                 DELETE FROM replisync_clients WHERE client_group_id IN (SELECT id FROM gone)
+                 RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_clients)",
+        )
+        .bind(inactive_before)
+        .bind(to_i64(batch.max(1) as u64)?)
+        .fetch_one(&mut *conn)
+        .await?;
+        collected.client_groups += to_u64(groups, "collected groups")?;
+        collected.clients += to_u64(clients, "collected clients")?;
+        if (groups as u64) < batch.max(1) as u64 {
+            return Ok(collected);
+        }
+    }
+}
+
+/// A pull's one row: the space's version and compacted version, then groups, clients and
+/// entries as `json_agg`s.
+type PullRow = (Option<i64>, Option<i64>, Value, Value, Option<Value>);
 
 /// Decodes a `json_agg` of row arrays into typed rows.
 fn decode_rows<Row: serde::de::DeserializeOwned, T>(

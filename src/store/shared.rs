@@ -13,10 +13,14 @@ use crate::protocol::SpaceId;
 // The statements here number their parameters `$1`, `$2`, ...: Postgres's own style, and one
 // that SQLite reads as named parameters which sqlx binds by their number (see the test below).
 
+/// A space's version and compacted version, and a client group's space and user.
+type SpaceAndGroup = (Option<i64>, Option<i64>, Option<String>, Option<String>);
+
 /// Reads a streamed pull in `tx`, which must see one snapshot from its first read to its end: the
 /// space's version, the client group and its clients now, then the entries as the stream is read.
 /// `since: None` reads a first pull (every client of the group, every live entry); `Some(cookie)`
-/// what changed after the cookie (deletions included). The stream commits `tx` once it has
+/// what changed after the cookie (deletions included), or the whole space again when the cookie
+/// is older than the space's compacted version. The stream commits `tx` once it has
 /// yielded the last entry.
 pub(super) async fn streamed_pull<DB>(
     mut tx: Transaction<'static, DB>,
@@ -29,26 +33,30 @@ where
     DB::Arguments: IntoArguments<DB>,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    (Option<i64>, Option<String>, Option<String>): for<'r> FromRow<'r, DB::Row>,
+    SpaceAndGroup: for<'r> FromRow<'r, DB::Row>,
     (String, i64): for<'r> FromRow<'r, DB::Row>,
     (String, Option<String>): for<'r> FromRow<'r, DB::Row>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
+    let (version, compacted, space_id, user_id): SpaceAndGroup = sqlx::query_as(
+        "SELECT (SELECT version FROM replisync_spaces WHERE id = $1),
+                (SELECT compacted_version FROM replisync_spaces WHERE id = $1),
+                g.space_id, g.user_id
+         FROM (SELECT 1) AS one
+         LEFT JOIN replisync_client_groups g ON g.id = $2",
+    )
+    .bind(space.as_str())
+    .bind(client_group_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    // A cookie older than the compacted version may miss deletions: the whole space instead.
+    let reset =
+        since.is_some_and(|cookie| to_i64(cookie).is_ok_and(|c| c < compacted.unwrap_or(0)));
     // -1 when every client and entry counts (versions start at 1).
     let after = match since {
-        Some(cookie) => to_i64(cookie)?,
-        None => -1,
+        Some(cookie) if !reset => to_i64(cookie)?,
+        _ => -1,
     };
-    let (version, space_id, user_id): (Option<i64>, Option<String>, Option<String>) =
-        sqlx::query_as(
-            "SELECT (SELECT version FROM replisync_spaces WHERE id = $1), g.space_id, g.user_id
-             FROM (SELECT 1) AS one
-             LEFT JOIN replisync_client_groups g ON g.id = $2",
-        )
-        .bind(space.as_str())
-        .bind(client_group_id)
-        .fetch_one(&mut *tx)
-        .await?;
     let changed_clients = sqlx::query_as::<_, (String, i64)>(
         "SELECT id, last_mutation_id FROM replisync_clients
          WHERE client_group_id = $1 AND last_modified_version > $2",
@@ -62,6 +70,7 @@ where
     .collect::<Result<_, StoreError>>()?;
     Ok(PullSnapshot {
         version: to_space_version(version)?,
+        reset,
         client_group: stored_client_group(client_group_id, space_id.zip(user_id)),
         changed_clients,
         entries: entries_after(tx, space.as_str().to_owned(), after),

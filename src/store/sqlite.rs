@@ -1,7 +1,9 @@
 //! The embedded SQLite store: the zero-configuration default, one file, one instance only.
 //! Pushes serialize on a single writer connection (`BEGIN IMMEDIATE`); pulls read WAL snapshots.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,8 +16,9 @@ use sqlx::{Sqlite, Transaction};
 
 use super::shared::{self, client_group_record, stored_client_group, to_lmid, to_space_version};
 use super::{
-    ClientRecord, ClientState, EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError, delta_bytes, to_i64,
+    ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, Collected,
+    EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError, delta_bytes,
+    to_i64, unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -26,6 +29,8 @@ pub struct SqliteStore {
     /// instead of failing with SQLITE_BUSY.
     writer: SqlitePool,
     readers: SqlitePool,
+    /// Client groups whose pull activity is being written (see `record_pull_activity`).
+    touching: Arc<Mutex<HashSet<String>>>,
 }
 
 impl SqliteStore {
@@ -53,7 +58,11 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(SqliteStore { writer, readers })
+        Ok(SqliteStore {
+            writer,
+            readers,
+            touching: Arc::default(),
+        })
     }
 
     /// Applies the migrations in `migrations/sqlite` that have not run yet.
@@ -105,17 +114,9 @@ impl Store for SqliteStore {
         let from = to_i64(from)?;
         let group_ids = serde_json::to_string(client_group_ids)
             .map_err(|e| StoreError::Database(e.to_string()))?;
-        let version = space_version(&mut tx, space).await?;
-        let client_groups = sqlx::query_as::<_, (String, String, String)>(
-            "SELECT id, space_id, user_id FROM replisync_client_groups
-             WHERE id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&group_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(client_group_record)
-        .collect();
+        let (version, compacted_version) = space_versions(&mut tx, space).await?;
+        let now = unix_now();
+        let (client_groups, idle) = pulled_groups(&mut tx, &group_ids, now).await?;
         let changed_clients = sqlx::query_as::<_, (String, String, i64)>(
             "SELECT client_group_id, id, last_mutation_id FROM replisync_clients
              WHERE client_group_id IN (SELECT value FROM json_each(?1))
@@ -130,12 +131,52 @@ impl Store for SqliteStore {
         .collect::<Result<Vec<_>, StoreError>>()?;
         let entries = delta_within(&mut tx, space, from, max_delta_bytes).await?;
         tx.commit().await?;
+        self.record_pull_activity(idle, now);
         Ok(PullChanges {
             version,
+            compacted_version,
             client_groups,
             changed_clients,
             entries,
         })
+    }
+
+    async fn collect_client_groups(
+        &self,
+        inactive_before: i64,
+        batch: usize,
+    ) -> Result<Option<Collected>, StoreError> {
+        // One instance only: nothing to lock against. Each batch is a short write transaction,
+        // so pushes queued on the writer wait for one batch at most.
+        let mut collected = Collected::default();
+        loop {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let gone = collect_batch(&mut tx, inactive_before, batch.max(1)).await?;
+            tx.commit().await?;
+            collected.client_groups += gone.client_groups;
+            collected.clients += gone.clients;
+            if gone.client_groups < batch.max(1) as u64 {
+                return Ok(Some(collected));
+            }
+        }
+    }
+
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        batch: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        // Each batch holds the writer, which is every space's write lock, briefly.
+        let mut removed = 0;
+        loop {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let count = compact_batch(&mut tx, deleted_before, batch.max(1)).await?;
+            tx.commit().await?;
+            match count {
+                Some(count) => removed += count,
+                None => return Ok(Some(removed)),
+            }
+        }
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {
@@ -146,6 +187,38 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.readers.close().await;
+    }
+}
+
+impl SqliteStore {
+    /// Moves the last activity of pulled groups whose stored value is older than the
+    /// granularity, in a task of its own: the pull never waits for the writer (a push may hold
+    /// it). A group already being written is skipped. Failing is harmless: a later pull retries.
+    fn record_pull_activity(&self, idle: Vec<String>, now: i64) {
+        let fresh: Vec<String> = {
+            let mut touching = self.touching.lock().unwrap_or_else(|e| e.into_inner());
+            idle.into_iter()
+                .filter(|id| touching.insert(id.clone()))
+                .collect()
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        let (writer, touching) = (self.writer.clone(), self.touching.clone());
+        tokio::spawn(async move {
+            let written = async {
+                let mut tx = writer.begin().await?;
+                touch_groups(&mut tx, &fresh, now).await?;
+                tx.commit().await.map_err(StoreError::from)
+            };
+            if let Err(error) = written.await {
+                tracing::debug!(%error, "could not record pull activity; a later pull retries");
+            }
+            let mut touching = touching.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &fresh {
+                touching.remove(id);
+            }
+        });
     }
 }
 
@@ -200,13 +273,17 @@ impl PushTx for SqlitePushTx {
         // The single writer connection means nobody else can claim these rows meanwhile.
         if let Some(group) = &changes.new_client_group {
             sqlx::query(
-                "INSERT INTO replisync_client_groups (id, space_id, user_id) VALUES (?1, ?2, ?3)",
+                "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+                 VALUES (?1, ?2, ?3, ?4)",
             )
             .bind(&group.id)
             .bind(&space)
             .bind(&group.user_id)
+            .bind(changes.active_at)
             .execute(&mut *self.tx)
             .await?;
+        } else {
+            touch_groups(&mut self.tx, &[changes.client_group_id], changes.active_at).await?;
         }
         for client in &changes.clients {
             sqlx::query(
@@ -226,18 +303,20 @@ impl PushTx for SqlitePushTx {
         }
         for entry in &changes.entries {
             sqlx::query(
-                "INSERT INTO replisync_entries (space_id, key, value, deleted, version)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (space_id, key) DO UPDATE
                      SET value = excluded.value,
                          deleted = excluded.deleted,
-                         version = excluded.version",
+                         version = excluded.version,
+                         changed_at = excluded.changed_at",
             )
             .bind(&space)
             .bind(&entry.key)
             .bind(&entry.value)
             .bind(entry.value.is_none())
             .bind(version)
+            .bind(changes.active_at)
             .execute(&mut *self.tx)
             .await?;
         }
@@ -281,6 +360,120 @@ async fn delta_within(
     Ok(Some(entries))
 }
 
+/// The stored groups among `group_ids` (a JSON array), and the ids of those whose last activity
+/// is older than the granularity at `now`.
+async fn pulled_groups(
+    conn: &mut SqliteConnection,
+    group_ids: &str,
+    now: i64,
+) -> Result<(Vec<ClientGroupRecord>, Vec<String>), StoreError> {
+    let rows = sqlx::query_as::<_, (String, String, String, i64)>(
+        "SELECT id, space_id, user_id, last_active FROM replisync_client_groups
+         WHERE id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(group_ids)
+    .fetch_all(conn)
+    .await?;
+    let idle = rows
+        .iter()
+        .filter(|row| row.3 < now - ACTIVITY_GRANULARITY_SECS)
+        .map(|row| row.0.clone())
+        .collect();
+    let groups = rows
+        .into_iter()
+        .map(|(id, space_id, user_id, _)| client_group_record((id, space_id, user_id)))
+        .collect();
+    Ok((groups, idle))
+}
+
+/// Sets the last activity of `group_ids` to `now` where it is older than the granularity.
+async fn touch_groups(
+    conn: &mut SqliteConnection,
+    group_ids: &[String],
+    now: i64,
+) -> Result<(), StoreError> {
+    for id in group_ids {
+        sqlx::query(
+            "UPDATE replisync_client_groups SET last_active = ?1
+             WHERE id = ?2 AND last_active < ?1 - ?3",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(ACTIVITY_GRANULARITY_SECS)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Deletes at most `batch` client groups last active before `inactive_before`, and their clients.
+async fn collect_batch(
+    conn: &mut SqliteConnection,
+    inactive_before: i64,
+    batch: usize,
+) -> Result<Collected, StoreError> {
+    let gone: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM replisync_client_groups WHERE id IN
+             (SELECT id FROM replisync_client_groups WHERE last_active < ?1 LIMIT ?2)
+         RETURNING id",
+    )
+    .bind(inactive_before)
+    .bind(to_i64(batch as u64)?)
+    .fetch_all(&mut *conn)
+    .await?;
+    let clients = sqlx::query(
+        "DELETE FROM replisync_clients WHERE client_group_id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(serde_json::to_string(&gone).map_err(|e| StoreError::Database(e.to_string()))?)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(Collected {
+        client_groups: gone.len() as u64,
+        clients,
+        tombstones: 0,
+    })
+}
+
+/// Removes at most `batch` tombstones written before `deleted_before` from one space and raises
+/// its compacted version. `None` when no such tombstone is left.
+async fn compact_batch(
+    conn: &mut SqliteConnection,
+    deleted_before: i64,
+    batch: usize,
+) -> Result<Option<u64>, StoreError> {
+    let space: Option<String> = sqlx::query_scalar(
+        "SELECT space_id FROM replisync_entries WHERE deleted AND changed_at < ?1 LIMIT 1",
+    )
+    .bind(deleted_before)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(space) = space else {
+        return Ok(None);
+    };
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "DELETE FROM replisync_entries
+         WHERE space_id = ?1 AND key IN (
+             SELECT key FROM replisync_entries
+             WHERE space_id = ?1 AND deleted AND changed_at < ?2 LIMIT ?3)
+         RETURNING version",
+    )
+    .bind(&space)
+    .bind(deleted_before)
+    .bind(to_i64(batch as u64)?)
+    .fetch_all(&mut *conn)
+    .await?;
+    let highest = versions.iter().copied().max().unwrap_or(0);
+    sqlx::query(
+        "UPDATE replisync_spaces SET compacted_version = max(compacted_version, ?2) WHERE id = ?1",
+    )
+    .bind(&space)
+    .bind(highest)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(versions.len() as u64))
+}
+
 /// The version of `space` (0 for a space never written).
 async fn space_version(conn: &mut SqliteConnection, space: &SpaceId) -> Result<u64, StoreError> {
     let version: Option<i64> =
@@ -289,6 +482,23 @@ async fn space_version(conn: &mut SqliteConnection, space: &SpaceId) -> Result<u
             .fetch_optional(conn)
             .await?;
     to_space_version(version)
+}
+
+/// The version and the compacted version of `space` (0 and 0 for a space never written).
+async fn space_versions(
+    conn: &mut SqliteConnection,
+    space: &SpaceId,
+) -> Result<(u64, u64), StoreError> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT version, compacted_version FROM replisync_spaces WHERE id = ?1")
+            .bind(space.as_str())
+            .fetch_optional(conn)
+            .await?;
+    let (version, compacted) = row.unwrap_or((0, 0));
+    Ok((
+        to_space_version(Some(version))?,
+        to_space_version(Some(compacted))?,
+    ))
 }
 
 /// The stored client `id`, if any.

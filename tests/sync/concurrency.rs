@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
-use replisync::store::{PullChanges, PullSnapshot, PushTx, Store, StoreError};
+use replisync::store::{Collected, PullChanges, PullSnapshot, PushTx, Store, StoreError};
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
@@ -240,6 +240,20 @@ impl Store for SlowPullReads {
         self.0
             .pull_changes(space, groups, from, max_delta_bytes)
             .await
+    }
+    async fn collect_client_groups(
+        &self,
+        inactive_before: i64,
+        batch: usize,
+    ) -> Result<Option<Collected>, StoreError> {
+        self.0.collect_client_groups(inactive_before, batch).await
+    }
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        batch: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        self.0.compact_tombstones(deleted_before, batch).await
     }
     async fn check_health(&self) -> Result<(), StoreError> {
         self.0.check_health().await

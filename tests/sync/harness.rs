@@ -331,6 +331,63 @@ impl TestDb {
         .unwrap()
     }
 
+    /// Runs `sql` (statements both databases accept) on a connection of its own.
+    pub async fn execute(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            TestDb::Postgres { .. } => {
+                sqlx::raw_sql(sql)
+                    .execute(&mut self.pg().await)
+                    .await
+                    .unwrap();
+            }
+            TestDb::Sqlite { .. } => {
+                sqlx::raw_sql(sql)
+                    .execute(&mut self.sqlite().await)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// The integer `sql` answers (no row or NULL: `None`).
+    pub async fn scalar(&self, sql: &str) -> Option<i64> {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            TestDb::Postgres { .. } => sqlx::query_scalar(sql)
+                .fetch_optional(&mut self.pg().await)
+                .await
+                .unwrap()
+                .flatten(),
+            TestDb::Sqlite { .. } => sqlx::query_scalar(sql)
+                .fetch_optional(&mut self.sqlite().await)
+                .await
+                .unwrap()
+                .flatten(),
+        }
+    }
+
+    /// A connection to the test's Postgres schema.
+    pub async fn pg(&self) -> sqlx::PgConnection {
+        let TestDb::Postgres { admin_url, schema } = self else {
+            panic!("not a Postgres test database");
+        };
+        let options = admin_options(admin_url).options([("search_path", schema.as_str())]);
+        sqlx::PgConnection::connect_with(&options).await.unwrap()
+    }
+
+    async fn sqlite(&self) -> sqlx::SqliteConnection {
+        let TestDb::Sqlite { path, .. } = self else {
+            panic!("not a SQLite test database");
+        };
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap()
+    }
+
     /// Every row of every replisync table, as text: equal fingerprints mean nothing changed.
     pub async fn fingerprint(&self) -> String {
         const TABLES: [&str; 4] = [

@@ -3,7 +3,9 @@
 
 mod auth;
 mod bad_input;
+mod compaction;
 mod concurrency;
+mod gc;
 mod harness;
 mod js_mutators;
 mod large_deltas;

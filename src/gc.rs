@@ -1,0 +1,106 @@
+//! Garbage collection: forgets client groups idle past REPLISYNC_CLIENT_TTL and removes deletions
+//! older than REPLISYNC_TOMBSTONE_TTL, in the background on a schedule and on demand (`replisync gc`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::store::{Collected, Store, StoreError, unix_now};
+
+/// Client groups deleted per transaction: short enough that pushes and pulls never wait long
+/// behind one, large enough that a backlog of millions drains in minutes.
+pub const BATCH: usize = 1000;
+
+/// When and what garbage collection forgets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcSettings {
+    /// Client groups idle for longer than this are deleted, with their clients.
+    pub client_ttl: Duration,
+    /// Deleted entries older than this are removed; a pull from a cookie older than a removed
+    /// deletion gets the whole space.
+    pub tombstone_ttl: Duration,
+    /// Time between background passes; `None`: no background passes.
+    pub interval: Option<Duration>,
+}
+
+/// One pass as of `now` (seconds since the Unix epoch): deletes the client groups idle for
+/// longer than the client TTL, then the tombstones older than the tombstone TTL, and counts
+/// them in `metrics`. `None` when another instance sharing the database is collecting.
+pub async fn collect(
+    store: &dyn Store,
+    metrics: &Metrics,
+    now: i64,
+    settings: &GcSettings,
+) -> Result<Option<Collected>, StoreError> {
+    let started = Instant::now();
+    let Some(mut collected) = store
+        .collect_client_groups(before(now, settings.client_ttl), BATCH)
+        .await?
+    else {
+        return Ok(None);
+    };
+    metrics
+        .gc_client_groups_removed
+        .add(collected.client_groups);
+    metrics.gc_clients_removed.add(collected.clients);
+    // Another instance may take the lock between the two steps: its pass compacts instead.
+    let tombstones = store
+        .compact_tombstones(before(now, settings.tombstone_ttl), BATCH)
+        .await?
+        .unwrap_or(0);
+    collected.tombstones = tombstones;
+    metrics.gc_tombstones_removed.add(tombstones);
+    metrics
+        .gc_last_run
+        .set(u64::try_from(unix_now()).unwrap_or(0));
+    metrics
+        .gc_last_run_duration_ms
+        .set(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    Ok(Some(collected))
+}
+
+/// `now` minus `ttl`, in seconds since the Unix epoch.
+fn before(now: i64, ttl: Duration) -> i64 {
+    now.saturating_sub(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Runs a pass every `settings.interval` (the first one interval after start) until `stop`.
+/// A pass in progress is finished, not cut: each batch is short.
+pub fn spawn_schedule(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    settings: GcSettings,
+    stop: CancellationToken,
+) {
+    let Some(interval) = settings.interval else {
+        tracing::info!("background garbage collection is off (REPLISYNC_GC_INTERVAL=0)");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            log_pass(collect(&*store, &metrics, unix_now(), &settings).await);
+        }
+    });
+}
+
+/// One log line per pass: what it removed, or why it did nothing.
+pub fn log_pass(result: Result<Option<Collected>, StoreError>) {
+    match result {
+        Ok(Some(collected)) => tracing::info!(
+            client_groups = collected.client_groups,
+            clients = collected.clients,
+            tombstones = collected.tombstones,
+            "garbage collection: removed idle client groups and old deletions"
+        ),
+        Ok(None) => {
+            tracing::info!("garbage collection: another instance is collecting; skipped")
+        }
+        Err(error) => tracing::warn!(%error, "garbage collection failed; next pass retries"),
+    }
+}
