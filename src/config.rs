@@ -14,7 +14,6 @@ use crate::gc::GcSettings;
 use crate::mutators::js::JsLimits;
 use crate::poke::pusher::PusherArgs;
 use crate::pull::{PullLimits, StreamLimits};
-use crate::store::ACTIVITY_GRANULARITY_SECS;
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser, Debug)]
@@ -163,14 +162,14 @@ pub struct Config {
 
     /// Client groups that have neither pushed nor pulled for this long are deleted with their
     /// clients (a duration: `30d`, `12h`, `90m`, `3600s`, or seconds). A client that comes back
-    /// later starts over by itself; its unpushed mutations are lost. At least 2h: activity is
-    /// recorded hourly.
+    /// later starts over by itself; its unpushed mutations are lost. Activity is recorded at
+    /// most once per 24th of this, and at most hourly.
     #[arg(long, env = "REPLISYNC_CLIENT_TTL", default_value = "30d", value_parser = duration)]
     pub client_ttl: Duration,
 
     /// Deleted entries (tombstones) older than this are removed (a duration, as
-    /// REPLISYNC_CLIENT_TTL; at least 1h). A client whose cookie is older than a removed deletion
-    /// gets the whole space at its next pull instead of a delta.
+    /// REPLISYNC_CLIENT_TTL). A client whose cookie is older than a removed deletion gets the
+    /// whole space at its next pull instead of a delta.
     #[arg(long, env = "REPLISYNC_TOMBSTONE_TTL", default_value = "30d", value_parser = duration)]
     pub tombstone_ttl: Duration,
 
@@ -488,20 +487,14 @@ pub enum StoreChoice {
 }
 
 impl Config {
-    /// Garbage collection's settings, checked: a TTL shorter than two activity granularities
-    /// could forget a group that is still pulling.
+    /// Garbage collection's settings, checked: a TTL below a second would forget a client
+    /// group between two of its requests.
     pub fn gc_settings(&self) -> Result<GcSettings, String> {
-        let min_ttl = Duration::from_secs(2 * ACTIVITY_GRANULARITY_SECS.unsigned_abs());
-        if self.client_ttl < min_ttl {
-            return Err(format!(
-                "REPLISYNC_CLIENT_TTL must be at least {}h: a client group's activity is recorded once an hour",
-                min_ttl.as_secs() / 3600
-            ));
+        if self.client_ttl < Duration::from_secs(1) {
+            return Err("REPLISYNC_CLIENT_TTL must be at least 1s (the default is 30d)".into());
         }
-        if self.tombstone_ttl < Duration::from_secs(3600) {
-            return Err(
-                "REPLISYNC_TOMBSTONE_TTL must be at least 1h: a pull across a removed deletion gets the whole space".into(),
-            );
+        if self.tombstone_ttl < Duration::from_secs(1) {
+            return Err("REPLISYNC_TOMBSTONE_TTL must be at least 1s (the default is 30d)".into());
         }
         Ok(GcSettings {
             client_ttl: self.client_ttl,
@@ -754,9 +747,9 @@ mod tests {
         assert!(duration("d").is_err());
         let off = config(&["--gc-interval", "0"]).gc_settings().unwrap();
         assert_eq!(off.interval, None);
-        let short = config(&["--client-ttl", "1h"]).gc_settings().unwrap_err();
+        let short = config(&["--client-ttl", "0"]).gc_settings().unwrap_err();
         assert!(short.contains("REPLISYNC_CLIENT_TTL"), "{short}");
-        let tombstones = config(&["--tombstone-ttl", "59m"])
+        let tombstones = config(&["--tombstone-ttl", "0s"])
             .gc_settings()
             .unwrap_err();
         assert!(

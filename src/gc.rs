@@ -36,7 +36,7 @@ pub async fn collect(
 ) -> Result<Option<Collected>, StoreError> {
     let started = Instant::now();
     let Some(mut collected) = store
-        .collect_client_groups(before(now, settings.client_ttl), BATCH)
+        .collect_client_groups(now, before(now, settings.client_ttl), BATCH)
         .await?
     else {
         return Ok(None);
@@ -95,6 +95,7 @@ pub fn log_pass(result: Result<Option<Collected>, StoreError>) {
         Ok(Some(collected)) => tracing::info!(
             client_groups = collected.client_groups,
             clients = collected.clients,
+            forgotten_groups = collected.forgotten_groups,
             tombstones = collected.tombstones,
             "garbage collection: removed idle client groups and old deletions"
         ),

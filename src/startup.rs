@@ -32,7 +32,7 @@ use crate::poke::{PokeSink, Pokes};
 use crate::pull::Pulls;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, unix_now};
+use crate::store::{Store, activity_granularity, unix_now};
 
 /// Runs the command line: serve (the default) or migrate.
 pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -88,7 +88,8 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
         StoreChoice::Postgres(options) => {
             let store = PgStore::connect(*options, config.db_max_connections)
                 .await
-                .context("cannot connect to Postgres at DATABASE_URL")?;
+                .context("cannot connect to Postgres at DATABASE_URL")?
+                .with_activity_granularity(activity_granularity(config.client_ttl));
             if migrate {
                 store.migrate().await?;
             }
@@ -98,7 +99,8 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
         StoreChoice::Sqlite(path) => {
             let store = SqliteStore::open(&path, config.db_max_connections)
                 .await
-                .with_context(|| format!("cannot open the SQLite file {}", path.display()))?;
+                .with_context(|| format!("cannot open the SQLite file {}", path.display()))?
+                .with_activity_granularity(activity_granularity(config.client_ttl));
             if migrate {
                 store.migrate().await?;
             }

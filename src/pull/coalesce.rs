@@ -3,7 +3,7 @@
 //! is in flight are answered together by the next read, so a storm costs a few reads, not one each.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -24,6 +24,7 @@ pub struct SharedPull {
     /// Cookies below this may miss compacted deletions: they get the whole space instead.
     pub compacted_version: u64,
     client_groups: HashMap<String, ClientGroupRecord>,
+    collected_client_groups: HashSet<String>,
     changed_clients: HashMap<String, Vec<(String, u64)>>,
     /// The patch's operations, already JSON, comma-separated, without brackets; `None` when
     /// the delta was too large to build in memory (each pull streams it instead).
@@ -57,6 +58,7 @@ impl SharedPull {
                 .into_iter()
                 .map(|g| (g.id.clone(), g))
                 .collect(),
+            collected_client_groups: changes.collected_client_groups.into_iter().collect(),
             changed_clients,
             patch,
         }
@@ -64,6 +66,11 @@ impl SharedPull {
 
     pub fn client_group(&self, id: &str) -> Option<&ClientGroupRecord> {
         self.client_groups.get(id)
+    }
+
+    /// Whether garbage collection removed this client group.
+    pub fn client_group_collected(&self, id: &str) -> bool {
+        self.collected_client_groups.contains(id)
     }
 
     pub fn changed_clients(&self, client_group_id: &str) -> &[(String, u64)] {

@@ -128,6 +128,7 @@ impl Pulls {
         self.metrics.pull_reads.increment();
         let snapshot =
             reconnecting(|| self.store.streamed_pull(space, client_group_id, since)).await?;
+        check_not_collected(snapshot.client_group_collected)?;
         if let Some(group) = &snapshot.client_group {
             check_group_ownership(group, space, user)?;
         }
@@ -156,6 +157,7 @@ impl Pulls {
         from: u64,
     ) -> Result<PullBody, ApiError> {
         let shared = self.coalescer.pull(space, client_group_id, from).await?;
+        check_not_collected(shared.client_group_collected(client_group_id))?;
         if let Some(group) = shared.client_group(client_group_id) {
             check_group_ownership(group, space, user)?;
         }
@@ -183,6 +185,16 @@ impl Pulls {
             Bytes::from_static(b"]}"),
         ]))
     }
+}
+
+/// A client group that garbage collection removed starts over: Replicache disables it and
+/// forks a new one from its local data (then pulls a delta from its cookie).
+fn check_not_collected(collected: bool) -> Result<(), ApiError> {
+    if collected {
+        tracing::info!("client group removed by garbage collection: ClientStateNotFound");
+        return Err(ProtocolError::ClientStateNotFound.into());
+    }
+    Ok(())
 }
 
 /// A cookie ahead of the space means the database was reset or replaced. Answering a lower

@@ -67,6 +67,8 @@ pub struct PullSnapshot {
     /// holds the whole space (every live entry, every client of the group), as for a first pull.
     pub reset: bool,
     pub client_group: Option<ClientGroupRecord>,
+    /// Set when garbage collection removed the client group: the pull is ClientStateNotFound.
+    pub client_group_collected: bool,
     /// `(clientID, lastMutationID)` of the group's clients (changed after the cookie, if any).
     pub changed_clients: Vec<(String, u64)>,
     /// Every live entry (or every change after the cookie), streamed from the same snapshot so
@@ -84,6 +86,8 @@ pub struct PullChanges {
     pub compacted_version: u64,
     /// The stored groups among those asked for.
     pub client_groups: Vec<ClientGroupRecord>,
+    /// The groups among those asked for that garbage collection removed.
+    pub collected_client_groups: Vec<String>,
     /// `(client group, client, lastMutationID)` of clients changed after the cookie.
     pub changed_clients: Vec<(String, String, u64)>,
     /// Entries changed after the cookie (deletes included); `None` when they add up to more
@@ -91,9 +95,18 @@ pub struct PullChanges {
     pub entries: Option<Vec<EntryChange>>,
 }
 
-/// How coarsely a client group's last activity is kept: a push or pull writes it only when the
-/// stored value is older than this, so a busy group costs one write an hour, not one a pull.
+/// How coarsely a client group's last activity is kept, at most: a push or pull writes it only
+/// when the stored value is older than the granularity, so a busy group costs one write an hour,
+/// not one a pull. A shorter REPLISYNC_CLIENT_TTL gets a finer one (see [`activity_granularity`]).
 pub const ACTIVITY_GRANULARITY_SECS: i64 = 3600;
+
+/// The activity granularity for a client TTL: a 24th of it, from 1 s up to an hour. Garbage
+/// collection takes only groups idle past the whole TTL, so a group that synced within the
+/// granularity is never collected.
+pub fn activity_granularity(client_ttl: std::time::Duration) -> i64 {
+    let secs = i64::try_from(client_ttl.as_secs() / 24).unwrap_or(i64::MAX);
+    secs.clamp(1, ACTIVITY_GRANULARITY_SECS)
+}
 
 /// Now, in seconds since the Unix epoch: the unit of a client group's last activity.
 pub fn unix_now() -> i64 {
@@ -107,10 +120,13 @@ pub fn unix_now() -> i64 {
 /// What a store's garbage collection pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Collected {
-    /// Client groups removed, with their clients.
+    /// Client groups removed, with their clients. Each is remembered for one more TTL, so that
+    /// its next push or pull is answered ClientStateNotFound.
     pub client_groups: u64,
     /// Clients removed.
     pub clients: u64,
+    /// Removed groups remembered for a whole TTL, now forgotten.
+    pub forgotten_groups: u64,
     /// Deleted entries (tombstones) removed.
     pub tombstones: u64,
 }
@@ -252,10 +268,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<PullChanges, StoreError>;
 
     /// Deletes the client groups (and their clients) last active before `inactive_before`
-    /// (seconds since the Unix epoch), `batch` groups per transaction, until none is left.
-    /// `None` when another instance sharing the database is collecting already.
+    /// (seconds since the Unix epoch), `batch` groups per transaction, until none is left,
+    /// remembering each as collected at `now`; then forgets the groups collected before
+    /// `inactive_before`. `None` when another instance sharing the database is collecting.
     async fn collect_client_groups(
         &self,
+        now: i64,
         inactive_before: i64,
         batch: usize,
     ) -> Result<Option<Collected>, StoreError>;
@@ -288,6 +306,10 @@ pub trait PushTx: Send {
         client_group_id: &str,
         client_ids: &[String],
     ) -> Result<ClientState, StoreError>;
+
+    /// Whether garbage collection removed this client group (one that is not stored): its
+    /// clients must start over. Asked only of a group that is not stored.
+    async fn client_group_collected(&mut self, client_group_id: &str) -> Result<bool, StoreError>;
 
     /// The live value (json text) of `key` in this space, `None` if absent or deleted.
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError>;

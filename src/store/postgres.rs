@@ -25,6 +25,8 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub struct PgStore {
     pool: PgPool,
+    /// See [`activity_granularity`](super::activity_granularity).
+    activity_granularity: i64,
 }
 
 impl PgStore {
@@ -48,7 +50,16 @@ impl PgStore {
             })
             .connect_with(options)
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            activity_granularity: ACTIVITY_GRANULARITY_SECS,
+        })
+    }
+
+    /// Records a client group's activity at most once per `secs` (the default is an hour).
+    pub fn with_activity_granularity(mut self, secs: i64) -> PgStore {
+        self.activity_granularity = secs.max(1);
+        self
     }
 
     /// Applies the migrations in `migrations/postgres` that have not run yet. Safe to run from
@@ -74,6 +85,7 @@ impl Store for PgStore {
         Ok(Box::new(PgPushTx {
             tx,
             space: space.clone(),
+            activity_granularity: self.activity_granularity,
         }))
     }
 
@@ -99,11 +111,11 @@ impl Store for PgStore {
     ) -> Result<PullChanges, StoreError> {
         // One statement is one snapshot, even without a transaction: one round trip for
         // every pull in the batch. It also records the groups' activity, at most once per
-        // ACTIVITY_GRANULARITY_SECS per group, skipping a row another transaction has locked (a
-        // push touching it): the pull never waits for it. The entries are aggregated only up to `$4` bytes (a running
-        // sum over the delta, which reads value sizes without reading large values), so no
-        // delta is built whole past the limit, nor meets the 1 GB limit of one `json_agg`.
-        let (version, compacted, groups, clients, entries): PullRow = sqlx::query_as(
+        // granularity per group, skipping a row another transaction has locked (a push touching
+        // it): the pull never waits for it. The entries are aggregated only up to `$4` bytes (a
+        // running sum over the delta, which reads value sizes without reading large values), so
+        // no delta is built whole past the limit, nor meets the 1 GB limit of one `json_agg`.
+        let (version, compacted, groups, collected, clients, entries): PullRow = sqlx::query_as(
                 "WITH touched AS (
                    UPDATE replisync_client_groups SET last_active = $6
                    WHERE id IN (SELECT id FROM replisync_client_groups
@@ -115,6 +127,8 @@ impl Store for PgStore {
                    (SELECT compacted_version FROM replisync_spaces WHERE id = $1),
                    (SELECT coalesce(json_agg(json_build_array(id, space_id, user_id)), '[]')
                       FROM replisync_client_groups WHERE id = ANY($2)),
+                   (SELECT coalesce(json_agg(id), '[]')
+                      FROM replisync_collected_client_groups WHERE id = ANY($2)),
                    (SELECT coalesce(json_agg(json_build_array(client_group_id, id, last_mutation_id)), '[]')
                       FROM replisync_clients
                       WHERE client_group_id = ANY($2) AND last_modified_version > $3),
@@ -131,13 +145,14 @@ impl Store for PgStore {
             .bind(to_i64(max_delta_bytes as u64)?)
             .bind(DELTA_BYTES_PER_ENTRY as i32)
             .bind(unix_now())
-            .bind(ACTIVITY_GRANULARITY_SECS)
+            .bind(self.activity_granularity)
             .fetch_one(&self.pool)
             .await?;
         Ok(PullChanges {
             version: to_space_version(version)?,
             compacted_version: to_space_version(compacted)?,
             client_groups: decode_rows(groups, client_group_record)?,
+            collected_client_groups: decode_rows(collected, |id: String| id)?,
             changed_clients: decode_rows(clients, |row: (String, String, u64)| row)?,
             entries: entries
                 .map(|rows| decode_rows(rows, |(key, value)| EntryChange { key, value }))
@@ -147,6 +162,7 @@ impl Store for PgStore {
 
     async fn collect_client_groups(
         &self,
+        now: i64,
         inactive_before: i64,
         batch: usize,
     ) -> Result<Option<Collected>, StoreError> {
@@ -154,7 +170,7 @@ impl Store for PgStore {
         if !try_gc_lock(&mut conn).await? {
             return Ok(None);
         }
-        let collected = collect_batches(&mut conn, inactive_before, batch).await;
+        let collected = collect_batches(&mut conn, now, inactive_before, batch).await;
         gc_unlock(conn).await;
         collected.map(Some)
     }
@@ -186,6 +202,7 @@ impl Store for PgStore {
 struct PgPushTx {
     tx: Transaction<'static, Postgres>,
     space: SpaceId,
+    activity_granularity: i64,
 }
 
 #[async_trait]
@@ -216,6 +233,10 @@ impl PushTx for PgPushTx {
             group,
             clients,
         })
+    }
+
+    async fn client_group_collected(&mut self, client_group_id: &str) -> Result<bool, StoreError> {
+        shared::client_group_collected(&mut self.tx, client_group_id).await
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
@@ -292,7 +313,7 @@ impl PushTx for PgPushTx {
         .bind(&values)
         .bind(&changes.client_group_id)
         .bind(changes.active_at)
-        .bind(ACTIVITY_GRANULARITY_SECS)
+        .bind(self.activity_granularity)
         .fetch_one(&mut *self.tx)
         .await?;
 
@@ -403,12 +424,15 @@ async fn compact_batch(
 }
 
 /// Deletes idle client groups and their clients, `batch` groups per transaction (each
-/// statement commits on its own), until a batch comes back short.
+/// statement commits on its own), remembering each group as collected at `now`, until a batch
+/// comes back short; then forgets the groups collected before `inactive_before`.
 async fn collect_batches(
     conn: &mut PgConnection,
+    now: i64,
     inactive_before: i64,
     batch: usize,
 ) -> Result<Collected, StoreError> {
+    let batch = to_i64(batch.max(1) as u64)?;
     let mut collected = Collected::default();
     loop {
         // Rows a push has locked (touching them) are skipped; the DELETE checks the idle
@@ -423,24 +447,45 @@ async fn collect_batches(
              ), gone_clients AS (
                  DELETE FROM replisync_clients WHERE client_group_id IN (SELECT id FROM gone)
                  RETURNING 1
+             ), remembered AS (
+                 INSERT INTO replisync_collected_client_groups (id, collected_at)
+                 SELECT id, $3 FROM gone
+                 ON CONFLICT (id) DO UPDATE SET collected_at = excluded.collected_at
              )
              SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_clients)",
         )
         .bind(inactive_before)
-        .bind(to_i64(batch.max(1) as u64)?)
+        .bind(batch)
+        .bind(now)
         .fetch_one(&mut *conn)
         .await?;
         collected.client_groups += to_u64(groups, "collected groups")?;
         collected.clients += to_u64(clients, "collected clients")?;
-        if (groups as u64) < batch.max(1) as u64 {
+        if groups < batch {
+            break;
+        }
+    }
+    loop {
+        let forgotten = sqlx::query(
+            "DELETE FROM replisync_collected_client_groups
+             WHERE id IN (SELECT id FROM replisync_collected_client_groups
+                          WHERE collected_at < $1 LIMIT $2)",
+        )
+        .bind(inactive_before)
+        .bind(batch)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        collected.forgotten_groups += forgotten;
+        if forgotten < batch as u64 {
             return Ok(collected);
         }
     }
 }
 
-/// A pull's one row: the space's version and compacted version, then groups, clients and
-/// entries as `json_agg`s.
-type PullRow = (Option<i64>, Option<i64>, Value, Value, Option<Value>);
+/// A pull's one row: the space's version and compacted version, then groups, collected groups,
+/// clients and entries as `json_agg`s.
+type PullRow = (Option<i64>, Option<i64>, Value, Value, Value, Option<Value>);
 
 /// Decodes a `json_agg` of row arrays into typed rows.
 fn decode_rows<Row: serde::de::DeserializeOwned, T>(

@@ -13,8 +13,15 @@ use crate::protocol::SpaceId;
 // The statements here number their parameters `$1`, `$2`, ...: Postgres's own style, and one
 // that SQLite reads as named parameters which sqlx binds by their number (see the test below).
 
-/// A space's version and compacted version, and a client group's space and user.
-type SpaceAndGroup = (Option<i64>, Option<i64>, Option<String>, Option<String>);
+/// A space's version and compacted version, a client group's space and user, and whether
+/// garbage collection removed the group (a count, 0 or 1).
+type SpaceAndGroup = (
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    i64,
+);
 
 /// Reads a streamed pull in `tx`, which must see one snapshot from its first read to its end: the
 /// space's version, the client group and its clients now, then the entries as the stream is read.
@@ -38,10 +45,11 @@ where
     (String, Option<String>): for<'r> FromRow<'r, DB::Row>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
-    let (version, compacted, space_id, user_id): SpaceAndGroup = sqlx::query_as(
+    let (version, compacted, space_id, user_id, collected): SpaceAndGroup = sqlx::query_as(
         "SELECT (SELECT version FROM replisync_spaces WHERE id = $1),
                 (SELECT compacted_version FROM replisync_spaces WHERE id = $1),
-                g.space_id, g.user_id
+                g.space_id, g.user_id,
+                (SELECT count(*) FROM replisync_collected_client_groups WHERE id = $2)
          FROM (SELECT 1) AS one
          LEFT JOIN replisync_client_groups g ON g.id = $2",
     )
@@ -72,6 +80,7 @@ where
         version: to_space_version(version)?,
         reset,
         client_group: stored_client_group(client_group_id, space_id.zip(user_id)),
+        client_group_collected: collected > 0,
         changed_clients,
         entries: entries_after(tx, space.as_str().to_owned(), after),
     })
@@ -108,6 +117,26 @@ where
         }
         tx.commit().await?;
     })
+}
+
+/// Whether garbage collection removed `client_group_id` (and remembers it).
+pub(super) async fn client_group_collected<DB>(
+    tx: &mut Transaction<'static, DB>,
+    client_group_id: &str,
+) -> Result<bool, StoreError>
+where
+    DB: Database + HasStatementCache,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+{
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM replisync_collected_client_groups WHERE id = $1")
+            .bind(client_group_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    Ok(count > 0)
 }
 
 /// The live value (json text) of `key` in `space`, `None` if absent or deleted.

@@ -31,6 +31,8 @@ pub struct SqliteStore {
     readers: SqlitePool,
     /// Client groups whose pull activity is being written (see `record_pull_activity`).
     touching: Arc<Mutex<HashSet<String>>>,
+    /// See [`activity_granularity`](super::activity_granularity).
+    activity_granularity: i64,
 }
 
 impl SqliteStore {
@@ -62,7 +64,14 @@ impl SqliteStore {
             writer,
             readers,
             touching: Arc::default(),
+            activity_granularity: ACTIVITY_GRANULARITY_SECS,
         })
+    }
+
+    /// Records a client group's activity at most once per `secs` (the default is an hour).
+    pub fn with_activity_granularity(mut self, secs: i64) -> SqliteStore {
+        self.activity_granularity = secs.max(1);
+        self
     }
 
     /// Applies the migrations in `migrations/sqlite` that have not run yet.
@@ -87,6 +96,7 @@ impl Store for SqliteStore {
             tx,
             space: space.clone(),
             version,
+            activity_granularity: self.activity_granularity,
         }))
     }
 
@@ -116,7 +126,15 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Database(e.to_string()))?;
         let (version, compacted_version) = space_versions(&mut tx, space).await?;
         let now = unix_now();
-        let (client_groups, idle) = pulled_groups(&mut tx, &group_ids, now).await?;
+        let (client_groups, idle) =
+            pulled_groups(&mut tx, &group_ids, now - self.activity_granularity).await?;
+        let collected_client_groups = sqlx::query_scalar(
+            "SELECT id FROM replisync_collected_client_groups
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&group_ids)
+        .fetch_all(&mut *tx)
+        .await?;
         let changed_clients = sqlx::query_as::<_, (String, String, i64)>(
             "SELECT client_group_id, id, last_mutation_id FROM replisync_clients
              WHERE client_group_id IN (SELECT value FROM json_each(?1))
@@ -136,6 +154,7 @@ impl Store for SqliteStore {
             version,
             compacted_version,
             client_groups,
+            collected_client_groups,
             changed_clients,
             entries,
         })
@@ -143,19 +162,37 @@ impl Store for SqliteStore {
 
     async fn collect_client_groups(
         &self,
+        now: i64,
         inactive_before: i64,
         batch: usize,
     ) -> Result<Option<Collected>, StoreError> {
         // One instance only: nothing to lock against. Each batch is a short write transaction,
         // so pushes queued on the writer wait for one batch at most.
+        let batch = batch.max(1);
         let mut collected = Collected::default();
         loop {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let gone = collect_batch(&mut tx, inactive_before, batch.max(1)).await?;
+            let gone = collect_batch(&mut tx, now, inactive_before, batch).await?;
             tx.commit().await?;
             collected.client_groups += gone.client_groups;
             collected.clients += gone.clients;
-            if gone.client_groups < batch.max(1) as u64 {
+            if gone.client_groups < batch as u64 {
+                break;
+            }
+        }
+        loop {
+            let forgotten = sqlx::query(
+                "DELETE FROM replisync_collected_client_groups
+                 WHERE id IN (SELECT id FROM replisync_collected_client_groups
+                              WHERE collected_at < ?1 LIMIT ?2)",
+            )
+            .bind(inactive_before)
+            .bind(to_i64(batch as u64)?)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+            collected.forgotten_groups += forgotten;
+            if forgotten < batch as u64 {
                 return Ok(Some(collected));
             }
         }
@@ -205,10 +242,11 @@ impl SqliteStore {
             return;
         }
         let (writer, touching) = (self.writer.clone(), self.touching.clone());
+        let granularity = self.activity_granularity;
         tokio::spawn(async move {
             let written = async {
                 let mut tx = writer.begin().await?;
-                touch_groups(&mut tx, &fresh, now).await?;
+                touch_groups(&mut tx, &fresh, now, granularity).await?;
                 tx.commit().await.map_err(StoreError::from)
             };
             if let Err(error) = written.await {
@@ -226,6 +264,7 @@ struct SqlitePushTx {
     tx: Transaction<'static, Sqlite>,
     space: SpaceId,
     version: u64,
+    activity_granularity: i64,
 }
 
 #[async_trait]
@@ -252,6 +291,10 @@ impl PushTx for SqlitePushTx {
             group: stored_client_group(client_group_id, group),
             clients,
         })
+    }
+
+    async fn client_group_collected(&mut self, client_group_id: &str) -> Result<bool, StoreError> {
+        shared::client_group_collected(&mut self.tx, client_group_id).await
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
@@ -283,7 +326,14 @@ impl PushTx for SqlitePushTx {
             .execute(&mut *self.tx)
             .await?;
         } else {
-            touch_groups(&mut self.tx, &[changes.client_group_id], changes.active_at).await?;
+            let group = [changes.client_group_id];
+            touch_groups(
+                &mut self.tx,
+                &group,
+                changes.active_at,
+                self.activity_granularity,
+            )
+            .await?;
         }
         for client in &changes.clients {
             sqlx::query(
@@ -361,11 +411,11 @@ async fn delta_within(
 }
 
 /// The stored groups among `group_ids` (a JSON array), and the ids of those whose last activity
-/// is older than the granularity at `now`.
+/// is older than `stale_before`.
 async fn pulled_groups(
     conn: &mut SqliteConnection,
     group_ids: &str,
-    now: i64,
+    stale_before: i64,
 ) -> Result<(Vec<ClientGroupRecord>, Vec<String>), StoreError> {
     let rows = sqlx::query_as::<_, (String, String, String, i64)>(
         "SELECT id, space_id, user_id, last_active FROM replisync_client_groups
@@ -376,7 +426,7 @@ async fn pulled_groups(
     .await?;
     let idle = rows
         .iter()
-        .filter(|row| row.3 < now - ACTIVITY_GRANULARITY_SECS)
+        .filter(|row| row.3 < stale_before)
         .map(|row| row.0.clone())
         .collect();
     let groups = rows
@@ -386,11 +436,12 @@ async fn pulled_groups(
     Ok((groups, idle))
 }
 
-/// Sets the last activity of `group_ids` to `now` where it is older than the granularity.
+/// Sets the last activity of `group_ids` to `now` where it is older than `granularity`.
 async fn touch_groups(
     conn: &mut SqliteConnection,
     group_ids: &[String],
     now: i64,
+    granularity: i64,
 ) -> Result<(), StoreError> {
     for id in group_ids {
         sqlx::query(
@@ -399,16 +450,18 @@ async fn touch_groups(
         )
         .bind(now)
         .bind(id)
-        .bind(ACTIVITY_GRANULARITY_SECS)
+        .bind(granularity)
         .execute(&mut *conn)
         .await?;
     }
     Ok(())
 }
 
-/// Deletes at most `batch` client groups last active before `inactive_before`, and their clients.
+/// Deletes at most `batch` client groups last active before `inactive_before`, and their
+/// clients, and remembers the groups as collected at `now`.
 async fn collect_batch(
     conn: &mut SqliteConnection,
+    now: i64,
     inactive_before: i64,
     batch: usize,
 ) -> Result<Collected, StoreError> {
@@ -421,17 +474,28 @@ async fn collect_batch(
     .bind(to_i64(batch as u64)?)
     .fetch_all(&mut *conn)
     .await?;
+    let gone_json =
+        serde_json::to_string(&gone).map_err(|e| StoreError::Database(e.to_string()))?;
     let clients = sqlx::query(
         "DELETE FROM replisync_clients WHERE client_group_id IN (SELECT value FROM json_each(?1))",
     )
-    .bind(serde_json::to_string(&gone).map_err(|e| StoreError::Database(e.to_string()))?)
+    .bind(&gone_json)
     .execute(&mut *conn)
     .await?
     .rows_affected();
+    sqlx::query(
+        "INSERT INTO replisync_collected_client_groups (id, collected_at)
+         SELECT value, ?2 FROM json_each(?1) WHERE true
+         ON CONFLICT (id) DO UPDATE SET collected_at = excluded.collected_at",
+    )
+    .bind(&gone_json)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
     Ok(Collected {
         client_groups: gone.len() as u64,
         clients,
-        tombstones: 0,
+        ..Collected::default()
     })
 }
 

@@ -243,10 +243,13 @@ impl Store for SlowPullReads {
     }
     async fn collect_client_groups(
         &self,
+        now: i64,
         inactive_before: i64,
         batch: usize,
     ) -> Result<Option<Collected>, StoreError> {
-        self.0.collect_client_groups(inactive_before, batch).await
+        self.0
+            .collect_client_groups(now, inactive_before, batch)
+            .await
     }
     async fn compact_tombstones(
         &self,

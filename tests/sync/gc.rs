@@ -75,7 +75,7 @@ async fn a_collected_client_starts_over_and_loses_nothing_of_the_space(backend: 
         Some(Collected {
             client_groups: 1,
             clients: 1,
-            tombstones: 0,
+            ..Collected::default()
         })
     );
     assert_eq!(last_active(&server, "gone").await, None);
@@ -94,23 +94,54 @@ async fn a_collected_client_starts_over_and_loses_nothing_of_the_space(backend: 
     );
     assert_eq!(server.db.fingerprint().await, before);
 
-    // Its next pull from its cookie is answered with the space's data (a pull-only or forked
-    // group has no row either, so an unknown group's cookie is honoured): nothing is lost.
-    let (status, delta) = server.pull("s", "gone", json!(gone_view.cookie)).await;
+    // Its next pull, from its cookie or from scratch, tells it the same: start over.
+    let csnf = (200, json!({"error": "ClientStateNotFound"}));
+    assert_eq!(
+        server.pull("s", "gone", json!(gone_view.cookie)).await,
+        csnf
+    );
+    assert_eq!(server.pull("s", "gone", Value::Null).await, csnf);
+
+    // Replicache then forks a new group from the old one's data and cookie: its pull from that
+    // cookie is a delta, and nothing of the space is lost.
+    let later = push_body("stays", &[("d", 2, "delete", json!({"key": "m"}))]);
+    assert_eq!(server.push("s", &later).await, (200, json!({})));
+    let (status, delta) = server.pull("s", "forked", json!(gone_view.cookie)).await;
     assert_eq!(status, 200, "{delta}");
     gone_view.apply(&delta);
     assert_eq!(gone_view.entries["n"], json!(2));
-    assert_eq!(gone_view.entries["m"], json!(5));
+    assert!(!gone_view.entries.contains_key("m"), "{delta}");
 
-    // The client that replaces it sees the whole space and pushes from mutation 1.
+    // A client that starts from scratch sees the whole space and pushes from mutation 1.
     let fresh = server.state("s", "fresh").await;
-    assert_eq!(fresh.entries["n"], json!(2));
-    assert_eq!(fresh.entries["m"], json!(5));
+    assert_eq!(fresh.entries, gone_view.entries);
     let first_push = push_body("fresh", &[("c2", 1, "increment", inc("n", 1))]);
     assert_eq!(server.push("s", &first_push).await, (200, json!({})));
     assert_eq!(server.state("s", "fresh").await.entries["n"], json!(3));
     // The group that stayed active was not touched.
-    assert_eq!(server.state("s", "stays").await.lmid("d"), 1);
+    assert_eq!(server.state("s", "stays").await.lmid("d"), 2);
+
+    // A removed group is remembered for one more TTL, then forgotten: its id is then unknown,
+    // so its pull is answered like a forked group's and its push (ids past 1) starts it over.
+    let forgotten = gc::collect(
+        &*server.store,
+        &server.metrics,
+        unix_now() + TTL.as_secs() as i64 + 60,
+        &SETTINGS,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(forgotten.forgotten_groups, 1, "{forgotten:?}");
+    let remembered: Option<i64> = server
+        .db
+        .scalar("SELECT collected_at FROM replisync_collected_client_groups WHERE id = 'gone'")
+        .await;
+    assert_eq!(remembered, None);
+    let (status, _) = server.pull("s", "gone", json!(gone_view.cookie)).await;
+    assert_eq!(status, 200);
+    let next = push_body("gone", &[("c", 3, "increment", inc("n", 100))]);
+    assert_eq!(server.push("s", &next).await, csnf);
 }
 
 /// The clock is injected: a group is kept up to the TTL and collected past it.
