@@ -745,6 +745,11 @@ mod tests {
         assert_eq!(duration("45"), Ok(Duration::from_secs(45)));
         assert!(duration("3 weeks").is_err());
         assert!(duration("d").is_err());
+        // Activity is recorded to a 24th of the TTL, from a second up to an hour.
+        let granularity = |ttl| crate::store::activity_granularity(duration(ttl).unwrap());
+        assert_eq!(granularity("30d"), 3600);
+        assert_eq!(granularity("2h"), 300);
+        assert_eq!(granularity("4s"), 1);
         let off = config(&["--gc-interval", "0"]).gc_settings().unwrap();
         assert_eq!(off.interval, None);
         let short = config(&["--client-ttl", "0"]).gc_settings().unwrap_err();

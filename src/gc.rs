@@ -45,6 +45,9 @@ pub async fn collect(
         .gc_client_groups_removed
         .add(collected.client_groups);
     metrics.gc_clients_removed.add(collected.clients);
+    metrics
+        .gc_client_groups_forgotten
+        .add(collected.forgotten_groups);
     // Another instance may take the lock between the two steps: its pass compacts instead.
     let tombstones = store
         .compact_tombstones(before(now, settings.tombstone_ttl), BATCH)

@@ -86,6 +86,8 @@ pub struct Metrics {
     pub gc_client_groups_removed: Counter,
     /// Clients removed with their groups.
     pub gc_clients_removed: Counter,
+    /// Removed client groups forgotten a TTL after their removal.
+    pub gc_client_groups_forgotten: Counter,
     /// Deletions (tombstones) removed by compaction.
     pub gc_tombstones_removed: Counter,
     /// Pulls answered with the whole space because their cookie was older than the space's
@@ -248,6 +250,11 @@ impl Metrics {
                 "replisync_gc_clients_removed_total",
                 "Clients removed with their client groups by garbage collection.",
                 self.gc_clients_removed.get(),
+            ),
+            (
+                "replisync_gc_client_groups_forgotten_total",
+                "Removed client groups forgotten one REPLISYNC_CLIENT_TTL after their removal (until then they are answered ClientStateNotFound).",
+                self.gc_client_groups_forgotten.get(),
             ),
             (
                 "replisync_gc_tombstones_removed_total",

@@ -133,6 +133,8 @@ async fn a_collected_client_starts_over_and_loses_nothing_of_the_space(backend: 
     .unwrap()
     .unwrap();
     assert_eq!(forgotten.forgotten_groups, 1, "{forgotten:?}");
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("replisync_gc_client_groups_forgotten_total 1\n"));
     let remembered: Option<i64> = server
         .db
         .scalar("SELECT collected_at FROM replisync_collected_client_groups WHERE id = 'gone'")
