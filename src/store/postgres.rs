@@ -386,12 +386,7 @@ async fn compact_batch(
     batch: usize,
 ) -> Result<Option<u64>, StoreError> {
     let mut tx = conn.begin().await?;
-    let space: Option<String> = sqlx::query_scalar(
-        "SELECT space_id FROM replisync_entries WHERE deleted AND changed_at < $1 LIMIT 1",
-    )
-    .bind(deleted_before)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let space = shared::space_with_old_tombstones::<Postgres>(&mut tx, deleted_before).await?;
     let Some(space) = space else {
         return Ok(None);
     };

@@ -119,6 +119,27 @@ where
     })
 }
 
+/// A space holding a tombstone written before `deleted_before`, if any: the next one compaction
+/// works on.
+pub(super) async fn space_with_old_tombstones<DB>(
+    conn: &mut DB::Connection,
+    deleted_before: i64,
+) -> Result<Option<String>, StoreError>
+where
+    DB: Database + HasStatementCache,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    (String,): for<'r> FromRow<'r, DB::Row>,
+{
+    Ok(sqlx::query_scalar(
+        "SELECT space_id FROM replisync_entries WHERE deleted AND changed_at < $1 LIMIT 1",
+    )
+    .bind(deleted_before)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Whether garbage collection removed `client_group_id` (and remembers it).
 pub(super) async fn client_group_collected<DB>(
     tx: &mut Transaction<'static, DB>,

@@ -506,12 +506,7 @@ async fn compact_batch(
     deleted_before: i64,
     batch: usize,
 ) -> Result<Option<u64>, StoreError> {
-    let space: Option<String> = sqlx::query_scalar(
-        "SELECT space_id FROM replisync_entries WHERE deleted AND changed_at < ?1 LIMIT 1",
-    )
-    .bind(deleted_before)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let space = shared::space_with_old_tombstones::<Sqlite>(conn, deleted_before).await?;
     let Some(space) = space else {
         return Ok(None);
     };
