@@ -161,7 +161,11 @@ impl Pulls {
         if let Some(group) = shared.client_group(client_group_id) {
             check_group_ownership(group, space, user)?;
         }
-        check_cookie_not_ahead(from, shared.version)?;
+        if from > shared.version {
+            return self
+                .reset_cookie_ahead(space, user, client_group_id, from)
+                .await;
+        }
         if from < shared.compacted_version {
             // Deletions after this cookie were compacted away: the whole space, from scratch.
             self.metrics.pull_resets.increment();
@@ -187,6 +191,38 @@ impl Pulls {
     }
 }
 
+impl Pulls {
+    /// A cookie ahead of the space: the database was replaced (restored, wiped) since the
+    /// client pulled. A lower cookie would wedge the client, and ClientStateNotFound would make
+    /// Replicache fork a new group from the same local data and cookie, again and again. So the
+    /// space's version and compaction horizon are raised to the cookie (every older cookie, maybe
+    /// from the old database too, now gets a reset), and this pull gets the whole space.
+    async fn reset_cookie_ahead(
+        &self,
+        space: &SpaceId,
+        user: &str,
+        client_group_id: &str,
+        cookie: u64,
+    ) -> Result<PullBody, ApiError> {
+        if cookie > MAX_ADOPTED_COOKIE {
+            // No space gets near this; raising it there would leave too few versions.
+            tracing::info!(cookie, "cookie far ahead of any space: ClientStateNotFound");
+            return Err(ProtocolError::ClientStateNotFound.into());
+        }
+        tracing::info!(
+            cookie,
+            "cookie ahead of the space (its database was replaced): the space moves up to it, and the pull gets all of it"
+        );
+        reconnecting(|| self.store.raise_space_version(space, cookie)).await?;
+        self.metrics.pull_resets.increment();
+        self.streamed_pull(space, user, client_group_id, None).await
+    }
+}
+
+/// The highest cookie a space's version is raised to (2^50): far below 2^53, where JavaScript
+/// numbers stop being exact, so 2^52 versions are left after it.
+const MAX_ADOPTED_COOKIE: u64 = 1 << 50;
+
 /// A client group that garbage collection removed starts over: Replicache disables it and
 /// forks a new one from its local data (then pulls a delta from its cookie).
 fn check_not_collected(collected: bool) -> Result<(), ApiError> {
@@ -197,7 +233,8 @@ fn check_not_collected(collected: bool) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A cookie ahead of the space means the database was reset or replaced. Answering a lower
+/// A cookie ahead of the space in a snapshot read after the shared read found it was not:
+/// versions only grow, so this is a replaced database under a running server. Answering a lower
 /// cookie would wedge the client; ClientStateNotFound makes it start over.
 fn check_cookie_not_ahead(cookie: u64, version: u64) -> Result<(), ApiError> {
     if cookie > version {

@@ -189,6 +189,21 @@ impl Store for PgStore {
         removed.map(Some)
     }
 
+    async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
+        // A push holding the space's lock is waited for: versions keep moving one way.
+        sqlx::query(
+            "INSERT INTO replisync_spaces (id, version, compacted_version) VALUES ($1, $2, $2)
+             ON CONFLICT (id) DO UPDATE
+                 SET version = greatest(replisync_spaces.version, excluded.version),
+                     compacted_version = greatest(replisync_spaces.compacted_version, excluded.version)",
+        )
+        .bind(space.as_str())
+        .bind(to_i64(to)?)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn check_health(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

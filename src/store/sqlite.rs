@@ -216,6 +216,21 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
+        // On the writer: pushes are waited for, so versions keep moving one way.
+        sqlx::query(
+            "INSERT INTO replisync_spaces (id, version, compacted_version) VALUES (?1, ?2, ?2)
+             ON CONFLICT (id) DO UPDATE
+                 SET version = max(version, excluded.version),
+                     compacted_version = max(compacted_version, excluded.version)",
+        )
+        .bind(space.as_str())
+        .bind(to_i64(to)?)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     async fn check_health(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())

@@ -258,6 +258,9 @@ impl Store for SlowPullReads {
     ) -> Result<Option<u64>, StoreError> {
         self.0.compact_tombstones(deleted_before, batch).await
     }
+    async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
+        self.0.raise_space_version(space, to).await
+    }
     async fn check_health(&self) -> Result<(), StoreError> {
         self.0.check_health().await
     }

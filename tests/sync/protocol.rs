@@ -363,8 +363,7 @@ async fn cookies_the_server_cannot_honour_are_client_state_not_found(backend: Ba
         .await;
     let not_found = json!({"error": "ClientStateNotFound"});
     for cookie in [
-        json!(2),
-        json!(1000),
+        json!(1u64 << 51),
         json!("1"),
         json!({"order": 1}),
         json!(-1),
@@ -376,10 +375,57 @@ async fn cookies_the_server_cannot_honour_are_client_state_not_found(backend: Ba
             "cookie {cookie}"
         );
     }
-    // A wiped database: every cookie above 0 is ahead of the space.
+}
+
+/// A cookie ahead of the space (its database was wiped or restored from a backup): the space
+/// moves up to the cookie and the pull gets all of it, so cookies never go down and the client
+/// needs no reload (ClientStateNotFound would make Replicache fork a new group from the same
+/// local data and cookie, which would be answered the same way, forever).
+async fn a_cookie_ahead_of_the_space_gets_the_whole_space_at_that_cookie(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let first = [
+        ("c", 1, "increment", inc("n", 1)),
+        ("c", 2, "increment", inc("n", 1)),
+    ];
+    server.push("s", &push_body("g", &first)).await; // version 1
+    let (_, pulled) = server.pull("s", "g", Value::Null).await;
+    let before_the_wipe = PullView::from_response(&pulled);
+    assert_eq!(before_the_wipe.cookie, 1);
+
+    // A client of the old database, 1000 versions ahead: everything, at its own cookie.
+    let (status, reset) = server.pull("s", "lost", json!(1000)).await;
+    assert_eq!(status, 200, "{reset}");
+    assert_eq!(reset["cookie"], json!(1000));
+    assert_eq!(reset["patch"][0], json!({"op": "clear"}));
+    let mut lost = PullView::default();
+    lost.apply(&reset);
+    assert_eq!(lost.entries, before_the_wipe.entries);
+
+    // Versions go on from there; the client's next pull is a delta.
+    let next = push_body("g", &[("c", 3, "increment", inc("n", 5))]);
+    assert_eq!(server.push("s", &next).await, (200, json!({})));
+    let (_, delta) = server.pull("s", "lost", json!(1000)).await;
+    assert_eq!(delta["cookie"], json!(1001));
     assert_eq!(
-        server.pull("wiped", "other-group", json!(3)).await.1,
-        not_found
+        delta["patch"],
+        json!([{"op": "put", "key": "n", "value": 7}])
+    );
+    // A cookie below the raised version may come from the old database too: a reset.
+    let (_, again) = server.pull("s", "g", json!(1)).await;
+    assert_eq!(again["patch"][0], json!({"op": "clear"}));
+    assert_eq!(again["cookie"], json!(1001));
+    assert_eq!(again["lastMutationIDChanges"], json!({"c": 3}));
+
+    // A space the database has never seen: created at the cookie, empty.
+    let (_, empty) = server.pull("wiped", "other-group", json!(3)).await;
+    assert_eq!(
+        empty,
+        json!({"cookie": 3, "lastMutationIDChanges": {}, "patch": [{"op": "clear"}]})
+    );
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("replisync_pull_resets_total 3\n"),
+        "{metrics}"
     );
 }
 
@@ -649,6 +695,7 @@ crate::on_both_stores!(
     client_group_of_another_user_is_rejected,
     unknown_client_past_its_first_mutation_is_client_state_not_found,
     cookies_the_server_cannot_honour_are_client_state_not_found,
+    a_cookie_ahead_of_the_space_gets_the_whole_space_at_that_cookie,
     other_protocol_versions_are_not_supported,
     failing_mutations_roll_back_and_still_count,
     a_database_fault_rolls_the_whole_push_back,
