@@ -90,6 +90,35 @@ impl Server {
     }
 }
 
+/// Runs `replisync gc` (one garbage collection pass) with `binary` against `database_url`,
+/// these variables set too; answers how long the process took and what it printed. Killed
+/// after two minutes.
+pub async fn run_gc_once(
+    binary: &Path,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Duration, String)> {
+    let mut command = server_command(binary, database_url);
+    command
+        .arg("gc")
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn");
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    let started = std::time::Instant::now();
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .context("replisync gc ran for more than two minutes")??;
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "replisync gc failed ({}): {stdout}",
+        output.status
+    );
+    Ok((elapsed, stdout))
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
