@@ -34,9 +34,6 @@ const BACKLOG_TOMBSTONES: i64 = 100_000;
 /// its first pass starts.
 const GC_INTERVAL: &str = "1s";
 const GC_INTERVAL_DURATION: Duration = Duration::from_secs(1);
-/// Pushes per round beside GC, as a multiple of the push workloads' (a round must last about
-/// as long as a pass over the backlog).
-const PUSHES_BESIDE_GC_FACTOR: usize = 3;
 
 impl Bench {
     /// The space `gc-compacted`: COMPACTED_ENTRIES keys set, 99 in 100 deleted, one more push;
@@ -177,32 +174,35 @@ impl Bench {
     /// backlog is seeded afresh, and GC on has it to collect while the pushes run.
     pub async fn pushes_beside_gc(&self, report: &mut Report) -> anyhow::Result<()> {
         for (clients, spaces) in [(8, 1), (8, 100)] {
-            let total = self.total_pushes(clients) * PUSHES_BESIDE_GC_FACTOR;
+            // As many pushes as the push workloads: on this machine a round lasts about as long
+            // as the first pass over the backlog (the table shows both).
+            let total = self.total_pushes(clients);
             let shape = (clients, spaces, 1, total);
-            let (mut off, mut on, mut removed, mut left) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut off, mut on) = (Vec::new(), Vec::new());
+            let (mut removed, mut left, mut pass_ended_s) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..self.repeat {
                 let name = format!("gcp-{spaces}-r{round}");
-                let (served, _, _) = self
+                let gc_off = self
                     .push_round(&format!("{name}-off"), false, shape)
                     .await?;
                 off.push(PushRound {
-                    served,
+                    served: gc_off.served,
                     floor: None,
                 });
-                let (served, r, l) = self.push_round(&format!("{name}-on"), true, shape).await?;
+                let gc_on = self.push_round(&format!("{name}-on"), true, shape).await?;
+                pass_ended_s.push(gc_on.pass_ended_s);
                 on.push(PushRound {
-                    served,
+                    served: gc_on.served,
                     floor: None,
                 });
-                removed.push(r);
-                left.push(l);
+                removed.push(gc_on.removed);
+                left.push(gc_on.left);
             }
             let label = format!("one-mutation pushes, {spaces} space(s), C={clients}");
             let backlog = (BACKLOG_GROUPS, BACKLOG_TOMBSTONES);
-            report.add_gc_push_row(GcPushComparison::from_rounds(
-                label, &off, &on, backlog, &removed, &left,
-            ));
+            let mut row = GcPushComparison::from_rounds(label, &off, &on, backlog, &removed, &left);
+            row.first_pass_ended_s_rounds = pass_ended_s;
+            report.add_gc_push_row(row);
         }
         Ok(())
     }
@@ -215,7 +215,7 @@ impl Bench {
         name: &str,
         gc: bool,
         shape: (usize, usize, usize, usize),
-    ) -> anyhow::Result<(crate::load::PushFigures, (u64, u64), (i64, i64))> {
+    ) -> anyhow::Result<RoundOutcome> {
         seed_gc_backlog(&self.database_url, BACKLOG_GROUPS, BACKLOG_TOMBSTONES).await?;
         let server = Server::start_with_env(
             &self.server_binary,
@@ -231,11 +231,20 @@ impl Bench {
         .await?;
         tokio::time::sleep(GC_INTERVAL_DURATION).await;
         let api = self.api.at(&server.base);
+        let started = Instant::now();
         let served = push_workload_on(&api, increment, name, shape).await?;
         let removed = gc_removed(&api).await?;
         let left = gc_backlog_left(&self.database_url).await?;
+        let pass_ended_s = server
+            .first_gc_removal_logged_at()
+            .map(|at| at.saturating_duration_since(started).as_secs_f64());
         drop(server);
-        Ok((served, removed, left))
+        Ok(RoundOutcome {
+            served,
+            removed,
+            left,
+            pass_ended_s,
+        })
     }
 }
 
@@ -246,6 +255,16 @@ async fn gc_removed(api: &Api) -> anyhow::Result<(u64, u64)> {
             .await?,
         api.metric("replisync_gc_tombstones_removed_total").await?,
     ))
+}
+
+/// One round of pushes beside GC: their figures, what GC removed by their end (groups,
+/// tombstones; /metrics), the backlog left then (database), and when (seconds after the pushes
+/// started) the first pass that removed anything ended, if it did before they did.
+struct RoundOutcome {
+    served: crate::load::PushFigures,
+    removed: (u64, u64),
+    left: (i64, i64),
+    pass_ended_s: Option<f64>,
 }
 
 struct TimedPull {

@@ -81,6 +81,12 @@ pub struct GcPushComparison {
     /// Per GC-on round: the backlog left in the database when the pushes were done.
     pub client_groups_left_rounds: Vec<i64>,
     pub tombstones_left_rounds: Vec<i64>,
+    /// Per GC-on round: seconds from the pushes' start (about when the first pass started) to
+    /// the end of the first pass that removed anything, as the server logged it; None when it
+    /// had not ended by the pushes' end.
+    pub first_pass_ended_s_rounds: Vec<Option<f64>>,
+    /// Per GC-on round: how long its pushes ran, in seconds.
+    pub gc_on_run_s_rounds: Vec<f64>,
 }
 
 /// One push workload run through the built-in `increment` and through `jsIncrement` (the same
@@ -364,12 +370,12 @@ impl Report {
             first.backlog_client_groups, first.backlog_tombstones
         );
         println!(
-            "\n| workload | GC off mutations/s | GC on mutations/s | ratio | GC off p50 ms | GC on p50 ms | GC on p99 ms | groups removed during run (/metrics; database) | tombstones removed during run (/metrics; database) |"
+            "\n| workload | GC off mutations/s | GC on mutations/s | ratio | GC off p50 ms | GC on p50 ms | GC on p99 ms | groups removed during run (/metrics; database) | tombstones removed during run (/metrics; database) | first pass ended s / run s |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.pushes_beside_gc {
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {}; {} | {}; {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {}; {} | {}; {} | {} |",
                 row.workload,
                 one_decimal(row.gc_off.mutations_per_second),
                 one_decimal(row.gc_on.mutations_per_second),
@@ -387,6 +393,7 @@ impl Report {
                     row.backlog_tombstones,
                     &row.tombstones_left_rounds
                 )),
+                pass_timing(&row.first_pass_ended_s_rounds, &row.gc_on_run_s_rounds),
             );
         }
     }
@@ -407,6 +414,19 @@ impl Report {
             );
         }
     }
+}
+
+/// Each round's "pass end / run length" in seconds ("-" for a pass not ended), comma-separated.
+fn pass_timing(ended: &[Option<f64>], runs: &[f64]) -> String {
+    ended
+        .iter()
+        .zip(runs)
+        .map(|(ended, run)| {
+            let ended = ended.map_or("-".to_owned(), one_decimal);
+            format!("{ended}/{}", one_decimal(*run))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What each round's `left` took from `seeded`.
@@ -452,6 +472,8 @@ impl GcPushComparison {
             tombstones_removed_rounds: removed.iter().map(|r| r.1).collect(),
             client_groups_left_rounds: left.iter().map(|l| l.0).collect(),
             tombstones_left_rounds: left.iter().map(|l| l.1).collect(),
+            first_pass_ended_s_rounds: Vec::new(),
+            gc_on_run_s_rounds: on.iter().map(|r| r.served.elapsed.as_secs_f64()).collect(),
             workload,
         }
     }
