@@ -332,6 +332,9 @@ impl Report {
     }
 
     fn print_pushes(&self) {
+        if self.pushes.is_empty() {
+            return;
+        }
         println!(
             "\n| workload | mutations/s | push p50 ms | push p99 ms | floor mutations/s | ratio to floor |"
         );
@@ -399,6 +402,9 @@ impl Report {
     }
 
     fn print_first_pulls(&self) {
+        if self.first_pulls.is_empty() {
+            return;
+        }
         println!(
             "\n| first pull | latency ms | response MB | server RSS before MB | server peak RSS MB |"
         );
