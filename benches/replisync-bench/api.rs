@@ -35,6 +35,14 @@ pub fn set(key: &str, value: Value) -> Mutation {
     }
 }
 
+/// The `delete` mutator: removes `key` (a tombstone stays until compaction).
+pub fn delete(key: &str) -> Mutation {
+    Mutation {
+        name: "delete",
+        args: json!({"key": key}),
+    }
+}
+
 /// A push body: `mutations` of `client` (in client group `group`), numbered from `first_id`.
 pub fn push_body(
     group: &str,

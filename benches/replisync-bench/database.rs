@@ -58,3 +58,108 @@ pub async fn transactions_so_far(admin_url: &str) -> anyhow::Result<i64> {
     .await?;
     Ok(n)
 }
+
+/// The prefix of everything `seed_gc_backlog` writes (client groups, clients, spaces).
+pub const BACKLOG_PREFIX: &str = "gcb-";
+/// Spaces the seeded tombstones are spread over.
+const BACKLOG_SPACES: i64 = 100;
+/// How long ago the backlog was last active or deleted: far past any TTL the benchmark sets.
+const BACKLOG_AGE_SECS: i64 = 30 * 86_400;
+
+/// Replaces whatever backlog is left in the database of `url` with exactly `groups` client
+/// groups (one client each) idle for 30 days and `tombstones` deletions 30 days old, spread over
+/// 100 spaces of their own; then vacuums, so that every round starts from the same tables.
+pub async fn seed_gc_backlog(url: &str, groups: i64, tombstones: i64) -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
+    let old = replisync::store::unix_now() - BACKLOG_AGE_SECS;
+    let like = format!("{BACKLOG_PREFIX}%");
+    for table_and_column in [
+        ("replisync_clients", "id"),
+        ("replisync_client_groups", "id"),
+        ("replisync_collected_client_groups", "id"),
+        ("replisync_entries", "space_id"),
+        ("replisync_spaces", "id"),
+    ] {
+        let (table, column) = table_and_column;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {table} WHERE {column} LIKE $1"
+        )))
+        .bind(&like)
+        .execute(&mut conn)
+        .await?;
+    }
+    let per_space = ((tombstones + BACKLOG_SPACES - 1) / BACKLOG_SPACES).max(1);
+    sqlx::query(
+        "INSERT INTO replisync_spaces (id, version, compacted_version)
+         SELECT 'gcb-space-' || s, $1, 0 FROM generate_series(0, $2 - 1) s",
+    )
+    .bind(per_space)
+    .bind(BACKLOG_SPACES)
+    .execute(&mut conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+         SELECT 'gcb-g' || g, 'gcb-space-' || (g % $2), 'bench', $3
+         FROM generate_series(0, $1 - 1) g",
+    )
+    .bind(groups)
+    .bind(BACKLOG_SPACES)
+    .bind(old)
+    .execute(&mut conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO replisync_clients (id, client_group_id, last_mutation_id, last_modified_version)
+         SELECT 'gcb-c' || g, 'gcb-g' || g, 1, 1 FROM generate_series(0, $1 - 1) g",
+    )
+    .bind(groups)
+    .execute(&mut conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
+         SELECT 'gcb-space-' || (t % $2), 'item/' || lpad(t::text, 8, '0'), NULL, true,
+                t / $2 + 1, $3
+         FROM generate_series(0, $1 - 1) t",
+    )
+    .bind(tombstones)
+    .bind(BACKLOG_SPACES)
+    .bind(old)
+    .execute(&mut conn)
+    .await?;
+    sqlx::raw_sql(
+        "VACUUM ANALYZE replisync_clients, replisync_client_groups, \
+         replisync_collected_client_groups, replisync_entries, replisync_spaces",
+    )
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}
+
+/// The backlog's client groups and tombstones still in the database of `url`.
+pub async fn gc_backlog_left(url: &str) -> anyhow::Result<(i64, i64)> {
+    let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
+    let like = format!("{BACKLOG_PREFIX}%");
+    let groups: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM replisync_client_groups WHERE id LIKE $1")
+            .bind(&like)
+            .fetch_one(&mut conn)
+            .await?;
+    let tombstones: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM replisync_entries WHERE space_id LIKE $1 AND deleted",
+    )
+    .bind(&like)
+    .fetch_one(&mut conn)
+    .await?;
+    Ok((groups, tombstones))
+}
+
+/// Rows of `space` in replisync_entries, in the database of `url`: all of them, and tombstones.
+pub async fn entry_rows(url: &str, space: &str) -> anyhow::Result<(i64, i64)> {
+    let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
+    let rows = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE deleted) FROM replisync_entries WHERE space_id = $1",
+    )
+    .bind(space)
+    .fetch_one(&mut conn)
+    .await?;
+    Ok(rows)
+}

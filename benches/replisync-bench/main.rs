@@ -4,6 +4,7 @@
 mod api;
 mod database;
 mod floor;
+mod gc_workloads;
 mod load;
 mod report;
 mod server;
@@ -49,11 +50,11 @@ struct Args {
     /// The replisync binary to benchmark (by default the one cargo built along with this bench).
     #[arg(long, default_value = env!("CARGO_BIN_EXE_replisync"))]
     server: PathBuf,
-    /// Run only these workloads (comma-separated): push, storm, first-pull, poke, js.
+    /// Run only these workloads (comma-separated): push, storm, first-pull, poke, js, gc.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "push,storm,first-pull,poke,js"
+        default_value = "push,storm,first-pull,poke,js,gc"
     )]
     only: Vec<String>,
     /// Run the server with REPLISYNC_JWT_SECRET set to this, and send every request with an
@@ -109,6 +110,10 @@ async fn main() -> anyhow::Result<()> {
         for entries in [10_000, 100_000] {
             report.first_pulls.push(bench.first_pull(entries).await?);
         }
+    }
+    if args.runs("gc") {
+        report.compaction = Some(bench.compaction().await?);
+        bench.pushes_beside_gc(&mut report).await?;
     }
     report.idle_rss_after_mb = server.rss_mb();
     if args.runs("poke")

@@ -18,6 +18,75 @@ pub struct Report {
     pub token_check_us: Option<f64>,
     /// The built-in `increment` beside the same mutator in JavaScript.
     pub js_mutators: Vec<JsComparison>,
+    /// A space of many deletions pulled before and after tombstone compaction (workload gc).
+    pub compaction: Option<CompactionFigures>,
+    /// Pushes with garbage collection off, and on with a backlog to collect (workload gc).
+    pub pushes_beside_gc: Vec<GcPushComparison>,
+}
+
+/// One space loaded with `entries` keys, `deleted` of them then deleted, pulled before and
+/// after one `replisync gc` pass removed its tombstones.
+#[derive(Serialize)]
+pub struct CompactionFigures {
+    pub entries: usize,
+    pub deleted: usize,
+    /// Repetitions of each pull (medians are reported).
+    pub pulls: usize,
+    pub before: SpacePulls,
+    pub after: SpacePulls,
+    /// The `replisync gc` process, start to exit (connecting included).
+    pub compaction_ms: f64,
+    /// What it printed.
+    pub compaction_output: String,
+}
+
+/// The space's rows and its pulls at one moment; latencies are medians.
+#[derive(Serialize)]
+pub struct SpacePulls {
+    /// Rows of the space in replisync_entries, and how many of them are tombstones.
+    pub entry_rows: i64,
+    pub tombstone_rows: i64,
+    /// Null cookie.
+    pub first_pull_ms: f64,
+    pub first_pull_mb: f64,
+    pub first_pull_ops: usize,
+    /// From the cookie before one small push made after the deletions.
+    pub recent_cookie_pull_ms: f64,
+    pub recent_cookie_pull_ops: usize,
+    /// From the cookie before the deletions.
+    pub old_cookie_pull_ms: f64,
+    pub old_cookie_pull_mb: f64,
+    pub old_cookie_pull_ops: usize,
+    /// Whether that pull was a reset (`clear` then the whole space).
+    pub old_cookie_pull_reset: bool,
+}
+
+/// One push workload on a server with garbage collection off, and on one with it running every
+/// second over a backlog seeded before each round; rounds alternating.
+#[derive(Serialize)]
+pub struct GcPushComparison {
+    pub workload: String,
+    pub gc_off: PushRow,
+    pub gc_on: PushRow,
+    /// Median of the rounds' ratios of GC on's throughput to GC off's.
+    pub ratio: f64,
+    pub ratio_rounds: Vec<f64>,
+    /// Seeded before every round (both modes): idle client groups (a client each), old tombstones.
+    pub backlog_client_groups: i64,
+    pub backlog_tombstones: i64,
+    /// Per GC-on round, from its server's /metrics when the pushes were done (a pass counts
+    /// client groups when it has collected them all, then tombstones when it has compacted all).
+    pub client_groups_removed_rounds: Vec<u64>,
+    pub tombstones_removed_rounds: Vec<u64>,
+    /// Per GC-on round: the backlog left in the database when the pushes were done.
+    pub client_groups_left_rounds: Vec<i64>,
+    pub tombstones_left_rounds: Vec<i64>,
+    /// Per GC-on round: seconds from the pushes' start (about when the first pass started) to
+    /// the end of the first pass that removed anything, as the server logged it; None when it
+    /// had not ended by the pushes' end.
+    pub first_pass_ended_s_rounds: Vec<Option<f64>>,
+    /// Per GC-on round: how long its pushes ran, in seconds.
+    pub gc_on_run_s_rounds: Vec<f64>,
 }
 
 /// One push workload run through the built-in `increment` and through `jsIncrement` (the same
@@ -246,6 +315,10 @@ impl Report {
             storm.print();
         }
         self.print_first_pulls();
+        if let Some(compaction) = &self.compaction {
+            compaction.print();
+        }
+        self.print_pushes_beside_gc();
         if let Some(poke) = &self.poke_latency {
             poke.print();
         }
@@ -259,6 +332,9 @@ impl Report {
     }
 
     fn print_pushes(&self) {
+        if self.pushes.is_empty() {
+            return;
+        }
         println!(
             "\n| workload | mutations/s | push p50 ms | push p99 ms | floor mutations/s | ratio to floor |"
         );
@@ -279,7 +355,56 @@ impl Report {
         }
     }
 
+    /// Adds a GC off / GC on comparison (rounds alternated, same count), shown on stderr too.
+    pub fn add_gc_push_row(&mut self, row: GcPushComparison) {
+        eprintln!(
+            "  {}",
+            serde_json::to_string(&row).unwrap_or_else(|e| e.to_string())
+        );
+        self.pushes_beside_gc.push(row);
+    }
+
+    fn print_pushes_beside_gc(&self) {
+        let Some(first) = self.pushes_beside_gc.first() else {
+            return;
+        };
+        println!(
+            "\npushes beside garbage collection (every 1 s, over {} idle client groups and {} old tombstones seeded before each round):",
+            first.backlog_client_groups, first.backlog_tombstones
+        );
+        println!(
+            "\n| workload | GC off mutations/s | GC on mutations/s | ratio | GC off p50 ms | GC on p50 ms | GC on p99 ms | groups removed during run (/metrics; database) | tombstones removed during run (/metrics; database) | first pass ended s / run s |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &self.pushes_beside_gc {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {}; {} | {}; {} | {} |",
+                row.workload,
+                one_decimal(row.gc_off.mutations_per_second),
+                one_decimal(row.gc_on.mutations_per_second),
+                decimals(row.ratio, 2),
+                one_decimal(row.gc_off.push_p50_ms),
+                one_decimal(row.gc_on.push_p50_ms),
+                one_decimal(row.gc_on.push_p99_ms),
+                spread(&row.client_groups_removed_rounds),
+                spread(&removed(
+                    row.backlog_client_groups,
+                    &row.client_groups_left_rounds
+                )),
+                spread(&row.tombstones_removed_rounds),
+                spread(&removed(
+                    row.backlog_tombstones,
+                    &row.tombstones_left_rounds
+                )),
+                pass_timing(&row.first_pass_ended_s_rounds, &row.gc_on_run_s_rounds),
+            );
+        }
+    }
+
     fn print_first_pulls(&self) {
+        if self.first_pulls.is_empty() {
+            return;
+        }
         println!(
             "\n| first pull | latency ms | response MB | server RSS before MB | server peak RSS MB |"
         );
@@ -294,6 +419,109 @@ impl Report {
                 pull.server_peak_rss_mb.map_or("-".to_owned(), one_decimal),
             );
         }
+    }
+}
+
+/// Each round's "pass end / run length" in seconds ("-" for a pass not ended), comma-separated.
+fn pass_timing(ended: &[Option<f64>], runs: &[f64]) -> String {
+    ended
+        .iter()
+        .zip(runs)
+        .map(|(ended, run)| {
+            let ended = ended.map_or("-".to_owned(), one_decimal);
+            format!("{ended}/{}", one_decimal(*run))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What each round's `left` took from `seeded`.
+fn removed(seeded: i64, left: &[i64]) -> Vec<u64> {
+    left.iter()
+        .map(|left| u64::try_from(seeded - left).unwrap_or(0))
+        .collect()
+}
+
+/// "a" when every round gave a, else "min-max".
+fn spread(values: &[u64]) -> String {
+    match (values.iter().min(), values.iter().max()) {
+        (Some(min), Some(max)) if min == max => min.to_string(),
+        (Some(min), Some(max)) => format!("{min}-{max}"),
+        _ => "-".to_owned(),
+    }
+}
+
+impl GcPushComparison {
+    /// From alternated rounds with GC off and on, and what each GC-on round removed (groups,
+    /// tombstones; from /metrics) and left (groups, tombstones; in the database).
+    pub fn from_rounds(
+        workload: String,
+        off: &[PushRound],
+        on: &[PushRound],
+        backlog: (i64, i64),
+        removed: &[(u64, u64)],
+        left: &[(i64, i64)],
+    ) -> GcPushComparison {
+        let mut ratios: Vec<f64> = off
+            .iter()
+            .zip(on)
+            .map(|(off, on)| on.served.mutations_per_second() / off.served.mutations_per_second())
+            .collect();
+        GcPushComparison {
+            gc_off: PushRow::from_rounds(format!("{workload}, GC off"), off),
+            gc_on: PushRow::from_rounds(format!("{workload}, GC on"), on),
+            ratio: median(&mut ratios),
+            ratio_rounds: ratios,
+            backlog_client_groups: backlog.0,
+            backlog_tombstones: backlog.1,
+            client_groups_removed_rounds: removed.iter().map(|r| r.0).collect(),
+            tombstones_removed_rounds: removed.iter().map(|r| r.1).collect(),
+            client_groups_left_rounds: left.iter().map(|l| l.0).collect(),
+            tombstones_left_rounds: left.iter().map(|l| l.1).collect(),
+            first_pass_ended_s_rounds: Vec::new(),
+            gc_on_run_s_rounds: on.iter().map(|r| r.served.elapsed.as_secs_f64()).collect(),
+            workload,
+        }
+    }
+}
+
+impl CompactionFigures {
+    fn print(&self) {
+        println!(
+            "\ncompaction: one space of {} keys, {} of them deleted; medians of {} pulls each",
+            self.entries, self.deleted, self.pulls
+        );
+        println!(
+            "\n| when | entry rows (tombstones) | first pull ms (MB) | pull from recent cookie ms (ops) | pull from cookie before the deletions ms (MB, ops) |"
+        );
+        println!("|---|---:|---:|---:|---:|");
+        for (when, pulls) in [
+            ("before compaction", &self.before),
+            ("after compaction", &self.after),
+        ] {
+            println!(
+                "| {when} | {} ({}) | {} ({}) | {} ({}) | {} ({}, {}{}) |",
+                pulls.entry_rows,
+                pulls.tombstone_rows,
+                one_decimal(pulls.first_pull_ms),
+                decimals(pulls.first_pull_mb, 2),
+                one_decimal(pulls.recent_cookie_pull_ms),
+                pulls.recent_cookie_pull_ops,
+                one_decimal(pulls.old_cookie_pull_ms),
+                decimals(pulls.old_cookie_pull_mb, 2),
+                pulls.old_cookie_pull_ops,
+                if pulls.old_cookie_pull_reset {
+                    ", reset"
+                } else {
+                    ""
+                },
+            );
+        }
+        println!(
+            "\ncompaction pass (`replisync gc`, process start to exit): {} ms; it said: {}",
+            one_decimal(self.compaction_ms),
+            self.compaction_output
+        );
     }
 }
 

@@ -5,18 +5,19 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::Value;
 
 use crate::POOL_SIZE;
 
-/// A replisync process whose log lines are kept for the poke latencies.
+/// A replisync process whose log lines are kept (with when they arrived) for the poke
+/// latencies and the garbage collection passes.
 pub struct Server {
     child: Child,
     pub base: String,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
 impl Server {
@@ -80,14 +81,57 @@ impl Server {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.iter()
             .skip(from_line)
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter_map(|(_, line)| serde_json::from_str::<Value>(line).ok())
             .filter_map(|entry| entry["fields"]["poke_latency_ms"].as_f64())
             .collect()
+    }
+
+    /// When the server logged the end of its first garbage collection pass that removed
+    /// something, if it has.
+    pub fn first_gc_removal_logged_at(&self) -> Option<Instant> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().find_map(|(at, line)| {
+            let entry = serde_json::from_str::<Value>(line).ok()?;
+            let fields = &entry["fields"];
+            let removed = ["client_groups", "tombstones"]
+                .iter()
+                .any(|field| fields[*field].as_u64().is_some_and(|n| n > 0));
+            removed.then_some(*at)
+        })
     }
 
     pub fn log_len(&self) -> usize {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+}
+
+/// Runs `replisync gc` (one garbage collection pass) with `binary` against `database_url`,
+/// these variables set too; answers how long the process took and what it printed. Killed
+/// after two minutes.
+pub async fn run_gc_once(
+    binary: &Path,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Duration, String)> {
+    let mut command = server_command(binary, database_url);
+    command
+        .arg("gc")
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn");
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    let started = Instant::now();
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .context("replisync gc ran for more than two minutes")??;
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "replisync gc failed ({}): {stdout}",
+        output.status
+    );
+    Ok((elapsed, stdout))
 }
 
 impl Drop for Server {
@@ -121,7 +165,7 @@ fn server_command(binary: &Path, database_url: &str) -> Command {
 /// channel receives the address the server says it listens on.
 fn collect_log(
     stdout: impl std::io::Read + Send + 'static,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
 ) -> std::sync::mpsc::Receiver<String> {
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -131,7 +175,10 @@ fn collect_log(
             {
                 let _ = address_tx.send(address.to_owned());
             }
-            log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            let arrived = Instant::now();
+            log.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((arrived, line));
         }
     });
     address_rx

@@ -96,7 +96,7 @@ impl Bench {
         Ok(rounds)
     }
 
-    fn total_pushes(&self, clients: usize) -> usize {
+    pub fn total_pushes(&self, clients: usize) -> usize {
         (match clients {
             1 => 1000,
             8 => 2400,
@@ -292,7 +292,7 @@ impl Bench {
 /// `clients` concurrent clients of `api`, each pushing `batch` mutations made by `mutation` (an
 /// increment of one of 10 counters) per push in turn to the `spaces` spaces of this workload (one
 /// client group per client and space), until `total_pushes` pushes are answered.
-async fn push_workload_on(
+pub async fn push_workload_on(
     api: &Api,
     mutation: fn(&str, i64) -> Mutation,
     name: &str,
