@@ -263,7 +263,7 @@ impl Metrics {
             ),
             (
                 "replisync_pull_resets_total",
-                "Pulls answered with the whole space: their cookie was older than the space's compaction.",
+                "Pulls answered with the whole space: their cookie was older than the space's compaction, or ahead of the space (a replaced database).",
                 self.pull_resets.get(),
             ),
         ] {

@@ -195,8 +195,9 @@ impl Pulls {
     /// A cookie ahead of the space: the database was replaced (restored, wiped) since the
     /// client pulled. A lower cookie would wedge the client, and ClientStateNotFound would make
     /// Replicache fork a new group from the same local data and cookie, again and again. So the
-    /// space's version and compaction horizon are raised to the cookie (every older cookie, maybe
-    /// from the old database too, now gets a reset), and this pull gets the whole space.
+    /// space's version and compaction horizon are raised past the cookie (every cookie up to it,
+    /// which may come from the old database too, now gets a reset), and this pull gets the
+    /// whole space.
     async fn reset_cookie_ahead(
         &self,
         space: &SpaceId,
@@ -213,7 +214,7 @@ impl Pulls {
             cookie,
             "cookie ahead of the space (its database was replaced): the space moves up to it, and the pull gets all of it"
         );
-        reconnecting(|| self.store.raise_space_version(space, cookie)).await?;
+        reconnecting(|| self.store.raise_space_version(space, cookie + 1)).await?;
         self.metrics.pull_resets.increment();
         self.streamed_pull(space, user, client_group_id, None).await
     }

@@ -289,8 +289,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<u64>, StoreError>;
 
     /// Raises the space's version and its compacted version to at least `to`, creating the
-    /// space if needed: a cookie the server never issued (its database was replaced) becomes one
-    /// that only a full reset can answer, and later versions are above it.
+    /// space if needed: cookies below `to` the server may never have issued (its database was
+    /// replaced) get a full reset, and later versions are above them.
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError>;
 
     /// Answers whether the database is reachable and answering.
