@@ -500,6 +500,7 @@ impl Config {
             client_ttl: self.client_ttl,
             tombstone_ttl: self.tombstone_ttl,
             interval: Some(self.gc_interval).filter(|interval| !interval.is_zero()),
+            pause_factor: crate::gc::BACKGROUND_PAUSE_FACTOR,
         })
     }
 

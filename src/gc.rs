@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::{Collected, Store, StoreError, unix_now};
+use crate::store::{Collected, GcPace, Store, StoreError, unix_now};
 
 /// Client groups deleted per transaction: short enough that pushes and pulls never wait long
 /// behind one, large enough that a backlog of millions drains in minutes.
@@ -23,7 +23,14 @@ pub struct GcSettings {
     pub tombstone_ttl: Duration,
     /// Time between background passes; `None`: no background passes.
     pub interval: Option<Duration>,
+    /// After each batch, a pause this many times as long as the batch took (see [`GcPace`]).
+    pub pause_factor: u32,
 }
+
+/// The pause factor of background passes: a pass keeps at most a tenth of one database
+/// connection busy, so it slows pushes beside it by little; a backlog of 100,000 rows still
+/// goes in about a minute.
+pub const BACKGROUND_PAUSE_FACTOR: u32 = 9;
 
 /// One pass as of `now` (seconds since the Unix epoch): deletes the client groups idle for
 /// longer than the client TTL, then the tombstones older than the tombstone TTL, and counts
@@ -35,8 +42,12 @@ pub async fn collect(
     settings: &GcSettings,
 ) -> Result<Option<Collected>, StoreError> {
     let started = Instant::now();
+    let pace = GcPace {
+        batch: BATCH,
+        pause_factor: settings.pause_factor,
+    };
     let Some(mut collected) = store
-        .collect_client_groups(now, before(now, settings.client_ttl), BATCH)
+        .collect_client_groups(now, before(now, settings.client_ttl), pace)
         .await?
     else {
         return Ok(None);
@@ -50,7 +61,7 @@ pub async fn collect(
         .add(collected.forgotten_groups);
     // Another instance may take the lock between the two steps: its pass compacts instead.
     let tombstones = store
-        .compact_tombstones(before(now, settings.tombstone_ttl), BATCH)
+        .compact_tombstones(before(now, settings.tombstone_ttl), pace)
         .await?
         .unwrap_or(0);
     collected.tombstones = tombstones;

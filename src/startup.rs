@@ -63,7 +63,11 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 
 /// `replisync gc`: one garbage collection pass, reported on standard output.
 async fn collect_once(config: &Config) -> anyhow::Result<()> {
-    let settings = config.gc_settings().map_err(anyhow::Error::msg)?;
+    // Asked for by an operator: at full speed, without the background passes' pauses.
+    let settings = GcSettings {
+        pause_factor: 0,
+        ..config.gc_settings().map_err(anyhow::Error::msg)?
+    };
     let store = open_store(config, config.auto_migrate).await?;
     let result = gc::collect(&*store, &Metrics::default(), unix_now(), &settings).await;
     store.close().await;

@@ -117,6 +117,30 @@ pub fn unix_now() -> i64 {
         })
 }
 
+/// How a garbage collection pass paces itself: `batch` rows per transaction, and after each
+/// batch a pause `pause_factor` times as long as the batch took, so that a background pass
+/// keeps at most 1/(1 + factor) of one database connection busy and pushes beside it barely
+/// notice (0: no pauses, for `replisync gc`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcPace {
+    pub batch: usize,
+    pub pause_factor: u32,
+}
+
+impl GcPace {
+    /// Rows per batch, at least 1.
+    pub fn batch(&self) -> usize {
+        self.batch.max(1)
+    }
+
+    /// Waits after a batch that started at `batch_started`.
+    pub async fn rest_after(&self, batch_started: std::time::Instant) {
+        if self.pause_factor > 0 {
+            tokio::time::sleep(batch_started.elapsed() * self.pause_factor).await;
+        }
+    }
+}
+
 /// What a store's garbage collection pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Collected {
@@ -268,24 +292,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<PullChanges, StoreError>;
 
     /// Deletes the client groups (and their clients) last active before `inactive_before`
-    /// (seconds since the Unix epoch), `batch` groups per transaction, until none is left,
+    /// (seconds since the Unix epoch), a batch of groups per transaction, until none is left,
     /// remembering each as collected at `now`; then forgets the groups collected before
     /// `inactive_before`. `None` when another instance sharing the database is collecting.
     async fn collect_client_groups(
         &self,
         now: i64,
         inactive_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<Collected>, StoreError>;
 
     /// Removes the deletions (tombstones) written before `deleted_before` (seconds since the
-    /// Unix epoch), `batch` per transaction under their space's write lock, raising each space's
+    /// Unix epoch), a batch per transaction under their space's write lock, raising each space's
     /// compacted version to the highest version removed. `None` when another instance sharing
     /// the database is collecting already.
     async fn compact_tombstones(
         &self,
         deleted_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<u64>, StoreError>;
 
     /// Raises the space's version and its compacted version to at least `to`, creating the

@@ -1,7 +1,7 @@
 //! The Postgres store, for production and any number of instances behind a load balancer. A push
 //! locks its space and reads clients in one function call; pulls read REPEATABLE READ snapshots.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -12,8 +12,8 @@ use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use super::shared::{self, client_group_record, stored_client_group, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, Collected, DELTA_BYTES_PER_ENTRY,
-    EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError, to_i64, to_u64,
-    unix_now,
+    EntryChange, GcPace, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError, to_i64,
+    to_u64, unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -164,13 +164,13 @@ impl Store for PgStore {
         &self,
         now: i64,
         inactive_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<Collected>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         if !try_gc_lock(&mut conn).await? {
             return Ok(None);
         }
-        let collected = collect_batches(&mut conn, now, inactive_before, batch).await;
+        let collected = collect_batches(&mut conn, now, inactive_before, pace).await;
         gc_unlock(conn).await;
         collected.map(Some)
     }
@@ -178,13 +178,13 @@ impl Store for PgStore {
     async fn compact_tombstones(
         &self,
         deleted_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<u64>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         if !try_gc_lock(&mut conn).await? {
             return Ok(None);
         }
-        let removed = compact_spaces(&mut conn, deleted_before, batch.max(1)).await;
+        let removed = compact_spaces(&mut conn, deleted_before, pace).await;
         gc_unlock(conn).await;
         removed.map(Some)
     }
@@ -383,13 +383,17 @@ async fn gc_unlock(mut conn: PoolConnection<Postgres>) {
 async fn compact_spaces(
     conn: &mut PgConnection,
     deleted_before: i64,
-    batch: usize,
+    pace: GcPace,
 ) -> Result<u64, StoreError> {
     let mut removed = 0;
-    while let Some(count) = compact_batch(conn, deleted_before, batch).await? {
+    loop {
+        let started = Instant::now();
+        let Some(count) = compact_batch(conn, deleted_before, pace.batch()).await? else {
+            return Ok(removed);
+        };
+        pace.rest_after(started).await;
         removed += count;
     }
-    Ok(removed)
 }
 
 /// Removes at most `batch` tombstones written before `deleted_before` from one space, in a
@@ -440,11 +444,12 @@ async fn collect_batches(
     conn: &mut PgConnection,
     now: i64,
     inactive_before: i64,
-    batch: usize,
+    pace: GcPace,
 ) -> Result<Collected, StoreError> {
-    let batch = to_i64(batch.max(1) as u64)?;
+    let batch = to_i64(pace.batch() as u64)?;
     let mut collected = Collected::default();
     loop {
+        let started = Instant::now();
         // Rows a push has locked (touching them) are skipped; the DELETE checks the idle
         // condition again against the newest row version.
         let (groups, clients): (i64, i64) = sqlx::query_as(
@@ -469,6 +474,7 @@ async fn collect_batches(
         .bind(now)
         .fetch_one(&mut *conn)
         .await?;
+        pace.rest_after(started).await;
         collected.client_groups += to_u64(groups, "collected groups")?;
         collected.clients += to_u64(clients, "collected clients")?;
         if groups < batch {
@@ -476,6 +482,7 @@ async fn collect_batches(
         }
     }
     loop {
+        let started = Instant::now();
         let forgotten = sqlx::query(
             "DELETE FROM replisync_collected_client_groups
              WHERE id IN (SELECT id FROM replisync_collected_client_groups
@@ -486,6 +493,7 @@ async fn collect_batches(
         .execute(&mut *conn)
         .await?
         .rows_affected();
+        pace.rest_after(started).await;
         collected.forgotten_groups += forgotten;
         if forgotten < batch as u64 {
             return Ok(collected);

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -17,8 +17,8 @@ use sqlx::{Sqlite, Transaction};
 use super::shared::{self, client_group_record, stored_client_group, to_lmid, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, Collected,
-    EntryChange, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError, delta_bytes,
-    to_i64, unix_now,
+    EntryChange, GcPace, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError,
+    delta_bytes, to_i64, unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -164,16 +164,18 @@ impl Store for SqliteStore {
         &self,
         now: i64,
         inactive_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<Collected>, StoreError> {
         // One instance only: nothing to lock against. Each batch is a short write transaction,
         // so pushes queued on the writer wait for one batch at most.
-        let batch = batch.max(1);
+        let batch = pace.batch();
         let mut collected = Collected::default();
         loop {
+            let started = Instant::now();
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
             let gone = collect_batch(&mut tx, now, inactive_before, batch).await?;
             tx.commit().await?;
+            pace.rest_after(started).await;
             collected.client_groups += gone.client_groups;
             collected.clients += gone.clients;
             if gone.client_groups < batch as u64 {
@@ -181,6 +183,7 @@ impl Store for SqliteStore {
             }
         }
         loop {
+            let started = Instant::now();
             let forgotten = sqlx::query(
                 "DELETE FROM replisync_collected_client_groups
                  WHERE id IN (SELECT id FROM replisync_collected_client_groups
@@ -191,6 +194,7 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await?
             .rows_affected();
+            pace.rest_after(started).await;
             collected.forgotten_groups += forgotten;
             if forgotten < batch as u64 {
                 return Ok(Some(collected));
@@ -201,14 +205,16 @@ impl Store for SqliteStore {
     async fn compact_tombstones(
         &self,
         deleted_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<u64>, StoreError> {
         // Each batch holds the writer, which is every space's write lock, briefly.
         let mut removed = 0;
         loop {
+            let started = Instant::now();
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let count = compact_batch(&mut tx, deleted_before, batch.max(1)).await?;
+            let count = compact_batch(&mut tx, deleted_before, pace.batch()).await?;
             tx.commit().await?;
+            pace.rest_after(started).await;
             match count {
                 Some(count) => removed += count,
                 None => return Ok(Some(removed)),

@@ -19,6 +19,7 @@ const SETTINGS: GcSettings = GcSettings {
     client_ttl: Duration::from_secs(36_500 * 86_400),
     tombstone_ttl: TTL,
     interval: None,
+    pause_factor: 0,
 };
 
 fn set(key: &str, value: i64) -> Value {

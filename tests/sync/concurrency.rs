@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
-use replisync::store::{Collected, PullChanges, PullSnapshot, PushTx, Store, StoreError};
+use replisync::store::{Collected, GcPace, PullChanges, PullSnapshot, PushTx, Store, StoreError};
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
@@ -245,18 +245,18 @@ impl Store for SlowPullReads {
         &self,
         now: i64,
         inactive_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<Collected>, StoreError> {
         self.0
-            .collect_client_groups(now, inactive_before, batch)
+            .collect_client_groups(now, inactive_before, pace)
             .await
     }
     async fn compact_tombstones(
         &self,
         deleted_before: i64,
-        batch: usize,
+        pace: GcPace,
     ) -> Result<Option<u64>, StoreError> {
-        self.0.compact_tombstones(deleted_before, batch).await
+        self.0.compact_tombstones(deleted_before, pace).await
     }
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
         self.0.raise_space_version(space, to).await

@@ -19,6 +19,7 @@ const SETTINGS: GcSettings = GcSettings {
     client_ttl: TTL,
     tombstone_ttl: TTL,
     interval: None,
+    pause_factor: 0,
 };
 
 /// Sets a client group's last activity, as if it had last synced `ago_secs` ago.
