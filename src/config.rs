@@ -179,6 +179,12 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_GC_INTERVAL", default_value = "1h", value_parser = duration)]
     pub gc_interval: Duration,
 
+    /// After each batch of 1000 rows, a background garbage collection pass pauses this many
+    /// times as long as the batch took: it keeps at most 1/(1 + this) of one database connection
+    /// busy. Lower drains a large backlog faster; 0 runs at full speed, as `replisync gc` does.
+    #[arg(long, env = "REPLISYNC_GC_PAUSE_FACTOR", default_value_t = 19)]
+    pub gc_pause_factor: u32,
+
     /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
     #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_migrate: bool,
@@ -500,7 +506,7 @@ impl Config {
             client_ttl: self.client_ttl,
             tombstone_ttl: self.tombstone_ttl,
             interval: Some(self.gc_interval).filter(|interval| !interval.is_zero()),
-            pause_factor: crate::gc::BACKGROUND_PAUSE_FACTOR,
+            pause_factor: self.gc_pause_factor,
         })
     }
 
@@ -740,6 +746,7 @@ mod tests {
         let defaults = config(&[]).gc_settings().unwrap();
         assert_eq!(defaults.client_ttl, Duration::from_secs(30 * 86_400));
         assert_eq!(defaults.interval, Some(Duration::from_secs(3600)));
+        assert_eq!(defaults.pause_factor, 19);
         let set = config(&["--client-ttl", "36h", "--gc-interval", "90m"]);
         assert_eq!(set.client_ttl, Duration::from_secs(36 * 3600));
         assert_eq!(set.gc_interval, Duration::from_secs(90 * 60));

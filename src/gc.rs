@@ -27,11 +27,6 @@ pub struct GcSettings {
     pub pause_factor: u32,
 }
 
-/// The pause factor of background passes: a pass keeps at most a tenth of one database
-/// connection busy, so it slows pushes beside it by little; a backlog of 100,000 rows still
-/// goes in about a minute.
-pub const BACKGROUND_PAUSE_FACTOR: u32 = 9;
-
 /// One pass as of `now` (seconds since the Unix epoch): deletes the client groups idle for
 /// longer than the client TTL, then the tombstones older than the tombstone TTL, and counts
 /// them in `metrics`. `None` when another instance sharing the database is collecting.
