@@ -103,10 +103,6 @@ async fn apply_push(
         .client_state(&request.client_group_id, &client_ids)
         .await?;
     let next_version = stored.space_version + 1;
-    if stored.group.is_none() && tx.client_group_collected(&request.client_group_id).await? {
-        tracing::info!("client group removed by garbage collection: ClientStateNotFound");
-        return Err(ProtocolError::ClientStateNotFound.into());
-    }
     let new_client_group = check_client_group(stored.group, request, space, user)?;
     let mut last_mutation_ids = known_clients(stored.clients, request)?;
 
@@ -176,7 +172,13 @@ async fn apply_push(
         clients,
         entries: overlay.into_changes(),
     };
-    tx.commit(changes).await?;
+    match tx.commit(changes).await {
+        Err(StoreError::ClientGroupCollected) => {
+            tracing::info!("client group removed by garbage collection: ClientStateNotFound");
+            return Err(ProtocolError::ClientStateNotFound.into());
+        }
+        committed => committed?,
+    }
     Ok(PushOutcome::Committed {
         version: next_version,
         committed_at: Instant::now(),

@@ -567,7 +567,7 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
             .output()
             .unwrap()
     };
-    let refused = gc(&[("REPLISYNC_CLIENT_TTL", "1h")]);
+    let refused = gc(&[("REPLISYNC_CLIENT_TTL", "0s")]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("REPLISYNC_CLIENT_TTL"));
     let output = gc(&[]);

@@ -177,6 +177,10 @@ pub enum StoreError {
     /// new row). The whole push is retried inside the server; clients never see this.
     #[error("conflict with a concurrent transaction: {0}")]
     Conflict(String),
+    /// The push's new client group is one garbage collection removed: its clients must start
+    /// over (ClientStateNotFound). Nothing was committed.
+    #[error("the client group was removed by garbage collection")]
+    ClientGroupCollected,
     #[error("database error: {0}")]
     Database(String),
     #[error("stored data is corrupt: {0}")]
@@ -336,10 +340,6 @@ pub trait PushTx: Send {
         client_ids: &[String],
     ) -> Result<ClientState, StoreError>;
 
-    /// Whether garbage collection removed this client group (one that is not stored): its
-    /// clients must start over. Asked only of a group that is not stored.
-    async fn client_group_collected(&mut self, client_group_id: &str) -> Result<bool, StoreError>;
-
     /// The live value (json text) of `key` in this space, `None` if absent or deleted.
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError>;
 
@@ -355,7 +355,10 @@ pub trait PushTx: Send {
 
     /// Writes `changes`, sets the space version to `changes.version` and commits.
     /// Returns `StoreError::Conflict` when a concurrent push claimed the same new client group
-    /// or client first; the caller retries the whole push.
+    /// or client first; the caller retries the whole push. Returns
+    /// `StoreError::ClientGroupCollected`, committing nothing, when the new client group is one
+    /// garbage collection removed (checked here, in the same round trip as the writes, so that
+    /// a new group's first push costs no extra one).
     async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError>;
 }
 

@@ -250,10 +250,6 @@ impl PushTx for PgPushTx {
         })
     }
 
-    async fn client_group_collected(&mut self, client_group_id: &str) -> Result<bool, StoreError> {
-        shared::client_group_collected(&mut self.tx, client_group_id).await
-    }
-
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
         shared::entry(&mut self.tx, &self.space, key).await
     }
@@ -279,9 +275,11 @@ impl PushTx for PgPushTx {
         // the new group or a client id first (then ON CONFLICT skipped our row), and whether
         // the stored group is still there: touched now, or touched within the granularity
         // (garbage collection only takes groups idle far longer, and a group it deleted after
-        // our read is touched by nobody).
-        let (groups_created, clients_written, group_alive): (i64, i64, i64) = sqlx::query_as(
-            "WITH new_group AS (
+        // our read is touched by nobody), and whether a new group is one that garbage
+        // collection removed (then nothing commits: its clients must start over).
+        let (groups_created, clients_written, group_alive, group_collected): (i64, i64, i64, i64) =
+            sqlx::query_as(
+                "WITH new_group AS (
                  INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
                  SELECT $3, $1, $4, $11 WHERE $3 IS NOT NULL
                  ON CONFLICT (id) DO NOTHING
@@ -315,27 +313,31 @@ impl PushTx for PgPushTx {
              SELECT (SELECT count(*) FROM new_group), (SELECT count(*) FROM written_clients),
                     (SELECT count(*) FROM touched)
                   + (SELECT count(*) FROM replisync_client_groups
-                     WHERE id = $10 AND last_active >= $11 - $12)",
-        )
-        .bind(self.space.as_str())
-        .bind(to_i64(changes.version)?)
-        .bind(group.as_ref().map(|g| g.id.as_str()))
-        .bind(group.as_ref().map(|g| g.user_id.as_str()))
-        .bind(&client_ids)
-        .bind(&client_groups)
-        .bind(&client_lmids)
-        .bind(&keys)
-        .bind(&values)
-        .bind(&changes.client_group_id)
-        .bind(changes.active_at)
-        .bind(self.activity_granularity)
-        .fetch_one(&mut *self.tx)
-        .await?;
+                     WHERE id = $10 AND last_active >= $11 - $12),
+                    (SELECT count(*) FROM replisync_collected_client_groups WHERE id = $3)",
+            )
+            .bind(self.space.as_str())
+            .bind(to_i64(changes.version)?)
+            .bind(group.as_ref().map(|g| g.id.as_str()))
+            .bind(group.as_ref().map(|g| g.user_id.as_str()))
+            .bind(&client_ids)
+            .bind(&client_groups)
+            .bind(&client_lmids)
+            .bind(&keys)
+            .bind(&values)
+            .bind(&changes.client_group_id)
+            .bind(changes.active_at)
+            .bind(self.activity_granularity)
+            .fetch_one(&mut *self.tx)
+            .await?;
 
         if group.is_some() && groups_created != 1 {
             return Err(StoreError::Conflict(
                 "client group was created concurrently".into(),
             ));
+        }
+        if group_collected > 0 {
+            return Err(StoreError::ClientGroupCollected); // dropping the transaction rolls back
         }
         if group.is_none() && group_alive == 0 {
             return Err(StoreError::Conflict(

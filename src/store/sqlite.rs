@@ -314,10 +314,6 @@ impl PushTx for SqlitePushTx {
         })
     }
 
-    async fn client_group_collected(&mut self, client_group_id: &str) -> Result<bool, StoreError> {
-        shared::client_group_collected(&mut self.tx, client_group_id).await
-    }
-
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
         shared::entry(&mut self.tx, &self.space, key).await
     }
@@ -336,6 +332,9 @@ impl PushTx for SqlitePushTx {
         let version = to_i64(changes.version)?;
         // The single writer connection means nobody else can claim these rows meanwhile.
         if let Some(group) = &changes.new_client_group {
+            if shared::client_group_collected(&mut self.tx, &group.id).await? {
+                return Err(StoreError::ClientGroupCollected); // dropping `tx` rolls it back
+            }
             sqlx::query(
                 "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
                  VALUES (?1, ?2, ?3, ?4)",

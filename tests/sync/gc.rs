@@ -94,6 +94,13 @@ async fn a_collected_client_starts_over_and_loses_nothing_of_the_space(backend: 
         (200, json!({"error": "ClientStateNotFound"}))
     );
     assert_eq!(server.db.fingerprint().await, before);
+    // A new client of that group (a new tab, from mutation 1) is told the same.
+    let new_tab = push_body("gone", &[("new-tab", 1, "increment", inc("n", 100))]);
+    assert_eq!(
+        server.push("s", &new_tab).await,
+        (200, json!({"error": "ClientStateNotFound"}))
+    );
+    assert_eq!(server.db.fingerprint().await, before);
 
     // Its next pull, from its cookie or from scratch, tells it the same: start over.
     let csnf = (200, json!({"error": "ClientStateNotFound"}));
