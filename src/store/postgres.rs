@@ -483,24 +483,9 @@ async fn collect_batches(
             break;
         }
     }
-    loop {
-        let started = Instant::now();
-        let forgotten = sqlx::query(
-            "DELETE FROM replisync_collected_client_groups
-             WHERE id IN (SELECT id FROM replisync_collected_client_groups
-                          WHERE collected_at < $1 LIMIT $2)",
-        )
-        .bind(inactive_before)
-        .bind(batch)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        pace.rest_after(started).await;
-        collected.forgotten_groups += forgotten;
-        if forgotten < batch as u64 {
-            return Ok(collected);
-        }
-    }
+    collected.forgotten_groups =
+        shared::forget_collected_groups::<Postgres>(conn, inactive_before, pace).await?;
+    Ok(collected)
 }
 
 /// A pull's one row: the space's version and compacted version, then groups, collected groups,

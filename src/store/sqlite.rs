@@ -182,24 +182,10 @@ impl Store for SqliteStore {
                 break;
             }
         }
-        loop {
-            let started = Instant::now();
-            let forgotten = sqlx::query(
-                "DELETE FROM replisync_collected_client_groups
-                 WHERE id IN (SELECT id FROM replisync_collected_client_groups
-                              WHERE collected_at < ?1 LIMIT ?2)",
-            )
-            .bind(inactive_before)
-            .bind(to_i64(batch as u64)?)
-            .execute(&self.writer)
-            .await?
-            .rows_affected();
-            pace.rest_after(started).await;
-            collected.forgotten_groups += forgotten;
-            if forgotten < batch as u64 {
-                return Ok(Some(collected));
-            }
-        }
+        let mut conn = self.writer.acquire().await?;
+        collected.forgotten_groups =
+            shared::forget_collected_groups::<Sqlite>(&mut conn, inactive_before, pace).await?;
+        Ok(Some(collected))
     }
 
     async fn compact_tombstones(
