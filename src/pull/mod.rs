@@ -189,9 +189,7 @@ impl Pulls {
             Bytes::from_static(b"]}"),
         ]))
     }
-}
 
-impl Pulls {
     /// A cookie ahead of the space: the database was replaced (restored, wiped) since the
     /// client pulled. A lower cookie would wedge the client, and ClientStateNotFound would make
     /// Replicache fork a new group from the same local data and cookie, again and again. So the
