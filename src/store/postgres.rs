@@ -483,9 +483,17 @@ async fn collect_batches(
             break;
         }
     }
-    collected.forgotten_groups =
-        shared::forget_collected_groups::<Postgres>(conn, inactive_before, pace).await?;
-    Ok(collected)
+    loop {
+        let started = Instant::now();
+        let forgotten =
+            shared::forget_collected_groups::<Postgres>(conn, inactive_before, pace.batch())
+                .await?;
+        pace.rest_after(started).await;
+        collected.forgotten_groups += forgotten as u64;
+        if forgotten < pace.batch() {
+            return Ok(collected);
+        }
+    }
 }
 
 /// A pull's one row: the space's version and compacted version, then groups, collected groups,

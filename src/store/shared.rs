@@ -1,15 +1,13 @@
 //! What the Postgres and SQLite stores do alike: statements that both databases accept, run on
 //! either one's connection, and the conversions of stored rows into the store's records.
 
-use std::time::Instant;
-
 use async_stream::try_stream;
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use sqlx::database::HasStatementCache;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Transaction, Type};
 
-use super::{ClientGroupRecord, EntryChange, GcPace, PullSnapshot, StoreError, to_i64, to_u64};
+use super::{ClientGroupRecord, EntryChange, PullSnapshot, StoreError, to_i64, to_u64};
 use crate::protocol::SpaceId;
 
 // The statements here number their parameters `$1`, `$2`, ...: Postgres's own style, and one
@@ -142,13 +140,13 @@ where
     .await?)
 }
 
-/// Forgets the removed client groups collected before `collected_before`, a batch per
-/// statement, pausing after each as `pace` says; returns how many it forgot.
+/// Forgets at most `batch` of the removed client groups collected before `collected_before`;
+/// returns how many it forgot.
 pub(super) async fn forget_collected_groups<DB>(
     conn: &mut DB::Connection,
     collected_before: i64,
-    pace: GcPace,
-) -> Result<u64, StoreError>
+    batch: usize,
+) -> Result<usize, StoreError>
 where
     DB: Database + HasStatementCache,
     DB::Arguments: IntoArguments<DB>,
@@ -156,25 +154,17 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     (String,): for<'r> FromRow<'r, DB::Row>,
 {
-    let mut forgotten = 0;
-    loop {
-        let started = Instant::now();
-        let ids: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM replisync_collected_client_groups
-             WHERE id IN (SELECT id FROM replisync_collected_client_groups
-                          WHERE collected_at < $1 LIMIT $2)
-             RETURNING id",
-        )
-        .bind(collected_before)
-        .bind(to_i64(pace.batch() as u64)?)
-        .fetch_all(&mut *conn)
-        .await?;
-        pace.rest_after(started).await;
-        forgotten += ids.len() as u64;
-        if ids.len() < pace.batch() {
-            return Ok(forgotten);
-        }
-    }
+    let ids: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM replisync_collected_client_groups
+         WHERE id IN (SELECT id FROM replisync_collected_client_groups
+                      WHERE collected_at < $1 LIMIT $2)
+         RETURNING id",
+    )
+    .bind(collected_before)
+    .bind(to_i64(batch as u64)?)
+    .fetch_all(conn)
+    .await?;
+    Ok(ids.len())
 }
 
 /// Whether garbage collection removed `client_group_id` (and remembers it).

@@ -182,10 +182,20 @@ impl Store for SqliteStore {
                 break;
             }
         }
-        let mut conn = self.writer.acquire().await?;
-        collected.forgotten_groups =
-            shared::forget_collected_groups::<Sqlite>(&mut conn, inactive_before, pace).await?;
-        Ok(Some(collected))
+        loop {
+            // The writer is taken per batch, never across a pause: pushes wait on it.
+            let started = Instant::now();
+            let mut writer = self.writer.acquire().await?;
+            let forgotten =
+                shared::forget_collected_groups::<Sqlite>(&mut writer, inactive_before, batch)
+                    .await?;
+            drop(writer);
+            pace.rest_after(started).await;
+            collected.forgotten_groups += forgotten as u64;
+            if forgotten < batch {
+                return Ok(Some(collected));
+            }
+        }
     }
 
     async fn compact_tombstones(
