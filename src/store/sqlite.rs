@@ -97,6 +97,7 @@ impl Store for SqliteStore {
             space: space.clone(),
             version,
             activity_granularity: self.activity_granularity,
+            group_last_active: None,
         }))
     }
 
@@ -282,6 +283,8 @@ struct SqlitePushTx {
     space: SpaceId,
     version: u64,
     activity_granularity: i64,
+    /// The stored group's last activity, read with it: the commit writes it only when stale.
+    group_last_active: Option<i64>,
 }
 
 #[async_trait]
@@ -293,12 +296,14 @@ impl PushTx for SqlitePushTx {
     ) -> Result<ClientState, StoreError> {
         // Unlike Postgres's one function call, plain reads one by one: `begin_push` already
         // holds the lock and the embedded database costs no round trips.
-        let group = sqlx::query_as::<_, (String, String)>(
-            "SELECT space_id, user_id FROM replisync_client_groups WHERE id = ?1",
+        let row = sqlx::query_as::<_, (String, String, i64)>(
+            "SELECT space_id, user_id, last_active FROM replisync_client_groups WHERE id = ?1",
         )
         .bind(client_group_id)
         .fetch_optional(&mut *self.tx)
         .await?;
+        self.group_last_active = row.as_ref().map(|row| row.2);
+        let group = row.map(|(space_id, user_id, _)| (space_id, user_id));
         let mut clients = Vec::with_capacity(client_ids.len());
         for id in client_ids {
             clients.extend(stored_client(&mut self.tx, id).await?);
@@ -341,7 +346,11 @@ impl PushTx for SqlitePushTx {
             .bind(changes.active_at)
             .execute(&mut *self.tx)
             .await?;
-        } else {
+        } else if self
+            .group_last_active
+            .is_some_and(|at| at < changes.active_at - self.activity_granularity)
+        {
+            // Only a stale activity is written: a busy group costs no statement per push.
             let group = [changes.client_group_id];
             touch_groups(
                 &mut self.tx,
