@@ -101,6 +101,17 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT", default_value_t = 64 * 1024 * 1024)]
     pub max_push_bytes_in_flight: usize,
 
+    /// Most pushes to one space applied in one transaction (group commit: pushes that arrive
+    /// while their space's transaction is busy are applied together in the next). 1 applies
+    /// every push in a transaction of its own.
+    #[arg(long, env = "REPLISYNC_PUSH_GROUP_MAX_PUSHES", default_value_t = 64)]
+    pub push_group_max_pushes: usize,
+
+    /// Milliseconds after which a push group starts no more pushes; those left go to the next
+    /// group, so no push waits long behind others.
+    #[arg(long, env = "REPLISYNC_PUSH_GROUP_MAX_AGE_MS", default_value_t = 50)]
+    pub push_group_max_age_ms: u64,
+
     /// Database connections per instance.
     #[arg(long, env = "REPLISYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
@@ -416,6 +427,27 @@ pub struct PushLimits {
     /// Time spent running mutators before the push commits what it applied; `None`: a third of
     /// the request timeout.
     pub time_budget: Option<Duration>,
+    /// How many pushes to one space share a transaction.
+    pub group: GroupLimits,
+}
+
+/// How large a push group may grow: no push waits long behind others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Most pushes in one transaction; 1 turns grouping off.
+    pub max_pushes: usize,
+    /// No push after a group's first is started once the group has run this long: the rest go
+    /// to the next group.
+    pub max_age: Duration,
+}
+
+impl Default for GroupLimits {
+    fn default() -> Self {
+        GroupLimits {
+            max_pushes: 64,
+            max_age: Duration::from_millis(50),
+        }
+    }
 }
 
 impl Default for PushLimits {
@@ -426,6 +458,7 @@ impl Default for PushLimits {
             max_mutations: 10_000,
             max_bytes_in_flight: 64 * 1024 * 1024,
             time_budget: None,
+            group: GroupLimits::default(),
         }
     }
 }
@@ -570,6 +603,10 @@ impl Config {
                 self.max_mutations_per_push,
                 "REPLISYNC_MAX_MUTATIONS_PER_PUSH",
             ),
+            (
+                self.push_group_max_pushes,
+                "REPLISYNC_PUSH_GROUP_MAX_PUSHES",
+            ),
         ] {
             if value == 0 {
                 return Err(format!("{variable} must be above 0"));
@@ -618,6 +655,10 @@ impl Config {
                 max_mutations: self.max_mutations_per_push,
                 max_bytes_in_flight: self.max_push_bytes_in_flight,
                 time_budget: self.push_time_budget_ms.map(Duration::from_millis),
+                group: GroupLimits {
+                    max_pushes: self.push_group_max_pushes,
+                    max_age: Duration::from_millis(self.push_group_max_age_ms),
+                },
             },
         })
     }

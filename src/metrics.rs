@@ -76,12 +76,22 @@ pub struct Metrics {
     /// Pushes that applied part of their mutations (REPLISYNC_MAX_MUTATIONS_PER_PUSH or the
     /// time budget) and left the rest for the client's next push.
     pub push_partial: Counter,
+    /// Transactions that applied pushes (a group of pushes to one space shares one).
+    pub push_groups: Counter,
+    /// Pushes applied in a transaction shared with others to their space (group commit).
+    pub pushes_grouped: Counter,
+    /// Push groups run again because a concurrent writer got in the way (another instance
+    /// committed to the space after the group read it, most often).
+    pub push_conflicts: Counter,
     /// Calls made to the authorization webhook.
     pub authz_webhook_calls: Counter,
     /// Authorization decisions answered from the cache.
     pub authz_cache_hits: Counter,
     /// Open client connections.
     pub open_connections: Gauge,
+    /// Bytes of the push body budget (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT) held by pushes being
+    /// read or applied, counted in whole KiB.
+    pub push_bytes_in_flight: Gauge,
     /// Client groups removed by garbage collection (idle past REPLISYNC_CLIENT_TTL).
     pub gc_client_groups_removed: Counter,
     /// Clients removed with their groups.
@@ -212,6 +222,21 @@ impl Metrics {
                 self.push_partial.get(),
             ),
             (
+                "replisync_push_groups_total",
+                "Transactions that applied pushes (group commit: pushes to one space share one).",
+                self.push_groups.get(),
+            ),
+            (
+                "replisync_pushes_grouped_total",
+                "Pushes applied in a transaction shared with other pushes to their space.",
+                self.pushes_grouped.get(),
+            ),
+            (
+                "replisync_push_conflicts_total",
+                "Push groups run again after a concurrent writer got in the way.",
+                self.push_conflicts.get(),
+            ),
+            (
                 "replisync_authz_webhook_calls_total",
                 "Calls to the authorization webhook.",
                 self.authz_webhook_calls.get(),
@@ -274,6 +299,12 @@ impl Metrics {
             "replisync_open_connections",
             "Open client connections.",
             self.open_connections.get(),
+        );
+        write_gauge(
+            &mut out,
+            "replisync_push_bytes_in_flight",
+            "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied.",
+            self.push_bytes_in_flight.get(),
         );
         write_gauge(
             &mut out,

@@ -30,6 +30,7 @@ use crate::poke::pusher::{
 use crate::poke::sse::{SsePokes, StreamLimits};
 use crate::poke::{PokeSink, Pokes};
 use crate::pull::Pulls;
+use crate::push::PushGroups;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, activity_granularity, unix_now};
@@ -277,14 +278,21 @@ impl AppBuilder {
             script_failures: self.mutators.script_failures().clone(),
             ..Metrics::default()
         });
+        let mutators = Arc::new(self.mutators);
         let state = AppState {
             pulls: Arc::new(Pulls::new(
                 self.store.clone(),
                 metrics.clone(),
                 self.http.pulls,
             )),
+            pushes: PushGroups::new(
+                self.store.clone(),
+                mutators.clone(),
+                self.http.push.group,
+                metrics.clone(),
+            ),
             store: self.store,
-            mutators: Arc::new(self.mutators),
+            mutators,
             auth: self.auth,
             authorizer: Arc::new(Authorizer::new(self.webhook, metrics.clone())),
             pokes: Pokes::new(sinks),

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use replisync::protocol::SpaceId;
 use replisync::store::postgres::PgStore;
-use replisync::store::{ClientGroupRecord, ClientRecord, EntryChange, PushChanges, Store};
+use replisync::store::{
+    ClientGroupRecord, ClientRecord, ClientWrite, EntryWrite, Locking, PushChanges, Store,
+};
 
 use crate::load::{PushFigures, client_name, drive_clients, group_name, space_name};
 
@@ -32,8 +34,10 @@ pub async fn floor_workload(
 async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> anyhow::Result<()> {
     let space = SpaceId::parse(space).map_err(anyhow::Error::msg)?;
     let group_id = group_name(client);
-    let mut tx = store.begin_push(&space).await?;
-    let state = tx.client_state(&group_id, &[client.to_owned()]).await?;
+    let mut tx = store.begin_push(&space, Locking::Pessimistic).await?;
+    let state = tx
+        .client_state(std::slice::from_ref(&group_id), &[client.to_owned()])
+        .await?;
     let key = "counter-0";
     let current: i64 = tx
         .entry(key)
@@ -42,21 +46,31 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
         .unwrap_or(0);
     let changes = PushChanges {
         version: state.space_version + 1,
-        client_group_id: group_id.clone(),
+        read_version: state.space_version,
         active_at: replisync::store::unix_now(),
-        new_client_group: state.group.is_none().then(|| ClientGroupRecord {
-            id: group_id.clone(),
-            space_id: space.as_str().to_owned(),
-            user_id: "anonymous".into(),
-        }),
-        clients: vec![ClientRecord {
-            id: client.to_owned(),
-            client_group_id: group_id,
-            last_mutation_id: id,
+        new_client_groups: state
+            .groups
+            .is_empty()
+            .then(|| ClientGroupRecord {
+                id: group_id.clone(),
+                space_id: space.as_str().to_owned(),
+                user_id: "anonymous".into(),
+            })
+            .into_iter()
+            .collect(),
+        active_client_groups: vec![group_id.clone()],
+        clients: vec![ClientWrite {
+            client: ClientRecord {
+                id: client.to_owned(),
+                client_group_id: group_id,
+                last_mutation_id: id,
+            },
+            version: state.space_version + 1,
         }],
-        entries: vec![EntryChange {
+        entries: vec![EntryWrite {
             key: key.into(),
             value: Some((current + 1).to_string()),
+            version: state.space_version + 1,
         }],
     };
     tx.commit(changes).await?;

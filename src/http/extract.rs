@@ -64,10 +64,31 @@ impl InFlightBytes {
     }
 
     /// Reserves `bytes` (at most the whole budget, so that any body within the body limit can
-    /// get in), or nothing when they are not free.
-    fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+    /// get in), or nothing when they are not free. The reservation is counted in
+    /// `replisync_push_bytes_in_flight` until it is dropped.
+    fn try_reserve(&self, bytes: usize, metrics: Arc<Metrics>) -> Option<Reservation> {
         let wanted = kib(bytes).clamp(1, self.total_kib) as u32;
-        self.free.clone().try_acquire_many_owned(wanted).ok()
+        let permit = self.free.clone().try_acquire_many_owned(wanted).ok()?;
+        let bytes = u64::from(wanted) * 1024;
+        metrics.push_bytes_in_flight.add(bytes);
+        Some(Reservation {
+            _permit: permit,
+            bytes,
+            metrics,
+        })
+    }
+}
+
+/// Bytes of the in-flight budget held by one push until it is answered.
+struct Reservation {
+    _permit: OwnedSemaphorePermit,
+    bytes: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.metrics.push_bytes_in_flight.sub(self.bytes);
     }
 }
 
@@ -81,7 +102,7 @@ fn kib(bytes: usize) -> usize {
 /// push is answered.
 pub struct PushBody {
     pub bytes: Bytes,
-    _reserved: OwnedSemaphorePermit,
+    _reserved: Reservation,
 }
 
 impl<S> FromRequest<S> for PushBody
@@ -109,7 +130,8 @@ where
             metrics.push_refused_too_large.increment();
             return Err(too_large());
         }
-        let Some(reserved) = InFlightBytes::from_ref(state).try_reserve(declared.unwrap_or(limit))
+        let wanted = declared.unwrap_or(limit);
+        let Some(reserved) = InFlightBytes::from_ref(state).try_reserve(wanted, metrics.clone())
         else {
             metrics.push_refused_busy.increment();
             return Err(ApiError::Busy);

@@ -25,7 +25,7 @@ use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
 use crate::poke::sse::{SsePokes, StreamsFull, poke_events};
 use crate::protocol::{PullRequest, PushRequest, parse_body};
 use crate::pull::{PullBody, Pulls};
-use crate::push::{PushBudget, PushOutcome, check_client_count, push};
+use crate::push::{Push, PushBudget, PushOutcome, check_client_count};
 use crate::store::{Store, reconnecting};
 
 /// `POST /spaces/{space}/push`
@@ -44,27 +44,20 @@ pub async fn push_handler(
         state.metrics.push_refused_too_many_clients.increment();
         return Err(error);
     }
-    let outcome = push(
-        &*state.store,
-        &state.mutators,
-        &space,
-        &user,
-        &request,
+    let mutations = request.mutations.len();
+    let push = Push {
+        user,
+        request,
         budget,
-    )
-    .await?;
+    };
+    let outcome = state.pushes.push(&space, push).await?;
     if let PushOutcome::Committed {
         version,
         committed_at,
         partial,
     } = outcome
     {
-        tracing::debug!(
-            version,
-            mutations = request.mutations.len(),
-            ?partial,
-            "push committed"
-        );
+        tracing::debug!(version, mutations, ?partial, "push committed");
         state.metrics.push_commits.increment();
         state.pokes.space_changed(&space, committed_at);
         if let Some(applied) = partial {

@@ -16,12 +16,15 @@ use crate::poke::Pokes;
 use crate::poke::pusher::{PrivateChannels, PusherPoker};
 use crate::poke::sse::SsePokes;
 use crate::pull::Pulls;
+use crate::push::PushGroups;
 use crate::store::Store;
 
 #[derive(Clone, FromRef)]
 pub struct AppState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) mutators: Arc<Mutators>,
+    /// Applies pushes, grouping those to one space that arrive while it is busy.
+    pub(crate) pushes: Arc<PushGroups>,
     pub(crate) auth: Arc<dyn Authenticator>,
     pub(crate) authorizer: Arc<Authorizer>,
     pub(crate) pokes: Pokes,

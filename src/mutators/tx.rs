@@ -6,14 +6,14 @@
 //! Replicache protocol requires), an `Ok` keeps them for the push's single commit.
 
 use std::any::{Any, TypeId};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::protocol::{SpaceId, check_key};
-use crate::store::{EntryChange, PushTx, StoreError};
+use crate::store::{EntryWrite, PushTx, StoreError};
 
 /// Why a mutation was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -87,27 +87,42 @@ pub trait Mutator: Send + Sync + 'static {
     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError>;
 }
 
-/// The state of one push's data: what it read from the store and what its successful
-/// mutations wrote. Values are parsed JSON; `None` means absent or deleted.
+/// The state of one push group's data: what it read from the store and what its pushes'
+/// successful mutations wrote. Values are parsed JSON; `None` means absent or deleted.
 #[derive(Default)]
 pub struct PushOverlay {
     known: HashMap<String, Option<Value>>,
-    written: BTreeSet<String>,
+    /// The keys written, each with the version of the last push that wrote it.
+    written: BTreeMap<String, u64>,
+    /// The version the push being applied writes at.
+    version: u64,
     /// What mutators keep for the rest of the push (see [`WriteTx::push_scoped`]).
     scoped: HashMap<TypeId, Box<dyn Any + Send>>,
 }
 
 impl PushOverlay {
-    /// The writes to commit, in key order. Push-scoped state is dropped here.
-    pub fn into_changes(self) -> Vec<EntryChange> {
+    /// Starts the next push of a group, which writes at `version`: it sees the data as the
+    /// pushes before it left it, but none of their push-scoped state.
+    pub(crate) fn start_push(&mut self, version: u64) {
+        self.scoped.clear();
+        self.version = version;
+    }
+
+    /// The writes to commit, in key order, each at the version of the last push that wrote it.
+    /// Push-scoped state is dropped here.
+    pub fn into_changes(self) -> Vec<EntryWrite> {
         let PushOverlay {
             mut known, written, ..
         } = self;
         written
             .into_iter()
-            .map(|key| {
+            .map(|(key, version)| {
                 let value = known.remove(&key).flatten().map(|v| v.to_string());
-                EntryChange { key, value }
+                EntryWrite {
+                    key,
+                    value,
+                    version,
+                }
             })
             .collect()
     }
@@ -247,7 +262,7 @@ impl<'a> WriteTx<'a> {
         // This push's writes in the range: earlier mutations', then this one's over them.
         let mut pending: BTreeMap<&str, Option<&Value>> = BTreeMap::new();
         let bounds = (range.lower_bound(), Bound::Unbounded);
-        for key in self.overlay.written.range::<str, _>(bounds) {
+        for (key, _) in self.overlay.written.range::<str, _>(bounds) {
             if !in_prefix(key) {
                 break;
             }
@@ -334,7 +349,9 @@ impl<'a> WriteTx<'a> {
     /// Keeps this mutation's writes for the push's commit.
     pub(crate) fn keep_writes(self) {
         for (key, value) in self.mutation_writes {
-            self.overlay.written.insert(key.clone());
+            self.overlay
+                .written
+                .insert(key.clone(), self.overlay.version);
             self.overlay.known.insert(key, value);
         }
     }

@@ -26,14 +26,30 @@ pub struct ClientRecord {
     pub last_mutation_id: u64,
 }
 
-/// What a push needs to know about its space, client group and clients before applying
-/// mutations, read under the space's lock.
+/// What a push group needs to know about its space, client groups and clients before applying
+/// mutations, read together (under the space's lock when the push is [`Locking::Pessimistic`]).
 #[derive(Debug, Default)]
 pub struct ClientState {
-    /// The space's version (0 for a new space); the push writes at the next one.
+    /// The space's version (0 for a new space); the group writes at the next one.
     pub space_version: u64,
-    pub group: Option<ClientGroupRecord>,
+    /// The stored groups among those asked for (unknown ids are absent).
+    pub groups: Vec<ClientGroupRecord>,
+    /// The groups among those asked for that garbage collection removed.
+    pub collected_groups: Vec<String>,
+    /// The stored clients among those asked for (unknown ids are absent).
     pub clients: Vec<ClientRecord>,
+}
+
+/// How a push keeps concurrent pushes to its space out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Locking {
+    /// No lock while mutators run: the commit writes only if the space's version is still the
+    /// one read, in one statement that is its own transaction (fewest round trips). A push that
+    /// lost the race gets `StoreError::Conflict` and runs again, pessimistically.
+    Optimistic,
+    /// The space's write lock from the first read to the commit: concurrent pushes wait, so the
+    /// push cannot lose a race on the space.
+    Pessimistic,
 }
 
 /// One key's new state: `Some(json text)` to put, `None` to delete.
@@ -43,19 +59,40 @@ pub struct EntryChange {
     pub value: Option<String>,
 }
 
-/// Everything one push writes, all at `version` (the space's next version).
+/// One key's new state, written by the push that moved the space to `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryWrite {
+    pub key: String,
+    /// `Some(json text)` to put, `None` to delete.
+    pub value: Option<String>,
+    pub version: u64,
+}
+
+/// A client's new last mutation id, set by the push that moved the space to `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientWrite {
+    pub client: ClientRecord,
+    pub version: u64,
+}
+
+/// Everything one push group writes. Each push that changed something moves the space one
+/// version on, so the group moves it from `read_version` to `version` in one commit.
 #[derive(Debug, Default)]
 pub struct PushChanges {
+    /// The space's version once the group is committed.
     pub version: u64,
-    /// The push's client group: its last activity moves (see [`ACTIVITY_GRANULARITY_SECS`]).
-    pub client_group_id: String,
-    /// When the push happened, in seconds since the Unix epoch.
+    /// The space's version `client_state` read: nothing is written if it moved since.
+    pub read_version: u64,
+    /// When the group was applied, in seconds since the Unix epoch: the last activity of its
+    /// client groups (see [`ACTIVITY_GRANULARITY_SECS`]) and the time of its deletions.
     pub active_at: i64,
-    /// Set when the push's client group did not exist yet.
-    pub new_client_group: Option<ClientGroupRecord>,
+    /// Client groups created by the group's pushes.
+    pub new_client_groups: Vec<ClientGroupRecord>,
+    /// Stored client groups that pushed: their last activity moves.
+    pub active_client_groups: Vec<String>,
     /// Clients whose lastMutationID moved (created ones included).
-    pub clients: Vec<ClientRecord>,
-    pub entries: Vec<EntryChange>,
+    pub clients: Vec<ClientWrite>,
+    pub entries: Vec<EntryWrite>,
 }
 
 /// What a streamed pull (a first pull, or a delta too large to share) needs, read from one
@@ -177,10 +214,6 @@ pub enum StoreError {
     /// new row). The whole push is retried inside the server; clients never see this.
     #[error("conflict with a concurrent transaction: {0}")]
     Conflict(String),
-    /// The push's new client group is one garbage collection removed: its clients must start
-    /// over (ClientStateNotFound). Nothing was committed.
-    #[error("the client group was removed by garbage collection")]
-    ClientGroupCollected,
     #[error("database error: {0}")]
     Database(String),
     #[error("stored data is corrupt: {0}")]
@@ -270,10 +303,15 @@ pub trait Store: Send + Sync + 'static {
     /// "postgres" or "sqlite", for logs.
     fn kind(&self) -> &'static str;
 
-    /// Starts a push to `space`: opens a transaction. The space's write lock, which makes
-    /// pushes to one space apply one after another, is held from here or at the latest from
-    /// [`PushTx::client_state`] until the end. Dropping the result rolls back.
-    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError>;
+    /// Starts a push (or a group of pushes) to `space`. With [`Locking::Pessimistic`] the
+    /// space's write lock, which makes pushes to one space apply one after another, is held from
+    /// here or at the latest from [`PushTx::client_state`] until the end. Dropping the result
+    /// writes nothing.
+    async fn begin_push(
+        &self,
+        space: &SpaceId,
+        locking: Locking,
+    ) -> Result<Box<dyn PushTx>, StoreError>;
 
     /// Reads a pull to be streamed, in one snapshot held until the stream ends: the whole space
     /// for `since: None` (a first pull), what changed after the cookie otherwise.
@@ -328,15 +366,15 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// A push in progress: reads inside the locked transaction, then one `commit` of all writes.
+/// A push in progress: reads, then one `commit` of all writes.
 #[async_trait]
 pub trait PushTx: Send {
-    /// Takes the space's write lock if `begin_push` did not, then reads the space's version,
-    /// the push's client group, if stored, and the stored clients among `client_ids`
-    /// (unknown ids are simply absent), together. Called once, first.
+    /// Reads the space's version, the stored client groups among `client_group_ids` (and which
+    /// of them garbage collection removed) and the stored clients among `client_ids`, together
+    /// (taking the space's write lock first when pessimistic). Called once, first.
     async fn client_state(
         &mut self,
-        client_group_id: &str,
+        client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError>;
 
@@ -353,12 +391,11 @@ pub trait PushTx: Send {
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError>;
 
-    /// Writes `changes`, sets the space version to `changes.version` and commits.
-    /// Returns `StoreError::Conflict` when a concurrent push claimed the same new client group
-    /// or client first; the caller retries the whole push. Returns
-    /// `StoreError::ClientGroupCollected`, committing nothing, when the new client group is one
-    /// garbage collection removed (checked here, in the same round trip as the writes, so that
-    /// a new group's first push costs no extra one).
+    /// Writes `changes`, sets the space version to `changes.version` and commits, all or
+    /// nothing. Returns `StoreError::Conflict`, writing nothing, when a concurrent writer got in
+    /// the way: the space's version is no longer `changes.read_version`, a concurrent push
+    /// claimed the same new client group or client first, or garbage collection removed a
+    /// client group meanwhile. The caller runs the whole group again.
     async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError>;
 }
 

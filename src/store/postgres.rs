@@ -1,5 +1,6 @@
 //! The Postgres store, for production and any number of instances behind a load balancer. A push
-//! locks its space and reads clients in one function call; pulls read REPEATABLE READ snapshots.
+//! commits in one statement if its space did not move, or under the space's lock; pulls read
+//! REPEATABLE READ snapshots.
 
 use std::time::{Duration, Instant};
 
@@ -9,11 +10,11 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
-use super::shared::{self, client_group_record, stored_client_group, to_space_version};
+use super::shared::{self, client_group_record, to_space_version};
 use super::{
-    ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, Collected, DELTA_BYTES_PER_ENTRY,
-    EntryChange, GcPace, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError, to_i64,
-    to_u64, unix_now,
+    ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, ClientWrite, Collected,
+    DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcPace, Locking, PullChanges, PullSnapshot,
+    PushChanges, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -78,12 +79,20 @@ impl Store for PgStore {
         "postgres"
     }
 
-    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
-        // The space's lock is taken by `client_state`, together with its reads, so that it is
-        // held for one round trip fewer.
-        let tx = self.pool.begin().await?;
+    async fn begin_push(
+        &self,
+        space: &SpaceId,
+        locking: Locking,
+    ) -> Result<Box<dyn PushTx>, StoreError> {
+        // Pessimistic: the space's lock is taken by `client_state`, together with its reads, so
+        // that it is held for one round trip fewer. Optimistic: no transaction at all; the reads
+        // run on their own and the commit is one statement, its own transaction.
+        let conn = match locking {
+            Locking::Pessimistic => PushConnection::Locked(self.pool.begin().await?),
+            Locking::Optimistic => PushConnection::Unlocked(self.pool.acquire().await?),
+        };
         Ok(Box::new(PgPushTx {
-            tx,
+            conn,
             space: space.clone(),
             activity_granularity: self.activity_granularity,
         }))
@@ -214,44 +223,77 @@ impl Store for PgStore {
     }
 }
 
+/// A push's connection: a transaction holding the space's lock, or a plain connection whose
+/// commit is one statement.
+enum PushConnection {
+    Locked(Transaction<'static, Postgres>),
+    Unlocked(PoolConnection<Postgres>),
+}
+
+impl PushConnection {
+    fn get(&mut self) -> &mut PgConnection {
+        match self {
+            PushConnection::Locked(tx) => tx,
+            PushConnection::Unlocked(conn) => conn,
+        }
+    }
+}
+
 struct PgPushTx {
-    tx: Transaction<'static, Postgres>,
+    conn: PushConnection,
     space: SpaceId,
     activity_granularity: i64,
 }
+
+/// `client_state`'s one row: the space's version, then groups, collected groups and clients as
+/// `json_agg`s.
+type ClientStateRow = (Option<i64>, Value, Value, Value);
 
 #[async_trait]
 impl PushTx for PgPushTx {
     async fn client_state(
         &mut self,
-        client_group_id: &str,
+        client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // Lock, then read, in one round trip (see the migration that defines the function).
-        let (version, space_id, user_id, clients): (i64, Option<String>, Option<String>, Value) =
-            sqlx::query_as("SELECT * FROM replisync_lock_space_and_read($1, $2, $3)")
-                .bind(self.space.as_str())
-                .bind(client_group_id)
-                .bind(client_ids)
-                .fetch_one(&mut *self.tx)
-                .await?;
-        let group = stored_client_group(client_group_id, space_id.zip(user_id));
-        let clients = decode_rows(clients, |(id, client_group_id, last_mutation_id)| {
-            ClientRecord {
-                id,
-                client_group_id,
-                last_mutation_id,
+        // One round trip either way. Locked: lock, then read (see the migration that defines the
+        // function). Unlocked: one statement, one snapshot; the commit checks the version.
+        let sql = match self.conn {
+            PushConnection::Locked(_) => {
+                "SELECT * FROM replisync_lock_space_and_read_groups($1, $2, $3)"
             }
-        })?;
+            PushConnection::Unlocked(_) => {
+                "SELECT (SELECT version FROM replisync_spaces WHERE id = $1),
+                        (SELECT coalesce(json_agg(json_build_array(id, space_id, user_id)), '[]')
+                           FROM replisync_client_groups WHERE id = ANY($2)),
+                        (SELECT coalesce(json_agg(id), '[]')
+                           FROM replisync_collected_client_groups WHERE id = ANY($2)),
+                        (SELECT coalesce(json_agg(json_build_array(id, client_group_id, last_mutation_id)), '[]')
+                           FROM replisync_clients WHERE id = ANY($3))"
+            }
+        };
+        let (version, groups, collected, clients): ClientStateRow = sqlx::query_as(sql)
+            .bind(self.space.as_str())
+            .bind(client_group_ids)
+            .bind(client_ids)
+            .fetch_one(self.conn.get())
+            .await?;
         Ok(ClientState {
-            space_version: to_u64(version, "space version")?,
-            group,
-            clients,
+            space_version: to_space_version(version)?,
+            groups: decode_rows(groups, client_group_record)?,
+            collected_groups: decode_rows(collected, |id: String| id)?,
+            clients: decode_rows(clients, |(id, client_group_id, last_mutation_id)| {
+                ClientRecord {
+                    id,
+                    client_group_id,
+                    last_mutation_id,
+                }
+            })?,
         })
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        shared::entry(&mut self.tx, &self.space, key).await
+        shared::entry::<Postgres>(self.conn.get(), &self.space, key).await
     }
 
     async fn scan_entries(
@@ -260,35 +302,52 @@ impl PushTx for PgPushTx {
         exclusive: bool,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        shared::scan_entries(&mut self.tx, &self.space, start, exclusive, limit).await
+        shared::scan_entries::<Postgres>(self.conn.get(), &self.space, start, exclusive, limit)
+            .await
     }
 
     async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
-        let (client_ids, client_groups, client_lmids) = client_columns(&changes.clients)?;
-        let (keys, values): (Vec<String>, Vec<Option<String>>) = changes
-            .entries
+        let clients = client_columns(&changes.clients)?;
+        let entries = entry_columns(changes.entries)?;
+        let (new_group_ids, new_group_users): (Vec<String>, Vec<String>) = changes
+            .new_client_groups
             .into_iter()
-            .map(|entry| (entry.key, entry.value))
+            .map(|group| (group.id, group.user_id))
             .unzip();
-        let group = changes.new_client_group;
-        // One round trip for every write. The counts tell whether a concurrent push claimed
-        // the new group or a client id first (then ON CONFLICT skipped our row), and whether
-        // the stored group is still there: touched now, or touched within the granularity
-        // (garbage collection only takes groups idle far longer, and a group it deleted after
-        // our read is touched by nobody), and whether a new group is one that garbage
-        // collection removed (then nothing commits: its clients must start over).
-        let (groups_created, clients_written, group_alive, group_collected): (i64, i64, i64, i64) =
-            sqlx::query_as(
-                "WITH new_group AS (
+        // One round trip for every write, and for the commit too when unlocked (the statement is
+        // its own transaction). The space's version moves first, only from the version read;
+        // every other write depends on that, so it happens only if nobody committed to the space
+        // since the read, and rows are locked in the order pushes always take them (space first).
+        // Each check that fails aborts the whole statement with a serialization failure (see
+        // `replisync_conflict_unless`), so a failed check writes nothing: the version moved;
+        // ON CONFLICT skipped a new group or client a concurrent push claimed; a new group is
+        // one garbage collection removed; a stored group is gone (touched now, or touched within
+        // the granularity: garbage collection only takes groups idle far longer, and a group it
+        // deleted after our read is touched by nobody).
+        sqlx::query(
+            "WITH bumped AS (
+                 INSERT INTO replisync_spaces (id, version) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version
+                     WHERE replisync_spaces.version = $3
+                 RETURNING 1
+             ), new_groups AS (
                  INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
-                 SELECT $3, $1, $4, $11 WHERE $3 IS NOT NULL
+                 SELECT g.id, $1, g.usr, $4
+                 FROM UNNEST($5::text[], $6::text[]) AS g(id, usr)
+                 WHERE EXISTS (SELECT 1 FROM bumped)
                  ON CONFLICT (id) DO NOTHING
+                 RETURNING 1
+             ), touched AS (
+                 UPDATE replisync_client_groups SET last_active = $4
+                 WHERE id = ANY($7) AND last_active < $4 - $8 AND EXISTS (SELECT 1 FROM bumped)
                  RETURNING 1
              ), written_clients AS (
                  INSERT INTO replisync_clients
                      (id, client_group_id, last_mutation_id, last_modified_version)
-                 SELECT c.id, c.grp, c.lmid, $2
-                 FROM UNNEST($5::text[], $6::text[], $7::int8[]) AS c(id, grp, lmid)
+                 SELECT c.id, c.grp, c.lmid, c.version
+                 FROM UNNEST($9::text[], $10::text[], $11::int8[], $12::int8[])
+                     AS c(id, grp, lmid, version)
+                 WHERE EXISTS (SELECT 1 FROM bumped)
                  ON CONFLICT (id) DO UPDATE
                      SET last_mutation_id = excluded.last_mutation_id,
                          last_modified_version = excluded.last_modified_version
@@ -296,60 +355,53 @@ impl PushTx for PgPushTx {
                  RETURNING 1
              ), written_entries AS (
                  INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
-                 SELECT $1, e.key, e.value, e.value IS NULL, $2, $11
-                 FROM UNNEST($8::text[], $9::text[]) AS e(key, value)
+                 SELECT $1, e.key, e.value, e.value IS NULL, e.version, $4
+                 FROM UNNEST($13::text[], $14::text[], $15::int8[]) AS e(key, value, version)
+                 WHERE EXISTS (SELECT 1 FROM bumped)
                  ON CONFLICT (space_id, key) DO UPDATE
                      SET value = excluded.value,
                          deleted = excluded.deleted,
                          version = excluded.version,
                          changed_at = excluded.changed_at
-             ), bumped AS (
-                 UPDATE replisync_spaces SET version = $2 WHERE id = $1
-             ), touched AS (
-                 UPDATE replisync_client_groups SET last_active = $11
-                 WHERE id = $10 AND last_active < $11 - $12
-                 RETURNING 1
              )
-             SELECT (SELECT count(*) FROM new_group), (SELECT count(*) FROM written_clients),
-                    (SELECT count(*) FROM touched)
-                  + (SELECT count(*) FROM replisync_client_groups
-                     WHERE id = $10 AND last_active >= $11 - $12),
-                    (SELECT count(*) FROM replisync_collected_client_groups WHERE id = $3)",
-            )
-            .bind(self.space.as_str())
-            .bind(to_i64(changes.version)?)
-            .bind(group.as_ref().map(|g| g.id.as_str()))
-            .bind(group.as_ref().map(|g| g.user_id.as_str()))
-            .bind(&client_ids)
-            .bind(&client_groups)
-            .bind(&client_lmids)
-            .bind(&keys)
-            .bind(&values)
-            .bind(&changes.client_group_id)
-            .bind(changes.active_at)
-            .bind(self.activity_granularity)
-            .fetch_one(&mut *self.tx)
-            .await?;
-
-        if group.is_some() && groups_created != 1 {
-            return Err(StoreError::Conflict(
-                "client group was created concurrently".into(),
-            ));
+             SELECT replisync_conflict_unless((SELECT count(*) FROM bumped) = 1,
+                        'the space changed after the push read it')
+                AND replisync_conflict_unless(
+                        (SELECT count(*) FROM new_groups) = cardinality($5::text[]),
+                        'a client group was created concurrently')
+                AND replisync_conflict_unless(
+                        NOT EXISTS (SELECT 1 FROM replisync_collected_client_groups
+                                    WHERE id = ANY($5)),
+                        'a new client group is one garbage collection removed')
+                AND replisync_conflict_unless(
+                        (SELECT count(*) FROM touched)
+                      + (SELECT count(*) FROM replisync_client_groups
+                         WHERE id = ANY($7) AND last_active >= $4 - $8) = cardinality($7::text[]),
+                        'a client group was collected concurrently')
+                AND replisync_conflict_unless(
+                        (SELECT count(*) FROM written_clients) = cardinality($9::text[]),
+                        'a client id was claimed by another client group')",
+        )
+        .bind(self.space.as_str())
+        .bind(to_i64(changes.version)?)
+        .bind(to_i64(changes.read_version)?)
+        .bind(changes.active_at)
+        .bind(&new_group_ids)
+        .bind(&new_group_users)
+        .bind(&changes.active_client_groups)
+        .bind(self.activity_granularity)
+        .bind(&clients.ids)
+        .bind(&clients.groups)
+        .bind(&clients.last_mutation_ids)
+        .bind(&clients.versions)
+        .bind(&entries.keys)
+        .bind(&entries.values)
+        .bind(&entries.versions)
+        .execute(self.conn.get())
+        .await?;
+        if let PushConnection::Locked(tx) = self.conn {
+            tx.commit().await?;
         }
-        if group_collected > 0 {
-            return Err(StoreError::ClientGroupCollected); // dropping the transaction rolls back
-        }
-        if group.is_none() && group_alive == 0 {
-            return Err(StoreError::Conflict(
-                "the client group was collected concurrently".into(),
-            ));
-        }
-        if clients_written != client_ids.len() as i64 {
-            return Err(StoreError::Conflict(
-                "a client id was claimed by another client group".into(),
-            ));
-        }
-        self.tx.commit().await?;
         Ok(())
     }
 }
@@ -510,15 +562,42 @@ fn decode_rows<Row: serde::de::DeserializeOwned, T>(
     Ok(rows.into_iter().map(into).collect())
 }
 
-type ClientColumns = (Vec<String>, Vec<String>, Vec<i64>);
+/// The clients a push group writes, as the column arrays that UNNEST takes.
+#[derive(Default)]
+struct ClientColumns {
+    ids: Vec<String>,
+    groups: Vec<String>,
+    last_mutation_ids: Vec<i64>,
+    versions: Vec<i64>,
+}
 
-/// Splits client records into the column arrays that UNNEST takes.
-pub(crate) fn client_columns(clients: &[ClientRecord]) -> Result<ClientColumns, StoreError> {
-    let mut columns: ClientColumns = Default::default();
-    for client in clients {
-        columns.0.push(client.id.clone());
-        columns.1.push(client.client_group_id.clone());
-        columns.2.push(to_i64(client.last_mutation_id)?);
+fn client_columns(clients: &[ClientWrite]) -> Result<ClientColumns, StoreError> {
+    let mut columns = ClientColumns::default();
+    for ClientWrite { client, version } in clients {
+        columns.ids.push(client.id.clone());
+        columns.groups.push(client.client_group_id.clone());
+        columns
+            .last_mutation_ids
+            .push(to_i64(client.last_mutation_id)?);
+        columns.versions.push(to_i64(*version)?);
+    }
+    Ok(columns)
+}
+
+/// The entries a push group writes, as the column arrays that UNNEST takes.
+#[derive(Default)]
+struct EntryColumns {
+    keys: Vec<String>,
+    values: Vec<Option<String>>,
+    versions: Vec<i64>,
+}
+
+fn entry_columns(entries: Vec<EntryWrite>) -> Result<EntryColumns, StoreError> {
+    let mut columns = EntryColumns::default();
+    for entry in entries {
+        columns.keys.push(entry.key);
+        columns.values.push(entry.value);
+        columns.versions.push(to_i64(entry.version)?);
     }
     Ok(columns)
 }

@@ -169,7 +169,7 @@ where
 
 /// Whether garbage collection removed `client_group_id` (and remembers it).
 pub(super) async fn client_group_collected<DB>(
-    tx: &mut Transaction<'static, DB>,
+    conn: &mut DB::Connection,
     client_group_id: &str,
 ) -> Result<bool, StoreError>
 where
@@ -182,14 +182,14 @@ where
     let count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM replisync_collected_client_groups WHERE id = $1")
             .bind(client_group_id)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *conn)
             .await?;
     Ok(count > 0)
 }
 
 /// The live value (json text) of `key` in `space`, `None` if absent or deleted.
 pub(super) async fn entry<DB>(
-    tx: &mut Transaction<'static, DB>,
+    conn: &mut DB::Connection,
     space: &SpaceId,
     key: &str,
 ) -> Result<Option<String>, StoreError>
@@ -205,7 +205,7 @@ where
     )
     .bind(space.as_str())
     .bind(key)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *conn)
     .await?;
     Ok(value.flatten())
 }
@@ -214,7 +214,7 @@ where
 /// order of the keys' UTF-8 bytes: SQLite's BINARY collation and Postgres's `COLLATE "C"` (the
 /// key column's) both compare bytes, which for UTF-8 is code point order.
 pub(super) async fn scan_entries<DB>(
-    tx: &mut Transaction<'static, DB>,
+    conn: &mut DB::Connection,
     space: &SpaceId,
     start: &str,
     exclusive: bool,
@@ -239,7 +239,7 @@ where
         .bind(space.as_str())
         .bind(start)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *conn)
         .await?;
     rows.into_iter()
         .map(|(key, value)| match value {

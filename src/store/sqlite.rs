@@ -1,7 +1,7 @@
 //! The embedded SQLite store: the zero-configuration default, one file, one instance only.
 //! Pushes serialize on a single writer connection (`BEGIN IMMEDIATE`); pulls read WAL snapshots.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,11 +14,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
-use super::shared::{self, client_group_record, stored_client_group, to_lmid, to_space_version};
+use super::shared::{self, client_group_record, to_lmid, to_space_version};
 use super::{
-    ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, Collected,
-    EntryChange, GcPace, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError,
-    delta_bytes, to_i64, unix_now,
+    ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, ClientWrite,
+    Collected, EntryChange, GcPace, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError, delta_bytes, to_i64, unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -89,7 +89,12 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+    async fn begin_push(
+        &self,
+        space: &SpaceId,
+        _locking: Locking,
+    ) -> Result<Box<dyn PushTx>, StoreError> {
+        // Always pessimistic: the single writer is every space's lock, and costs no round trips.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let version = space_version(&mut tx, space).await?;
         Ok(Box::new(SqlitePushTx {
@@ -97,7 +102,7 @@ impl Store for SqliteStore {
             space: space.clone(),
             version,
             activity_granularity: self.activity_granularity,
-            group_last_active: None,
+            groups_last_active: HashMap::new(),
         }))
     }
 
@@ -283,40 +288,47 @@ struct SqlitePushTx {
     space: SpaceId,
     version: u64,
     activity_granularity: i64,
-    /// The stored group's last activity, read with it: the commit writes it only when stale.
-    group_last_active: Option<i64>,
+    /// The stored groups' last activity, read with them: the commit writes it only when stale.
+    groups_last_active: HashMap<String, i64>,
 }
 
 #[async_trait]
 impl PushTx for SqlitePushTx {
     async fn client_state(
         &mut self,
-        client_group_id: &str,
+        client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // Unlike Postgres's one function call, plain reads one by one: `begin_push` already
-        // holds the lock and the embedded database costs no round trips.
-        let row = sqlx::query_as::<_, (String, String, i64)>(
-            "SELECT space_id, user_id, last_active FROM replisync_client_groups WHERE id = ?1",
-        )
-        .bind(client_group_id)
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        self.group_last_active = row.as_ref().map(|row| row.2);
-        let group = row.map(|(space_id, user_id, _)| (space_id, user_id));
-        let mut clients = Vec::with_capacity(client_ids.len());
-        for id in client_ids {
-            clients.extend(stored_client(&mut self.tx, id).await?);
-        }
-        Ok(ClientState {
+        // Unlike Postgres's one statement, plain reads one by one: `begin_push` already holds
+        // the lock and the embedded database costs no round trips.
+        let mut state = ClientState {
             space_version: self.version,
-            group: stored_client_group(client_group_id, group),
-            clients,
-        })
+            ..ClientState::default()
+        };
+        for id in client_group_ids {
+            let row = sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT space_id, user_id, last_active FROM replisync_client_groups WHERE id = ?1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+            if let Some((space_id, user_id, last_active)) = row {
+                self.groups_last_active.insert(id.clone(), last_active);
+                state
+                    .groups
+                    .push(client_group_record((id.clone(), space_id, user_id)));
+            } else if shared::client_group_collected::<Sqlite>(&mut self.tx, id).await? {
+                state.collected_groups.push(id.clone());
+            }
+        }
+        for id in client_ids {
+            state.clients.extend(stored_client(&mut self.tx, id).await?);
+        }
+        Ok(state)
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        shared::entry(&mut self.tx, &self.space, key).await
+        shared::entry::<Sqlite>(&mut self.tx, &self.space, key).await
     }
 
     async fn scan_entries(
@@ -325,17 +337,14 @@ impl PushTx for SqlitePushTx {
         exclusive: bool,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        shared::scan_entries(&mut self.tx, &self.space, start, exclusive, limit).await
+        shared::scan_entries::<Sqlite>(&mut self.tx, &self.space, start, exclusive, limit).await
     }
 
     async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
         let space = self.space.as_str().to_owned();
         let version = to_i64(changes.version)?;
         // The single writer connection means nobody else can claim these rows meanwhile.
-        if let Some(group) = &changes.new_client_group {
-            if shared::client_group_collected(&mut self.tx, &group.id).await? {
-                return Err(StoreError::ClientGroupCollected); // dropping `tx` rolls it back
-            }
+        for group in &changes.new_client_groups {
             sqlx::query(
                 "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
                  VALUES (?1, ?2, ?3, ?4)",
@@ -346,21 +355,28 @@ impl PushTx for SqlitePushTx {
             .bind(changes.active_at)
             .execute(&mut *self.tx)
             .await?;
-        } else if self
-            .group_last_active
-            .is_some_and(|at| at < changes.active_at - self.activity_granularity)
-        {
-            // Only a stale activity is written: a busy group costs no statement per push.
-            let group = [changes.client_group_id];
+        }
+        // Only a stale activity is written: a busy group costs no statement per push.
+        let stale: Vec<String> = changes
+            .active_client_groups
+            .iter()
+            .filter(|id| {
+                self.groups_last_active
+                    .get(*id)
+                    .is_some_and(|at| *at < changes.active_at - self.activity_granularity)
+            })
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
             touch_groups(
                 &mut self.tx,
-                &group,
+                &stale,
                 changes.active_at,
                 self.activity_granularity,
             )
             .await?;
         }
-        for client in &changes.clients {
+        for ClientWrite { client, version } in &changes.clients {
             sqlx::query(
                 "INSERT INTO replisync_clients
                      (id, client_group_id, last_mutation_id, last_modified_version)
@@ -372,7 +388,7 @@ impl PushTx for SqlitePushTx {
             .bind(&client.id)
             .bind(&client.client_group_id)
             .bind(to_i64(client.last_mutation_id)?)
-            .bind(version)
+            .bind(to_i64(*version)?)
             .execute(&mut *self.tx)
             .await?;
         }
@@ -390,7 +406,7 @@ impl PushTx for SqlitePushTx {
             .bind(&entry.key)
             .bind(&entry.value)
             .bind(entry.value.is_none())
-            .bind(version)
+            .bind(to_i64(entry.version)?)
             .bind(changes.active_at)
             .execute(&mut *self.tx)
             .await?;

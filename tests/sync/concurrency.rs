@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
-use replisync::store::{Collected, GcPace, PullChanges, PullSnapshot, PushTx, Store, StoreError};
+use replisync::store::{
+    Collected, GcPace, Locking, PullChanges, PullSnapshot, PushTx, Store, StoreError,
+};
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
@@ -218,8 +220,12 @@ impl Store for SlowPullReads {
     fn kind(&self) -> &'static str {
         self.0.kind()
     }
-    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
-        self.0.begin_push(space).await
+    async fn begin_push(
+        &self,
+        space: &SpaceId,
+        locking: Locking,
+    ) -> Result<Box<dyn PushTx>, StoreError> {
+        self.0.begin_push(space, locking).await
     }
     async fn streamed_pull(
         &self,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use replisync::gc::{self, GcSettings};
 use replisync::protocol::SpaceId;
 use replisync::store::{
-    ACTIVITY_GRANULARITY_SECS, ClientRecord, Collected, PushChanges, StoreError, unix_now,
+    ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientWrite, Collected, Locking, PushChanges,
+    StoreError, unix_now,
 };
 use serde_json::{Value, json};
 
@@ -350,20 +351,31 @@ async fn postgres_a_push_whose_group_is_collected_before_its_commit_does_not_com
         .await;
     set_last_active(&server, "g", TTL.as_secs() as i64 + 60).await;
     let space = SpaceId::parse("s").unwrap();
-    let mut tx = server.store.begin_push(&space).await.unwrap();
-    let state = tx.client_state("g", &["c".to_owned()]).await.unwrap();
-    assert!(state.group.is_some());
+    let mut tx = server
+        .store
+        .begin_push(&space, Locking::Pessimistic)
+        .await
+        .unwrap();
+    let state = tx
+        .client_state(&["g".to_owned()], &["c".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(state.groups.len(), 1);
     // Collection does not wait for the push: it holds the space's lock, not the group's row.
     assert_eq!(collect_now(&server).await.map(|c| c.client_groups), Some(1));
     let changes = PushChanges {
         version: state.space_version + 1,
-        client_group_id: "g".into(),
+        read_version: state.space_version,
         active_at: unix_now(),
-        new_client_group: None,
-        clients: vec![ClientRecord {
-            id: "c".into(),
-            client_group_id: "g".into(),
-            last_mutation_id: 2,
+        new_client_groups: vec![],
+        active_client_groups: vec!["g".into()],
+        clients: vec![ClientWrite {
+            client: ClientRecord {
+                id: "c".into(),
+                client_group_id: "g".into(),
+                last_mutation_id: 2,
+            },
+            version: state.space_version + 1,
         }],
         entries: vec![],
     };

@@ -198,20 +198,19 @@ async fn push_bodies_in_flight_share_a_byte_budget(backend: Backend) {
             .body(body.clone())
             .send()
     };
-    // Generous: under a loaded machine the slow push's headers can take seconds to be read.
+    // Wait until the slow push holds the whole budget. Sending a push before that could make
+    // the slow push the one refused (the two would race for the budget).
     let deadline = Instant::now() + Duration::from_secs(20);
-    let refused = loop {
-        let response = send().await.unwrap();
-        if response.status() == 503 {
-            break response;
-        }
+    while server.metrics.push_bytes_in_flight.get() < 64 * 1024 {
         assert!(
             Instant::now() < deadline,
-            "never refused: {}",
-            response.status()
+            "the slow push never held the budget: {} bytes held",
+            server.metrics.push_bytes_in_flight.get()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = send().await.unwrap();
+    assert_eq!(refused.status(), 503);
     assert_eq!(
         refused.headers()["retry-after"],
         "1",
@@ -243,6 +242,11 @@ async fn push_bodies_in_flight_share_a_byte_budget(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(server.state("s", "g").await.lmid("c"), 1);
+    assert_eq!(
+        server.metrics.push_bytes_in_flight.get(),
+        0,
+        "every byte given back"
+    );
 }
 
 crate::on_both_stores!(

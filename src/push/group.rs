@@ -1,0 +1,237 @@
+//! Group commit: a queue per space with one runner task; pushes that arrive while the space's
+//! transaction is busy wait and are applied together in the next one, one lock and one commit.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::apply::{GroupAnswers, apply_group};
+use super::{Push, PushOutcome};
+use crate::config::GroupLimits;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::mutators::Mutators;
+use crate::protocol::SpaceId;
+use crate::store::{Locking, Store, StoreError, reconnecting};
+
+/// How many times a group that lost a race with a concurrent writer is run again.
+const CONFLICT_ATTEMPTS: u32 = 8;
+
+/// The pushes waiting for each busy space. A space is in the map while its runner runs.
+pub struct PushGroups {
+    store: Arc<dyn Store>,
+    mutators: Arc<Mutators>,
+    limits: GroupLimits,
+    metrics: Arc<Metrics>,
+    waiting: Mutex<HashMap<SpaceId, VecDeque<Waiting>>>,
+}
+
+/// A push waiting for its group, and where its answer goes.
+struct Waiting {
+    push: Push,
+    answer: oneshot::Sender<Result<PushOutcome, ApiError>>,
+}
+
+impl PushGroups {
+    pub fn new(
+        store: Arc<dyn Store>,
+        mutators: Arc<Mutators>,
+        limits: GroupLimits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<PushGroups> {
+        Arc::new(PushGroups {
+            store,
+            mutators,
+            limits,
+            metrics,
+            waiting: Mutex::default(),
+        })
+    }
+
+    /// Applies `push` to `space`: in the next group of the space's runner, which starts now if
+    /// the space has none. The push is applied even if the caller stops waiting.
+    pub async fn push(
+        self: &Arc<Self>,
+        space: &SpaceId,
+        push: Push,
+    ) -> Result<PushOutcome, ApiError> {
+        let (answer, answered) = oneshot::channel();
+        let waiting = Waiting { push, answer };
+        let start_runner = match self.waiting().entry(space.clone()) {
+            Entry::Occupied(mut queue) => {
+                queue.get_mut().push_back(waiting);
+                false
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(VecDeque::from([waiting]));
+                true
+            }
+        };
+        if start_runner {
+            let runner = Runner {
+                groups: Arc::clone(self),
+                space: space.clone(),
+                finished: false,
+            };
+            tokio::spawn(runner.run());
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(StoreError::Database("the push's group ended without an answer".into()).into())
+        })
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, HashMap<SpaceId, VecDeque<Waiting>>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next group of `space`, or `None` (and the space leaves the map) when none waits.
+    fn next_group(&self, space: &SpaceId) -> Option<Vec<Waiting>> {
+        let mut waiting = self.waiting();
+        let queue = waiting.get_mut(space)?;
+        if queue.is_empty() {
+            waiting.remove(space);
+            return None;
+        }
+        let size = queue.len().min(self.limits.max_pushes.max(1));
+        Some(queue.drain(..size).collect())
+    }
+
+    /// Puts pushes a group left (in order) back at the head of the space's queue.
+    fn requeue(&self, space: &SpaceId, left: Vec<Waiting>) {
+        let mut waiting = self.waiting();
+        let queue = waiting.entry(space.clone()).or_default();
+        for waiting in left.into_iter().rev() {
+            queue.push_front(waiting);
+        }
+    }
+
+    /// Applies a group: optimistically first, then under the space's lock after a conflict;
+    /// again at once on a dead connection. When the database fails the group for another reason,
+    /// each push runs alone, so that only the push that must fail fails.
+    async fn apply(&self, space: &SpaceId, pushes: &[Push]) -> GroupAnswers {
+        match self.apply_with_retries(space, pushes).await {
+            Ok(answers) => answers,
+            Err(error) if pushes.len() > 1 && fails_one_push(&error) => {
+                tracing::info!(%error, pushes = pushes.len(), "push group failed; applying its pushes one by one");
+                let mut answers = Vec::with_capacity(pushes.len());
+                for push in pushes {
+                    let alone = self
+                        .apply_with_retries(space, std::slice::from_ref(push))
+                        .await;
+                    answers.push(match alone {
+                        Ok(mut answer) => answer.pop().flatten(),
+                        Err(error) => Some(Err(error.into())),
+                    });
+                }
+                answers
+            }
+            Err(error) => pushes
+                .iter()
+                .map(|_| Some(Err(error.clone().into())))
+                .collect(),
+        }
+    }
+
+    async fn apply_with_retries(
+        &self,
+        space: &SpaceId,
+        pushes: &[Push],
+    ) -> Result<GroupAnswers, StoreError> {
+        let (store, mutators, max_age) = (&*self.store, &*self.mutators, self.limits.max_age);
+        let mut attempt = 1;
+        loop {
+            // The first attempt takes no lock; a group that lost a race then takes it.
+            let locking = if attempt == 1 {
+                Locking::Optimistic
+            } else {
+                Locking::Pessimistic
+            };
+            let applied =
+                reconnecting(|| apply_group(store, mutators, space, pushes, locking, max_age))
+                    .await;
+            match applied {
+                Err(StoreError::Conflict(cause)) if attempt < CONFLICT_ATTEMPTS => {
+                    self.metrics.push_conflicts.increment();
+                    tracing::debug!(attempt, %cause, "push group met a concurrent writer; running it again");
+                    if attempt > 1 {
+                        tokio::time::sleep(conflict_backoff(attempt)).await;
+                    }
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// A database error that one push's data may cause (a statement the database refuses), rather
+/// than one that fails every push alike (unavailable, disconnected, conflicts).
+fn fails_one_push(error: &StoreError) -> bool {
+    matches!(error, StoreError::Database(_) | StoreError::Corrupt(_))
+}
+
+fn conflict_backoff(attempt: u32) -> Duration {
+    let base_ms = 2u64 << attempt.min(6);
+    Duration::from_millis(base_ms + rand::random_range(0..base_ms))
+}
+
+/// The task that applies one space's groups until its queue is empty. If it ends any other way
+/// (a panic), the space leaves the map and its waiting pushes are answered with an error.
+struct Runner {
+    groups: Arc<PushGroups>,
+    space: SpaceId,
+    finished: bool,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        while let Some(group) = self.groups.next_group(&self.space) {
+            let (pushes, answers): (Vec<Push>, Vec<_>) =
+                group.into_iter().map(|w| (w.push, w.answer)).unzip();
+            let results = self.groups.apply(&self.space, &pushes).await;
+            self.count(&results);
+            let mut left = Vec::new();
+            for ((push, answer), result) in pushes.into_iter().zip(answers).zip(results) {
+                match result {
+                    Some(result) => {
+                        let _ = answer.send(result); // the caller may have stopped waiting
+                    }
+                    None => left.push(Waiting { push, answer }),
+                }
+            }
+            if !left.is_empty() {
+                self.groups.requeue(&self.space, left);
+            }
+        }
+        self.finished = true; // the queue left the map with its last group
+    }
+
+    fn count(&self, results: &GroupAnswers) {
+        let applied = results.iter().flatten().count() as u64;
+        let metrics = &self.groups.metrics;
+        metrics.push_groups.increment();
+        if applied > 1 {
+            metrics.pushes_grouped.add(applied);
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // A panic: dropping the queue answers its pushes with an error.
+        let orphaned = self.groups.waiting().remove(&self.space);
+        if let Some(orphaned) = orphaned {
+            tracing::error!(
+                space = self.space.as_str(),
+                pushes = orphaned.len(),
+                "push runner failed; its waiting pushes are answered with an error"
+            );
+        }
+    }
+}
