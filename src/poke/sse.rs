@@ -1,5 +1,6 @@
-//! The built-in poke stream: `GET /spaces/{space}/poke` as Server-Sent Events, one `poke` per
-//! committed change. A single-instance convenience; production deployments use Pusher.
+//! The built-in poke stream: `GET /spaces/{space}/poke` as Server-Sent Events, a `poke` at once
+//! per committed change, or one for the changes made while the last was being sent. A
+//! single-instance convenience; production deployments use Pusher.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -130,10 +131,20 @@ struct Watcher {
 }
 
 impl Watcher {
+    /// Waits for a poke, at once when one is queued. The pokes queued behind it (they came while
+    /// the stream was still sending the last one) are taken with it: one event for all of them.
     async fn next_poke(&mut self) -> Result<(), broadcast::error::RecvError> {
-        match &mut self.pokes {
-            Some(pokes) => pokes.recv().await,
-            None => Err(broadcast::error::RecvError::Closed),
+        let Some(pokes) = &mut self.pokes else {
+            return Err(broadcast::error::RecvError::Closed);
+        };
+        match pokes.recv().await {
+            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                while let Ok(()) | Err(broadcast::error::TryRecvError::Lagged(_)) = pokes.try_recv()
+                {
+                }
+                Ok(())
+            }
+            Err(closed) => Err(closed),
         }
     }
 }
@@ -179,13 +190,52 @@ pub fn poke_events(
         loop {
             tokio::select! {
                 received = watcher.next_poke() => match received {
-                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        yield Ok(Event::default().event(EVENT_NAME).data("{}"));
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
+                    Ok(()) => yield Ok(Event::default().event(EVENT_NAME).data("{}")),
+                    Err(_) => break,
                 },
                 () = sse.shutdown.cancelled() => break,
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_poke_goes_at_once_and_those_queued_behind_it_go_with_it() {
+        let limits = StreamLimits {
+            total: 10,
+            per_space: 10,
+        };
+        let sse = Arc::new(SsePokes::new(
+            Duration::from_secs(15),
+            limits,
+            CancellationToken::new(),
+        ));
+        let space = SpaceId::parse("s").unwrap();
+        let mut watcher = sse.subscribe(&space).unwrap();
+        assert!(
+            watcher.next_poke().now_or_never().is_none(),
+            "no change yet"
+        );
+        for _ in 0..5 {
+            sse.space_changed(&space, Instant::now());
+        }
+        let first = watcher.next_poke().now_or_never();
+        assert!(matches!(first, Some(Ok(()))), "{first:?}");
+        assert!(
+            watcher.next_poke().now_or_never().is_none(),
+            "the four queued behind the first went with it"
+        );
+        sse.space_changed(&space, Instant::now());
+        let later = watcher.next_poke().now_or_never();
+        assert!(
+            matches!(later, Some(Ok(()))),
+            "a later change gets its own: {later:?}"
+        );
+    }
 }

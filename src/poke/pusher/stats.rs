@@ -6,7 +6,8 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct PokerOptions {
-    /// After the first change, wait this long for more before sending (pokes coalesce).
+    /// The least time between the end of one call and the start of the next: changes meanwhile
+    /// coalesce into that next call. A change when no call ended this recently goes out at once.
     pub coalesce_window: Duration,
     /// When this many spaces wait, the oldest is dropped (a lost hint, covered by pullInterval).
     pub max_pending_spaces: usize,

@@ -35,6 +35,7 @@ impl PusherPoker {
             .inspect_err(|reason| tracing::error!(%reason, "Pusher pokes cannot be sent"))
             .ok();
         let worker = Worker {
+            last_call_ended: None,
             shared: Arc::clone(&shared),
             rejections: RejectionLog::new(options.rejection_log_interval),
             publisher,
@@ -125,6 +126,8 @@ impl Shared {
 }
 
 struct Worker {
+    /// When the last batch's call (retries included) ended.
+    last_call_ended: Option<Instant>,
     shared: Arc<Shared>,
     publisher: Option<Publisher>,
     options: PokerOptions,
@@ -135,12 +138,15 @@ impl Worker {
     async fn run(mut self) {
         while let Some(batch) = self.next_batch().await {
             self.deliver(&batch).await;
+            self.last_call_ended = Some(Instant::now());
             self.shared.queue().finish_batch();
         }
     }
 
-    /// Waits for a change, lets more arrive for the coalescing window, then takes a batch.
-    /// `None` once shutdown began and nothing is pending.
+    /// Waits for a change, then takes a batch: at once when the last call ended at least the
+    /// coalescing window ago (an idle poker adds no delay), otherwise once the window since it
+    /// has passed, so that under load calls stay a window apart and the changes meanwhile
+    /// coalesce. `None` once shutdown began and nothing is pending.
     async fn next_batch(&self) -> Option<Vec<PendingPoke>> {
         loop {
             let (pending, accepting) = {
@@ -151,8 +157,18 @@ impl Worker {
                 (0, false) => return None,
                 (0, true) => self.shared.wake.notified().await,
                 (_, true) => {
-                    tokio::time::sleep(self.options.coalesce_window).await;
-                    break;
+                    let Some(ended) = self.last_call_ended else {
+                        break;
+                    };
+                    let ready = ended + self.options.coalesce_window;
+                    if Instant::now() >= ready {
+                        break;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep_until(ready.into()) => break,
+                        // A change or shutdown: look again (shutdown flushes at once).
+                        () = self.shared.wake.notified() => {}
+                    }
                 }
                 (_, false) => break,
             }
@@ -384,7 +400,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn changes_within_the_coalescing_window_become_one_call() {
+    async fn changes_made_together_become_one_call() {
         let mock = MockPusher::start(vec![]).await;
         let poker = PusherPoker::start(mock.config(), fast_options());
         let sink: Arc<dyn PokeSink> = poker.clone();
@@ -419,6 +435,36 @@ mod tests {
         }
         assert_all_well_formed(&requests);
         assert_eq!(poker.stats().spaces_poked, 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_poker_calls_at_once_and_changes_right_after_wait_for_the_window() {
+        let mock = MockPusher::start(vec![]).await;
+        // A window far longer than the wait for the first call: that call cannot have waited
+        // for it.
+        let options = PokerOptions {
+            coalesce_window: PATIENCE * 2,
+            ..fast_options()
+        };
+        let poker = PusherPoker::start(mock.config(), options);
+        poker.space_changed(&space("s1"), Instant::now());
+        mock.wait_for_requests(1).await;
+        // Right after that call, changes wait for the window and coalesce.
+        for n in 0..20 {
+            poker.space_changed(&space(&format!("s{n}")), Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            mock.requests().await.len(),
+            1,
+            "the next call waits for the window"
+        );
+        // Shutdown flushes what is pending without waiting for the window: one call for all.
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert_eq!(requests[1].channels.len(), 20);
+        assert_all_well_formed(&requests);
     }
 
     #[tokio::test]
