@@ -92,6 +92,8 @@ pub struct Metrics {
     /// Bytes of the push body budget (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT) held by pushes being
     /// read or applied, counted in whole KiB.
     pub push_bytes_in_flight: Gauge,
+    /// Pushes waiting for their space's transaction, to be applied in its next group.
+    pub pushes_waiting: Gauge,
     /// Client groups removed by garbage collection (idle past REPLISYNC_CLIENT_TTL).
     pub gc_client_groups_removed: Counter,
     /// Clients removed with their groups.
@@ -305,6 +307,12 @@ impl Metrics {
             "replisync_push_bytes_in_flight",
             "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied.",
             self.push_bytes_in_flight.get(),
+        );
+        write_gauge(
+            &mut out,
+            "replisync_pushes_waiting",
+            "Pushes waiting for their space's transaction (applied together in its next group).",
+            self.pushes_waiting.get(),
         );
         write_gauge(
             &mut out,

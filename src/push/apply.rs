@@ -23,7 +23,7 @@ pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, ApiError>>>;
 /// count pushes as before, and a pull sees the whole group or none of it. Each push sees the
 /// writes of those before it and gets its own answer: a push refused (ClientStateNotFound, 403)
 /// writes nothing and changes nothing for the others. No push after the first starts once the
-/// group has run for `max_age`. A database error fails the whole group, with nothing written.
+/// group has applied pushes for `max_age`. A database error fails the whole group, with nothing written.
 pub(super) async fn apply_group(
     store: &dyn Store,
     mutators: &Mutators,
@@ -32,9 +32,9 @@ pub(super) async fn apply_group(
     locking: Locking,
     max_age: Duration,
 ) -> Result<GroupAnswers, StoreError> {
-    let started = Instant::now();
     let mut tx = store.begin_push(space, locking).await?;
     let mut group = GroupState::read(&mut *tx, pushes).await?;
+    let started = Instant::now();
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());
     for (index, push) in pushes.iter().enumerate() {
         if index > 0 && started.elapsed() >= max_age {

@@ -60,14 +60,19 @@ impl PushGroups {
     ) -> Result<PushOutcome, ApiError> {
         let (answer, answered) = oneshot::channel();
         let waiting = Waiting { push, answer };
-        let start_runner = match self.waiting().entry(space.clone()) {
-            Entry::Occupied(mut queue) => {
-                queue.get_mut().push_back(waiting);
-                false
-            }
-            Entry::Vacant(vacant) => {
-                vacant.insert(VecDeque::from([waiting]));
-                true
+        let start_runner = {
+            let mut queues = self.waiting();
+            // Counted under the lock, so the runner cannot take the push out first.
+            self.metrics.pushes_waiting.add(1);
+            match queues.entry(space.clone()) {
+                Entry::Occupied(mut queue) => {
+                    queue.get_mut().push_back(waiting);
+                    false
+                }
+                Entry::Vacant(vacant) => {
+                    vacant.insert(VecDeque::from([waiting]));
+                    true
+                }
             }
         };
         if start_runner {
@@ -96,12 +101,14 @@ impl PushGroups {
             return None;
         }
         let size = queue.len().min(self.limits.max_pushes.max(1));
+        self.metrics.pushes_waiting.sub(size as u64);
         Some(queue.drain(..size).collect())
     }
 
     /// Puts pushes a group left (in order) back at the head of the space's queue.
     fn requeue(&self, space: &SpaceId, left: Vec<Waiting>) {
         let mut waiting = self.waiting();
+        self.metrics.pushes_waiting.add(left.len() as u64);
         let queue = waiting.entry(space.clone()).or_default();
         for waiting in left.into_iter().rev() {
             queue.push_front(waiting);
@@ -227,6 +234,10 @@ impl Drop for Runner {
         // A panic: dropping the queue answers its pushes with an error.
         let orphaned = self.groups.waiting().remove(&self.space);
         if let Some(orphaned) = orphaned {
+            self.groups
+                .metrics
+                .pushes_waiting
+                .sub(orphaned.len() as u64);
             tracing::error!(
                 space = self.space.as_str(),
                 pushes = orphaned.len(),

@@ -6,6 +6,7 @@ mod bad_input;
 mod compaction;
 mod concurrency;
 mod gc;
+mod group_commit;
 mod harness;
 mod js_mutators;
 mod large_deltas;

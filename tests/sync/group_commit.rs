@@ -1,0 +1,480 @@
+//! Group commit: pushes to one space that arrive while its transaction is busy are applied
+//! together, in arrival order, and each keeps its own answer. A `gate` mutator holds a space's
+//! transaction open until the test has queued the pushes it wants in one group.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use replisync::config::{GroupLimits, HttpSettings, PushLimits};
+use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
+use replisync::protocol::SpaceId;
+use replisync::store::{
+    ClientState, Collected, GcPace, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError,
+};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::harness::{Backend, Options, TestServer, inc, push_body};
+
+/// Holds its push's group open: signals `entered`, then waits for `open`.
+#[derive(Clone)]
+struct Gate {
+    entered: Arc<Semaphore>,
+    open: Arc<Semaphore>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            entered: Arc::new(Semaphore::new(0)),
+            open: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+#[async_trait]
+impl Mutator for Gate {
+    async fn apply(&self, _tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
+        self.entered.add_permits(1);
+        self.open.acquire().await.expect("the gate opens").forget();
+        Ok(())
+    }
+}
+
+impl Gate {
+    /// Starts a push to `space` that holds the space's transaction, and returns once it does.
+    async fn hold(&self, server: &Arc<TestServer>, space: &str) -> tokio::task::JoinHandle<u16> {
+        let (server, space) = (server.clone(), space.to_owned());
+        let held = tokio::spawn(async move {
+            let body = push_body("gate", &[("gate", 1, "gate", json!({}))]);
+            server.push(&space, &body).await.0
+        });
+        self.entered.acquire().await.unwrap().forget();
+        held
+    }
+
+    /// Sends `bodies` to `space` one after another, each once the one before waits behind the
+    /// gate: they queue in this order.
+    async fn queue(
+        &self,
+        server: &Arc<TestServer>,
+        space: &str,
+        bodies: Vec<Value>,
+    ) -> Vec<tokio::task::JoinHandle<(u16, Value)>> {
+        let mut sent = Vec::new();
+        for body in bodies {
+            sent.push(send(server, space, body));
+            wait_for_waiting(server, sent.len() as u64).await;
+        }
+        sent
+    }
+
+    /// Opens the gate once `count` pushes wait behind it: they make the next group.
+    async fn open_when_waiting(&self, server: &TestServer, count: u64) {
+        wait_for_waiting(server, count).await;
+        self.open.add_permits(1);
+    }
+}
+
+/// Waits until `count` pushes wait for their space's transaction.
+async fn wait_for_waiting(server: &TestServer, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metrics.pushes_waiting.get() < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} pushes arrived",
+            server.metrics.pushes_waiting.get()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn options_with(gate: &Gate, push: PushLimits) -> Options {
+    Options {
+        mutators: Mutators::builtin().register("gate", gate.clone()),
+        http: HttpSettings {
+            push,
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    }
+}
+
+/// Sends `body` to `space` in a task of its own.
+fn send(
+    server: &Arc<TestServer>,
+    space: &str,
+    body: Value,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let (server, space) = (server.clone(), space.to_owned());
+    tokio::spawn(async move { server.push(&space, &body).await })
+}
+
+async fn pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own(backend: Backend) {
+    let gate = Gate::default();
+    let limits = PushLimits {
+        max_body_bytes: 4096,
+        max_mutations: 3,
+        ..PushLimits::default()
+    };
+    let server = Arc::new(TestServer::start_with(backend, options_with(&gate, limits)).await);
+    // A client group of another space: using it here is refused 403.
+    let other = push_body("elsewhere", &[("e", 1, "increment", inc("n", 1))]);
+    assert_eq!(server.push("other-space", &other).await.0, 200);
+
+    let held = gate.hold(&server, "s").await;
+    let groups_before = server.metrics.push_groups.get();
+    let pushes = vec![
+        // Applied.
+        push_body("ga", &[("a", 1, "increment", inc("n", 1))]),
+        // An unknown client past its first mutation: ClientStateNotFound.
+        push_body("gb", &[("b", 5, "increment", inc("n", 100))]),
+        // Client `a` belongs to `ga`, created by the first push of this very group: 403.
+        push_body("gc", &[("a", 2, "increment", inc("n", 100))]),
+        // A failing mutation counts as processed; the next one of the push applies.
+        push_body(
+            "gd",
+            &[
+                ("d", 1, "nope", json!({})),
+                ("d", 2, "increment", inc("n", 1)),
+            ],
+        ),
+        // The same group as the first, next mutation: applied after it, in order.
+        push_body("ga", &[("a", 2, "increment", inc("n", 1))]),
+        // A gap: mutation 1 applies, 3 waits for 2.
+        push_body(
+            "gf",
+            &[
+                ("f", 1, "increment", inc("n", 1)),
+                ("f", 3, "increment", inc("n", 100)),
+            ],
+        ),
+        // Over the mutation cap: a prefix of 3 applies, 503 PartiallyApplied.
+        push_body(
+            "gi",
+            &(1..=4)
+                .map(|id| ("i", id, "increment", inc("n", 1)))
+                .collect::<Vec<_>>(),
+        ),
+        // A client group of another space: 403.
+        push_body("elsewhere", &[("e", 2, "increment", inc("n", 100))]),
+    ];
+    let sent = gate.queue(&server, "s", pushes).await;
+    // Too large: refused before it could join the group, and changes nothing.
+    let huge = push_body(
+        "gh",
+        &[(
+            "h",
+            1,
+            "set",
+            json!({"key": "h", "value": "x".repeat(8192)}),
+        )],
+    );
+    assert_eq!(server.push("s", &huge).await.0, 413);
+    gate.open_when_waiting(&server, sent.len() as u64).await;
+    assert_eq!(held.await.unwrap(), 200);
+
+    let mut answers = Vec::new();
+    for push in sent {
+        answers.push(push.await.unwrap());
+    }
+    let errors: Vec<(u16, Value)> = answers
+        .iter()
+        .map(|(status, body)| (*status, body["error"].clone()))
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            (200, Value::Null),
+            (200, json!("ClientStateNotFound")),
+            (403, json!("Forbidden")),
+            (200, Value::Null),
+            (200, Value::Null),
+            (200, Value::Null),
+            (503, json!("PartiallyApplied")),
+            (403, json!("Forbidden")),
+        ],
+        "{answers:?}"
+    );
+    assert_eq!(
+        server.metrics.push_groups.get() - groups_before,
+        2,
+        "the gate's group, then one for all eight"
+    );
+
+    // Applied: a#1, d#2, a#2, f#1 and i#1..3. Each push that changed something moved the space
+    // one version on: the gate's, ga twice, gd, gf, gi.
+    let a = server.state("s", "ga").await;
+    assert_eq!(a.entries["n"], json!(7));
+    assert_eq!(a.lmid("a"), 2);
+    assert_eq!(a.cookie, 6);
+    assert_eq!(server.state("s", "gd").await.lmid("d"), 2);
+    assert_eq!(server.state("s", "gf").await.lmid("f"), 1);
+    assert_eq!(server.state("s", "gi").await.lmid("i"), 3);
+    for (group, client) in [("gb", "b"), ("gc", "a"), ("gh", "h")] {
+        let refused = server.state("s", group).await;
+        assert!(
+            refused.last_mutation_ids.is_empty(),
+            "{group} wrote nothing: {:?}",
+            refused.last_mutation_ids
+        );
+        assert!(!refused.last_mutation_ids.contains_key(client));
+    }
+    assert!(!a.entries.contains_key("h"));
+}
+
+async fn the_same_push_many_times_in_one_group_applies_once(backend: Backend) {
+    const COPIES: u64 = 16;
+    let gate = Gate::default();
+    let server =
+        Arc::new(TestServer::start_with(backend, options_with(&gate, PushLimits::default())).await);
+    let body = push_body(
+        "g",
+        &[
+            ("c", 1, "increment", inc("n", 1)),
+            ("c", 2, "increment", inc("n", 1)),
+        ],
+    );
+    let held = gate.hold(&server, "s").await;
+    let sent: Vec<_> = (0..COPIES)
+        .map(|_| send(&server, "s", body.clone()))
+        .collect();
+    gate.open_when_waiting(&server, COPIES).await;
+    assert_eq!(held.await.unwrap(), 200);
+    for push in sent {
+        assert_eq!(push.await.unwrap(), (200, json!({})));
+    }
+    assert_eq!(
+        server.metrics.pushes_grouped.get(),
+        COPIES,
+        "{} conflicts",
+        server.metrics.push_conflicts.get()
+    );
+    let state = server.state("s", "g").await;
+    assert_eq!(state.lmid("c"), 2);
+    assert_eq!(state.entries["n"], json!(2), "each mutation once");
+    assert_eq!(state.cookie, 2, "the gate's push and the first copy");
+}
+
+async fn sixty_four_clients_on_one_space_land_exact_totals(backend: Backend) {
+    const CLIENTS: u64 = 64;
+    const PUSHES: u64 = 10;
+    const MUTATIONS: u64 = 3;
+    let server = Arc::new(TestServer::start(backend).await);
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let (group, client) = (format!("g{c}"), format!("c{c}"));
+                for p in 0..PUSHES {
+                    let mutations: Vec<_> = (1..=MUTATIONS)
+                        .map(|m| {
+                            (
+                                client.as_str(),
+                                p * MUTATIONS + m,
+                                "increment",
+                                inc("total", 1),
+                            )
+                        })
+                        .collect();
+                    let answer = server.push("hot", &push_body(&group, &mutations)).await;
+                    assert_eq!(answer, (200, json!({})), "{client} push {p}");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    for c in 0..CLIENTS {
+        let state = server.state("hot", &format!("g{c}")).await;
+        assert_eq!(state.lmid(&format!("c{c}")), PUSHES * MUTATIONS);
+        assert_eq!(state.entries["total"], json!(CLIENTS * PUSHES * MUTATIONS));
+        assert_eq!(state.cookie, CLIENTS * PUSHES, "one version per push");
+    }
+    assert!(
+        server.metrics.pushes_grouped.get() > 0,
+        "64 concurrent clients never shared a transaction"
+    );
+    assert!(server.metrics.push_groups.get() < CLIENTS * PUSHES);
+}
+
+/// Fails the commit of any push group that writes the key `poison`: a database error that one
+/// push's data causes (a real database refuses no value a push can write, so a double stands in).
+struct PoisonedCommits(Arc<dyn Store>);
+
+struct PoisonedTx(Box<dyn PushTx>);
+
+#[async_trait]
+impl PushTx for PoisonedTx {
+    async fn client_state(
+        &mut self,
+        groups: &[String],
+        clients: &[String],
+    ) -> Result<ClientState, StoreError> {
+        self.0.client_state(groups, clients).await
+    }
+    async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        self.0.entry(key).await
+    }
+    async fn scan_entries(
+        &mut self,
+        start: &str,
+        exclusive: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.0.scan_entries(start, exclusive, limit).await
+    }
+    async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
+        if changes.entries.iter().any(|entry| entry.key == "poison") {
+            return Err(StoreError::Database("value refused".into()));
+        }
+        self.0.commit(changes).await
+    }
+}
+
+#[async_trait]
+impl Store for PoisonedCommits {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    async fn begin_push(
+        &self,
+        space: &SpaceId,
+        locking: Locking,
+    ) -> Result<Box<dyn PushTx>, StoreError> {
+        Ok(Box::new(PoisonedTx(
+            self.0.begin_push(space, locking).await?,
+        )))
+    }
+    async fn streamed_pull(
+        &self,
+        space: &SpaceId,
+        group: &str,
+        since: Option<u64>,
+    ) -> Result<PullSnapshot, StoreError> {
+        self.0.streamed_pull(space, group, since).await
+    }
+    async fn pull_changes(
+        &self,
+        space: &SpaceId,
+        groups: &[String],
+        from: u64,
+        max_delta_bytes: usize,
+    ) -> Result<PullChanges, StoreError> {
+        self.0
+            .pull_changes(space, groups, from, max_delta_bytes)
+            .await
+    }
+    async fn collect_client_groups(
+        &self,
+        now: i64,
+        inactive_before: i64,
+        pace: GcPace,
+    ) -> Result<Option<Collected>, StoreError> {
+        self.0
+            .collect_client_groups(now, inactive_before, pace)
+            .await
+    }
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        pace: GcPace,
+    ) -> Result<Option<u64>, StoreError> {
+        self.0.compact_tombstones(deleted_before, pace).await
+    }
+    async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
+        self.0.raise_space_version(space, to).await
+    }
+    async fn check_health(&self) -> Result<(), StoreError> {
+        self.0.check_health().await
+    }
+    async fn close(&self) {
+        self.0.close().await
+    }
+}
+
+async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
+    let gate = Gate::default();
+    let options = Options {
+        wrap_store: |store| Arc::new(PoisonedCommits(store)),
+        ..options_with(&gate, PushLimits::default())
+    };
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let held = gate.hold(&server, "s").await;
+    let put = |group: &str, client: &str, key: &str| {
+        push_body(
+            group,
+            &[(client, 1, "set", json!({"key": key, "value": 1}))],
+        )
+    };
+    let bodies = vec![
+        put("g1", "c1", "first"),
+        put("g2", "c2", "poison"),
+        put("g3", "c3", "third"),
+    ];
+    let sent = gate.queue(&server, "s", bodies).await;
+    gate.open_when_waiting(&server, 3).await;
+    assert_eq!(held.await.unwrap(), 200);
+    let mut statuses = Vec::new();
+    for push in sent {
+        statuses.push(push.await.unwrap().0);
+    }
+    assert_eq!(statuses, [200, 500, 200]);
+    let state = server.state("s", "g1").await;
+    assert_eq!(state.lmid("c1"), 1);
+    assert_eq!(state.entries.get("first"), Some(&json!(1)));
+    assert_eq!(state.entries.get("third"), Some(&json!(1)));
+    assert!(!state.entries.contains_key("poison"));
+    assert_eq!(
+        server.state("s", "g2").await.lmid("c2"),
+        0,
+        "the poisoned push wrote nothing"
+    );
+}
+
+/// A group stops taking pushes at its size limit: the rest wait for the next group.
+async fn a_group_takes_at_most_its_size_limit(backend: Backend) {
+    let gate = Gate::default();
+    let limits = PushLimits {
+        group: GroupLimits {
+            max_pushes: 4,
+            ..GroupLimits::default()
+        },
+        ..PushLimits::default()
+    };
+    let server = Arc::new(TestServer::start_with(backend, options_with(&gate, limits)).await);
+    let held = gate.hold(&server, "s").await;
+    let groups_before = server.metrics.push_groups.get();
+    let sent: Vec<_> = (0..10)
+        .map(|c| {
+            let body = push_body(
+                &format!("g{c}"),
+                &[(&format!("c{c}"), 1, "increment", inc("n", 1))],
+            );
+            send(&server, "s", body)
+        })
+        .collect();
+    gate.open_when_waiting(&server, 10).await;
+    assert_eq!(held.await.unwrap(), 200);
+    for push in sent {
+        assert_eq!(push.await.unwrap(), (200, json!({})));
+    }
+    assert_eq!(
+        server.metrics.push_groups.get() - groups_before,
+        4,
+        "the gate's group, then 4 + 4 + 2 ({} conflicts)",
+        server.metrics.push_conflicts.get()
+    );
+    assert_eq!(server.state("s", "g0").await.entries["n"], json!(10));
+}
+
+crate::on_both_stores!(
+    pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own,
+    the_same_push_many_times_in_one_group_applies_once,
+    sixty_four_clients_on_one_space_land_exact_totals,
+    a_database_error_fails_only_the_push_that_caused_it,
+    a_group_takes_at_most_its_size_limit,
+);
