@@ -38,6 +38,7 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
     let state = tx
         .client_state(std::slice::from_ref(&group_id), &[client.to_owned()])
         .await?;
+    let new_group = state.groups.is_empty();
     let key = "counter-0";
     let current: i64 = tx
         .entry(key)
@@ -48,9 +49,7 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
         version: state.space_version + 1,
         read_version: state.space_version,
         active_at: replisync::store::unix_now(),
-        new_client_groups: state
-            .groups
-            .is_empty()
+        new_client_groups: new_group
             .then(|| ClientGroupRecord {
                 id: group_id.clone(),
                 space_id: space.as_str().to_owned(),
@@ -58,7 +57,7 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
             })
             .into_iter()
             .collect(),
-        active_client_groups: vec![group_id.clone()],
+        active_client_groups: (!new_group).then(|| group_id.clone()).into_iter().collect(),
         clients: vec![ClientWrite {
             client: ClientRecord {
                 id: client.to_owned(),

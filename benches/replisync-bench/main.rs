@@ -57,6 +57,14 @@ struct Args {
         default_value = "push,storm,first-pull,poke,js,gc"
     )]
     only: Vec<String>,
+    /// Of the push workloads, run only these (comma-separated): one-1, one-8, one-64, many-8,
+    /// many-64, batched.
+    #[arg(long, value_delimiter = ',')]
+    push_workloads: Vec<String>,
+    /// Skip the floor beside each push workload (to compare server builds whose schemas
+    /// differ from this benchmark's store).
+    #[arg(long)]
+    no_floor: bool,
     /// Run the server with REPLISYNC_JWT_SECRET set to this, and send every request with an
     /// HS256 token signed with it (to measure what token checks cost).
     #[arg(long)]
@@ -90,6 +98,8 @@ async fn main() -> anyhow::Result<()> {
         server_binary: args.server.clone(),
         database_url: bench_url.clone(),
         jwt_secret: args.jwt_secret.clone(),
+        push_workloads: args.push_workloads.clone(),
+        floor: !args.no_floor,
     };
     let floor_store =
         Arc::new(PgStore::connect(PgConnectOptions::from_str(&bench_url)?, POOL_SIZE).await?);
@@ -104,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
         bench.js_workloads(&mut report).await?;
     }
     if args.runs("storm") {
-        report.poke_storm = Some(bench.poke_storm(1000).await?);
+        report.poke_storm = Some(bench.poke_storm("storm", 1000).await?);
     }
     if args.runs("first-pull") {
         for entries in [10_000, 100_000] {

@@ -166,6 +166,13 @@ pub struct PokeFigures {
     pub pokes: usize,
     pub commit_to_accepted_p50_ms: f64,
     pub commit_to_accepted_p99_ms: f64,
+    /// Pusher calls made during the poke storm (one push, then 1000 pulls at once).
+    pub storm_calls: u64,
+    /// One-mutation pushes by 64 clients to one space, with pokes on: how many, the Pusher calls
+    /// they cost, and their throughput.
+    pub push_c64_pushes: usize,
+    pub push_c64_calls: u64,
+    pub push_c64_mutations_per_s: f64,
 }
 
 /// The `pct` percentile (nearest rank) of `values`, which it sorts; NaN when empty.
@@ -548,6 +555,13 @@ impl PokeFigures {
             self.pokes,
             one_decimal(self.commit_to_accepted_p50_ms),
             one_decimal(self.commit_to_accepted_p99_ms)
+        );
+        println!(
+            "Pusher calls: {} during the poke storm; {} for {} pushes to one space at C=64 ({} mutations/s with pokes on)",
+            self.storm_calls,
+            self.push_c64_calls,
+            self.push_c64_pushes,
+            one_decimal(self.push_c64_mutations_per_s)
         );
     }
 }

@@ -20,6 +20,7 @@ const LOAD_BATCH: usize = 500;
 /// Loading the entries a first pull reads may take this long at most.
 const LOAD_DEADLINE: Duration = Duration::from_secs(300);
 
+#[derive(Clone)]
 pub struct Bench {
     /// The server the push workloads and the storm run against.
     pub api: Api,
@@ -34,6 +35,11 @@ pub struct Bench {
     pub database_url: String,
     /// REPLISYNC_JWT_SECRET of every server started, when tokens are measured.
     pub jwt_secret: Option<String>,
+    /// The push workloads to run (`one-1`, `one-8`, `one-64`, `many-8`, `many-64`, `batched`);
+    /// empty: all.
+    pub push_workloads: Vec<String>,
+    /// Whether each push workload is compared with its floor.
+    pub floor: bool,
 }
 
 impl Bench {
@@ -44,18 +50,27 @@ impl Bench {
         report: &mut Report,
     ) -> anyhow::Result<()> {
         for clients in [1, 8, 64] {
-            let label = format!("push, one space, C={clients}");
-            let rounds = self
-                .compare_with_floor(floor_store, &format!("one-{clients}"), clients, 1)
-                .await?;
-            report.add_push_row(label, &rounds);
+            let name = format!("one-{clients}");
+            if self.runs_push(&name) {
+                let label = format!("push, one space, C={clients}");
+                let rounds = self
+                    .compare_with_floor(floor_store, &name, clients, 1)
+                    .await?;
+                report.add_push_row(label, &rounds);
+            }
         }
         for clients in [8, 64] {
-            let label = format!("push, 100 spaces, C={clients}");
-            let rounds = self
-                .compare_with_floor(floor_store, &format!("many-{clients}"), clients, 100)
-                .await?;
-            report.add_push_row(label, &rounds);
+            let name = format!("many-{clients}");
+            if self.runs_push(&name) {
+                let label = format!("push, 100 spaces, C={clients}");
+                let rounds = self
+                    .compare_with_floor(floor_store, &name, clients, 100)
+                    .await?;
+                report.add_push_row(label, &rounds);
+            }
+        }
+        if !self.runs_push("batched") {
+            return Ok(());
         }
         let mut rounds = Vec::new();
         for round in 0..self.repeat {
@@ -86,14 +101,19 @@ impl Bench {
             let served = self
                 .push_workload(&format!("{name}-r{round}"), clients, spaces, 1, total)
                 .await?;
-            let floor_name = format!("floor-{name}-r{round}");
-            let floor = floor_workload(floor_store, &floor_name, clients, spaces, total).await?;
-            rounds.push(PushRound {
-                served,
-                floor: Some(floor),
-            });
+            let floor = if self.floor {
+                let floor_name = format!("floor-{name}-r{round}");
+                Some(floor_workload(floor_store, &floor_name, clients, spaces, total).await?)
+            } else {
+                None
+            };
+            rounds.push(PushRound { served, floor });
         }
         Ok(rounds)
+    }
+
+    fn runs_push(&self, name: &str) -> bool {
+        self.push_workloads.is_empty() || self.push_workloads.iter().any(|w| w == name)
     }
 
     pub fn total_pushes(&self, clients: usize) -> usize {
@@ -159,8 +179,7 @@ impl Bench {
     }
 
     /// N clients hold cookie V; one push makes V+1; all N pull from V at once.
-    pub async fn poke_storm(&self, watchers: usize) -> anyhow::Result<StormFigures> {
-        let space = "storm";
+    pub async fn poke_storm(&self, space: &str, watchers: usize) -> anyhow::Result<StormFigures> {
         let push = |id: u64| push_body("storm-writer", "storm-writer-c", id, [increment("n", 1)]);
         self.api.push(space, &push(1)).await?;
         let first = self
@@ -281,10 +300,31 @@ impl Bench {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut latencies = server.poke_latencies_since(from_line);
+
+        // Pusher calls under load: the poke storm (one push, then 1000 pulls at once), and 64
+        // clients pushing to one space (pokes coalesce while calls are a window apart).
+        let poking = Bench {
+            api: api.clone(),
+            ..self.clone()
+        };
+        let calls = || api.metric("replisync_pusher_calls_ok_total");
+        let before = calls().await?;
+        poking.poke_storm("poked-storm", 1000).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let storm_calls = calls().await? - before;
+        let before = calls().await?;
+        let total = self.total_pushes(64);
+        let pushed = push_workload_on(&api, increment, "poked-one-64", (64, 1, 1, total)).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let push_calls = calls().await? - before;
         Ok(PokeFigures {
             pokes: latencies.len(),
             commit_to_accepted_p50_ms: percentile(&mut latencies, 50.0),
             commit_to_accepted_p99_ms: percentile(&mut latencies, 99.0),
+            storm_calls,
+            push_c64_pushes: total,
+            push_c64_calls: push_calls,
+            push_c64_mutations_per_s: pushed.mutations_per_second(),
         })
     }
 }

@@ -256,21 +256,13 @@ impl PushTx for PgPushTx {
         client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // One round trip either way. Locked: lock, then read (see the migration that defines the
-        // function). Unlocked: one statement, one snapshot; the commit checks the version.
+        // One round trip either way (see the migration that defines the functions). Locked: lock,
+        // then read. Unlocked: one snapshot; the commit checks the version.
         let sql = match self.conn {
             PushConnection::Locked(_) => {
                 "SELECT * FROM replisync_lock_space_and_read_groups($1, $2, $3)"
             }
-            PushConnection::Unlocked(_) => {
-                "SELECT (SELECT version FROM replisync_spaces WHERE id = $1),
-                        (SELECT coalesce(json_agg(json_build_array(id, space_id, user_id)), '[]')
-                           FROM replisync_client_groups WHERE id = ANY($2)),
-                        (SELECT coalesce(json_agg(id), '[]')
-                           FROM replisync_collected_client_groups WHERE id = ANY($2)),
-                        (SELECT coalesce(json_agg(json_build_array(id, client_group_id, last_mutation_id)), '[]')
-                           FROM replisync_clients WHERE id = ANY($3))"
-            }
+            PushConnection::Unlocked(_) => "SELECT * FROM replisync_read_groups($1, $2, $3)",
         };
         let (version, groups, collected, clients): ClientStateRow = sqlx::query_as(sql)
             .bind(self.space.as_str())
@@ -314,73 +306,11 @@ impl PushTx for PgPushTx {
             .into_iter()
             .map(|group| (group.id, group.user_id))
             .unzip();
-        // One round trip for every write, and for the commit too when unlocked (the statement is
-        // its own transaction). The space's version moves first, only from the version read;
-        // every other write depends on that, so it happens only if nobody committed to the space
-        // since the read, and rows are locked in the order pushes always take them (space first).
-        // Each check that fails aborts the whole statement with a serialization failure (see
-        // `replisync_conflict_unless`), so a failed check writes nothing: the version moved;
-        // ON CONFLICT skipped a new group or client a concurrent push claimed; a new group is
-        // one garbage collection removed; a stored group is gone (touched now, or touched within
-        // the granularity: garbage collection only takes groups idle far longer, and a group it
-        // deleted after our read is touched by nobody).
+        // One round trip for every write, and for the commit too when unlocked (the call is its
+        // own transaction). A concurrent writer makes it fail with a serialization failure,
+        // writing nothing (see the migration that defines the function).
         sqlx::query(
-            "WITH bumped AS (
-                 INSERT INTO replisync_spaces (id, version) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET version = excluded.version
-                     WHERE replisync_spaces.version = $3
-                 RETURNING 1
-             ), new_groups AS (
-                 INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
-                 SELECT g.id, $1, g.usr, $4
-                 FROM UNNEST($5::text[], $6::text[]) AS g(id, usr)
-                 WHERE EXISTS (SELECT 1 FROM bumped)
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING 1
-             ), touched AS (
-                 UPDATE replisync_client_groups SET last_active = $4
-                 WHERE id = ANY($7) AND last_active < $4 - $8 AND EXISTS (SELECT 1 FROM bumped)
-                 RETURNING 1
-             ), written_clients AS (
-                 INSERT INTO replisync_clients
-                     (id, client_group_id, last_mutation_id, last_modified_version)
-                 SELECT c.id, c.grp, c.lmid, c.version
-                 FROM UNNEST($9::text[], $10::text[], $11::int8[], $12::int8[])
-                     AS c(id, grp, lmid, version)
-                 WHERE EXISTS (SELECT 1 FROM bumped)
-                 ON CONFLICT (id) DO UPDATE
-                     SET last_mutation_id = excluded.last_mutation_id,
-                         last_modified_version = excluded.last_modified_version
-                     WHERE replisync_clients.client_group_id = excluded.client_group_id
-                 RETURNING 1
-             ), written_entries AS (
-                 INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
-                 SELECT $1, e.key, e.value, e.value IS NULL, e.version, $4
-                 FROM UNNEST($13::text[], $14::text[], $15::int8[]) AS e(key, value, version)
-                 WHERE EXISTS (SELECT 1 FROM bumped)
-                 ON CONFLICT (space_id, key) DO UPDATE
-                     SET value = excluded.value,
-                         deleted = excluded.deleted,
-                         version = excluded.version,
-                         changed_at = excluded.changed_at
-             )
-             SELECT replisync_conflict_unless((SELECT count(*) FROM bumped) = 1,
-                        'the space changed after the push read it')
-                AND replisync_conflict_unless(
-                        (SELECT count(*) FROM new_groups) = cardinality($5::text[]),
-                        'a client group was created concurrently')
-                AND replisync_conflict_unless(
-                        NOT EXISTS (SELECT 1 FROM replisync_collected_client_groups
-                                    WHERE id = ANY($5)),
-                        'a new client group is one garbage collection removed')
-                AND replisync_conflict_unless(
-                        (SELECT count(*) FROM touched)
-                      + (SELECT count(*) FROM replisync_client_groups
-                         WHERE id = ANY($7) AND last_active >= $4 - $8) = cardinality($7::text[]),
-                        'a client group was collected concurrently')
-                AND replisync_conflict_unless(
-                        (SELECT count(*) FROM written_clients) = cardinality($9::text[]),
-                        'a client id was claimed by another client group')",
+            "SELECT replisync_commit_push_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(self.space.as_str())
         .bind(to_i64(changes.version)?)
