@@ -1,5 +1,5 @@
-//! Group commit: a queue per space with one runner task; pushes that arrive while the space's
-//! transaction is busy wait and are applied together in the next one, one lock and one commit.
+//! Group commit: a queue per busy space, drained by one runner task; pushes that arrive while the
+//! space's transaction is busy wait and are applied together in the next one, with one commit.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -51,41 +51,73 @@ impl PushGroups {
         })
     }
 
-    /// Applies `push` to `space`: in the next group of the space's runner, which starts now if
-    /// the space has none. The push is applied even if the caller stops waiting.
+    /// Applies `push` to `space`. When the space is idle, the caller applies it itself, alone
+    /// (no task hop); pushes that arrive meanwhile wait, and a runner task takes them when it is
+    /// done (or dropped: a push whose caller went away is rolled back, the waiting ones are not
+    /// lost). When the space is busy, the push waits for the runner's next group, and is applied
+    /// even if the caller stops waiting.
     pub async fn push(
         self: &Arc<Self>,
         space: &SpaceId,
         push: Push,
     ) -> Result<PushOutcome, ApiError> {
         let (answer, answered) = oneshot::channel();
-        let waiting = Waiting { push, answer };
-        let start_runner = {
+        let lead = {
             let mut queues = self.waiting();
-            // Counted under the lock, so the runner cannot take the push out first.
-            self.metrics.pushes_waiting.add(1);
             match queues.entry(space.clone()) {
                 Entry::Occupied(mut queue) => {
-                    queue.get_mut().push_back(waiting);
-                    false
+                    // Counted under the lock, so the runner cannot take the push out first.
+                    self.metrics.pushes_waiting.add(1);
+                    queue.get_mut().push_back(Waiting { push, answer });
+                    None
                 }
-                Entry::Vacant(vacant) => {
-                    vacant.insert(VecDeque::from([waiting]));
-                    true
+                Entry::Vacant(idle) => {
+                    idle.insert(VecDeque::new()); // busy from now on
+                    Some(push)
                 }
             }
         };
-        if start_runner {
-            let runner = Runner {
+        if let Some(push) = lead {
+            let _hand_off = HandOff {
                 groups: Arc::clone(self),
                 space: space.clone(),
-                finished: false,
             };
-            tokio::spawn(runner.run());
+            let mut answers = self.apply(space, std::slice::from_ref(&push)).await;
+            self.count(&answers);
+            return answers
+                .pop()
+                .flatten()
+                .expect("a group's first push is always answered");
         }
         answered.await.unwrap_or_else(|_| {
             Err(StoreError::Database("the push's group ended without an answer".into()).into())
         })
+    }
+
+    /// Counts a group in `/metrics`.
+    fn count(&self, answers: &GroupAnswers) {
+        let applied = answers.iter().flatten().count() as u64;
+        self.metrics.push_groups.increment();
+        if applied > 1 {
+            self.metrics.pushes_grouped.add(applied);
+        }
+    }
+
+    /// Once the space's current push or group is done: the space is idle again, or a runner
+    /// takes the pushes that wait.
+    fn hand_off(self: &Arc<Self>, space: &SpaceId) {
+        let mut queues = self.waiting();
+        if queues.get(space).is_none_or(VecDeque::is_empty) {
+            queues.remove(space);
+            return;
+        }
+        drop(queues);
+        let runner = Runner {
+            groups: Arc::clone(self),
+            space: space.clone(),
+            finished: false,
+        };
+        tokio::spawn(runner.run());
     }
 
     fn waiting(&self) -> MutexGuard<'_, HashMap<SpaceId, VecDeque<Waiting>>> {
@@ -199,7 +231,7 @@ impl Runner {
             let (pushes, answers): (Vec<Push>, Vec<_>) =
                 group.into_iter().map(|w| (w.push, w.answer)).unzip();
             let results = self.groups.apply(&self.space, &pushes).await;
-            self.count(&results);
+            self.groups.count(&results);
             let mut left = Vec::new();
             for ((push, answer), result) in pushes.into_iter().zip(answers).zip(results) {
                 match result {
@@ -215,14 +247,17 @@ impl Runner {
         }
         self.finished = true; // the queue left the map with its last group
     }
+}
 
-    fn count(&self, results: &GroupAnswers) {
-        let applied = results.iter().flatten().count() as u64;
-        let metrics = &self.groups.metrics;
-        metrics.push_groups.increment();
-        if applied > 1 {
-            metrics.pushes_grouped.add(applied);
-        }
+/// Hands a space on when the push its caller applied itself is done, or dropped.
+struct HandOff {
+    groups: Arc<PushGroups>,
+    space: SpaceId,
+}
+
+impl Drop for HandOff {
+    fn drop(&mut self) {
+        self.groups.hand_off(&self.space);
     }
 }
 

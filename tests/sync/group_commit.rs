@@ -23,6 +23,8 @@ use crate::harness::{Backend, Options, TestServer, inc, push_body};
 struct Gate {
     entered: Arc<Semaphore>,
     open: Arc<Semaphore>,
+    /// Panics once opened (a mutator bug), instead of returning.
+    panics: bool,
 }
 
 impl Default for Gate {
@@ -30,6 +32,7 @@ impl Default for Gate {
         Gate {
             entered: Arc::new(Semaphore::new(0)),
             open: Arc::new(Semaphore::new(0)),
+            panics: false,
         }
     }
 }
@@ -39,6 +42,10 @@ impl Mutator for Gate {
     async fn apply(&self, _tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
         self.entered.add_permits(1);
         self.open.acquire().await.expect("the gate opens").forget();
+        assert!(
+            !self.panics,
+            "the gate's mutator fails hard, as a test asked"
+        );
         Ok(())
     }
 }
@@ -471,7 +478,43 @@ async fn a_group_takes_at_most_its_size_limit(backend: Backend) {
     assert_eq!(server.state("s", "g0").await.entries["n"], json!(10));
 }
 
+/// The push applied by its own request's task (its space was idle) dies with that task; the
+/// pushes that queued behind it are still applied.
+async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backend) {
+    let gate = Gate {
+        panics: true,
+        ..Gate::default()
+    };
+    let server =
+        Arc::new(TestServer::start_with(backend, options_with(&gate, PushLimits::default())).await);
+    let held = gate.hold(&server, "s").await;
+    let queued = gate
+        .queue(
+            &server,
+            "s",
+            vec![push_body("g", &[("c", 1, "increment", inc("n", 1))])],
+        )
+        .await;
+    gate.open.add_permits(1);
+    // Its connection closes without an answer (the test client's request fails).
+    let dead = held.await;
+    assert!(
+        dead.as_ref().map_or(true, |status| *status != 200),
+        "{dead:?}"
+    );
+    for push in queued {
+        let answer = tokio::time::timeout(Duration::from_secs(20), push)
+            .await
+            .expect("the waiting push was answered");
+        assert_eq!(answer.unwrap(), (200, json!({})));
+    }
+    let state = server.state("s", "g").await;
+    assert_eq!(state.entries["n"], json!(1));
+    assert!(server.state("s", "gate").await.last_mutation_ids.is_empty());
+}
+
 crate::on_both_stores!(
+    pushes_waiting_behind_a_push_that_dies_are_still_applied,
     pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own,
     the_same_push_many_times_in_one_group_applies_once,
     sixty_four_clients_on_one_space_land_exact_totals,
