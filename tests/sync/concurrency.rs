@@ -7,12 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use replisync::protocol::SpaceId;
-use replisync::store::{
-    Collected, GcPace, Locking, PullChanges, PullSnapshot, PushTx, Store, StoreError,
-};
 use serde_json::{Value, json};
 
+use crate::faults::{Fault, Faulty};
 use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
 
 const GROUPS: usize = 12;
@@ -213,65 +210,12 @@ async fn a_new_client_group_is_claimed_by_one_space_only(backend: Backend) {
 }
 
 /// Delays every incremental-pull read, so that concurrent pulls pile up behind the first one.
-struct SlowPullReads(Arc<dyn Store>);
+struct SlowPullReads;
 
 #[async_trait]
-impl Store for SlowPullReads {
-    fn kind(&self) -> &'static str {
-        self.0.kind()
-    }
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        self.0.begin_push(space, locking).await
-    }
-    async fn streamed_pull(
-        &self,
-        space: &SpaceId,
-        group: &str,
-        since: Option<u64>,
-    ) -> Result<PullSnapshot, StoreError> {
-        self.0.streamed_pull(space, group, since).await
-    }
-    async fn pull_changes(
-        &self,
-        space: &SpaceId,
-        groups: &[String],
-        from: u64,
-        max_delta_bytes: usize,
-    ) -> Result<PullChanges, StoreError> {
+impl Fault for SlowPullReads {
+    async fn before_pull_changes(&self) {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        self.0
-            .pull_changes(space, groups, from, max_delta_bytes)
-            .await
-    }
-    async fn collect_client_groups(
-        &self,
-        now: i64,
-        inactive_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<Collected>, StoreError> {
-        self.0
-            .collect_client_groups(now, inactive_before, pace)
-            .await
-    }
-    async fn compact_tombstones(
-        &self,
-        deleted_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<u64>, StoreError> {
-        self.0.compact_tombstones(deleted_before, pace).await
-    }
-    async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
-        self.0.raise_space_version(space, to).await
-    }
-    async fn check_health(&self) -> Result<(), StoreError> {
-        self.0.check_health().await
-    }
-    async fn close(&self) {
-        self.0.close().await
     }
 }
 
@@ -280,7 +224,7 @@ impl Store for SlowPullReads {
 async fn identical_concurrent_pulls_share_reads(backend: Backend) {
     const WATCHERS: usize = 40;
     let options = Options {
-        wrap_store: |store| Arc::new(SlowPullReads(store)),
+        wrap_store: |store| Faulty::wrap(store, SlowPullReads),
         ..Options::default()
     };
     let server = Arc::new(TestServer::start_with(backend, options).await);

@@ -8,14 +8,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use replisync::config::{GroupLimits, HttpSettings, PushLimits};
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
-use replisync::protocol::SpaceId;
-use replisync::store::{
-    ClientState, Collected, GcPace, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError,
-};
+use replisync::store::{PushChanges, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use crate::faults::{Fault, Faulty};
 use crate::harness::{Backend, Options, TestServer, inc, push_body};
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
@@ -310,103 +307,19 @@ async fn sixty_four_clients_on_one_space_land_exact_totals(backend: Backend) {
 
 /// Fails the commit of any push group that writes the key `poison`: a database error that one
 /// push's data causes (a real database refuses no value a push can write, so a double stands in).
-struct PoisonedCommits(Arc<dyn Store>);
+struct PoisonedCommits;
 
-struct PoisonedTx(Box<dyn PushTx>);
-
-#[async_trait]
-impl PushTx for PoisonedTx {
-    async fn client_state(
-        &mut self,
-        groups: &[String],
-        clients: &[String],
-    ) -> Result<ClientState, StoreError> {
-        self.0.client_state(groups, clients).await
-    }
-    async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        self.0.entry(key).await
-    }
-    async fn scan_entries(
-        &mut self,
-        start: &str,
-        exclusive: bool,
-        limit: usize,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        self.0.scan_entries(start, exclusive, limit).await
-    }
-    async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
-        if changes.entries.iter().any(|entry| entry.key == "poison") {
-            return Err(StoreError::Database("value refused".into()));
-        }
-        self.0.commit(changes).await
-    }
-}
-
-#[async_trait]
-impl Store for PoisonedCommits {
-    fn kind(&self) -> &'static str {
-        self.0.kind()
-    }
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        Ok(Box::new(PoisonedTx(
-            self.0.begin_push(space, locking).await?,
-        )))
-    }
-    async fn streamed_pull(
-        &self,
-        space: &SpaceId,
-        group: &str,
-        since: Option<u64>,
-    ) -> Result<PullSnapshot, StoreError> {
-        self.0.streamed_pull(space, group, since).await
-    }
-    async fn pull_changes(
-        &self,
-        space: &SpaceId,
-        groups: &[String],
-        from: u64,
-        max_delta_bytes: usize,
-    ) -> Result<PullChanges, StoreError> {
-        self.0
-            .pull_changes(space, groups, from, max_delta_bytes)
-            .await
-    }
-    async fn collect_client_groups(
-        &self,
-        now: i64,
-        inactive_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<Collected>, StoreError> {
-        self.0
-            .collect_client_groups(now, inactive_before, pace)
-            .await
-    }
-    async fn compact_tombstones(
-        &self,
-        deleted_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<u64>, StoreError> {
-        self.0.compact_tombstones(deleted_before, pace).await
-    }
-    async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
-        self.0.raise_space_version(space, to).await
-    }
-    async fn check_health(&self) -> Result<(), StoreError> {
-        self.0.check_health().await
-    }
-    async fn close(&self) {
-        self.0.close().await
+impl Fault for PoisonedCommits {
+    fn refuse_commit(&self, changes: &PushChanges) -> Option<StoreError> {
+        let poisoned = changes.entries.iter().any(|entry| entry.key == "poison");
+        poisoned.then(|| StoreError::Database("value refused".into()))
     }
 }
 
 async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
     let gate = Gate::default();
     let options = Options {
-        wrap_store: |store| Arc::new(PoisonedCommits(store)),
+        wrap_store: |store| Faulty::wrap(store, PoisonedCommits),
         ..options_with(&gate, PushLimits::default())
     };
     let server = Arc::new(TestServer::start_with(backend, options).await);

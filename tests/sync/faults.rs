@@ -1,0 +1,134 @@
+//! A store that forwards everything to the real one, with one fault a test asks for: a test
+//! double for what a real database cannot be made to do on demand (slow reads, a refused commit).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use replisync::protocol::SpaceId;
+use replisync::store::{
+    ClientState, Collected, GcPace, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError,
+};
+
+/// What a test changes in the store it wraps; by default, nothing.
+#[async_trait]
+pub trait Fault: Send + Sync + 'static {
+    /// Runs before each incremental-pull read.
+    async fn before_pull_changes(&self) {}
+
+    /// An error to fail a push group's commit with, writing nothing; `None` commits.
+    fn refuse_commit(&self, _changes: &PushChanges) -> Option<StoreError> {
+        None
+    }
+}
+
+/// `inner` with `fault` applied.
+pub struct Faulty<F> {
+    inner: Arc<dyn Store>,
+    fault: Arc<F>,
+}
+
+impl<F: Fault> Faulty<F> {
+    pub fn wrap(inner: Arc<dyn Store>, fault: F) -> Arc<dyn Store> {
+        Arc::new(Faulty {
+            inner,
+            fault: Arc::new(fault),
+        })
+    }
+}
+
+struct FaultyTx<F> {
+    inner: Box<dyn PushTx>,
+    fault: Arc<F>,
+}
+
+#[async_trait]
+impl<F: Fault> PushTx for FaultyTx<F> {
+    async fn client_state(
+        &mut self,
+        groups: &[String],
+        clients: &[String],
+    ) -> Result<ClientState, StoreError> {
+        self.inner.client_state(groups, clients).await
+    }
+    async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.entry(key).await
+    }
+    async fn scan_entries(
+        &mut self,
+        start: &str,
+        exclusive: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.inner.scan_entries(start, exclusive, limit).await
+    }
+    async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
+        match self.fault.refuse_commit(&changes) {
+            Some(error) => Err(error),
+            None => self.inner.commit(changes).await,
+        }
+    }
+}
+
+#[async_trait]
+impl<F: Fault> Store for Faulty<F> {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn begin_push(
+        &self,
+        space: &SpaceId,
+        locking: Locking,
+    ) -> Result<Box<dyn PushTx>, StoreError> {
+        Ok(Box::new(FaultyTx {
+            inner: self.inner.begin_push(space, locking).await?,
+            fault: self.fault.clone(),
+        }))
+    }
+    async fn streamed_pull(
+        &self,
+        space: &SpaceId,
+        group: &str,
+        since: Option<u64>,
+    ) -> Result<PullSnapshot, StoreError> {
+        self.inner.streamed_pull(space, group, since).await
+    }
+    async fn pull_changes(
+        &self,
+        space: &SpaceId,
+        groups: &[String],
+        from: u64,
+        max_delta_bytes: usize,
+    ) -> Result<PullChanges, StoreError> {
+        self.fault.before_pull_changes().await;
+        self.inner
+            .pull_changes(space, groups, from, max_delta_bytes)
+            .await
+    }
+    async fn collect_client_groups(
+        &self,
+        now: i64,
+        inactive_before: i64,
+        pace: GcPace,
+    ) -> Result<Option<Collected>, StoreError> {
+        self.inner
+            .collect_client_groups(now, inactive_before, pace)
+            .await
+    }
+    async fn compact_tombstones(
+        &self,
+        deleted_before: i64,
+        pace: GcPace,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.compact_tombstones(deleted_before, pace).await
+    }
+    async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
+        self.inner.raise_space_version(space, to).await
+    }
+    async fn check_health(&self) -> Result<(), StoreError> {
+        self.inner.check_health().await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
