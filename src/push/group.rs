@@ -111,13 +111,20 @@ impl PushGroups {
             queues.remove(space);
             return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // The runtime is gone (the process is stopping): the waiting pushes are answered
+            // with an error as their senders drop.
+            let dropped = queues.remove(space).map_or(0, |queue| queue.len());
+            self.metrics.pushes_waiting.sub(dropped as u64);
+            return;
+        };
         drop(queues);
         let runner = Runner {
             groups: Arc::clone(self),
             space: space.clone(),
             finished: false,
         };
-        tokio::spawn(runner.run());
+        runtime.spawn(runner.run());
     }
 
     fn waiting(&self) -> MutexGuard<'_, HashMap<SpaceId, VecDeque<Waiting>>> {
