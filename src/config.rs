@@ -116,7 +116,9 @@ pub struct Config {
     #[arg(long, env = "REPLISYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
 
-    /// Seconds a push or pull may take before it is answered 503 (and rolled back).
+    /// Seconds any request may take, its body included, before it is answered 503 (a push is
+    /// rolled back) and its connection closed. Streamed responses (pull streams, SSE) are
+    /// bounded by their own limits once they have started.
     #[arg(long, env = "REPLISYNC_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
 
@@ -160,6 +162,12 @@ pub struct Config {
     /// from the first byte of a later request); then it is closed.
     #[arg(long, env = "REPLISYNC_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
     pub header_read_timeout_secs: u64,
+
+    /// Seconds a request body may pause between two of its bytes; a body that stalls longer is
+    /// cut (408) and its connection closed. Every request, body included, must also be answered
+    /// within REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_BODY_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub body_read_timeout_secs: u64,
 
     /// Seconds a keep-alive connection may stay open with no request in flight; then it is
     /// closed.
@@ -401,6 +409,8 @@ pub struct HttpSettings {
     pub pulls: PullLimits,
     /// How long a connection may take to send complete request headers.
     pub header_read_timeout: Duration,
+    /// How long a request body may pause between two of its bytes before it is cut.
+    pub body_read_timeout: Duration,
     /// How long a keep-alive connection may stay open with no request in flight.
     pub idle_timeout: Duration,
     /// Most client connections open at once.
@@ -490,6 +500,7 @@ impl Default for HttpSettings {
                 },
             },
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             sse_max_streams: 1000,
@@ -645,6 +656,7 @@ impl Config {
                 },
             },
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections,
             sse_max_streams: self.sse_max_streams,

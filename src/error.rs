@@ -39,6 +39,16 @@ pub enum ApiError {
         "applied {applied} mutations of this push, the most one push may apply (REPLISYNC_MAX_MUTATIONS_PER_PUSH or REPLISYNC_PUSH_TIME_BUDGET_MS); push again to apply the rest"
     )]
     PartiallyApplied { applied: usize },
+    /// The request was not answered within REPLISYNC_REQUEST_TIMEOUT_SECS (body included).
+    #[error(
+        "the request took longer than {secs} s (REPLISYNC_REQUEST_TIMEOUT_SECS) and changed nothing; retry"
+    )]
+    RequestTimeout { secs: u64 },
+    /// The request body paused longer than REPLISYNC_BODY_READ_TIMEOUT_SECS between bytes.
+    #[error(
+        "the request body stopped arriving for {secs} s (REPLISYNC_BODY_READ_TIMEOUT_SECS); send the whole body at once"
+    )]
+    BodyStalled { secs: u64 },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -125,6 +135,13 @@ impl IntoResponse for ApiError {
             ApiError::Busy => return retry_later("Busy", self.to_string(), 1),
             ApiError::PartiallyApplied { .. } => {
                 return retry_later("PartiallyApplied", self.to_string(), 0);
+            }
+            ApiError::RequestTimeout { .. } => {
+                return retry_later("Timeout", self.to_string(), 1);
+            }
+            ApiError::BodyStalled { .. } => {
+                let message = self.to_string();
+                (StatusCode::REQUEST_TIMEOUT, "BodyTimeout", message)
             }
             ApiError::SseDisabled => (StatusCode::NOT_FOUND, "SseDisabled", self.to_string()),
             ApiError::PrivateChannelsOff => (

@@ -116,6 +116,11 @@ pub struct Metrics {
     pub header_read_timeouts: Counter,
     /// Keep-alive connections closed after REPLISYNC_IDLE_TIMEOUT_SECS without a request.
     pub idle_closes: Counter,
+    /// Requests cut (503, connection closed) after REPLISYNC_REQUEST_TIMEOUT_SECS.
+    pub requests_timed_out: Counter,
+    /// Requests cut (408, connection closed) because their body paused longer than
+    /// REPLISYNC_BODY_READ_TIMEOUT_SECS.
+    pub request_bodies_stalled: Counter,
     /// SSE poke streams refused 503 over REPLISYNC_SSE_MAX_STREAMS or
     /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE.
     pub sse_streams_refused: Counter,
@@ -262,6 +267,16 @@ impl Metrics {
                 "replisync_idle_closes_total",
                 "Keep-alive connections closed after the idle timeout.",
                 self.idle_closes.get(),
+            ),
+            (
+                "replisync_requests_timed_out_total",
+                "Requests cut after REPLISYNC_REQUEST_TIMEOUT_SECS (503, connection closed).",
+                self.requests_timed_out.get(),
+            ),
+            (
+                "replisync_request_bodies_stalled_total",
+                "Requests cut because their body paused longer than REPLISYNC_BODY_READ_TIMEOUT_SECS (408, connection closed).",
+                self.request_bodies_stalled.get(),
             ),
             (
                 "replisync_sse_streams_refused_total",

@@ -8,12 +8,15 @@ use axum::body::Bytes;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
+use bytes::BytesMut;
+use http_body_util::BodyExt;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator, Identity};
 
+use super::authenticate::identify;
 use crate::config::HttpSettings;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -47,7 +50,8 @@ where
 }
 
 /// The bytes of push bodies being read or worked on, across requests: a semaphore counted in
-/// KiB, so that 30 concurrent 4 MB pushes cannot take gigabytes.
+/// KiB, so that 30 concurrent 4 MB pushes cannot take gigabytes. Bytes are reserved as they
+/// arrive, never on a length a client only declares: an upload that trickles holds what it sent.
 #[derive(Clone)]
 pub struct InFlightBytes {
     free: Arc<Semaphore>,
@@ -63,32 +67,55 @@ impl InFlightBytes {
         }
     }
 
-    /// Reserves `bytes` (at most the whole budget, so that any body within the body limit can
-    /// get in), or nothing when they are not free. The reservation is counted in
-    /// `replisync_push_bytes_in_flight` until it is dropped.
-    fn try_reserve(&self, bytes: usize, metrics: Arc<Metrics>) -> Option<Reservation> {
-        let wanted = kib(bytes).clamp(1, self.total_kib) as u32;
-        let permit = self.free.clone().try_acquire_many_owned(wanted).ok()?;
-        let bytes = u64::from(wanted) * 1024;
-        metrics.push_bytes_in_flight.add(bytes);
-        Some(Reservation {
-            _permit: permit,
-            bytes,
+    /// An empty reservation, grown as a body arrives.
+    fn reservation(&self, metrics: Arc<Metrics>) -> Reservation {
+        Reservation {
+            budget: self.clone(),
+            permit: None,
+            kib: 0,
             metrics,
-        })
+        }
     }
 }
 
-/// Bytes of the in-flight budget held by one push until it is answered.
+/// Bytes of the in-flight budget held by one push until it is answered, counted in
+/// `replisync_push_bytes_in_flight`.
 struct Reservation {
-    _permit: OwnedSemaphorePermit,
-    bytes: u64,
+    budget: InFlightBytes,
+    permit: Option<OwnedSemaphorePermit>,
+    kib: usize,
     metrics: Arc<Metrics>,
+}
+
+impl Reservation {
+    /// Holds at least `bytes` (at most the whole budget, so that any body within the body limit
+    /// can get in); `false` when they are not free.
+    fn grow_to(&mut self, bytes: usize) -> bool {
+        let wanted = kib(bytes).clamp(1, self.budget.total_kib);
+        if wanted <= self.kib {
+            return true;
+        }
+        let more = (wanted - self.kib) as u32;
+        let Ok(permit) = self.budget.free.clone().try_acquire_many_owned(more) else {
+            return false;
+        };
+        match &mut self.permit {
+            Some(held) => held.merge(permit),
+            None => self.permit = Some(permit),
+        }
+        self.kib = wanted;
+        self.metrics
+            .push_bytes_in_flight
+            .add(u64::from(more) * 1024);
+        true
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.metrics.push_bytes_in_flight.sub(self.bytes);
+        self.metrics
+            .push_bytes_in_flight
+            .sub(self.kib as u64 * 1024);
     }
 }
 
@@ -96,10 +123,9 @@ fn kib(bytes: usize) -> usize {
     bytes.div_ceil(1024)
 }
 
-/// A push body, read whole within REPLISYNC_MAX_PUSH_BODY_BYTES (413 beyond it) once its bytes
-/// fit the in-flight budget (503 with `Retry-After` otherwise). The reservation, by
-/// `Content-Length` (or the whole body limit when the length is not declared), is held until the
-/// push is answered.
+/// A push body, read whole within REPLISYNC_MAX_PUSH_BODY_BYTES (413 beyond it) while its bytes
+/// fit the in-flight budget (503 with `Retry-After` once they do not). The bytes are reserved as
+/// they arrive and held until the push is answered.
 pub struct PushBody {
     pub bytes: Bytes,
     _reserved: Reservation,
@@ -117,9 +143,12 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let limit = HttpSettings::from_ref(state).push.max_body_bytes;
         let metrics = Arc::<Metrics>::from_ref(state);
-        let too_large = || ApiError::PayloadTooLarge {
-            limit,
-            variable: "REPLISYNC_MAX_PUSH_BODY_BYTES",
+        let too_large = || {
+            metrics.push_refused_too_large.increment();
+            ApiError::PayloadTooLarge {
+                limit,
+                variable: "REPLISYNC_MAX_PUSH_BODY_BYTES",
+            }
         };
         let declared = request
             .headers()
@@ -127,35 +156,76 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|length| length > limit) {
-            metrics.push_refused_too_large.increment();
             return Err(too_large());
         }
-        let wanted = declared.unwrap_or(limit);
-        let Some(reserved) = InFlightBytes::from_ref(state).try_reserve(wanted, metrics.clone())
-        else {
-            metrics.push_refused_busy.increment();
-            return Err(ApiError::Busy);
-        };
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    metrics.push_refused_too_large.increment();
-                    too_large()
-                } else {
-                    ApiError::bad_request("InvalidBody", rejection.body_text())
-                }
+        let mut reserved = InFlightBytes::from_ref(state).reservation(metrics.clone());
+        let mut body = request.into_body();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut length = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| {
+                ApiError::bad_request(
+                    "InvalidBody",
+                    format!("the request body could not be read: {error}"),
+                )
             })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            length += data.len();
+            if length > limit {
+                return Err(too_large());
+            }
+            if !reserved.grow_to(length) {
+                metrics.push_refused_busy.increment();
+                return Err(ApiError::Busy);
+            }
+            chunks.push(data);
+        }
         Ok(PushBody {
-            bytes,
+            bytes: concatenated(chunks, length),
             _reserved: reserved,
         })
     }
 }
 
+/// The chunks of a body as one buffer (without a copy when it came in one chunk).
+fn concatenated(mut chunks: Vec<Bytes>, length: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().expect("one chunk");
+    }
+    let mut whole = BytesMut::with_capacity(length);
+    for chunk in chunks {
+        whole.extend_from_slice(&chunk);
+    }
+    whole.freeze()
+}
+
+/// The caller's identity: the one the `authenticate` layer found, or (on a route outside it)
+/// the one the `Authorization` header proves; 401 or 503 otherwise, before the body is read.
+pub struct Authenticated(pub Identity);
+
+impl<S> FromRequestParts<S> for Authenticated
+where
+    S: Send + Sync,
+    Arc<dyn Authenticator>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if let Some(identity) = parts.extensions.get::<Identity>() {
+            return Ok(Authenticated(identity.clone()));
+        }
+        let authenticator = Arc::<dyn Authenticator>::from_ref(state);
+        identify(&authenticator, &parts.headers)
+            .await
+            .map(Authenticated)
+    }
+}
+
 /// Who asks about which space: the `{space}` of the path (recorded on the request's span) and
-/// the user the authenticator finds in the `Authorization` header, once that user is allowed
-/// `A`'s access to the space (401, 403 or 503 otherwise, before the body is read).
+/// the caller's user, once that user is allowed `A`'s access to the space (401, 403 or 503
+/// otherwise, before the body is read).
 pub struct Caller<A> {
     pub space: SpaceId,
     pub user: String,
@@ -196,14 +266,9 @@ where
         let space = SpaceId::parse(&raw_space)
             .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
         tracing::Span::current().record("space", space.as_str());
-        let identity = allowed_identity(
-            &Arc::<dyn Authenticator>::from_ref(state),
-            &Arc::<Authorizer>::from_ref(state),
-            &parts.headers,
-            &space,
-            A::ACCESS,
-        )
-        .await?;
+        let Authenticated(identity) = Authenticated::from_request_parts(parts, state).await?;
+        let authorizer = Arc::<Authorizer>::from_ref(state);
+        authorize(&authorizer, &identity, &parts.headers, &space, A::ACCESS).await?;
         Ok(Caller {
             space,
             user: identity.user,
@@ -212,21 +277,20 @@ where
     }
 }
 
-/// The identity the request's `Authorization` header proves, once it may have `access` to
-/// `space` (401, 403 or 503 otherwise).
-pub async fn allowed_identity(
-    authenticator: &Arc<dyn Authenticator>,
+/// Whether `identity` may have `access` to `space` (403 or 503 otherwise). The webhook, when
+/// asked, gets the request's `Authorization` header.
+pub async fn authorize(
     authorizer: &Authorizer,
+    identity: &Identity,
     headers: &HeaderMap,
     space: &SpaceId,
     access: Access,
-) -> Result<Identity, ApiError> {
+) -> Result<(), ApiError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let identity = authenticator.authenticate(authorization).await?;
     authorizer
-        .authorize(&identity, space, access, authorization)
+        .authorize(identity, space, access, authorization)
         .await?;
-    Ok(identity)
+    Ok(())
 }

@@ -8,17 +8,17 @@ use std::time::Instant;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, Query, Request, State};
+use axum::extract::{Form, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::extract::{Caller, PushBody, Reads, RequestBody, Writes, allowed_identity};
+use super::extract::{Authenticated, Caller, PushBody, Reads, RequestBody, Writes, authorize};
 use super::state::{AppState, Draining};
+use crate::auth::Access;
 use crate::auth::authorize::Authorizer;
-use crate::auth::{Access, Authenticator};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
@@ -119,27 +119,6 @@ pub async fn poke_handler(
 }
 
 #[derive(Deserialize)]
-pub struct AuthQuery {
-    auth: Option<String>,
-}
-
-/// EventSource cannot send headers, so the SSE stream also takes its token as `?auth=`:
-/// it becomes the `Authorization` header when the request has none.
-pub async fn auth_query_as_header(mut request: Request) -> Request {
-    let token = Query::<AuthQuery>::try_from_uri(request.uri())
-        .ok()
-        .and_then(|Query(query)| query.auth)
-        .and_then(|token| token.parse().ok());
-    if let Some(token) = token {
-        request
-            .headers_mut()
-            .entry(header::AUTHORIZATION)
-            .or_insert(token);
-    }
-    request
-}
-
-#[derive(Deserialize)]
 pub struct ChannelAuthRequest {
     socket_id: String,
     channel_name: String,
@@ -149,8 +128,8 @@ pub struct ChannelAuthRequest {
 /// space's private poke channel for a user who may read that space.
 pub async fn pusher_auth_handler(
     State(channels): State<Option<Arc<PrivateChannels>>>,
-    State(authenticator): State<Arc<dyn Authenticator>>,
     State(authorizer): State<Arc<Authorizer>>,
+    Authenticated(identity): Authenticated,
     headers: HeaderMap,
     form: Result<Form<ChannelAuthRequest>, FormRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -172,7 +151,7 @@ pub async fn pusher_auth_handler(
         ))
     })?;
     tracing::Span::current().record("space", space.as_str());
-    allowed_identity(&authenticator, &authorizer, &headers, &space, Access::Read).await?;
+    authorize(&authorizer, &identity, &headers, &space, Access::Read).await?;
     let auth = channels.sign(&request.socket_id, &request.channel_name);
     Ok(Json(json!({ "auth": auth })))
 }

@@ -1,6 +1,9 @@
-//! The HTTP edge: every route in one `router`, and the layers around them (CORS, body limit,
-//! timeouts, request spans). The binary and the in-process tests serve this exact router.
+//! The HTTP edge: every route in one list, [`endpoints`], that builds the router and tells tests
+//! what to cover; the layers around them (time bounds, authentication before any body is read,
+//! CORS, request spans). The binary and the in-process tests serve this exact router.
 
+mod authenticate;
+mod bounds;
 mod conn;
 mod extract;
 mod handlers;
@@ -12,12 +15,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::handler::Handler;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{map_request, map_response_with_state};
+use axum::middleware::{from_fn_with_state, map_response_with_state};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use self::conn::accept_loop;
@@ -38,36 +41,130 @@ pub enum MetricsEndpoint {
     Elsewhere,
 }
 
+/// Who calls a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// Replicache and pusher-js in a browser: cross-origin (CORS), and the caller's token is
+    /// checked before the handler runs, so before any body is read.
+    Browser,
+    /// Load balancers and scrapers: same origin only, no token.
+    Operator,
+}
+
+/// One route: its method, path and audience.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+    pub audience: Audience,
+}
+
 /// Every route of replisync, `/metrics` included when it is served `Here`.
-pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
-    let timeout =
-        TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, state.http.request_timeout);
-    let sync_routes = Router::new()
-        .route(
+pub fn endpoints(metrics_endpoint: MetricsEndpoint) -> Vec<Endpoint> {
+    routes(metrics_endpoint)
+        .into_iter()
+        .map(|(endpoint, _)| endpoint)
+        .collect()
+}
+
+/// The routes with their handlers: the one list both the router and [`endpoints`] read.
+fn routes(metrics_endpoint: MetricsEndpoint) -> Vec<(Endpoint, MethodRouter<AppState>)> {
+    use Audience::{Browser, Operator};
+    let mut routes = vec![
+        route(
+            Method::POST,
             "/spaces/{space}/push",
-            post(handlers::push_handler)
-                .layer(DefaultBodyLimit::max(state.http.push.max_body_bytes)),
-        )
-        .route("/spaces/{space}/pull", post(handlers::pull_handler))
-        .route_layer(timeout);
-    let poke_routes = Router::new()
-        .route("/spaces/{space}/poke", get(handlers::poke_handler))
-        .route_layer(map_request(handlers::auth_query_as_header));
-    // What browsers call cross-origin; `/healthz` and `/metrics` are never served to them.
-    let browser_routes = Router::new()
-        .merge(sync_routes)
-        .merge(poke_routes)
-        .route("/pusher/auth", post(handlers::pusher_auth_handler))
-        .layer(cors(&state.http));
-    let mut routes = Router::new()
-        .merge(browser_routes)
-        .route("/healthz", get(handlers::health_handler))
-        .route("/readyz", get(handlers::ready_handler));
+            Browser,
+            handlers::push_handler,
+        ),
+        route(
+            Method::POST,
+            "/spaces/{space}/pull",
+            Browser,
+            handlers::pull_handler,
+        ),
+        route(
+            Method::GET,
+            "/spaces/{space}/poke",
+            Browser,
+            handlers::poke_handler,
+        ),
+        route(
+            Method::POST,
+            "/pusher/auth",
+            Browser,
+            handlers::pusher_auth_handler,
+        ),
+        route(Method::GET, "/healthz", Operator, handlers::health_handler),
+        route(Method::GET, "/readyz", Operator, handlers::ready_handler),
+    ];
     if metrics_endpoint == MetricsEndpoint::Here {
-        routes = routes.route("/metrics", get(handlers::metrics_handler));
+        routes.push(metrics_route());
     }
     routes
-        .fallback(handlers::not_found)
+}
+
+fn metrics_route() -> (Endpoint, MethodRouter<AppState>) {
+    route(
+        Method::GET,
+        "/metrics",
+        Audience::Operator,
+        handlers::metrics_handler,
+    )
+}
+
+fn route<H, T>(
+    method: Method,
+    path: &'static str,
+    audience: Audience,
+    handler: H,
+) -> (Endpoint, MethodRouter<AppState>)
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("replisync routes standard methods");
+    let endpoint = Endpoint {
+        method,
+        path,
+        audience,
+    };
+    (endpoint, on(filter, handler))
+}
+
+/// Every route of replisync, `/metrics` included when it is served `Here`, inside the layers
+/// every request goes through.
+pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
+    let (mut browser, mut operator) = (Router::new(), Router::new());
+    for (endpoint, handler) in routes(metrics_endpoint) {
+        match endpoint.audience {
+            Audience::Browser => browser = browser.route(endpoint.path, handler),
+            Audience::Operator => operator = operator.route(endpoint.path, handler),
+        }
+    }
+    let browser = browser
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            authenticate::authenticate,
+        ))
+        .layer(cors(&state.http));
+    let routes = browser.merge(operator).fallback(handlers::not_found);
+    with_common_layers(routes, state)
+}
+
+/// `/metrics` alone, for an address of its own that only the operator's scraper reaches.
+pub fn metrics_router(state: AppState) -> Router {
+    let (endpoint, handler) = metrics_route();
+    let routes = Router::new()
+        .route(endpoint.path, handler)
+        .fallback(handlers::not_found);
+    with_common_layers(routes, state)
+}
+
+/// What every request goes through, outermost last: its span, the default body limit, its time
+/// bounds, the drain's `Connection: close`, and the count of refusals.
+fn with_common_layers(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .layer(map_response_with_state(
             state.metrics.clone(),
             count_refusals,
@@ -76,16 +173,9 @@ pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
             state.draining.clone(),
             close_while_draining,
         ))
+        .layer(from_fn_with_state(state.clone(), bounds::bounded))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .with_state(state)
-}
-
-/// `/metrics` alone, for an address of its own that only the operator's scraper reaches.
-pub fn metrics_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(handlers::metrics_handler))
-        .fallback(handlers::not_found)
         .with_state(state)
 }
 

@@ -14,5 +14,6 @@ mod large_deltas;
 mod limits;
 mod protocol;
 mod push_limits;
+mod slow_requests;
 mod sse;
 mod stalled;

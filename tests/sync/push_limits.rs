@@ -180,12 +180,14 @@ async fn push_bodies_in_flight_share_a_byte_budget(backend: Backend) {
         }),
     )
     .await;
-    // A push declaring the whole budget, whose body is still arriving.
+    // A push that has sent all but the last KiB of a 64 KiB body, which is still arriving: its
+    // bytes hold the whole budget.
     let address = server.base.trim_start_matches("http://");
     let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
     let head = format!(
-        "POST /spaces/s/push HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"pushVersion\":1,",
-        64 * 1024
+        "POST /spaces/s/push HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"pushVersion\":1,{}",
+        64 * 1024,
+        " ".repeat(63 * 1024 + 512)
     );
     slow.write_all(head.as_bytes()).await.unwrap();
 
@@ -249,7 +251,50 @@ async fn push_bodies_in_flight_share_a_byte_budget(backend: Backend) {
     );
 }
 
+/// Opens a push whose body is chunked (no `Content-Length`) and sends one byte of it.
+async fn trickling_push(server: &TestServer) -> tokio::net::TcpStream {
+    let address = server.base.trim_start_matches("http://");
+    let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /spaces/other/push HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n1\r\n{{\r\n"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow
+}
+
+/// Slow uploads hold the bytes they sent, not the body limit: two chunked pushes that trickle
+/// (as many as the in-flight budget holds whole bodies) leave room for everyone else's pushes.
+async fn trickling_uploads_do_not_starve_other_pushes(backend: Backend) {
+    let server = TestServer::start_with(
+        backend,
+        limits(PushLimits {
+            max_body_bytes: 64 * 1024,
+            max_bytes_in_flight: 128 * 1024,
+            ..PushLimits::default()
+        }),
+    )
+    .await;
+    let _slow = [trickling_push(&server).await, trickling_push(&server).await];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metrics.push_bytes_in_flight.get() < 2 * 1024 {
+        assert!(Instant::now() < deadline, "the slow pushes never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for id in 1..=5 {
+        let body = push_body("g", &[("c", id, "increment", inc("n", 1))]);
+        let (status, answer) = server.push("s", &body).await;
+        assert_eq!(status, 200, "push {id} beside two slow uploads: {answer}");
+    }
+    assert_eq!(server.state("s", "g").await.lmid("c"), 5);
+    assert_eq!(
+        server.metrics.push_bytes_in_flight.get(),
+        2 * 1024,
+        "the slow uploads hold a KiB each"
+    );
+}
+
 crate::on_both_stores!(
+    trickling_uploads_do_not_starve_other_pushes,
     a_push_over_the_mutation_cap_applies_a_prefix_and_resends_finish_it,
     a_push_slower_than_its_budget_commits_a_prefix_and_later_pushes_finish_it,
     a_push_naming_too_many_clients_is_refused_and_changes_nothing,
