@@ -279,6 +279,7 @@ impl AppBuilder {
             ..Metrics::default()
         });
         let mutators = Arc::new(self.mutators);
+        let pokes = Pokes::new(sinks);
         let state = AppState {
             pulls: Arc::new(Pulls::new(
                 self.store.clone(),
@@ -288,6 +289,7 @@ impl AppBuilder {
             pushes: PushGroups::new(
                 self.store.clone(),
                 mutators.clone(),
+                pokes,
                 self.http.push.group,
                 metrics.clone(),
             ),
@@ -295,7 +297,6 @@ impl AppBuilder {
             mutators,
             auth: self.auth,
             authorizer: Arc::new(Authorizer::new(self.webhook, metrics.clone())),
-            pokes: Pokes::new(sinks),
             sse,
             push_bytes: InFlightBytes::new(self.http.push.max_bytes_in_flight),
             http: self.http,

@@ -53,20 +53,16 @@ pub async fn push_handler(
     let outcome = state.pushes.push(&space, push).await?;
     if let PushOutcome::Committed {
         version,
-        committed_at,
-        partial,
+        partial: Some(applied),
+        ..
     } = outcome
     {
-        tracing::debug!(version, mutations, ?partial, "push committed");
-        state.metrics.push_commits.increment();
-        state.pokes.space_changed(&space, committed_at);
-        if let Some(applied) = partial {
-            // Committed, but the client must push again for the rest: only a failure makes
-            // Replicache push again without a new mutation (its push loop has no timer).
-            state.metrics.push_partial.increment();
-            return Err(ApiError::PartiallyApplied { applied });
-        }
+        // Committed, but the client must push again for the rest: only a failure makes
+        // Replicache push again without a new mutation (its push loop has no timer).
+        tracing::debug!(version, mutations, applied, "push committed in part");
+        return Err(ApiError::PartiallyApplied { applied });
     }
+    tracing::debug!(mutations, ?outcome, "push answered");
     state.metrics.pushes.increment();
     Ok(Json(json!({})))
 }

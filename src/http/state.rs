@@ -12,7 +12,6 @@ use crate::auth::authorize::Authorizer;
 use crate::config::HttpSettings;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
-use crate::poke::Pokes;
 use crate::poke::pusher::{PrivateChannels, PusherPoker};
 use crate::poke::sse::SsePokes;
 use crate::pull::Pulls;
@@ -27,7 +26,6 @@ pub struct AppState {
     pub(crate) pushes: Arc<PushGroups>,
     pub(crate) auth: Arc<dyn Authenticator>,
     pub(crate) authorizer: Arc<Authorizer>,
-    pub(crate) pokes: Pokes,
     /// The built-in SSE poke stream, when enabled.
     pub(crate) sse: Option<Arc<SsePokes>>,
     pub(crate) http: HttpSettings,

@@ -8,6 +8,7 @@ use super::{Push, PushOutcome};
 use crate::auth::check_group_ownership;
 use crate::error::ApiError;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
+use crate::poke::Pokes;
 use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId};
 use crate::store::{
     ClientGroupRecord, ClientRecord, ClientWrite, Locking, PushChanges, PushTx, Store, StoreError,
@@ -27,6 +28,7 @@ pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, ApiError>>>;
 pub(super) async fn apply_group(
     store: &dyn Store,
     mutators: &Mutators,
+    pokes: &Pokes,
     space: &SpaceId,
     pushes: &[Push],
     locking: Locking,
@@ -47,8 +49,11 @@ pub(super) async fn apply_group(
     let Some(changes) = group.into_changes() else {
         return Ok(answers); // nothing to write; dropping the transaction rolls it back
     };
-    tx.commit(changes).await?;
+    let poke = PokeAfterCommit::armed(pokes, space);
+    let committed = tx.commit(changes).await;
     let committed_at = Instant::now();
+    poke.settle(&committed);
+    committed?;
     for answer in answers.iter_mut().flatten() {
         if let Ok(PushOutcome::Committed {
             committed_at: at, ..
@@ -58,6 +63,42 @@ pub(super) async fn apply_group(
         }
     }
     Ok(answers)
+}
+
+/// Pokes a space's watchers once its group's commit may have happened: when it succeeded, when
+/// its outcome is unknown (the connection died before the answer), and when the push was dropped
+/// while it waited for the answer (its caller left, or timed out). Whoever waits for the answer,
+/// every commit is poked; a spurious poke costs one pull.
+struct PokeAfterCommit<'a> {
+    pokes: &'a Pokes,
+    space: &'a SpaceId,
+    armed: bool,
+}
+
+impl<'a> PokeAfterCommit<'a> {
+    fn armed(pokes: &'a Pokes, space: &'a SpaceId) -> Self {
+        PokeAfterCommit {
+            pokes,
+            space,
+            armed: true,
+        }
+    }
+
+    /// Pokes now, unless the commit failed in a way that certainly wrote nothing.
+    fn settle(mut self, committed: &Result<(), StoreError>) {
+        self.armed = match committed {
+            Ok(()) | Err(StoreError::Disconnected(_)) => true,
+            Err(_) => false,
+        };
+    }
+}
+
+impl Drop for PokeAfterCommit<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pokes.space_changed(self.space, Instant::now());
+        }
+    }
 }
 
 /// What the group knows and has done so far: the stored state read at its start, updated by
@@ -210,6 +251,7 @@ async fn apply_push(
     let mut advanced: HashSet<&str> = HashSet::new();
     let mut stopped_by_gap: HashSet<&str> = HashSet::new();
     let mut applied = 0usize;
+    let mut replayed = 0usize;
     let mut partial = None;
     for mutation in &request.mutations {
         let client = mutation.client_id.as_str();
@@ -218,7 +260,8 @@ async fn apply_push(
         }
         let expected = last_mutation_ids.get(client).copied().unwrap_or(0) + 1;
         if mutation.id < expected {
-            continue; // applied by an earlier push: re-sent pushes are normal
+            replayed += 1; // applied by an earlier push: re-sent pushes are normal
+            continue;
         }
         if mutation.id > expected {
             tracing::warn!(
@@ -260,7 +303,11 @@ async fn apply_push(
 
     failed.log();
     if advanced.is_empty() {
-        return Ok(Ok(PushOutcome::Unchanged));
+        return Ok(Ok(if replayed > 0 {
+            PushOutcome::Replayed
+        } else {
+            PushOutcome::Unchanged
+        }));
     }
     group.record_push(request, new_group, last_mutation_ids, &advanced);
     // The commit's instant is filled in once the group commits.

@@ -14,6 +14,7 @@ use crate::config::GroupLimits;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
+use crate::poke::Pokes;
 use crate::protocol::SpaceId;
 use crate::store::{Locking, Store, StoreError, reconnecting};
 
@@ -24,6 +25,8 @@ const CONFLICT_ATTEMPTS: u32 = 8;
 pub struct PushGroups {
     store: Arc<dyn Store>,
     mutators: Arc<Mutators>,
+    /// Told of every commit, by the group that made it (whoever waits for the answer).
+    pokes: Pokes,
     limits: GroupLimits,
     metrics: Arc<Metrics>,
     waiting: Mutex<HashMap<SpaceId, VecDeque<Waiting>>>,
@@ -39,12 +42,14 @@ impl PushGroups {
     pub fn new(
         store: Arc<dyn Store>,
         mutators: Arc<Mutators>,
+        pokes: Pokes,
         limits: GroupLimits,
         metrics: Arc<Metrics>,
     ) -> Arc<PushGroups> {
         Arc::new(PushGroups {
             store,
             mutators,
+            pokes,
             limits,
             metrics,
             waiting: Mutex::default(),
@@ -83,7 +88,7 @@ impl PushGroups {
                 space: space.clone(),
             };
             let mut answers = self.apply(space, std::slice::from_ref(&push)).await;
-            self.count(&answers);
+            self.count(space, &answers);
             return answers
                 .pop()
                 .flatten()
@@ -94,12 +99,29 @@ impl PushGroups {
         })
     }
 
-    /// Counts a group in `/metrics`.
-    fn count(&self, answers: &GroupAnswers) {
+    /// Counts a group and its commits in `/metrics`, and pokes again for pushes that were
+    /// resends of applied ones (the group's own commit, if any, poked already).
+    fn count(&self, space: &SpaceId, answers: &GroupAnswers) {
         let applied = answers.iter().flatten().count() as u64;
         self.metrics.push_groups.increment();
         if applied > 1 {
             self.metrics.pushes_grouped.add(applied);
+        }
+        let mut replayed = false;
+        for answer in answers.iter().flatten() {
+            match answer {
+                Ok(PushOutcome::Committed { partial, .. }) => {
+                    self.metrics.push_commits.increment();
+                    if partial.is_some() {
+                        self.metrics.push_partial.increment();
+                    }
+                }
+                Ok(PushOutcome::Replayed) => replayed = true,
+                _ => {}
+            }
+        }
+        if replayed {
+            self.pokes.space_changed(space, std::time::Instant::now());
         }
     }
 
@@ -186,7 +208,8 @@ impl PushGroups {
         space: &SpaceId,
         pushes: &[Push],
     ) -> Result<GroupAnswers, StoreError> {
-        let (store, mutators, max_age) = (&*self.store, &*self.mutators, self.limits.max_age);
+        let (store, mutators, pokes) = (&*self.store, &*self.mutators, &self.pokes);
+        let max_age = self.limits.max_age;
         let mut attempt = 1;
         loop {
             // The first attempt takes no lock; a group that lost a race then takes it.
@@ -195,9 +218,10 @@ impl PushGroups {
             } else {
                 Locking::Pessimistic
             };
-            let applied =
-                reconnecting(|| apply_group(store, mutators, space, pushes, locking, max_age))
-                    .await;
+            let applied = reconnecting(|| {
+                apply_group(store, mutators, pokes, space, pushes, locking, max_age)
+            })
+            .await;
             match applied {
                 Err(StoreError::Conflict(cause)) if attempt < CONFLICT_ATTEMPTS => {
                     self.metrics.push_conflicts.increment();
@@ -238,7 +262,7 @@ impl Runner {
             let (pushes, answers): (Vec<Push>, Vec<_>) =
                 group.into_iter().map(|w| (w.push, w.answer)).unzip();
             let results = self.groups.apply(&self.space, &pushes).await;
-            self.groups.count(&results);
+            self.groups.count(&self.space, &results);
             let mut left = Vec::new();
             for ((push, answer), result) in pushes.into_iter().zip(answers).zip(results) {
                 match result {

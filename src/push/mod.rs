@@ -14,8 +14,11 @@ use crate::protocol::PushRequest;
 /// What a push did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushOutcome {
-    /// Every mutation had been applied before (or was blocked by a gap): nothing written.
+    /// No mutation could be applied (each was blocked by a gap): nothing written.
     Unchanged,
+    /// Every mutation had been applied before: nothing written. The push is a resend after an
+    /// answer was lost, so watchers are poked again (the commit's own poke may be lost too).
+    Replayed,
     /// The space moved to `version`. `partial` (how many mutations were applied) when the
     /// push's budget ran out before its last mutation: the client keeps the rest pending and
     /// sends them again.

@@ -1,5 +1,6 @@
 //! A store that forwards everything to the real one, with one fault a test asks for: a test
-//! double for what a real database cannot be made to do on demand (slow reads, a refused commit).
+//! double for what a real database cannot be made to do on demand (slow reads, a refused commit,
+//! a commit whose answer is lost).
 
 use std::sync::Arc;
 
@@ -18,6 +19,12 @@ pub trait Fault: Send + Sync + 'static {
 
     /// An error to fail a push group's commit with, writing nothing; `None` commits.
     fn refuse_commit(&self, _changes: &PushChanges) -> Option<StoreError> {
+        None
+    }
+
+    /// An error to answer a commit that succeeded with (its acknowledgement lost on the way);
+    /// `None` answers it.
+    fn lose_answer(&self) -> Option<StoreError> {
         None
     }
 }
@@ -63,9 +70,13 @@ impl<F: Fault> PushTx for FaultyTx<F> {
         self.inner.scan_entries(start, exclusive, limit).await
     }
     async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
-        match self.fault.refuse_commit(&changes) {
+        if let Some(error) = self.fault.refuse_commit(&changes) {
+            return Err(error);
+        }
+        self.inner.commit(changes).await?;
+        match self.fault.lose_answer() {
             Some(error) => Err(error),
-            None => self.inner.commit(changes).await,
+            None => Ok(()),
         }
     }
 }

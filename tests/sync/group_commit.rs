@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::faults::{Fault, Faulty};
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, Options, PokeRecorder, TestServer, inc, push_body};
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
 #[derive(Clone)]
@@ -426,7 +426,82 @@ async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backe
     assert!(server.state("s", "gate").await.last_mutation_ids.is_empty());
 }
 
+/// A push that waits behind a busy space is applied by the group runner after its caller hung
+/// up, and its commit is poked like any other: the poke belongs to the commit.
+async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
+    let gate = Gate::default();
+    let pokes = Arc::new(PokeRecorder::default());
+    let options = Options {
+        poke_sink: Some(pokes.clone()),
+        ..options_with(&gate, PushLimits::default())
+    };
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let held = gate.hold(&server, "s").await;
+    let left = send(
+        &server,
+        "s",
+        push_body("g", &[("c", 1, "increment", inc("n", 1))]),
+    );
+    wait_for_waiting(&server, 1).await;
+    left.abort(); // the caller hangs up: its connection closes
+    let _ = left.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.open.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.state("s", "g").await.lmid("c") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the push that waited was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        pokes.wait_for("s", 2, Duration::from_secs(10)).await,
+        "two commits, {} pokes",
+        pokes.count("s")
+    );
+    assert_eq!(server.metrics.push_commits.get(), 2, "both commits counted");
+}
+
+/// Commits, then answers as if the connection died before the answer arrived.
+struct LostAnswers(std::sync::atomic::AtomicBool);
+
+impl Fault for LostAnswers {
+    fn lose_answer(&self) -> Option<StoreError> {
+        let first = !self.0.swap(true, std::sync::atomic::Ordering::SeqCst);
+        first.then(|| StoreError::Disconnected("the answer to the commit was lost".into()))
+    }
+}
+
+/// A commit whose acknowledgement was lost is run again, finds its mutations applied, and still
+/// pokes; so does a client's resend of the same push.
+async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
+    let pokes = Arc::new(PokeRecorder::default());
+    let options = Options {
+        poke_sink: Some(pokes.clone()),
+        wrap_store: |store| Faulty::wrap(store, LostAnswers(Default::default())),
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
+    assert_eq!(server.push("s", &body).await, (200, json!({})));
+    assert_eq!(server.state("s", "g").await.lmid("c"), 1, "committed once");
+    assert!(
+        pokes.count("s") >= 1,
+        "the commit whose answer was lost was poked"
+    );
+
+    let before = pokes.count("s");
+    assert_eq!(server.push("s", &body).await, (200, json!({})));
+    assert_eq!(pokes.count("s"), before + 1, "a resend pokes again");
+    assert_eq!(server.state("s", "g").await.entries["n"], json!(1));
+}
+
 crate::on_both_stores!(
+    a_push_whose_caller_left_is_applied_and_poked,
+    a_commit_whose_answer_was_lost_is_poked,
     pushes_waiting_behind_a_push_that_dies_are_still_applied,
     pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own,
     the_same_push_many_times_in_one_group_applies_once,

@@ -9,7 +9,9 @@ use replisync::auth::authorize::Webhook;
 use replisync::auth::{Anonymous, Authenticator};
 use replisync::config::HttpSettings;
 use replisync::mutators::Mutators;
+use replisync::poke::PokeSink;
 use replisync::poke::pusher::PrivateChannels;
+use replisync::protocol::SpaceId;
 use replisync::startup::{App, serve};
 use replisync::store::Store;
 use replisync::store::postgres::PgStore;
@@ -48,6 +50,8 @@ pub struct Options {
     pub sse_keep_alive: Option<std::time::Duration>,
     /// Wraps the test's store, e.g. to slow it down.
     pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
+    /// Also tells this sink of every poke.
+    pub poke_sink: Option<Arc<dyn PokeSink>>,
 }
 
 impl Default for Options {
@@ -60,6 +64,7 @@ impl Default for Options {
             private_channels: None,
             sse_keep_alive: None,
             wrap_store: |store| store,
+            poke_sink: None,
         }
     }
 }
@@ -83,6 +88,9 @@ impl TestServer {
         }
         if let Some(channels) = options.private_channels {
             builder = builder.private_channels(channels);
+        }
+        if let Some(sink) = options.poke_sink {
+            builder = builder.poke_sink(sink);
         }
         if let Some(keep_alive) = options.sse_keep_alive {
             builder = builder.sse(keep_alive);
@@ -477,4 +485,41 @@ macro_rules! on_both_stores {
             )*
         }
     };
+}
+
+/// Records the spaces the server pokes, in order: an observer of its pokes, as a watcher sees
+/// them before any coalescing.
+#[derive(Default)]
+pub struct PokeRecorder {
+    poked: std::sync::Mutex<Vec<String>>,
+}
+
+impl PokeSink for PokeRecorder {
+    fn space_changed(&self, space: &SpaceId, _committed_at: std::time::Instant) {
+        self.poked.lock().unwrap().push(space.as_str().to_owned());
+    }
+}
+
+impl PokeRecorder {
+    /// How many times `space` was poked.
+    pub fn count(&self, space: &str) -> usize {
+        self.poked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| *s == space)
+            .count()
+    }
+
+    /// Whether `space` has been poked `times` times within `wait`.
+    pub async fn wait_for(&self, space: &str, times: usize, wait: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.count(space) < times {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
 }
