@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::{Push, PushOutcome};
+use super::{Push, PushBudget, PushOutcome};
 use crate::auth::check_group_ownership;
 use crate::error::ApiError;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
@@ -24,7 +24,10 @@ pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, ApiError>>>;
 /// count pushes as before, and a pull sees the whole group or none of it. Each push sees the
 /// writes of those before it and gets its own answer: a push refused (ClientStateNotFound, 403)
 /// writes nothing and changes nothing for the others. No push after the first starts once the
-/// group has applied pushes for `max_age`. A database error fails the whole group, with nothing written.
+/// group has applied pushes for `max_age`, and those after the first start no mutation past it
+/// (they commit what they applied, as a push past its budget does): a group commits within
+/// `max_age` and the longest single mutation. A database error fails the whole group, with
+/// nothing written.
 pub(super) async fn apply_group(
     store: &dyn Store,
     mutators: &Mutators,
@@ -39,11 +42,13 @@ pub(super) async fn apply_group(
     let started = Instant::now();
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());
     for (index, push) in pushes.iter().enumerate() {
-        if index > 0 && started.elapsed() >= max_age {
+        let group_deadline = (index > 0).then(|| started + max_age);
+        if group_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             answers.resize_with(pushes.len(), || None);
             break;
         }
-        let answer = apply_push(&mut *tx, &mut group, mutators, space, push).await?;
+        let answer =
+            apply_push(&mut *tx, &mut group, mutators, space, push, group_deadline).await?;
         answers.push(Some(answer));
     }
     let Some(changes) = group.into_changes() else {
@@ -224,14 +229,16 @@ impl GroupState {
     }
 }
 
-/// Applies one push of the group. The outer error (the database failed) fails the group; the
-/// inner one is this push's own answer, given before it wrote anything.
+/// Applies one push of the group, starting no mutation after its budget's deadline or the
+/// group's (`None` for the group's first push). The outer error (the database failed) fails the
+/// group; the inner one is this push's own answer, given before it wrote anything.
 async fn apply_push(
     tx: &mut dyn PushTx,
     group: &mut GroupState,
     mutators: &Mutators,
     space: &SpaceId,
     push: &Push,
+    group_deadline: Option<Instant>,
 ) -> Result<Result<PushOutcome, ApiError>, StoreError> {
     let Push {
         user,
@@ -273,7 +280,7 @@ async fn apply_push(
             stopped_by_gap.insert(client);
             continue;
         }
-        if applied > 0 && (applied >= budget.max_mutations || Instant::now() >= budget.deadline) {
+        if applied > 0 && out_of_budget(applied, budget, group_deadline) {
             // Stopping here leaves every client with a prefix applied: the rest of the push
             // comes later in the list, and the client sends it again.
             tracing::info!(
@@ -316,6 +323,15 @@ async fn apply_push(
         committed_at: Instant::now(),
         partial,
     }))
+}
+
+/// Whether a push that applied `applied` mutations may start no more: its own budget is spent,
+/// or its group has run for its age limit.
+fn out_of_budget(applied: usize, budget: &PushBudget, group_deadline: Option<Instant>) -> bool {
+    let now = Instant::now();
+    applied >= budget.max_mutations
+        || now >= budget.deadline
+        || group_deadline.is_some_and(|deadline| now >= deadline)
 }
 
 /// A client group belongs to the space and user that created it; one garbage collection

@@ -499,7 +499,79 @@ async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
     assert_eq!(server.state("s", "g").await.entries["n"], json!(1));
 }
 
+/// Takes 300 ms.
+struct Slow;
+
+#[async_trait]
+impl Mutator for Slow {
+    async fn apply(&self, tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let done = tx.get("slow").await?.and_then(|v| v.as_u64()).unwrap_or(0);
+        tx.put("slow", json!(done + 1))
+    }
+}
+
+/// A push that runs past its group's age limit starts no more mutations: it commits what it
+/// applied (the client pushes the rest at once), and the pushes behind it go to the next group,
+/// instead of waiting for all of its slow mutations.
+async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
+    let gate = Gate::default();
+    let mut options = options_with(
+        &gate,
+        PushLimits {
+            group: GroupLimits {
+                max_pushes: 64,
+                max_age: Duration::from_millis(50),
+            },
+            ..PushLimits::default()
+        },
+    );
+    options.mutators = options.mutators.register("slow", Slow);
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let held = gate.hold(&server, "s").await;
+    let slow_mutations: Vec<_> = (1..=10)
+        .map(|id| ("slow-c", id, "slow", json!({})))
+        .collect();
+    let queued = gate
+        .queue(
+            &server,
+            "s",
+            vec![
+                push_body("first", &[("first-c", 1, "increment", inc("n", 1))]),
+                push_body("slow", &slow_mutations),
+                push_body("fast", &[("fast-c", 1, "increment", inc("n", 1))]),
+            ],
+        )
+        .await;
+    gate.open.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+    let mut answers = Vec::new();
+    for push in queued {
+        answers.push(push.await.unwrap());
+    }
+    assert_eq!(answers[0], (200, json!({})));
+    let (status, body) = &answers[1];
+    assert_eq!(
+        *status, 503,
+        "the slow push stopped at the group's age: {body}"
+    );
+    assert_eq!(body["error"], "PartiallyApplied", "{body}");
+    assert_eq!(
+        answers[2],
+        (200, json!({})),
+        "the fast push went to the next group"
+    );
+    let slow = server.state("s", "slow").await;
+    assert!(
+        (1..10).contains(&slow.lmid("slow-c")),
+        "a prefix of the slow push committed: {}",
+        slow.lmid("slow-c")
+    );
+    assert_eq!(server.state("s", "fast").await.lmid("fast-c"), 1);
+}
+
 crate::on_both_stores!(
+    a_slow_push_stops_at_its_groups_age_limit,
     a_push_whose_caller_left_is_applied_and_poked,
     a_commit_whose_answer_was_lost_is_poked,
     pushes_waiting_behind_a_push_that_dies_are_still_applied,
