@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_trait::async_trait;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::FormRejection;
@@ -17,14 +18,14 @@ use serde_json::{Value, json};
 
 use super::extract::{Authenticated, Caller, PushBody, Reads, RequestBody, Writes, authorize};
 use super::state::{AppState, Draining};
-use crate::auth::Access;
 use crate::auth::authorize::Authorizer;
+use crate::auth::{Access, Identity};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
 use crate::poke::sse::{SsePokes, StreamsFull, poke_events};
-use crate::protocol::{PullRequest, PushRequest, parse_body};
-use crate::pull::{PullBody, Pulls};
+use crate::protocol::{PullRequest, PushRequest, SpaceId, parse_body};
+use crate::pull::{PullBody, Pulls, WriteCheck};
 use crate::push::{Push, PushBudget, PushOutcome, check_client_count};
 use crate::store::{Store, reconnecting};
 
@@ -70,11 +71,20 @@ pub async fn push_handler(
 /// `POST /spaces/{space}/pull`
 pub async fn pull_handler(
     State(pulls): State<Arc<Pulls>>,
+    State(authorizer): State<Arc<Authorizer>>,
     Caller { space, user, .. }: Caller<Reads>,
+    Authenticated(identity): Authenticated,
+    headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let request: PullRequest = parse_body(&body)?;
-    let body = match pulls.pull(&space, &user, &request).await? {
+    let writes = CallerWrites {
+        authorizer: &authorizer,
+        identity: &identity,
+        headers: &headers,
+        space: &space,
+    };
+    let body = match pulls.pull(&space, &user, &request, &writes).await? {
         PullBody::Streamed(chunks) => Body::from_stream(chunks),
         PullBody::Parts(parts) => Body::from_stream(futures::stream::iter(
             parts.into_iter().map(Ok::<_, Infallible>),
@@ -88,6 +98,30 @@ pub async fn pull_handler(
         (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
     ];
     Ok((headers, body).into_response())
+}
+
+/// Whether a pull's caller may write its space, asked of the authorizer when the pull needs it.
+struct CallerWrites<'a> {
+    authorizer: &'a Authorizer,
+    identity: &'a Identity,
+    headers: &'a HeaderMap,
+    space: &'a SpaceId,
+}
+
+#[async_trait]
+impl WriteCheck for CallerWrites<'_> {
+    async fn may_write(&self) -> bool {
+        let (authorizer, identity) = (self.authorizer, self.identity);
+        authorize(
+            authorizer,
+            identity,
+            self.headers,
+            self.space,
+            Access::Write,
+        )
+        .await
+        .is_ok()
+    }
 }
 
 /// `GET /spaces/{space}/poke`: the built-in SSE poke stream.

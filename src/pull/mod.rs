@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_stream::try_stream;
+use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, TryStreamExt};
@@ -53,6 +54,13 @@ pub struct PullLimits {
     pub stream: StreamLimits,
 }
 
+/// Whether the caller of a pull may also write the space: asked only when answering the pull
+/// would change the space (a cookie ahead of it), so a reader never moves a space.
+#[async_trait]
+pub trait WriteCheck: Send + Sync {
+    async fn may_write(&self) -> bool;
+}
+
 /// A pull's response body: streamed (first pulls whatever the space's size, and large deltas)
 /// or in parts.
 pub enum PullBody {
@@ -84,6 +92,7 @@ impl Pulls {
         space: &SpaceId,
         user: &str,
         request: &PullRequest,
+        writes: &dyn WriteCheck,
     ) -> Result<PullBody, ApiError> {
         check_identifier(&request.client_group_id, "clientGroupID")?;
         // A cookie replisync never issued (a string, an object, a fraction) cannot be honoured.
@@ -91,11 +100,11 @@ impl Pulls {
             parse_cookie(&request.cookie).map_err(|_| ProtocolError::ClientStateNotFound)?;
         let body = match cookie {
             None => {
-                self.streamed_pull(space, user, &request.client_group_id, None)
+                self.streamed_pull(space, user, &request.client_group_id, None, 0)
                     .await?
             }
             Some(from) => {
-                self.incremental_pull(space, user, &request.client_group_id, from)
+                self.incremental_pull(space, user, &request.client_group_id, from, writes)
                     .await?
             }
         };
@@ -105,13 +114,15 @@ impl Pulls {
 
     /// A pull streamed from one snapshot: `clear` and the whole space for a null cookie
     /// (`since: None`) or a cookie older than the space's compacted version, or what changed
-    /// after the cookie when that is too large to share.
+    /// after the cookie when that is too large to share. The answer's cookie is at least
+    /// `cookie_floor`.
     async fn streamed_pull(
         &self,
         space: &SpaceId,
         user: &str,
         client_group_id: &str,
         since: Option<u64>,
+        cookie_floor: u64,
     ) -> Result<PullBody, ApiError> {
         let permit = tokio::time::timeout(
             self.limits.queue_wait,
@@ -126,7 +137,7 @@ impl Pulls {
             )));
         };
         self.metrics.pull_reads.increment();
-        let snapshot =
+        let mut snapshot =
             reconnecting(|| self.store.streamed_pull(space, client_group_id, since)).await?;
         check_not_collected(snapshot.client_group_collected)?;
         if let Some(group) = &snapshot.client_group {
@@ -139,6 +150,7 @@ impl Pulls {
             }
         }
         let from_scratch = since.is_none() || snapshot.reset;
+        snapshot.version = snapshot.version.max(cookie_floor);
         Ok(PullBody::Streamed(guard::guarded(
             response_chunks(snapshot, from_scratch),
             self.limits.stream,
@@ -155,6 +167,7 @@ impl Pulls {
         user: &str,
         client_group_id: &str,
         from: u64,
+        writes: &dyn WriteCheck,
     ) -> Result<PullBody, ApiError> {
         let shared = self.coalescer.pull(space, client_group_id, from).await?;
         check_not_collected(shared.client_group_collected(client_group_id))?;
@@ -163,18 +176,20 @@ impl Pulls {
         }
         if from > shared.version {
             return self
-                .reset_cookie_ahead(space, user, client_group_id, from)
+                .reset_cookie_ahead(space, user, client_group_id, from, writes)
                 .await;
         }
         if from < shared.compacted_version {
             // Deletions after this cookie were compacted away: the whole space, from scratch.
             self.metrics.pull_resets.increment();
-            return self.streamed_pull(space, user, client_group_id, None).await;
+            return self
+                .streamed_pull(space, user, client_group_id, None, 0)
+                .await;
         }
         let Some(patch) = &shared.patch else {
             self.metrics.pull_deltas_streamed.increment();
             return self
-                .streamed_pull(space, user, client_group_id, Some(from))
+                .streamed_pull(space, user, client_group_id, Some(from), 0)
                 .await;
         };
         let head = response_head(
@@ -195,26 +210,38 @@ impl Pulls {
     /// Replicache fork a new group from the same local data and cookie, again and again. So the
     /// space's version and compaction horizon are raised past the cookie (every cookie up to it,
     /// which may come from the old database too, now gets a reset), and this pull gets the
-    /// whole space.
+    /// whole space. A caller who may only read the space changes nothing: it gets the whole space
+    /// at its own cookie, and again at each pull until the space passes that cookie.
     async fn reset_cookie_ahead(
         &self,
         space: &SpaceId,
         user: &str,
         client_group_id: &str,
         cookie: u64,
+        writes: &dyn WriteCheck,
     ) -> Result<PullBody, ApiError> {
         if cookie > MAX_ADOPTED_COOKIE {
             // No space gets near this; raising it there would leave too few versions.
             tracing::info!(cookie, "cookie far ahead of any space: ClientStateNotFound");
             return Err(ProtocolError::ClientStateNotFound.into());
         }
+        self.metrics.pull_resets.increment();
+        if !writes.may_write().await {
+            tracing::info!(
+                cookie,
+                "cookie ahead of the space, from a reader: the pull gets all of it at its own cookie, the space is unchanged"
+            );
+            return self
+                .streamed_pull(space, user, client_group_id, None, cookie)
+                .await;
+        }
         tracing::info!(
             cookie,
             "cookie ahead of the space (its database was replaced): the space moves up to it, and the pull gets all of it"
         );
         reconnecting(|| self.store.raise_space_version(space, cookie + 1)).await?;
-        self.metrics.pull_resets.increment();
-        self.streamed_pull(space, user, client_group_id, None).await
+        self.streamed_pull(space, user, client_group_id, None, 0)
+            .await
     }
 }
 

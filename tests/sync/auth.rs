@@ -239,6 +239,49 @@ async fn a_read_only_grant_pulls_but_cannot_push(backend: Backend) {
     assert_eq!(server.state_as("doc", "r", &reader).await.entries["n"], 1);
 }
 
+/// A reader's cookie ahead of the space (a wiped database, or a forged cookie) gets the whole
+/// space at its own cookie and changes nothing: no version raise, no compaction horizon moved,
+/// no space created. The writer's next pull is still a small delta.
+async fn a_reader_ahead_of_the_space_changes_nothing(backend: Backend) {
+    let server = TestServer::start_with(backend, hmac_options()).await;
+    let writer = token(&claims("writer", &["doc"]));
+    assert_eq!(
+        server.push_as("doc", &one_increment("w"), &writer).await.0,
+        200
+    );
+    let (_, first) = server.pull_as("doc", "w", Value::Null, &writer).await;
+    let writer_cookie = first["cookie"].clone();
+
+    let mut reader_claims = claims("reader", &[]);
+    reader_claims["spaces_read"] = json!(["doc", "empty-*"]);
+    let reader = token(&reader_claims);
+    let before = server.db.fingerprint().await;
+    for cookie in [1000u64, 1 << 50] {
+        let (status, pulled) = server.pull_as("doc", "r", json!(cookie), &reader).await;
+        assert_eq!(status, 200, "{pulled}");
+        assert_eq!(pulled["cookie"], json!(cookie), "cookies never go down");
+        assert_eq!(
+            pulled["patch"][0]["op"], "clear",
+            "the whole space: {pulled}"
+        );
+        assert!(pulled["patch"].to_string().contains("\"n\""), "{pulled}");
+    }
+    let (status, pulled) = server.pull_as("empty-1", "r2", json!(7), &reader).await;
+    assert_eq!(status, 200, "{pulled}");
+    assert_eq!(
+        server.db.fingerprint().await,
+        before,
+        "the reader changed nothing"
+    );
+
+    let (_, delta) = server.pull_as("doc", "w", writer_cookie, &writer).await;
+    assert_ne!(
+        delta["patch"].get(0).map(|op| &op["op"]),
+        Some(&json!("clear")),
+        "the writer's pull is not a reset: {delta}"
+    );
+}
+
 /// A webhook answering `status` for every question, after `delay`.
 async fn webhook_answering(status: u16, delay: Duration) -> MockServer {
     let webhook = MockServer::start().await;
@@ -529,6 +572,7 @@ async fn the_sse_stream_needs_read_access_and_takes_its_token_from_the_query(bac
 }
 
 crate::on_both_stores!(
+    a_reader_ahead_of_the_space_changes_nothing,
     every_kind_of_bad_token_is_401_and_writes_nothing,
     a_bare_token_works_like_a_bearer_token,
     spaces_are_granted_by_the_token_and_denied_by_default,

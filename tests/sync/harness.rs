@@ -399,7 +399,7 @@ impl TestDb {
     /// Every row of every replisync table, as text: equal fingerprints mean nothing changed.
     pub async fn fingerprint(&self) -> String {
         const TABLES: [&str; 4] = [
-            "SELECT id || '=' || version FROM replisync_spaces ORDER BY 1",
+            "SELECT id || '=' || version || '/' || compacted_version FROM replisync_spaces ORDER BY 1",
             "SELECT id || '@' || space_id || '/' || user_id FROM replisync_client_groups ORDER BY 1",
             "SELECT id || '@' || client_group_id || ':' || last_mutation_id || '/' || last_modified_version FROM replisync_clients ORDER BY 1",
             "SELECT space_id || '/' || key || '=' || coalesce(value, '-') || '/' || version FROM replisync_entries ORDER BY 1",
