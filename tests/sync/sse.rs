@@ -69,13 +69,22 @@ async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
         events.wait_for("event: poke", Duration::from_secs(5)).await,
         "no poke after a push"
     );
-    // A re-sent push changes nothing, so it pokes nobody.
+    // A push blocked by a mutation id gap changes nothing, so it pokes nobody.
     events.take();
-    push("watched", 1).await;
+    push("watched", 5).await;
     assert!(
         !events
             .wait_for("event: poke", Duration::from_millis(500))
-            .await
+            .await,
+        "poked for a push that changed nothing: {:?}",
+        events.seen
+    );
+    // A resend of applied mutations changes nothing either, but pokes again: it follows a lost
+    // answer, and the commit's own poke may have been lost with it (a process that stopped).
+    push("watched", 1).await;
+    assert!(
+        events.wait_for("event: poke", Duration::from_secs(5)).await,
+        "no poke after a resend"
     );
 }
 
