@@ -49,14 +49,18 @@ test('7. SSE pokes reach the pushed space only', { timeout: 60_000 }, async (t) 
   assert.equal(listenerA.pokes().length, 1, 'the push to B poked A');
   assert.equal(listenerB.pokes().length, 1, 'the push to A poked B');
 
-  // A push that changes nothing (a mutation already applied) pokes no one.
+  // A push that changes nothing because a gap blocks it pokes no one; a resend of a mutation
+  // already applied pokes again (it follows a lost answer, whose commit's poke may be lost too).
   const cg = uniqueId('cg-');
   const c = uniqueId('c-');
   const once = { clientGroupID: cg, clientID: c, mutations: [{ name: 'set', args: { key: 'x', value: 1 } }] };
   assert.equal((await server.push(spaceA, once)).status, 200);
   await waitFor(() => listenerA.pokes().length === 2, { timeout: 10_000, message: 'the second poke on A' });
-  assert.equal((await server.push(spaceA, once)).status, 200, 'a replayed push answers 200');
-  await delay(1_000);
+  const gap = { ...once, firstID: 5 };
+  assert.equal((await server.push(spaceA, gap)).status, 200, 'a push a gap blocks answers 200');
+  await delay(1_000); // bounded: a stray poke would arrive within this second
   assert.equal(listenerA.pokes().length, 2, 'a push that changed nothing poked');
+  assert.equal((await server.push(spaceA, once)).status, 200, 'a replayed push answers 200');
+  await waitFor(() => listenerA.pokes().length === 3, { timeout: 10_000, message: 'the poke of a resend' });
   assert.deepEqual((await server.snapshot(spaceA)).data, { n: 1, x: 1 });
 });
