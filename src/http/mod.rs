@@ -54,19 +54,22 @@ pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
         .route("/spaces/{space}/poke", get(handlers::poke_handler))
         .route_layer(map_request(handlers::auth_query_as_header));
     // What browsers call cross-origin; `/healthz` and `/metrics` are never served to them.
+    // The 405 fallback is set before CORS wraps the routes: preflights (OPTIONS) reach it.
     let browser_routes = Router::new()
         .merge(sync_routes)
         .merge(poke_routes)
         .route("/pusher/auth", post(handlers::pusher_auth_handler))
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(cors(&state.http));
-    let mut routes = Router::new()
-        .merge(browser_routes)
+    let mut operator_routes = Router::new()
         .route("/healthz", get(handlers::health_handler))
         .route("/readyz", get(handlers::ready_handler));
     if metrics_endpoint == MetricsEndpoint::Here {
-        routes = routes.route("/metrics", get(handlers::metrics_handler));
+        operator_routes = operator_routes.route("/metrics", get(handlers::metrics_handler));
     }
-    routes
+    Router::new()
+        .merge(browser_routes)
+        .merge(operator_routes.method_not_allowed_fallback(handlers::method_not_allowed))
         .fallback(handlers::not_found)
         .layer(map_response_with_state(
             state.metrics.clone(),
@@ -86,6 +89,7 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(handlers::metrics_handler))
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state)
 }
 

@@ -191,6 +191,13 @@ async fn every_kind_of_bad_push_changes_nothing(backend: Backend) {
     assert_client_error(status, &body, 400, "InvalidSpaceId", "space id");
     let (status, body) = server.post_raw("/nowhere", "{}", "").await;
     assert_client_error(status, &body, 404, "NotFound", "push");
+    // A route asked with another method: found by tests/fuzz (`GET /spaces/0/push` was a 405
+    // with an empty body).
+    let response = server.get("/spaces/s/push").await;
+    assert_eq!(response.headers()["allow"], "POST");
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    assert_client_error(status, &body, 405, "MethodNotAllowed", "POST");
     assert_eq!(server.db.fingerprint().await, before);
 }
 
