@@ -144,11 +144,16 @@ fn identity_from_claims(
     claims: &Map<String, Value>,
     rules: &ClaimRules,
 ) -> Result<Identity, AuthError> {
+    // The user id is stored with the client groups it creates: no NUL (Postgres text has none).
     let user = match claims.get(&rules.user_claim) {
-        Some(Value::String(user)) if !user.is_empty() && user.len() <= MAX_ID_BYTES => user.clone(),
+        Some(Value::String(user))
+            if !user.is_empty() && user.len() <= MAX_ID_BYTES && !user.contains('\0') =>
+        {
+            user.clone()
+        }
         _ => {
             return Err(AuthError::Unauthorized(format!(
-                "the token's `{}` claim must name the user (a string of 1 to {MAX_ID_BYTES} bytes)",
+                "the token's `{}` claim must name the user (a string of 1 to {MAX_ID_BYTES} bytes, without NUL)",
                 rules.user_claim
             )));
         }

@@ -176,7 +176,8 @@ fn any_authorization_header_is_an_identity_or_a_401() {
                 let result = authenticate(authenticator, &header);
                 prop_assert!(is_unauthorized(&result), "{result:?}");
                 if let Ok(identity) = result {
-                    prop_assert!(!identity.user.is_empty() && identity.user.len() <= MAX_ID_BYTES);
+                    // Stored as client groups' owner: the rules of client ids hold.
+                    prop_assert!(is_identifier(&identity.user), "{:?}", identity.user);
                 }
             }
             Ok(())
@@ -201,6 +202,7 @@ fn check_accepted_claims(
         claims.get("exp").is_some_and(Value::is_number),
         "no numeric exp"
     );
+    prop_assert!(is_identifier(&identity.user), "{:?}", identity.user);
     if rules.issuer.is_some() {
         prop_assert_eq!(claims.get("iss").and_then(Value::as_str), Some(ISSUER));
     }
