@@ -69,6 +69,14 @@ const WORDS: &[&str] = &[
     "\r\n",
 ];
 
+/// Byte lengths at the limits of space ids (100), client ids (200) and keys (1000).
+const LIMIT_LENGTHS: &[usize] = &[99, 100, 101, 199, 200, 201, 999, 1000, 1001];
+
+/// Pieces of a path segment that decode oddly, or not at all.
+const PATH_PIECES: &[&str] = &[
+    ".", "..", "%2F", "%00", "%", "%zz", "%C3", "%C3%A9", "a", "-", "%20", "+", ";", "@",
+];
+
 /// Integers at the edges of what the server stores and adopts.
 const EDGE_INTEGERS: &[u64] = &[
     0,
@@ -193,7 +201,7 @@ pub fn odd_string() -> impl Strategy<Value = String> {
         2 => any::<String>(),
         1 => matching("[\\x00-\\x1f\\x7f\"\\\\/%.*]{0,8}"),
         1 => select(WORDS).prop_map(str::to_owned),
-        1 => (select(vec![99usize, 100, 101, 199, 200, 201, 999, 1000, 1001]), select(vec!["a", "é"]))
+        1 => (select(LIMIT_LENGTHS), select(vec!["a", "é"]))
             .prop_map(|(bytes, unit)| unit.repeat(bytes / unit.len())),
         1 => (0usize..20_000, any::<char>()).prop_map(|(n, c)| c.to_string().repeat(n)),
     ]
@@ -206,9 +214,15 @@ pub fn odd_number() -> impl Strategy<Value = Value> {
         1 => any::<u64>().prop_map(Value::from),
         1 => any::<i64>().prop_map(Value::from),
         2 => select(EDGE_INTEGERS).prop_map(Value::from),
-        1 => select(vec![json!(-1), json!(i64::MIN), json!(0.5), json!(-0.0), json!(1e300), json!(1.0)]),
-        1 => any::<f64>().prop_filter_map("JSON numbers are finite", |f| Number::from_f64(f).map(Value::Number)),
+        1 => select(vec![
+            json!(-1), json!(i64::MIN), json!(0.5), json!(-0.0), json!(1e300), json!(1.0)
+        ]),
+        1 => any::<f64>().prop_filter_map("JSON numbers are finite", finite_number),
     ]
+}
+
+fn finite_number(f: f64) -> Option<Value> {
+    Number::from_f64(f).map(Value::Number)
 }
 
 /// Field names: mostly ones the server knows, sometimes any string.
@@ -401,7 +415,10 @@ fn body_from(template: impl Strategy<Value = Value>) -> impl Strategy<Value = In
 /// Keys a mutator might be given: a few short ones shared by every case (so that values
 /// accumulate), or odd strings.
 fn key() -> impl Strategy<Value = Value> {
-    prop_oneof![3 => matching("[a-d]{1,2}").prop_map(Value::from), 1 => odd_string().prop_map(Value::from)]
+    prop_oneof![
+        3 => matching("[a-d]{1,2}").prop_map(Value::from),
+        1 => odd_string().prop_map(Value::from),
+    ]
 }
 
 /// `(name, args)` of a mutation of the built-in mutators, with plausible or odd arguments.
@@ -473,7 +490,10 @@ pub fn good_authorization() -> String {
 
 /// Claims near the good ones: odd users, expiries, grants, issuers and audiences.
 fn claims_template() -> impl Strategy<Value = Value> {
-    let sub = prop_oneof![3 => matching("[a-z]{1,8}").prop_map(Value::from), 1 => odd_string().prop_map(Value::from)];
+    let sub = prop_oneof![
+        3 => matching("[a-z]{1,8}").prop_map(Value::from),
+        1 => odd_string().prop_map(Value::from),
+    ];
     let exp = prop_oneof![3 => Just(json!(now() + 3600)), 1 => odd_number()];
     let spaces = prop_oneof![
         3 => Just(json!(["*"])),
@@ -541,8 +561,10 @@ pub fn token() -> impl Strategy<Value = String> {
         3 => claims_template().prop_map(|claims| {
             token_of(br#"{"alg":"HS256","typ":"JWT"}"#, claims.to_string().as_bytes(), SECRET)
         }),
-        6 => (header_bytes(), claims_bytes()).prop_map(|(header, claims)| token_of(&header, &claims.0, SECRET)),
-        1 => (header_bytes(), claims_bytes()).prop_map(|(header, claims)| token_of(&header, &claims.0, WRONG_SECRET)),
+        6 => (header_bytes(), claims_bytes())
+            .prop_map(|(header, claims)| token_of(&header, &claims.0, SECRET)),
+        1 => (header_bytes(), claims_bytes())
+            .prop_map(|(header, claims)| token_of(&header, &claims.0, WRONG_SECRET)),
         1 => prop::collection::vec(any_bytes(), 1..5).prop_map(|segments| {
             segments.iter().map(|s| URL_SAFE_NO_PAD.encode(s)).collect::<Vec<_>>().join(".")
         }),
@@ -636,7 +658,8 @@ fn channel_name(space: &'static str) -> impl Strategy<Value = String> {
 /// encoded or raw, or any bytes.
 pub fn pusher_form(space: &'static str) -> impl Strategy<Value = Input> {
     let name = prop_oneof![
-        3 => select(vec!["socket_id", "channel_name", "socket_id[]", "channel_name ", "", "auth"]).prop_map(str::to_owned),
+        3 => select(vec!["socket_id", "channel_name", "socket_id[]", "channel_name ", "", "auth"])
+            .prop_map(str::to_owned),
         1 => odd_string(),
     ];
     let value = prop_oneof![socket_id(), channel_name(space)];
@@ -708,7 +731,6 @@ pub fn space_segment() -> impl Strategy<Value = String> {
         2 => matching("[a-zA-Z0-9_-]{1,12}"),
         1 => matching("[a-zA-Z0-9_-]{99,102}"),
         2 => odd_string().prop_map(|s| percent_encoded(&s)),
-        1 => prop::collection::vec(select(vec![".", "..", "%2F", "%00", "%", "%zz", "%C3", "%C3%A9", "a", "-", "%20", "+", ";", "@"]), 0..8)
-            .prop_map(|pieces| pieces.concat()),
+        1 => prop::collection::vec(select(PATH_PIECES), 0..8).prop_map(|pieces| pieces.concat()),
     ]
 }
