@@ -59,6 +59,10 @@ pub enum ApiError {
     #[error("no such route; replisync serves POST /spaces/{{space}}/push and /pull")]
     NotFound,
     #[error(
+        "this route does not take this method: push, pull and /pusher/auth take POST, the SSE poke stream GET"
+    )]
+    MethodNotAllowed,
+    #[error(
         "the built-in SSE poke stream is off (Pusher is configured); set REPLISYNC_SSE=true to enable it, or subscribe to the space's Pusher channel"
     )]
     SseDisabled,
@@ -150,6 +154,11 @@ impl IntoResponse for ApiError {
                 self.to_string(),
             ),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NotFound", self.to_string()),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                self.to_string(),
+            ),
             ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "Unauthorized", message),
             ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),
             ApiError::AuthUnavailable => {

@@ -237,12 +237,17 @@ fn claimed_version(body: &[u8], version_type: VersionType) -> Option<Value> {
     }
 }
 
-/// Parses a pull cookie this server can honour: null (a first pull) or a non-negative integer
-/// (a space version). Anything else was not issued by replisync.
+/// Parses a pull cookie this server can honour: null (a first pull) or a space version, a
+/// non-negative integer that fits the database's BIGINT (a larger one would fail the query).
+/// Anything else was not issued by replisync.
 pub fn parse_cookie(cookie: &Value) -> Result<Option<u64>, ForeignCookie> {
     match cookie {
         Value::Null => Ok(None),
-        Value::Number(n) => n.as_u64().map(Some).ok_or(ForeignCookie),
+        Value::Number(n) => n
+            .as_i64()
+            .and_then(|version| u64::try_from(version).ok())
+            .map(Some)
+            .ok_or(ForeignCookie),
         _ => Err(ForeignCookie),
     }
 }
@@ -299,7 +304,12 @@ mod tests {
     fn cookies_are_null_or_versions() {
         assert_eq!(parse_cookie(&json!(null)), Ok(None));
         assert_eq!(parse_cookie(&json!(7)), Ok(Some(7)));
-        for bad in [json!(-1), json!(1.5), json!("3"), json!({"order": 3})] {
+        assert_eq!(parse_cookie(&json!(i64::MAX)), Ok(Some(i64::MAX as u64)));
+        let beyond_bigint = [json!(i64::MAX as u64 + 1), json!(u64::MAX)];
+        for bad in [json!(-1), json!(1.5), json!("3"), json!({"order": 3})]
+            .into_iter()
+            .chain(beyond_bigint)
+        {
             assert!(parse_cookie(&bad).is_err(), "{bad} should be rejected");
         }
     }

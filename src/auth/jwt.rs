@@ -68,7 +68,12 @@ fn validation(rules: &ClaimRules) -> Validation {
     validation.algorithms = vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
     validation.leeway = LEEWAY_SECS;
     validation.validate_nbf = true;
-    validation.set_required_spec_claims(&["exp"]);
+    // jsonwebtoken checks `iss` and `aud` only when a token has them (of the right type):
+    // a configured issuer or audience must also be required, or leaving it out would pass.
+    let mut required = vec!["exp"];
+    required.extend(rules.issuer.as_ref().map(|_| "iss"));
+    required.extend(rules.audience.as_ref().map(|_| "aud"));
+    validation.set_required_spec_claims(&required);
     validation.validate_aud = rules.audience.is_some();
     if let Some(audience) = &rules.audience {
         validation.set_audience(&[audience]);
@@ -125,7 +130,11 @@ fn unauthorized(kind: &ErrorKind) -> AuthError {
         }
         ErrorKind::InvalidIssuer => "the token's issuer (iss) is not REPLISYNC_JWT_ISSUER",
         ErrorKind::InvalidAudience => "the token's audience (aud) is not REPLISYNC_JWT_AUDIENCE",
-        ErrorKind::MissingRequiredClaim(_) => "the token has no expiry (exp)",
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "iss" => "the token names no issuer (iss); REPLISYNC_JWT_ISSUER requires one",
+            "aud" => "the token names no audience (aud); REPLISYNC_JWT_AUDIENCE requires one",
+            _ => "the token has no expiry (exp)",
+        },
         _ => "the token is malformed",
     };
     AuthError::Unauthorized(format!("{problem}; fetch a new token"))
@@ -135,11 +144,16 @@ fn identity_from_claims(
     claims: &Map<String, Value>,
     rules: &ClaimRules,
 ) -> Result<Identity, AuthError> {
+    // The user id is stored with the client groups it creates: no NUL (Postgres text has none).
     let user = match claims.get(&rules.user_claim) {
-        Some(Value::String(user)) if !user.is_empty() && user.len() <= MAX_ID_BYTES => user.clone(),
+        Some(Value::String(user))
+            if !user.is_empty() && user.len() <= MAX_ID_BYTES && !user.contains('\0') =>
+        {
+            user.clone()
+        }
         _ => {
             return Err(AuthError::Unauthorized(format!(
-                "the token's `{}` claim must name the user (a string of 1 to {MAX_ID_BYTES} bytes)",
+                "the token's `{}` claim must name the user (a string of 1 to {MAX_ID_BYTES} bytes, without NUL)",
                 rules.user_claim
             )));
         }

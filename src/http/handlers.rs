@@ -234,3 +234,8 @@ pub async fn metrics_handler(
 pub async fn not_found() -> ApiError {
     ApiError::NotFound
 }
+
+/// A known route asked with a method it does not take (axum keeps the `Allow` header).
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

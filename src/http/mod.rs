@@ -142,12 +142,15 @@ pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
             Audience::Operator => operator = operator.route(endpoint.path, handler),
         }
     }
+    // The 405 fallback is set before CORS wraps the routes: preflights (OPTIONS) reach it.
     let browser = browser
         .route_layer(from_fn_with_state(
             state.clone(),
             authenticate::authenticate,
         ))
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(cors(&state.http));
+    let operator = operator.method_not_allowed_fallback(handlers::method_not_allowed);
     let routes = browser.merge(operator).fallback(handlers::not_found);
     with_common_layers(routes, state)
 }
@@ -157,7 +160,8 @@ pub fn metrics_router(state: AppState) -> Router {
     let (endpoint, handler) = metrics_route();
     let routes = Router::new()
         .route(endpoint.path, handler)
-        .fallback(handlers::not_found);
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed);
     with_common_layers(routes, state)
 }
 

@@ -147,8 +147,18 @@ async fn every_kind_of_bad_token_is_401_and_writes_nothing(backend: Backend) {
             "wrong audience",
             token(&with(json!({"aud": "someone-else"}))),
         ),
+        // Found by tests/fuzz: jsonwebtoken checks iss and aud only when they are present.
+        ("no issuer", token(&with(json!({"iss": null})))),
+        ("issuer not a string", token(&with(json!({"iss": 42})))),
+        ("no audience", token(&with(json!({"aud": null})))),
+        ("audience not a string", token(&with(json!({"aud": 7})))),
         ("no user", token(&with(json!({"sub": null})))),
         ("user not a string", token(&with(json!({"sub": 42})))),
+        // A user id is stored: Postgres refuses NUL in text (found by tests/fuzz).
+        (
+            "user with a NUL",
+            token(&with(json!({"sub": "al\u{0}ice"}))),
+        ),
         ("spaces not a list", token(&with(json!({"spaces": "doc"})))),
     ];
     for (case, authorization) in &cases {

@@ -191,6 +191,13 @@ async fn every_kind_of_bad_push_changes_nothing(backend: Backend) {
     assert_client_error(status, &body, 400, "InvalidSpaceId", "space id");
     let (status, body) = server.post_raw("/nowhere", "{}", "").await;
     assert_client_error(status, &body, 404, "NotFound", "push");
+    // A route asked with another method: found by tests/fuzz (`GET /spaces/0/push` was a 405
+    // with an empty body).
+    let response = server.get("/spaces/s/push").await;
+    assert_eq!(response.headers()["allow"], "POST");
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    assert_client_error(status, &body, 405, "MethodNotAllowed", "POST");
     assert_eq!(server.db.fingerprint().await, before);
 }
 
@@ -217,6 +224,11 @@ async fn every_kind_of_bad_pull_is_a_clear_error(backend: Backend) {
     }
 }
 
+/// `[[...[1]...]]`, `depth` arrays deep.
+fn nested_arrays(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
 /// Mutator arguments are the mutator's business: a wrong shape fails that one mutation (it
 /// is logged, skipped, and counted as processed, or the client would resend it forever).
 async fn mutator_arguments_of_the_wrong_shape_fail_only_that_mutation(backend: Backend) {
@@ -231,11 +243,19 @@ async fn mutator_arguments_of_the_wrong_shape_fail_only_that_mutation(backend: B
             ("c", 5, "set", json!({"key": "nul\u{0}byte", "value": 1})),
             ("c", 6, "set", json!({"key": "k".repeat(1001), "value": 1})),
             ("c", 7, "delete", json!({"key": "k".repeat(1001)})),
+            // Deeper than serde_json parses (found by tests/fuzz): the body takes it as raw
+            // JSON, the mutator cannot.
+            (
+                "c",
+                8,
+                "set",
+                json!({"key": "deep", "value": nested_arrays(200)}),
+            ),
         ],
     );
     assert_eq!(server.push("s", &body).await.0, 200);
     let view = server.state("s", "g").await;
-    assert_eq!(view.lmid("c"), 7);
+    assert_eq!(view.lmid("c"), 8);
     assert!(
         view.entries.is_empty(),
         "no write may survive: {:?}",
