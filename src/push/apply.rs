@@ -23,7 +23,9 @@ pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, ApiError>>>;
 /// count pushes as before, and a pull sees the whole group or none of it. Each push sees the
 /// writes of those before it and gets its own answer: a push refused (ClientStateNotFound, 403)
 /// writes nothing and changes nothing for the others. No push after the first starts once the
-/// group has applied pushes for `max_age`. A database error fails the whole group, with nothing written.
+/// group has applied pushes for `max_age`, or once its pushes have put as much as one push may
+/// (REPLISYNC_MAX_PUSH_WRITE_BYTES): a group holds at most about twice that in memory. A
+/// database error fails the whole group, with nothing written.
 pub(super) async fn apply_group(
     store: &dyn Store,
     mutators: &Mutators,
@@ -37,7 +39,8 @@ pub(super) async fn apply_group(
     let started = Instant::now();
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());
     for (index, push) in pushes.iter().enumerate() {
-        if index > 0 && started.elapsed() >= max_age {
+        let group_full = group.overlay.group_bytes_put() >= push.budget.max_write_bytes;
+        if index > 0 && (started.elapsed() >= max_age || group_full) {
             answers.resize_with(pushes.len(), || None);
             break;
         }
@@ -205,7 +208,7 @@ async fn apply_push(
     };
 
     let version = group.next_version();
-    group.overlay.start_push(version);
+    group.overlay.start_push(version, budget.max_write_bytes);
     let mut failed = FailedMutations::default();
     let mut advanced: HashSet<&str> = HashSet::new();
     let mut stopped_by_gap: HashSet<&str> = HashSet::new();
@@ -248,10 +251,16 @@ async fn apply_push(
             client,
             mutation.id,
         );
-        match run_mutator(mutators, &mut write_tx, mutation).await {
+        let result = run_mutator(mutators, &mut write_tx, mutation).await;
+        match write_tx.within_write_limit(result) {
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error),
-            Err(error) => failed.record(mutation, &error),
+            Err(error) => {
+                if matches!(error, MutationError::TooMuchWritten { .. }) {
+                    mutators.write_limit_failures().increment();
+                }
+                failed.record(mutation, &error);
+            }
         }
         last_mutation_ids.insert(client, mutation.id);
         advanced.insert(client);
