@@ -78,18 +78,13 @@ async fn huge_arguments_leave_the_engine_serving() {
     assert_eq!(failures(&server, "threw").await, 0);
 }
 
-/// A space whose module state holds most of the engine's memory does not stop another space's
-/// push (the engine lets that state go rather than fail the next push).
+/// A space whose module state holds most of the engine's memory, or tries to hold more than
+/// it may, does not stop another space's push: only the hog's own mutation fails.
 async fn module_state_hog_does_not_fail_another_space(backend: Backend) {
     let server = js_server_with(backend, one_engine()).await;
-    run(
-        &server,
-        "a",
-        1,
-        &[("hoardsGlobally", json!({"mebibytes": 14}))],
-    )
-    .await;
-    assert_eq!(failures(&server, "memory").await, 0, "the hoard fits");
+    let hoard = |kibibytes: usize| ("hoardsGlobally", json!({"kibibytes": kibibytes}));
+    run(&server, "a", 1, &[hoard(15 * 1024)]).await;
+    assert_eq!(failures(&server, "memory").await, 0, "15 of 16 MiB fit");
     let entries = run(
         &server,
         "b",
@@ -98,7 +93,19 @@ async fn module_state_hog_does_not_fail_another_space(backend: Backend) {
     )
     .await;
     assert_eq!(entries["k"], json!(1));
-    assert_eq!(failures(&server, "memory").await, 0);
+
+    run(&server, "a", 2, &[hoard(20 * 1024)]).await;
+    assert_eq!(failures(&server, "memory").await, 1, "20 of 16 MiB do not");
+    let entries = run(
+        &server,
+        "c",
+        1,
+        &[("setValue", json!({"key": "k", "value": 2}))],
+    )
+    .await;
+    assert_eq!(entries["k"], json!(2));
+    assert_eq!(failures(&server, "memory").await, 1);
+    assert_eq!(failures(&server, "threw").await, 0);
 }
 
 /// A thrown value whose description loops (a `message` getter, a `toJSON`) fails its mutation
