@@ -280,4 +280,43 @@ crate::on_both_stores!(
     kept_tx_throws_later,
     caught_out_of_memory_still_fails,
     writes_past_the_limit_fail_their_mutation,
+    an_engine_that_cannot_serve_fails_the_push,
 );
+
+/// When no engine can load the module for a push (here: the module's top-level code starts
+/// needing more than the engine may hold, after start-up), the push fails as the server's
+/// fault: 503, nothing written, the mutation not counted as processed, so the client sends it
+/// again.
+async fn an_engine_that_cannot_serve_fails_the_push(backend: Backend) {
+    let from = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 1000;
+    let source = format!(
+        "const hog = Date.now() > {from} ? new Float64Array(4 * 1024 * 1024) : null;\n\
+         export const mutators = {{\n  async setValue(tx, {{key, value}}) {{ await tx.set(key, value); }},\n}};\n"
+    );
+    let js = JsMutators::from_source("grows.js", source, one_engine()).expect("it loads at first");
+    let options = Options {
+        mutators: js.register(Mutators::builtin()),
+        auth: Arc::new(TokenIsUser),
+        ..Options::default()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let body = push_body(
+        "g-s",
+        &[("c-s", 1, "setValue", json!({"key": "k", "value": 1}))],
+    );
+    let (status, answer) = server.push("s", &body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"], json!("Unavailable"));
+    let state = server.state("s", "g-s").await;
+    assert!(state.entries.is_empty(), "nothing written");
+    assert!(
+        state.last_mutation_ids.is_empty(),
+        "the mutation is not processed"
+    );
+    assert_eq!(failures(&server, "memory").await, 0);
+}
