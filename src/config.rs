@@ -89,6 +89,15 @@ pub struct Config {
     )]
     pub max_mutations_per_push: usize,
 
+    /// Most bytes of keys and values one push's mutators may put (built-in and JavaScript
+    /// alike); the mutation that goes past it fails, its writes discarded, and the push goes on.
+    #[arg(
+        long,
+        env = "REPLISYNC_MAX_PUSH_WRITE_BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub max_push_write_bytes: usize,
+
     /// Milliseconds a push spends running mutators before it commits what it applied and
     /// answers 503 PartiallyApplied (the client sends the rest at once). Unset: a third of
     /// REPLISYNC_REQUEST_TIMEOUT_SECS, so the wait for the space's lock and the commit fit in
@@ -432,6 +441,9 @@ pub struct PushLimits {
     pub max_clients: usize,
     /// Most mutations one push applies; later ones are left for the next push.
     pub max_mutations: usize,
+    /// Most bytes of keys and values one push's mutators may put; the mutation that goes past
+    /// it fails.
+    pub max_write_bytes: usize,
     /// Bytes of push bodies read at once (503 with `Retry-After` beyond it).
     pub max_bytes_in_flight: usize,
     /// Time spent running mutators before the push commits what it applied; `None`: a third of
@@ -466,6 +478,7 @@ impl Default for PushLimits {
             max_body_bytes: 32 * 1024 * 1024,
             max_clients: 100,
             max_mutations: 10_000,
+            max_write_bytes: 64 * 1024 * 1024,
             max_bytes_in_flight: 64 * 1024 * 1024,
             time_budget: None,
             group: GroupLimits::default(),
@@ -614,6 +627,7 @@ impl Config {
                 self.max_mutations_per_push,
                 "REPLISYNC_MAX_MUTATIONS_PER_PUSH",
             ),
+            (self.max_push_write_bytes, "REPLISYNC_MAX_PUSH_WRITE_BYTES"),
             (
                 self.push_group_max_pushes,
                 "REPLISYNC_PUSH_GROUP_MAX_PUSHES",
@@ -665,6 +679,7 @@ impl Config {
                 max_body_bytes: self.max_push_body_bytes,
                 max_clients: self.max_clients_per_push,
                 max_mutations: self.max_mutations_per_push,
+                max_write_bytes: self.max_push_write_bytes,
                 max_bytes_in_flight: self.max_push_bytes_in_flight,
                 time_budget: self.push_time_budget_ms.map(Duration::from_millis),
                 group: GroupLimits {

@@ -175,6 +175,11 @@ impl IntoResponse for ApiError {
                         "Unavailable",
                         "the database is unavailable; retry later",
                     ),
+                    StoreError::EngineUnavailable(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Unavailable",
+                        "the server could not run the push's JavaScript mutators; nothing was written, retry later",
+                    ),
                     _ => (
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "Internal",

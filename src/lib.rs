@@ -1,6 +1,8 @@
 //! replisync: a sync server for Replicache apps. Push and pull (protocol version 1) on
 //! Postgres or embedded SQLite, with per-space versions and pokes through Pusher or SSE.
-#![forbid(unsafe_code)]
+// No unsafe code, but in the JavaScript engine's allocator (src/mutators/js/allocator.rs),
+// the one place allowed it: QuickJS's allocator hook is an unsafe trait.
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod config;

@@ -126,6 +126,9 @@ pub struct Metrics {
     pub sse_streams_refused: Counter,
     /// JavaScript mutations that failed, by reason (shared with the app's `Mutators`).
     pub script_failures: Arc<ScriptFailures>,
+    /// Mutations (built-in or JavaScript) failed because their push's mutators had put more
+    /// than REPLISYNC_MAX_PUSH_WRITE_BYTES (shared with the app's `Mutators`).
+    pub mutations_failed_write_limit: Arc<Counter>,
 }
 
 /// JavaScript mutations that failed, by reason. The mutation's writes were discarded; it still
@@ -302,6 +305,11 @@ impl Metrics {
                 "replisync_gc_tombstones_removed_total",
                 "Deleted entries (tombstones) removed by compaction, past REPLISYNC_TOMBSTONE_TTL.",
                 self.gc_tombstones_removed.get(),
+            ),
+            (
+                "replisync_mutations_failed_write_limit_total",
+                "Mutations failed (writes discarded) because their push's mutators put more than REPLISYNC_MAX_PUSH_WRITE_BYTES.",
+                self.mutations_failed_write_limit.get(),
             ),
             (
                 "replisync_pull_resets_total",

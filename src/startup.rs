@@ -276,6 +276,7 @@ impl AppBuilder {
         });
         let metrics = Arc::new(Metrics {
             script_failures: self.mutators.script_failures().clone(),
+            mutations_failed_write_limit: self.mutators.write_limit_failures().clone(),
             ..Metrics::default()
         });
         let mutators = Arc::new(self.mutators);

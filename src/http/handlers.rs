@@ -38,6 +38,7 @@ pub async fn push_handler(
     let budget = PushBudget {
         max_mutations: state.http.push.max_mutations,
         deadline: Instant::now() + state.http.push_work_budget(),
+        max_write_bytes: state.http.push.max_write_bytes,
     };
     let request: PushRequest = parse_body(&body.bytes)?;
     request.validate()?;

@@ -9,7 +9,7 @@ mod tx;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::metrics::ScriptFailures;
+use crate::metrics::{Counter, ScriptFailures};
 
 pub use self::tx::{
     MutationError, Mutator, PushOverlay, ScanRange, ScriptError, ScriptFailure, WriteTx,
@@ -21,6 +21,8 @@ pub struct Mutators {
     by_name: HashMap<String, Arc<dyn Mutator>>,
     /// Failed JavaScript mutations by reason, shared with `/metrics`.
     script_failures: Arc<ScriptFailures>,
+    /// Mutations failed for putting past their push's write limit, shared with `/metrics`.
+    write_limit_failures: Arc<Counter>,
 }
 
 impl Mutators {
@@ -55,5 +57,11 @@ impl Mutators {
     /// The counters of failed JavaScript mutations that `/metrics` shows.
     pub fn script_failures(&self) -> &Arc<ScriptFailures> {
         &self.script_failures
+    }
+
+    /// The counter of mutations failed for putting past their push's write limit
+    /// (REPLISYNC_MAX_PUSH_WRITE_BYTES), which `/metrics` shows.
+    pub fn write_limit_failures(&self) -> &Arc<Counter> {
+        &self.write_limit_failures
     }
 }

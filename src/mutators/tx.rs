@@ -4,6 +4,10 @@
 //! A mutator reads and writes through a [`WriteTx`]. Its writes stay in memory until the
 //! mutator returns: an `Err` discards them (the mutation still counts as processed, as the
 //! Replicache protocol requires), an `Ok` keeps them for the push's single commit.
+//!
+//! What one push's mutators put (keys and values, in bytes) is bounded: the mutation that
+//! crosses the bound fails, even if it caught the error its write gave, and nothing it wrote is
+//! kept.
 
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +31,11 @@ pub enum MutationError {
     /// A JavaScript mutator threw, ran out of time or memory, or wrote a value that is not JSON.
     #[error("{0}")]
     Script(#[from] ScriptError),
+    /// The push's mutators put more bytes (keys and values) than the push may write.
+    #[error(
+        "the push's mutators put more than {limit} bytes of keys and values (REPLISYNC_MAX_PUSH_WRITE_BYTES): this mutation's writes are discarded; write less per push, or raise the limit"
+    )]
+    TooMuchWritten { limit: usize },
     /// The database failed: the whole push is rolled back and answered 5xx.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -89,23 +98,50 @@ pub trait Mutator: Send + Sync + 'static {
 
 /// The state of one push group's data: what it read from the store and what its pushes'
 /// successful mutations wrote. Values are parsed JSON; `None` means absent or deleted.
-#[derive(Default)]
 pub struct PushOverlay {
     known: HashMap<String, Option<Value>>,
     /// The keys written, each with the version of the last push that wrote it.
     written: BTreeMap<String, u64>,
     /// The version the push being applied writes at.
     version: u64,
+    /// Bytes (keys and values) the kept mutations of the push being applied put, and of every
+    /// push of the group.
+    push_bytes_put: usize,
+    group_bytes_put: usize,
+    /// Most bytes the push being applied may put.
+    max_push_write_bytes: usize,
     /// What mutators keep for the rest of the push (see [`WriteTx::push_scoped`]).
     scoped: HashMap<TypeId, Box<dyn Any + Send>>,
 }
 
+impl Default for PushOverlay {
+    fn default() -> Self {
+        PushOverlay {
+            known: HashMap::new(),
+            written: BTreeMap::new(),
+            version: 0,
+            push_bytes_put: 0,
+            group_bytes_put: 0,
+            max_push_write_bytes: usize::MAX,
+            scoped: HashMap::new(),
+        }
+    }
+}
+
 impl PushOverlay {
-    /// Starts the next push of a group, which writes at `version`: it sees the data as the
-    /// pushes before it left it, but none of their push-scoped state.
-    pub(crate) fn start_push(&mut self, version: u64) {
+    /// Starts the next push of a group, which writes at `version` and may put
+    /// `max_write_bytes` of keys and values: it sees the data as the pushes before it left it,
+    /// but none of their push-scoped state.
+    pub(crate) fn start_push(&mut self, version: u64, max_write_bytes: usize) {
         self.scoped.clear();
         self.version = version;
+        self.push_bytes_put = 0;
+        self.max_push_write_bytes = max_write_bytes;
+    }
+
+    /// Bytes of keys and values the group's pushes put so far.
+    pub(crate) fn group_bytes_put(&self) -> usize {
+        self.group_bytes_put
     }
 
     /// The writes to commit, in key order, each at the version of the last push that wrote it.
@@ -159,6 +195,10 @@ pub struct WriteTx<'a> {
     store: &'a mut dyn PushTx,
     overlay: &'a mut PushOverlay,
     mutation_writes: BTreeMap<String, Option<Value>>,
+    /// Bytes of keys and values this mutation put, and whether it was refused a write for
+    /// going past the push's limit (which fails it, whatever it returns).
+    mutation_bytes: usize,
+    over_write_limit: bool,
     space: &'a SpaceId,
     user_id: &'a str,
     client_id: &'a str,
@@ -178,6 +218,8 @@ impl<'a> WriteTx<'a> {
             store,
             overlay,
             mutation_writes: BTreeMap::new(),
+            mutation_bytes: 0,
+            over_write_limit: false,
             space,
             user_id,
             client_id,
@@ -332,22 +374,73 @@ impl<'a> WriteTx<'a> {
         Ok(out)
     }
 
-    /// Writes `value` at `key`. Fails (failing the mutation) for a key no store can hold.
+    /// Writes `value` at `key`. Fails (failing the mutation) for a key no store can hold, or
+    /// past the push's write limit.
     pub fn put(&mut self, key: impl Into<String>, value: Value) -> Result<(), MutationError> {
         let key = checked_key(key.into())?;
+        self.count_write(&key, json_len(&value))?;
         self.mutation_writes.insert(key, Some(value));
         Ok(())
     }
 
-    /// Deletes `key`. Fails (failing the mutation) for a key no store can hold.
+    /// Writes the value whose JSON text is `text` at `key`, counting the text against the
+    /// push's write limit before parsing it.
+    pub(crate) fn put_json_text(&mut self, key: String, text: &str) -> Result<(), MutationError> {
+        let key = checked_key(key)?;
+        self.count_write(&key, text.len())?;
+        let value = serde_json::from_str(text).map_err(|error| {
+            MutationError::InvalidArgs(format!("the value for {key:?} is not JSON: {error}"))
+        })?;
+        self.mutation_writes.insert(key, Some(value));
+        Ok(())
+    }
+
+    /// Deletes `key`. Fails (failing the mutation) for a key no store can hold, or past the
+    /// push's write limit.
     pub fn del(&mut self, key: impl Into<String>) -> Result<(), MutationError> {
         let key = checked_key(key.into())?;
+        self.count_write(&key, 0)?;
         self.mutation_writes.insert(key, None);
         Ok(())
     }
 
+    /// Counts a write of `key` with `value_bytes` against the push's limit; refuses it (and
+    /// marks the mutation failed) past the limit.
+    fn count_write(&mut self, key: &str, value_bytes: usize) -> Result<(), MutationError> {
+        let limit = self.overlay.max_push_write_bytes;
+        let bytes = key.len().saturating_add(value_bytes);
+        let total = self
+            .overlay
+            .push_bytes_put
+            .saturating_add(self.mutation_bytes)
+            .saturating_add(bytes);
+        if total > limit {
+            self.over_write_limit = true;
+            return Err(MutationError::TooMuchWritten { limit });
+        }
+        self.mutation_bytes += bytes;
+        Ok(())
+    }
+
+    /// The mutator's `result`, unless a write of its went past the push's limit: then the
+    /// mutation fails, even if the mutator caught that write's error.
+    pub(crate) fn within_write_limit(
+        &self,
+        result: Result<(), MutationError>,
+    ) -> Result<(), MutationError> {
+        match result {
+            Err(MutationError::Store(error)) => Err(MutationError::Store(error)),
+            _ if self.over_write_limit => Err(MutationError::TooMuchWritten {
+                limit: self.overlay.max_push_write_bytes,
+            }),
+            other => other,
+        }
+    }
+
     /// Keeps this mutation's writes for the push's commit.
     pub(crate) fn keep_writes(self) {
+        self.overlay.push_bytes_put += self.mutation_bytes;
+        self.overlay.group_bytes_put += self.mutation_bytes;
         for (key, value) in self.mutation_writes {
             self.overlay
                 .written
@@ -355,6 +448,23 @@ impl<'a> WriteTx<'a> {
             self.overlay.known.insert(key, value);
         }
     }
+}
+
+/// The length of `value`'s JSON text, without writing it anywhere.
+fn json_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 fn parse_stored(key: &str, text: &str) -> Result<Value, StoreError> {

@@ -24,10 +24,11 @@ pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, ApiError>>>;
 /// count pushes as before, and a pull sees the whole group or none of it. Each push sees the
 /// writes of those before it and gets its own answer: a push refused (ClientStateNotFound, 403)
 /// writes nothing and changes nothing for the others. No push after the first starts once the
-/// group has applied pushes for `max_age`, and those after the first start no mutation past it
-/// (they commit what they applied, as a push past its budget does): a group commits within
-/// `max_age` and the longest single mutation. A database error fails the whole group, with
-/// nothing written.
+/// group has applied pushes for `max_age`, or once its pushes have put as much as one push may
+/// (REPLISYNC_MAX_PUSH_WRITE_BYTES): a group holds at most about twice that in memory. Pushes
+/// after the first start no mutation past `max_age` either (they commit what they applied, as a
+/// push past its budget does): a group commits within `max_age` and the longest single
+/// mutation. A database error fails the whole group, with nothing written.
 pub(super) async fn apply_group(
     store: &dyn Store,
     mutators: &Mutators,
@@ -43,7 +44,9 @@ pub(super) async fn apply_group(
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());
     for (index, push) in pushes.iter().enumerate() {
         let group_deadline = (index > 0).then(|| started + max_age);
-        if group_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+        let group_full = group.overlay.group_bytes_put() >= push.budget.max_write_bytes;
+        let past_deadline = group_deadline.is_some_and(|deadline| Instant::now() >= deadline);
+        if index > 0 && (past_deadline || group_full) {
             answers.resize_with(pushes.len(), || None);
             break;
         }
@@ -253,7 +256,7 @@ async fn apply_push(
     };
 
     let version = group.next_version();
-    group.overlay.start_push(version);
+    group.overlay.start_push(version, budget.max_write_bytes);
     let mut failed = FailedMutations::default();
     let mut advanced: HashSet<&str> = HashSet::new();
     let mut stopped_by_gap: HashSet<&str> = HashSet::new();
@@ -298,10 +301,16 @@ async fn apply_push(
             client,
             mutation.id,
         );
-        match run_mutator(mutators, &mut write_tx, mutation).await {
+        let result = run_mutator(mutators, &mut write_tx, mutation).await;
+        match write_tx.within_write_limit(result) {
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error),
-            Err(error) => failed.record(mutation, &error),
+            Err(error) => {
+                if matches!(error, MutationError::TooMuchWritten { .. }) {
+                    mutators.write_limit_failures().increment();
+                }
+                failed.record(mutation, &error);
+            }
         }
         last_mutation_ids.insert(client, mutation.id);
         advanced.insert(client);

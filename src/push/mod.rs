@@ -39,6 +39,9 @@ pub struct PushBudget {
     pub max_mutations: usize,
     /// No mutator is started after this instant.
     pub deadline: Instant,
+    /// Most bytes of keys and values its mutators may put (REPLISYNC_MAX_PUSH_WRITE_BYTES): the
+    /// mutation that goes past it fails, its writes discarded.
+    pub max_write_bytes: usize,
 }
 
 /// One push request to apply: who sent it, what it holds, and how much it may do.

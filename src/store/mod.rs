@@ -218,6 +218,10 @@ pub enum StoreError {
     Database(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Not the database: a JavaScript engine could not run the push's mutators (no context or
+    /// runtime could be made). Nothing is written; worth retrying later.
+    #[error("JavaScript engine unavailable: {0}")]
+    EngineUnavailable(String),
 }
 
 impl From<sqlx::Error> for StoreError {

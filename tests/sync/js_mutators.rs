@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 
 use crate::harness::{Backend, Options, TestServer, push_body};
 
-fn fixture() -> PathBuf {
+pub(crate) fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mutators.js")
 }
 
 /// Limits small enough for the failure tests to be quick.
-fn test_limits() -> JsLimits {
+pub(crate) fn test_limits() -> JsLimits {
     JsLimits {
         timeout: Duration::from_millis(500),
         memory_bytes: 16 * 1024 * 1024,
@@ -30,7 +30,7 @@ async fn js_server(backend: Backend) -> TestServer {
     js_server_with(backend, test_limits()).await
 }
 
-async fn js_server_with(backend: Backend, limits: JsLimits) -> TestServer {
+pub(crate) async fn js_server_with(backend: Backend, limits: JsLimits) -> TestServer {
     let js = JsMutators::load(&fixture(), limits).expect("the fixture loads");
     let options = Options {
         mutators: js.register(Mutators::builtin()),
@@ -41,7 +41,7 @@ async fn js_server_with(backend: Backend, limits: JsLimits) -> TestServer {
 }
 
 /// The Authorization header is the user id (empty: "nobody").
-struct TokenIsUser;
+pub(crate) struct TokenIsUser;
 
 #[async_trait]
 impl Authenticator for TokenIsUser {
@@ -52,7 +52,7 @@ impl Authenticator for TokenIsUser {
 }
 
 /// Pushes `mutations` (client `c-<space>` of group `g-<space>`, ids from `first_id`) to `space` and answers its entries.
-async fn run(
+pub(crate) async fn run(
     server: &TestServer,
     space: &str,
     first_id: u64,
@@ -75,7 +75,7 @@ fn set(key: &str, value: Value) -> (&'static str, Value) {
 
 /// The value of one labelled series in the /metrics text.
 /// `replisync_js_mutator_failures_total` for `reason` (threw, timeout, memory).
-async fn failures(server: &TestServer, reason: &str) -> u64 {
+pub(crate) async fn failures(server: &TestServer, reason: &str) -> u64 {
     metric(
         server,
         &format!("replisync_js_mutator_failures_total{{reason=\"{reason}\"}}"),
@@ -83,7 +83,7 @@ async fn failures(server: &TestServer, reason: &str) -> u64 {
     .await
 }
 
-async fn metric(server: &TestServer, series: &str) -> u64 {
+pub(crate) async fn metric(server: &TestServer, series: &str) -> u64 {
     let text = server.get("/metrics").await.text().await.unwrap();
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())

@@ -9,6 +9,7 @@ mod faults;
 mod gc;
 mod group_commit;
 mod harness;
+mod js_hostile;
 mod js_mutators;
 mod large_deltas;
 mod limits;

@@ -6,6 +6,12 @@
 //! context of the space it served last for that space's next push (loading one costs more than
 //! the push); a stopped mutation (time or memory) always gets a fresh one. `tx` reads block this
 //! thread on the push, which answers from its open transaction.
+//!
+//! The code it runs is untrusted: a mutation that ran out of memory fails even if it caught the
+//! error, and leaves a new runtime behind; a runtime that still holds much after a push is
+//! collected, or replaced; a failure is described within the mutation's time limit; a `tx` only
+//! works while its own mutation runs. When no context can be made for a push, the push fails as
+//! the server's fault (nothing written) rather than failing its mutations.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -18,7 +24,8 @@ use rquickjs::{
     Runtime, Value,
 };
 
-use super::messages::{Call, EngineEnd, FromEngine, HostReply, HostRequest, ToEngine};
+use super::allocator::{LimitedAllocator, MemoryGauge};
+use super::messages::{Call, EngineEnd, FromEngine, HostReply, HostRequest, RunError, ToEngine};
 use crate::mutators::{ScriptError, ScriptFailure};
 
 const SHIM: &str = include_str!("shim.js");
@@ -27,6 +34,13 @@ const SHIM: &str = include_str!("shim.js");
 /// a larger stack of their own.
 const MAX_JS_STACK_BYTES: usize = 1024 * 1024;
 pub(super) const ENGINE_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most bytes of a failure's description (what was thrown can be megabytes long).
+const MAX_DESCRIPTION_BYTES: usize = 1000;
+
+/// The runtime's garbage collection runs when it holds this much more than after the last one
+/// (QuickJS's own rule), but at least at this size.
+const MIN_GC_THRESHOLD_BYTES: usize = 256 * 1024;
 
 /// The app's module: its name in error messages (the file's path) and its source.
 pub(super) struct ModuleSource {
@@ -47,12 +61,18 @@ pub(super) struct Engine {
     /// first (a context or value outliving its runtime aborts the process).
     warm: Option<SpaceContext>,
     runtime: Runtime,
+    /// What `runtime` holds, and whether it was refused memory.
+    gauge: Rc<MemoryGauge>,
     module: Arc<ModuleSource>,
     limits: EngineLimits,
     /// When the running mutation must stop; `None` between mutations.
     deadline: Rc<Cell<Option<Instant>>>,
     /// Set when the deadline stopped the code.
     interrupted: Rc<Cell<bool>>,
+    /// The token of the last mutation started: each gets a new one, which its `tx` carries.
+    last_tx_token: Cell<u64>,
+    /// Set when a mutation ran out of memory: the runtime is replaced before the next one.
+    ran_out_of_memory: Cell<bool>,
 }
 
 /// The module's mutators and the shim's `makeTx`, in one context.
@@ -83,14 +103,17 @@ impl Engine {
     pub(super) fn new(module: Arc<ModuleSource>, limits: EngineLimits) -> Result<Engine, String> {
         let deadline = Rc::new(Cell::new(None::<Instant>));
         let interrupted = Rc::new(Cell::new(false));
-        let runtime = new_runtime(&limits, &deadline, &interrupted)?;
+        let (runtime, gauge) = new_runtime(&limits, &deadline, &interrupted)?;
         Ok(Engine {
             warm: None,
             runtime,
+            gauge,
             module,
             limits,
             deadline,
             interrupted,
+            last_tx_token: Cell::new(0),
+            ran_out_of_memory: Cell::new(false),
         })
     }
 
@@ -119,15 +142,13 @@ impl Engine {
         let session = Link::attached(end);
         let mut next = session.next_call();
         while let Some(call) = next.take() {
-            let space = match self.warm.take() {
-                Some(warm) if warm.space == call.space_id => warm,
-                _ => match self.space_context(&call.space_id) {
-                    Ok(fresh) => fresh,
-                    Err(error) => {
-                        fail_every_call(&session, Some(call), &error);
-                        return;
-                    }
-                },
+            let space = match self.context_for(&call.space_id) {
+                Ok(space) => space,
+                Err(fault) => {
+                    tracing::error!(%fault, "a JavaScript engine cannot serve a push");
+                    fail_every_call(&session, Some(call), &fault);
+                    return;
+                }
             };
             space.link.attach_from(&session);
             let served = space
@@ -142,19 +163,73 @@ impl Engine {
                     next = pending;
                 }
             }
-            if self.runtime.is_job_pending() {
-                // Jobs left by a mutation that was stopped belong to no one: start afresh.
-                self.warm = None;
-                match new_runtime(&self.limits, &self.deadline, &self.interrupted) {
-                    Ok(runtime) => self.runtime = runtime,
-                    Err(error) => tracing::error!(%error, "cannot renew a JavaScript runtime"),
-                }
-            }
+            self.tidy_up();
         }
     }
 
-    /// A new context for `space`, with the module loaded in it.
+    /// The context for `space`: the warm one if it is this space's, else a new one. When none
+    /// can be made, the runtime is collected, then replaced, before giving up.
+    fn context_for(&mut self, space: &str) -> Result<SpaceContext, String> {
+        match self.warm.take() {
+            Some(warm) if warm.space == space => return Ok(warm),
+            other => drop(other), // before making another: the memory may be needed
+        }
+        let first_error = match self.space_context(space) {
+            Ok(fresh) => return Ok(fresh),
+            Err(error) => error,
+        };
+        self.runtime.run_gc();
+        if let Ok(fresh) = self.space_context(space) {
+            return Ok(fresh);
+        }
+        self.renew_runtime();
+        self.space_context(space).map_err(|error| {
+            format!(
+                "no JavaScript context could be made for the push ({first_error}; in a new runtime: {error}); nothing was written and the client will retry; if this lasts, raise REPLISYNC_MUTATOR_MEMORY_MB"
+            )
+        })
+    }
+
+    /// After a push's context served: a runtime that ran out of memory, or holds jobs no one
+    /// owns, is replaced; one that still holds more than half its limit is collected (its warm
+    /// context dropped if need be), else replaced. Collection is set to run before the limit.
+    fn tidy_up(&mut self) {
+        if self.ran_out_of_memory.replace(false) || self.runtime.is_job_pending() {
+            self.renew_runtime();
+            return;
+        }
+        let high = self.limits.memory_bytes / 2;
+        if self.gauge.held() > high {
+            self.runtime.run_gc();
+        }
+        if self.gauge.held() > high && self.warm.take().is_some() {
+            self.runtime.run_gc();
+        }
+        if self.gauge.held() > high {
+            self.renew_runtime();
+            return;
+        }
+        self.runtime
+            .set_gc_threshold(gc_threshold(self.gauge.held()));
+    }
+
+    /// A new runtime in place of this one (its contexts dropped first).
+    fn renew_runtime(&mut self) {
+        self.warm = None;
+        match new_runtime(&self.limits, &self.deadline, &self.interrupted) {
+            Ok((runtime, gauge)) => {
+                self.runtime = runtime;
+                self.gauge = gauge;
+            }
+            Err(error) => tracing::error!(%error, "cannot renew a JavaScript runtime"),
+        }
+    }
+
+    /// A new context for `space`, with the module loaded in it. Fails when the context cannot
+    /// be made, or the module cannot be loaded for want of memory (the runtime's fault, not the
+    /// module's: it loaded at start-up).
     fn space_context(&self, space: &str) -> Result<SpaceContext, String> {
+        self.gauge.take_refused();
         let context = Context::full(&self.runtime)
             .map_err(|error| format!("cannot create a JavaScript context: {error}"))?;
         let link = Rc::new(Link::detached());
@@ -166,6 +241,14 @@ impl Engine {
                 )
             })
         });
+        if let Err(error) = &loaded
+            && error.reason == ScriptFailure::Memory
+        {
+            return Err(format!(
+                "cannot load the mutators module: {}",
+                error.message
+            ));
+        }
         Ok(SpaceContext {
             space: space.to_owned(),
             link,
@@ -197,11 +280,13 @@ impl Engine {
                 };
             }
             let result = match &loaded {
-                Ok(loaded) => self.run(ctx, loaded, call),
+                Ok(loaded) => self.run(ctx, loaded, &space.link, call),
                 Err(error) => Err(error.clone()),
             };
             let stopped = matches!(&result, Err(e) if e.reason != ScriptFailure::Threw);
-            space.link.send(FromEngine::Done(result));
+            space
+                .link
+                .send(FromEngine::Done(result.map_err(RunError::Script)));
             match space.link.next_call() {
                 None => return Served::SessionEnded,
                 Some(next) if stopped => {
@@ -235,15 +320,18 @@ impl Engine {
             })
         })()
         .catch(ctx);
+        let outcome = self.outcome(ctx, result);
         self.deadline.set(None);
-        result.map_err(|caught| self.failure(caught))
+        outcome
     }
 
-    /// Runs one mutation: its promise settled, and every job it started finished.
+    /// Runs one mutation: its promise settled, and every job it started finished. Its `tx`
+    /// works until it ends, no longer.
     fn run<'js>(
         &self,
         ctx: &Ctx<'js>,
         loaded: &Loaded<'js>,
+        link: &Link,
         call: Call,
     ) -> Result<(), ScriptError> {
         let Call {
@@ -254,6 +342,9 @@ impl Engine {
             user_id,
             space_id,
         } = call;
+        let token = self.last_tx_token.get() + 1;
+        self.last_tx_token.set(token);
+        link.live_tx.set(token);
         self.start_clock();
         let result = (|| {
             let mutator: Value = loaded.mutators.get(name.as_str())?;
@@ -263,10 +354,13 @@ impl Engine {
                     &format!("the module has no mutator named {name:?}"),
                 ));
             };
-            let tx: Value =
-                loaded
-                    .make_tx
-                    .call((client_id, mutation_id as f64, user_id, space_id))?;
+            let tx: Value = loaded.make_tx.call((
+                token as f64,
+                client_id,
+                mutation_id as f64,
+                user_id,
+                space_id,
+            ))?;
             let args = ctx.json_parse(args)?;
             let returned: Value = mutator.call((tx, args))?;
             if let Some(promise) = returned.into_promise() {
@@ -281,13 +375,13 @@ impl Engine {
             Ok(())
         })()
         .catch(ctx);
-        let interrupted = self.interrupted.get();
+        let outcome = self.outcome(ctx, result);
+        link.live_tx.set(0);
         self.deadline.set(None);
-        match result {
-            Ok(()) if !interrupted => Ok(()),
-            Ok(()) => Err(self.timeout_error()),
-            Err(caught) => Err(self.failure(caught)),
+        if matches!(&outcome, Err(e) if e.reason == ScriptFailure::Memory) {
+            self.ran_out_of_memory.set(true);
         }
+        outcome
     }
 
     /// Runs jobs until `promise` settles; a rejection is thrown into `ctx`.
@@ -317,6 +411,7 @@ impl Engine {
     }
 
     fn start_clock(&self) {
+        self.gauge.take_refused();
         self.interrupted.set(false);
         self.deadline
             .set(Some(Instant::now() + self.limits.timeout));
@@ -332,39 +427,62 @@ impl Engine {
         }
     }
 
-    /// Why the code failed: the deadline, the memory limit, or what it threw.
-    fn failure(&self, caught: CaughtError<'_>) -> ScriptError {
-        if self.interrupted.get() {
-            return self.timeout_error();
-        }
-        let description = describe(&caught);
-        if description.contains("out of memory")
-            || matches!(caught, CaughtError::Error(rquickjs::Error::Allocation))
-        {
-            return ScriptError {
-                reason: ScriptFailure::Memory,
-                message: format!(
-                    "allocated more than {} MB (REPLISYNC_MUTATOR_MEMORY_MB)",
-                    self.limits.memory_bytes / (1024 * 1024)
-                ),
-            };
-        }
+    fn memory_error(&self) -> ScriptError {
         ScriptError {
+            reason: ScriptFailure::Memory,
+            message: format!(
+                "allocated more than {} MB (REPLISYNC_MUTATOR_MEMORY_MB)",
+                self.limits.memory_bytes / (1024 * 1024)
+            ),
+        }
+    }
+
+    /// How the code ended, called while its deadline still runs (describing what it threw may
+    /// run its getters): past the memory limit (even if the code caught the error), past the
+    /// deadline, or with what it threw.
+    fn outcome<'js, T>(
+        &self,
+        ctx: &Ctx<'js>,
+        result: Result<T, CaughtError<'js>>,
+    ) -> Result<T, ScriptError> {
+        if self.gauge.take_refused() {
+            return Err(self.memory_error());
+        }
+        if self.interrupted.get() {
+            return Err(self.timeout_error());
+        }
+        let caught = match result {
+            Ok(value) => return Ok(value),
+            Err(caught) => caught,
+        };
+        let description = describe(&caught);
+        let _ = ctx.catch(); // what a getter threw while being described
+        if self.gauge.take_refused() || description.contains("out of memory") {
+            return Err(self.memory_error());
+        }
+        if self.interrupted.get() {
+            return Err(self.timeout_error());
+        }
+        Err(ScriptError {
             reason: ScriptFailure::Threw,
             message: description,
-        }
+        })
     }
 }
 
-/// A runtime under `limits`, whose interrupt handler stops code past `deadline`.
+/// A runtime under `limits`, whose interrupt handler stops code past `deadline`, and the gauge
+/// of what it holds.
 fn new_runtime(
     limits: &EngineLimits,
     deadline: &Rc<Cell<Option<Instant>>>,
     interrupted: &Rc<Cell<bool>>,
-) -> Result<Runtime, String> {
-    let runtime = Runtime::new().map_err(|e| format!("cannot start a JavaScript runtime: {e}"))?;
-    runtime.set_memory_limit(limits.memory_bytes);
+) -> Result<(Runtime, Rc<MemoryGauge>), String> {
+    let gauge = Rc::new(MemoryGauge::default());
+    let allocator = LimitedAllocator::new(limits.memory_bytes, gauge.clone());
+    let runtime = Runtime::new_with_alloc(allocator)
+        .map_err(|e| format!("cannot start a JavaScript runtime: {e}"))?;
     runtime.set_max_stack_size(MAX_JS_STACK_BYTES);
+    runtime.set_gc_threshold(gc_threshold(gauge.held()));
     let (deadline, interrupted) = (deadline.clone(), interrupted.clone());
     runtime.set_interrupt_handler(Some(Box::new(move || match deadline.get() {
         Some(at) if Instant::now() >= at => {
@@ -373,12 +491,21 @@ fn new_runtime(
         }
         _ => false,
     })));
-    Ok(runtime)
+    Ok((runtime, gauge))
 }
 
-/// What was thrown, for a log line: `TypeError: message (at file:line:column)`.
+/// When the runtime's next garbage collection runs, for a runtime holding `held` bytes. QuickJS
+/// sets it to half as much again as what a collection left; after one near the memory limit
+/// that is past the limit, and no collection would run again.
+fn gc_threshold(held: usize) -> usize {
+    (held + held / 2).max(MIN_GC_THRESHOLD_BYTES)
+}
+
+/// What was thrown, for a log line: `TypeError: message (at file:line:column)`, at most
+/// [`MAX_DESCRIPTION_BYTES`]. Reading it may run the code's getters: call it before the deadline
+/// is cleared.
 fn describe(caught: &CaughtError<'_>) -> String {
-    match caught {
+    let text = match caught {
         CaughtError::Exception(exception) => {
             let name: Option<String> = exception.get("name").ok();
             let message = exception.message().unwrap_or_default();
@@ -402,7 +529,21 @@ fn describe(caught: &CaughtError<'_>) -> String {
             }
         }
         CaughtError::Error(error) => error.to_string(),
+    };
+    bounded(text)
+}
+
+/// `text` cut to [`MAX_DESCRIPTION_BYTES`] (at a character boundary, marked with `…`).
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_DESCRIPTION_BYTES {
+        let mut end = MAX_DESCRIPTION_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
     }
+    text
 }
 
 /// `at name (file:line:column)` → `at file:line:column`, from the first frame of a stack.
@@ -423,6 +564,9 @@ fn first_frame(stack: &str) -> Option<String> {
 struct Link {
     to_push: RefCell<tokio::sync::mpsc::UnboundedSender<FromEngine>>,
     from_push: RefCell<tokio::sync::mpsc::UnboundedReceiver<ToEngine>>,
+    /// The token of the `tx` of the mutation running in this context (0: none runs). A `tx`
+    /// with another token belongs to a mutation that has ended.
+    live_tx: Cell<u64>,
 }
 
 impl Link {
@@ -433,6 +577,7 @@ impl Link {
         Link {
             to_push: RefCell::new(to_push),
             from_push: RefCell::new(from_push),
+            live_tx: Cell::new(0),
         }
     }
 
@@ -441,6 +586,7 @@ impl Link {
         Link {
             to_push: RefCell::new(end.to_push),
             from_push: RefCell::new(end.from_push),
+            live_tx: Cell::new(0),
         }
     }
 
@@ -470,8 +616,15 @@ impl Link {
         }
     }
 
-    /// Asks the push for a read or write and waits for its answer.
-    fn ask(&self, request: HostRequest) -> HostReply {
+    /// Asks the push for a read or write on behalf of the `tx` holding `token`, and waits for
+    /// its answer. A `tx` kept past its mutation is refused.
+    fn ask(&self, token: f64, request: HostRequest) -> HostReply {
+        if token != self.live_tx.get() as f64 || token == 0.0 {
+            return Err(
+                "this tx belongs to a mutation that has ended: use the tx passed to the running mutator, and do not keep it"
+                    .into(),
+            );
+        }
         if self
             .to_push
             .borrow()
@@ -488,42 +641,52 @@ impl Link {
     }
 }
 
-/// Answers `first` and every later call of a session with `message`, until the push drops it.
-fn fail_every_call(session: &Link, first: Option<Call>, message: &str) {
+/// Answers `first` and every later call of a session with the engine's `fault`, until the push
+/// drops it.
+fn fail_every_call(session: &Link, first: Option<Call>, fault: &str) {
     let mut next = first;
     while next.is_some() {
-        session.send(FromEngine::Done(Err(ScriptError {
-            reason: ScriptFailure::Memory,
-            message: message.to_owned(),
-        })));
+        session.send(FromEngine::Done(Err(RunError::Engine(fault.to_owned()))));
         next = session.next_call();
     }
 }
 
 /// The host functions the shim builds `tx` on: `get`, `has`, `scan`, `put` and `del`, each a
-/// synchronous request to the push.
+/// synchronous request to the push, made with the token of the `tx` that asks.
 fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Result<Object<'js>> {
     let host = Object::new(ctx.clone())?;
     let l = link.clone();
     host.set(
         "get",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>, key: String| {
-            answer(&ctx, l.ask(HostRequest::Get(key)))
-        })?,
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, token: f64, key: String| {
+                answer(&ctx, l.ask(token, HostRequest::Get(key)))
+            },
+        )?,
     )?;
     let l = link.clone();
     host.set(
         "has",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>, key: String| {
-            answer(&ctx, l.ask(HostRequest::Has(key))).map(|text| text.as_deref() == Some("true"))
-        })?,
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, token: f64, key: String| {
+                answer(&ctx, l.ask(token, HostRequest::Has(key)))
+                    .map(|text| text.as_deref() == Some("true"))
+            },
+        )?,
     )?;
     let l = link.clone();
     host.set(
         "scan",
         Function::new(
             ctx.clone(),
-            move |ctx: Ctx<'js>, prefix: String, start: String, exclusive: bool, limit: f64| {
+            move |ctx: Ctx<'js>,
+                  token: f64,
+                  prefix: String,
+                  start: String,
+                  exclusive: bool,
+                  limit: f64| {
                 let limit = if limit.is_finite() && limit > 0.0 {
                     limit as usize
                 } else {
@@ -535,7 +698,7 @@ fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Result<Object<
                     exclusive,
                     limit,
                 };
-                answer(&ctx, l.ask(request)).map(|text| text.unwrap_or_else(|| "[]".into()))
+                answer(&ctx, l.ask(token, request)).map(|text| text.unwrap_or_else(|| "[]".into()))
             },
         )?,
     )?;
@@ -544,17 +707,21 @@ fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Result<Object<
         "put",
         Function::new(
             ctx.clone(),
-            move |ctx: Ctx<'js>, key: String, value: String| {
-                answer(&ctx, l.ask(HostRequest::Put(key, value))).map(drop)
+            move |ctx: Ctx<'js>, token: f64, key: String, value: String| {
+                answer(&ctx, l.ask(token, HostRequest::Put(key, value))).map(drop)
             },
         )?,
     )?;
     let l = link.clone();
     host.set(
         "del",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>, key: String| {
-            answer(&ctx, l.ask(HostRequest::Del(key))).map(|text| text.as_deref() == Some("true"))
-        })?,
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, token: f64, key: String| {
+                answer(&ctx, l.ask(token, HostRequest::Del(key)))
+                    .map(|text| text.as_deref() == Some("true"))
+            },
+        )?,
     )?;
     Ok(host)
 }

@@ -42,7 +42,16 @@ pub(super) enum ToEngine {
 
 pub(super) enum FromEngine {
     Host(HostRequest),
-    Done(Result<(), ScriptError>),
+    Done(Result<(), RunError>),
+}
+
+/// Why a mutation did not run to its end.
+pub(super) enum RunError {
+    /// The mutation failed by its own doing (threw, time, memory): it counts as processed.
+    Script(ScriptError),
+    /// The engine could not run it (no context or runtime could be made): not the mutation's
+    /// doing, so the push fails, writes nothing, and the client sends it again.
+    Engine(String),
 }
 
 /// The engine's end of a push's session.

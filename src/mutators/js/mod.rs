@@ -7,6 +7,8 @@
 //! JavaScript context: nothing carries over from another space); while a mutator runs, the push
 //! answers its `tx` reads from its open transaction and buffers its writes like any mutator's.
 
+#[allow(unsafe_code)] // the allocator hook QuickJS calls is an unsafe trait
+mod allocator;
 mod engine;
 mod messages;
 mod pool;
@@ -20,12 +22,11 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use self::engine::{Engine, EngineLimits, ModuleSource};
-use self::messages::{Call, FromEngine, HostReply, HostRequest, PushEnd, ToEngine};
+use self::messages::{Call, FromEngine, HostReply, HostRequest, PushEnd, RunError, ToEngine};
 use self::pool::EnginePool;
 use crate::metrics::ScriptFailures;
-use crate::mutators::{
-    MutationError, Mutator, Mutators, ScanRange, ScriptError, ScriptFailure, WriteTx,
-};
+use crate::mutators::{MutationError, Mutator, Mutators, ScanRange, ScriptFailure, WriteTx};
+use crate::store::StoreError;
 
 /// The bounds on JavaScript mutators.
 #[derive(Clone, Copy, Debug)]
@@ -148,7 +149,8 @@ impl Mutator for JsMutator {
         let mut session = std::mem::take(tx.push_scoped::<JsSession>());
         let result = self.run(&mut session, tx, args).await;
         match &result {
-            // The push fails whole; the engine learns it when the session is dropped.
+            // The push fails whole (the database, or no engine could run it); the engine
+            // learns it when the session is dropped.
             Err(MutationError::Store(_)) => return result,
             Err(MutationError::Script(error)) => match error.reason {
                 ScriptFailure::Threw => self.failures.threw.increment(),
@@ -189,7 +191,7 @@ impl JsMutator {
         }
         loop {
             match end.from_engine.recv().await {
-                Some(FromEngine::Done(result)) => return result.map_err(MutationError::from),
+                Some(FromEngine::Done(result)) => return result.map_err(run_error),
                 Some(FromEngine::Host(request)) => {
                     let reply = answer(tx, request).await?;
                     let _ = end.to_engine.send(ToEngine::Reply(reply));
@@ -203,11 +205,20 @@ impl JsMutator {
     }
 }
 
+/// A mutation's failure fails the mutation; an engine's fails the push (nothing written, the
+/// client retries), since it is not the mutation's doing.
+fn run_error(error: RunError) -> MutationError {
+    match error {
+        RunError::Script(error) => MutationError::Script(error),
+        RunError::Engine(fault) => MutationError::Store(StoreError::EngineUnavailable(fault)),
+    }
+}
+
 fn engine_gone() -> MutationError {
-    MutationError::Script(ScriptError {
-        reason: ScriptFailure::Threw,
-        message: "the JavaScript engine stopped".into(),
-    })
+    run_error(RunError::Engine(
+        "the JavaScript engine stopped (the server is stopping, or an engine failed); retry the push"
+            .into(),
+    ))
 }
 
 /// Serves a running mutator's read or write from the push's transaction. Only a database
@@ -243,12 +254,7 @@ async fn answer(tx: &mut WriteTx<'_>, request: HostRequest) -> Result<HostReply,
                     )
                 })
         }
-        HostRequest::Put(key, text) => match serde_json::from_str(&text) {
-            Ok(value) => tx.put(key, value).map(|()| None),
-            Err(error) => Err(MutationError::InvalidArgs(format!(
-                "the value for {key:?} is not JSON: {error}"
-            ))),
-        },
+        HostRequest::Put(key, text) => tx.put_json_text(key, &text).map(|()| None),
         HostRequest::Del(key) => match tx.has(&key).await {
             Ok(existed) => tx.del(key).map(|()| Some(existed.to_string())),
             Err(error) => Err(error),

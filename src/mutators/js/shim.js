@@ -1,5 +1,6 @@
 // The `tx` a JavaScript mutator gets on the server (Replicache's WriteTransaction), built on the
-// engine's synchronous host functions, and the rule that finds a module's mutators.
+// engine's synchronous host functions, and the rule that finds a module's mutators. Each `tx`
+// carries its mutation's token, which the host checks: a `tx` kept past its mutation throws.
 (function (host) {
   'use strict';
   const parse = JSON.parse;
@@ -33,7 +34,7 @@
     });
   }
 
-  function scanResult(options) {
+  function scanResult(token, options) {
     if (options !== undefined && (options === null || typeof options !== 'object')) {
       throw new TypeError('tx.scan: options must be an object');
     }
@@ -64,7 +65,7 @@
       let remaining = floor(limit);
       while (remaining > 0) {
         const want = min(remaining, PAGE);
-        const page = parse(host.scan(prefix, from, exclusive, want));
+        const page = parse(host.scan(token, prefix, from, exclusive, want));
         for (const entry of page) yield entry;
         if (page.length < want) return;
         remaining -= page.length;
@@ -94,9 +95,9 @@
     });
   }
 
-  function makeTx(clientID, mutationID, userID, spaceID) {
+  function makeTx(token, clientID, mutationID, userID, spaceID) {
     async function set(key, value) {
-      host.put(checkKey(key, 'set'), jsonText('set', key, value));
+      host.put(token, checkKey(key, 'set'), jsonText('set', key, value));
     }
     return freeze({
       clientID,
@@ -107,20 +108,20 @@
       // Who pushed, and to which space: for rules only the server can enforce.
       auth: freeze({ userID, spaceID }),
       async get(key) {
-        const text = host.get(checkKey(key, 'get'));
+        const text = host.get(token, checkKey(key, 'get'));
         return text === undefined ? undefined : parse(text);
       },
       async has(key) {
-        return host.has(checkKey(key, 'has'));
+        return host.has(token, checkKey(key, 'has'));
       },
       async isEmpty() {
-        return parse(host.scan('', '', false, 1)).length === 0;
+        return parse(host.scan(token, '', '', false, 1)).length === 0;
       },
-      scan: scanResult,
+      scan: (options) => scanResult(token, options),
       set,
       put: set,
       async del(key) {
-        return host.del(checkKey(key, 'del'));
+        return host.del(token, checkKey(key, 'del'));
       },
     });
   }
