@@ -3,6 +3,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::body::Bytes;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
@@ -12,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::authorize::Authorizer;
-use crate::auth::{Access, Authenticator, Identity};
+use crate::auth::{Access, Authenticator, Identity, check_user_id};
 
 use crate::config::HttpSettings;
 use crate::error::ApiError;
@@ -159,6 +160,8 @@ where
 pub struct Caller<A> {
     pub space: SpaceId,
     pub user: String,
+    /// When the caller's credentials expire (an SSE stream ends then).
+    pub expires_at: Option<SystemTime>,
     access: PhantomData<A>,
 }
 
@@ -207,13 +210,16 @@ where
         Ok(Caller {
             space,
             user: identity.user,
+            expires_at: identity.expires_at,
             access: PhantomData,
         })
     }
 }
 
 /// The identity the request's `Authorization` header proves, once it may have `access` to
-/// `space` (401, 403 or 503 otherwise).
+/// `space` (401, 403 or 503 otherwise). Every route that takes a caller comes here, so the user
+/// id of every authenticator (JWT, JWKS, an app's own) is checked here: 401 when it is not one
+/// replisync can store.
 pub async fn allowed_identity(
     authenticator: &Arc<dyn Authenticator>,
     authorizer: &Authorizer,
@@ -225,6 +231,7 @@ pub async fn allowed_identity(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let identity = authenticator.authenticate(authorization).await?;
+    check_user_id(&identity.user)?;
     authorizer
         .authorize(&identity, space, access, authorization)
         .await?;
