@@ -64,6 +64,9 @@ struct KeyCache {
     /// The key used by tokens without a `kid`: set when the set holds exactly one key.
     only_key: Option<VerifyingKey>,
     fetched_at: Option<Instant>,
+    /// The last fetch, failed or not: tokens cause at most one per refetch interval, so a flood
+    /// of requests while the provider is down does not become a flood of fetches.
+    attempted_at: Option<Instant>,
 }
 
 impl Jwks {
@@ -91,6 +94,7 @@ impl Jwks {
     /// Fetches the keys now; answers how many are usable.
     pub async fn fetch_now(&self) -> Result<usize, JwksError> {
         let mut cache = self.shared.cache.write().await;
+        cache.attempted_at = Some(Instant::now());
         let fresh = self.shared.fetch().await?;
         let keys = fresh.len();
         self.shared.keep(&mut cache, fresh);
@@ -118,9 +122,10 @@ impl Jwks {
         let mut cache = shared.cache.write().await;
         let unknown = cache.find(kid).is_none();
         let may_fetch = cache
-            .fetched_at
+            .attempted_at
             .is_none_or(|at| at.elapsed() >= shared.min_refetch);
         if (cache.is_stale() || unknown) && may_fetch {
+            cache.attempted_at = Some(Instant::now());
             match shared.fetch().await {
                 Ok(fresh) => shared.keep(&mut cache, fresh),
                 // Keys we have may still verify this token; none at all means we cannot check.
@@ -131,6 +136,12 @@ impl Jwks {
                     tracing::warn!(url = %shared.url, %error, "keeping the cached JWKS keys");
                 }
             }
+        }
+        if cache.fetched_at.is_none() {
+            return Err(AuthError::Unavailable(format!(
+                "the JWKS at {} (REPLISYNC_JWT_JWKS_URL) is not fetched yet; retrying",
+                shared.url
+            )));
         }
         cache.find(kid).cloned().ok_or_else(|| {
             AuthError::Unauthorized(match kid {
@@ -155,6 +166,7 @@ async fn retry_until_fetched(shared: Weak<Shared>) {
             return;
         }
         let mut cache = shared.cache.write().await;
+        cache.attempted_at = Some(Instant::now());
         match shared.fetch().await {
             Ok(fresh) => {
                 tracing::info!(url = %shared.url, keys = fresh.len(), "the JWKS is fetched: tokens can be checked, /readyz answers 200");
@@ -234,6 +246,7 @@ impl KeyCache {
                 .collect(),
             only_key,
             fetched_at: Some(Instant::now()),
+            attempted_at: Some(Instant::now()),
         }
     }
 

@@ -498,6 +498,8 @@ async fn jwks_tokens_verify_and_bogus_key_ids_cannot_make_us_hammer_the_provider
     );
 }
 
+/// A provider that fails: 503 for every token, never an allow, and one fetch per refetch
+/// interval however many tokens come.
 async fn an_unreachable_jwks_is_503_never_an_allow(backend: Backend) {
     let provider = MockServer::start().await;
     Mock::given(method("GET"))
@@ -507,9 +509,18 @@ async fn an_unreachable_jwks_is_503_never_an_allow(backend: Backend) {
     let server = TestServer::start_with(backend, jwks_options(provider.uri())).await;
     let before = server.db.fingerprint().await;
     let alice = eddsa_token(&claims("alice", &["doc"]), "key-1");
-    let push = server.push_as("doc", &one_increment("g"), &alice).await;
-    assert_refused(push, 503, "Unavailable", "JWKS down");
+    for _ in 0..10 {
+        let push = server.push_as("doc", &one_increment("g"), &alice).await;
+        assert_refused(push, 503, "Unavailable", "JWKS down");
+    }
     assert_eq!(server.db.fingerprint().await, before);
+    // Failed fetches count against the refetch interval too: a flood of requests while the
+    // provider is down is not a flood of fetches.
+    let fetches = provider.received_requests().await.unwrap().len();
+    assert_eq!(
+        fetches, 1,
+        "the failing JWKS was fetched {fetches} times for 10 tokens"
+    );
 }
 
 fn private_channel_options() -> Options {
