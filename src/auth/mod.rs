@@ -89,11 +89,6 @@ impl Identity {
             expires_at: None,
         }
     }
-
-    /// Whether the credentials had expired at `now`.
-    pub fn expired_at(&self, now: SystemTime) -> bool {
-        self.expires_at.is_some_and(|expiry| expiry <= now)
-    }
 }
 
 /// Every user id an authenticator yields is checked here before it is used: it is stored with
