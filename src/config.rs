@@ -243,6 +243,12 @@ pub struct Config {
     )]
     pub sse_max_streams_per_space: usize,
 
+    /// Most SSE poke streams one user may have open at once (across spaces and tabs), so that
+    /// no user can fill the per-space or total caps for others; beyond it, 503 with Retry-After.
+    /// Not applied without authentication, where every caller is the same anonymous user.
+    #[arg(long, env = "REPLISYNC_SSE_MAX_STREAMS_PER_USER", default_value_t = 20)]
+    pub sse_max_streams_per_user: usize,
+
     /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`).
     #[arg(long, env = "REPLISYNC_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -316,7 +322,7 @@ pub struct AuthArgs {
     pub jwt_secret: Option<SecretString>,
 
     /// Verify RS256/ES256/EdDSA tokens with the keys of an identity provider's JWKS
-    /// (turns authentication on).
+    /// (turns authentication on). https, or http to a loopback host; fetched at start-up.
     #[arg(long, env = "REPLISYNC_JWT_JWKS_URL")]
     pub jwt_jwks_url: Option<String>,
 
@@ -348,7 +354,8 @@ pub struct AuthArgs {
     )]
     pub jwt_spaces_read_claim: String,
 
-    /// The app's authorization webhook, asked about spaces the token does not grant.
+    /// The app's authorization webhook, asked about spaces the token does not grant (and sent
+    /// the caller's token): https, or http to a loopback host.
     #[arg(long, env = "REPLISYNC_AUTHZ_URL")]
     pub authz_url: Option<String>,
 
@@ -428,6 +435,8 @@ pub struct HttpSettings {
     pub sse_max_streams: usize,
     /// Most SSE poke streams open at once on one space.
     pub sse_max_streams_per_space: usize,
+    /// Most SSE poke streams one user may have open at once.
+    pub sse_max_streams_per_user: usize,
     /// What one push may carry and do.
     pub push: PushLimits,
 }
@@ -518,6 +527,7 @@ impl Default for HttpSettings {
             max_connections: 1024,
             sse_max_streams: 1000,
             sse_max_streams_per_space: 100,
+            sse_max_streams_per_user: 20,
             push: PushLimits::default(),
         }
     }
@@ -615,6 +625,10 @@ impl Config {
                 self.sse_max_streams_per_space,
                 "REPLISYNC_SSE_MAX_STREAMS_PER_SPACE",
             ),
+            (
+                self.sse_max_streams_per_user,
+                "REPLISYNC_SSE_MAX_STREAMS_PER_USER",
+            ),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be above 0"));
@@ -675,6 +689,7 @@ impl Config {
             max_connections: self.max_connections,
             sse_max_streams: self.sse_max_streams,
             sse_max_streams_per_space: self.sse_max_streams_per_space,
+            sse_max_streams_per_user: self.sse_max_streams_per_user,
             push: PushLimits {
                 max_body_bytes: self.max_push_body_bytes,
                 max_clients: self.max_clients_per_push,

@@ -121,9 +121,11 @@ pub struct Metrics {
     /// Requests cut (408, connection closed) because their body paused longer than
     /// REPLISYNC_BODY_READ_TIMEOUT_SECS.
     pub request_bodies_stalled: Counter,
-    /// SSE poke streams refused 503 over REPLISYNC_SSE_MAX_STREAMS or
-    /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE.
+    /// SSE poke streams refused 503 over REPLISYNC_SSE_MAX_STREAMS,
+    /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE or REPLISYNC_SSE_MAX_STREAMS_PER_USER.
     pub sse_streams_refused: Counter,
+    /// Of those, refused over REPLISYNC_SSE_MAX_STREAMS_PER_USER (one user's share).
+    pub sse_streams_refused_per_user: Counter,
     /// JavaScript mutations that failed, by reason (shared with the app's `Mutators`).
     pub script_failures: Arc<ScriptFailures>,
     /// Mutations (built-in or JavaScript) failed because their push's mutators had put more
@@ -285,6 +287,11 @@ impl Metrics {
                 "replisync_sse_streams_refused_total",
                 "SSE poke streams refused 503 over the stream caps.",
                 self.sse_streams_refused.get(),
+            ),
+            (
+                "replisync_sse_streams_refused_per_user_total",
+                "SSE poke streams refused 503 because their user had REPLISYNC_SSE_MAX_STREAMS_PER_USER open.",
+                self.sse_streams_refused_per_user.get(),
             ),
             (
                 "replisync_gc_client_groups_removed_total",

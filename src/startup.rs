@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::authorize::{Authorizer, Webhook};
-use crate::auth::jwks::Jwks;
+use crate::auth::endpoint::check_endpoint_url;
+use crate::auth::jwks::{Jwks, JwksError};
 use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
@@ -152,7 +153,7 @@ impl App {
     pub async fn from_config(config: &Config) -> anyhow::Result<App> {
         let http = config.http_settings().map_err(anyhow::Error::msg)?;
         let gc = config.gc_settings().map_err(anyhow::Error::msg)?;
-        let (authenticator, webhook) = auth_from_config(config)?;
+        let (authenticator, webhook) = auth_from_config(config).await?;
         let pusher_config = pusher_from_config(config)?;
         let mutators = mutators_from_config(config)?;
         let store = open_store(config, config.auto_migrate).await?;
@@ -269,6 +270,7 @@ impl AppBuilder {
             let limits = StreamLimits {
                 total: self.http.sse_max_streams,
                 per_space: self.http.sse_max_streams_per_space,
+                per_user: self.http.sse_max_streams_per_user,
             };
             let sse = Arc::new(SsePokes::new(keep_alive, limits, shutdown.clone()));
             sinks.push(sse.clone());
@@ -349,8 +351,11 @@ fn pusher_from_config(config: &Config) -> anyhow::Result<Option<PusherConfig>> {
 }
 
 /// The authenticator and the authorization webhook the configuration asks for. Refuses an
-/// anonymous server on a non-loopback address unless REPLISYNC_ALLOW_ANONYMOUS=true.
-fn auth_from_config(config: &Config) -> anyhow::Result<(Arc<dyn Authenticator>, Option<Webhook>)> {
+/// anonymous server on a non-loopback address unless REPLISYNC_ALLOW_ANONYMOUS=true, and
+/// webhook or JWKS URLs that are not https (but on loopback) or do not parse; fetches the JWKS.
+async fn auth_from_config(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn Authenticator>, Option<Webhook>)> {
     let auth = &config.auth;
     let timeout = Duration::from_millis(auth.authz_timeout_ms.max(1));
     let http = reqwest::Client::builder()
@@ -359,14 +364,18 @@ fn auth_from_config(config: &Config) -> anyhow::Result<(Arc<dyn Authenticator>, 
         .user_agent(concat!("replisync/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("cannot build the HTTP client for JWKS and the authorization webhook")?;
-    let webhook = auth.authz_url.as_ref().map(|url| {
-        Webhook::new(
-            url.clone(),
-            http.clone(),
-            Duration::from_secs(auth.authz_cache_secs),
-            auth.authz_cache_size,
-        )
-    });
+    let webhook = match &auth.authz_url {
+        Some(url) => {
+            let url = check_endpoint_url(url, "REPLISYNC_AUTHZ_URL").map_err(anyhow::Error::msg)?;
+            Some(Webhook::new(
+                url.to_string(),
+                http.clone(),
+                Duration::from_secs(auth.authz_cache_secs),
+                auth.authz_cache_size,
+            ))
+        }
+        None => None,
+    };
     let keys = match (&auth.jwt_secret, &auth.jwt_jwks_url) {
         (Some(_), Some(_)) => {
             anyhow::bail!("set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL, not both")
@@ -377,11 +386,12 @@ fn auth_from_config(config: &Config) -> anyhow::Result<(Arc<dyn Authenticator>, 
         (Some(secret), None) => {
             Keys::Secret(DecodingKey::from_secret(secret.expose_secret().as_bytes()))
         }
-        (None, Some(url)) => Keys::Jwks(Jwks::new(
-            url.clone(),
-            http,
-            Duration::from_secs(auth.jwt_jwks_refetch_secs),
-        )),
+        (None, Some(url)) => {
+            let url =
+                check_endpoint_url(url, "REPLISYNC_JWT_JWKS_URL").map_err(anyhow::Error::msg)?;
+            let refetch = Duration::from_secs(auth.jwt_jwks_refetch_secs);
+            Keys::Jwks(jwks_at_start(Jwks::new(url.to_string(), http, refetch)).await?)
+        }
         (None, None) => {
             check_anonymous_allowed(config)?;
             if webhook.is_some() {
@@ -404,6 +414,24 @@ fn auth_from_config(config: &Config) -> anyhow::Result<(Arc<dyn Authenticator>, 
         "authentication: JSON Web Tokens"
     );
     Ok((Arc::new(JwtAuthenticator::new(keys, rules)), webhook))
+}
+
+/// The JWKS, fetched once: an answer that is not a JWKS stops start-up; an unreachable provider
+/// is fetched again in the background, `/readyz` answering 503 until it is.
+async fn jwks_at_start(jwks: Jwks) -> anyhow::Result<Jwks> {
+    match jwks.fetch_now().await {
+        Ok(_) => {}
+        Err(JwksError::NotAJwks(message)) => anyhow::bail!(message),
+        Err(JwksError::Unreachable(error)) => {
+            tracing::warn!(
+                url = jwks.url(),
+                %error,
+                "the JWKS cannot be fetched yet: retrying in the background; tokens get 503 and /readyz 503 until it is"
+            );
+            jwks.keep_fetching();
+        }
+    }
+    Ok(jwks)
 }
 
 fn check_anonymous_allowed(config: &Config) -> anyhow::Result<()> {

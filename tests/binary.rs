@@ -57,18 +57,42 @@ fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
     }
 }
 
-/// Runs `replisync --listen LISTEN` in `dir` with only `env`, expects it to refuse to start, and
-/// returns what it wrote to stderr.
+/// Runs `replisync --listen LISTEN` in `dir` with only `env`, expects it to refuse to start
+/// within 30 s, and returns what it wrote to stderr. One that starts instead is killed.
 fn refused_start_up(dir: &std::path::Path, listen: &str, env: &[(&str, &str)]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_replisync"))
         .args(["--listen", listen])
         .env_clear()
         .envs(env.iter().copied())
         .current_dir(dir)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!output.status.success(), "replisync started");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = reader.join().unwrap();
+    match status {
+        Some(status) => assert!(!status.success(), "replisync exited 0: {stderr}"),
+        None => panic!("replisync started (still running after 30 s): {stderr}"),
+    }
+    stderr
 }
 
 impl Server {
@@ -602,5 +626,143 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
         body["patch"][1],
         json!({"op": "put", "key": "n", "value": 3})
     );
+    server.stop();
+}
+
+/// The authorization webhook is sent callers' tokens: over http, only to this machine.
+#[test]
+fn a_webhook_url_in_the_clear_to_another_host_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = refused_start_up(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            ("REPLISYNC_JWT_SECRET", "a-secret-of-some-length"),
+            ("REPLISYNC_AUTHZ_URL", "http://authz.example.com/check"),
+        ],
+    );
+    assert!(stderr.contains("REPLISYNC_AUTHZ_URL"), "{stderr}");
+    assert!(stderr.contains("https"), "{stderr}");
+    assert!(
+        !dir.path().join("replisync-data").exists(),
+        "it opened a database before refusing"
+    );
+}
+
+/// Serves `body` with `status` at `/jwks.json` on `listener`, in the background.
+fn serve_jwks(listener: tokio::net::TcpListener, status: u16, body: &'static str) {
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || async move {
+            (axum::http::StatusCode::from_u16(status).unwrap(), body)
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+}
+
+/// An Ed25519 public key, as an identity provider publishes it.
+const JWKS: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "key-1", "alg": "EdDSA",
+    "use": "sig", "x": "9M4Die81kgeJIb8OIpnT00l979ONNSwhfppI-YV3Wlc"}]}"#;
+
+/// A JWKS URL that cannot work stops start-up, naming the variable or the URL: one that does
+/// not parse or is in the clear to another host, and one whose answer is not a JWKS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_that_cannot_work_stops_start_up() {
+    let mut cases = vec![
+        (
+            "not a URL",
+            "jwks.example.com/keys".to_owned(),
+            "REPLISYNC_JWT_JWKS_URL",
+        ),
+        (
+            "http to another host",
+            "http://idp.example.com/.well-known/jwks.json".to_owned(),
+            "REPLISYNC_JWT_JWKS_URL",
+        ),
+    ];
+    for (case, status, body) in [
+        ("404", 404, "not found"),
+        ("not JSON", 200, "<html>sign in</html>"),
+        (
+            "no usable key",
+            200,
+            r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#,
+        ),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        serve_jwks(listener, status, body);
+        cases.push((case, url.clone(), "REPLISYNC_JWT_JWKS_URL"));
+    }
+    for (case, url, variable) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let env_url = url.clone();
+        let stderr = tokio::task::spawn_blocking(move || {
+            refused_start_up(
+                dir.path(),
+                "127.0.0.1:0",
+                &[("REPLISYNC_JWT_JWKS_URL", &env_url)],
+            )
+        })
+        .await
+        .unwrap();
+        assert!(stderr.contains(variable), "{case}: {stderr}");
+        if url.starts_with("http://127.0.0.1") {
+            assert!(
+                stderr.contains(&url),
+                "{case}: the URL is not named: {stderr}"
+            );
+        }
+    }
+}
+
+/// An identity provider that is down at start-up: replisync starts, `/readyz` answers 503
+/// saying the JWKS is not fetched yet, then 200 once the provider is up and the keys fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_a_jwks_that_is_down_at_start() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}/jwks.json");
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("REPLISYNC_JWT_JWKS_URL", url.as_str())]);
+    let client = reqwest::Client::new();
+    let readyz = || {
+        let (client, url) = (client.clone(), format!("{}/readyz", server.base));
+        async move {
+            let response = client.get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "/readyz before the JWKS is fetched: {body}");
+    assert!(body.contains("JWKS") && body.contains(&url), "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(readyz().await.0, 503, "still down");
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    serve_jwks(listener, 200, JWKS);
+    let mut ready = (0, String::new());
+    for _ in 0..200 {
+        ready = readyz().await;
+        if ready.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready.0, 200, "/readyz once the JWKS is up: {}", ready.1);
+    let log = server.log.lock().unwrap().clone();
+    let about_jwks: Vec<&String> = log.iter().filter(|l| l.contains("JWKS")).collect();
+    assert!(about_jwks.len() >= 2, "{log:?}");
+    for line in about_jwks {
+        assert!(
+            line.contains(&url),
+            "a log line about the JWKS without its URL: {line}"
+        );
+    }
     server.stop();
 }

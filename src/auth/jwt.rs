@@ -1,6 +1,8 @@
 //! JSON Web Tokens: verifies the `Authorization` token (HS256/384/512 with a shared secret, or
 //! RS/ES/EdDSA with an identity provider's JWKS) and reads the user and space grants from it.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use async_trait::async_trait;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
@@ -101,6 +103,17 @@ impl Authenticator for JwtAuthenticator {
         let claims = decoded.map_err(|e| unauthorized(e.kind()))?.claims;
         identity_from_claims(&claims, &self.rules)
     }
+
+    fn not_ready(&self) -> Option<String> {
+        match &self.keys {
+            Keys::Jwks(jwks) if !jwks.is_fetched() => Some(format!(
+                "the identity provider's keys are not fetched yet from {} \
+                 (REPLISYNC_JWT_JWKS_URL): retrying; tokens cannot be checked until then",
+                jwks.url()
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// `Bearer <token>` or the bare token, as Replicache's `auth` option sends whatever it is given.
@@ -164,7 +177,17 @@ fn identity_from_claims(
             read_write: space_list(claims, &rules.spaces_claim)?,
             read_only: space_list(claims, &rules.spaces_read_claim)?,
         },
+        expires_at: expiry(claims),
     })
+}
+
+/// The instant of the `exp` claim (seconds since 1970, verified present by then).
+fn expiry(claims: &Map<String, Value>) -> Option<SystemTime> {
+    let seconds = claims.get("exp")?.as_f64()?;
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Some(UNIX_EPOCH);
+    }
+    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(seconds).ok()?)
 }
 
 /// A claim listing space patterns; absent means none.

@@ -2,12 +2,15 @@
 //! the grants it carries, and the client-group ownership rule that push and pull enforce.
 
 pub mod authorize;
+pub mod endpoint;
 pub mod jwks;
 pub mod jwt;
 
+use std::time::SystemTime;
+
 use async_trait::async_trait;
 
-use crate::protocol::SpaceId;
+use crate::protocol::{MAX_ID_BYTES, SpaceId};
 use crate::store::ClientGroupRecord;
 
 /// Reading (pull, the SSE stream, private poke channels) or writing (push) a space.
@@ -66,21 +69,47 @@ fn space_matches(pattern: &str, space: &str) -> bool {
     }
 }
 
-/// A verified caller: the user id and what its credentials grant by themselves.
+/// A verified caller: the user id, what its credentials grant by themselves, and when they
+/// stop being valid (a token's `exp`): an SSE stream opened with them ends then.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub user: String,
     pub grants: Grants,
+    /// `None`: the credentials do not expire.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Identity {
-    /// A user who may use every space (authorization is left to the authenticator).
+    /// A user who may use every space (authorization is left to the authenticator), with
+    /// credentials that do not expire.
     pub fn with_full_access(user: impl Into<String>) -> Identity {
         Identity {
             user: user.into(),
             grants: Grants::Everything,
+            expires_at: None,
         }
     }
+}
+
+/// Every user id an authenticator yields is checked here before it is used: it is stored with
+/// each client group and compared on every push and pull, so it must be 1 to
+/// [`MAX_ID_BYTES`] bytes without control characters (Postgres refuses NUL outright).
+pub fn check_user_id(user: &str) -> Result<(), AuthError> {
+    let problem = if user.is_empty() {
+        "is empty".to_owned()
+    } else if user.len() > MAX_ID_BYTES {
+        format!("is longer than {MAX_ID_BYTES} bytes")
+    } else if user.contains('\0') {
+        "contains a NUL character".to_owned()
+    } else if user.chars().any(char::is_control) {
+        "contains a control character".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(AuthError::Unauthorized(format!(
+        "the user id of these credentials {problem}; a user id must be 1 to {MAX_ID_BYTES} \
+         bytes without control characters: have the app issue a token with a valid user id"
+    )))
 }
 
 /// Why a request was refused: not authenticated, not allowed, or not checkable.
@@ -103,6 +132,19 @@ pub enum AuthError {
 #[async_trait]
 pub trait Authenticator: Send + Sync + 'static {
     async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError>;
+
+    /// Why this authenticator cannot check tokens yet (its keys are not fetched): `/readyz`
+    /// answers 503 with it. `None` when ready.
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+
+    /// Whether its users are people, each held to their own share of the SSE stream caps
+    /// (REPLISYNC_SSE_MAX_STREAMS_PER_USER). Not so for the anonymous default, where every
+    /// caller is the same user.
+    fn users_are_distinct(&self) -> bool {
+        true
+    }
 }
 
 /// The default: every request is the same anonymous user, whatever its header says, with
@@ -115,6 +157,10 @@ pub const ANONYMOUS_USER: &str = "anonymous";
 impl Authenticator for Anonymous {
     async fn authenticate(&self, _authorization: Option<&str>) -> Result<Identity, AuthError> {
         Ok(Identity::with_full_access(ANONYMOUS_USER))
+    }
+
+    fn users_are_distinct(&self) -> bool {
+        false
     }
 }
 
@@ -162,5 +208,23 @@ mod tests {
         assert!(!grants.allow(&space("team-8-x"), Access::Read));
         assert!(grants.allow(&space("public-a"), Access::Read));
         assert!(!grants.allow(&space("public-a"), Access::Write));
+    }
+
+    #[test]
+    fn user_ids_are_bounded_and_free_of_control_characters() {
+        assert!(check_user_id("alice@example.com").is_ok());
+        assert!(check_user_id("zoë 🙂").is_ok());
+        for bad in ["", "al\0ice", "bob\n", "tab\there", "del\u{7f}", "c1\u{85}"] {
+            let error = check_user_id(bad).unwrap_err();
+            assert!(matches!(error, AuthError::Unauthorized(_)), "{bad:?}");
+        }
+        let long = "u".repeat(MAX_ID_BYTES + 1);
+        assert!(
+            check_user_id(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("longer")
+        );
+        assert!(check_user_id(&long[1..]).is_ok());
     }
 }

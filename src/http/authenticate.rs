@@ -10,7 +10,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
 
-use crate::auth::{Authenticator, Identity};
+use crate::auth::{Authenticator, Identity, check_user_id};
 use crate::error::ApiError;
 
 /// Authenticates the request's `Authorization` header (for a GET, `?auth=` when it has none)
@@ -28,7 +28,9 @@ pub(super) async fn authenticate(
     Ok(next.run(request).await)
 }
 
-/// The identity the `Authorization` header proves (401 or 503 otherwise).
+/// The identity the `Authorization` header proves (401 or 503 otherwise). Every identity comes
+/// through here, so the user id of every authenticator (JWT, JWKS, an app's own) is checked
+/// here: 401 when it is not one replisync can store.
 pub(super) async fn identify(
     authenticator: &Arc<dyn Authenticator>,
     headers: &HeaderMap,
@@ -36,7 +38,9 @@ pub(super) async fn identify(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    Ok(authenticator.authenticate(authorization).await?)
+    let identity = authenticator.authenticate(authorization).await?;
+    check_user_id(&identity.user)?;
+    Ok(identity)
 }
 
 #[derive(Deserialize)]

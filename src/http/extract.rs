@@ -3,6 +3,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::body::Bytes;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
@@ -229,6 +230,8 @@ where
 pub struct Caller<A> {
     pub space: SpaceId,
     pub user: String,
+    /// When the caller's credentials expire (an SSE stream ends then).
+    pub expires_at: Option<SystemTime>,
     access: PhantomData<A>,
 }
 
@@ -272,6 +275,7 @@ where
         Ok(Caller {
             space,
             user: identity.user,
+            expires_at: identity.expires_at,
             access: PhantomData,
         })
     }

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use axum::Json;
@@ -19,11 +19,11 @@ use serde_json::{Value, json};
 use super::extract::{Authenticated, Caller, PushBody, Reads, RequestBody, Writes, authorize};
 use super::state::{AppState, Draining};
 use crate::auth::authorize::Authorizer;
-use crate::auth::{Access, Identity};
+use crate::auth::{Access, Authenticator, Identity};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
-use crate::poke::sse::{SsePokes, StreamsFull, poke_events};
+use crate::poke::sse::{SsePokes, StreamOwner, StreamsFull, poke_events};
 use crate::protocol::{PullRequest, PushRequest, SpaceId, parse_body};
 use crate::pull::{PullBody, Pulls, WriteCheck};
 use crate::push::{Push, PushBudget, PushOutcome, check_client_count};
@@ -125,28 +125,56 @@ impl WriteCheck for CallerWrites<'_> {
     }
 }
 
-/// `GET /spaces/{space}/poke`: the built-in SSE poke stream.
+/// `GET /spaces/{space}/poke`: the built-in SSE poke stream, open until the caller's token
+/// expires. A token already past its `exp` is refused 401 here, without the leeway push and
+/// pull allow, so that a page reconnecting with a stale token learns at once to fetch a new one.
 pub async fn poke_handler(
     State(sse): State<Option<Arc<SsePokes>>>,
     State(metrics): State<Arc<Metrics>>,
-    Caller { space, .. }: Caller<Reads>,
+    State(authenticator): State<Arc<dyn Authenticator>>,
+    Caller {
+        space,
+        user,
+        expires_at,
+        ..
+    }: Caller<Reads>,
 ) -> Result<Response, ApiError> {
     let Some(sse) = sse else {
         return Err(ApiError::SseDisabled);
     };
+    if expires_at.is_some_and(|expiry| expiry <= SystemTime::now()) {
+        return Err(ApiError::Unauthorized(
+            "the token has expired; open the stream again with a fresh token".into(),
+        ));
+    }
+    let owner = StreamOwner {
+        user: authenticator.users_are_distinct().then_some(user),
+        expires_at,
+    };
     let keep_alive = sse.keep_alive();
-    let events = poke_events(sse, space).map_err(|full| {
+    let events = poke_events(sse, space, owner).map_err(|full| {
         metrics.sse_streams_refused.increment();
-        ApiError::Overloaded(match full {
-            StreamsFull::Total(cap) => format!(
-                "{cap} SSE poke streams are open, as many as the server allows (REPLISYNC_SSE_MAX_STREAMS); retry later"
-            ),
-            StreamsFull::Space(cap) => format!(
-                "{cap} SSE poke streams watch this space, as many as the server allows (REPLISYNC_SSE_MAX_STREAMS_PER_SPACE); retry later"
-            ),
-        })
+        if let StreamsFull::User(_) = full {
+            metrics.sse_streams_refused_per_user.increment();
+        }
+        ApiError::Overloaded(streams_full_message(full))
     })?;
     Ok(Sse::new(events).keep_alive(keep_alive).into_response())
+}
+
+/// Why a stream was refused, naming the variable that sets the cap.
+fn streams_full_message(full: StreamsFull) -> String {
+    match full {
+        StreamsFull::Total(cap) => format!(
+            "{cap} SSE poke streams are open, as many as the server allows (REPLISYNC_SSE_MAX_STREAMS); retry later"
+        ),
+        StreamsFull::Space(cap) => format!(
+            "{cap} SSE poke streams watch this space, as many as the server allows (REPLISYNC_SSE_MAX_STREAMS_PER_SPACE); retry later"
+        ),
+        StreamsFull::User(cap) => format!(
+            "this user has {cap} SSE poke streams open, as many as one user may (REPLISYNC_SSE_MAX_STREAMS_PER_USER); close one (one stream per space a page shows) or retry later"
+        ),
+    }
 }
 
 #[derive(Deserialize)]
@@ -204,16 +232,25 @@ pub async fn health_handler(State(store): State<Arc<dyn Store>>) -> Response {
 }
 
 /// `GET /readyz`: whether a load balancer should send requests here. 503 from SIGTERM on (the
-/// server still serves while it drains) and while the database does not answer; 200 otherwise.
+/// server still serves while it drains), while the authenticator cannot check tokens yet (the
+/// JWKS not fetched) and while the database does not answer; 200 otherwise.
 pub async fn ready_handler(
     State(draining): State<Draining>,
     State(store): State<Arc<dyn Store>>,
+    State(authenticator): State<Arc<dyn Authenticator>>,
 ) -> Response {
     if draining.is_draining() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "draining",
                         "message": "shutting down: finishing requests, send new ones elsewhere"})),
+        )
+            .into_response();
+    }
+    if let Some(message) = authenticator.not_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "starting", "message": message})),
         )
             .into_response();
     }

@@ -1,11 +1,13 @@
 //! The built-in poke stream: `GET /spaces/{space}/poke` as Server-Sent Events, a `poke` at once
 //! per committed change, or one for the changes made while the last was being sent. A
-//! single-instance convenience; production deployments use Pusher.
+//! single-instance convenience; production deployments use Pusher. Streams are capped in all,
+//! per space and per user (so no one user fills the others' share), and a stream ends when the
+//! token that opened it expires.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_stream::stream;
 use axum::response::sse::{Event, KeepAlive};
@@ -37,18 +39,22 @@ pub struct SseStats {
     pub open_streams: usize,
 }
 
-/// The most SSE streams open at once: in all, and per space.
+/// The most SSE streams open at once: in all, per space, and per user.
 #[derive(Clone, Copy, Debug)]
 pub struct StreamLimits {
     pub total: usize,
     pub per_space: usize,
+    pub per_user: usize,
 }
 
-/// The watched spaces and the number of open streams, changed together under one lock.
+/// The watched spaces, the number of open streams and each user's, changed together under one
+/// lock.
 #[derive(Default)]
 struct Watched {
     spaces: HashMap<SpaceId, broadcast::Sender<()>>,
     streams: usize,
+    /// Open streams per user, for users who have any.
+    users: HashMap<String, usize>,
 }
 
 /// A stream refused because a cap is reached.
@@ -58,6 +64,18 @@ pub enum StreamsFull {
     Total(usize),
     /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE streams watch this space.
     Space(usize),
+    /// REPLISYNC_SSE_MAX_STREAMS_PER_USER streams are open for this user.
+    User(usize),
+}
+
+/// Who opens a stream, and until when.
+#[derive(Debug, Clone, Default)]
+pub struct StreamOwner {
+    /// The user held to REPLISYNC_SSE_MAX_STREAMS_PER_USER; `None` for the anonymous default,
+    /// where every caller is the same user.
+    pub user: Option<String>,
+    /// When the token that opened the stream expires: the stream ends then.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl SsePokes {
@@ -95,9 +113,18 @@ impl SsePokes {
         self.watched.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new watcher of `space`, unless a cap is reached.
-    fn subscribe(self: &Arc<Self>, space: &SpaceId) -> Result<Watcher, StreamsFull> {
+    /// A new watcher of `space` for `user`, unless a cap is reached.
+    fn subscribe(
+        self: &Arc<Self>,
+        space: &SpaceId,
+        user: Option<&str>,
+    ) -> Result<Watcher, StreamsFull> {
         let mut watched = self.watched();
+        // The user's own cap first: a user at it is told so, whatever the others do.
+        let users_streams = user.map_or(0, |user| watched.users.get(user).copied().unwrap_or(0));
+        if users_streams >= self.limits.per_user {
+            return Err(StreamsFull::User(self.limits.per_user));
+        }
         if watched.streams >= self.limits.total {
             return Err(StreamsFull::Total(self.limits.total));
         }
@@ -114,10 +141,14 @@ impl SsePokes {
             .or_insert_with(|| broadcast::channel(WATCHER_QUEUE).0)
             .subscribe();
         watched.streams += 1;
+        if let Some(user) = user {
+            *watched.users.entry(user.to_owned()).or_default() += 1;
+        }
         Ok(Watcher {
             pokes: Some(pokes),
             sse: self.clone(),
             space: space.clone(),
+            user: user.map(str::to_owned),
         })
     }
 }
@@ -128,6 +159,7 @@ struct Watcher {
     pokes: Option<broadcast::Receiver<()>>,
     sse: Arc<SsePokes>,
     space: SpaceId,
+    user: Option<String>,
 }
 
 impl Watcher {
@@ -154,12 +186,25 @@ impl Drop for Watcher {
         let mut watched = self.sse.watched();
         drop(self.pokes.take());
         watched.streams -= 1;
+        if let Some(user) = &self.user {
+            forget_one_stream(&mut watched.users, user);
+        }
         let unwatched = watched
             .spaces
             .get(&self.space)
             .is_some_and(|sender| sender.receiver_count() == 0);
         if unwatched {
             watched.spaces.remove(&self.space);
+        }
+    }
+}
+
+/// One stream of `user` fewer; a user with none is forgotten.
+fn forget_one_stream(users: &mut HashMap<String, usize>, user: &str) {
+    if let Some(open) = users.get_mut(user) {
+        *open -= 1;
+        if *open == 0 {
+            users.remove(user);
         }
     }
 }
@@ -178,25 +223,45 @@ impl PokeSink for SsePokes {
     }
 }
 
-/// A `connected` comment, then a `poke` event per change until the server shuts down; or
-/// `StreamsFull` when a cap on open streams is reached.
+/// A `connected` comment, then a `poke` event per change until the server shuts down or the
+/// owner's token expires (then the stream ends: the browser's EventSource reconnects, and a
+/// stale token in its URL gets 401); or `StreamsFull` when a cap on open streams is reached.
 pub fn poke_events(
     sse: Arc<SsePokes>,
     space: SpaceId,
+    owner: StreamOwner,
 ) -> Result<impl futures::Stream<Item = Result<Event, Infallible>>, StreamsFull> {
-    let mut watcher = sse.subscribe(&space)?;
+    let mut watcher = sse.subscribe(&space, owner.user.as_deref())?;
+    let ends_at = owner.expires_at.map(instant_of);
     Ok(stream! {
         yield Ok(Event::default().comment("connected"));
         loop {
             tokio::select! {
+                // Expiry first: no poke goes out once the token has expired.
+                biased;
+                () = until(ends_at) => break,
+                () = sse.shutdown.cancelled() => break,
                 received = watcher.next_poke() => match received {
                     Ok(()) => yield Ok(Event::default().event(EVENT_NAME).data("{}")),
                     Err(_) => break,
                 },
-                () = sse.shutdown.cancelled() => break,
             }
         }
     })
+}
+
+/// The runtime's instant for a wall-clock time (now, when it has passed).
+fn instant_of(at: SystemTime) -> tokio::time::Instant {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
+/// Resolves at `at`, or never.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
@@ -210,6 +275,7 @@ mod tests {
         let limits = StreamLimits {
             total: 10,
             per_space: 10,
+            per_user: 10,
         };
         let sse = Arc::new(SsePokes::new(
             Duration::from_secs(15),
@@ -217,7 +283,7 @@ mod tests {
             CancellationToken::new(),
         ));
         let space = SpaceId::parse("s").unwrap();
-        let mut watcher = sse.subscribe(&space).unwrap();
+        let mut watcher = sse.subscribe(&space, None).unwrap();
         assert!(
             watcher.next_poke().now_or_never().is_none(),
             "no change yet"
@@ -237,5 +303,35 @@ mod tests {
             matches!(later, Some(Ok(()))),
             "a later change gets its own: {later:?}"
         );
+    }
+
+    #[test]
+    fn one_user_cannot_take_the_others_share() {
+        let limits = StreamLimits {
+            total: 5,
+            per_space: 4,
+            per_user: 2,
+        };
+        let sse = Arc::new(SsePokes::new(
+            Duration::from_secs(15),
+            limits,
+            CancellationToken::new(),
+        ));
+        let space = SpaceId::parse("s").unwrap();
+        let mallory: Vec<Watcher> = (0..2)
+            .map(|_| sse.subscribe(&space, Some("mallory")).unwrap())
+            .collect();
+        let refused = sse.subscribe(&space, Some("mallory")).err();
+        assert_eq!(refused, Some(StreamsFull::User(2)));
+        let alice = sse.subscribe(&space, Some("alice")).unwrap();
+        drop(mallory);
+        assert!(!sse.watched().users.contains_key("mallory"), "forgotten");
+        assert!(sse.subscribe(&space, Some("mallory")).is_ok());
+        drop(alice);
+        // Without a user (the anonymous default) only the space and total caps apply.
+        let anonymous: Vec<Watcher> = (0..4)
+            .map(|_| sse.subscribe(&space, None).unwrap())
+            .collect();
+        assert_eq!(anonymous.len(), 4);
     }
 }

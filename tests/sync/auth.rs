@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, encode};
 use replisync::auth::authorize::Webhook;
 use replisync::auth::jwks::Jwks;
 use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
+use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::poke::pusher::{PrivateChannels, PusherArgs, PusherConfig, channel_auth_signature};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
@@ -17,11 +19,11 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::harness::{Backend, Options, TestServer, inc, push_body};
 
-const SECRET: &str = "a-test-secret-of-some-length";
+pub(crate) const SECRET: &str = "a-test-secret-of-some-length";
 const ISSUER: &str = "https://issuer.test/";
 const AUDIENCE: &str = "replisync-test";
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -29,11 +31,11 @@ fn now() -> i64 {
 }
 
 /// Claims of a good token for `user` granting `spaces` (read and write).
-fn claims(user: &str, spaces: &[&str]) -> Value {
+pub(crate) fn claims(user: &str, spaces: &[&str]) -> Value {
     json!({"sub": user, "exp": now() + 300, "iss": ISSUER, "aud": AUDIENCE, "spaces": spaces})
 }
 
-fn sign(claims: &Value, algorithm: Algorithm, secret: &[u8]) -> String {
+pub(crate) fn sign(claims: &Value, algorithm: Algorithm, secret: &[u8]) -> String {
     encode(
         &Header::new(algorithm),
         claims,
@@ -42,7 +44,7 @@ fn sign(claims: &Value, algorithm: Algorithm, secret: &[u8]) -> String {
     .unwrap()
 }
 
-fn token(claims: &Value) -> String {
+pub(crate) fn token(claims: &Value) -> String {
     format!(
         "Bearer {}",
         sign(claims, Algorithm::HS256, SECRET.as_bytes())
@@ -57,7 +59,7 @@ fn rules() -> ClaimRules {
     }
 }
 
-fn hmac_options() -> Options {
+pub(crate) fn hmac_options() -> Options {
     Options {
         auth: Arc::new(JwtAuthenticator::new(
             Keys::Secret(DecodingKey::from_secret(SECRET.as_bytes())),
@@ -181,6 +183,95 @@ async fn every_kind_of_bad_token_is_401_and_writes_nothing(backend: Backend) {
         metrics.contains(&format!("replisync_unauthorized_total {}", cases.len() * 2)),
         "{metrics}"
     );
+}
+
+/// An app's own authenticator, whose users are named by the token through this table.
+struct NamedUsers;
+
+#[async_trait]
+impl Authenticator for NamedUsers {
+    async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+        let user = match authorization.unwrap_or_default() {
+            "nul" => "eve\0",
+            "bell" => "eve\u{7}",
+            "long" => &"e".repeat(201),
+            other => other,
+        };
+        Ok(Identity::with_full_access(user))
+    }
+}
+
+/// A user id Postgres cannot store (NUL), or that logs and compares badly (control
+/// characters), or too long, is a 401 from every authenticator, before anything is written.
+async fn a_user_id_with_control_characters_is_401_and_writes_nothing(backend: Backend) {
+    let jwt = TestServer::start_with(backend, hmac_options()).await;
+    let custom = TestServer::start_with(
+        backend,
+        Options {
+            auth: Arc::new(NamedUsers),
+            ..Options::default()
+        },
+    )
+    .await;
+    let good = token(&claims("alice", &["doc"]));
+    assert_eq!(jwt.push_as("doc", &one_increment("g0"), &good).await.0, 200);
+    assert_eq!(
+        custom.push_as("doc", &one_increment("g0"), "alice").await.0,
+        200
+    );
+    let jwt_before = jwt.db.fingerprint().await;
+    let custom_before = custom.db.fingerprint().await;
+    let cases = [
+        (
+            &jwt,
+            token(&claims("al\0ice", &["doc"])),
+            "JWT sub with NUL",
+        ),
+        (
+            &jwt,
+            token(&claims("bob\n", &["doc"])),
+            "JWT sub with a newline",
+        ),
+        (
+            &jwt,
+            token(&claims("\u{1b}[31mred", &["doc"])),
+            "JWT sub with ESC",
+        ),
+        (&custom, "nul".to_owned(), "custom user with NUL"),
+        (&custom, "bell".to_owned(), "custom user with BEL"),
+        (&custom, "long".to_owned(), "custom user of 201 bytes"),
+    ];
+    for (server, authorization, case) in &cases {
+        for attempt in 0..2 {
+            let group = format!("g-{case}-{attempt}");
+            let push = server
+                .push_as("doc", &one_increment(&group), authorization)
+                .await;
+            assert_refused(push, 401, "Unauthorized", case);
+        }
+        let pull = server
+            .pull_as("doc", "g-pull", Value::Null, authorization)
+            .await;
+        assert_refused(pull, 401, "Unauthorized", case);
+    }
+    let push = jwt.push_as("doc", &one_increment("g1"), &cases[0].1).await;
+    let message = push.1["message"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        message.contains("user id") && message.contains("NUL"),
+        "{message}"
+    );
+    assert_eq!(
+        jwt.db.fingerprint().await,
+        jwt_before,
+        "a refused request wrote"
+    );
+    assert_eq!(
+        custom.db.fingerprint().await,
+        custom_before,
+        "a refused request wrote"
+    );
+    // A good user is still served.
+    assert_eq!(jwt.push_as("doc", &one_increment("g2"), &good).await.0, 200);
 }
 
 async fn a_bare_token_works_like_a_bearer_token(backend: Backend) {
@@ -460,6 +551,8 @@ async fn jwks_tokens_verify_and_bogus_key_ids_cannot_make_us_hammer_the_provider
     );
 }
 
+/// A provider that fails: 503 for every token, never an allow, and one fetch per refetch
+/// interval however many tokens come.
 async fn an_unreachable_jwks_is_503_never_an_allow(backend: Backend) {
     let provider = MockServer::start().await;
     Mock::given(method("GET"))
@@ -469,9 +562,18 @@ async fn an_unreachable_jwks_is_503_never_an_allow(backend: Backend) {
     let server = TestServer::start_with(backend, jwks_options(provider.uri())).await;
     let before = server.db.fingerprint().await;
     let alice = eddsa_token(&claims("alice", &["doc"]), "key-1");
-    let push = server.push_as("doc", &one_increment("g"), &alice).await;
-    assert_refused(push, 503, "Unavailable", "JWKS down");
+    for _ in 0..10 {
+        let push = server.push_as("doc", &one_increment("g"), &alice).await;
+        assert_refused(push, 503, "Unavailable", "JWKS down");
+    }
     assert_eq!(server.db.fingerprint().await, before);
+    // Failed fetches count against the refetch interval too: a flood of requests while the
+    // provider is down is not a flood of fetches.
+    let fetches = provider.received_requests().await.unwrap().len();
+    assert_eq!(
+        fetches, 1,
+        "the failing JWKS was fetched {fetches} times for 10 tokens"
+    );
 }
 
 fn private_channel_options() -> Options {
@@ -584,6 +686,7 @@ async fn the_sse_stream_needs_read_access_and_takes_its_token_from_the_query(bac
 crate::on_both_stores!(
     a_reader_ahead_of_the_space_changes_nothing,
     every_kind_of_bad_token_is_401_and_writes_nothing,
+    a_user_id_with_control_characters_is_401_and_writes_nothing,
     a_bare_token_works_like_a_bearer_token,
     spaces_are_granted_by_the_token_and_denied_by_default,
     a_read_only_grant_pulls_but_cannot_push,

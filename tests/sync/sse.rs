@@ -1,9 +1,13 @@
-//! The built-in SSE poke stream: a poke after a push to the watched space, nothing for others.
+//! The built-in SSE poke stream: a poke after a push to the watched space, nothing for others;
+//! one user's share of the stream caps; a stream ends when its token expires.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use replisync::config::HttpSettings;
+use serde_json::{Value, json};
 
+use crate::auth::{claims, hmac_options, now, token};
 use crate::harness::{Backend, Options, TestServer, inc, push_body};
 
 /// Reads an SSE response, collecting text until `wanted` appears or `wait` passes.
@@ -26,6 +30,30 @@ impl EventReader {
 
     fn take(&mut self) -> String {
         std::mem::take(&mut self.seen)
+    }
+
+    /// Whether the server ended the stream within `wait` (what came before is kept in `seen`).
+    async fn ends_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None | Some(Err(_))) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// The stream of `response`, once its `connected` comment came.
+    async fn connected(response: reqwest::Response) -> EventReader {
+        assert_eq!(response.status(), 200);
+        let mut events = EventReader {
+            body: response.bytes_stream().boxed(),
+            seen: String::new(),
+        };
+        assert!(events.wait_for(": connected", Duration::from_secs(5)).await);
+        events.take();
+        events
     }
 }
 
@@ -143,7 +171,132 @@ async fn watched_spaces_once_settled(server: &TestServer, expected: u64) -> u64 
     watched
 }
 
+/// Opens the stream of `space` with `?auth=` (as a browser's EventSource does).
+async fn watch_as(server: &TestServer, space: &str, bearer: &str) -> reqwest::Response {
+    let raw = bearer.trim_start_matches("Bearer ");
+    server
+        .get(&format!("/spaces/{space}/poke?auth={raw}"))
+        .await
+}
+
+/// A reader with read access cannot take the space's (or the server's) streams: at
+/// REPLISYNC_SSE_MAX_STREAMS_PER_USER its next stream is refused 503, counted in `/metrics`,
+/// while the space's owner still opens hers and is poked.
+async fn one_user_at_its_stream_cap_leaves_room_for_others(backend: Backend) {
+    let options = Options {
+        sse_keep_alive: Some(Duration::from_secs(15)),
+        http: HttpSettings {
+            sse_max_streams: 8,
+            sse_max_streams_per_space: 6,
+            sse_max_streams_per_user: 3,
+            ..HttpSettings::default()
+        },
+        ..hmac_options()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    let mut reader_claims = claims("mallory", &["mallory-*"]);
+    reader_claims["spaces_read"] = json!(["doc"]);
+    let mallory = token(&reader_claims);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(EventReader::connected(watch_as(&server, "doc", &mallory).await).await);
+    }
+    for space in ["doc", "mallory-1"] {
+        let refused = watch_as(&server, space, &mallory).await;
+        assert_eq!(refused.status(), 503, "mallory's 4th stream, on {space}");
+        assert!(refused.headers().contains_key("retry-after"));
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"], "Overloaded", "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("REPLISYNC_SSE_MAX_STREAMS_PER_USER"),
+            "{message}"
+        );
+    }
+    let alice = token(&claims("alice", &["doc"]));
+    let mut owner = EventReader::connected(watch_as(&server, "doc", &alice).await).await;
+    let body = push_body("g-alice", &[("c-alice", 1, "increment", inc("n", 1))]);
+    assert_eq!(server.push_as("doc", &body, &alice).await.0, 200);
+    assert!(
+        owner.wait_for("event: poke", Duration::from_secs(5)).await,
+        "the owner's stream is not poked"
+    );
+    let text = server.get("/metrics").await.text().await.unwrap();
+    for (name, value) in [
+        ("replisync_sse_streams_refused_per_user_total ", "2"),
+        ("replisync_sse_streams_refused_total ", "2"),
+        ("replisync_sse_open_streams ", "4"),
+    ] {
+        assert!(
+            text.contains(&format!("{name}{value}")),
+            "{name}{value} in {text}"
+        );
+    }
+    drop(held);
+}
+
+/// A stream opened with a token that expires soon ends at the expiry (the browser's
+/// EventSource then reconnects), sends no poke after it, and the stale token gets 401.
+async fn a_stream_ends_when_its_token_expires(backend: Backend) {
+    let options = Options {
+        sse_keep_alive: Some(Duration::from_secs(15)),
+        ..hmac_options()
+    };
+    let server = TestServer::start_with(backend, options).await;
+    let exp = now() + 2;
+    let mut short_claims = claims("alice", &["doc"]);
+    short_claims["exp"] = json!(exp);
+    let short = token(&short_claims);
+    let expires_at = UNIX_EPOCH + Duration::from_secs(exp as u64);
+    let writer = token(&claims("writer", &["doc"]));
+    let push = |id: u64| {
+        let (server, writer) = (&server, &writer);
+        async move {
+            let body = push_body("g-w", &[("c-w", id, "increment", inc("n", 1))]);
+            assert_eq!(server.push_as("doc", &body, writer).await.0, 200);
+        }
+    };
+    let mut events = EventReader::connected(watch_as(&server, "doc", &short).await).await;
+    push(1).await;
+    assert!(
+        events.wait_for("event: poke", Duration::from_secs(1)).await,
+        "no poke before the expiry"
+    );
+    events.take();
+    assert!(
+        events.ends_within(Duration::from_secs(5)).await,
+        "the stream is still open 3 s and more after its token expired"
+    );
+    let ended_late = SystemTime::now()
+        .duration_since(expires_at)
+        .unwrap_or_default();
+    assert!(
+        ended_late < Duration::from_secs(2),
+        "ended {ended_late:?} after the expiry"
+    );
+    assert!(
+        !events.seen.contains("event: poke"),
+        "poked after the expiry: {:?}",
+        events.seen
+    );
+    push(2).await;
+    let again = watch_as(&server, "doc", &short).await;
+    assert_eq!(again.status(), 401, "a stale token reopens the stream");
+    let body: Value = again.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+    assert_eq!(
+        watched_spaces_once_settled(&server, 0).await,
+        0,
+        "the stream is still counted"
+    );
+}
+
 crate::on_both_stores!(
     a_watcher_is_poked_for_its_space_only,
-    a_space_is_forgotten_when_its_last_watcher_leaves
+    a_space_is_forgotten_when_its_last_watcher_leaves,
+    one_user_at_its_stream_cap_leaves_room_for_others,
+    a_stream_ends_when_its_token_expires,
 );

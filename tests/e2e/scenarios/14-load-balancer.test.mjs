@@ -8,7 +8,9 @@
 //     again on its port while the clients keep pushing: no mutation lost or doubled, no failed
 //     request seen by a client (nginx sends a failed attempt on to the next instance);
 //  d) an instance killed (SIGKILL) while a push waits in it: the push is sent on to another
-//     instance and the mutation is applied exactly once.
+//     instance and the mutation is applied exactly once;
+//  e) what nginx must not expose: an SSE poke stream's `?auth=` token never reaches its access
+//     log, and /metrics is not served through it.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -37,7 +39,8 @@ test(
         await env.startReplisync({
           databaseUrl: `${databaseUrl}?application_name=replisync-${i}`,
           pusher: { port: sockudo.port },
-          env: { REPLISYNC_DRAIN_DELAY_SECS: '1' },
+          // SSE on beside Pusher, for (e): a stream with `?auth=` through nginx.
+          env: { REPLISYNC_DRAIN_DELAY_SECS: '1', REPLISYNC_SSE: 'true' },
         }),
       );
     }
@@ -63,6 +66,21 @@ test(
         message: `the poke after a push to instance ${i + 1}`,
       });
     }
+
+    // e) No token in nginx's access log, no /metrics through nginx.
+    const streamToken = uniqueId('token-in-query-');
+    const stream = env.sse(balancer, space, { auth: streamToken });
+    await stream.connected;
+    stream.close();
+    await waitFor(() => nginx.accessLines().some((l) => /\/poke[ ?]/.test(l)), {
+      timeout: 10_000,
+      message: "nginx's access log line for the SSE stream",
+    });
+    const metricsThroughNginx = await fetch(`${nginx.url}/metrics`);
+    assert.equal(metricsThroughNginx.status, 404, '/metrics is refused through nginx');
+    assert.doesNotMatch(await metricsThroughNginx.text(), /replisync_/, 'no counters through nginx');
+    const leaks = nginx.accessLines().filter((l) => l.includes('auth=') || l.includes(streamToken));
+    assert.deepEqual(leaks, [], "nginx's access log holds the SSE stream's token");
 
     // b) Clients talking only to nginx converge to exact totals.
     const made = []; // mutations each client made: its last mutation id once all are pushed
