@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::{Map, Value};
 
 use super::jwks::Jwks;
-use super::{AuthError, Authenticator, Grants, Identity};
+use super::{AuthError, Authenticator, Grants, Identity, check_user_id};
 use crate::protocol::MAX_ID_BYTES;
 
 /// Seconds of clock difference tolerated on `exp` and `nbf`.
@@ -157,16 +157,15 @@ fn identity_from_claims(
     claims: &Map<String, Value>,
     rules: &ClaimRules,
 ) -> Result<Identity, AuthError> {
-    // The user id is stored with the client groups it creates: no NUL (Postgres text has none).
+    // The user id is stored with the client groups it creates: one replisync can store.
     let user = match claims.get(&rules.user_claim) {
-        Some(Value::String(user))
-            if !user.is_empty() && user.len() <= MAX_ID_BYTES && !user.contains('\0') =>
-        {
+        Some(Value::String(user)) if !user.is_empty() => {
+            check_user_id(user)?;
             user.clone()
         }
         _ => {
             return Err(AuthError::Unauthorized(format!(
-                "the token's `{}` claim must name the user (a string of 1 to {MAX_ID_BYTES} bytes, without NUL)",
+                "the token's `{}` claim must name the user (a string of 1 to {MAX_ID_BYTES} bytes)",
                 rules.user_claim
             )));
         }
