@@ -163,3 +163,46 @@ pub async fn entry_rows(url: &str, space: &str) -> anyhow::Result<(i64, i64)> {
     .await?;
     Ok(rows)
 }
+
+/// What the soak watches in the database of `url`: the server's autovacuum setting, and for
+/// replisync_client_groups and replisync_clients together, their sequential scans and
+/// analyzes so far (as the statistics have them) and their rows.
+pub struct DatabaseCounters {
+    pub autovacuum: String,
+    pub seq_scans: i64,
+    pub analyzes: i64,
+    pub client_group_rows: i64,
+    pub client_rows: i64,
+}
+
+pub async fn database_counters(url: &str) -> anyhow::Result<DatabaseCounters> {
+    let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
+    let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&mut conn)
+        .await?;
+    let (seq_scans, analyzes): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(seq_scan), 0)::bigint,
+                coalesce(sum(analyze_count + autoanalyze_count), 0)::bigint
+         FROM pg_stat_user_tables
+         WHERE relname IN ('replisync_client_groups', 'replisync_clients')",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    // Counted through the indexes: the soak's own reads must not add sequential scans.
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut conn)
+        .await?;
+    let client_group_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM replisync_client_groups")
+        .fetch_one(&mut conn)
+        .await?;
+    let client_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM replisync_clients")
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(DatabaseCounters {
+        autovacuum,
+        seq_scans,
+        analyzes,
+        client_group_rows,
+        client_rows,
+    })
+}
