@@ -32,7 +32,8 @@ use workloads::Bench;
     about = "Benchmarks a replisync server on loopback"
 )]
 struct Args {
-    /// A Postgres server where the benchmark may create and drop the database `replisync_bench`.
+    /// A Postgres server where the benchmark may create and drop the database `replisync_bench`
+    /// (BENCH_DATABASE_NAME names another).
     #[arg(
         long,
         env = "BENCH_DATABASE_URL",
