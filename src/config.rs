@@ -14,6 +14,7 @@ use crate::gc::GcSettings;
 use crate::mutators::js::JsLimits;
 use crate::poke::pusher::PusherArgs;
 use crate::pull::{PullLimits, StreamLimits};
+use crate::store::pg_session::SessionLimits;
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser, Debug)]
@@ -124,6 +125,30 @@ pub struct Config {
     /// Database connections per instance.
     #[arg(long, env = "REPLISYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+
+    /// Postgres: milliseconds a statement waits for a lock (a space's lock held by another
+    /// instance, or by a connection that died) before the push is answered 503 and changes
+    /// nothing; 0 waits forever. Unset: a third of REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_DB_LOCK_TIMEOUT_MS")]
+    pub db_lock_timeout_ms: Option<u64>,
+
+    /// Postgres: milliseconds a session may sit idle inside a transaction before the server
+    /// ends it, releasing its locks (a replisync that froze or lost its network mid-push); 0:
+    /// never. Unset: twice REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS")]
+    pub db_idle_in_transaction_timeout_ms: Option<u64>,
+
+    /// Postgres: milliseconds one statement may run (a streamed pull's read lasts as long as
+    /// its stream); 0: no limit. Unset: REPLISYNC_PULL_STREAM_TIMEOUT_SECS plus
+    /// REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_DB_STATEMENT_TIMEOUT_MS")]
+    pub db_statement_timeout_ms: Option<u64>,
+
+    /// Postgres: seconds of silence after which the database server probes a connection (TCP
+    /// keepalive); it drops the connection, and its locks, after three unanswered probes a
+    /// third of this apart. 0 leaves the operating system's defaults (about two hours).
+    #[arg(long, env = "REPLISYNC_DB_TCP_KEEPALIVE_SECS", default_value_t = 15)]
+    pub db_tcp_keepalive_secs: u64,
 
     /// Seconds any request may take, its body included, before it is answered 503 (a push is
     /// rolled back) and its connection closed. Streamed responses (pull streams, SSE) are
@@ -577,6 +602,34 @@ impl Config {
         })
     }
 
+    /// The bounds of every Postgres session, checked: the idle-in-transaction timeout must
+    /// leave a push the whole request timeout.
+    pub fn db_session_limits(&self) -> Result<SessionLimits, String> {
+        let request = Duration::from_secs(self.request_timeout_secs.max(1));
+        let stream = Duration::from_secs(self.pull_stream_timeout_secs.max(1));
+        let defaults = SessionLimits::for_timeouts(request, stream);
+        let or_default =
+            |millis: Option<u64>, default| millis.map_or(default, Duration::from_millis);
+        let limits = SessionLimits {
+            lock_timeout: or_default(self.db_lock_timeout_ms, defaults.lock_timeout),
+            idle_in_transaction_timeout: or_default(
+                self.db_idle_in_transaction_timeout_ms,
+                defaults.idle_in_transaction_timeout,
+            ),
+            statement_timeout: or_default(self.db_statement_timeout_ms, defaults.statement_timeout),
+            tcp_keepalive: Duration::from_secs(self.db_tcp_keepalive_secs),
+        };
+        let idle = limits.idle_in_transaction_timeout;
+        if !idle.is_zero() && idle < request {
+            return Err(format!(
+                "REPLISYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS ({} ms) must be 0 or at least REPLISYNC_REQUEST_TIMEOUT_SECS ({} s): a push's transaction idles while its mutators run",
+                idle.as_millis(),
+                request.as_secs()
+            ));
+        }
+        Ok(limits)
+    }
+
     pub fn store_choice(&self) -> Result<StoreChoice, String> {
         let Some(url) = self
             .database_url
@@ -734,6 +787,31 @@ mod tests {
         );
         c.database_url = Some("mysql://x".into());
         assert!(c.store_choice().unwrap_err().contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn database_session_limits_follow_the_request_timeout_and_name_their_variable() {
+        let c = config(&["--request-timeout-secs", "60"]);
+        let limits = c.db_session_limits().unwrap();
+        assert_eq!(limits.lock_timeout, Duration::from_secs(20));
+        assert_eq!(limits.idle_in_transaction_timeout, Duration::from_secs(120));
+        assert_eq!(limits.statement_timeout, Duration::from_secs(180));
+        assert_eq!(limits.tcp_keepalive, Duration::from_secs(15));
+        let c = config(&[
+            "--db-lock-timeout-ms",
+            "250",
+            "--db-statement-timeout-ms",
+            "0",
+        ]);
+        let limits = c.db_session_limits().unwrap();
+        assert_eq!(limits.lock_timeout, Duration::from_millis(250));
+        assert_eq!(limits.statement_timeout, Duration::ZERO);
+        let c = config(&["--db-idle-in-transaction-timeout-ms", "1000"]);
+        assert!(
+            c.db_session_limits()
+                .unwrap_err()
+                .contains("REPLISYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS")
+        );
     }
 
     #[test]

@@ -168,6 +168,11 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded(message) => {
                 return retry_later("Overloaded", message, RETRY_AFTER_SECS);
             }
+            ApiError::Store(StoreError::TimedOut(cause)) => {
+                tracing::warn!(%cause, "request timed out in storage; answered 503");
+                let message = "the database did not answer in time (a lock or statement timeout); the request changed nothing, retry later";
+                return retry_later("Unavailable", message.to_owned(), 1);
+            }
             ApiError::Store(cause) => {
                 let (status, error, message) = match cause {
                     StoreError::Unavailable(_) | StoreError::Disconnected(_) => (

@@ -1,5 +1,6 @@
 //! Garbage collection: forgets client groups idle past REPLISYNC_CLIENT_TTL and removes deletions
 //! older than REPLISYNC_TOMBSTONE_TTL, in the background on a schedule and on demand (`replisync gc`).
+//! Beside it, the store's planner statistics are kept fresh, whatever the database's autovacuum.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +74,34 @@ pub async fn collect(
 /// `now` minus `ttl`, in seconds since the Unix epoch.
 fn before(now: i64, ttl: Duration) -> i64 {
     now.saturating_sub(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// How often the store's tables are checked for stale planner statistics (a cheap read of the
+/// database's counters; an ANALYZE only for tables that changed by a tenth since their last).
+pub const STATISTICS_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Refreshes the store's planner statistics every [`STATISTICS_CHECK_INTERVAL`] until `stop`.
+pub fn spawn_statistics_refresh(store: Arc<dyn Store>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(STATISTICS_CHECK_INTERVAL) => {}
+            }
+            match store.refresh_statistics().await {
+                Ok(Some(tables)) if !tables.is_empty() => {
+                    tracing::info!(
+                        ?tables,
+                        "analyzed tables that changed much since their last statistics"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "refreshing planner statistics failed; the next check retries")
+                }
+            }
+        }
+    });
 }
 
 /// Runs a pass every `settings.interval` (the first one interval after start) until `stop`.

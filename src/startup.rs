@@ -92,7 +92,8 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
     let choice = config.store_choice().map_err(anyhow::Error::msg)?;
     let store: Arc<dyn Store> = match choice {
         StoreChoice::Postgres(options) => {
-            let store = PgStore::connect(*options, config.db_max_connections)
+            let limits = config.db_session_limits().map_err(anyhow::Error::msg)?;
+            let store = PgStore::connect_with_limits(*options, config.db_max_connections, limits)
                 .await
                 .context("cannot connect to Postgres at DATABASE_URL")?
                 .with_activity_granularity(activity_granularity(config.client_ttl));
@@ -479,6 +480,7 @@ pub async fn serve_with_metrics(
         }
         None => MetricsEndpoint::Here,
     };
+    gc::spawn_statistics_refresh(app.state.store.clone(), stop.clone());
     if let Some(settings) = app.gc {
         gc::spawn_schedule(
             app.state.store.clone(),

@@ -1,4 +1,4 @@
-//! The benchmark's Postgres: a fresh database `replisync_bench` on this machine only (any
+//! The benchmark's Postgres: a fresh database (`replisync_bench`, or BENCH_DATABASE_NAME) on this machine only (any
 //! other host is refused), and its count of committed transactions.
 
 use std::str::FromStr;
@@ -8,22 +8,40 @@ use anyhow::{Context, bail};
 use sqlx::Connection;
 use sqlx::postgres::PgConnectOptions;
 
-/// Also written out in the DROP and CREATE statements (sqlx takes only literal SQL).
-const DB_NAME: &str = "replisync_bench";
+/// The benchmark's database unless BENCH_DATABASE_NAME names another (so that benchmarks run
+/// by several people on one Postgres do not drop each other's database).
+const DEFAULT_DB_NAME: &str = "replisync_bench";
+
+/// The benchmark database's name: BENCH_DATABASE_NAME (lower-case letters, digits and `_`
+/// only: it is written into DROP and CREATE statements), or `replisync_bench`.
+fn db_name() -> anyhow::Result<String> {
+    let name = std::env::var("BENCH_DATABASE_NAME").unwrap_or_else(|_| DEFAULT_DB_NAME.into());
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !plain {
+        bail!("BENCH_DATABASE_NAME must be lower-case letters, digits and _ only, not {name:?}");
+    }
+    Ok(name)
+}
 
 /// Drops and recreates the benchmark database on the server of `admin_url`; returns its URL.
 pub async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
     let options = PgConnectOptions::from_str(admin_url).context("BENCH_DATABASE_URL")?;
     ensure_loopback(options.get_host())?;
     let mut conn = sqlx::PgConnection::connect_with(&options).await?;
-    sqlx::query("DROP DATABASE IF EXISTS replisync_bench WITH (FORCE)")
-        .execute(&mut conn)
-        .await?;
-    sqlx::query("CREATE DATABASE replisync_bench")
-        .execute(&mut conn)
-        .await?;
+    let name = db_name()?;
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await?;
+    }
     let mut url = reqwest::Url::parse(admin_url)?;
-    url.set_path(DB_NAME);
+    url.set_path(&name);
     Ok(url.to_string())
 }
 
@@ -53,7 +71,7 @@ pub async fn transactions_so_far(admin_url: &str) -> anyhow::Result<i64> {
     let n: i64 = sqlx::query_scalar(
         "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
     )
-    .bind(DB_NAME)
+    .bind(db_name()?)
     .fetch_one(&mut conn)
     .await?;
     Ok(n)
@@ -162,4 +180,47 @@ pub async fn entry_rows(url: &str, space: &str) -> anyhow::Result<(i64, i64)> {
     .fetch_one(&mut conn)
     .await?;
     Ok(rows)
+}
+
+/// What the soak watches in the database of `url`: the server's autovacuum setting, and for
+/// replisync_client_groups and replisync_clients together, their sequential scans and
+/// analyzes so far (as the statistics have them) and their rows.
+pub struct DatabaseCounters {
+    pub autovacuum: String,
+    pub seq_scans: i64,
+    pub analyzes: i64,
+    pub client_group_rows: i64,
+    pub client_rows: i64,
+}
+
+pub async fn database_counters(url: &str) -> anyhow::Result<DatabaseCounters> {
+    let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
+    let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&mut conn)
+        .await?;
+    let (seq_scans, analyzes): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(seq_scan), 0)::bigint,
+                coalesce(sum(analyze_count + autoanalyze_count), 0)::bigint
+         FROM pg_stat_user_tables
+         WHERE relname IN ('replisync_client_groups', 'replisync_clients')",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    // Counted through the indexes: the soak's own reads must not add sequential scans.
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut conn)
+        .await?;
+    let client_group_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM replisync_client_groups")
+        .fetch_one(&mut conn)
+        .await?;
+    let client_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM replisync_clients")
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(DatabaseCounters {
+        autovacuum,
+        seq_scans,
+        analyzes,
+        client_group_rows,
+        client_rows,
+    })
 }

@@ -8,6 +8,7 @@ mod gc_workloads;
 mod load;
 mod report;
 mod server;
+mod soak;
 mod workloads;
 
 use std::path::PathBuf;
@@ -31,7 +32,8 @@ use workloads::Bench;
     about = "Benchmarks a replisync server on loopback"
 )]
 struct Args {
-    /// A Postgres server where the benchmark may create and drop the database `replisync_bench`.
+    /// A Postgres server where the benchmark may create and drop the database `replisync_bench`
+    /// (BENCH_DATABASE_NAME names another).
     #[arg(
         long,
         env = "BENCH_DATABASE_URL",
@@ -50,7 +52,8 @@ struct Args {
     /// The replisync binary to benchmark (by default the one cargo built along with this bench).
     #[arg(long, default_value = env!("CARGO_BIN_EXE_replisync"))]
     server: PathBuf,
-    /// Run only these workloads (comma-separated): push, storm, first-pull, poke, js, gc.
+    /// Run only these workloads (comma-separated): push, storm, first-pull, poke, js, gc, and
+    /// soak (never by default; best alone: it starts from the fresh database).
     #[arg(
         long,
         value_delimiter = ',',
@@ -69,6 +72,12 @@ struct Args {
     /// HS256 token signed with it (to measure what token checks cost).
     #[arg(long)]
     jwt_secret: Option<String>,
+    /// Seconds of the soak's phase of duplicated first pushes (each sent 16 times at once).
+    #[arg(long, default_value_t = 240)]
+    soak_duplicated_secs: u64,
+    /// Seconds of the soak's phase of distinct new client groups.
+    #[arg(long, default_value_t = 600)]
+    soak_distinct_secs: u64,
     /// Passed by `cargo bench` to every bench target; ignored.
     #[arg(long = "bench", hide = true)]
     _cargo_bench: bool,
@@ -107,6 +116,13 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.idle_rss_mb = server.rss_mb();
 
+    if args.runs("soak") {
+        let settings = soak::SoakSettings {
+            duplicated: Duration::from_secs(args.soak_duplicated_secs),
+            distinct: Duration::from_secs(args.soak_distinct_secs),
+        };
+        report.soak = Some(bench.soak(&server, settings).await?);
+    }
     if args.runs("push") {
         bench.push_workloads(&floor_store, &mut report).await?;
     }

@@ -22,6 +22,8 @@ pub struct Report {
     pub compaction: Option<CompactionFigures>,
     /// Pushes with garbage collection off, and on with a backlog to collect (workload gc).
     pub pushes_beside_gc: Vec<GcPushComparison>,
+    /// The soak (`--only soak`).
+    pub soak: Option<crate::soak::SoakFigures>,
 }
 
 /// One space loaded with `entries` keys, `deleted` of them then deleted, pulled before and
@@ -316,6 +318,9 @@ impl Report {
     }
 
     pub fn print(&self) {
+        if let Some(soak) = &self.soak {
+            soak.print();
+        }
         self.print_pushes();
         self.print_js();
         if let Some(storm) = &self.poke_storm {

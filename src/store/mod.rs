@@ -1,6 +1,7 @@
 //! Storage behind push and pull: the `Store` trait that Postgres and SQLite implement, and the
 //! records it moves. Push and pull logic never sees SQL; a store never sees protocol rules.
 
+pub mod pg_session;
 pub mod postgres;
 mod shared;
 pub mod sqlite;
@@ -214,6 +215,12 @@ pub enum StoreError {
     /// new row). The whole push is retried inside the server; clients never see this.
     #[error("conflict with a concurrent transaction: {0}")]
     Conflict(String),
+    /// A lock was not granted, or a statement did not finish, within the session's bounds
+    /// (REPLISYNC_DB_LOCK_TIMEOUT_MS, REPLISYNC_DB_STATEMENT_TIMEOUT_MS): the transaction is
+    /// rolled back, nothing written; the client retries later. Not retried inside the server,
+    /// which would hold a connection for another whole wait.
+    #[error("database wait timed out: {0}")]
+    TimedOut(String),
     #[error("database error: {0}")]
     Database(String),
     #[error("stored data is corrupt: {0}")]
@@ -237,6 +244,9 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if is_conflict_code(db.code().as_deref()) => {
                 StoreError::Conflict(error.to_string())
             }
+            sqlx::Error::Database(db) if is_timeout_code(db.code().as_deref()) => {
+                StoreError::TimedOut(error.to_string())
+            }
             _ => StoreError::Database(error.to_string()),
         }
     }
@@ -250,10 +260,17 @@ fn is_conflict_code(code: Option<&str>) -> bool {
     )
 }
 
-/// Postgres: connection exceptions (class 08) and the server shutting the session down
-/// (57P01 admin, 57P02 crash, 57P03 cannot connect now).
+/// Postgres: lock timeout (55P03 lock_not_available) and statement timeout (57014
+/// query_canceled).
+fn is_timeout_code(code: Option<&str>) -> bool {
+    matches!(code, Some("55P03" | "57014"))
+}
+
+/// Postgres: connection exceptions (class 08), the server shutting the session down (57P01
+/// admin, 57P02 crash, 57P03 cannot connect now, 57P05 idle session timeout) and a session
+/// ended for idling in a transaction (25P03).
 fn is_disconnect_code(code: Option<&str>) -> bool {
-    code.is_some_and(|code| code.starts_with("08") || code.starts_with("57P0"))
+    code.is_some_and(|code| code.starts_with("08") || code.starts_with("57P0") || code == "25P03")
 }
 
 /// How many times an operation that met a dead pooled connection is run again. Each failed
@@ -362,6 +379,13 @@ pub trait Store: Send + Sync + 'static {
     /// space if needed: cookies below `to` the server may never have issued (its database was
     /// replaced) get a full reset, and later versions are above them.
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError>;
+
+    /// Gathers fresh planner statistics of the store's tables that changed much since their
+    /// last ones, so that no plan depends on the database's autovacuum; answers the tables
+    /// analyzed, or `None` when another instance is at it. Nothing to do by default.
+    async fn refresh_statistics(&self) -> Result<Option<Vec<String>>, StoreError> {
+        Ok(Some(Vec::new()))
+    }
 
     /// Answers whether the database is reachable and answering.
     async fn check_health(&self) -> Result<(), StoreError>;

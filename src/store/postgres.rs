@@ -1,6 +1,7 @@
 //! The Postgres store, for production and any number of instances behind a load balancer. A push
-//! commits in one statement if its space did not move, or under the space's lock; pulls read
-//! REPEATABLE READ snapshots.
+//! commits in one statement if its space did not move, or under the space's lock (READ
+//! COMMITTED); pulls read REPEATABLE READ snapshots. Every session is bounded (see
+//! [`SessionLimits`]).
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
+use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, ClientWrite, Collected,
@@ -30,12 +32,27 @@ pub struct PgStore {
     activity_granularity: i64,
 }
 
+/// The statement that starts a transaction (a locked push, a compaction batch): the isolation
+/// replisync's statements are written for, whatever the database's default.
+const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 impl PgStore {
-    /// Connects lazily-checked: fails now if the first connection cannot be made.
+    /// Connects with the default [`SessionLimits`]; see [`PgStore::connect_with_limits`].
     pub async fn connect(
         options: PgConnectOptions,
         max_connections: u32,
     ) -> Result<PgStore, StoreError> {
+        PgStore::connect_with_limits(options, max_connections, SessionLimits::default()).await
+    }
+
+    /// Connects lazily-checked: fails now if the first connection cannot be made. Every
+    /// session gets `limits` (and READ COMMITTED as its default isolation) at connect time.
+    pub async fn connect_with_limits(
+        options: PgConnectOptions,
+        max_connections: u32,
+        limits: SessionLimits,
+    ) -> Result<PgStore, StoreError> {
+        let options = limits.apply(options);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -65,11 +82,55 @@ impl PgStore {
 
     /// Applies the migrations in `migrations/postgres` that have not run yet. Safe to run from
     /// several instances at once (the migrator takes an advisory lock).
+    /// Runs on a connection of its own without the sessions' lock and statement timeouts
+    /// (waiting for another instance's migration, or building an index, may take longer),
+    /// closed afterwards.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR
-            .run(&self.pool)
+        let mut conn = self.pool.acquire().await?.detach();
+        sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0")
+            .execute(&mut conn)
+            .await?;
+        let migrated = MIGRATOR
+            .run(&mut conn)
             .await
-            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")));
+        let _ = conn.close().await;
+        migrated
+    }
+
+    /// Analyzes replisync's tables that changed by more than a tenth since their statistics
+    /// were last gathered (by autovacuum, an operator, or this), skipping any table locked by
+    /// a vacuum; answers which. One instance at a time: `None` when another is at it.
+    pub async fn refresh_statistics(&self) -> Result<Option<Vec<String>>, StoreError> {
+        let mut tx = self.pool.begin_with(BEGIN_READ_COMMITTED).await?;
+        let ours: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
+                .bind(STATISTICS_LOCK_KEY)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !ours {
+            return Ok(None);
+        }
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT s.relname::text FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+             WHERE s.schemaname = current_schema() AND s.relname = ANY($1)
+               AND s.n_mod_since_analyze > $2 + $3 * greatest(c.reltuples, 0)
+             ORDER BY 1",
+        )
+        .bind(&TABLES[..])
+        .bind(ANALYZE_THRESHOLD_ROWS)
+        .bind(ANALYZE_SCALE_FACTOR)
+        .fetch_all(&mut *tx)
+        .await?;
+        for table in &stale {
+            // The name is one of TABLES, never input.
+            let sql = format!("ANALYZE (SKIP_LOCKED) {table}");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(stale))
     }
 }
 
@@ -88,7 +149,9 @@ impl Store for PgStore {
         // that it is held for one round trip fewer. Optimistic: no transaction at all; the reads
         // run on their own and the commit is one statement, its own transaction.
         let conn = match locking {
-            Locking::Pessimistic => PushConnection::Locked(self.pool.begin().await?),
+            Locking::Pessimistic => {
+                PushConnection::Locked(self.pool.begin_with(BEGIN_READ_COMMITTED).await?)
+            }
             Locking::Optimistic => PushConnection::Unlocked(self.pool.acquire().await?),
         };
         Ok(Box::new(PgPushTx {
@@ -121,7 +184,8 @@ impl Store for PgStore {
         // One statement is one snapshot, even without a transaction: one round trip for
         // every pull in the batch. It also records the groups' activity, at most once per
         // granularity per group, skipping a row another transaction has locked (a push touching
-        // it): the pull never waits for it. The entries are aggregated only up to `$4` bytes (a
+        // it): the pull never waits for it. The lock is FOR NO KEY UPDATE, which a push's check
+        // that its groups still exist (FOR KEY SHARE) does not wait for. The entries are aggregated only up to `$4` bytes (a
         // running sum over the delta, which reads value sizes without reading large values), so
         // no delta is built whole past the limit, nor meets the 1 GB limit of one `json_agg`.
         let (version, compacted, groups, collected, clients, entries): PullRow = sqlx::query_as(
@@ -129,7 +193,7 @@ impl Store for PgStore {
                    UPDATE replisync_client_groups SET last_active = $6
                    WHERE id IN (SELECT id FROM replisync_client_groups
                                 WHERE id = ANY($2) AND last_active < $6 - $7
-                                FOR UPDATE SKIP LOCKED)
+                                FOR NO KEY UPDATE SKIP LOCKED)
                  )
                  SELECT
                    (SELECT version FROM replisync_spaces WHERE id = $1),
@@ -211,6 +275,10 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn refresh_statistics(&self) -> Result<Option<Vec<String>>, StoreError> {
+        PgStore::refresh_statistics(self).await
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {
@@ -341,6 +409,24 @@ impl PushTx for PgPushTx {
 /// other (`pg_try_advisory_lock(GC_LOCK_KEY, hashtext(current_schema()))`).
 pub const GC_LOCK_KEY: i32 = 0x7267_6300; // "rgc"
 
+/// The advisory lock of [`PgStore::refresh_statistics`], keyed like [`GC_LOCK_KEY`].
+const STATISTICS_LOCK_KEY: i32 = 0x7273_7400; // "rst"
+
+/// replisync's tables, whose statistics it keeps fresh.
+const TABLES: [&str; 5] = [
+    "replisync_spaces",
+    "replisync_client_groups",
+    "replisync_clients",
+    "replisync_entries",
+    "replisync_collected_client_groups",
+];
+
+/// A table is analyzed once more rows than this plus the scale factor times its rows have
+/// changed since its last analyze: autovacuum's own default thresholds, so that with
+/// autovacuum on, replisync rarely finds anything left to do.
+const ANALYZE_THRESHOLD_ROWS: f32 = 50.0;
+const ANALYZE_SCALE_FACTOR: f32 = 0.1;
+
 /// Takes garbage collection's session lock on `conn`: one instance collects at a time, and a
 /// crashed instance's lock goes with its session. `false` when another session holds it.
 async fn try_gc_lock(conn: &mut PgConnection) -> Result<bool, StoreError> {
@@ -388,7 +474,7 @@ async fn compact_batch(
     deleted_before: i64,
     batch: usize,
 ) -> Result<Option<u64>, StoreError> {
-    let mut tx = conn.begin().await?;
+    let mut tx = conn.begin_with(BEGIN_READ_COMMITTED).await?;
     let space = shared::space_with_old_tombstones::<Postgres>(&mut tx, deleted_before).await?;
     let Some(space) = space else {
         return Ok(None);

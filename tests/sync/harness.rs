@@ -14,6 +14,7 @@ use replisync::poke::pusher::PrivateChannels;
 use replisync::protocol::SpaceId;
 use replisync::startup::{App, serve};
 use replisync::store::Store;
+use replisync::store::pg_session::SessionLimits;
 use replisync::store::postgres::PgStore;
 use replisync::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
@@ -52,6 +53,10 @@ pub struct Options {
     pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
     /// Also tells this sink of every poke.
     pub poke_sink: Option<Arc<dyn PokeSink>>,
+    /// Postgres: the bounds of the store's sessions.
+    pub pg_limits: SessionLimits,
+    /// Postgres: changes the store's connect options (before the bounds are added).
+    pub pg_options: fn(PgConnectOptions) -> PgConnectOptions,
 }
 
 impl Default for Options {
@@ -65,6 +70,8 @@ impl Default for Options {
             sse_keep_alive: None,
             wrap_store: |store| store,
             poke_sink: None,
+            pg_limits: SessionLimits::default(),
+            pg_options: |options| options,
         }
     }
 }
@@ -78,7 +85,29 @@ impl TestServer {
     /// `serve`, on 127.0.0.1:0.
     pub async fn start_with(backend: Backend, options: Options) -> TestServer {
         let db = TestDb::create(backend).await;
-        let store = (options.wrap_store)(db.open_store().await);
+        let instance = Instance::start(&db, options).await;
+        TestServer {
+            base: instance.base,
+            http: reqwest::Client::new(),
+            store: instance.store,
+            metrics: instance.metrics,
+            db,
+            _stop: instance._stop,
+        }
+    }
+}
+
+/// One server over a test's database.
+pub struct Instance {
+    pub base: String,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<replisync::metrics::Metrics>,
+    _stop: DropGuard,
+}
+
+impl Instance {
+    async fn start(db: &TestDb, options: Options) -> Instance {
+        let store = (options.wrap_store)(db.open_store_with(&options).await);
         let mut builder = App::builder(store)
             .mutators(options.mutators)
             .authenticator(options.auth)
@@ -101,16 +130,16 @@ impl TestServer {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
-        TestServer {
+        Instance {
             base,
-            http: reqwest::Client::new(),
             store,
             metrics,
-            db,
             _stop: stop.drop_guard(),
         }
     }
+}
 
+impl TestServer {
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -301,14 +330,18 @@ impl TestDb {
         }
     }
 
-    pub async fn open_store(&self) -> Arc<dyn Store> {
+    /// A store on this database, with the Postgres session options of `options`.
+    pub async fn open_store_with(&self, options: &Options) -> Arc<dyn Store> {
         match self {
             TestDb::Postgres { admin_url, schema } => {
                 // Named after the schema, so that a test can find its server's connections.
-                let options = admin_options(admin_url)
+                let connect = admin_options(admin_url)
                     .options([("search_path", schema.as_str())])
                     .application_name(schema);
-                let store = PgStore::connect(options, 16).await.unwrap();
+                let connect = (options.pg_options)(connect);
+                let store = PgStore::connect_with_limits(connect, 16, options.pg_limits)
+                    .await
+                    .unwrap();
                 store.migrate().await.unwrap();
                 Arc::new(store)
             }
