@@ -200,7 +200,7 @@ pub struct Config {
     /// Seconds a request body may pause between two of its bytes; a body that stalls longer is
     /// cut (408) and its connection closed. Every request, body included, must also be answered
     /// within REPLISYNC_REQUEST_TIMEOUT_SECS.
-    #[arg(long, env = "REPLISYNC_BODY_READ_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "REPLISYNC_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
     pub body_read_timeout_secs: u64,
 
     /// Seconds a keep-alive connection may stay open with no request in flight; then it is
@@ -547,7 +547,7 @@ impl Default for HttpSettings {
                 },
             },
             header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             sse_max_streams: 1000,

@@ -3,16 +3,21 @@
 //! and its connection is closed, so no client can hold a connection with a request that never
 //! ends. Streamed response bodies (pull streams, SSE) are bounded by their own limits.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
-use tower_http::timeout::{TimeoutBody, TimeoutError};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::time::Sleep;
 
 use crate::config::HttpSettings;
 use crate::error::ApiError;
@@ -71,13 +76,55 @@ fn carries_a_body_it_should_not(request: &Request) -> bool {
 /// `body`, failing once it pauses longer than the body read timeout; `stalled` records that it
 /// did, whichever extractor was reading it.
 fn stall_guarded(body: Body, http: &HttpSettings, stalled: Arc<AtomicBool>) -> Body {
-    let timed = TimeoutBody::new(http.body_read_timeout, body).map_err(move |error| {
-        if error.is::<TimeoutError>() {
-            stalled.store(true, Ordering::Relaxed);
+    Body::new(StallGuarded {
+        inner: body,
+        timeout: http.body_read_timeout,
+        waiting: None,
+        stalled,
+    })
+}
+
+/// A request body that fails when no byte of it arrives for `timeout` while it is read. Data
+/// that has arrived is taken before the clock is looked at: a server too busy to read for a
+/// while (a long push on a small machine) never blames the client for its own delay.
+struct StallGuarded {
+    inner: Body,
+    timeout: Duration,
+    /// Running while the reader waits for the next frame.
+    waiting: Option<Pin<Box<Sleep>>>,
+    stalled: Arc<AtomicBool>,
+}
+
+impl HttpBody for StallGuarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            self.waiting = None;
+            return Poll::Ready(frame);
         }
-        error
-    });
-    Body::new(timed)
+        let timeout = self.timeout;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if waiting.as_mut().poll(cx).is_ready() {
+            self.stalled.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(axum::Error::new("the request body stalled"))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// `response`, asking the client to close the connection after it (the request's body may be

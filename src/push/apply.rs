@@ -23,12 +23,13 @@ pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, ApiError>>>;
 /// changes something moves the space one version on, as if it had committed alone: cookies
 /// count pushes as before, and a pull sees the whole group or none of it. Each push sees the
 /// writes of those before it and gets its own answer: a push refused (ClientStateNotFound, 403)
-/// writes nothing and changes nothing for the others. No push after the first starts once the
+/// writes nothing and changes nothing for the others (`others_waiting`: whether pushes wait
+/// for the space's next group). No push after the first starts once the
 /// group has applied pushes for `max_age`, or once its pushes have put as much as one push may
-/// (REPLISYNC_MAX_PUSH_WRITE_BYTES): a group holds at most about twice that in memory. Pushes
-/// after the first start no mutation past `max_age` either (they commit what they applied, as a
-/// push past its budget does): a group commits within `max_age` and the longest single
-/// mutation. A database error fails the whole group, with nothing written.
+/// (REPLISYNC_MAX_PUSH_WRITE_BYTES): a group holds at most about twice that in memory. Its
+/// pushes start no mutation past `max_age` either (the first only while others wait; they commit
+/// what they applied, as a push past its budget does): a group commits within `max_age` and the
+/// longest single mutation. A database error fails the whole group, with nothing written.
 pub(super) async fn apply_group(
     store: &dyn Store,
     mutators: &Mutators,
@@ -37,21 +38,24 @@ pub(super) async fn apply_group(
     pushes: &[Push],
     locking: Locking,
     max_age: Duration,
+    others_waiting: &(dyn Fn() -> bool + Sync),
 ) -> Result<GroupAnswers, StoreError> {
     let mut tx = store.begin_push(space, locking).await?;
     let mut group = GroupState::read(&mut *tx, pushes).await?;
     let started = Instant::now();
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());
     for (index, push) in pushes.iter().enumerate() {
-        let group_deadline = (index > 0).then(|| started + max_age);
+        let age = GroupAge {
+            deadline: started + max_age,
+            first: index == 0,
+            others_waiting,
+        };
         let group_full = group.overlay.group_bytes_put() >= push.budget.max_write_bytes;
-        let past_deadline = group_deadline.is_some_and(|deadline| Instant::now() >= deadline);
-        if index > 0 && (past_deadline || group_full) {
+        if index > 0 && (age.passed() || group_full) {
             answers.resize_with(pushes.len(), || None);
             break;
         }
-        let answer =
-            apply_push(&mut *tx, &mut group, mutators, space, push, group_deadline).await?;
+        let answer = apply_push(&mut *tx, &mut group, mutators, space, push, &age).await?;
         answers.push(Some(answer));
     }
     let Some(changes) = group.into_changes() else {
@@ -241,7 +245,7 @@ async fn apply_push(
     mutators: &Mutators,
     space: &SpaceId,
     push: &Push,
-    group_deadline: Option<Instant>,
+    age: &GroupAge<'_>,
 ) -> Result<Result<PushOutcome, ApiError>, StoreError> {
     let Push {
         user,
@@ -283,7 +287,7 @@ async fn apply_push(
             stopped_by_gap.insert(client);
             continue;
         }
-        if applied > 0 && out_of_budget(applied, budget, group_deadline) {
+        if applied > 0 && out_of_budget(applied, budget, age) {
             // Stopping here leaves every client with a prefix applied: the rest of the push
             // comes later in the list, and the client sends it again.
             tracing::info!(
@@ -336,11 +340,23 @@ async fn apply_push(
 
 /// Whether a push that applied `applied` mutations may start no more: its own budget is spent,
 /// or its group has run for its age limit.
-fn out_of_budget(applied: usize, budget: &PushBudget, group_deadline: Option<Instant>) -> bool {
-    let now = Instant::now();
-    applied >= budget.max_mutations
-        || now >= budget.deadline
-        || group_deadline.is_some_and(|deadline| now >= deadline)
+fn out_of_budget(applied: usize, budget: &PushBudget, age: &GroupAge<'_>) -> bool {
+    applied >= budget.max_mutations || Instant::now() >= budget.deadline || age.passed()
+}
+
+/// A group's age limit, as one of its pushes sees it. Pushes after the first start nothing past
+/// it; the first push (which may be a group of one) stops there only when other pushes wait for
+/// the space, so that a long push alone is not cut for nothing.
+struct GroupAge<'a> {
+    deadline: Instant,
+    first: bool,
+    others_waiting: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl GroupAge<'_> {
+    fn passed(&self) -> bool {
+        Instant::now() >= self.deadline && (!self.first || (self.others_waiting)())
+    }
 }
 
 /// A client group belongs to the space and user that created it; one garbage collection

@@ -149,6 +149,13 @@ impl PushGroups {
         runtime.spawn(runner.run());
     }
 
+    /// Whether pushes wait for `space`'s next group.
+    fn others_waiting(&self, space: &SpaceId) -> bool {
+        self.waiting()
+            .get(space)
+            .is_some_and(|queue| !queue.is_empty())
+    }
+
     fn waiting(&self) -> MutexGuard<'_, HashMap<SpaceId, VecDeque<Waiting>>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -209,6 +216,7 @@ impl PushGroups {
         pushes: &[Push],
     ) -> Result<GroupAnswers, StoreError> {
         let (store, mutators, pokes) = (&*self.store, &*self.mutators, &self.pokes);
+        let others_waiting = || self.others_waiting(space);
         let max_age = self.limits.max_age;
         let mut attempt = 1;
         loop {
@@ -219,7 +227,16 @@ impl PushGroups {
                 Locking::Pessimistic
             };
             let applied = reconnecting(|| {
-                apply_group(store, mutators, pokes, space, pushes, locking, max_age)
+                apply_group(
+                    store,
+                    mutators,
+                    pokes,
+                    space,
+                    pushes,
+                    locking,
+                    max_age,
+                    &others_waiting,
+                )
             })
             .await;
             match applied {

@@ -571,7 +571,56 @@ async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
     assert_eq!(server.state("s", "fast").await.lmid("fast-c"), 1);
 }
 
+/// A slow push alone in its group (the space was idle) is cut at the group's age limit once
+/// another push waits for the space, and runs on when none does.
+async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
+    let options = Options {
+        mutators: Mutators::builtin().register("slow", Slow),
+        http: HttpSettings {
+            push: PushLimits {
+                group: GroupLimits {
+                    max_pushes: 64,
+                    max_age: Duration::from_millis(50),
+                },
+                ..PushLimits::default()
+            },
+            ..HttpSettings::default()
+        },
+        ..Options::default()
+    };
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let slow_push = |group: &str, space: &str| {
+        let client = format!("{group}-c");
+        let mutations: Vec<_> = (1..=5)
+            .map(|id| (client.as_str(), id, "slow", json!({})))
+            .collect();
+        send(&server, space, push_body(group, &mutations))
+    };
+    // Alone: nothing waits, so it runs to its end.
+    let alone = slow_push("alone", "quiet").await.unwrap();
+    assert_eq!(alone, (200, json!({})), "nothing waited: the whole push");
+
+    let slow = slow_push("slow", "s");
+    tokio::time::sleep(Duration::from_millis(100)).await; // the slow push holds the space
+    let fast = send(
+        &server,
+        "s",
+        push_body("fast", &[("fast-c", 1, "increment", inc("n", 1))]),
+    );
+    wait_for_waiting(&server, 1).await;
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(
+        status, 503,
+        "the slow push yielded to the one waiting: {body}"
+    );
+    assert_eq!(body["error"], "PartiallyApplied", "{body}");
+    assert_eq!(fast.await.unwrap(), (200, json!({})));
+    let applied = server.state("s", "slow").await.lmid("slow-c");
+    assert!((1..5).contains(&applied), "{applied} of 5 applied");
+}
+
 crate::on_both_stores!(
+    a_slow_push_alone_yields_to_a_push_that_waits,
     a_slow_push_stops_at_its_groups_age_limit,
     a_push_whose_caller_left_is_applied_and_poked,
     a_commit_whose_answer_was_lost_is_poked,
