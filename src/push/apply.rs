@@ -37,8 +37,7 @@ pub(super) async fn apply_group(
     space: &SpaceId,
     pushes: &[Push],
     locking: Locking,
-    max_age: Duration,
-    others_waiting: &(dyn Fn() -> bool + Sync),
+    limit: AgeLimit<'_>,
 ) -> Result<GroupAnswers, StoreError> {
     let mut tx = store.begin_push(space, locking).await?;
     let mut group = GroupState::read(&mut *tx, pushes).await?;
@@ -46,9 +45,9 @@ pub(super) async fn apply_group(
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());
     for (index, push) in pushes.iter().enumerate() {
         let age = GroupAge {
-            deadline: started + max_age,
+            deadline: started + limit.max_age,
             first: index == 0,
-            others_waiting,
+            others_waiting: limit.others_waiting,
         };
         let group_full = group.overlay.group_bytes_put() >= push.budget.max_write_bytes;
         if index > 0 && (age.passed() || group_full) {
@@ -342,6 +341,13 @@ async fn apply_push(
 /// or its group has run for its age limit.
 fn out_of_budget(applied: usize, budget: &PushBudget, age: &GroupAge<'_>) -> bool {
     applied >= budget.max_mutations || Instant::now() >= budget.deadline || age.passed()
+}
+
+/// How long a group may run: `max_age`, and whether pushes wait for the space's next group.
+#[derive(Clone, Copy)]
+pub(super) struct AgeLimit<'a> {
+    pub max_age: Duration,
+    pub others_waiting: &'a (dyn Fn() -> bool + Sync),
 }
 
 /// A group's age limit, as one of its pushes sees it. Pushes after the first start nothing past

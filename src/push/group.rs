@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::apply::{GroupAnswers, apply_group};
+use super::apply::{AgeLimit, GroupAnswers, apply_group};
 use super::{Push, PushOutcome};
 use crate::config::GroupLimits;
 use crate::error::ApiError;
@@ -217,7 +217,10 @@ impl PushGroups {
     ) -> Result<GroupAnswers, StoreError> {
         let (store, mutators, pokes) = (&*self.store, &*self.mutators, &self.pokes);
         let others_waiting = || self.others_waiting(space);
-        let max_age = self.limits.max_age;
+        let limit = AgeLimit {
+            max_age: self.limits.max_age,
+            others_waiting: &others_waiting,
+        };
         let mut attempt = 1;
         loop {
             // The first attempt takes no lock; a group that lost a race then takes it.
@@ -226,19 +229,9 @@ impl PushGroups {
             } else {
                 Locking::Pessimistic
             };
-            let applied = reconnecting(|| {
-                apply_group(
-                    store,
-                    mutators,
-                    pokes,
-                    space,
-                    pushes,
-                    locking,
-                    max_age,
-                    &others_waiting,
-                )
-            })
-            .await;
+            let applied =
+                reconnecting(|| apply_group(store, mutators, pokes, space, pushes, locking, limit))
+                    .await;
             match applied {
                 Err(StoreError::Conflict(cause)) if attempt < CONFLICT_ATTEMPTS => {
                     self.metrics.push_conflicts.increment();
