@@ -82,25 +82,23 @@ impl PgStore {
 
     /// Applies the migrations in `migrations/postgres` that have not run yet. Safe to run from
     /// several instances at once (the migrator takes an advisory lock).
-    /// Runs without the sessions' lock and statement timeouts (waiting for another instance's
-    /// migration, or building an index, may take longer), which are restored afterwards: the
-    /// connection then serves the first request (a new one would cost that request a connect).
+    /// Runs on a connection of its own without the sessions' lock and statement timeouts
+    /// (waiting for another instance's migration, or building an index, may take longer),
+    /// closed afterwards; the pool then opens one of its own, so that the first request does not
+    /// pay for a connect.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.pool.acquire().await?.detach();
         sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0")
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
         let migrated = MIGRATOR
-            .run(&mut *conn)
+            .run(&mut conn)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")));
-        let restored = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout")
-            .execute(&mut *conn)
-            .await;
-        if restored.is_err() {
-            let _ = conn.detach().close().await; // never pooled without its bounds
-        }
-        migrated
+        let _ = conn.close().await;
+        migrated?;
+        drop(self.pool.acquire().await?); // back in the pool, warm
+        Ok(())
     }
 
     /// Analyzes replisync's tables that changed by more than a tenth since their statistics
