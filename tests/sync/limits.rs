@@ -30,7 +30,7 @@ async fn connect(server: &TestServer) -> TcpStream {
 
 /// Reads until the server closes the connection; answers what was read, or `None` if the
 /// connection is still open after `wait`.
-async fn read_until_closed(tcp: &mut TcpStream, wait: Duration) -> Option<String> {
+pub(crate) async fn read_until_closed(tcp: &mut TcpStream, wait: Duration) -> Option<String> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];

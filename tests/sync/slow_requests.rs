@@ -9,10 +9,11 @@ use jsonwebtoken::DecodingKey;
 use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use replisync::config::HttpSettings;
 use replisync::http::{Audience, Endpoint, MetricsEndpoint, endpoints};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::harness::{Backend, Options, TestServer};
+use crate::limits::read_until_closed;
 
 /// Longer than any bound under test: a connection still open then is held.
 const HELD: Duration = Duration::from_secs(15);
@@ -33,20 +34,6 @@ async fn partial_request(server: &TestServer, endpoint: &Endpoint) -> TcpStream 
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
     tcp
-}
-
-/// What the server sent before it closed the connection, or `None` if it is open after `wait`.
-async fn answer_before_close(tcp: &mut TcpStream, wait: Duration) -> Option<String> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(String::from_utf8_lossy(&seen).into_owned()),
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -72,7 +59,7 @@ async fn a_partial_body_on_any_route_is_cut_and_its_connection_closed() {
         held.push((endpoint, partial_request(&server, endpoint).await));
     }
     for (endpoint, tcp) in &mut held {
-        let answer = answer_before_close(tcp, HELD).await;
+        let answer = read_until_closed(tcp, HELD).await;
         let answer = answer.unwrap_or_else(|| {
             panic!(
                 "{} {} held its connection open",
@@ -126,7 +113,7 @@ async fn a_browser_route_refuses_a_missing_token_before_reading_the_body() {
             continue; // a GET carries no body (refused 400 before anything else)
         }
         let mut tcp = partial_request(&server, endpoint).await;
-        let answer = answer_before_close(&mut tcp, HELD).await;
+        let answer = read_until_closed(&mut tcp, HELD).await;
         let answer = answer.unwrap_or_else(|| {
             panic!(
                 "{} {} waited for the body of an unauthenticated request",
