@@ -20,7 +20,7 @@ use crate::auth::{Anonymous, Authenticator};
 use crate::config::{Command, Config, HttpSettings, StoreChoice};
 use crate::gc::{self, GcSettings};
 use crate::http::{
-    AppState, Draining, InFlightBytes, MetricsEndpoint, accept_loop, metrics_router, router,
+    AppState, Draining, InFlightBytes, MetricsEndpoint, Parts, accept_loop, metrics_router, router,
 };
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
@@ -284,7 +284,7 @@ impl AppBuilder {
         });
         let mutators = Arc::new(self.mutators);
         let pokes = Pokes::new(sinks);
-        let state = AppState {
+        let state = AppState::new(Parts {
             pulls: Arc::new(Pulls::new(
                 self.store.clone(),
                 metrics.clone(),
@@ -298,17 +298,16 @@ impl AppBuilder {
                 metrics.clone(),
             ),
             store: self.store,
-            mutators,
             auth: self.auth,
             authorizer: Arc::new(Authorizer::new(self.webhook, metrics.clone())),
             sse,
             push_bytes: InFlightBytes::new(self.http.push.max_bytes_in_flight),
-            http: self.http,
+            http: Arc::new(self.http),
             metrics,
             pusher: self.pusher,
             private_channels: self.private_channels,
             draining: Draining::default(),
-        };
+        });
         App {
             state,
             shutdown,
@@ -493,7 +492,7 @@ pub async fn serve_with_metrics(
     let mut server = tokio::spawn(accept_loop(
         listener,
         app.router(metrics_endpoint),
-        app.state.http.clone(),
+        (*app.state.http).clone(),
         app.state.metrics.clone(),
         stop.clone(),
     ));

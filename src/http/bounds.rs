@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 /// Runs the request within REPLISYNC_REQUEST_TIMEOUT_SECS, with a body that may pause at most
 /// REPLISYNC_BODY_READ_TIMEOUT_SECS between bytes.
 pub(super) async fn bounded(
-    State(http): State<HttpSettings>,
+    State(http): State<Arc<HttpSettings>>,
     State(metrics): State<Arc<Metrics>>,
     request: Request,
     next: Next,

@@ -29,7 +29,7 @@ pub struct RequestBody(pub Bytes);
 impl<S> FromRequest<S> for RequestBody
 where
     S: Send + Sync,
-    HttpSettings: FromRef<S>,
+    Arc<HttpSettings>: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -40,7 +40,7 @@ where
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::PayloadTooLarge {
-                        limit: HttpSettings::from_ref(state).max_body_bytes,
+                        limit: Arc::<HttpSettings>::from_ref(state).max_body_bytes,
                         variable: "REPLISYNC_MAX_BODY_BYTES",
                     }
                 } else {
@@ -135,14 +135,14 @@ pub struct PushBody {
 impl<S> FromRequest<S> for PushBody
 where
     S: Send + Sync,
-    HttpSettings: FromRef<S>,
+    Arc<HttpSettings>: FromRef<S>,
     InFlightBytes: FromRef<S>,
     Arc<Metrics>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = HttpSettings::from_ref(state).push.max_body_bytes;
+        let limit = Arc::<HttpSettings>::from_ref(state).push.max_body_bytes;
         let metrics = Arc::<Metrics>::from_ref(state);
         let too_large = || {
             metrics.push_refused_too_large.increment();

@@ -25,7 +25,7 @@ use tower_http::trace::TraceLayer;
 
 pub use self::conn::accept_loop;
 pub use self::extract::InFlightBytes;
-pub use self::state::{AppState, Draining};
+pub use self::state::{AppState, Draining, Parts};
 use crate::config::{CorsOrigins, HttpSettings};
 use crate::metrics::Metrics;
 

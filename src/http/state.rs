@@ -1,4 +1,4 @@
-//! What the handlers share, built once by `startup` and cloned per request (every part is an
+//! What the handlers share, built once by `startup` and cloned per request and per layer (one
 //! `Arc`). Handlers and extractors take only the parts they need (`FromRef`).
 
 use std::sync::Arc;
@@ -11,24 +11,66 @@ use crate::auth::Authenticator;
 use crate::auth::authorize::Authorizer;
 use crate::config::HttpSettings;
 use crate::metrics::Metrics;
-use crate::mutators::Mutators;
 use crate::poke::pusher::{PrivateChannels, PusherPoker};
 use crate::poke::sse::SsePokes;
 use crate::pull::Pulls;
 use crate::push::PushGroups;
 use crate::store::Store;
 
-#[derive(Clone, FromRef)]
-pub struct AppState {
+/// The shared parts behind one `Arc`: axum clones the state for every layer and handler a
+/// request passes, so a clone is one reference count, whatever the number of parts.
+#[derive(Clone)]
+pub struct AppState(Arc<Parts>);
+
+impl AppState {
+    pub fn new(parts: Parts) -> AppState {
+        AppState(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+/// Each part a handler or extractor may take alone (`State<Arc<Metrics>>`, ...).
+macro_rules! parts_from_state {
+    ($($field:ident: $part:ty),* $(,)?) => {
+        $(impl FromRef<AppState> for $part {
+            fn from_ref(state: &AppState) -> $part {
+                state.0.$field.clone()
+            }
+        })*
+    };
+}
+
+parts_from_state! {
+    store: Arc<dyn Store>,
+    pushes: Arc<PushGroups>,
+    auth: Arc<dyn Authenticator>,
+    authorizer: Arc<Authorizer>,
+    sse: Option<Arc<SsePokes>>,
+    http: Arc<HttpSettings>,
+    push_bytes: InFlightBytes,
+    metrics: Arc<Metrics>,
+    pulls: Arc<Pulls>,
+    pusher: Option<Arc<PusherPoker>>,
+    private_channels: Option<Arc<PrivateChannels>>,
+    draining: Draining,
+}
+
+pub struct Parts {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) mutators: Arc<Mutators>,
     /// Applies pushes, grouping those to one space that arrive while it is busy.
     pub(crate) pushes: Arc<PushGroups>,
     pub(crate) auth: Arc<dyn Authenticator>,
     pub(crate) authorizer: Arc<Authorizer>,
     /// The built-in SSE poke stream, when enabled.
     pub(crate) sse: Option<Arc<SsePokes>>,
-    pub(crate) http: HttpSettings,
+    pub(crate) http: Arc<HttpSettings>,
     /// The bytes of push bodies being worked on (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT).
     pub(crate) push_bytes: InFlightBytes,
     pub(crate) metrics: Arc<Metrics>,
