@@ -35,30 +35,6 @@ pub enum Locking {
     Pessimistic,
 }
 
-/// How a garbage collection pass paces itself: `batch` rows per transaction, and after each
-/// batch a pause `pause_factor` times as long as the batch took, so that a background pass
-/// keeps at most 1/(1 + factor) of one database connection busy and pushes beside it barely
-/// notice (0: no pauses, for `replisync gc`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GcPace {
-    pub batch: usize,
-    pub pause_factor: u32,
-}
-
-impl GcPace {
-    /// Rows per batch, at least 1.
-    pub fn batch(&self) -> usize {
-        self.batch.max(1)
-    }
-
-    /// Waits after a batch that started at `batch_started`.
-    pub async fn rest_after(&self, batch_started: std::time::Instant) {
-        if self.pause_factor > 0 {
-            tokio::time::sleep(batch_started.elapsed() * self.pause_factor).await;
-        }
-    }
-}
-
 /// A database that holds spaces. Implementations: [`postgres::PgStore`], [`sqlite::SqliteStore`].
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -95,26 +71,9 @@ pub trait Store: Send + Sync + 'static {
         max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError>;
 
-    /// Deletes the client groups (and their clients) last active before `inactive_before`
-    /// (seconds since the Unix epoch), a batch of groups per transaction, until none is left,
-    /// remembering each as collected at `now`; then forgets the groups collected before
-    /// `inactive_before`. `None` when another instance sharing the database is collecting.
-    async fn collect_client_groups(
-        &self,
-        now: i64,
-        inactive_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<Collected>, StoreError>;
-
-    /// Removes the deletions (tombstones) written before `deleted_before` (seconds since the
-    /// Unix epoch), a batch per transaction under their space's write lock, raising each space's
-    /// compacted version to the highest version removed. `None` when another instance sharing
-    /// the database is collecting already.
-    async fn compact_tombstones(
-        &self,
-        deleted_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<u64>, StoreError>;
+    /// Takes garbage collection's lock, under which a pass runs its batches: one instance
+    /// collects at a time. `None` when another instance sharing the database holds it.
+    async fn lock_gc(&self) -> Result<Option<Box<dyn GcBatches>>, StoreError>;
 
     /// Raises the space's version and its compacted version to at least `to`, creating the
     /// space if needed: cookies below `to` the server may never have issued (its database was
@@ -166,4 +125,40 @@ pub trait PushTx: Send {
     /// claimed the same new client group or client first, or garbage collection removed a
     /// client group meanwhile. The caller runs the whole group again.
     async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError>;
+}
+
+/// Garbage collection's work, one batch at a time, under its lock (see [`Store::lock_gc`]). Each
+/// batch is a short transaction of its own, so pushes and pulls never wait long behind one; the
+/// caller decides how many batches to run and how to pace them.
+#[async_trait]
+pub trait GcBatches: Send {
+    /// Deletes at most `limit` client groups last active before `inactive_before` (seconds since
+    /// the Unix epoch), with their clients, remembering each group as collected at `now`.
+    /// Answers the groups and clients removed (`client_groups` and `clients`).
+    async fn remove_idle_client_groups(
+        &mut self,
+        now: i64,
+        inactive_before: i64,
+        limit: usize,
+    ) -> Result<Collected, StoreError>;
+
+    /// Forgets at most `limit` of the removed client groups collected before
+    /// `collected_before`; answers how many it forgot.
+    async fn forget_collected_groups(
+        &mut self,
+        collected_before: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError>;
+
+    /// Removes at most `limit` deletions (tombstones) written before `deleted_before` from one
+    /// space, under that space's write lock, raising its compacted version to the highest
+    /// version removed. `None` when no such deletion is left.
+    async fn compact_tombstones(
+        &mut self,
+        deleted_before: i64,
+        limit: usize,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Releases the lock.
+    async fn unlock(self: Box<Self>);
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
 use replisync::store::{
-    ClientState, Collected, GcPace, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    ClientState, GcBatches, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
     StoreError,
 };
 
@@ -116,22 +116,8 @@ impl<F: Fault> Store for Faulty<F> {
             .pull_changes(space, groups, from, max_delta_bytes)
             .await
     }
-    async fn collect_client_groups(
-        &self,
-        now: i64,
-        inactive_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<Collected>, StoreError> {
-        self.inner
-            .collect_client_groups(now, inactive_before, pace)
-            .await
-    }
-    async fn compact_tombstones(
-        &self,
-        deleted_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<u64>, StoreError> {
-        self.inner.compact_tombstones(deleted_before, pace).await
+    async fn lock_gc(&self) -> Result<Option<Box<dyn GcBatches>>, StoreError> {
+        self.inner.lock_gc().await
     }
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
         self.inner.raise_space_version(space, to).await
