@@ -23,33 +23,22 @@ pub use retry::{RECONNECT_ATTEMPTS, reconnecting};
 
 use crate::protocol::SpaceId;
 
-/// How a push keeps concurrent pushes to its space out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Locking {
-    /// No lock while mutators run: the commit writes only if the space's version is still the
-    /// one read, in one statement that is its own transaction (fewest round trips). A push that
-    /// lost the race gets `StoreError::Conflict` and runs again, pessimistically.
-    Optimistic,
-    /// The space's write lock from the first read to the commit: concurrent pushes wait, so the
-    /// push cannot lose a race on the space.
-    Pessimistic,
-}
-
 /// A database that holds spaces. Implementations: [`postgres::PgStore`], [`sqlite::SqliteStore`].
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// "postgres" or "sqlite", for logs.
     fn kind(&self) -> &'static str;
 
-    /// Starts a push (or a group of pushes) to `space`. With [`Locking::Pessimistic`] the
-    /// space's write lock, which makes pushes to one space apply one after another, is held from
-    /// here or at the latest from [`PushTx::client_state`] until the end. Dropping the result
-    /// writes nothing.
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError>;
+    /// Starts a push (or a group of pushes) to `space` that holds no lock while it runs (a store
+    /// may lock anyway): its commit writes only if the space's version is still the one
+    /// [`PushTx::client_state`] read, and answers `StoreError::Conflict` otherwise. Dropping the
+    /// result writes nothing.
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError>;
+
+    /// Starts a push to `space` holding the space's write lock, which makes pushes to one space
+    /// apply one after another, from here or at the latest from [`PushTx::client_state`] until
+    /// the end: it cannot lose a race on the space. Dropping the result writes nothing.
+    async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError>;
 
     /// Reads a pull to be streamed, in one snapshot held until the stream ends: the whole space
     /// for `since: None` (a first pull), what changed after the cookie otherwise.
@@ -99,7 +88,7 @@ pub trait Store: Send + Sync + 'static {
 pub trait PushTx: Send {
     /// Reads the space's version, the stored client groups among `client_group_ids` (and which
     /// of them garbage collection removed) and the stored clients among `client_ids`, together
-    /// (taking the space's write lock first when pessimistic). Called once, first.
+    /// (taking the space's write lock first when the push is locked). Called once, first.
     async fn client_state(
         &mut self,
         client_group_ids: &[String],

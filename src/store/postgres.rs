@@ -15,7 +15,7 @@ use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, ClientWrite, Collected,
-    DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcBatches, Locking, PullChanges, PullSnapshot,
+    DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcBatches, PullChanges, PullSnapshot,
     PushChanges, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
 use crate::protocol::SpaceId;
@@ -101,6 +101,15 @@ impl PgStore {
         Ok(())
     }
 
+    /// A push to `space` on `conn`.
+    fn push_on(&self, conn: PushConnection, space: &SpaceId) -> Box<dyn PushTx> {
+        Box::new(PgPushTx {
+            conn,
+            space: space.clone(),
+            activity_granularity: self.activity_granularity,
+        })
+    }
+
     /// Analyzes replisync's tables that changed by more than a tenth since their statistics
     /// were last gathered (by autovacuum, an operator, or this), skipping any table locked by
     /// a vacuum; answers which. One instance at a time: `None` when another is at it.
@@ -143,25 +152,18 @@ impl Store for PgStore {
         "postgres"
     }
 
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        // Pessimistic: the space's lock is taken by `client_state`, together with its reads, so
-        // that it is held for one round trip fewer. Optimistic: no transaction at all; the reads
-        // run on their own and the commit is one statement, its own transaction.
-        let conn = match locking {
-            Locking::Pessimistic => {
-                PushConnection::Locked(self.pool.begin_with(BEGIN_READ_COMMITTED).await?)
-            }
-            Locking::Optimistic => PushConnection::Unlocked(self.pool.acquire().await?),
-        };
-        Ok(Box::new(PgPushTx {
-            conn,
-            space: space.clone(),
-            activity_granularity: self.activity_granularity,
-        }))
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        // No transaction at all: the reads run on their own and the commit is one statement,
+        // its own transaction.
+        let conn = PushConnection::Unlocked(self.pool.acquire().await?);
+        Ok(self.push_on(conn, space))
+    }
+
+    async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        // The space's lock is taken by `client_state`, together with its reads, so that it is
+        // held for one round trip fewer.
+        let conn = PushConnection::Locked(self.pool.begin_with(BEGIN_READ_COMMITTED).await?);
+        Ok(self.push_on(conn, space))
     }
 
     async fn streamed_pull(

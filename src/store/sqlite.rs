@@ -17,8 +17,8 @@ use sqlx::{Sqlite, Transaction};
 use super::shared::{self, client_group_record, to_lmid, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, ClientWrite,
-    Collected, EntryChange, GcBatches, Locking, PullChanges, PullSnapshot, PushChanges, PushTx,
-    Store, StoreError, delta_bytes, to_i64, unix_now,
+    Collected, EntryChange, GcBatches, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    StoreError, delta_bytes, to_i64, unix_now,
 };
 use crate::protocol::SpaceId;
 
@@ -89,12 +89,12 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        _locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        // Always pessimistic: the single writer is every space's lock, and costs no round trips.
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        // Always locked: the single writer is every space's lock, and costs no round trips.
+        self.begin_locked_push(space).await
+    }
+
+    async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let version = space_version(&mut tx, space).await?;
         Ok(Box::new(SqlitePushTx {

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
 use replisync::store::{
-    ClientState, GcBatches, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError,
+    ClientState, GcBatches, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError,
 };
 
 /// What a test changes in the store it wraps; by default, nothing.
@@ -40,6 +39,16 @@ impl<F: Fault> Faulty<F> {
         Arc::new(Faulty {
             inner,
             fault: Arc::new(fault),
+        })
+    }
+}
+
+impl<F: Fault> Faulty<F> {
+    /// `inner` with this store's fault applied.
+    fn faulty(&self, inner: Box<dyn PushTx>) -> Box<dyn PushTx> {
+        Box::new(FaultyTx {
+            inner,
+            fault: self.fault.clone(),
         })
     }
 }
@@ -86,15 +95,11 @@ impl<F: Fault> Store for Faulty<F> {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        Ok(Box::new(FaultyTx {
-            inner: self.inner.begin_push(space, locking).await?,
-            fault: self.fault.clone(),
-        }))
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        Ok(self.faulty(self.inner.begin_push(space).await?))
+    }
+    async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        Ok(self.faulty(self.inner.begin_locked_push(space).await?))
     }
     async fn streamed_pull(
         &self,
