@@ -102,7 +102,7 @@ pub struct PullSnapshot {
 pub struct PullChanges {
     pub version: u64,
     /// The highest version of a deletion removed by compaction: a cookie below it cannot get a
-    /// delta (see `Store::compact_tombstones`).
+    /// delta (see `GcBatches::compact_tombstones`).
     pub compacted_version: u64,
     /// The stored groups among those asked for.
     pub client_groups: Vec<ClientGroupRecord>,

@@ -291,7 +291,7 @@ impl PushTx for SqlitePushTx {
         client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // Unlike Postgres's one statement, plain reads one by one: `begin_push` already holds
+        // Unlike Postgres's one statement, plain reads one by one: the push's begin already holds
         // the lock and the embedded database costs no round trips.
         let mut state = ClientState {
             space_version: self.version,
