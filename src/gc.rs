@@ -2,13 +2,17 @@
 //! older than REPLISYNC_TOMBSTONE_TTL, in the background on a schedule and on demand (`replisync gc`).
 //! Beside it, the store's planner statistics are kept fresh, whatever the database's autovacuum.
 
+mod batches;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::{Collected, GcPace, Store, StoreError, unix_now};
+use crate::store::{Collected, Store, StoreError, unix_now};
+
+pub use batches::GcPace;
 
 /// Client groups deleted per transaction: short enough that pushes and pulls never wait long
 /// behind one, large enough that a backlog of millions drains in minutes.
@@ -42,9 +46,8 @@ pub async fn collect(
         batch: BATCH,
         pause_factor: settings.pause_factor,
     };
-    let Some(mut collected) = store
-        .collect_client_groups(now, before(now, settings.client_ttl), pace)
-        .await?
+    let Some(mut collected) =
+        batches::collect_client_groups(store, now, before(now, settings.client_ttl), pace).await?
     else {
         return Ok(None);
     };
@@ -56,8 +59,7 @@ pub async fn collect(
         .gc_client_groups_forgotten
         .add(collected.forgotten_groups);
     // Another instance may take the lock between the two steps: its pass compacts instead.
-    let tombstones = store
-        .compact_tombstones(before(now, settings.tombstone_ttl), pace)
+    let tombstones = batches::compact_tombstones(store, before(now, settings.tombstone_ttl), pace)
         .await?
         .unwrap_or(0);
     collected.tombstones = tombstones;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use replisync::protocol::SpaceId;
 use replisync::store::postgres::PgStore;
 use replisync::store::{
-    ClientGroupRecord, ClientRecord, ClientWrite, EntryWrite, Locking, PushChanges, Store,
+    ClientGroupRecord, ClientRecord, ClientWrite, EntryWrite, PushChanges, Store,
 };
 
 use crate::load::{PushFigures, client_name, drive_clients, group_name, space_name};
@@ -34,7 +34,7 @@ pub async fn floor_workload(
 async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> anyhow::Result<()> {
     let space = SpaceId::parse(space).map_err(anyhow::Error::msg)?;
     let group_id = group_name(client);
-    let mut tx = store.begin_push(&space, Locking::Pessimistic).await?;
+    let mut tx = store.begin_locked_push(&space).await?;
     let state = tx
         .client_state(std::slice::from_ref(&group_id), &[client.to_owned()])
         .await?;

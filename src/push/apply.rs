@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use super::locking::Locking;
 use super::{Push, PushBudget, PushOutcome};
 use crate::auth::check_group_ownership;
 use crate::error::ApiError;
@@ -11,8 +12,7 @@ use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
 use crate::poke::Pokes;
 use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId};
 use crate::store::{
-    ClientGroupRecord, ClientRecord, ClientWrite, Locking, PushChanges, PushTx, Store, StoreError,
-    unix_now,
+    ClientGroupRecord, ClientRecord, ClientWrite, PushChanges, PushTx, Store, StoreError, unix_now,
 };
 
 /// What applying a group did to each of its pushes, in order: its answer, or `None` for a push
@@ -39,7 +39,7 @@ pub(super) async fn apply_group(
     locking: Locking,
     limit: AgeLimit<'_>,
 ) -> Result<GroupAnswers, StoreError> {
-    let mut tx = store.begin_push(space, locking).await?;
+    let mut tx = locking.begin(store, space).await?;
     let mut group = GroupState::read(&mut *tx, pushes).await?;
     let started = Instant::now();
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());

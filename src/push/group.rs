@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::apply::{AgeLimit, GroupAnswers, apply_group};
+use super::locking::Locking;
 use super::{Push, PushOutcome};
 use crate::config::GroupLimits;
 use crate::error::ApiError;
@@ -16,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::Pokes;
 use crate::protocol::SpaceId;
-use crate::store::{Locking, Store, StoreError, reconnecting};
+use crate::store::{Store, StoreError, reconnecting};
 
 /// How many times a group that lost a race with a concurrent writer is run again.
 const CONFLICT_ATTEMPTS: u32 = 8;

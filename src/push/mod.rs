@@ -3,6 +3,7 @@
 
 mod apply;
 mod group;
+mod locking;
 
 use std::collections::HashSet;
 use std::time::Instant;

@@ -3,7 +3,7 @@
 //! COMMITTED); pulls read REPEATABLE READ snapshots. Every session is bounded (see
 //! [`SessionLimits`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -15,7 +15,7 @@ use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, ClientWrite, Collected,
-    DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcPace, Locking, PullChanges, PullSnapshot,
+    DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcBatches, PullChanges, PullSnapshot,
     PushChanges, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
 use crate::protocol::SpaceId;
@@ -101,6 +101,15 @@ impl PgStore {
         Ok(())
     }
 
+    /// A push to `space` on `conn`.
+    fn push_on(&self, conn: PushConnection, space: &SpaceId) -> Box<dyn PushTx> {
+        Box::new(PgPushTx {
+            conn,
+            space: space.clone(),
+            activity_granularity: self.activity_granularity,
+        })
+    }
+
     /// Analyzes replisync's tables that changed by more than a tenth since their statistics
     /// were last gathered (by autovacuum, an operator, or this), skipping any table locked by
     /// a vacuum; answers which. One instance at a time: `None` when another is at it.
@@ -143,25 +152,18 @@ impl Store for PgStore {
         "postgres"
     }
 
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        // Pessimistic: the space's lock is taken by `client_state`, together with its reads, so
-        // that it is held for one round trip fewer. Optimistic: no transaction at all; the reads
-        // run on their own and the commit is one statement, its own transaction.
-        let conn = match locking {
-            Locking::Pessimistic => {
-                PushConnection::Locked(self.pool.begin_with(BEGIN_READ_COMMITTED).await?)
-            }
-            Locking::Optimistic => PushConnection::Unlocked(self.pool.acquire().await?),
-        };
-        Ok(Box::new(PgPushTx {
-            conn,
-            space: space.clone(),
-            activity_granularity: self.activity_granularity,
-        }))
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        // No transaction at all: the reads run on their own and the commit is one statement,
+        // its own transaction.
+        let conn = PushConnection::Unlocked(self.pool.acquire().await?);
+        Ok(self.push_on(conn, space))
+    }
+
+    async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        // The space's lock is taken by `client_state`, together with its reads, so that it is
+        // held for one round trip fewer.
+        let conn = PushConnection::Locked(self.pool.begin_with(BEGIN_READ_COMMITTED).await?);
+        Ok(self.push_on(conn, space))
     }
 
     async fn streamed_pull(
@@ -236,33 +238,12 @@ impl Store for PgStore {
         })
     }
 
-    async fn collect_client_groups(
-        &self,
-        now: i64,
-        inactive_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<Collected>, StoreError> {
+    async fn lock_gc(&self) -> Result<Option<Box<dyn GcBatches>>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         if !try_gc_lock(&mut conn).await? {
             return Ok(None);
         }
-        let collected = collect_batches(&mut conn, now, inactive_before, pace).await;
-        gc_unlock(conn).await;
-        collected.map(Some)
-    }
-
-    async fn compact_tombstones(
-        &self,
-        deleted_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<u64>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        if !try_gc_lock(&mut conn).await? {
-            return Ok(None);
-        }
-        let removed = compact_spaces(&mut conn, deleted_before, pace).await;
-        gc_unlock(conn).await;
-        removed.map(Some)
+        Ok(Some(Box::new(PgGcBatches { conn })))
     }
 
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
@@ -441,31 +422,76 @@ async fn try_gc_lock(conn: &mut PgConnection) -> Result<bool, StoreError> {
     )
 }
 
-/// Releases garbage collection's lock; when that fails, closes the connection, which does.
-async fn gc_unlock(mut conn: PoolConnection<Postgres>) {
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema()))")
-        .bind(GC_LOCK_KEY)
-        .execute(&mut *conn)
-        .await;
-    if unlocked.is_err() {
-        drop(conn.detach());
-    }
+/// Garbage collection's batches, on the connection that holds its session lock.
+struct PgGcBatches {
+    conn: PoolConnection<Postgres>,
 }
 
-/// Removes the tombstones written before `deleted_before`, batch after batch.
-async fn compact_spaces(
-    conn: &mut PgConnection,
-    deleted_before: i64,
-    pace: GcPace,
-) -> Result<u64, StoreError> {
-    let mut removed = 0;
-    loop {
-        let started = Instant::now();
-        let Some(count) = compact_batch(conn, deleted_before, pace.batch()).await? else {
-            return Ok(removed);
-        };
-        pace.rest_after(started).await;
-        removed += count;
+#[async_trait]
+impl GcBatches for PgGcBatches {
+    async fn remove_idle_client_groups(
+        &mut self,
+        now: i64,
+        inactive_before: i64,
+        limit: usize,
+    ) -> Result<Collected, StoreError> {
+        // Rows a push has locked (touching them) are skipped; the DELETE checks the idle
+        // condition again against the newest row version. The statement commits on its own.
+        let (groups, clients): (i64, i64) = sqlx::query_as(
+            "WITH gone AS (
+                 DELETE FROM replisync_client_groups
+                 WHERE id IN (SELECT id FROM replisync_client_groups WHERE last_active < $1
+                              LIMIT $2 FOR UPDATE SKIP LOCKED)
+                   AND last_active < $1
+                 RETURNING id
+             ), gone_clients AS (
+                 DELETE FROM replisync_clients WHERE client_group_id IN (SELECT id FROM gone)
+                 RETURNING 1
+             ), remembered AS (
+                 INSERT INTO replisync_collected_client_groups (id, collected_at)
+                 SELECT id, $3 FROM gone
+                 ON CONFLICT (id) DO UPDATE SET collected_at = excluded.collected_at
+             )
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_clients)",
+        )
+        .bind(inactive_before)
+        .bind(to_i64(limit as u64)?)
+        .bind(now)
+        .fetch_one(&mut *self.conn)
+        .await?;
+        Ok(Collected {
+            client_groups: to_u64(groups, "collected groups")?,
+            clients: to_u64(clients, "collected clients")?,
+            ..Collected::default()
+        })
+    }
+
+    async fn forget_collected_groups(
+        &mut self,
+        collected_before: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        shared::forget_collected_groups::<Postgres>(&mut self.conn, collected_before, limit).await
+    }
+
+    async fn compact_tombstones(
+        &mut self,
+        deleted_before: i64,
+        limit: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        compact_batch(&mut self.conn, deleted_before, limit).await
+    }
+
+    /// Releases garbage collection's lock; when that fails, closes the connection, which does.
+    async fn unlock(self: Box<Self>) {
+        let mut conn = self.conn;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema()))")
+            .bind(GC_LOCK_KEY)
+            .execute(&mut *conn)
+            .await;
+        if unlocked.is_err() {
+            drop(conn.detach());
+        }
     }
 }
 
@@ -508,63 +534,6 @@ async fn compact_batch(
     .await?;
     tx.commit().await?;
     Ok(Some(to_u64(removed, "removed tombstones")?))
-}
-
-/// Deletes idle client groups and their clients, `batch` groups per transaction (each
-/// statement commits on its own), remembering each group as collected at `now`, until a batch
-/// comes back short; then forgets the groups collected before `inactive_before`.
-async fn collect_batches(
-    conn: &mut PgConnection,
-    now: i64,
-    inactive_before: i64,
-    pace: GcPace,
-) -> Result<Collected, StoreError> {
-    let batch = to_i64(pace.batch() as u64)?;
-    let mut collected = Collected::default();
-    loop {
-        let started = Instant::now();
-        // Rows a push has locked (touching them) are skipped; the DELETE checks the idle
-        // condition again against the newest row version.
-        let (groups, clients): (i64, i64) = sqlx::query_as(
-            "WITH gone AS (
-                 DELETE FROM replisync_client_groups
-                 WHERE id IN (SELECT id FROM replisync_client_groups WHERE last_active < $1
-                              LIMIT $2 FOR UPDATE SKIP LOCKED)
-                   AND last_active < $1
-                 RETURNING id
-             ), gone_clients AS (
-                 DELETE FROM replisync_clients WHERE client_group_id IN (SELECT id FROM gone)
-                 RETURNING 1
-             ), remembered AS (
-                 INSERT INTO replisync_collected_client_groups (id, collected_at)
-                 SELECT id, $3 FROM gone
-                 ON CONFLICT (id) DO UPDATE SET collected_at = excluded.collected_at
-             )
-             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_clients)",
-        )
-        .bind(inactive_before)
-        .bind(batch)
-        .bind(now)
-        .fetch_one(&mut *conn)
-        .await?;
-        pace.rest_after(started).await;
-        collected.client_groups += to_u64(groups, "collected groups")?;
-        collected.clients += to_u64(clients, "collected clients")?;
-        if groups < batch {
-            break;
-        }
-    }
-    loop {
-        let started = Instant::now();
-        let forgotten =
-            shared::forget_collected_groups::<Postgres>(conn, inactive_before, pace.batch())
-                .await?;
-        pace.rest_after(started).await;
-        collected.forgotten_groups += forgotten as u64;
-        if forgotten < pace.batch() {
-            return Ok(collected);
-        }
-    }
 }
 
 /// A pull's one row: the space's version and compacted version, then groups, collected groups,

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -17,7 +17,7 @@ use sqlx::{Sqlite, Transaction};
 use super::shared::{self, client_group_record, to_lmid, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, ClientWrite,
-    Collected, EntryChange, GcPace, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
+    Collected, EntryChange, GcBatches, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
     StoreError, delta_bytes, to_i64, unix_now,
 };
 use crate::protocol::SpaceId;
@@ -89,12 +89,12 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        _locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        // Always pessimistic: the single writer is every space's lock, and costs no round trips.
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        // Always locked: the single writer is every space's lock, and costs no round trips.
+        self.begin_locked_push(space).await
+    }
+
+    async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let version = space_version(&mut tx, space).await?;
         Ok(Box::new(SqlitePushTx {
@@ -166,62 +166,11 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn collect_client_groups(
-        &self,
-        now: i64,
-        inactive_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<Collected>, StoreError> {
-        // One instance only: nothing to lock against. Each batch is a short write transaction,
-        // so pushes queued on the writer wait for one batch at most.
-        let batch = pace.batch();
-        let mut collected = Collected::default();
-        loop {
-            let started = Instant::now();
-            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let gone = collect_batch(&mut tx, now, inactive_before, batch).await?;
-            tx.commit().await?;
-            pace.rest_after(started).await;
-            collected.client_groups += gone.client_groups;
-            collected.clients += gone.clients;
-            if gone.client_groups < batch as u64 {
-                break;
-            }
-        }
-        loop {
-            // The writer is taken per batch, never across a pause: pushes wait on it.
-            let started = Instant::now();
-            let mut writer = self.writer.acquire().await?;
-            let forgotten =
-                shared::forget_collected_groups::<Sqlite>(&mut writer, inactive_before, batch)
-                    .await?;
-            drop(writer);
-            pace.rest_after(started).await;
-            collected.forgotten_groups += forgotten as u64;
-            if forgotten < batch {
-                return Ok(Some(collected));
-            }
-        }
-    }
-
-    async fn compact_tombstones(
-        &self,
-        deleted_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<u64>, StoreError> {
-        // Each batch holds the writer, which is every space's write lock, briefly.
-        let mut removed = 0;
-        loop {
-            let started = Instant::now();
-            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let count = compact_batch(&mut tx, deleted_before, pace.batch()).await?;
-            tx.commit().await?;
-            pace.rest_after(started).await;
-            match count {
-                Some(count) => removed += count,
-                None => return Ok(Some(removed)),
-            }
-        }
+    async fn lock_gc(&self) -> Result<Option<Box<dyn GcBatches>>, StoreError> {
+        // One instance only: nothing to lock against.
+        Ok(Some(Box::new(SqliteGcBatches {
+            writer: self.writer.clone(),
+        })))
     }
 
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
@@ -283,6 +232,49 @@ impl SqliteStore {
     }
 }
 
+/// Garbage collection's batches. Each takes the writer, which is every space's write lock, for
+/// one short transaction, never across the caller's pauses: pushes wait on it.
+struct SqliteGcBatches {
+    writer: SqlitePool,
+}
+
+#[async_trait]
+impl GcBatches for SqliteGcBatches {
+    async fn remove_idle_client_groups(
+        &mut self,
+        now: i64,
+        inactive_before: i64,
+        limit: usize,
+    ) -> Result<Collected, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let gone = collect_batch(&mut tx, now, inactive_before, limit).await?;
+        tx.commit().await?;
+        Ok(gone)
+    }
+
+    async fn forget_collected_groups(
+        &mut self,
+        collected_before: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let mut writer = self.writer.acquire().await?;
+        shared::forget_collected_groups::<Sqlite>(&mut writer, collected_before, limit).await
+    }
+
+    async fn compact_tombstones(
+        &mut self,
+        deleted_before: i64,
+        limit: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let removed = compact_batch(&mut tx, deleted_before, limit).await?;
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn unlock(self: Box<Self>) {}
+}
+
 struct SqlitePushTx {
     tx: Transaction<'static, Sqlite>,
     space: SpaceId,
@@ -299,7 +291,7 @@ impl PushTx for SqlitePushTx {
         client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // Unlike Postgres's one statement, plain reads one by one: `begin_push` already holds
+        // Unlike Postgres's one statement, plain reads one by one: the push's begin already holds
         // the lock and the embedded database costs no round trips.
         let mut state = ClientState {
             space_version: self.version,

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
 use replisync::store::{
-    ClientState, Collected, GcPace, Locking, PullChanges, PullSnapshot, PushChanges, PushTx, Store,
-    StoreError,
+    ClientState, GcBatches, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError,
 };
 
 /// What a test changes in the store it wraps; by default, nothing.
@@ -40,6 +39,16 @@ impl<F: Fault> Faulty<F> {
         Arc::new(Faulty {
             inner,
             fault: Arc::new(fault),
+        })
+    }
+}
+
+impl<F: Fault> Faulty<F> {
+    /// `inner` with this store's fault applied.
+    fn faulty(&self, inner: Box<dyn PushTx>) -> Box<dyn PushTx> {
+        Box::new(FaultyTx {
+            inner,
+            fault: self.fault.clone(),
         })
     }
 }
@@ -86,15 +95,11 @@ impl<F: Fault> Store for Faulty<F> {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
-    async fn begin_push(
-        &self,
-        space: &SpaceId,
-        locking: Locking,
-    ) -> Result<Box<dyn PushTx>, StoreError> {
-        Ok(Box::new(FaultyTx {
-            inner: self.inner.begin_push(space, locking).await?,
-            fault: self.fault.clone(),
-        }))
+    async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        Ok(self.faulty(self.inner.begin_push(space).await?))
+    }
+    async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
+        Ok(self.faulty(self.inner.begin_locked_push(space).await?))
     }
     async fn streamed_pull(
         &self,
@@ -116,22 +121,8 @@ impl<F: Fault> Store for Faulty<F> {
             .pull_changes(space, groups, from, max_delta_bytes)
             .await
     }
-    async fn collect_client_groups(
-        &self,
-        now: i64,
-        inactive_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<Collected>, StoreError> {
-        self.inner
-            .collect_client_groups(now, inactive_before, pace)
-            .await
-    }
-    async fn compact_tombstones(
-        &self,
-        deleted_before: i64,
-        pace: GcPace,
-    ) -> Result<Option<u64>, StoreError> {
-        self.inner.compact_tombstones(deleted_before, pace).await
+    async fn lock_gc(&self) -> Result<Option<Box<dyn GcBatches>>, StoreError> {
+        self.inner.lock_gc().await
     }
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
         self.inner.raise_space_version(space, to).await

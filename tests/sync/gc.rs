@@ -8,8 +8,8 @@ use std::time::Duration;
 use replisync::gc::{self, GcSettings};
 use replisync::protocol::SpaceId;
 use replisync::store::{
-    ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientWrite, Collected, Locking, PushChanges,
-    StoreError, unix_now,
+    ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientWrite, Collected, PushChanges, StoreError,
+    unix_now,
 };
 use serde_json::{Value, json};
 
@@ -351,11 +351,7 @@ async fn postgres_a_push_whose_group_is_collected_before_its_commit_does_not_com
         .await;
     set_last_active(&server, "g", TTL.as_secs() as i64 + 60).await;
     let space = SpaceId::parse("s").unwrap();
-    let mut tx = server
-        .store
-        .begin_push(&space, Locking::Pessimistic)
-        .await
-        .unwrap();
+    let mut tx = server.store.begin_locked_push(&space).await.unwrap();
     let state = tx
         .client_state(&["g".to_owned()], &["c".to_owned()])
         .await

@@ -17,5 +17,6 @@ mod limits;
 mod protocol;
 mod push_limits;
 mod slow_requests;
+mod sql_functions;
 mod sse;
 mod stalled;
