@@ -1,9 +1,11 @@
-//! The route handlers: each takes the parts of the state it needs, hands the work to `push`,
-//! `pull` or `poke`, and turns the outcome into a response (counted in `/metrics`).
+//! The route handlers: each takes the parts of the state it needs, parses the request, hands the
+//! work to `push`, `pull` or `poke`, and turns the outcome or error into a response.
+
+mod domain_errors;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use axum::Json;
@@ -17,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::extract::{Authenticated, Caller, PushBody, Reads, RequestBody, Writes, authorize};
-use super::state::{AppState, Draining};
+use super::state::Draining;
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator, Identity};
 use crate::error::ApiError;
@@ -26,46 +28,17 @@ use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
 use crate::poke::sse::{SsePokes, StreamOwner, StreamsFull, poke_events};
 use crate::protocol::{PullRequest, PushRequest, SpaceId, parse_body};
 use crate::pull::{PullBody, Pulls, WriteCheck};
-use crate::push::{Push, PushBudget, PushOutcome, check_client_count};
+use crate::push::PushGroups;
 use crate::store::{Store, reconnecting};
 
-/// `POST /spaces/{space}/push`
+/// `POST /spaces/{space}/push`: parsed here, applied by the push service, answered `{}`.
 pub async fn push_handler(
-    State(state): State<AppState>,
+    State(pushes): State<Arc<PushGroups>>,
     Caller { space, user, .. }: Caller<Writes>,
     body: PushBody,
 ) -> Result<Json<Value>, ApiError> {
-    let budget = PushBudget {
-        max_mutations: state.http.push.max_mutations,
-        deadline: Instant::now() + state.http.push_work_budget(),
-        max_write_bytes: state.http.push.max_write_bytes,
-    };
     let request: PushRequest = parse_body(&body.bytes)?;
-    request.validate()?;
-    if let Err(error) = check_client_count(&request, state.http.push.max_clients) {
-        state.metrics.push_refused_too_many_clients.increment();
-        return Err(error);
-    }
-    let mutations = request.mutations.len();
-    let push = Push {
-        user,
-        request,
-        budget,
-    };
-    let outcome = state.pushes.push(&space, push).await?;
-    if let PushOutcome::Committed {
-        version,
-        partial: Some(applied),
-        ..
-    } = outcome
-    {
-        // Committed, but the client must push again for the rest: only a failure makes
-        // Replicache push again without a new mutation (its push loop has no timer).
-        tracing::debug!(version, mutations, applied, "push committed in part");
-        return Err(ApiError::PartiallyApplied { applied });
-    }
-    tracing::debug!(mutations, ?outcome, "push answered");
-    state.metrics.pushes.increment();
+    pushes.push(&space, user, request).await?;
     Ok(Json(json!({})))
 }
 

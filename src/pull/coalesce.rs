@@ -90,7 +90,7 @@ pub struct PullCoalescer {
     max_shared_delta_bytes: usize,
     /// Pulls waiting for the next read, per (space, cookie). A key is present exactly while a
     /// reader task for it runs.
-    waiting: Mutex<HashMap<BatchKey, Vec<(String, Reply)>>>,
+    waiting: Waiting,
 }
 
 impl PullCoalescer {
@@ -140,14 +140,21 @@ impl PullCoalescer {
 
     /// Answers waiting pulls of `key`, one read per batch, until none wait.
     async fn read_batches(self: Arc<Self>, key: BatchKey) {
+        let mut reader = ReaderGuard {
+            waiting: &self.waiting,
+            key: &key,
+            finished: false,
+        };
         loop {
             let batch = {
                 let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(queue) = waiting.get_mut(&key) else {
+                    reader.finished = true;
                     return;
                 };
                 if queue.is_empty() {
                     waiting.remove(&key);
+                    reader.finished = true;
                     return;
                 }
                 let take = queue.len().min(MAX_GROUPS_PER_READ);
@@ -170,5 +177,81 @@ impl PullCoalescer {
                 let _ = reply.send(result.clone());
             }
         }
+    }
+}
+
+type Waiting = Mutex<HashMap<BatchKey, Vec<(String, Reply)>>>;
+
+/// Held by a key's reader task. If the task ends any other way than by emptying its queue (a
+/// panic), the key leaves the map, so the next pull starts a new reader, and the pulls that
+/// waited are answered with an error as their replies drop, instead of waiting for ever.
+struct ReaderGuard<'a> {
+    waiting: &'a Waiting,
+    key: &'a BatchKey,
+    finished: bool,
+}
+
+impl Drop for ReaderGuard<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let orphaned = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.key);
+        tracing::error!(
+            space = self.key.0.as_str(),
+            pulls = orphaned.map_or(0, |batch| batch.len()),
+            "pull reader failed; its waiting pulls are answered with an error"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_reader_frees_its_key_and_answers_its_waiters() {
+        let waiting: Arc<Waiting> = Arc::default();
+        let key: BatchKey = (SpaceId::parse("s").unwrap(), 7);
+        let (reply, answer) = oneshot::channel();
+        waiting
+            .lock()
+            .unwrap()
+            .insert(key.clone(), vec![("g".to_owned(), reply)]);
+        let reader = {
+            let (waiting, key) = (waiting.clone(), key.clone());
+            tokio::spawn(async move {
+                let _guard = ReaderGuard {
+                    waiting: &waiting,
+                    key: &key,
+                    finished: false,
+                };
+                panic!("the store panicked");
+            })
+        };
+        assert!(reader.await.unwrap_err().is_panic());
+        assert!(answer.await.is_err(), "the waiting pull is answered");
+        assert!(waiting.lock().unwrap().is_empty(), "the key is free again");
+    }
+
+    #[tokio::test]
+    async fn a_finished_reader_leaves_the_map_alone() {
+        let waiting: Waiting = Mutex::default();
+        let key: BatchKey = (SpaceId::parse("s").unwrap(), 7);
+        let (reply, _answer) = oneshot::channel();
+        waiting
+            .lock()
+            .unwrap()
+            .insert(key.clone(), vec![("g".to_owned(), reply)]);
+        drop(ReaderGuard {
+            waiting: &waiting,
+            key: &key,
+            finished: true,
+        });
+        assert_eq!(waiting.lock().unwrap()[&key].len(), 1);
     }
 }

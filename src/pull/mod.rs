@@ -4,6 +4,7 @@
 //! delta is too large to hold: then each is streamed like a first pull.
 
 pub mod coalesce;
+mod error;
 mod guard;
 mod patch;
 
@@ -18,12 +19,12 @@ use futures::{Stream, TryStreamExt};
 use tokio::sync::Semaphore;
 
 use self::coalesce::PullCoalescer;
+pub use self::error::PullError;
 pub use self::guard::StreamLimits;
 use self::patch::{response_head, write_patch_op};
 use crate::auth::check_group_ownership;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::protocol::{ProtocolError, PullRequest, SpaceId, check_identifier, parse_cookie};
+use crate::protocol::{PullRequest, SpaceId, check_identifier, parse_cookie};
 use crate::store::{PullSnapshot, Store, StoreError, reconnecting};
 
 /// Patch bytes gathered before a chunk is handed to the connection.
@@ -93,11 +94,10 @@ impl Pulls {
         user: &str,
         request: &PullRequest,
         writes: &dyn WriteCheck,
-    ) -> Result<PullBody, ApiError> {
+    ) -> Result<PullBody, PullError> {
         check_identifier(&request.client_group_id, "clientGroupID")?;
         // A cookie replisync never issued (a string, an object, a fraction) cannot be honoured.
-        let cookie =
-            parse_cookie(&request.cookie).map_err(|_| ProtocolError::ClientStateNotFound)?;
+        let cookie = parse_cookie(&request.cookie).map_err(|_| PullError::ClientStateNotFound)?;
         let body = match cookie {
             None => {
                 self.streamed_pull(space, user, &request.client_group_id, None, 0)
@@ -123,7 +123,7 @@ impl Pulls {
         client_group_id: &str,
         since: Option<u64>,
         cookie_floor: u64,
-    ) -> Result<PullBody, ApiError> {
+    ) -> Result<PullBody, PullError> {
         let permit = tokio::time::timeout(
             self.limits.queue_wait,
             self.streamed_pulls.clone().acquire_owned(),
@@ -131,10 +131,9 @@ impl Pulls {
         .await;
         let Ok(Ok(permit)) = permit else {
             self.metrics.first_pulls_refused.increment();
-            return Err(ApiError::Overloaded(format!(
-                "{} streamed pulls (first pulls and large deltas) are in flight (REPLISYNC_MAX_FIRST_PULLS); retry shortly",
-                self.limits.max_first_pulls
-            )));
+            return Err(PullError::TooManyStreamed {
+                max_streamed: self.limits.max_first_pulls,
+            });
         };
         self.metrics.pull_reads.increment();
         let mut snapshot =
@@ -168,7 +167,7 @@ impl Pulls {
         client_group_id: &str,
         from: u64,
         writes: &dyn WriteCheck,
-    ) -> Result<PullBody, ApiError> {
+    ) -> Result<PullBody, PullError> {
         let shared = self.coalescer.pull(space, client_group_id, from).await?;
         check_not_collected(shared.client_group_collected(client_group_id))?;
         if let Some(group) = shared.client_group(client_group_id) {
@@ -219,11 +218,11 @@ impl Pulls {
         client_group_id: &str,
         cookie: u64,
         writes: &dyn WriteCheck,
-    ) -> Result<PullBody, ApiError> {
+    ) -> Result<PullBody, PullError> {
         if cookie > MAX_ADOPTED_COOKIE {
             // No space gets near this; raising it there would leave too few versions.
             tracing::info!(cookie, "cookie far ahead of any space: ClientStateNotFound");
-            return Err(ProtocolError::ClientStateNotFound.into());
+            return Err(PullError::ClientStateNotFound);
         }
         self.metrics.pull_resets.increment();
         if !writes.may_write().await {
@@ -251,10 +250,10 @@ const MAX_ADOPTED_COOKIE: u64 = 1 << 50;
 
 /// A client group that garbage collection removed starts over: Replicache disables it and
 /// forks a new one from its local data (then pulls a delta from its cookie).
-fn check_not_collected(collected: bool) -> Result<(), ApiError> {
+fn check_not_collected(collected: bool) -> Result<(), PullError> {
     if collected {
         tracing::info!("client group removed by garbage collection: ClientStateNotFound");
-        return Err(ProtocolError::ClientStateNotFound.into());
+        return Err(PullError::ClientStateNotFound);
     }
     Ok(())
 }
@@ -262,14 +261,14 @@ fn check_not_collected(collected: bool) -> Result<(), ApiError> {
 /// A cookie ahead of the space in a snapshot read after the shared read found it was not:
 /// versions only grow, so this is a replaced database under a running server. Answering a lower
 /// cookie would wedge the client; ClientStateNotFound makes it start over.
-fn check_cookie_not_ahead(cookie: u64, version: u64) -> Result<(), ApiError> {
+fn check_cookie_not_ahead(cookie: u64, version: u64) -> Result<(), PullError> {
     if cookie > version {
         tracing::info!(
             cookie,
             version,
             "cookie ahead of space: ClientStateNotFound"
         );
-        return Err(ProtocolError::ClientStateNotFound.into());
+        return Err(PullError::ClientStateNotFound);
     }
     Ok(())
 }

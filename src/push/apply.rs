@@ -5,19 +5,18 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::locking::Locking;
-use super::{Push, PushBudget, PushOutcome};
-use crate::auth::check_group_ownership;
-use crate::error::ApiError;
+use super::{Push, PushBudget, PushError, PushOutcome};
+use crate::auth::{AuthError, check_group_ownership};
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
 use crate::poke::Pokes;
-use crate::protocol::{Mutation, ProtocolError, PushRequest, SpaceId};
+use crate::protocol::{Mutation, PushRequest, SpaceId};
 use crate::store::{
     ClientGroupRecord, ClientRecord, ClientWrite, PushChanges, PushTx, Store, StoreError, unix_now,
 };
 
 /// What applying a group did to each of its pushes, in order: its answer, or `None` for a push
 /// left for the next group (the group reached its age limit before it).
-pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, ApiError>>>;
+pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, PushError>>>;
 
 /// Applies `pushes` (to `space`, in order) in one transaction and commits once. Each push that
 /// changes something moves the space one version on, as if it had committed alone: cookies
@@ -245,7 +244,7 @@ async fn apply_push(
     space: &SpaceId,
     push: &Push,
     age: &GroupAge<'_>,
-) -> Result<Result<PushOutcome, ApiError>, StoreError> {
+) -> Result<Result<PushOutcome, PushError>, StoreError> {
     let Push {
         user,
         request,
@@ -372,7 +371,7 @@ fn check_client_group(
     request: &PushRequest,
     space: &SpaceId,
     user: &str,
-) -> Result<Option<ClientGroupRecord>, ApiError> {
+) -> Result<Option<ClientGroupRecord>, PushError> {
     let id = &request.client_group_id;
     if let Some(stored) = group.groups.get(id) {
         check_group_ownership(stored, space, user)?;
@@ -380,7 +379,7 @@ fn check_client_group(
     }
     if group.collected_groups.contains(id) {
         tracing::info!("client group removed by garbage collection: ClientStateNotFound");
-        return Err(ProtocolError::ClientStateNotFound.into());
+        return Err(PushError::ClientStateNotFound);
     }
     Ok(Some(ClientGroupRecord {
         id: id.clone(),
@@ -402,7 +401,7 @@ fn distinct<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {
 fn known_clients<'r>(
     stored: &HashMap<String, ClientRecord>,
     request: &'r PushRequest,
-) -> Result<HashMap<&'r str, u64>, ApiError> {
+) -> Result<HashMap<&'r str, u64>, PushError> {
     let mut last_mutation_ids = HashMap::new();
     for mutation in &request.mutations {
         let client = mutation.client_id.as_str();
@@ -411,9 +410,9 @@ fn known_clients<'r>(
         }
         match stored.get(client) {
             Some(record) if record.client_group_id != request.client_group_id => {
-                return Err(ApiError::Forbidden(format!(
+                return Err(PushError::Forbidden(AuthError::Forbidden(format!(
                     "client {client} belongs to another client group"
-                )));
+                ))));
             }
             Some(record) => {
                 last_mutation_ids.insert(client, record.last_mutation_id);
@@ -424,7 +423,7 @@ fn known_clients<'r>(
                     first_id = mutation.id,
                     "unknown client: ClientStateNotFound"
                 );
-                return Err(ProtocolError::ClientStateNotFound.into());
+                return Err(PushError::ClientStateNotFound);
             }
             None => {
                 last_mutation_ids.insert(client, 0);

@@ -10,9 +10,8 @@ use tokio::sync::oneshot;
 
 use super::apply::{AgeLimit, GroupAnswers, apply_group};
 use super::locking::Locking;
-use super::{Push, PushOutcome};
-use crate::config::GroupLimits;
-use crate::error::ApiError;
+use super::{Push, PushError, PushOutcome};
+use crate::config::PushLimits;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::Pokes;
@@ -28,15 +27,18 @@ pub struct PushGroups {
     mutators: Arc<Mutators>,
     /// Told of every commit, by the group that made it (whoever waits for the answer).
     pokes: Pokes,
-    limits: GroupLimits,
-    metrics: Arc<Metrics>,
+    /// What one push may carry and do, and how large a group may grow.
+    pub(super) limits: PushLimits,
+    /// Time a push spends running mutators before it commits what it applied.
+    pub(super) work_budget: Duration,
+    pub(super) metrics: Arc<Metrics>,
     waiting: Mutex<HashMap<SpaceId, VecDeque<Waiting>>>,
 }
 
 /// A push waiting for its group, and where its answer goes.
 struct Waiting {
     push: Push,
-    answer: oneshot::Sender<Result<PushOutcome, ApiError>>,
+    answer: oneshot::Sender<Result<PushOutcome, PushError>>,
 }
 
 impl PushGroups {
@@ -44,7 +46,8 @@ impl PushGroups {
         store: Arc<dyn Store>,
         mutators: Arc<Mutators>,
         pokes: Pokes,
-        limits: GroupLimits,
+        limits: PushLimits,
+        work_budget: Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<PushGroups> {
         Arc::new(PushGroups {
@@ -52,6 +55,7 @@ impl PushGroups {
             mutators,
             pokes,
             limits,
+            work_budget,
             metrics,
             waiting: Mutex::default(),
         })
@@ -62,11 +66,11 @@ impl PushGroups {
     /// done (or dropped: a push whose caller went away is rolled back, the waiting ones are not
     /// lost). When the space is busy, the push waits for the runner's next group, and is applied
     /// even if the caller stops waiting.
-    pub async fn push(
+    pub(super) async fn apply_in_group(
         self: &Arc<Self>,
         space: &SpaceId,
         push: Push,
-    ) -> Result<PushOutcome, ApiError> {
+    ) -> Result<PushOutcome, PushError> {
         let (answer, answered) = oneshot::channel();
         let lead = {
             let mut queues = self.waiting();
@@ -169,7 +173,7 @@ impl PushGroups {
             waiting.remove(space);
             return None;
         }
-        let size = queue.len().min(self.limits.max_pushes.max(1));
+        let size = queue.len().min(self.limits.group.max_pushes.max(1));
         self.metrics.pushes_waiting.sub(size as u64);
         Some(queue.drain(..size).collect())
     }
@@ -219,7 +223,7 @@ impl PushGroups {
         let (store, mutators, pokes) = (&*self.store, &*self.mutators, &self.pokes);
         let others_waiting = || self.others_waiting(space);
         let limit = AgeLimit {
-            max_age: self.limits.max_age,
+            max_age: self.limits.group.max_age,
             others_waiting: &others_waiting,
         };
         let mut attempt = 1;

@@ -1,15 +1,17 @@
 //! Push: applies a client group's pending mutations to a space, in order, exactly once. Pushes
-//! to one space that arrive while its transaction is busy commit together, in arrival order.
+//! to one space that arrive while its transaction is busy commit together, in arrival order;
+//! `service` is the one way in, from a parsed request to its outcome.
 
 mod apply;
+mod error;
 mod group;
 mod locking;
+mod service;
 
-use std::collections::HashSet;
 use std::time::Instant;
 
+pub use self::error::PushError;
 pub use self::group::PushGroups;
-use crate::error::ApiError;
 use crate::protocol::PushRequest;
 
 /// What a push did.
@@ -51,21 +53,4 @@ pub struct Push {
     pub user: String,
     pub request: PushRequest,
     pub budget: PushBudget,
-}
-
-/// Refuses a push naming more clients than `max` (a client group has a handful): each would
-/// be a row to read and create.
-pub fn check_client_count(request: &PushRequest, max: usize) -> Result<(), ApiError> {
-    let mut seen = HashSet::new();
-    for mutation in &request.mutations {
-        if seen.insert(mutation.client_id.as_str()) && seen.len() > max {
-            return Err(ApiError::bad_request(
-                "TooManyClients",
-                format!(
-                    "the push names more than {max} client ids; the limit is REPLISYNC_MAX_CLIENTS_PER_PUSH"
-                ),
-            ));
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,38 @@
+//! What can go wrong with a push, named in the push's own terms; the HTTP edge alone decides the
+//! status and body each one is answered with.
+
+use crate::auth::AuthError;
+use crate::protocol::BodyError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// Not a valid push: an id that is empty or too long, or a protocol version not spoken.
+    #[error("the push is not valid: {0:?}")]
+    Invalid(BodyError),
+    /// The push names more distinct client ids than one push may.
+    #[error(
+        "the push names more than {max} client ids; the limit is REPLISYNC_MAX_CLIENTS_PER_PUSH"
+    )]
+    TooManyClients { max: usize },
+    /// The server has no state for the client group or client (garbage collection removed it,
+    /// or the server lost it): Replicache must start over.
+    #[error("the server has no state for this client group or client")]
+    ClientStateNotFound,
+    /// The client group or a client belongs to another space, user or client group.
+    #[error("{0}")]
+    Forbidden(#[from] AuthError),
+    /// Committed, but only the first `applied` mutations: the push's budget ran out, and the
+    /// client must push again for the rest.
+    #[error("applied {applied} mutations of this push; push again to apply the rest")]
+    Partial { applied: usize },
+    /// The database failed (unavailable, timed out, refused a statement): nothing was written.
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<BodyError> for PushError {
+    fn from(error: BodyError) -> Self {
+        PushError::Invalid(error)
+    }
+}

@@ -1,0 +1,69 @@
+//! The push service, the one way into the write path: a parsed push is checked, given its
+//! budget, applied (alone or in its space's group), committed, poked and counted here, and
+//! answered with an outcome or a `PushError`. The HTTP handler only parses and maps.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Push, PushBudget, PushError, PushGroups, PushOutcome};
+use crate::protocol::{PushRequest, SpaceId};
+
+impl PushGroups {
+    /// Applies `request`, sent by `user`, to `space`. A push committed only in part is answered
+    /// `PushError::Partial` (its prefix is committed and poked): only a failure makes Replicache
+    /// push again without a new mutation, as its push loop has no timer.
+    pub async fn push(
+        self: &Arc<Self>,
+        space: &SpaceId,
+        user: String,
+        request: PushRequest,
+    ) -> Result<PushOutcome, PushError> {
+        let budget = self.budget();
+        request.validate()?;
+        if let Err(error) = check_client_count(&request, self.limits.max_clients) {
+            self.metrics.push_refused_too_many_clients.increment();
+            return Err(error);
+        }
+        let mutations = request.mutations.len();
+        let push = Push {
+            user,
+            request,
+            budget,
+        };
+        let outcome = self.apply_in_group(space, push).await?;
+        if let PushOutcome::Committed {
+            version,
+            partial: Some(applied),
+            ..
+        } = outcome
+        {
+            tracing::debug!(version, mutations, applied, "push committed in part");
+            return Err(PushError::Partial { applied });
+        }
+        tracing::debug!(mutations, ?outcome, "push answered");
+        self.metrics.pushes.increment();
+        Ok(outcome)
+    }
+
+    /// The budget of a push that starts now.
+    fn budget(&self) -> PushBudget {
+        PushBudget {
+            max_mutations: self.limits.max_mutations,
+            deadline: Instant::now() + self.work_budget,
+            max_write_bytes: self.limits.max_write_bytes,
+        }
+    }
+}
+
+/// Refuses a push naming more clients than `max` (a client group has a handful): each would
+/// be a row to read and create.
+fn check_client_count(request: &PushRequest, max: usize) -> Result<(), PushError> {
+    let mut seen = HashSet::new();
+    for mutation in &request.mutations {
+        if seen.insert(mutation.client_id.as_str()) && seen.len() > max {
+            return Err(PushError::TooManyClients { max });
+        }
+    }
+    Ok(())
+}
