@@ -36,13 +36,13 @@ pub async fn push_handler(
     body: PushBody,
 ) -> Result<Json<Value>, ApiError> {
     let budget = PushBudget {
-        max_mutations: state.http.push.max_mutations,
-        deadline: Instant::now() + state.http.push_work_budget(),
-        max_write_bytes: state.http.push.max_write_bytes,
+        max_mutations: state.push.max_mutations,
+        deadline: Instant::now() + state.push.work_budget(state.http.request_timeout),
+        max_write_bytes: state.push.max_write_bytes,
     };
     let request: PushRequest = parse_body(&body.bytes)?;
     request.validate()?;
-    if let Err(error) = check_client_count(&request, state.http.push.max_clients) {
+    if let Err(error) = check_client_count(&request, state.push.max_clients) {
         state.metrics.push_refused_too_many_clients.increment();
         return Err(error);
     }

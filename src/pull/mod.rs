@@ -6,6 +6,7 @@
 pub mod coalesce;
 mod guard;
 mod patch;
+pub mod settings;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::apply::{AgeLimit, GroupAnswers, apply_group};
+use super::settings::GroupLimits;
 use super::{Push, PushOutcome};
-use crate::config::GroupLimits;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;

@@ -3,6 +3,7 @@
 
 mod apply;
 mod group;
+pub mod settings;
 
 use std::collections::HashSet;
 use std::time::Instant;

@@ -3,6 +3,7 @@
 
 pub mod pg_session;
 pub mod postgres;
+pub mod settings;
 mod shared;
 pub mod sqlite;
 
