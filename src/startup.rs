@@ -1,5 +1,6 @@
-//! Start-up and shutdown: open the store, build the `App` once (from `Config` in the binary,
-//! part by part in tests), serve it on a listener until a shutdown future resolves, then drain.
+//! Start-up and shutdown: open the store, assemble the `App` once from each feature's settings
+//! (from `Config` in the binary, part by part in tests), serve it until a shutdown future
+//! resolves, then drain.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::authorize::{Authorizer, Webhook};
 use crate::auth::{self, Anonymous, Authenticator};
-use crate::config::{Command, Config};
+use crate::config::Config;
 use crate::gc::{self, GcSettings};
 use crate::http::settings::HttpSettings;
 use crate::http::{
@@ -32,59 +33,7 @@ use crate::push::settings::PushLimits;
 use crate::store::postgres::PgStore;
 use crate::store::settings::StoreChoice;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, activity_granularity, unix_now};
-
-/// Runs the command line: serve (the default) or migrate.
-pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
-    match command {
-        Command::Migrate => {
-            let store = open_store(&config, true).await?;
-            tracing::info!("migrations applied");
-            store.close().await;
-            Ok(())
-        }
-        Command::Healthcheck => healthcheck(&config).await,
-        Command::Gc => collect_once(&config).await,
-        Command::Serve => {
-            let app = App::from_config(&config).await?;
-            let listen = config.http.listen;
-            let listener = TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen} (REPLISYNC_LISTEN)"))?;
-            let metrics_listener = match config.http.metrics_listen {
-                Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
-                    format!("cannot listen on {address} (REPLISYNC_METRICS_LISTEN)")
-                })?),
-                None => None,
-            };
-            serve_with_metrics(listener, metrics_listener, app, shutdown_signal()).await
-        }
-    }
-}
-
-/// `replisync gc`: one garbage collection pass, reported on standard output.
-async fn collect_once(config: &Config) -> anyhow::Result<()> {
-    // Asked for by an operator: at full speed, without the background passes' pauses.
-    let settings = GcSettings {
-        pause_factor: 0,
-        ..config.gc.settings().map_err(anyhow::Error::msg)?
-    };
-    let store = open_store(config, config.store.auto_migrate).await?;
-    let result = gc::collect(&*store, &Metrics::default(), unix_now(), &settings).await;
-    store.close().await;
-    match result? {
-        Some(collected) => println!(
-            "removed {} client groups and {} clients idle for more than {} s, and {} deletions older than {} s",
-            collected.client_groups,
-            collected.clients,
-            settings.client_ttl.as_secs(),
-            collected.tombstones,
-            settings.tombstone_ttl.as_secs()
-        ),
-        None => println!("another instance is collecting; nothing done"),
-    }
-    Ok(())
-}
+use crate::store::{Store, activity_granularity};
 
 /// Opens the configured store and, when asked, applies its migrations.
 pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
@@ -461,31 +410,6 @@ async fn drain(
     );
     tokio::time::timeout(delay, server).await.ok()
 }
-
-/// `replisync healthcheck`: GET /healthz on this machine at REPLISYNC_LISTEN's port; an error
-/// (so exit status 1) unless it answers 200.
-async fn healthcheck(config: &Config) -> anyhow::Result<()> {
-    let mut address = config.http.listen;
-    if address.ip().is_unspecified() {
-        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let url = format!("http://{address}/healthz");
-    let response = reqwest::Client::builder()
-        .timeout(HEALTHCHECK_TIMEOUT)
-        .build()?
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("{url} does not answer"))?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "{url} answered {}",
-        response.status()
-    );
-    Ok(())
-}
-
-const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `/metrics` alone on `listener` until `stop`; scrapes are short, so it is not drained.
 fn serve_metrics(listener: TcpListener, app: &App, stop: CancellationToken) -> anyhow::Result<()> {
