@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+pub mod settings;
+
 use crate::metrics::Metrics;
 use crate::store::{Collected, Store, StoreError, unix_now};
 

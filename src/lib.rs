@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod gc;

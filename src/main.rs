@@ -1,4 +1,4 @@
-//! The replisync binary: parses the configuration, sets up logging, hands over to `startup`.
+//! The replisync binary: parses the configuration, sets up logging, hands over to `commands`.
 use std::io::IsTerminal;
 
 use clap::Parser;
@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.config.log_format);
-    match replisync::startup::run(cli.command.unwrap_or(Command::Serve), cli.config).await {
+    match replisync::commands::run(cli.command.unwrap_or(Command::Serve), cli.config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

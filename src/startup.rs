@@ -1,5 +1,6 @@
-//! Start-up and shutdown: open the store, build the `App` once (from `Config` in the binary,
-//! part by part in tests), serve it on a listener until a shutdown future resolves, then drain.
+//! Start-up and shutdown: open the store, assemble the `App` once from each feature's settings
+//! (from `Config` in the binary, part by part in tests), serve it until a shutdown future
+//! resolves, then drain.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,96 +8,48 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use jsonwebtoken::DecodingKey;
-use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::authorize::{Authorizer, Webhook};
-use crate::auth::endpoint::check_endpoint_url;
-use crate::auth::jwks::{Jwks, JwksError};
-use crate::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
-use crate::auth::{Anonymous, Authenticator};
-use crate::config::{Command, Config, HttpSettings, StoreChoice};
+use crate::auth::{self, Anonymous, Authenticator};
+use crate::config::Config;
 use crate::gc::{self, GcSettings};
+use crate::http::settings::HttpSettings;
 use crate::http::{
     AppState, Draining, InFlightBytes, MetricsEndpoint, Parts, accept_loop, metrics_router, router,
 };
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
-use crate::mutators::js::JsMutators;
 use crate::poke::pusher::{
     PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherConfig, PusherPoker,
 };
-use crate::poke::sse::{SsePokes, StreamLimits};
+use crate::poke::sse::SsePokes;
+use crate::poke::sse::settings::SseSettings;
 use crate::poke::{PokeSink, Pokes};
-use crate::pull::Pulls;
+use crate::pull::{PullLimits, Pulls};
 use crate::push::PushGroups;
+use crate::push::settings::PushLimits;
 use crate::store::postgres::PgStore;
+use crate::store::settings::StoreChoice;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, activity_granularity, unix_now};
-
-/// Runs the command line: serve (the default) or migrate.
-pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
-    match command {
-        Command::Migrate => {
-            let store = open_store(&config, true).await?;
-            tracing::info!("migrations applied");
-            store.close().await;
-            Ok(())
-        }
-        Command::Healthcheck => healthcheck(&config).await,
-        Command::Gc => collect_once(&config).await,
-        Command::Serve => {
-            let app = App::from_config(&config).await?;
-            let listener = TcpListener::bind(config.listen).await.with_context(|| {
-                format!("cannot listen on {} (REPLISYNC_LISTEN)", config.listen)
-            })?;
-            let metrics_listener = match config.metrics_listen {
-                Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
-                    format!("cannot listen on {address} (REPLISYNC_METRICS_LISTEN)")
-                })?),
-                None => None,
-            };
-            serve_with_metrics(listener, metrics_listener, app, shutdown_signal()).await
-        }
-    }
-}
-
-/// `replisync gc`: one garbage collection pass, reported on standard output.
-async fn collect_once(config: &Config) -> anyhow::Result<()> {
-    // Asked for by an operator: at full speed, without the background passes' pauses.
-    let settings = GcSettings {
-        pause_factor: 0,
-        ..config.gc_settings().map_err(anyhow::Error::msg)?
-    };
-    let store = open_store(config, config.auto_migrate).await?;
-    let result = gc::collect(&*store, &Metrics::default(), unix_now(), &settings).await;
-    store.close().await;
-    match result? {
-        Some(collected) => println!(
-            "removed {} client groups and {} clients idle for more than {} s, and {} deletions older than {} s",
-            collected.client_groups,
-            collected.clients,
-            settings.client_ttl.as_secs(),
-            collected.tombstones,
-            settings.tombstone_ttl.as_secs()
-        ),
-        None => println!("another instance is collecting; nothing done"),
-    }
-    Ok(())
-}
+use crate::store::{Store, activity_granularity};
 
 /// Opens the configured store and, when asked, applies its migrations.
 pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
-    let choice = config.store_choice().map_err(anyhow::Error::msg)?;
-    let store: Arc<dyn Store> = match choice {
+    let settings = &config.store;
+    let granularity = activity_granularity(config.gc.client_ttl);
+    let store: Arc<dyn Store> = match settings.choice().map_err(anyhow::Error::msg)? {
         StoreChoice::Postgres(options) => {
-            let limits = config.db_session_limits().map_err(anyhow::Error::msg)?;
-            let store = PgStore::connect_with_limits(*options, config.db_max_connections, limits)
+            let request = config.http.settings().map_err(anyhow::Error::msg)?;
+            let stream = config.pull.limits(settings.db_max_connections).stream;
+            let limits = settings
+                .session_limits(request.request_timeout, stream.deadline)
+                .map_err(anyhow::Error::msg)?;
+            let store = PgStore::connect_with_limits(*options, settings.db_max_connections, limits)
                 .await
                 .context("cannot connect to Postgres at DATABASE_URL")?
-                .with_activity_granularity(activity_granularity(config.client_ttl));
+                .with_activity_granularity(granularity);
             if migrate {
                 store.migrate().await?;
             }
@@ -104,10 +57,10 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
             Arc::new(store)
         }
         StoreChoice::Sqlite(path) => {
-            let store = SqliteStore::open(&path, config.db_max_connections)
+            let store = SqliteStore::open(&path, settings.db_max_connections)
                 .await
                 .with_context(|| format!("cannot open the SQLite file {}", path.display()))?
-                .with_activity_granularity(activity_granularity(config.client_ttl));
+                .with_activity_granularity(granularity);
             if migrate {
                 store.migrate().await?;
             }
@@ -140,11 +93,13 @@ impl App {
             mutators: Mutators::builtin(),
             auth: Arc::new(Anonymous),
             http: HttpSettings::default(),
+            push: PushLimits::default(),
+            pulls: PullLimits::default(),
             webhook: None,
             private_channels: None,
             sinks: Vec::new(),
             pusher: None,
-            sse_keep_alive: None,
+            sse: None,
             gc: None,
         }
     }
@@ -152,15 +107,23 @@ impl App {
     /// The server the configuration describes: its store (migrated when REPLISYNC_AUTO_MIGRATE),
     /// Pusher pokes when PUSHER_* is set, SSE pokes when REPLISYNC_SSE says so.
     pub async fn from_config(config: &Config) -> anyhow::Result<App> {
-        let http = config.http_settings().map_err(anyhow::Error::msg)?;
-        let gc = config.gc_settings().map_err(anyhow::Error::msg)?;
-        let (authenticator, webhook) = auth_from_config(config).await?;
+        let http = config.http.settings().map_err(anyhow::Error::msg)?;
+        let push = config.push.limits(http.request_timeout);
+        let push = push.map_err(anyhow::Error::msg)?;
+        let pulls = config.pull.limits(config.store.db_max_connections);
+        let gc = config.gc.settings().map_err(anyhow::Error::msg)?;
+        let (authenticator, webhook) =
+            auth::settings::build(&config.auth, config.http.listen).await?;
         let pusher_config = pusher_from_config(config)?;
-        let mutators = mutators_from_config(config)?;
-        let store = open_store(config, config.auto_migrate).await?;
+        let sse = config.sse.settings(pusher_config.is_some());
+        let sse = sse.map_err(anyhow::Error::msg)?;
+        let mutators = config.js.load()?;
+        let store = open_store(config, config.store.auto_migrate).await?;
         let mut builder = App::builder(store)
             .gc(gc)
             .http(http)
+            .push(push)
+            .pulls(pulls)
             .authenticator(authenticator)
             .mutators(mutators);
         if let Some(webhook) = webhook {
@@ -176,8 +139,8 @@ impl App {
             }
             None => tracing::info!("pokes through Pusher are off: no PUSHER_* variables are set"),
         }
-        if config.sse.unwrap_or(builder.pusher.is_none()) {
-            builder = builder.sse(Duration::from_secs(config.sse_keepalive_secs.max(1)));
+        if let Some(sse) = sse {
+            builder = builder.sse(sse);
             tracing::info!("SSE pokes on at GET /spaces/{{space}}/poke (single instance only)");
         }
         Ok(builder.build())
@@ -204,9 +167,11 @@ pub struct AppBuilder {
     webhook: Option<Webhook>,
     private_channels: Option<Arc<PrivateChannels>>,
     http: HttpSettings,
+    push: PushLimits,
+    pulls: PullLimits,
     sinks: Vec<Arc<dyn PokeSink>>,
     pusher: Option<Arc<PusherPoker>>,
-    sse_keep_alive: Option<Duration>,
+    sse: Option<SseSettings>,
     gc: Option<GcSettings>,
 }
 
@@ -232,6 +197,18 @@ impl AppBuilder {
         self
     }
 
+    /// What one push may carry and do, and how pushes to one space are grouped.
+    pub fn push(mut self, push: PushLimits) -> Self {
+        self.push = push;
+        self
+    }
+
+    /// How many pulls may stream at once, and for how long.
+    pub fn pulls(mut self, pulls: PullLimits) -> Self {
+        self.pulls = pulls;
+        self
+    }
+
     /// Adds a destination for pokes.
     pub fn poke_sink(mut self, sink: Arc<dyn PokeSink>) -> Self {
         self.sinks.push(sink);
@@ -252,9 +229,9 @@ impl AppBuilder {
         self
     }
 
-    /// Serves the built-in SSE poke stream, with a keep-alive comment every `keep_alive`.
-    pub fn sse(mut self, keep_alive: Duration) -> Self {
-        self.sse_keep_alive = Some(keep_alive);
+    /// Serves the built-in SSE poke stream, with its keep-alive and caps.
+    pub fn sse(mut self, settings: SseSettings) -> Self {
+        self.sse = Some(settings);
         self
     }
 
@@ -267,13 +244,12 @@ impl AppBuilder {
     pub fn build(self) -> App {
         let shutdown = CancellationToken::new();
         let mut sinks = self.sinks;
-        let sse = self.sse_keep_alive.map(|keep_alive| {
-            let limits = StreamLimits {
-                total: self.http.sse_max_streams,
-                per_space: self.http.sse_max_streams_per_space,
-                per_user: self.http.sse_max_streams_per_user,
-            };
-            let sse = Arc::new(SsePokes::new(keep_alive, limits, shutdown.clone()));
+        let sse = self.sse.map(|settings| {
+            let sse = Arc::new(SsePokes::new(
+                settings.keep_alive,
+                settings.limits,
+                shutdown.clone(),
+            ));
             sinks.push(sse.clone());
             sse
         });
@@ -285,25 +261,22 @@ impl AppBuilder {
         let mutators = Arc::new(self.mutators);
         let pokes = Pokes::new(sinks);
         let state = AppState::new(Parts {
-            pulls: Arc::new(Pulls::new(
-                self.store.clone(),
-                metrics.clone(),
-                self.http.pulls,
-            )),
+            pulls: Arc::new(Pulls::new(self.store.clone(), metrics.clone(), self.pulls)),
             pushes: PushGroups::new(
                 self.store.clone(),
                 mutators.clone(),
                 pokes,
-                self.http.push.clone(),
-                self.http.push_work_budget(),
+                self.push.clone(),
+                self.push.work_budget(self.http.request_timeout),
                 metrics.clone(),
             ),
             store: self.store,
             auth: self.auth,
             authorizer: Arc::new(Authorizer::new(self.webhook, metrics.clone())),
             sse,
-            push_bytes: InFlightBytes::new(self.http.push.max_bytes_in_flight),
+            push_bytes: InFlightBytes::new(self.push.max_bytes_in_flight),
             http: Arc::new(self.http),
+            push: Arc::new(self.push),
             metrics,
             pusher: self.pusher,
             private_channels: self.private_channels,
@@ -315,24 +288,6 @@ impl AppBuilder {
             gc: self.gc,
         }
     }
-}
-
-/// The built-in mutators, and the app's JavaScript ones when REPLISYNC_MUTATORS names a module
-/// (loaded now: a module that does not load stops start-up, naming its file and line).
-fn mutators_from_config(config: &Config) -> anyhow::Result<Mutators> {
-    let Some(path) = &config.js.mutators else {
-        return Ok(Mutators::builtin());
-    };
-    let limits = config.js.limits().map_err(anyhow::Error::msg)?;
-    let js = JsMutators::load(path, limits)?;
-    tracing::info!(
-        module = %path.display(),
-        engines = limits.engines,
-        timeout_ms = limits.timeout.as_millis() as u64,
-        memory_mb = limits.memory_bytes / (1024 * 1024),
-        "JavaScript mutators on"
-    );
-    Ok(js.register(Mutators::builtin()))
 }
 
 /// Pusher's settings; with tokens on, spaces are poked on private channels (`private-space-abc`)
@@ -349,109 +304,6 @@ fn pusher_from_config(config: &Config) -> anyhow::Result<Option<PusherConfig>> {
     }
     tracing::info!(channels = %format!("{}<space>", pusher.channel_prefix), "pokes through Pusher");
     Ok(Some(pusher))
-}
-
-/// The authenticator and the authorization webhook the configuration asks for. Refuses an
-/// anonymous server on a non-loopback address unless REPLISYNC_ALLOW_ANONYMOUS=true, and
-/// webhook or JWKS URLs that are not https (but on loopback) or do not parse; fetches the JWKS.
-async fn auth_from_config(
-    config: &Config,
-) -> anyhow::Result<(Arc<dyn Authenticator>, Option<Webhook>)> {
-    let auth = &config.auth;
-    let timeout = Duration::from_millis(auth.authz_timeout_ms.max(1));
-    let http = reqwest::Client::builder()
-        .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("replisync/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("cannot build the HTTP client for JWKS and the authorization webhook")?;
-    let webhook = match &auth.authz_url {
-        Some(url) => {
-            let url = check_endpoint_url(url, "REPLISYNC_AUTHZ_URL").map_err(anyhow::Error::msg)?;
-            Some(Webhook::new(
-                url.to_string(),
-                http.clone(),
-                Duration::from_secs(auth.authz_cache_secs),
-                auth.authz_cache_size,
-            ))
-        }
-        None => None,
-    };
-    let keys = match (&auth.jwt_secret, &auth.jwt_jwks_url) {
-        (Some(_), Some(_)) => {
-            anyhow::bail!("set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL, not both")
-        }
-        (Some(secret), None) if secret.expose_secret().is_empty() => {
-            anyhow::bail!("REPLISYNC_JWT_SECRET is empty")
-        }
-        (Some(secret), None) => {
-            Keys::Secret(DecodingKey::from_secret(secret.expose_secret().as_bytes()))
-        }
-        (None, Some(url)) => {
-            let url =
-                check_endpoint_url(url, "REPLISYNC_JWT_JWKS_URL").map_err(anyhow::Error::msg)?;
-            let refetch = Duration::from_secs(auth.jwt_jwks_refetch_secs);
-            Keys::Jwks(jwks_at_start(Jwks::new(url.to_string(), http, refetch)).await?)
-        }
-        (None, None) => {
-            check_anonymous_allowed(config)?;
-            if webhook.is_some() {
-                anyhow::bail!(
-                    "REPLISYNC_AUTHZ_URL needs authenticated users: set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL"
-                );
-            }
-            return Ok((Arc::new(Anonymous), None));
-        }
-    };
-    let rules = ClaimRules {
-        issuer: auth.jwt_issuer.clone(),
-        audience: auth.jwt_audience.clone(),
-        user_claim: auth.jwt_user_claim.clone(),
-        spaces_claim: auth.jwt_spaces_claim.clone(),
-        spaces_read_claim: auth.jwt_spaces_read_claim.clone(),
-    };
-    tracing::info!(
-        webhook = webhook.is_some(),
-        "authentication: JSON Web Tokens"
-    );
-    Ok((Arc::new(JwtAuthenticator::new(keys, rules)), webhook))
-}
-
-/// The JWKS, fetched once: an answer that is not a JWKS stops start-up; an unreachable provider
-/// is fetched again in the background, `/readyz` answering 503 until it is.
-async fn jwks_at_start(jwks: Jwks) -> anyhow::Result<Jwks> {
-    match jwks.fetch_now().await {
-        Ok(_) => {}
-        Err(JwksError::NotAJwks(message)) => anyhow::bail!(message),
-        Err(JwksError::Unreachable(error)) => {
-            tracing::warn!(
-                url = jwks.url(),
-                %error,
-                "the JWKS cannot be fetched yet: retrying in the background; tokens get 503 and /readyz 503 until it is"
-            );
-            jwks.keep_fetching();
-        }
-    }
-    Ok(jwks)
-}
-
-fn check_anonymous_allowed(config: &Config) -> anyhow::Result<()> {
-    if config.listen.ip().is_loopback() {
-        tracing::info!(
-            "authentication off: every caller may read and write every space (loopback only)"
-        );
-        return Ok(());
-    }
-    if config.auth.allow_anonymous {
-        tracing::warn!(listen = %config.listen, "authentication off on a non-loopback address (REPLISYNC_ALLOW_ANONYMOUS): anyone who can reach it may read and write every space");
-        return Ok(());
-    }
-    anyhow::bail!(
-        "refusing to serve {} without authentication: anyone could read and write every space. \
-         Set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL to verify tokens, or \
-         REPLISYNC_ALLOW_ANONYMOUS=true if that is what you want",
-        config.listen
-    )
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then gives requests and pending
@@ -559,31 +411,6 @@ async fn drain(
     );
     tokio::time::timeout(delay, server).await.ok()
 }
-
-/// `replisync healthcheck`: GET /healthz on this machine at REPLISYNC_LISTEN's port; an error
-/// (so exit status 1) unless it answers 200.
-async fn healthcheck(config: &Config) -> anyhow::Result<()> {
-    let mut address = config.listen;
-    if address.ip().is_unspecified() {
-        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let url = format!("http://{address}/healthz");
-    let response = reqwest::Client::builder()
-        .timeout(HEALTHCHECK_TIMEOUT)
-        .build()?
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("{url} does not answer"))?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "{url} answered {}",
-        response.status()
-    );
-    Ok(())
-}
-
-const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `/metrics` alone on `listener` until `stop`; scrapes are short, so it is not drained.
 fn serve_metrics(listener: TcpListener, app: &App, stop: CancellationToken) -> anyhow::Result<()> {

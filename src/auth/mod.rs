@@ -5,6 +5,7 @@ pub mod authorize;
 pub mod endpoint;
 pub mod jwks;
 pub mod jwt;
+pub mod settings;
 
 use std::time::SystemTime;
 

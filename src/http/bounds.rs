@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use crate::config::HttpSettings;
+use super::settings::HttpSettings;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 

@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::HttpSettings;
+use super::settings::HttpSettings;
 use crate::error::RETRY_AFTER_SECS;
 use crate::metrics::Metrics;
 

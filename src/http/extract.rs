@@ -18,10 +18,11 @@ use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator, Identity};
 
 use super::authenticate::identify;
-use crate::config::HttpSettings;
+use super::settings::HttpSettings;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
+use crate::push::settings::PushLimits;
 
 /// A request body read whole, within the configured limit (413 beyond it).
 pub struct RequestBody(pub Bytes);
@@ -135,14 +136,14 @@ pub struct PushBody {
 impl<S> FromRequest<S> for PushBody
 where
     S: Send + Sync,
-    Arc<HttpSettings>: FromRef<S>,
+    Arc<PushLimits>: FromRef<S>,
     InFlightBytes: FromRef<S>,
     Arc<Metrics>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = Arc::<HttpSettings>::from_ref(state).push.max_body_bytes;
+        let limit = Arc::<PushLimits>::from_ref(state).max_body_bytes;
         let metrics = Arc::<Metrics>::from_ref(state);
         let too_large = || {
             metrics.push_refused_too_large.increment();

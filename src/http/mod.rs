@@ -7,6 +7,7 @@ mod bounds;
 mod conn;
 mod extract;
 mod handlers;
+pub mod settings;
 mod state;
 
 use std::sync::Arc;
@@ -25,8 +26,8 @@ use tower_http::trace::TraceLayer;
 
 pub use self::conn::accept_loop;
 pub use self::extract::InFlightBytes;
+use self::settings::{CorsOrigins, HttpSettings};
 pub use self::state::{AppState, Draining, Parts};
-use crate::config::{CorsOrigins, HttpSettings};
 use crate::metrics::Metrics;
 
 /// The header Replicache sends with every push and pull; logged on each request span.

@@ -7,14 +7,15 @@ use axum::extract::FromRef;
 use tokio_util::sync::CancellationToken;
 
 use super::extract::InFlightBytes;
+use super::settings::HttpSettings;
 use crate::auth::Authenticator;
 use crate::auth::authorize::Authorizer;
-use crate::config::HttpSettings;
 use crate::metrics::Metrics;
 use crate::poke::pusher::{PrivateChannels, PusherPoker};
 use crate::poke::sse::SsePokes;
 use crate::pull::Pulls;
 use crate::push::PushGroups;
+use crate::push::settings::PushLimits;
 use crate::store::Store;
 
 /// The shared parts behind one `Arc`: axum clones the state for every layer and handler a
@@ -54,6 +55,7 @@ parts_from_state! {
     authorizer: Arc<Authorizer>,
     sse: Option<Arc<SsePokes>>,
     http: Arc<HttpSettings>,
+    push: Arc<PushLimits>,
     push_bytes: InFlightBytes,
     metrics: Arc<Metrics>,
     pulls: Arc<Pulls>,
@@ -71,6 +73,8 @@ pub struct Parts {
     /// The built-in SSE poke stream, when enabled.
     pub(crate) sse: Option<Arc<SsePokes>>,
     pub(crate) http: Arc<HttpSettings>,
+    /// What one push may carry and do.
+    pub(crate) push: Arc<PushLimits>,
     /// The bytes of push bodies being worked on (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT).
     pub(crate) push_bytes: InFlightBytes,
     pub(crate) metrics: Arc<Metrics>,

@@ -4,6 +4,7 @@
 
 mod builtin;
 pub mod js;
+pub mod settings;
 mod tx;
 
 use std::collections::HashMap;

@@ -14,6 +14,8 @@ use axum::response::sse::{Event, KeepAlive};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+pub mod settings;
+
 use super::PokeSink;
 use crate::protocol::SpaceId;
 

@@ -7,6 +7,7 @@ pub mod coalesce;
 mod error;
 mod guard;
 mod patch;
+pub mod settings;
 
 use std::sync::Arc;
 use std::time::Duration;

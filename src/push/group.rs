@@ -10,8 +10,8 @@ use tokio::sync::oneshot;
 
 use super::apply::{AgeLimit, GroupAnswers, apply_group};
 use super::locking::Locking;
+use super::settings::PushLimits;
 use super::{Push, PushError, PushOutcome};
-use crate::config::PushLimits;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::Pokes;

@@ -7,6 +7,7 @@ mod error;
 mod group;
 mod locking;
 mod service;
+pub mod settings;
 
 use std::time::Instant;
 

@@ -7,6 +7,7 @@ pub mod pg_session;
 pub mod postgres;
 mod records;
 mod retry;
+pub mod settings;
 mod shared;
 pub mod sqlite;
 

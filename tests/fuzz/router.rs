@@ -23,6 +23,7 @@ use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use replisync::auth::{Access, Authenticator};
 use replisync::http::MetricsEndpoint;
 use replisync::poke::pusher::{PrivateChannels, PusherArgs, PusherConfig};
+use replisync::poke::sse::settings::SseSettings;
 use replisync::protocol::SpaceId;
 use replisync::startup::App;
 use replisync::store::Store;
@@ -152,7 +153,10 @@ impl Fuzzed {
             App::builder(store.clone())
                 .authenticator(Arc::new(JwtAuthenticator::new(keys, ClaimRules::default())))
                 .private_channels(private_channels())
-                .sse(Duration::from_secs(15))
+                .sse(SseSettings {
+                    keep_alive: Duration::from_secs(15),
+                    ..SseSettings::default()
+                })
                 .build()
                 .router(MetricsEndpoint::Here)
         });

@@ -657,7 +657,7 @@ async fn pusher_auth_signs_private_channels_for_readers_only(backend: Backend) {
 
 async fn the_sse_stream_needs_read_access_and_takes_its_token_from_the_query(backend: Backend) {
     let options = Options {
-        sse_keep_alive: Some(Duration::from_secs(15)),
+        sse: crate::harness::sse_every(Duration::from_secs(15)),
         ..hmac_options()
     };
     let server = TestServer::start_with(backend, options).await;

@@ -1,6 +1,7 @@
 //! Bad input gets a 4xx with a JSON body naming the problem, and changes nothing.
 
-use replisync::config::{HttpSettings, PushLimits};
+use replisync::http::settings::HttpSettings;
+use replisync::push::settings::PushLimits;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, Options, TestServer, inc, push_body};
@@ -28,11 +29,11 @@ async fn every_kind_of_bad_push_changes_nothing(backend: Backend) {
     let options = Options {
         http: HttpSettings {
             max_body_bytes: 64 * 1024,
-            push: PushLimits {
-                max_body_bytes: 64 * 1024,
-                ..PushLimits::default()
-            },
             ..HttpSettings::default()
+        },
+        push: PushLimits {
+            max_body_bytes: 64 * 1024,
+            ..PushLimits::default()
         },
         ..Options::default()
     };

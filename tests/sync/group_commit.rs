@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use replisync::config::{GroupLimits, HttpSettings, PushLimits};
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
+use replisync::push::settings::{GroupLimits, PushLimits};
 use replisync::store::{PushChanges, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -98,10 +98,7 @@ async fn wait_for_waiting(server: &TestServer, count: u64) {
 fn options_with(gate: &Gate, push: PushLimits) -> Options {
     Options {
         mutators: Mutators::builtin().register("gate", gate.clone()),
-        http: HttpSettings {
-            push,
-            ..HttpSettings::default()
-        },
+        push,
         ..Options::default()
     }
 }
@@ -576,15 +573,12 @@ async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
 async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
     let options = Options {
         mutators: Mutators::builtin().register("slow", Slow),
-        http: HttpSettings {
-            push: PushLimits {
-                group: GroupLimits {
-                    max_pushes: 64,
-                    max_age: Duration::from_millis(50),
-                },
-                ..PushLimits::default()
+        push: PushLimits {
+            group: GroupLimits {
+                max_pushes: 64,
+                max_age: Duration::from_millis(50),
             },
-            ..HttpSettings::default()
+            ..PushLimits::default()
         },
         ..Options::default()
     };

@@ -7,11 +7,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use replisync::auth::authorize::Webhook;
 use replisync::auth::{Anonymous, Authenticator};
-use replisync::config::HttpSettings;
+use replisync::http::settings::HttpSettings;
 use replisync::mutators::Mutators;
 use replisync::poke::PokeSink;
 use replisync::poke::pusher::PrivateChannels;
+use replisync::poke::sse::settings::SseSettings;
 use replisync::protocol::SpaceId;
+use replisync::pull::PullLimits;
+use replisync::push::settings::PushLimits;
 use replisync::startup::{App, serve};
 use replisync::store::Store;
 use replisync::store::pg_session::SessionLimits;
@@ -43,12 +46,14 @@ pub struct Options {
     pub mutators: Mutators,
     pub auth: Arc<dyn Authenticator>,
     pub http: HttpSettings,
+    pub push: PushLimits,
+    pub pulls: PullLimits,
     /// Asks this webhook about spaces the caller's token does not grant.
     pub authz_webhook: Option<Webhook>,
     /// Serves `POST /pusher/auth` for these private channels.
     pub private_channels: Option<PrivateChannels>,
-    /// Serve the built-in SSE poke stream with this keep-alive interval.
-    pub sse_keep_alive: Option<std::time::Duration>,
+    /// Serve the built-in SSE poke stream with these settings (see [`sse_every`]).
+    pub sse: Option<SseSettings>,
     /// Wraps the test's store, e.g. to slow it down.
     pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
     /// Also tells this sink of every poke.
@@ -59,15 +64,25 @@ pub struct Options {
     pub pg_options: fn(PgConnectOptions) -> PgConnectOptions,
 }
 
+/// The built-in SSE poke stream with a keep-alive comment every `keep_alive`, default caps.
+pub fn sse_every(keep_alive: std::time::Duration) -> Option<SseSettings> {
+    Some(SseSettings {
+        keep_alive,
+        ..SseSettings::default()
+    })
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
             mutators: Mutators::builtin(),
             auth: Arc::new(Anonymous),
             http: HttpSettings::default(),
+            push: PushLimits::default(),
+            pulls: PullLimits::default(),
             authz_webhook: None,
             private_channels: None,
-            sse_keep_alive: None,
+            sse: None,
             wrap_store: |store| store,
             poke_sink: None,
             pg_limits: SessionLimits::default(),
@@ -111,7 +126,9 @@ impl Instance {
         let mut builder = App::builder(store)
             .mutators(options.mutators)
             .authenticator(options.auth)
-            .http(options.http);
+            .http(options.http)
+            .push(options.push)
+            .pulls(options.pulls);
         if let Some(webhook) = options.authz_webhook {
             builder = builder.authz_webhook(webhook);
         }
@@ -121,8 +138,8 @@ impl Instance {
         if let Some(sink) = options.poke_sink {
             builder = builder.poke_sink(sink);
         }
-        if let Some(keep_alive) = options.sse_keep_alive {
-            builder = builder.sse(keep_alive);
+        if let Some(sse) = options.sse {
+            builder = builder.sse(sse);
         }
         let app = builder.build();
         let (store, metrics) = (app.store().clone(), app.metrics().clone());

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use replisync::config::HttpSettings;
+use replisync::http::settings::HttpSettings;
 use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
+use replisync::push::settings::PushLimits;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, Options, TestServer, push_body};
@@ -194,15 +195,21 @@ async fn server_with_write_limit(
     max_write_bytes: usize,
 ) -> TestServer {
     let js = JsMutators::load(&fixture(), limits).expect("the fixture loads");
-    let mut http = HttpSettings::default();
-    http.push.max_write_bytes = max_write_bytes;
     // Megabytes of writes take a while in a debug build on a busy machine: no partial pushes.
-    http.request_timeout = Duration::from_secs(120);
-    http.push.time_budget = Some(Duration::from_secs(100));
+    let http = HttpSettings {
+        request_timeout: Duration::from_secs(120),
+        ..HttpSettings::default()
+    };
+    let push = PushLimits {
+        max_write_bytes,
+        time_budget: Some(Duration::from_secs(100)),
+        ..PushLimits::default()
+    };
     let options = Options {
         mutators: js.register(Mutators::builtin()),
         auth: Arc::new(TokenIsUser),
         http,
+        push,
         ..Options::default()
     };
     TestServer::start_with(backend, options).await

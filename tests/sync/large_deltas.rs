@@ -1,7 +1,6 @@
 //! Incremental pulls of a delta too large to build in memory are streamed from a snapshot of
 //! their own, and answer exactly what a shared (built) delta would: puts, deletions and clients.
 
-use replisync::config::HttpSettings;
 use replisync::pull::PullLimits;
 use serde_json::{Value, json};
 
@@ -9,12 +8,9 @@ use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
 
 fn small_shared_deltas() -> Options {
     Options {
-        http: HttpSettings {
-            pulls: PullLimits {
-                max_shared_delta_bytes: 2048,
-                ..HttpSettings::default().pulls
-            },
-            ..HttpSettings::default()
+        pulls: PullLimits {
+            max_shared_delta_bytes: 2048,
+            ..PullLimits::default()
         },
         ..Options::default()
     }

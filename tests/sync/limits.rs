@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use replisync::config::HttpSettings;
+use replisync::http::settings::HttpSettings;
+use replisync::poke::sse::StreamLimits;
+use replisync::poke::sse::settings::SseSettings;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -13,10 +15,10 @@ use crate::harness::{Backend, Options, TestServer, inc, push_body};
 /// Longest any test waits for the server to close a connection.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-async fn server_with(http: HttpSettings, sse_keep_alive: Option<Duration>) -> TestServer {
+async fn server_with(http: HttpSettings, sse: Option<SseSettings>) -> TestServer {
     let options = Options {
         http,
-        sse_keep_alive,
+        sse,
         ..Options::default()
     };
     TestServer::start_with(Backend::Sqlite, options).await
@@ -214,13 +216,17 @@ async fn watch_once_room(server: &TestServer, space: &str) -> reqwest::Response 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sse_streams_over_the_caps_are_refused_503_until_one_closes() {
-    let http = HttpSettings {
-        sse_max_streams: 3,
-        sse_max_streams_per_space: 2,
-        ..HttpSettings::default()
+    let defaults = SseSettings::default();
+    let sse = SseSettings {
+        // The server notices a closed stream when it next writes: a keep-alive every second.
+        keep_alive: Duration::from_secs(1),
+        limits: StreamLimits {
+            total: 3,
+            per_space: 2,
+            ..defaults.limits
+        },
     };
-    // The server notices a closed stream when it next writes: a keep-alive every second.
-    let server = server_with(http, Some(Duration::from_secs(1))).await;
+    let server = server_with(HttpSettings::default(), Some(sse)).await;
     let a1 = watch(&server, "a").await;
     let a2 = watch(&server, "a").await;
     assert_eq!((a1.status().as_u16(), a2.status().as_u16()), (200, 200));

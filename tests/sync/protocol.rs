@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use replisync::auth::{AuthError, Authenticator, Identity};
-use replisync::config::{CorsOrigins, HttpSettings};
+use replisync::http::settings::{CorsOrigins, HttpSettings};
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::store::StoreError;
 use serde_json::{Value, json};

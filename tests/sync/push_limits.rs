@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use replisync::config::{HttpSettings, PushLimits};
+use replisync::http::settings::HttpSettings;
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
+use replisync::push::settings::PushLimits;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -27,10 +28,7 @@ fn assert_partial(status: u16, body: &Value) {
 
 fn limits(push: PushLimits) -> Options {
     Options {
-        http: HttpSettings {
-            push,
-            ..HttpSettings::default()
-        },
+        push,
         ..Options::default()
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jsonwebtoken::DecodingKey;
 use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
-use replisync::config::HttpSettings;
+use replisync::http::settings::HttpSettings;
 use replisync::http::{Audience, Endpoint, MetricsEndpoint, endpoints};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -48,7 +48,7 @@ async fn a_partial_body_on_any_route_is_cut_and_its_connection_closed() {
     };
     let options = Options {
         http,
-        sse_keep_alive: Some(Duration::from_secs(1)),
+        sse: crate::harness::sse_every(Duration::from_secs(1)),
         ..Options::default()
     };
     let server = TestServer::start_with(Backend::Sqlite, options).await;
@@ -99,7 +99,7 @@ async fn a_browser_route_refuses_a_missing_token_before_reading_the_body() {
             Keys::Secret(DecodingKey::from_secret(b"a-test-secret-of-some-length")),
             ClaimRules::default(),
         )),
-        sse_keep_alive: Some(Duration::from_secs(1)),
+        sse: crate::harness::sse_every(Duration::from_secs(1)),
         ..Options::default()
     };
     let server = TestServer::start_with(Backend::Sqlite, options).await;

@@ -4,7 +4,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use replisync::config::HttpSettings;
+use replisync::poke::sse::StreamLimits;
+use replisync::poke::sse::settings::SseSettings;
 use serde_json::{Value, json};
 
 use crate::auth::{claims, hmac_options, now, token};
@@ -59,7 +60,7 @@ impl EventReader {
 
 async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
     let options = Options {
-        sse_keep_alive: Some(Duration::from_secs(15)),
+        sse: crate::harness::sse_every(Duration::from_secs(15)),
         ..Options::default()
     };
     let server = TestServer::start_with(backend, options).await;
@@ -129,7 +130,7 @@ async fn watched_spaces(server: &TestServer) -> u64 {
 async fn a_space_is_forgotten_when_its_last_watcher_leaves(backend: Backend) {
     let options = Options {
         // The server notices a closed stream when it next writes: a keep-alive every second.
-        sse_keep_alive: Some(Duration::from_secs(1)),
+        sse: crate::harness::sse_every(Duration::from_secs(1)),
         ..Options::default()
     };
     let server = TestServer::start_with(backend, options).await;
@@ -184,13 +185,14 @@ async fn watch_as(server: &TestServer, space: &str, bearer: &str) -> reqwest::Re
 /// while the space's owner still opens hers and is poked.
 async fn one_user_at_its_stream_cap_leaves_room_for_others(backend: Backend) {
     let options = Options {
-        sse_keep_alive: Some(Duration::from_secs(15)),
-        http: HttpSettings {
-            sse_max_streams: 8,
-            sse_max_streams_per_space: 6,
-            sse_max_streams_per_user: 3,
-            ..HttpSettings::default()
-        },
+        sse: Some(SseSettings {
+            keep_alive: Duration::from_secs(15),
+            limits: StreamLimits {
+                total: 8,
+                per_space: 6,
+                per_user: 3,
+            },
+        }),
         ..hmac_options()
     };
     let server = TestServer::start_with(backend, options).await;
@@ -239,7 +241,7 @@ async fn one_user_at_its_stream_cap_leaves_room_for_others(backend: Backend) {
 /// EventSource then reconnects), sends no poke after it, and the stale token gets 401.
 async fn a_stream_ends_when_its_token_expires(backend: Backend) {
     let options = Options {
-        sse_keep_alive: Some(Duration::from_secs(15)),
+        sse: crate::harness::sse_every(Duration::from_secs(15)),
         ..hmac_options()
     };
     let server = TestServer::start_with(backend, options).await;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use replisync::config::HttpSettings;
 use replisync::pull::{PullLimits, StreamLimits};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,17 +69,14 @@ fn metric(text: &str, name: &str) -> u64 {
 
 async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) {
     let options = Options {
-        http: HttpSettings {
-            pulls: PullLimits {
-                max_first_pulls: 4,
-                max_shared_delta_bytes: 4 * 1024 * 1024,
-                queue_wait: Duration::from_secs(1),
-                stream: StreamLimits {
-                    stall: Duration::from_secs(1),
-                    deadline: Duration::from_secs(60),
-                },
+        pulls: PullLimits {
+            max_first_pulls: 4,
+            max_shared_delta_bytes: 4 * 1024 * 1024,
+            queue_wait: Duration::from_secs(1),
+            stream: StreamLimits {
+                stall: Duration::from_secs(1),
+                deadline: Duration::from_secs(60),
             },
-            ..HttpSettings::default()
         },
         ..Options::default()
     };
@@ -129,17 +125,14 @@ async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) 
 /// cut off.
 async fn stalled_readers_of_a_large_delta_hold_only_capped_streams(backend: Backend) {
     let options = Options {
-        http: HttpSettings {
-            pulls: PullLimits {
-                max_first_pulls: 2,
-                max_shared_delta_bytes: 64 * 1024,
-                queue_wait: Duration::from_millis(500),
-                stream: StreamLimits {
-                    stall: Duration::from_secs(3),
-                    deadline: Duration::from_secs(60),
-                },
+        pulls: PullLimits {
+            max_first_pulls: 2,
+            max_shared_delta_bytes: 64 * 1024,
+            queue_wait: Duration::from_millis(500),
+            stream: StreamLimits {
+                stall: Duration::from_secs(3),
+                deadline: Duration::from_secs(60),
             },
-            ..HttpSettings::default()
         },
         ..Options::default()
     };

@@ -1,0 +1,191 @@
+//! The HTTP edge's settings: where to listen, the body limit, the timeouts, the connection cap,
+//! CORS, and the drain and shutdown times, checked at start-up with messages naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+
+/// The edge's variables as given; [`HttpArgs::settings`] checks them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Address and port to listen on.
+    #[arg(long, env = "REPLISYNC_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address and port for `/metrics` alone (e.g. 127.0.0.1:9090, for a scraper on a private
+    /// network). Unset: `/metrics` is served on REPLISYNC_LISTEN, beside push and pull.
+    #[arg(long, env = "REPLISYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Largest accepted request body but a push's, in bytes (larger ones get 413).
+    #[arg(long, env = "REPLISYNC_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds any request may take, its body included, before it is answered 503 (a push is
+    /// rolled back) and its connection closed. Streamed responses (pull streams, SSE) are
+    /// bounded by their own limits once they have started.
+    #[arg(long, env = "REPLISYNC_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// Seconds to finish in-flight requests and pending pokes after SIGTERM or Ctrl-C; then what
+    /// still runs is dropped and the process exits with status 1.
+    #[arg(long, env = "REPLISYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Seconds to keep serving after SIGTERM, with `GET /readyz` answering 503, before the
+    /// server stops accepting connections: time for a load balancer to take it out of rotation.
+    /// 0 stops accepting at once. The shutdown timeout counts from the end of this delay.
+    #[arg(long, env = "REPLISYNC_DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
+
+    /// Seconds a connection may take to send complete request headers (counted from accept, or
+    /// from the first byte of a later request); then it is closed.
+    #[arg(long, env = "REPLISYNC_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+
+    /// Seconds a request body may pause between two of its bytes; a body that stalls longer is
+    /// cut (408) and its connection closed. Every request, body included, must also be answered
+    /// within REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_read_timeout_secs: u64,
+
+    /// Seconds a keep-alive connection may stay open with no request in flight; then it is
+    /// closed.
+    #[arg(long, env = "REPLISYNC_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Most client connections open at once; beyond it, new connections are answered 503 with
+    /// Retry-After and closed.
+    #[arg(long, env = "REPLISYNC_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Origins allowed to call push, pull and pokes from a browser: a comma-separated list, or
+    /// `*` for every origin. Unset: loopback origins only (http://localhost:PORT, 127.0.0.1).
+    #[arg(long, env = "REPLISYNC_CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
+}
+
+impl HttpArgs {
+    /// The edge's settings, checked: limits above 0 and origins that parse.
+    pub fn settings(&self) -> Result<HttpSettings, String> {
+        for (value, name) in [
+            (self.max_body_bytes, "REPLISYNC_MAX_BODY_BYTES"),
+            (self.max_connections, "REPLISYNC_MAX_CONNECTIONS"),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be above 0"));
+            }
+        }
+        Ok(HttpSettings {
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+            cors_origins: self.cors_origins()?,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            drain_delay: Duration::from_secs(self.drain_delay_secs),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
+            max_connections: self.max_connections,
+        })
+    }
+
+    fn cors_origins(&self) -> Result<CorsOrigins, String> {
+        Ok(match self.cors_origins.trim() {
+            "" => CorsOrigins::Loopback,
+            "*" => CorsOrigins::Any,
+            list => CorsOrigins::List(
+                list.split(',')
+                    .map(|origin| {
+                        origin.trim().parse().map_err(|_| {
+                            format!("REPLISYNC_CORS_ORIGINS has an invalid origin: {origin:?}")
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        })
+    }
+}
+
+/// Limits and switches of the HTTP edge, validated from [`HttpArgs`].
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// Which browser origins may call push, pull and pokes.
+    pub cors_origins: CorsOrigins,
+    /// How long shutdown waits for in-flight requests and pending pokes.
+    pub shutdown_timeout: Duration,
+    /// How long the server keeps serving after SIGTERM (`/readyz` answering 503) before it
+    /// stops accepting connections.
+    pub drain_delay: Duration,
+    /// How long a connection may take to send complete request headers.
+    pub header_read_timeout: Duration,
+    /// How long a request body may pause between two of its bytes before it is cut.
+    pub body_read_timeout: Duration,
+    /// How long a keep-alive connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Most client connections open at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            max_body_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            cors_origins: CorsOrigins::Loopback,
+            shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Browser origins allowed to call replisync cross-origin. `/metrics` and `/healthz` are never
+/// served cross-origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// Pages served from this machine only (`http://localhost:3000`, `http://127.0.0.1:5173`):
+    /// no web page on the internet can reach a local replisync through a visitor's browser.
+    Loopback,
+    /// Every origin (`REPLISYNC_CORS_ORIGINS=*`).
+    Any,
+    /// These origins exactly.
+    List(Vec<HeaderValue>),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        http: HttpArgs,
+    }
+
+    fn args(args: &[&str]) -> HttpArgs {
+        let mut argv = vec!["replisync"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("valid arguments").http
+    }
+
+    #[test]
+    fn cors_origins_parse_as_a_list() {
+        let mut c = args(&[]);
+        c.cors_origins = "https://a.example, https://b.example".into();
+        assert!(
+            matches!(c.settings().unwrap().cors_origins, CorsOrigins::List(list) if list.len() == 2)
+        );
+        c.cors_origins = "*".into();
+        assert_eq!(c.settings().unwrap().cors_origins, CorsOrigins::Any);
+        c.cors_origins = String::new();
+        assert_eq!(c.settings().unwrap().cors_origins, CorsOrigins::Loopback);
+    }
+}

@@ -1,0 +1,120 @@
+//! The app's JavaScript mutators' settings: the module to load and the bounds on running it,
+//! from the `REPLISYNC_MUTATOR*` variables; [`MutatorArgs::load`] builds the registry from them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Mutators;
+use super::js::{JsLimits, JsMutators};
+
+/// The app's own mutators, in JavaScript, and the bounds on running them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MutatorArgs {
+    /// A JavaScript module exporting the app's mutators (the file the client passes to
+    /// `new Replicache({mutators})`), run on every push beside the built-in ones.
+    #[arg(long, env = "REPLISYNC_MUTATORS")]
+    pub mutators: Option<PathBuf>,
+
+    /// Milliseconds one JavaScript mutation may run, its reads included; past it the mutation
+    /// fails (its writes discarded) and the push goes on.
+    #[arg(long, env = "REPLISYNC_MUTATOR_TIMEOUT_MS", default_value_t = 1000)]
+    pub mutator_timeout_ms: u64,
+
+    /// Megabytes a JavaScript engine may hold while it runs a push's mutations; past it the
+    /// mutation fails.
+    #[arg(long, env = "REPLISYNC_MUTATOR_MEMORY_MB", default_value_t = 64)]
+    pub mutator_memory_mb: usize,
+
+    /// JavaScript engines (threads), hence pushes to different spaces running JavaScript at
+    /// once. Unset: the number of CPUs.
+    #[arg(long, env = "REPLISYNC_MUTATOR_ENGINES")]
+    pub mutator_engines: Option<usize>,
+}
+
+impl MutatorArgs {
+    /// The built-in mutators, and the app's JavaScript ones when REPLISYNC_MUTATORS names a module
+    /// (loaded now: a module that does not load stops start-up, naming its file and line).
+    pub fn load(&self) -> anyhow::Result<Mutators> {
+        let Some(path) = &self.mutators else {
+            return Ok(Mutators::builtin());
+        };
+        let limits = self.limits().map_err(anyhow::Error::msg)?;
+        let js = JsMutators::load(path, limits)?;
+        tracing::info!(
+            module = %path.display(),
+            engines = limits.engines,
+            timeout_ms = limits.timeout.as_millis() as u64,
+            memory_mb = limits.memory_bytes / (1024 * 1024),
+            "JavaScript mutators on"
+        );
+        Ok(js.register(Mutators::builtin()))
+    }
+
+    /// The limits, checked.
+    pub fn limits(&self) -> Result<JsLimits, String> {
+        if self.mutator_timeout_ms == 0 {
+            return Err("REPLISYNC_MUTATOR_TIMEOUT_MS must be above 0".into());
+        }
+        if self.mutator_memory_mb < MIN_MUTATOR_MEMORY_MB {
+            return Err(format!(
+                "REPLISYNC_MUTATOR_MEMORY_MB must be at least {MIN_MUTATOR_MEMORY_MB}: an engine needs that much for the module and its context"
+            ));
+        }
+        if self.mutator_engines == Some(0) {
+            return Err("REPLISYNC_MUTATOR_ENGINES must be above 0".into());
+        }
+        let defaults = JsLimits::default();
+        Ok(JsLimits {
+            timeout: Duration::from_millis(self.mutator_timeout_ms),
+            memory_bytes: self.mutator_memory_mb.saturating_mul(1024 * 1024),
+            engines: self.mutator_engines.unwrap_or(defaults.engines),
+        })
+    }
+}
+
+/// Below this an engine cannot even hold a context.
+const MIN_MUTATOR_MEMORY_MB: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        js: MutatorArgs,
+    }
+
+    fn args(args: &[&str]) -> MutatorArgs {
+        let mut argv = vec!["replisync"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("valid arguments").js
+    }
+
+    #[test]
+    fn mutator_limits_default_and_name_their_variable() {
+        let js = args(&[]);
+        assert!(js.mutators.is_none());
+        let limits = js.limits().unwrap();
+        assert_eq!(limits.timeout, Duration::from_millis(1000));
+        assert_eq!(limits.memory_bytes, 64 * 1024 * 1024);
+        assert!(limits.engines >= 1);
+        let js = args(&["--mutator-timeout-ms", "0"]);
+        assert!(
+            js.limits()
+                .unwrap_err()
+                .contains("REPLISYNC_MUTATOR_TIMEOUT_MS")
+        );
+        let js = args(&["--mutator-memory-mb", "1"]);
+        assert!(
+            js.limits()
+                .unwrap_err()
+                .contains("REPLISYNC_MUTATOR_MEMORY_MB")
+        );
+        let js = args(&["--mutator-engines", "3", "--mutators", "app/mutators.js"]);
+        assert_eq!(js.limits().unwrap().engines, 3);
+        assert_eq!(js.mutators.unwrap(), PathBuf::from("app/mutators.js"));
+    }
+}

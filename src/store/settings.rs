@@ -1,0 +1,194 @@
+//! The store's settings: which database (DATABASE_URL, or the embedded SQLite file), its pool
+//! size, migrations at start-up, and the bounds of every Postgres session.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+use super::pg_session::SessionLimits;
+
+/// The store's variables as given; [`StoreArgs::choice`] and [`StoreArgs::session_limits`]
+/// check them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// `postgres://...` for Postgres, `sqlite://path` for a SQLite file. Unset: the embedded
+    /// SQLite file at REPLISYNC_SQLITE_PATH.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The SQLite file used when DATABASE_URL is unset.
+    #[arg(
+        long,
+        env = "REPLISYNC_SQLITE_PATH",
+        default_value = "replisync-data/replisync.db"
+    )]
+    pub sqlite_path: PathBuf,
+
+    /// Database connections per instance.
+    #[arg(long, env = "REPLISYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+
+    /// Postgres: milliseconds a statement waits for a lock (a space's lock held by another
+    /// instance, or by a connection that died) before the push is answered 503 and changes
+    /// nothing; 0 waits forever. Unset: a third of REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_DB_LOCK_TIMEOUT_MS")]
+    pub db_lock_timeout_ms: Option<u64>,
+
+    /// Postgres: milliseconds a session may sit idle inside a transaction before the server
+    /// ends it, releasing its locks (a replisync that froze or lost its network mid-push); 0:
+    /// never. Unset: twice REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS")]
+    pub db_idle_in_transaction_timeout_ms: Option<u64>,
+
+    /// Postgres: milliseconds one statement may run (a streamed pull's read lasts as long as
+    /// its stream); 0: no limit. Unset: REPLISYNC_PULL_STREAM_TIMEOUT_SECS plus
+    /// REPLISYNC_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLISYNC_DB_STATEMENT_TIMEOUT_MS")]
+    pub db_statement_timeout_ms: Option<u64>,
+
+    /// Postgres: seconds of silence after which the database server probes a connection (TCP
+    /// keepalive); it drops the connection, and its locks, after three unanswered probes a
+    /// third of this apart. 0 leaves the operating system's defaults (about two hours).
+    #[arg(long, env = "REPLISYNC_DB_TCP_KEEPALIVE_SECS", default_value_t = 15)]
+    pub db_tcp_keepalive_secs: u64,
+
+    /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
+    #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_migrate: bool,
+}
+
+/// Which database to use, decided from DATABASE_URL.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    Postgres(Box<PgConnectOptions>),
+    Sqlite(PathBuf),
+}
+
+impl StoreArgs {
+    /// The database DATABASE_URL names, or the embedded SQLite file when it is unset.
+    pub fn choice(&self) -> Result<StoreChoice, String> {
+        let Some(url) = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            return Ok(StoreChoice::Sqlite(self.sqlite_path.clone()));
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return PgConnectOptions::from_str(url)
+                .map(|options| StoreChoice::Postgres(Box::new(options)))
+                .map_err(|e| format!("DATABASE_URL is not a valid Postgres URL: {e}"));
+        }
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err("DATABASE_URL=sqlite://... needs a file path".into());
+            }
+            return Ok(StoreChoice::Sqlite(PathBuf::from(path)));
+        }
+        Err("DATABASE_URL must start with postgres://, postgresql:// or sqlite://".into())
+    }
+
+    /// The bounds of every Postgres session, checked: the idle-in-transaction timeout must
+    /// leave a push the whole request timeout. Unset bounds follow the request timeout and the
+    /// pull stream timeout.
+    pub fn session_limits(
+        &self,
+        request: Duration,
+        stream: Duration,
+    ) -> Result<SessionLimits, String> {
+        let defaults = SessionLimits::for_timeouts(request, stream);
+        let or_default =
+            |millis: Option<u64>, default| millis.map_or(default, Duration::from_millis);
+        let limits = SessionLimits {
+            lock_timeout: or_default(self.db_lock_timeout_ms, defaults.lock_timeout),
+            idle_in_transaction_timeout: or_default(
+                self.db_idle_in_transaction_timeout_ms,
+                defaults.idle_in_transaction_timeout,
+            ),
+            statement_timeout: or_default(self.db_statement_timeout_ms, defaults.statement_timeout),
+            tcp_keepalive: Duration::from_secs(self.db_tcp_keepalive_secs),
+        };
+        let idle = limits.idle_in_transaction_timeout;
+        if !idle.is_zero() && idle < request {
+            return Err(format!(
+                "REPLISYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS ({} ms) must be 0 or at least REPLISYNC_REQUEST_TIMEOUT_SECS ({} s): a push's transaction idles while its mutators run",
+                idle.as_millis(),
+                request.as_secs()
+            ));
+        }
+        Ok(limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        store: StoreArgs,
+    }
+
+    fn args(args: &[&str]) -> StoreArgs {
+        let mut argv = vec!["replisync"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("valid arguments").store
+    }
+
+    #[test]
+    fn no_database_url_means_the_embedded_sqlite_file() {
+        let mut c = args(&[]);
+        c.database_url = None;
+        assert!(matches!(c.choice(), Ok(StoreChoice::Sqlite(p)) if p == c.sqlite_path));
+    }
+
+    #[test]
+    fn database_urls_choose_the_store() {
+        let mut c = args(&[]);
+        c.database_url = Some("postgres://postgres@127.0.0.1/test".into());
+        assert!(matches!(c.choice(), Ok(StoreChoice::Postgres(_))));
+        c.database_url = Some("sqlite://data/x.db?mode=rwc".into());
+        assert!(
+            matches!(c.choice(), Ok(StoreChoice::Sqlite(p)) if p.as_path() == std::path::Path::new("data/x.db"))
+        );
+        c.database_url = Some("mysql://x".into());
+        assert!(c.choice().unwrap_err().contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn database_session_limits_follow_the_request_timeout_and_name_their_variable() {
+        // The defaults of REPLISYNC_PULL_STREAM_TIMEOUT_SECS and REPLISYNC_REQUEST_TIMEOUT_SECS.
+        let (stream, request) = (Duration::from_secs(120), Duration::from_secs(30));
+        let limits = args(&[])
+            .session_limits(Duration::from_secs(60), stream)
+            .unwrap();
+        assert_eq!(limits.lock_timeout, Duration::from_secs(20));
+        assert_eq!(limits.idle_in_transaction_timeout, Duration::from_secs(120));
+        assert_eq!(limits.statement_timeout, Duration::from_secs(180));
+        assert_eq!(limits.tcp_keepalive, Duration::from_secs(15));
+        let c = args(&[
+            "--db-lock-timeout-ms",
+            "250",
+            "--db-statement-timeout-ms",
+            "0",
+        ]);
+        let limits = c.session_limits(request, stream).unwrap();
+        assert_eq!(limits.lock_timeout, Duration::from_millis(250));
+        assert_eq!(limits.statement_timeout, Duration::ZERO);
+        let c = args(&["--db-idle-in-transaction-timeout-ms", "1000"]);
+        assert!(
+            c.session_limits(request, stream)
+                .unwrap_err()
+                .contains("REPLISYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS")
+        );
+    }
+}
