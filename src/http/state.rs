@@ -64,6 +64,7 @@ parts_from_state! {
     draining: Draining,
 }
 
+/// What the handlers share: built once by `startup`, then read-only.
 pub struct Parts {
     pub(crate) store: Arc<dyn Store>,
     /// Applies pushes, grouping those to one space that arrive while it is busy.
