@@ -80,3 +80,18 @@ pub enum LogFormat {
     Text,
     Json,
 }
+
+/// Tests of a feature's settings: `args` (without the program name) parsed into that feature's
+/// flattened arguments alone, with the same environment variables and defaults as the binary.
+#[cfg(test)]
+pub(crate) fn parse_feature_args<A: clap::Args + clap::FromArgMatches>(args: &[&str]) -> A {
+    #[derive(Parser)]
+    struct Only<A: clap::Args + clap::FromArgMatches> {
+        #[command(flatten)]
+        feature: A,
+    }
+    let argv = std::iter::once("replisync").chain(args.iter().copied());
+    Only::<A>::try_parse_from(argv)
+        .expect("valid arguments")
+        .feature
+}

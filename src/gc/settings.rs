@@ -76,20 +76,10 @@ fn duration(raw: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        gc: GcArgs,
-    }
-
     fn config(args: &[&str]) -> GcArgs {
-        let mut argv = vec!["replisync"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).expect("valid arguments").gc
+        crate::config::parse_feature_args(args)
     }
 
     #[test]

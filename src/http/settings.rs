@@ -160,20 +160,10 @@ pub enum CorsOrigins {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        http: HttpArgs,
-    }
-
     fn args(args: &[&str]) -> HttpArgs {
-        let mut argv = vec!["replisync"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).expect("valid arguments").http
+        crate::config::parse_feature_args(args)
     }
 
     #[test]

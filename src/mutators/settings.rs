@@ -77,20 +77,10 @@ const MIN_MUTATOR_MEMORY_MB: usize = 4;
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        js: MutatorArgs,
-    }
-
     fn args(args: &[&str]) -> MutatorArgs {
-        let mut argv = vec!["replisync"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).expect("valid arguments").js
+        crate::config::parse_feature_args(args)
     }
 
     #[test]

@@ -172,20 +172,10 @@ impl Default for PushLimits {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        push: PushArgs,
-    }
-
     fn args(args: &[&str]) -> PushArgs {
-        let mut argv = vec!["replisync"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).expect("valid arguments").push
+        crate::config::parse_feature_args(args)
     }
 
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

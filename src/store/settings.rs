@@ -128,20 +128,10 @@ impl StoreArgs {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        store: StoreArgs,
-    }
-
     fn args(args: &[&str]) -> StoreArgs {
-        let mut argv = vec!["replisync"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).expect("valid arguments").store
+        crate::config::parse_feature_args(args)
     }
 
     #[test]
