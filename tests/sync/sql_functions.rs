@@ -121,3 +121,90 @@ async fn postgres_every_sql_function_has_its_caller_checked() {
          list it in callers() and in docs/code-map.md"
     );
 }
+
+/// Calls the commit function for one push by `group` to space `s`, moving it from `read` to
+/// `read + 1` (activity at 1000, granularity 100: a group active at 900 or later is fresh).
+async fn commit_push_by(
+    conn: &mut PgConnection,
+    group: &str,
+    read: i64,
+) -> Result<(), sqlx::Error> {
+    let version = read + 1;
+    sqlx::query(
+        "SELECT replisync_commit_push_group('s', $1, $2, 1000, '{}', '{}', ARRAY[$3], 100,
+                ARRAY['c-' || $3], ARRAY[$3], ARRAY[1::bigint], ARRAY[$1],
+                ARRAY['k-' || $3], ARRAY['1'], ARRAY[$1])",
+    )
+    .bind(version)
+    .bind(read)
+    .bind(group)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Whether another session can lock `group`'s row at once (nobody holds a lock on it).
+async fn row_is_free(conn: &mut PgConnection, group: &str) -> bool {
+    sqlx::query("SELECT 1 FROM replisync_client_groups WHERE id = $1 FOR UPDATE NOWAIT")
+        .bind(group)
+        .execute(conn)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn postgres_commit_locks_no_fresh_group_touches_a_stale_one_and_fails_for_a_gone_one() {
+    let server = TestServer::start(Backend::Postgres).await;
+    let (mut pusher, mut other) = (server.db.pg().await, server.db.pg().await);
+    sqlx::raw_sql(
+        "INSERT INTO replisync_spaces (id, version) VALUES ('s', 1);
+         INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+         VALUES ('fresh', 's', 'u', 950), ('stale', 's', 'u', 10)",
+    )
+    .execute(&mut pusher)
+    .await
+    .unwrap();
+
+    // A fresh group is counted, not locked: garbage collection never takes it.
+    sqlx::raw_sql("BEGIN").execute(&mut pusher).await.unwrap();
+    commit_push_by(&mut pusher, "fresh", 1).await.unwrap();
+    assert!(
+        row_is_free(&mut other, "fresh").await,
+        "a fresh group is not locked"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut pusher).await.unwrap();
+
+    // A stale group is touched (and so locked until the commit).
+    sqlx::raw_sql("BEGIN").execute(&mut pusher).await.unwrap();
+    commit_push_by(&mut pusher, "stale", 2).await.unwrap();
+    assert!(
+        !row_is_free(&mut other, "stale").await,
+        "a stale group is held"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut pusher).await.unwrap();
+    let touched: i64 =
+        sqlx::query_scalar("SELECT last_active FROM replisync_client_groups WHERE id = 'stale'")
+            .fetch_one(&mut pusher)
+            .await
+            .unwrap();
+    assert_eq!(touched, 1000, "the stale group's activity is recorded");
+
+    // A group that is gone fails the commit with a serialization failure, writing nothing.
+    let error = commit_push_by(&mut pusher, "gone", 3).await.unwrap_err();
+    let code = error
+        .as_database_error()
+        .and_then(|e| e.code().map(|c| c.into_owned()));
+    assert_eq!(code.as_deref(), Some("40001"), "{error}");
+    let (version, entries): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT version FROM replisync_spaces WHERE id = 's'),
+                (SELECT count(*) FROM replisync_entries)",
+    )
+    .fetch_one(&mut pusher)
+    .await
+    .unwrap();
+    assert_eq!(
+        (version, entries),
+        (3, 2),
+        "the failed commit wrote nothing"
+    );
+}
