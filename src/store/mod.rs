@@ -24,7 +24,8 @@ pub use retry::{RECONNECT_ATTEMPTS, reconnecting};
 
 use crate::protocol::SpaceId;
 
-/// A database that holds spaces. Implementations: [`postgres::PgStore`], [`sqlite::SqliteStore`].
+/// A database that holds spaces. Implementations: `PgStore` (postgres.rs), `SqliteStore`
+/// (sqlite.rs).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// "postgres" or "sqlite", for logs.
