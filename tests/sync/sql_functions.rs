@@ -51,9 +51,6 @@ fn callers() -> Vec<(&'static str, Vec<(&'static str, PgTypeInfo)>)> {
     ]
 }
 
-/// A function of an early migration that no code calls any more; a migration may drop it.
-const UNUSED: &[&str] = &["replisync_lock_space_and_read"];
-
 /// `name type, ...` as `pg_get_function_identity_arguments` writes it, for the binds `args`.
 async fn bound_signature(conn: &mut PgConnection, args: &[(&str, PgTypeInfo)]) -> String {
     let mut parts = Vec::new();
@@ -101,7 +98,7 @@ async fn postgres_sql_functions_take_what_their_rust_callers_bind() {
 async fn postgres_every_sql_function_has_its_caller_checked() {
     let server = TestServer::start(Backend::Postgres).await;
     let mut conn = server.db.pg().await;
-    let mut migrated: Vec<String> = sqlx::query_scalar(
+    let migrated: Vec<String> = sqlx::query_scalar(
         "SELECT proname::text FROM pg_proc
          WHERE proname LIKE 'replisync%' AND pronamespace = current_schema()::regnamespace
          ORDER BY 1",
@@ -109,7 +106,6 @@ async fn postgres_every_sql_function_has_its_caller_checked() {
     .fetch_all(&mut conn)
     .await
     .unwrap();
-    migrated.retain(|name| !UNUSED.contains(&name.as_str()));
     let mut checked: Vec<String> = callers()
         .into_iter()
         .map(|(name, _)| name.to_owned())
