@@ -3,6 +3,7 @@
 //! `records`, its errors in `error`, the reconnecting retry in `retry`.
 
 mod error;
+pub mod pg_functions;
 pub mod pg_session;
 pub mod postgres;
 mod records;

@@ -3,6 +3,7 @@
 //! COMMITTED); pulls read REPEATABLE READ snapshots. Every session is bounded (see
 //! [`SessionLimits`]).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,6 +12,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
+use super::pg_functions::{COMMIT_PUSH_GROUP, LOCK_SPACE_AND_READ_GROUPS, READ_GROUPS};
 use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
 use super::{
@@ -21,6 +23,12 @@ use super::{
 use crate::protocol::SpaceId;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The statements calling the SQL functions, built once from their descriptions.
+static READ_GROUPS_SQL: LazyLock<String> = LazyLock::new(|| READ_GROUPS.select_sql());
+static LOCK_SPACE_AND_READ_GROUPS_SQL: LazyLock<String> =
+    LazyLock::new(|| LOCK_SPACE_AND_READ_GROUPS.select_sql());
+static COMMIT_PUSH_GROUP_SQL: LazyLock<String> = LazyLock::new(|| COMMIT_PUSH_GROUP.call_sql());
 
 /// A pooled connection idle for longer than this is pinged before use; one used more recently
 /// is handed out as it is (a ping is a full round trip, on every push and pull).
@@ -309,12 +317,11 @@ impl PushTx for PgPushTx {
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
         // One round trip either way (see the migration that defines the functions). Locked: lock,
-        // then read. Unlocked: one snapshot; the commit checks the version.
+        // then read. Unlocked: one snapshot; the commit checks the version. The binds are
+        // READ_GROUPS's arguments, in order.
         let sql = match self.conn {
-            PushConnection::Locked(_) => {
-                "SELECT * FROM replisync_lock_space_and_read_groups($1, $2, $3)"
-            }
-            PushConnection::Unlocked(_) => "SELECT * FROM replisync_read_groups($1, $2, $3)",
+            PushConnection::Locked(_) => LOCK_SPACE_AND_READ_GROUPS_SQL.as_str(),
+            PushConnection::Unlocked(_) => READ_GROUPS_SQL.as_str(),
         };
         let (version, groups, collected, clients): ClientStateRow = sqlx::query_as(sql)
             .bind(self.space.as_str())
@@ -360,27 +367,26 @@ impl PushTx for PgPushTx {
             .unzip();
         // One round trip for every write, and for the commit too when unlocked (the call is its
         // own transaction). A concurrent writer makes it fail with a serialization failure,
-        // writing nothing (see the migration that defines the function).
-        sqlx::query(
-            "SELECT replisync_commit_push_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(self.space.as_str())
-        .bind(to_i64(changes.version)?)
-        .bind(to_i64(changes.read_version)?)
-        .bind(changes.active_at)
-        .bind(&new_group_ids)
-        .bind(&new_group_users)
-        .bind(&changes.active_client_groups)
-        .bind(self.activity_granularity)
-        .bind(&clients.ids)
-        .bind(&clients.groups)
-        .bind(&clients.last_mutation_ids)
-        .bind(&clients.versions)
-        .bind(&entries.keys)
-        .bind(&entries.values)
-        .bind(&entries.versions)
-        .execute(self.conn.get())
-        .await?;
+        // writing nothing (see the migration that defines the function). The binds are
+        // COMMIT_PUSH_GROUP's arguments, in order.
+        sqlx::query(COMMIT_PUSH_GROUP_SQL.as_str())
+            .bind(self.space.as_str())
+            .bind(to_i64(changes.version)?)
+            .bind(to_i64(changes.read_version)?)
+            .bind(changes.active_at)
+            .bind(&new_group_ids)
+            .bind(&new_group_users)
+            .bind(&changes.active_client_groups)
+            .bind(self.activity_granularity)
+            .bind(&clients.ids)
+            .bind(&clients.groups)
+            .bind(&clients.last_mutation_ids)
+            .bind(&clients.versions)
+            .bind(&entries.keys)
+            .bind(&entries.values)
+            .bind(&entries.versions)
+            .execute(self.conn.get())
+            .await?;
         if let PushConnection::Locked(tx) = self.conn {
             tx.commit().await?;
         }

@@ -13,7 +13,7 @@
 //! works while its own mutation runs. When no context can be made for a push, the push fails as
 //! the server's fault (nothing written) rather than failing its mutations.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,9 @@ use rquickjs::{
 };
 
 use super::allocator::{LimitedAllocator, MemoryGauge};
-use super::messages::{Call, EngineEnd, FromEngine, HostReply, HostRequest, RunError, ToEngine};
+use super::describe::describe;
+use super::host::{Link, fail_every_call, host_object};
+use super::messages::{Call, EngineEnd, FromEngine, RunError};
 use crate::mutators::{ScriptError, ScriptFailure};
 
 const SHIM: &str = include_str!("shim.js");
@@ -34,9 +36,6 @@ const SHIM: &str = include_str!("shim.js");
 /// a larger stack of their own.
 const MAX_JS_STACK_BYTES: usize = 1024 * 1024;
 pub(super) const ENGINE_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
-
-/// Most bytes of a failure's description (what was thrown can be megabytes long).
-const MAX_DESCRIPTION_BYTES: usize = 1000;
 
 /// The runtime's garbage collection runs when it holds this much more than after the last one
 /// (QuickJS's own rule), but at least at this size.
@@ -344,7 +343,7 @@ impl Engine {
         } = call;
         let token = self.last_tx_token.get() + 1;
         self.last_tx_token.set(token);
-        link.live_tx.set(token);
+        link.set_live_tx(token);
         self.start_clock();
         let result = (|| {
             let mutator: Value = loaded.mutators.get(name.as_str())?;
@@ -376,7 +375,7 @@ impl Engine {
         })()
         .catch(ctx);
         let outcome = self.outcome(ctx, result);
-        link.live_tx.set(0);
+        link.set_live_tx(0);
         self.deadline.set(None);
         if matches!(&outcome, Err(e) if e.reason == ScriptFailure::Memory) {
             self.ran_out_of_memory.set(true);
@@ -499,234 +498,4 @@ fn new_runtime(
 /// that is past the limit, and no collection would run again.
 fn gc_threshold(held: usize) -> usize {
     (held + held / 2).max(MIN_GC_THRESHOLD_BYTES)
-}
-
-/// What was thrown, for a log line: `TypeError: message (at file:line:column)`, at most
-/// [`MAX_DESCRIPTION_BYTES`]. Reading it may run the code's getters: call it before the deadline
-/// is cleared.
-fn describe(caught: &CaughtError<'_>) -> String {
-    let text = match caught {
-        CaughtError::Exception(exception) => {
-            let name: Option<String> = exception.get("name").ok();
-            let message = exception.message().unwrap_or_default();
-            let mut text = match name {
-                Some(name) if !name.is_empty() => format!("{name}: {message}"),
-                _ => message,
-            };
-            if let Some(place) = exception.stack().as_deref().and_then(first_frame) {
-                text.push_str(&format!(" ({place})"));
-            }
-            text
-        }
-        CaughtError::Value(value) => {
-            let ctx = value.ctx();
-            match ctx.json_stringify(value.clone()) {
-                Ok(Some(text)) => format!(
-                    "threw {}",
-                    text.to_string().unwrap_or_else(|_| "a value".into())
-                ),
-                _ => format!("threw {}", value.type_name()),
-            }
-        }
-        CaughtError::Error(error) => error.to_string(),
-    };
-    bounded(text)
-}
-
-/// `text` cut to [`MAX_DESCRIPTION_BYTES`] (at a character boundary, marked with `…`).
-fn bounded(mut text: String) -> String {
-    if text.len() > MAX_DESCRIPTION_BYTES {
-        let mut end = MAX_DESCRIPTION_BYTES;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
-    text
-}
-
-/// `at name (file:line:column)` → `at file:line:column`, from the first frame of a stack.
-fn first_frame(stack: &str) -> Option<String> {
-    let line = stack
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("at "))?;
-    let place = match (line.find('('), line.rfind(')')) {
-        (Some(open), Some(close)) if open < close => &line[open + 1..close],
-        _ => line.trim_start_matches("at ").trim(),
-    };
-    Some(format!("at {place}"))
-}
-
-/// The engine's link to the push it serves: the channels of the push's session, attached to a
-/// space's context for as long as it serves the push.
-struct Link {
-    to_push: RefCell<tokio::sync::mpsc::UnboundedSender<FromEngine>>,
-    from_push: RefCell<tokio::sync::mpsc::UnboundedReceiver<ToEngine>>,
-    /// The token of the `tx` of the mutation running in this context (0: none runs). A `tx`
-    /// with another token belongs to a mutation that has ended.
-    live_tx: Cell<u64>,
-}
-
-impl Link {
-    /// A link to no push (a context between pushes, or loading the module at start-up).
-    fn detached() -> Link {
-        let (to_push, _) = tokio::sync::mpsc::unbounded_channel();
-        let (_, from_push) = tokio::sync::mpsc::unbounded_channel();
-        Link {
-            to_push: RefCell::new(to_push),
-            from_push: RefCell::new(from_push),
-            live_tx: Cell::new(0),
-        }
-    }
-
-    /// A link to the push at the other `end`.
-    fn attached(end: EngineEnd) -> Link {
-        Link {
-            to_push: RefCell::new(end.to_push),
-            from_push: RefCell::new(end.from_push),
-            live_tx: Cell::new(0),
-        }
-    }
-
-    /// Takes `session`'s channels (leaving it detached).
-    fn attach_from(&self, session: &Link) {
-        self.to_push.swap(&session.to_push);
-        self.from_push.swap(&session.from_push);
-    }
-
-    /// Gives the channels back to `session` (leaving this link detached).
-    fn detach_into(&self, session: &Link) {
-        self.to_push.swap(&session.to_push);
-        self.from_push.swap(&session.from_push);
-    }
-
-    fn send(&self, message: FromEngine) {
-        let _ = self.to_push.borrow().send(message);
-    }
-
-    /// The push's next mutation; `None` when the push let the session go.
-    fn next_call(&self) -> Option<Call> {
-        loop {
-            match self.from_push.borrow_mut().blocking_recv()? {
-                ToEngine::Run(call) => return Some(call),
-                ToEngine::Reply(_) => continue, // an answer nobody waits for
-            }
-        }
-    }
-
-    /// Asks the push for a read or write on behalf of the `tx` holding `token`, and waits for
-    /// its answer. A `tx` kept past its mutation is refused.
-    fn ask(&self, token: f64, request: HostRequest) -> HostReply {
-        if token != self.live_tx.get() as f64 || token == 0.0 {
-            return Err(
-                "this tx belongs to a mutation that has ended: use the tx passed to the running mutator, and do not keep it"
-                    .into(),
-            );
-        }
-        if self
-            .to_push
-            .borrow()
-            .send(FromEngine::Host(request))
-            .is_err()
-        {
-            return Err("the push has ended".into());
-        }
-        match self.from_push.borrow_mut().blocking_recv() {
-            Some(ToEngine::Reply(reply)) => reply,
-            Some(ToEngine::Run(_)) => Err("the push sent a mutation while one was running".into()),
-            None => Err("the push has ended".into()),
-        }
-    }
-}
-
-/// Answers `first` and every later call of a session with the engine's `fault`, until the push
-/// drops it.
-fn fail_every_call(session: &Link, first: Option<Call>, fault: &str) {
-    let mut next = first;
-    while next.is_some() {
-        session.send(FromEngine::Done(Err(RunError::Engine(fault.to_owned()))));
-        next = session.next_call();
-    }
-}
-
-/// The host functions the shim builds `tx` on: `get`, `has`, `scan`, `put` and `del`, each a
-/// synchronous request to the push, made with the token of the `tx` that asks.
-fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Result<Object<'js>> {
-    let host = Object::new(ctx.clone())?;
-    let l = link.clone();
-    host.set(
-        "get",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String| {
-                answer(&ctx, l.ask(token, HostRequest::Get(key)))
-            },
-        )?,
-    )?;
-    let l = link.clone();
-    host.set(
-        "has",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String| {
-                answer(&ctx, l.ask(token, HostRequest::Has(key)))
-                    .map(|text| text.as_deref() == Some("true"))
-            },
-        )?,
-    )?;
-    let l = link.clone();
-    host.set(
-        "scan",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>,
-                  token: f64,
-                  prefix: String,
-                  start: String,
-                  exclusive: bool,
-                  limit: f64| {
-                let limit = if limit.is_finite() && limit > 0.0 {
-                    limit as usize
-                } else {
-                    0
-                };
-                let request = HostRequest::Scan {
-                    prefix,
-                    start,
-                    exclusive,
-                    limit,
-                };
-                answer(&ctx, l.ask(token, request)).map(|text| text.unwrap_or_else(|| "[]".into()))
-            },
-        )?,
-    )?;
-    let l = link.clone();
-    host.set(
-        "put",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String, value: String| {
-                answer(&ctx, l.ask(token, HostRequest::Put(key, value))).map(drop)
-            },
-        )?,
-    )?;
-    let l = link.clone();
-    host.set(
-        "del",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String| {
-                answer(&ctx, l.ask(token, HostRequest::Del(key)))
-                    .map(|text| text.as_deref() == Some("true"))
-            },
-        )?,
-    )?;
-    Ok(host)
-}
-
-/// A reply as the host function's result, or an `Error` thrown in JavaScript.
-fn answer(ctx: &Ctx<'_>, reply: HostReply) -> rquickjs::Result<Option<String>> {
-    reply.map_err(|message| rquickjs::Exception::throw_message(ctx, &message))
 }

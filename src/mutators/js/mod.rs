@@ -9,7 +9,9 @@
 
 #[allow(unsafe_code)] // the allocator hook QuickJS calls is an unsafe trait
 mod allocator;
+mod describe;
 mod engine;
+mod host;
 mod messages;
 mod pool;
 
