@@ -51,8 +51,7 @@ impl PokeSettings {
 /// Pusher's settings, `None` when no PUSHER_* variable is set; with tokens on, the channel
 /// prefix gets `private-` in front when it lacks it.
 fn pusher_config(args: &PusherArgs, tokens_on: bool) -> anyhow::Result<Option<PusherConfig>> {
-    let Some(mut pusher) =
-        PusherConfig::from_args(args).context("invalid Pusher configuration")?
+    let Some(mut pusher) = PusherConfig::from_args(args).context("invalid Pusher configuration")?
     else {
         return Ok(None);
     };
