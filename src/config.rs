@@ -7,8 +7,7 @@ use crate::auth::settings::AuthArgs;
 use crate::gc::settings::GcArgs;
 use crate::http::settings::HttpArgs;
 use crate::mutators::settings::MutatorArgs;
-use crate::poke::pusher::PusherArgs;
-use crate::poke::sse::settings::SseArgs;
+use crate::poke::settings::PokeArgs;
 use crate::pull::settings::PullArgs;
 use crate::push::settings::PushArgs;
 use crate::store::settings::StoreArgs;
@@ -58,9 +57,6 @@ pub struct Config {
     #[command(flatten)]
     pub gc: GcArgs,
 
-    #[command(flatten)]
-    pub sse: SseArgs,
-
     /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`).
     #[arg(long, env = "REPLISYNC_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -72,7 +68,7 @@ pub struct Config {
     pub js: MutatorArgs,
 
     #[command(flatten)]
-    pub pusher: PusherArgs,
+    pub pokes: PokeArgs,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

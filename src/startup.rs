@@ -81,7 +81,7 @@ impl App {
         let gc = config.gc.settings().map_err(anyhow::Error::msg)?;
         let (authenticator, webhook) =
             auth::settings::build(&config.auth, config.http.listen).await?;
-        let pokes = PokeSettings::from_args(&config.pusher, &config.sse, config.auth.tokens_on())?;
+        let pokes = PokeSettings::from_args(&config.pokes, config.auth.tokens_on())?;
         let mutators = config.js.load()?;
         let store = open_store(config, config.store.auto_migrate).await?;
         let mut builder = App::builder()

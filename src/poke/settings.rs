@@ -6,6 +6,16 @@ use anyhow::Context;
 use super::pusher::{PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherArgs, PusherConfig};
 use super::sse::settings::{SseArgs, SseSettings};
 
+/// The pokes' variables as given; [`PokeSettings::from_args`] checks them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PokeArgs {
+    #[command(flatten)]
+    pub pusher: PusherArgs,
+
+    #[command(flatten)]
+    pub sse: SseArgs,
+}
+
 /// The pokes' settings, checked; [`super::Pokes::start`] starts what they name.
 #[derive(Default)]
 pub struct PokeSettings {
@@ -20,13 +30,10 @@ pub struct PokeSettings {
 impl PokeSettings {
     /// The sinks the variables ask for. With tokens on (`tokens_on`), Pusher pokes go to private
     /// channels (`private-space-abc`) that only users who may read the space can subscribe to.
-    pub fn from_args(
-        pusher: &PusherArgs,
-        sse: &SseArgs,
-        tokens_on: bool,
-    ) -> anyhow::Result<PokeSettings> {
-        let pusher = pusher_config(pusher, tokens_on)?;
-        let sse = sse.settings(pusher.is_some()).map_err(anyhow::Error::msg)?;
+    pub fn from_args(args: &PokeArgs, tokens_on: bool) -> anyhow::Result<PokeSettings> {
+        let pusher = pusher_config(&args.pusher, tokens_on)?;
+        let sse = args.sse.settings(pusher.is_some());
+        let sse = sse.map_err(anyhow::Error::msg)?;
         match &pusher {
             Some(config) => tracing::info!(
                 channels = %format!("{}<space>", config.channel_prefix),
