@@ -13,12 +13,12 @@ use replisync::auth::jwks::Jwks;
 use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::poke::pusher::{PrivateChannels, PusherArgs, PusherConfig, channel_auth_signature};
+use replisync::startup::{App, AppBuilder};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::harness::{Backend, TestServer, inc, push_body};
-use replisync::startup::{App, AppBuilder};
 
 pub(crate) const SECRET: &str = "a-test-secret-of-some-length";
 const ISSUER: &str = "https://issuer.test/";

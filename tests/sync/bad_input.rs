@@ -2,10 +2,10 @@
 
 use replisync::http::settings::HttpSettings;
 use replisync::push::settings::PushLimits;
+use replisync::startup::App;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, TestServer, inc, push_body};
-use replisync::startup::App;
 
 /// Asserts a 4xx `{"error", "message"}` answer whose message mentions `mentions`.
 fn assert_client_error(

@@ -5,12 +5,12 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use replisync::startup::App;
 use replisync::store::pg_session::SessionLimits;
 use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body};
-use replisync::startup::App;
 
 /// A push of `increment n by 1`, mutation `id` of client `client` in group `group`.
 fn one_increment(group: &str, client: &str, id: u64) -> Value {

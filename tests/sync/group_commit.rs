@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::push::settings::{GroupLimits, PushLimits};
+use replisync::startup::{App, AppBuilder};
 use replisync::store::{PushChanges, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::faults::{Fault, Faulty};
 use crate::harness::{Backend, PokeRecorder, StoreOptions, TestServer, inc, push_body};
-use replisync::startup::{App, AppBuilder};
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
 #[derive(Clone)]

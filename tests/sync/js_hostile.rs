@@ -9,13 +9,13 @@ use replisync::http::settings::HttpSettings;
 use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
 use replisync::push::settings::PushLimits;
+use replisync::startup::App;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, TestServer, push_body};
 use crate::js_mutators::{
     TokenIsUser, failures, fixture, js_server_with, metric, run, test_limits,
 };
-use replisync::startup::App;
 
 /// One engine, so that every push meets what the earlier ones left in it.
 fn one_engine() -> JsLimits {

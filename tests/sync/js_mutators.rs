@@ -9,10 +9,10 @@ use async_trait::async_trait;
 use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
+use replisync::startup::App;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, TestServer, push_body};
-use replisync::startup::App;
 
 pub(crate) fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mutators.js")

@@ -2,10 +2,10 @@
 //! their own, and answer exactly what a shared (built) delta would: puts, deletions and clients.
 
 use replisync::pull::PullLimits;
+use replisync::startup::{App, AppBuilder};
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, PullView, TestServer, inc, push_body};
-use replisync::startup::{App, AppBuilder};
 
 fn small_shared_deltas() -> AppBuilder {
     App::builder().pulls(PullLimits {

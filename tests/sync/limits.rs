@@ -6,12 +6,12 @@ use std::time::Duration;
 use replisync::http::settings::HttpSettings;
 use replisync::poke::sse::StreamLimits;
 use replisync::poke::sse::settings::SseSettings;
+use replisync::startup::App;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::{Backend, TestServer, inc, push_body};
-use replisync::startup::App;
 
 /// Longest any test waits for the server to close a connection.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);

@@ -6,11 +6,11 @@ use async_trait::async_trait;
 use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::http::settings::{CorsOrigins, HttpSettings};
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
+use replisync::startup::App;
 use replisync::store::StoreError;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, PullView, TestServer, inc, push_body};
-use replisync::startup::App;
 
 async fn push_then_pull_round_trips(backend: Backend) {
     let server = TestServer::start(backend).await;

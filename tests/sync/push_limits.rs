@@ -10,11 +10,11 @@ use async_trait::async_trait;
 use replisync::http::settings::HttpSettings;
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::push::settings::PushLimits;
+use replisync::startup::{App, AppBuilder};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
 use crate::harness::{Backend, TestServer, inc, push_body};
-use replisync::startup::{App, AppBuilder};
 
 /// The answer to a push that committed a prefix and left the rest for the next push.
 fn assert_partial(status: u16, body: &Value) {

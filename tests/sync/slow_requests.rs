@@ -9,12 +9,12 @@ use jsonwebtoken::DecodingKey;
 use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use replisync::http::settings::HttpSettings;
 use replisync::http::{Audience, Endpoint, MetricsEndpoint, endpoints};
+use replisync::startup::App;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::harness::{Backend, TestServer};
 use crate::limits::read_until_closed;
-use replisync::startup::App;
 
 /// Longer than any bound under test: a connection still open then is held.
 const HELD: Duration = Duration::from_secs(15);

@@ -6,11 +6,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use replisync::poke::sse::StreamLimits;
 use replisync::poke::sse::settings::SseSettings;
+use replisync::startup::App;
 use serde_json::{Value, json};
 
 use crate::auth::{claims, hmac_options, now, token};
 use crate::harness::{Backend, TestServer, inc, push_body};
-use replisync::startup::App;
 
 /// Reads an SSE response, collecting text until `wanted` appears or `wait` passes.
 struct EventReader {

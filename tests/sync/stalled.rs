@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use replisync::pull::{PullLimits, StreamLimits};
+use replisync::startup::App;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::{Backend, TestServer, inc, push_body};
-use replisync::startup::App;
 
 /// Opens a connection, asks for a first pull of `space`, reads the first bytes of the answer,
 /// and then never reads again.
