@@ -14,6 +14,15 @@ pub struct PokeArgs {
 
     #[command(flatten)]
     pub sse: SseArgs,
+
+    /// Most spaces waiting for their Pusher poke while Pusher is slow or down; past it the
+    /// oldest is dropped (its clients catch up at their next pull).
+    #[arg(
+        long,
+        env = "REPLISYNC_PUSHER_MAX_PENDING_SPACES",
+        default_value_t = PokerOptions::default().max_pending_spaces
+    )]
+    pub pusher_max_pending_spaces: usize,
 }
 
 /// The pokes' settings, checked; [`super::Pokes::start`] starts what they name.
@@ -31,6 +40,9 @@ impl PokeSettings {
     /// The sinks the variables ask for. With tokens on (`tokens_on`), Pusher pokes go to private
     /// channels (`private-space-abc`) that only users who may read the space can subscribe to.
     pub fn from_args(args: &PokeArgs, tokens_on: bool) -> anyhow::Result<PokeSettings> {
+        if args.pusher_max_pending_spaces == 0 {
+            anyhow::bail!("REPLISYNC_PUSHER_MAX_PENDING_SPACES must be above 0");
+        }
         let pusher = pusher_config(&args.pusher, tokens_on)?;
         let sse = args.sse.settings(pusher.is_some());
         let sse = sse.map_err(anyhow::Error::msg)?;
@@ -49,7 +61,13 @@ impl PokeSettings {
                 .as_ref()
                 .filter(|_| tokens_on)
                 .map(PrivateChannels::new),
-            pusher: pusher.map(|config| (config, PokerOptions::default())),
+            pusher: pusher.map(|config| {
+                let options = PokerOptions {
+                    max_pending_spaces: args.pusher_max_pending_spaces,
+                    ..PokerOptions::default()
+                };
+                (config, options)
+            }),
             sse,
         })
     }
@@ -67,4 +85,59 @@ fn pusher_config(args: &PusherArgs, tokens_on: bool) -> anyhow::Result<Option<Pu
         pusher.validate().context("invalid Pusher configuration")?;
     }
     Ok(Some(pusher))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_feature_args;
+
+    const PUSHER: [&str; 6] = [
+        "--pusher-app-id=1",
+        "--pusher-key=key",
+        "--pusher-secret=secret",
+        "--pusher-host=127.0.0.1",
+        "--pusher-port=6001",
+        "--pusher-scheme=http",
+    ];
+
+    fn settings(extra: &[&str]) -> anyhow::Result<PokeSettings> {
+        let args: Vec<&str> = PUSHER.iter().chain(extra).copied().collect();
+        PokeSettings::from_args(&parse_feature_args::<PokeArgs>(&args), false)
+    }
+
+    #[test]
+    fn the_pusher_queue_holds_ten_thousand_spaces_unless_told_otherwise() {
+        let (_, options) = settings(&[]).unwrap().pusher.expect("Pusher on");
+        assert_eq!(options.max_pending_spaces, 10_000);
+        let told = settings(&["--pusher-max-pending-spaces=50"]).unwrap();
+        assert_eq!(told.pusher.expect("Pusher on").1.max_pending_spaces, 50);
+    }
+
+    #[test]
+    fn an_empty_pusher_queue_is_refused_by_name() {
+        let error = settings(&["--pusher-max-pending-spaces=0"])
+            .err()
+            .expect("refused");
+        assert!(
+            error
+                .to_string()
+                .contains("REPLISYNC_PUSHER_MAX_PENDING_SPACES"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn tokens_make_pusher_channels_private_and_signable() {
+        let args = parse_feature_args::<PokeArgs>(&PUSHER);
+        let open = PokeSettings::from_args(&args, false).unwrap();
+        assert!(open.private_channels.is_none());
+        assert_eq!(open.pusher.expect("Pusher on").0.channel_prefix, "space-");
+        let private = PokeSettings::from_args(&args, true).unwrap();
+        assert!(private.private_channels.is_some());
+        assert_eq!(
+            private.pusher.expect("Pusher on").0.channel_prefix,
+            "private-space-"
+        );
+    }
 }
