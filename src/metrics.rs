@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::poke::PokeStats;
+use crate::poke::sinks::PokeStats;
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);

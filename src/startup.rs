@@ -21,10 +21,11 @@ use crate::http::{
 };
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
+use crate::poke::PokeSink;
 use crate::poke::pusher::{PokerOptions, PrivateChannels, PusherConfig};
 use crate::poke::settings::PokeSettings;
+use crate::poke::sinks::Pokes;
 use crate::poke::sse::settings::SseSettings;
-use crate::poke::{PokeSink, Pokes};
 use crate::pull::{PullLimits, Pulls};
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;

@@ -12,7 +12,7 @@ use crate::auth::Authenticator;
 use crate::auth::authorize::Authorizer;
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
-use crate::poke::Pokes;
+use crate::poke::sinks::Pokes;
 use crate::pull::Pulls;
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;

@@ -1,19 +1,14 @@
 //! Pokes: after a push commits, tell every client watching the space to pull again. A poke
-//! carries no data; `Pokes` owns the sinks that deliver the hint (Pusher, SSE), their counters
-//! and their shutdown.
+//! carries no data; `Pokes` (sinks.rs) owns the sinks that deliver the hint (Pusher, SSE), their
+//! counters and their shutdown.
 
 pub mod pusher;
 pub mod settings;
+pub mod sinks;
 pub mod sse;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
-
-use self::pusher::{PokerStats, PrivateChannels, PusherPoker};
-use self::settings::PokeSettings;
-use self::sse::{SsePokes, SseStats};
 use crate::protocol::SpaceId;
 
 /// A destination for "this space changed" hints. Implementations must never block or fail the
@@ -21,85 +16,4 @@ use crate::protocol::SpaceId;
 pub trait PokeSink: Send + Sync + 'static {
     /// `committed_at` is when the push's transaction committed (for latency logs).
     fn space_changed(&self, space: &SpaceId, committed_at: Instant);
-}
-
-/// Every configured sink; `space_changed` fans out to each of them.
-#[derive(Default)]
-pub struct Pokes {
-    sinks: Vec<Arc<dyn PokeSink>>,
-    pusher: Option<Arc<PusherPoker>>,
-    private_channels: Option<PrivateChannels>,
-    sse: Option<Arc<SsePokes>>,
-}
-
-/// What the sinks count, for `/metrics`: each part is `None` when its sink is off.
-pub struct PokeStats {
-    pub pusher: Option<PokerStats>,
-    pub sse: Option<SseStats>,
-}
-
-impl Pokes {
-    /// Starts the sinks `settings` name (Pusher's worker task: call it inside a Tokio runtime),
-    /// and `extra` sinks beside them. SSE streams end when `shutdown` is cancelled.
-    pub fn start(
-        settings: PokeSettings,
-        extra: Vec<Arc<dyn PokeSink>>,
-        shutdown: &CancellationToken,
-    ) -> Pokes {
-        let mut sinks = extra;
-        let pusher = settings.pusher.map(|(config, options)| {
-            let poker = PusherPoker::start(config, options);
-            sinks.push(poker.clone());
-            poker
-        });
-        let sse = settings.sse.map(|sse| {
-            let sse = Arc::new(SsePokes::new(sse.keep_alive, sse.limits, shutdown.clone()));
-            sinks.push(sse.clone());
-            sse
-        });
-        Pokes {
-            sinks,
-            pusher,
-            private_channels: settings.private_channels,
-            sse,
-        }
-    }
-
-    pub fn space_changed(&self, space: &SpaceId, committed_at: Instant) {
-        for sink in &self.sinks {
-            sink.space_changed(space, committed_at);
-        }
-    }
-
-    /// The built-in SSE stream, when it is on.
-    pub fn sse(&self) -> Option<&Arc<SsePokes>> {
-        self.sse.as_ref()
-    }
-
-    /// Signs private poke channel subscriptions, when Pusher's channels are private.
-    pub fn private_channels(&self) -> Option<&PrivateChannels> {
-        self.private_channels.as_ref()
-    }
-
-    pub fn stats(&self) -> PokeStats {
-        PokeStats {
-            pusher: self.pusher.as_ref().map(|poker| poker.stats()),
-            sse: self.sse.as_ref().map(|sse| sse.stats()),
-        }
-    }
-
-    /// Delivers the pokes still pending, waiting at most `remaining`; logs what was not
-    /// delivered. SSE streams have already ended with the server's shutdown token.
-    pub async fn shutdown(&self, remaining: Duration) {
-        let Some(poker) = &self.pusher else {
-            return;
-        };
-        let undelivered = poker.shutdown(remaining).await;
-        if undelivered > 0 {
-            tracing::warn!(
-                undelivered,
-                "pokes pending at shutdown that were not delivered (rejected, failed or cut off by the deadline)"
-            );
-        }
-    }
 }

@@ -14,7 +14,7 @@ use super::settings::PushLimits;
 use super::{Push, PushError, PushOutcome};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
-use crate::poke::Pokes;
+use crate::poke::sinks::Pokes;
 use crate::protocol::SpaceId;
 use crate::store::{Store, StoreError, reconnecting};
 
