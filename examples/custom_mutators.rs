@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         mutators = js.register(mutators);
     }
 
-    let app = App::builder(Arc::new(store)).mutators(mutators).build();
+    let app = App::builder().mutators(mutators).build(Arc::new(store));
     let listener = tokio::net::TcpListener::bind(&address).await?;
     serve(listener, app, shutdown_signal()).await
 }

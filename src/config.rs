@@ -7,8 +7,7 @@ use crate::auth::settings::AuthArgs;
 use crate::gc::settings::GcArgs;
 use crate::http::settings::HttpArgs;
 use crate::mutators::settings::MutatorArgs;
-use crate::poke::pusher::PusherArgs;
-use crate::poke::sse::settings::SseArgs;
+use crate::poke::settings::PokeArgs;
 use crate::pull::settings::PullArgs;
 use crate::push::settings::PushArgs;
 use crate::store::settings::StoreArgs;
@@ -58,9 +57,6 @@ pub struct Config {
     #[command(flatten)]
     pub gc: GcArgs,
 
-    #[command(flatten)]
-    pub sse: SseArgs,
-
     /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`).
     #[arg(long, env = "REPLISYNC_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -72,7 +68,7 @@ pub struct Config {
     pub js: MutatorArgs,
 
     #[command(flatten)]
-    pub pusher: PusherArgs,
+    pub pokes: PokeArgs,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,4 +90,39 @@ pub(crate) fn parse_feature_args<A: clap::Args + clap::FromArgMatches>(args: &[&
     Only::<A>::try_parse_from(argv)
         .expect("valid arguments")
         .feature
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every variable `--help` names, with the text of the files that must document it.
+    fn variables_missing_from(text: &str) -> Vec<String> {
+        Cli::command()
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+            .filter(|name| !text.contains(name.as_str()))
+            .collect()
+    }
+
+    fn read(path: &std::path::Path) -> String {
+        std::fs::read_to_string(path).expect("the file exists")
+    }
+
+    #[test]
+    fn every_variable_is_in_env_example_and_the_docs() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let example = read(&root.join(".env.example"));
+        assert_eq!(variables_missing_from(&example), Vec::<String>::new());
+        let pages = std::fs::read_dir(root.join("docs")).expect("docs/ exists");
+        let docs: String = pages
+            .map(|page| page.expect("a readable entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+            .map(|path| read(&path))
+            .collect();
+        assert_eq!(variables_missing_from(&docs), Vec::<String>::new());
+    }
 }

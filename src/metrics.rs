@@ -2,11 +2,9 @@
 //! requests served, the database reads they cost, and how Pusher pokes fare.
 
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::poke::pusher::PokerStats;
-use crate::poke::sse::SseStats;
+use crate::poke::sinks::PokeStats;
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -126,11 +124,15 @@ pub struct Metrics {
     pub sse_streams_refused: Counter,
     /// Of those, refused over REPLISYNC_SSE_MAX_STREAMS_PER_USER (one user's share).
     pub sse_streams_refused_per_user: Counter,
-    /// JavaScript mutations that failed, by reason (shared with the app's `Mutators`).
-    pub script_failures: Arc<ScriptFailures>,
+}
+
+/// What the app's `Mutators` count (they own these counters; `/metrics` reads them).
+pub struct MutatorCounts<'a> {
+    /// JavaScript mutations that failed, by reason.
+    pub script_failures: &'a ScriptFailures,
     /// Mutations (built-in or JavaScript) failed because their push's mutators had put more
-    /// than REPLISYNC_MAX_PUSH_WRITE_BYTES (shared with the app's `Mutators`).
-    pub mutations_failed_write_limit: Arc<Counter>,
+    /// than REPLISYNC_MAX_PUSH_WRITE_BYTES.
+    pub failed_write_limit: u64,
 }
 
 /// JavaScript mutations that failed, by reason. The mutation's writes were discarded; it still
@@ -163,9 +165,9 @@ impl ScriptFailures {
 }
 
 impl Metrics {
-    /// The counters, the Pusher poker's when pokes go through Pusher, and the number of spaces
-    /// with open SSE streams and the open streams when SSE is on.
-    pub fn render(&self, pusher: Option<PokerStats>, sse: Option<SseStats>) -> String {
+    /// The counters, the mutators', the Pusher poker's when pokes go through Pusher, and the
+    /// number of spaces with open SSE streams and the open streams when SSE is on.
+    pub fn render(&self, mutators: &MutatorCounts<'_>, pokes: &PokeStats) -> String {
         let mut out = String::new();
         for (name, help, value) in [
             (
@@ -316,7 +318,7 @@ impl Metrics {
             (
                 "replisync_mutations_failed_write_limit_total",
                 "Mutations failed (writes discarded) because their push's mutators put more than REPLISYNC_MAX_PUSH_WRITE_BYTES.",
-                self.mutations_failed_write_limit.get(),
+                mutators.failed_write_limit,
             ),
             (
                 "replisync_pull_resets_total",
@@ -356,8 +358,8 @@ impl Metrics {
             "How long this instance's last garbage collection pass took.",
             self.gc_last_run_duration_ms.get(),
         );
-        self.script_failures.render(&mut out);
-        if let Some(sse) = sse {
+        mutators.script_failures.render(&mut out);
+        if let Some(sse) = &pokes.sse {
             write_gauge(
                 &mut out,
                 "replisync_sse_watched_spaces",
@@ -371,7 +373,7 @@ impl Metrics {
                 sse.open_streams as u64,
             );
         }
-        if let Some(stats) = pusher {
+        if let Some(stats) = &pokes.pusher {
             for (name, help, value) in [
                 (
                     "replisync_pusher_calls_ok_total",

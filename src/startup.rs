@@ -21,57 +21,28 @@ use crate::http::{
 };
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
-use crate::poke::pusher::{
-    PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherConfig, PusherPoker,
-};
-use crate::poke::sse::SsePokes;
+use crate::poke::PokeSink;
+use crate::poke::pusher::{PokerOptions, PrivateChannels, PusherConfig};
+use crate::poke::settings::PokeSettings;
+use crate::poke::sinks::Pokes;
 use crate::poke::sse::settings::SseSettings;
-use crate::poke::{PokeSink, Pokes};
 use crate::pull::{PullLimits, Pulls};
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;
-use crate::store::postgres::PgStore;
-use crate::store::settings::StoreChoice;
-use crate::store::sqlite::SqliteStore;
+use crate::store::settings::OpenOptions;
 use crate::store::{Store, activity_granularity};
 
 /// Opens the configured store and, when asked, applies its migrations.
 pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
-    let settings = &config.store;
-    let granularity = activity_granularity(config.gc.client_ttl);
-    let store: Arc<dyn Store> = match settings.choice().map_err(anyhow::Error::msg)? {
-        StoreChoice::Postgres(options) => {
-            let request = config.http.settings().map_err(anyhow::Error::msg)?;
-            let stream = config.pull.limits(settings.db_max_connections).stream;
-            let limits = settings
-                .session_limits(request.request_timeout, stream.deadline)
-                .map_err(anyhow::Error::msg)?;
-            let store = PgStore::connect_with_limits(*options, settings.db_max_connections, limits)
-                .await
-                .context("cannot connect to Postgres at DATABASE_URL")?
-                .with_activity_granularity(granularity);
-            if migrate {
-                store.migrate().await?;
-            }
-            tracing::info!("store: postgres");
-            Arc::new(store)
-        }
-        StoreChoice::Sqlite(path) => {
-            let store = SqliteStore::open(&path, settings.db_max_connections)
-                .await
-                .with_context(|| format!("cannot open the SQLite file {}", path.display()))?
-                .with_activity_granularity(granularity);
-            if migrate {
-                store.migrate().await?;
-            }
-            tracing::info!(
-                path = %path.display(),
-                "store: sqlite (one instance only; several instances behind a load balancer need DATABASE_URL=postgres://...)"
-            );
-            Arc::new(store)
-        }
+    let request = config.http.settings().map_err(anyhow::Error::msg)?;
+    let pulls = config.pull.limits(config.store.db_max_connections);
+    let options = OpenOptions {
+        request_timeout: request.request_timeout,
+        stream_deadline: pulls.stream.deadline,
+        activity_granularity: activity_granularity(config.gc.client_ttl),
+        migrate,
     };
-    Ok(store)
+    config.store.open(options).await
 }
 
 /// A server, built once: its state, and what shutdown must stop (SSE streams, the Pusher
@@ -85,21 +56,18 @@ pub struct App {
 }
 
 impl App {
-    /// Starts building a server over `store`: built-in mutators, anonymous users, no pokes and
-    /// default limits until set otherwise.
-    pub fn builder(store: Arc<dyn Store>) -> AppBuilder {
+    /// Starts building a server: built-in mutators, anonymous users, no pokes and default
+    /// limits until set otherwise; [`AppBuilder::build`] puts it together over a store.
+    pub fn builder() -> AppBuilder {
         AppBuilder {
-            store,
             mutators: Mutators::builtin(),
             auth: Arc::new(Anonymous),
             http: HttpSettings::default(),
             push: PushLimits::default(),
             pulls: PullLimits::default(),
             webhook: None,
-            private_channels: None,
-            sinks: Vec::new(),
-            pusher: None,
-            sse: None,
+            pokes: PokeSettings::default(),
+            extra_sinks: Vec::new(),
             gc: None,
         }
     }
@@ -114,36 +82,21 @@ impl App {
         let gc = config.gc.settings().map_err(anyhow::Error::msg)?;
         let (authenticator, webhook) =
             auth::settings::build(&config.auth, config.http.listen).await?;
-        let pusher_config = pusher_from_config(config)?;
-        let sse = config.sse.settings(pusher_config.is_some());
-        let sse = sse.map_err(anyhow::Error::msg)?;
+        let pokes = PokeSettings::from_args(&config.pokes, config.auth.tokens_on())?;
         let mutators = config.js.load()?;
         let store = open_store(config, config.store.auto_migrate).await?;
-        let mut builder = App::builder(store)
+        let mut builder = App::builder()
             .gc(gc)
             .http(http)
             .push(push)
             .pulls(pulls)
             .authenticator(authenticator)
-            .mutators(mutators);
+            .mutators(mutators)
+            .pokes(pokes);
         if let Some(webhook) = webhook {
             builder = builder.authz_webhook(webhook);
         }
-        match pusher_config {
-            Some(pusher_config) => {
-                if config.auth.tokens_on() {
-                    builder = builder.private_channels(PrivateChannels::new(&pusher_config));
-                }
-                builder =
-                    builder.pusher(PusherPoker::start(pusher_config, PokerOptions::default()));
-            }
-            None => tracing::info!("pokes through Pusher are off: no PUSHER_* variables are set"),
-        }
-        if let Some(sse) = sse {
-            builder = builder.sse(sse);
-            tracing::info!("SSE pokes on at GET /spaces/{{space}}/poke (single instance only)");
-        }
-        Ok(builder.build())
+        Ok(builder.build(store))
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -159,19 +112,16 @@ impl App {
     }
 }
 
-/// The parts of an [`App`]; `build` puts them together once.
+/// The parts of an [`App`]; `build` puts them together once, over a store.
 pub struct AppBuilder {
-    store: Arc<dyn Store>,
     mutators: Mutators,
     auth: Arc<dyn Authenticator>,
     webhook: Option<Webhook>,
-    private_channels: Option<Arc<PrivateChannels>>,
     http: HttpSettings,
     push: PushLimits,
     pulls: PullLimits,
-    sinks: Vec<Arc<dyn PokeSink>>,
-    pusher: Option<Arc<PusherPoker>>,
-    sse: Option<SseSettings>,
+    pokes: PokeSettings,
+    extra_sinks: Vec<Arc<dyn PokeSink>>,
     gc: Option<GcSettings>,
 }
 
@@ -209,29 +159,34 @@ impl AppBuilder {
         self
     }
 
-    /// Adds a destination for pokes.
-    pub fn poke_sink(mut self, sink: Arc<dyn PokeSink>) -> Self {
-        self.sinks.push(sink);
+    /// Every poke sink at once (Pusher, private channels, SSE), as the configuration gives them.
+    pub fn pokes(mut self, pokes: PokeSettings) -> Self {
+        self.pokes = pokes;
         self
     }
 
     /// Pokes through Pusher: a sink whose counters go to `/metrics` and whose queue shutdown
     /// drains.
-    pub fn pusher(mut self, poker: Arc<PusherPoker>) -> Self {
-        self.sinks.push(poker.clone());
-        self.pusher = Some(poker);
+    pub fn pusher(mut self, config: PusherConfig, options: PokerOptions) -> Self {
+        self.pokes.pusher = Some((config, options));
         self
     }
 
     /// Serves `POST /pusher/auth`, which signs subscriptions to private poke channels.
     pub fn private_channels(mut self, channels: PrivateChannels) -> Self {
-        self.private_channels = Some(Arc::new(channels));
+        self.pokes.private_channels = Some(channels);
         self
     }
 
     /// Serves the built-in SSE poke stream, with its keep-alive and caps.
     pub fn sse(mut self, settings: SseSettings) -> Self {
-        self.sse = Some(settings);
+        self.pokes.sse = Some(settings);
+        self
+    }
+
+    /// Adds a destination for pokes beside the configured ones.
+    pub fn poke_sink(mut self, sink: Arc<dyn PokeSink>) -> Self {
+        self.extra_sinks.push(sink);
         self
     }
 
@@ -241,45 +196,31 @@ impl AppBuilder {
         self
     }
 
-    pub fn build(self) -> App {
+    /// The server over `store`, its poke sinks started (call it inside a Tokio runtime).
+    pub fn build(self, store: Arc<dyn Store>) -> App {
         let shutdown = CancellationToken::new();
-        let mut sinks = self.sinks;
-        let sse = self.sse.map(|settings| {
-            let sse = Arc::new(SsePokes::new(
-                settings.keep_alive,
-                settings.limits,
-                shutdown.clone(),
-            ));
-            sinks.push(sse.clone());
-            sse
-        });
-        let metrics = Arc::new(Metrics {
-            script_failures: self.mutators.script_failures().clone(),
-            mutations_failed_write_limit: self.mutators.write_limit_failures().clone(),
-            ..Metrics::default()
-        });
+        let pokes = Arc::new(Pokes::start(self.pokes, self.extra_sinks, &shutdown));
+        let metrics = Arc::new(Metrics::default());
         let mutators = Arc::new(self.mutators);
-        let pokes = Pokes::new(sinks);
         let state = AppState::new(Parts {
-            pulls: Arc::new(Pulls::new(self.store.clone(), metrics.clone(), self.pulls)),
+            pulls: Arc::new(Pulls::new(store.clone(), metrics.clone(), self.pulls)),
             pushes: PushGroups::new(
-                self.store.clone(),
+                store.clone(),
                 mutators.clone(),
-                pokes,
+                pokes.clone(),
                 self.push.clone(),
                 self.push.work_budget(self.http.request_timeout),
                 metrics.clone(),
             ),
-            store: self.store,
+            store,
             auth: self.auth,
             authorizer: Arc::new(Authorizer::new(self.webhook, metrics.clone())),
-            sse,
+            pokes,
+            mutators,
             push_bytes: InFlightBytes::new(self.push.max_bytes_in_flight),
             http: Arc::new(self.http),
             push: Arc::new(self.push),
             metrics,
-            pusher: self.pusher,
-            private_channels: self.private_channels,
             draining: Draining::default(),
         });
         App {
@@ -288,22 +229,6 @@ impl AppBuilder {
             gc: self.gc,
         }
     }
-}
-
-/// Pusher's settings; with tokens on, spaces are poked on private channels (`private-space-abc`)
-/// that only users who may read the space can subscribe to.
-fn pusher_from_config(config: &Config) -> anyhow::Result<Option<PusherConfig>> {
-    let Some(mut pusher) =
-        PusherConfig::from_args(&config.pusher).context("invalid Pusher configuration")?
-    else {
-        return Ok(None);
-    };
-    if config.auth.tokens_on() && !pusher.channel_prefix.starts_with(PRIVATE_PREFIX) {
-        pusher.channel_prefix = format!("{PRIVATE_PREFIX}{}", pusher.channel_prefix);
-        pusher.validate().context("invalid Pusher configuration")?;
-    }
-    tracing::info!(channels = %format!("{}<space>", pusher.channel_prefix), "pokes through Pusher");
-    Ok(Some(pusher))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then gives requests and pending
@@ -372,9 +297,8 @@ pub async fn serve_with_metrics(
             }
         }
     }
-    if let Some(poker) = &app.state.pusher {
-        drain_pokes(poker, deadline).await;
-    }
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    app.state.pokes.shutdown(remaining).await;
     // A connection still held by a cut-off response would make closing the pool wait forever.
     let close_by = deadline.max(tokio::time::Instant::now() + CLOSE_GRACE);
     if tokio::time::timeout_at(close_by, app.state.store.close())
@@ -429,17 +353,6 @@ fn serve_metrics(listener: TcpListener, app: &App, stop: CancellationToken) -> a
 
 /// Time given to closing the database's connections when the shutdown deadline has passed.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-async fn drain_pokes(poker: &PusherPoker, deadline: tokio::time::Instant) {
-    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let undelivered = poker.shutdown(remaining).await;
-    if undelivered > 0 {
-        tracing::warn!(
-            undelivered,
-            "pokes pending at shutdown that were not delivered (rejected, failed or cut off by the deadline)"
-        );
-    }
-}
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {

@@ -24,8 +24,11 @@ use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator, Identity};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::poke::pusher::{PrivateChannels, PusherPoker, is_socket_id};
-use crate::poke::sse::{SsePokes, StreamOwner, StreamsFull, poke_events};
+use crate::metrics::MutatorCounts;
+use crate::mutators::Mutators;
+use crate::poke::pusher::is_socket_id;
+use crate::poke::sinks::Pokes;
+use crate::poke::sse::{StreamOwner, StreamsFull, poke_events};
 use crate::protocol::{PullRequest, PushRequest, SpaceId, parse_body};
 use crate::pull::{PullBody, Pulls, WriteCheck};
 use crate::push::PushGroups;
@@ -102,7 +105,7 @@ impl WriteCheck for CallerWrites<'_> {
 /// expires. A token already past its `exp` is refused 401 here, without the leeway push and
 /// pull allow, so that a page reconnecting with a stale token learns at once to fetch a new one.
 pub async fn poke_handler(
-    State(sse): State<Option<Arc<SsePokes>>>,
+    State(pokes): State<Arc<Pokes>>,
     State(metrics): State<Arc<Metrics>>,
     State(authenticator): State<Arc<dyn Authenticator>>,
     Caller {
@@ -112,7 +115,7 @@ pub async fn poke_handler(
         ..
     }: Caller<Reads>,
 ) -> Result<Response, ApiError> {
-    let Some(sse) = sse else {
+    let Some(sse) = pokes.sse() else {
         return Err(ApiError::SseDisabled);
     };
     if expires_at.is_some_and(|expiry| expiry <= SystemTime::now()) {
@@ -125,7 +128,7 @@ pub async fn poke_handler(
         expires_at,
     };
     let keep_alive = sse.keep_alive();
-    let events = poke_events(sse, space, owner).map_err(|full| {
+    let events = poke_events(sse.clone(), space, owner).map_err(|full| {
         metrics.sse_streams_refused.increment();
         if let StreamsFull::User(_) = full {
             metrics.sse_streams_refused_per_user.increment();
@@ -159,13 +162,13 @@ pub struct ChannelAuthRequest {
 /// `POST /pusher/auth`: pusher-js's `channelAuthorization` endpoint. Signs a subscription to a
 /// space's private poke channel for a user who may read that space.
 pub async fn pusher_auth_handler(
-    State(channels): State<Option<Arc<PrivateChannels>>>,
+    State(pokes): State<Arc<Pokes>>,
     State(authorizer): State<Arc<Authorizer>>,
     Authenticated(identity): Authenticated,
     headers: HeaderMap,
     form: Result<Form<ChannelAuthRequest>, FormRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Some(channels) = channels else {
+    let Some(channels) = pokes.private_channels() else {
         return Err(ApiError::PrivateChannelsOff);
     };
     let Form(request) =
@@ -233,13 +236,14 @@ pub async fn ready_handler(
 /// `GET /metrics`: counters in Prometheus text format.
 pub async fn metrics_handler(
     State(metrics): State<Arc<Metrics>>,
-    State(pusher): State<Option<Arc<PusherPoker>>>,
-    State(sse): State<Option<Arc<SsePokes>>>,
+    State(mutators): State<Arc<Mutators>>,
+    State(pokes): State<Arc<Pokes>>,
 ) -> String {
-    metrics.render(
-        pusher.as_ref().map(|poker| poker.stats()),
-        sse.as_ref().map(|sse| sse.stats()),
-    )
+    let mutators = MutatorCounts {
+        script_failures: mutators.script_failures(),
+        failed_write_limit: mutators.write_limit_failures().get(),
+    };
+    metrics.render(&mutators, &pokes.stats())
 }
 
 pub async fn not_found() -> ApiError {

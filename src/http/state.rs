@@ -11,8 +11,8 @@ use super::settings::HttpSettings;
 use crate::auth::Authenticator;
 use crate::auth::authorize::Authorizer;
 use crate::metrics::Metrics;
-use crate::poke::pusher::{PrivateChannels, PusherPoker};
-use crate::poke::sse::SsePokes;
+use crate::mutators::Mutators;
+use crate::poke::sinks::Pokes;
 use crate::pull::Pulls;
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;
@@ -53,14 +53,13 @@ parts_from_state! {
     pushes: Arc<PushGroups>,
     auth: Arc<dyn Authenticator>,
     authorizer: Arc<Authorizer>,
-    sse: Option<Arc<SsePokes>>,
+    pokes: Arc<Pokes>,
+    mutators: Arc<Mutators>,
     http: Arc<HttpSettings>,
     push: Arc<PushLimits>,
     push_bytes: InFlightBytes,
     metrics: Arc<Metrics>,
     pulls: Arc<Pulls>,
-    pusher: Option<Arc<PusherPoker>>,
-    private_channels: Option<Arc<PrivateChannels>>,
     draining: Draining,
 }
 
@@ -71,8 +70,10 @@ pub struct Parts {
     pub(crate) pushes: Arc<PushGroups>,
     pub(crate) auth: Arc<dyn Authenticator>,
     pub(crate) authorizer: Arc<Authorizer>,
-    /// The built-in SSE poke stream, when enabled.
-    pub(crate) sse: Option<Arc<SsePokes>>,
+    /// The poke sinks: the SSE stream and private channel signing are served from here.
+    pub(crate) pokes: Arc<Pokes>,
+    /// The mutators pushes run (their failure counters go to `/metrics`).
+    pub(crate) mutators: Arc<Mutators>,
     pub(crate) http: Arc<HttpSettings>,
     /// What one push may carry and do.
     pub(crate) push: Arc<PushLimits>,
@@ -80,10 +81,6 @@ pub struct Parts {
     pub(crate) push_bytes: InFlightBytes,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pulls: Arc<Pulls>,
-    /// The Pusher poker, when configured (its counters go to `/metrics`).
-    pub(crate) pusher: Option<Arc<PusherPoker>>,
-    /// Signs private poke channel subscriptions (Pusher with authentication on).
-    pub(crate) private_channels: Option<Arc<PrivateChannels>>,
     /// Cancelled on SIGTERM: `/readyz` answers 503 and responses close their connections.
     pub(crate) draining: Draining,
 }

@@ -1,10 +1,12 @@
-//! Pokes: after a push commits, tell every client watching the space to pull again.
-//! A poke carries no data; sinks (Pusher-compatible HTTP API, built-in SSE) deliver the hint.
+//! Pokes: after a push commits, tell every client watching the space to pull again. A poke
+//! carries no data; `Pokes` (sinks.rs) owns the sinks that deliver the hint (Pusher, SSE), their
+//! counters and their shutdown.
 
 pub mod pusher;
+pub mod settings;
+pub mod sinks;
 pub mod sse;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::protocol::SpaceId;
@@ -14,22 +16,4 @@ use crate::protocol::SpaceId;
 pub trait PokeSink: Send + Sync + 'static {
     /// `committed_at` is when the push's transaction committed (for latency logs).
     fn space_changed(&self, space: &SpaceId, committed_at: Instant);
-}
-
-/// Every configured sink; `space_changed` fans out to each of them.
-#[derive(Clone, Default)]
-pub struct Pokes {
-    sinks: Vec<Arc<dyn PokeSink>>,
-}
-
-impl Pokes {
-    pub fn new(sinks: Vec<Arc<dyn PokeSink>>) -> Self {
-        Self { sinks }
-    }
-
-    pub fn space_changed(&self, space: &SpaceId, committed_at: Instant) {
-        for sink in &self.sinks {
-            sink.space_changed(space, committed_at);
-        }
-    }
 }

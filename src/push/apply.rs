@@ -8,7 +8,7 @@ use super::locking::Locking;
 use super::{Push, PushBudget, PushError, PushOutcome};
 use crate::auth::{AuthError, check_group_ownership};
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
-use crate::poke::Pokes;
+use crate::poke::sinks::Pokes;
 use crate::protocol::{Mutation, PushRequest, SpaceId};
 use crate::store::{
     ClientGroupRecord, ClientRecord, ClientWrite, PushChanges, PushTx, Store, StoreError, unix_now,

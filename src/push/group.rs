@@ -14,7 +14,7 @@ use super::settings::PushLimits;
 use super::{Push, PushError, PushOutcome};
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
-use crate::poke::Pokes;
+use crate::poke::sinks::Pokes;
 use crate::protocol::SpaceId;
 use crate::store::{Store, StoreError, reconnecting};
 
@@ -26,7 +26,7 @@ pub struct PushGroups {
     store: Arc<dyn Store>,
     mutators: Arc<Mutators>,
     /// Told of every commit, by the group that made it (whoever waits for the answer).
-    pokes: Pokes,
+    pokes: Arc<Pokes>,
     /// What one push may carry and do, and how large a group may grow.
     pub(super) limits: PushLimits,
     /// Time a push spends running mutators before it commits what it applied.
@@ -45,7 +45,7 @@ impl PushGroups {
     pub fn new(
         store: Arc<dyn Store>,
         mutators: Arc<Mutators>,
-        pokes: Pokes,
+        pokes: Arc<Pokes>,
         limits: PushLimits,
         work_budget: Duration,
         metrics: Arc<Metrics>,

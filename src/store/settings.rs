@@ -1,13 +1,18 @@
 //! The store's settings: which database (DATABASE_URL, or the embedded SQLite file), its pool
-//! size, migrations at start-up, and the bounds of every Postgres session.
+//! size, migrations at start-up, and the bounds of every Postgres session; `open` opens it.
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use sqlx::postgres::PgConnectOptions;
 
+use super::Store;
 use super::pg_session::SessionLimits;
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
 
 /// The store's variables as given; [`StoreArgs::choice`] and [`StoreArgs::session_limits`]
 /// check them.
@@ -123,6 +128,56 @@ impl StoreArgs {
             ));
         }
         Ok(limits)
+    }
+}
+
+/// What opening a store needs from the rest of the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenOptions {
+    /// REPLISYNC_REQUEST_TIMEOUT_SECS and the pull stream deadline: unset session bounds
+    /// follow them.
+    pub request_timeout: Duration,
+    pub stream_deadline: Duration,
+    /// Seconds between writes of a client group's last activity (`activity_granularity`).
+    pub activity_granularity: i64,
+    /// Apply the migrations first.
+    pub migrate: bool,
+}
+
+impl StoreArgs {
+    /// Opens the database these settings name and, when asked, applies its migrations.
+    pub async fn open(&self, options: OpenOptions) -> anyhow::Result<Arc<dyn Store>> {
+        let store: Arc<dyn Store> = match self.choice().map_err(anyhow::Error::msg)? {
+            StoreChoice::Postgres(connect) => {
+                let limits = self
+                    .session_limits(options.request_timeout, options.stream_deadline)
+                    .map_err(anyhow::Error::msg)?;
+                let store = PgStore::connect_with_limits(*connect, self.db_max_connections, limits)
+                    .await
+                    .context("cannot connect to Postgres at DATABASE_URL")?
+                    .with_activity_granularity(options.activity_granularity);
+                if options.migrate {
+                    store.migrate().await?;
+                }
+                tracing::info!("store: postgres");
+                Arc::new(store)
+            }
+            StoreChoice::Sqlite(path) => {
+                let store = SqliteStore::open(&path, self.db_max_connections)
+                    .await
+                    .with_context(|| format!("cannot open the SQLite file {}", path.display()))?
+                    .with_activity_granularity(options.activity_granularity);
+                if options.migrate {
+                    store.migrate().await?;
+                }
+                tracing::info!(
+                    path = %path.display(),
+                    "store: sqlite (one instance only; several instances behind a load balancer need DATABASE_URL=postgres://...)"
+                );
+                Arc::new(store)
+            }
+        };
+        Ok(store)
     }
 }
 

@@ -150,14 +150,14 @@ impl Fuzzed {
         let (store, db) = runtime.block_on(open_store());
         let keys = Keys::Secret(DecodingKey::from_secret(SECRET.as_bytes()));
         let router = runtime.block_on(async {
-            App::builder(store.clone())
+            App::builder()
                 .authenticator(Arc::new(JwtAuthenticator::new(keys, ClaimRules::default())))
                 .private_channels(private_channels())
                 .sse(SseSettings {
                     keep_alive: Duration::from_secs(15),
                     ..SseSettings::default()
                 })
-                .build()
+                .build(store.clone())
                 .router(MetricsEndpoint::Here)
         });
         Fuzzed {

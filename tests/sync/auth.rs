@@ -13,11 +13,12 @@ use replisync::auth::jwks::Jwks;
 use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::poke::pusher::{PrivateChannels, PusherArgs, PusherConfig, channel_auth_signature};
+use replisync::startup::{App, AppBuilder};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, TestServer, inc, push_body};
 
 pub(crate) const SECRET: &str = "a-test-secret-of-some-length";
 const ISSUER: &str = "https://issuer.test/";
@@ -59,14 +60,11 @@ fn rules() -> ClaimRules {
     }
 }
 
-pub(crate) fn hmac_options() -> Options {
-    Options {
-        auth: Arc::new(JwtAuthenticator::new(
-            Keys::Secret(DecodingKey::from_secret(SECRET.as_bytes())),
-            rules(),
-        )),
-        ..Options::default()
-    }
+pub(crate) fn hmac_options() -> AppBuilder {
+    App::builder().authenticator(Arc::new(JwtAuthenticator::new(
+        Keys::Secret(DecodingKey::from_secret(SECRET.as_bytes())),
+        rules(),
+    )))
 }
 
 fn webhook_at(url: String, timeout: Duration) -> Webhook {
@@ -205,14 +203,8 @@ impl Authenticator for NamedUsers {
 /// characters), or too long, is a 401 from every authenticator, before anything is written.
 async fn a_user_id_with_control_characters_is_401_and_writes_nothing(backend: Backend) {
     let jwt = TestServer::start_with(backend, hmac_options()).await;
-    let custom = TestServer::start_with(
-        backend,
-        Options {
-            auth: Arc::new(NamedUsers),
-            ..Options::default()
-        },
-    )
-    .await;
+    let custom =
+        TestServer::start_with(backend, App::builder().authenticator(Arc::new(NamedUsers))).await;
     let good = token(&claims("alice", &["doc"]));
     assert_eq!(jwt.push_as("doc", &one_increment("g0"), &good).await.0, 200);
     assert_eq!(
@@ -394,11 +386,8 @@ async fn webhook_answering(status: u16, delay: Duration) -> MockServer {
     webhook
 }
 
-fn webhook_options(url: String) -> Options {
-    Options {
-        authz_webhook: Some(webhook_at(url, Duration::from_millis(500))),
-        ..hmac_options()
-    }
+fn webhook_options(url: String) -> AppBuilder {
+    hmac_options().authz_webhook(webhook_at(url, Duration::from_millis(500)))
 }
 
 async fn the_webhook_grants_what_the_token_does_not_and_its_answers_are_cached(backend: Backend) {
@@ -497,18 +486,15 @@ async fn jwks_provider() -> MockServer {
     provider
 }
 
-fn jwks_options(url: String) -> Options {
+fn jwks_options(url: String) -> AppBuilder {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    Options {
-        auth: Arc::new(JwtAuthenticator::new(
-            Keys::Jwks(Jwks::new(url, http, Duration::from_secs(60))),
-            rules(),
-        )),
-        ..Options::default()
-    }
+    App::builder().authenticator(Arc::new(JwtAuthenticator::new(
+        Keys::Jwks(Jwks::new(url, http, Duration::from_secs(60))),
+        rules(),
+    )))
 }
 
 async fn jwks_tokens_verify_and_bogus_key_ids_cannot_make_us_hammer_the_provider(backend: Backend) {
@@ -576,7 +562,7 @@ async fn an_unreachable_jwks_is_503_never_an_allow(backend: Backend) {
     );
 }
 
-fn private_channel_options() -> Options {
+fn private_channel_options() -> AppBuilder {
     let args = PusherArgs {
         app_id: Some("12345".into()),
         key: Some("app-key-abc".into()),
@@ -586,10 +572,7 @@ fn private_channel_options() -> Options {
         ..PusherArgs::default()
     };
     let config = PusherConfig::from_args(&args).unwrap().unwrap();
-    Options {
-        private_channels: Some(PrivateChannels::new(&config)),
-        ..hmac_options()
-    }
+    hmac_options().private_channels(PrivateChannels::new(&config))
 }
 
 async fn pusher_auth_signs_private_channels_for_readers_only(backend: Backend) {
@@ -656,10 +639,7 @@ async fn pusher_auth_signs_private_channels_for_readers_only(backend: Backend) {
 }
 
 async fn the_sse_stream_needs_read_access_and_takes_its_token_from_the_query(backend: Backend) {
-    let options = Options {
-        sse: crate::harness::sse_every(Duration::from_secs(15)),
-        ..hmac_options()
-    };
+    let options = hmac_options().sse(crate::harness::sse_every(Duration::from_secs(15)));
     let server = TestServer::start_with(backend, options).await;
     let status = |path: String| {
         let server = &server;

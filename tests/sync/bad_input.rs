@@ -2,9 +2,10 @@
 
 use replisync::http::settings::HttpSettings;
 use replisync::push::settings::PushLimits;
+use replisync::startup::App;
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, TestServer, inc, push_body};
 
 /// Asserts a 4xx `{"error", "message"}` answer whose message mentions `mentions`.
 fn assert_client_error(
@@ -26,17 +27,15 @@ fn assert_client_error(
 }
 
 async fn every_kind_of_bad_push_changes_nothing(backend: Backend) {
-    let options = Options {
-        http: HttpSettings {
+    let options = App::builder()
+        .http(HttpSettings {
             max_body_bytes: 64 * 1024,
             ..HttpSettings::default()
-        },
-        push: PushLimits {
+        })
+        .push(PushLimits {
             max_body_bytes: 64 * 1024,
             ..PushLimits::default()
-        },
-        ..Options::default()
-    };
+        });
     let server = TestServer::start_with(backend, options).await;
     server
         .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use crate::faults::{Fault, Faulty};
-use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
+use crate::harness::{Backend, PullView, StoreOptions, TestServer, inc, push_body};
+use replisync::startup::App;
 
 const GROUPS: usize = 12;
 const CLIENTS_PER_GROUP: usize = 2;
@@ -223,11 +224,11 @@ impl Fault for SlowPullReads {
 /// each still gets exactly its own group's lastMutationIDs.
 async fn identical_concurrent_pulls_share_reads(backend: Backend) {
     const WATCHERS: usize = 40;
-    let options = Options {
+    let store = StoreOptions {
         wrap_store: |store| Faulty::wrap(store, SlowPullReads),
-        ..Options::default()
+        ..StoreOptions::default()
     };
-    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let server = Arc::new(TestServer::start_on(backend, store, App::builder()).await);
     for w in 0..WATCHERS {
         let body = push_body(
             &format!("g{w}"),

@@ -5,11 +5,12 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use replisync::startup::App;
 use replisync::store::pg_session::SessionLimits;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body};
 
 /// A push of `increment n by 1`, mutation `id` of client `client` in group `group`.
 fn one_increment(group: &str, client: &str, id: u64) -> Value {
@@ -29,14 +30,14 @@ async fn commit(conn: &mut PgConnection) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_behind_a_space_lock_that_is_never_released_gets_503_in_bounded_time() {
     let lock_timeout = Duration::from_millis(300);
-    let options = Options {
+    let store = StoreOptions {
         pg_limits: SessionLimits {
             lock_timeout,
             ..SessionLimits::default()
         },
-        ..Options::default()
+        ..StoreOptions::default()
     };
-    let server = TestServer::start_with(Backend::Postgres, options).await;
+    let server = TestServer::start_on(Backend::Postgres, store, App::builder()).await;
     let (status, _) = server
         .push("held", &one_increment("g-held", "c-held", 1))
         .await;
@@ -122,12 +123,12 @@ async fn a_pull_recording_activity_does_not_make_a_push_wait_or_run_again() {
 }
 
 /// The database's (here the session's) default isolation is REPEATABLE READ.
-fn repeatable_read() -> Options {
-    Options {
+fn repeatable_read() -> StoreOptions {
+    StoreOptions {
         pg_options: |options| {
             options.options([("default_transaction_isolation", "repeatable read")])
         },
-        ..Options::default()
+        ..StoreOptions::default()
     }
 }
 
@@ -149,7 +150,7 @@ const OTHER_WRITER: &str = "UPDATE replisync_spaces SET version = version + 1 WH
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_locked_push_that_waited_lands_when_the_database_defaults_to_repeatable_read() {
-    let server = TestServer::start_with(Backend::Postgres, repeatable_read()).await;
+    let server = TestServer::start_on(Backend::Postgres, repeatable_read(), App::builder()).await;
     let (status, _) = server.push("rr", &one_increment("g-rr", "c-rr", 1)).await;
     assert_eq!(status, 200);
     let pause = Duration::from_millis(300);

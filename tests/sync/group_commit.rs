@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::push::settings::{GroupLimits, PushLimits};
+use replisync::startup::{App, AppBuilder};
 use replisync::store::{PushChanges, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::faults::{Fault, Faulty};
-use crate::harness::{Backend, Options, PokeRecorder, TestServer, inc, push_body};
+use crate::harness::{Backend, PokeRecorder, StoreOptions, TestServer, inc, push_body};
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
 #[derive(Clone)]
@@ -95,12 +96,10 @@ async fn wait_for_waiting(server: &TestServer, count: u64) {
     }
 }
 
-fn options_with(gate: &Gate, push: PushLimits) -> Options {
-    Options {
-        mutators: Mutators::builtin().register("gate", gate.clone()),
-        push,
-        ..Options::default()
-    }
+fn options_with(gate: &Gate, push: PushLimits) -> AppBuilder {
+    App::builder()
+        .mutators(Mutators::builtin().register("gate", gate.clone()))
+        .push(push)
 }
 
 /// Sends `body` to `space` in a task of its own.
@@ -315,11 +314,12 @@ impl Fault for PoisonedCommits {
 
 async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
     let gate = Gate::default();
-    let options = Options {
+    let store = StoreOptions {
         wrap_store: |store| Faulty::wrap(store, PoisonedCommits),
-        ..options_with(&gate, PushLimits::default())
+        ..StoreOptions::default()
     };
-    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let app = options_with(&gate, PushLimits::default());
+    let server = Arc::new(TestServer::start_on(backend, store, app).await);
     let held = gate.hold(&server, "s").await;
     let put = |group: &str, client: &str, key: &str| {
         push_body(
@@ -429,10 +429,7 @@ async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backe
 async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
     let gate = Gate::default();
     let pokes = Arc::new(PokeRecorder::default());
-    let options = Options {
-        poke_sink: Some(pokes.clone()),
-        ..options_with(&gate, PushLimits::default())
-    };
+    let options = options_with(&gate, PushLimits::default()).poke_sink(pokes.clone());
     let server = Arc::new(TestServer::start_with(backend, options).await);
     let held = gate.hold(&server, "s").await;
     let left = send(
@@ -477,12 +474,12 @@ impl Fault for LostAnswers {
 /// pokes; so does a client's resend of the same push.
 async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
     let pokes = Arc::new(PokeRecorder::default());
-    let options = Options {
-        poke_sink: Some(pokes.clone()),
+    let store = StoreOptions {
         wrap_store: |store| Faulty::wrap(store, LostAnswers(Default::default())),
-        ..Options::default()
+        ..StoreOptions::default()
     };
-    let server = TestServer::start_with(backend, options).await;
+    let app = App::builder().poke_sink(pokes.clone());
+    let server = TestServer::start_on(backend, store, app).await;
     let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
     assert_eq!(server.push("s", &body).await, (200, json!({})));
     assert_eq!(server.state("s", "g").await.lmid("c"), 1, "committed once");
@@ -514,17 +511,19 @@ impl Mutator for Slow {
 /// instead of waiting for all of its slow mutations.
 async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
     let gate = Gate::default();
-    let mut options = options_with(
-        &gate,
-        PushLimits {
+    let options = App::builder()
+        .mutators(
+            Mutators::builtin()
+                .register("gate", gate.clone())
+                .register("slow", Slow),
+        )
+        .push(PushLimits {
             group: GroupLimits {
                 max_pushes: 64,
                 max_age: Duration::from_millis(50),
             },
             ..PushLimits::default()
-        },
-    );
-    options.mutators = options.mutators.register("slow", Slow);
+        });
     let server = Arc::new(TestServer::start_with(backend, options).await);
     let held = gate.hold(&server, "s").await;
     let slow_mutations: Vec<_> = (1..=10)
@@ -571,17 +570,15 @@ async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
 /// A slow push alone in its group (the space was idle) is cut at the group's age limit once
 /// another push waits for the space, and runs on when none does.
 async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
-    let options = Options {
-        mutators: Mutators::builtin().register("slow", Slow),
-        push: PushLimits {
+    let options = App::builder()
+        .mutators(Mutators::builtin().register("slow", Slow))
+        .push(PushLimits {
             group: GroupLimits {
                 max_pushes: 64,
                 max_age: Duration::from_millis(50),
             },
             ..PushLimits::default()
-        },
-        ..Options::default()
-    };
+        });
     let server = Arc::new(TestServer::start_with(backend, options).await);
     let slow_push = |group: &str, space: &str| {
         let client = format!("{group}-c");

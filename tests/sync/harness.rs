@@ -5,17 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use replisync::auth::authorize::Webhook;
-use replisync::auth::{Anonymous, Authenticator};
-use replisync::http::settings::HttpSettings;
-use replisync::mutators::Mutators;
 use replisync::poke::PokeSink;
-use replisync::poke::pusher::PrivateChannels;
 use replisync::poke::sse::settings::SseSettings;
 use replisync::protocol::SpaceId;
-use replisync::pull::PullLimits;
-use replisync::push::settings::PushLimits;
-use replisync::startup::{App, serve};
+use replisync::startup::{App, AppBuilder, serve};
 use replisync::store::Store;
 use replisync::store::pg_session::SessionLimits;
 use replisync::store::postgres::PgStore;
@@ -42,65 +35,50 @@ pub struct TestServer {
     _stop: DropGuard,
 }
 
-pub struct Options {
-    pub mutators: Mutators,
-    pub auth: Arc<dyn Authenticator>,
-    pub http: HttpSettings,
-    pub push: PushLimits,
-    pub pulls: PullLimits,
-    /// Asks this webhook about spaces the caller's token does not grant.
-    pub authz_webhook: Option<Webhook>,
-    /// Serves `POST /pusher/auth` for these private channels.
-    pub private_channels: Option<PrivateChannels>,
-    /// Serve the built-in SSE poke stream with these settings (see [`sse_every`]).
-    pub sse: Option<SseSettings>,
+/// How a test's store is opened; the app itself is configured with `App::builder()`, as the
+/// binary configures it.
+pub struct StoreOptions {
     /// Wraps the test's store, e.g. to slow it down.
     pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
-    /// Also tells this sink of every poke.
-    pub poke_sink: Option<Arc<dyn PokeSink>>,
     /// Postgres: the bounds of the store's sessions.
     pub pg_limits: SessionLimits,
     /// Postgres: changes the store's connect options (before the bounds are added).
     pub pg_options: fn(PgConnectOptions) -> PgConnectOptions,
 }
 
-/// The built-in SSE poke stream with a keep-alive comment every `keep_alive`, default caps.
-pub fn sse_every(keep_alive: std::time::Duration) -> Option<SseSettings> {
-    Some(SseSettings {
-        keep_alive,
-        ..SseSettings::default()
-    })
-}
-
-impl Default for Options {
+impl Default for StoreOptions {
     fn default() -> Self {
-        Options {
-            mutators: Mutators::builtin(),
-            auth: Arc::new(Anonymous),
-            http: HttpSettings::default(),
-            push: PushLimits::default(),
-            pulls: PullLimits::default(),
-            authz_webhook: None,
-            private_channels: None,
-            sse: None,
+        StoreOptions {
             wrap_store: |store| store,
-            poke_sink: None,
             pg_limits: SessionLimits::default(),
             pg_options: |options| options,
         }
     }
 }
 
+/// The built-in SSE poke stream with a keep-alive comment every `keep_alive`, default caps.
+pub fn sse_every(keep_alive: std::time::Duration) -> SseSettings {
+    SseSettings {
+        keep_alive,
+        ..SseSettings::default()
+    }
+}
+
 impl TestServer {
     pub async fn start(backend: Backend) -> TestServer {
-        TestServer::start_with(backend, Options::default()).await
+        TestServer::start_with(backend, App::builder()).await
     }
 
-    /// Builds the app as the binary does (once, whole) and serves it through the binary's own
+    /// Builds `app` as the binary does (once, whole) and serves it through the binary's own
     /// `serve`, on 127.0.0.1:0.
-    pub async fn start_with(backend: Backend, options: Options) -> TestServer {
+    pub async fn start_with(backend: Backend, app: AppBuilder) -> TestServer {
+        TestServer::start_on(backend, StoreOptions::default(), app).await
+    }
+
+    /// [`TestServer::start_with`], over a store opened with `store`.
+    pub async fn start_on(backend: Backend, store: StoreOptions, app: AppBuilder) -> TestServer {
         let db = TestDb::create(backend).await;
-        let instance = Instance::start(&db, options).await;
+        let instance = Instance::start(&db, &store, app).await;
         TestServer {
             base: instance.base,
             http: reqwest::Client::new(),
@@ -121,27 +99,9 @@ pub struct Instance {
 }
 
 impl Instance {
-    async fn start(db: &TestDb, options: Options) -> Instance {
-        let store = (options.wrap_store)(db.open_store_with(&options).await);
-        let mut builder = App::builder(store)
-            .mutators(options.mutators)
-            .authenticator(options.auth)
-            .http(options.http)
-            .push(options.push)
-            .pulls(options.pulls);
-        if let Some(webhook) = options.authz_webhook {
-            builder = builder.authz_webhook(webhook);
-        }
-        if let Some(channels) = options.private_channels {
-            builder = builder.private_channels(channels);
-        }
-        if let Some(sink) = options.poke_sink {
-            builder = builder.poke_sink(sink);
-        }
-        if let Some(sse) = options.sse {
-            builder = builder.sse(sse);
-        }
-        let app = builder.build();
+    async fn start(db: &TestDb, store: &StoreOptions, app: AppBuilder) -> Instance {
+        let store = (store.wrap_store)(db.open_store_with(store).await);
+        let app = app.build(store);
         let (store, metrics) = (app.store().clone(), app.metrics().clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -348,7 +308,7 @@ impl TestDb {
     }
 
     /// A store on this database, with the Postgres session options of `options`.
-    pub async fn open_store_with(&self, options: &Options) -> Arc<dyn Store> {
+    pub async fn open_store_with(&self, options: &StoreOptions) -> Arc<dyn Store> {
         match self {
             TestDb::Postgres { admin_url, schema } => {
                 // Named after the schema, so that a test can find its server's connections.

@@ -9,9 +9,10 @@ use replisync::http::settings::HttpSettings;
 use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
 use replisync::push::settings::PushLimits;
+use replisync::startup::App;
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Options, TestServer, push_body};
+use crate::harness::{Backend, TestServer, push_body};
 use crate::js_mutators::{
     TokenIsUser, failures, fixture, js_server_with, metric, run, test_limits,
 };
@@ -205,13 +206,11 @@ async fn server_with_write_limit(
         time_budget: Some(Duration::from_secs(100)),
         ..PushLimits::default()
     };
-    let options = Options {
-        mutators: js.register(Mutators::builtin()),
-        auth: Arc::new(TokenIsUser),
-        http,
-        push,
-        ..Options::default()
-    };
+    let options = App::builder()
+        .mutators(js.register(Mutators::builtin()))
+        .authenticator(Arc::new(TokenIsUser))
+        .http(http)
+        .push(push);
     TestServer::start_with(backend, options).await
 }
 
@@ -305,11 +304,9 @@ async fn an_engine_that_cannot_serve_fails_the_push(backend: Backend) {
          export const mutators = {{\n  async setValue(tx, {{key, value}}) {{ await tx.set(key, value); }},\n}};\n"
     );
     let js = JsMutators::from_source("grows.js", source, one_engine()).expect("it loads at first");
-    let options = Options {
-        mutators: js.register(Mutators::builtin()),
-        auth: Arc::new(TokenIsUser),
-        ..Options::default()
-    };
+    let options = App::builder()
+        .mutators(js.register(Mutators::builtin()))
+        .authenticator(Arc::new(TokenIsUser));
     let server = TestServer::start_with(backend, options).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let body = push_body(

@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
+use replisync::startup::App;
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Options, TestServer, push_body};
+use crate::harness::{Backend, TestServer, push_body};
 
 pub(crate) fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mutators.js")
@@ -32,11 +33,9 @@ async fn js_server(backend: Backend) -> TestServer {
 
 pub(crate) async fn js_server_with(backend: Backend, limits: JsLimits) -> TestServer {
     let js = JsMutators::load(&fixture(), limits).expect("the fixture loads");
-    let options = Options {
-        mutators: js.register(Mutators::builtin()),
-        auth: Arc::new(TokenIsUser),
-        ..Options::default()
-    };
+    let options = App::builder()
+        .mutators(js.register(Mutators::builtin()))
+        .authenticator(Arc::new(TokenIsUser));
     TestServer::start_with(backend, options).await
 }
 
@@ -583,10 +582,7 @@ async fn module_mutator_replaces_builtin(backend: Backend) {
     let source = "export const mutators = {\n  async increment(tx, {key, delta}) {\n    await tx.set(key, `js:${delta}`);\n  },\n};\n";
     let js = JsMutators::from_source("clash.js", source.into(), test_limits()).unwrap();
     assert_eq!(js.names(), ["increment"]);
-    let options = Options {
-        mutators: js.register(Mutators::builtin()),
-        ..Options::default()
-    };
+    let options = App::builder().mutators(js.register(Mutators::builtin()));
     let server = TestServer::start_with(backend, options).await;
     let entries = run(
         &server,

@@ -2,18 +2,16 @@
 //! their own, and answer exactly what a shared (built) delta would: puts, deletions and clients.
 
 use replisync::pull::PullLimits;
+use replisync::startup::{App, AppBuilder};
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
+use crate::harness::{Backend, PullView, TestServer, inc, push_body};
 
-fn small_shared_deltas() -> Options {
-    Options {
-        pulls: PullLimits {
-            max_shared_delta_bytes: 2048,
-            ..PullLimits::default()
-        },
-        ..Options::default()
-    }
+fn small_shared_deltas() -> AppBuilder {
+    App::builder().pulls(PullLimits {
+        max_shared_delta_bytes: 2048,
+        ..PullLimits::default()
+    })
 }
 
 async fn a_delta_too_large_to_share_is_streamed_with_the_same_answer(backend: Backend) {

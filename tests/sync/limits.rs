@@ -6,22 +6,22 @@ use std::time::Duration;
 use replisync::http::settings::HttpSettings;
 use replisync::poke::sse::StreamLimits;
 use replisync::poke::sse::settings::SseSettings;
+use replisync::startup::App;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, TestServer, inc, push_body};
 
 /// Longest any test waits for the server to close a connection.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 async fn server_with(http: HttpSettings, sse: Option<SseSettings>) -> TestServer {
-    let options = Options {
-        http,
-        sse,
-        ..Options::default()
-    };
-    TestServer::start_with(Backend::Sqlite, options).await
+    let mut app = App::builder().http(http);
+    if let Some(sse) = sse {
+        app = app.sse(sse);
+    }
+    TestServer::start_with(Backend::Sqlite, app).await
 }
 
 async fn connect(server: &TestServer) -> TcpStream {

@@ -6,10 +6,11 @@ use async_trait::async_trait;
 use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::http::settings::{CorsOrigins, HttpSettings};
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
+use replisync::startup::App;
 use replisync::store::StoreError;
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Options, PullView, TestServer, inc, push_body};
+use crate::harness::{Backend, PullView, TestServer, inc, push_body};
 
 async fn push_then_pull_round_trips(backend: Backend) {
     let server = TestServer::start(backend).await;
@@ -293,10 +294,7 @@ impl Authenticator for TokenIsUser {
 }
 
 async fn client_group_of_another_user_is_rejected(backend: Backend) {
-    let options = Options {
-        auth: Arc::new(TokenIsUser),
-        ..Options::default()
-    };
+    let options = App::builder().authenticator(Arc::new(TokenIsUser));
     let server = TestServer::start_with(backend, options).await;
     let body = push_body("alice-group", &[("c", 1, "increment", inc("n", 1))]);
     assert_eq!(server.push_as("s", &body, "Bearer alice").await.0, 200);
@@ -480,10 +478,8 @@ impl Mutator for WriteThenReject {
 }
 
 async fn failing_mutations_roll_back_and_still_count(backend: Backend) {
-    let options = Options {
-        mutators: Mutators::builtin().register("writeThenReject", WriteThenReject),
-        ..Options::default()
-    };
+    let options =
+        App::builder().mutators(Mutators::builtin().register("writeThenReject", WriteThenReject));
     let server = TestServer::start_with(backend, options).await;
     let body = push_body(
         "g",
@@ -529,10 +525,7 @@ impl Mutator for DatabaseFault {
 }
 
 async fn a_database_fault_rolls_the_whole_push_back(backend: Backend) {
-    let options = Options {
-        mutators: Mutators::builtin().register("fault", DatabaseFault),
-        ..Options::default()
-    };
+    let options = App::builder().mutators(Mutators::builtin().register("fault", DatabaseFault));
     let server = TestServer::start_with(backend, options).await;
     server
         .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
@@ -592,13 +585,10 @@ async fn metrics_count_requests_and_reads(backend: Backend) {
 }
 
 async fn browsers_on_other_origins_may_push_and_pull(backend: Backend) {
-    let options = Options {
-        http: HttpSettings {
-            cors_origins: CorsOrigins::List(vec!["https://app.example".parse().unwrap()]),
-            ..HttpSettings::default()
-        },
-        ..Options::default()
-    };
+    let options = App::builder().http(HttpSettings {
+        cors_origins: CorsOrigins::List(vec!["https://app.example".parse().unwrap()]),
+        ..HttpSettings::default()
+    });
     let server = TestServer::start_with(backend, options).await;
     let preflight = server
         .http

@@ -10,10 +10,11 @@ use async_trait::async_trait;
 use replisync::http::settings::HttpSettings;
 use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::push::settings::PushLimits;
+use replisync::startup::{App, AppBuilder};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, TestServer, inc, push_body};
 
 /// The answer to a push that committed a prefix and left the rest for the next push.
 fn assert_partial(status: u16, body: &Value) {
@@ -26,11 +27,8 @@ fn assert_partial(status: u16, body: &Value) {
     );
 }
 
-fn limits(push: PushLimits) -> Options {
-    Options {
-        push,
-        ..Options::default()
-    }
+fn limits(push: PushLimits) -> AppBuilder {
+    App::builder().push(push)
 }
 
 async fn a_push_over_the_mutation_cap_applies_a_prefix_and_resends_finish_it(backend: Backend) {
@@ -96,14 +94,12 @@ impl Mutator for Slow {
 async fn a_push_slower_than_its_budget_commits_a_prefix_and_later_pushes_finish_it(
     backend: Backend,
 ) {
-    let options = Options {
-        mutators: Mutators::builtin().register("slow", Slow),
-        http: HttpSettings {
+    let options = App::builder()
+        .mutators(Mutators::builtin().register("slow", Slow))
+        .http(HttpSettings {
             request_timeout: Duration::from_millis(1500),
             ..HttpSettings::default()
-        },
-        ..Options::default()
-    };
+        });
     let server = TestServer::start_with(backend, options).await;
     // 8 × 250 ms of work: more than the whole request timeout in one transaction.
     let mutations: Vec<_> = (1..=8).map(|id| ("c", id, "slow", json!({}))).collect();

@@ -9,10 +9,11 @@ use jsonwebtoken::DecodingKey;
 use replisync::auth::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use replisync::http::settings::HttpSettings;
 use replisync::http::{Audience, Endpoint, MetricsEndpoint, endpoints};
+use replisync::startup::App;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::harness::{Backend, Options, TestServer};
+use crate::harness::{Backend, TestServer};
 use crate::limits::read_until_closed;
 
 /// Longer than any bound under test: a connection still open then is held.
@@ -46,11 +47,9 @@ async fn a_partial_body_on_any_route_is_cut_and_its_connection_closed() {
         idle_timeout: Duration::from_secs(60),
         ..HttpSettings::default()
     };
-    let options = Options {
-        http,
-        sse: crate::harness::sse_every(Duration::from_secs(1)),
-        ..Options::default()
-    };
+    let options = App::builder()
+        .http(http)
+        .sse(crate::harness::sse_every(Duration::from_secs(1)));
     let server = TestServer::start_with(Backend::Sqlite, options).await;
     let routes = endpoints(MetricsEndpoint::Here);
     assert!(routes.len() >= 7, "every route is listed: {routes:?}");
@@ -93,15 +92,13 @@ async fn a_browser_route_refuses_a_missing_token_before_reading_the_body() {
         request_timeout: Duration::from_secs(60),
         ..HttpSettings::default()
     };
-    let options = Options {
-        http,
-        auth: Arc::new(JwtAuthenticator::new(
+    let options = App::builder()
+        .http(http)
+        .authenticator(Arc::new(JwtAuthenticator::new(
             Keys::Secret(DecodingKey::from_secret(b"a-test-secret-of-some-length")),
             ClaimRules::default(),
-        )),
-        sse: crate::harness::sse_every(Duration::from_secs(1)),
-        ..Options::default()
-    };
+        )))
+        .sse(crate::harness::sse_every(Duration::from_secs(1)));
     let server = TestServer::start_with(Backend::Sqlite, options).await;
     let browser_routes: Vec<Endpoint> = endpoints(MetricsEndpoint::Here)
         .into_iter()

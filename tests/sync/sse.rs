@@ -6,10 +6,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use replisync::poke::sse::StreamLimits;
 use replisync::poke::sse::settings::SseSettings;
+use replisync::startup::App;
 use serde_json::{Value, json};
 
 use crate::auth::{claims, hmac_options, now, token};
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, TestServer, inc, push_body};
 
 /// Reads an SSE response, collecting text until `wanted` appears or `wait` passes.
 struct EventReader {
@@ -59,10 +60,7 @@ impl EventReader {
 }
 
 async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
-    let options = Options {
-        sse: crate::harness::sse_every(Duration::from_secs(15)),
-        ..Options::default()
-    };
+    let options = App::builder().sse(crate::harness::sse_every(Duration::from_secs(15)));
     let server = TestServer::start_with(backend, options).await;
     let response = server.get("/spaces/watched/poke").await;
     assert_eq!(response.status(), 200);
@@ -128,11 +126,8 @@ async fn watched_spaces(server: &TestServer) -> u64 {
 }
 
 async fn a_space_is_forgotten_when_its_last_watcher_leaves(backend: Backend) {
-    let options = Options {
-        // The server notices a closed stream when it next writes: a keep-alive every second.
-        sse: crate::harness::sse_every(Duration::from_secs(1)),
-        ..Options::default()
-    };
+    let options = App::builder() // The server notices a closed stream when it next writes: a keep-alive every second.
+        .sse(crate::harness::sse_every(Duration::from_secs(1)));
     let server = TestServer::start_with(backend, options).await;
     let mut streams = Vec::new();
     for space in ["a", "a", "b"] {
@@ -184,17 +179,14 @@ async fn watch_as(server: &TestServer, space: &str, bearer: &str) -> reqwest::Re
 /// REPLISYNC_SSE_MAX_STREAMS_PER_USER its next stream is refused 503, counted in `/metrics`,
 /// while the space's owner still opens hers and is poked.
 async fn one_user_at_its_stream_cap_leaves_room_for_others(backend: Backend) {
-    let options = Options {
-        sse: Some(SseSettings {
-            keep_alive: Duration::from_secs(15),
-            limits: StreamLimits {
-                total: 8,
-                per_space: 6,
-                per_user: 3,
-            },
-        }),
-        ..hmac_options()
-    };
+    let options = hmac_options().sse(SseSettings {
+        keep_alive: Duration::from_secs(15),
+        limits: StreamLimits {
+            total: 8,
+            per_space: 6,
+            per_user: 3,
+        },
+    });
     let server = TestServer::start_with(backend, options).await;
     let mut reader_claims = claims("mallory", &["mallory-*"]);
     reader_claims["spaces_read"] = json!(["doc"]);
@@ -240,10 +232,7 @@ async fn one_user_at_its_stream_cap_leaves_room_for_others(backend: Backend) {
 /// A stream opened with a token that expires soon ends at the expiry (the browser's
 /// EventSource then reconnects), sends no poke after it, and the stale token gets 401.
 async fn a_stream_ends_when_its_token_expires(backend: Backend) {
-    let options = Options {
-        sse: crate::harness::sse_every(Duration::from_secs(15)),
-        ..hmac_options()
-    };
+    let options = hmac_options().sse(crate::harness::sse_every(Duration::from_secs(15)));
     let server = TestServer::start_with(backend, options).await;
     let exp = now() + 2;
     let mut short_claims = claims("alice", &["doc"]);

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use replisync::pull::{PullLimits, StreamLimits};
+use replisync::startup::App;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Backend, Options, TestServer, inc, push_body};
+use crate::harness::{Backend, TestServer, inc, push_body};
 
 /// Opens a connection, asks for a first pull of `space`, reads the first bytes of the answer,
 /// and then never reads again.
@@ -68,18 +69,15 @@ fn metric(text: &str, name: &str) -> u64 {
 }
 
 async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) {
-    let options = Options {
-        pulls: PullLimits {
-            max_first_pulls: 4,
-            max_shared_delta_bytes: 4 * 1024 * 1024,
-            queue_wait: Duration::from_secs(1),
-            stream: StreamLimits {
-                stall: Duration::from_secs(1),
-                deadline: Duration::from_secs(60),
-            },
+    let options = App::builder().pulls(PullLimits {
+        max_first_pulls: 4,
+        max_shared_delta_bytes: 4 * 1024 * 1024,
+        queue_wait: Duration::from_secs(1),
+        stream: StreamLimits {
+            stall: Duration::from_secs(1),
+            deadline: Duration::from_secs(60),
         },
-        ..Options::default()
-    };
+    });
     let server = TestServer::start_with(backend, options).await;
     // 24 MB: far more than the socket buffers between a stalled reader and the server.
     push_megabytes(&server, "big", 1..=24).await;
@@ -124,18 +122,15 @@ async fn stalled_readers_cannot_starve_pushes_pulls_or_health(backend: Backend) 
 /// holds a few chunks and a streamed-pull permit, those permits are capped, and a stalled one is
 /// cut off.
 async fn stalled_readers_of_a_large_delta_hold_only_capped_streams(backend: Backend) {
-    let options = Options {
-        pulls: PullLimits {
-            max_first_pulls: 2,
-            max_shared_delta_bytes: 64 * 1024,
-            queue_wait: Duration::from_millis(500),
-            stream: StreamLimits {
-                stall: Duration::from_secs(3),
-                deadline: Duration::from_secs(60),
-            },
+    let options = App::builder().pulls(PullLimits {
+        max_first_pulls: 2,
+        max_shared_delta_bytes: 64 * 1024,
+        queue_wait: Duration::from_millis(500),
+        stream: StreamLimits {
+            stall: Duration::from_secs(3),
+            deadline: Duration::from_secs(60),
         },
-        ..Options::default()
-    };
+    });
     let server = TestServer::start_with(backend, options).await;
     let first = push_body("writer", &[("w", 1, "increment", inc("n", 1))]);
     assert_eq!(server.push("big", &first).await.0, 200);
