@@ -95,6 +95,19 @@ async fn wait_for_waiting(server: &TestServer, count: u64) {
     }
 }
 
+/// Waits until no push waits for its space's transaction: every group took its pushes.
+async fn wait_for_none_waiting(server: &TestServer) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metrics.pushes_waiting.get() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} pushes still count as waiting",
+            server.metrics.pushes_waiting.get()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn options_with(gate: &Gate, push: PushLimits) -> Options {
     Options {
         mutators: Mutators::builtin().register("gate", gate.clone()),
@@ -424,6 +437,71 @@ async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backe
     assert!(server.state("s", "gate").await.last_mutation_ids.is_empty());
 }
 
+/// Panics: a bug in a mutator.
+struct Panics;
+
+#[async_trait]
+impl Mutator for Panics {
+    async fn apply(&self, _tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
+        panic!("the mutator fails hard, as a test asked")
+    }
+}
+
+/// A group runner that panics (a mutator's bug) answers each push of its group, and each push
+/// queued behind it, with a 500; commits nothing of the group; and leaves the space free, so
+/// that the next push to it is applied.
+async fn a_runner_that_panics_answers_its_pushes_and_frees_the_space(backend: Backend) {
+    let gate = Gate::default();
+    let limits = PushLimits {
+        group: GroupLimits {
+            max_pushes: 2,
+            max_age: Duration::from_secs(20),
+        },
+        ..PushLimits::default()
+    };
+    let mut options = options_with(&gate, limits);
+    options.mutators = options.mutators.register("panic", Panics);
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let increment =
+        |group: &str, client: &str| push_body(group, &[(client, 1, "increment", inc("n", 1))]);
+    let held = gate.hold(&server, "s").await;
+    let bodies = vec![
+        increment("ga", "a"),
+        push_body("gp", &[("p", 1, "panic", json!({}))]),
+        // Beyond the group's size: it waits in the queue while the group panics.
+        increment("gb", "b"),
+    ];
+    let sent = gate.queue(&server, "s", bodies).await;
+    gate.open.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+    let mut answers = Vec::new();
+    for push in sent {
+        let answer = tokio::time::timeout(Duration::from_secs(20), push)
+            .await
+            .expect("the waiting push was answered");
+        let (status, body) = answer.unwrap();
+        answers.push((status, body["error"].clone()));
+    }
+    assert_eq!(answers, vec![(500, json!("Internal")); 3]);
+    wait_for_none_waiting(&server).await;
+    let state = server.state("s", "ga").await;
+    assert_eq!(state.cookie, 1, "only the gate's push committed");
+    assert!(!state.entries.contains_key("n"), "{:?}", state.entries);
+    for (group, client) in [("ga", "a"), ("gp", "p"), ("gb", "b")] {
+        assert_eq!(server.state("s", group).await.lmid(client), 0, "{group}");
+    }
+
+    let next = tokio::time::timeout(
+        Duration::from_secs(20),
+        server.push("s", &increment("gc", "c")),
+    )
+    .await
+    .expect("the next push to the space was answered");
+    assert_eq!(next, (200, json!({})));
+    assert_eq!(server.state("s", "gc").await.entries["n"], json!(1));
+    wait_for_none_waiting(&server).await;
+}
+
 /// A push that waits behind a busy space is applied by the group runner after its caller hung
 /// up, and its commit is poked like any other: the poke belongs to the commit.
 async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
@@ -614,6 +692,7 @@ async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
 }
 
 crate::on_both_stores!(
+    a_runner_that_panics_answers_its_pushes_and_frees_the_space,
     a_slow_push_alone_yields_to_a_push_that_waits,
     a_slow_push_stops_at_its_groups_age_limit,
     a_push_whose_caller_left_is_applied_and_poked,
