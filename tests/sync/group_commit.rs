@@ -116,6 +116,17 @@ fn options_with(gate: &Gate, push: PushLimits) -> Options {
     }
 }
 
+/// Groups of at most `max_pushes`: only the size limit splits groups, however slow the machine.
+fn groups_of(max_pushes: usize) -> PushLimits {
+    PushLimits {
+        group: GroupLimits {
+            max_pushes,
+            max_age: Duration::from_secs(20),
+        },
+        ..PushLimits::default()
+    }
+}
+
 /// Sends `body` to `space` in a task of its own.
 fn send(
     server: &Arc<TestServer>,
@@ -368,14 +379,7 @@ async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
 /// A group stops taking pushes at its size limit: the rest wait for the next group.
 async fn a_group_takes_at_most_its_size_limit(backend: Backend) {
     let gate = Gate::default();
-    let limits = PushLimits {
-        group: GroupLimits {
-            max_pushes: 4,
-            // Only the size limit splits groups here, however slow the machine.
-            max_age: Duration::from_secs(20),
-        },
-        ..PushLimits::default()
-    };
+    let limits = groups_of(4);
     let server = Arc::new(TestServer::start_with(backend, options_with(&gate, limits)).await);
     let held = gate.hold(&server, "s").await;
     let groups_before = server.metrics.push_groups.get();
@@ -519,14 +523,7 @@ impl Mutator for Panics {
 /// that the next push to it is applied.
 async fn a_runner_that_panics_answers_its_pushes_and_frees_the_space(backend: Backend) {
     let gate = Gate::default();
-    let limits = PushLimits {
-        group: GroupLimits {
-            max_pushes: 2,
-            max_age: Duration::from_secs(20),
-        },
-        ..PushLimits::default()
-    };
-    let mut options = options_with(&gate, limits);
+    let mut options = options_with(&gate, groups_of(2));
     options.mutators = options.mutators.register("panic", Panics);
     let server = Arc::new(TestServer::start_with(backend, options).await);
     let increment =
