@@ -22,6 +22,12 @@ use crate::store::{Store, StoreError, reconnecting};
 const CONFLICT_ATTEMPTS: u32 = 8;
 
 /// The pushes waiting for each busy space. A space is in the map while its runner runs.
+///
+/// Pull coalescing (`pull::coalesce`) batches by key too, with the same panic guarantee, but
+/// stays a type of its own: here the first push runs in its caller's task (no task hop on the
+/// hot path), each push has its own answer, a group may hand pushes back to the queue, and the
+/// waiting count is kept under the lock; a batcher generic enough for both would need a hook
+/// for each.
 pub struct PushGroups {
     store: Arc<dyn Store>,
     mutators: Arc<Mutators>,

@@ -96,10 +96,34 @@ async fn wait_for_waiting(server: &TestServer, count: u64) {
     }
 }
 
+/// Waits until no push waits for its space's transaction: every group took its pushes.
+async fn wait_for_none_waiting(server: &TestServer) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metrics.pushes_waiting.get() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} pushes still count as waiting",
+            server.metrics.pushes_waiting.get()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn options_with(gate: &Gate, push: PushLimits) -> AppBuilder {
     App::builder()
         .mutators(Mutators::builtin().register("gate", gate.clone()))
         .push(push)
+}
+
+/// Groups of at most `max_pushes`: only the size limit splits groups, however slow the machine.
+pub(crate) fn groups_of(max_pushes: usize) -> PushLimits {
+    PushLimits {
+        group: GroupLimits {
+            max_pushes,
+            max_age: Duration::from_secs(20),
+        },
+        ..PushLimits::default()
+    }
 }
 
 /// Sends `body` to `space` in a task of its own.
@@ -262,7 +286,9 @@ async fn sixty_four_clients_on_one_space_land_exact_totals(backend: Backend) {
     const CLIENTS: u64 = 64;
     const PUSHES: u64 = 10;
     const MUTATIONS: u64 = 3;
-    let server = Arc::new(TestServer::start(backend).await);
+    // At the default age limit (50 ms), a loaded machine cuts pushes short (503 PartiallyApplied).
+    let options = App::builder().push(groups_of(GroupLimits::default().max_pushes));
+    let server = Arc::new(TestServer::start_with(backend, options).await);
     let writers: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let server = server.clone();
@@ -355,14 +381,7 @@ async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
 /// A group stops taking pushes at its size limit: the rest wait for the next group.
 async fn a_group_takes_at_most_its_size_limit(backend: Backend) {
     let gate = Gate::default();
-    let limits = PushLimits {
-        group: GroupLimits {
-            max_pushes: 4,
-            // Only the size limit splits groups here, however slow the machine.
-            max_age: Duration::from_secs(20),
-        },
-        ..PushLimits::default()
-    };
+    let limits = groups_of(4);
     let server = Arc::new(TestServer::start_with(backend, options_with(&gate, limits)).await);
     let held = gate.hold(&server, "s").await;
     let groups_before = server.metrics.push_groups.get();
@@ -424,14 +443,141 @@ async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backe
     assert!(server.state("s", "gate").await.last_mutation_ids.is_empty());
 }
 
+/// Appends its arguments to the list under the key `order`.
+struct Append;
+
+#[async_trait]
+impl Mutator for Append {
+    async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError> {
+        let mut order = match tx.get("order").await? {
+            Some(Value::Array(order)) => order,
+            _ => Vec::new(),
+        };
+        order.push(args.clone());
+        tx.put("order", Value::Array(order))
+    }
+}
+
+/// Pushes that wait together commit in one group, in the order they arrived: their writes land
+/// in that order, and each moves the space one version on, the later push the later version.
+async fn pushes_that_wait_together_commit_in_arrival_order(backend: Backend) {
+    const PUSHES: u64 = 5;
+    let gate = Gate::default();
+    let mut options = options_with(&gate, PushLimits::default());
+    options.mutators = options.mutators.register("append", Append);
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let held = gate.hold(&server, "s").await;
+    let groups_before = server.metrics.push_groups.get();
+    let bodies = (1..=PUSHES)
+        .map(|n| {
+            let client = format!("c{n}");
+            let mark = json!({"key": format!("k{n}"), "value": n});
+            push_body(
+                &format!("g{n}"),
+                &[(&client, 1, "append", json!(n)), (&client, 2, "set", mark)],
+            )
+        })
+        .collect();
+    let sent = gate.queue(&server, "s", bodies).await;
+    gate.open.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+    for push in sent {
+        assert_eq!(push.await.unwrap(), (200, json!({})));
+    }
+    assert_eq!(
+        server.metrics.push_groups.get() - groups_before,
+        2,
+        "the gate's group, then one for the five"
+    );
+    let state = server.state("s", "g1").await;
+    assert_eq!(state.entries["order"], json!([1, 2, 3, 4, 5]));
+    assert_eq!(state.cookie, 1 + PUSHES, "one version per push");
+    for n in 1..=PUSHES {
+        // Push n moved the space to version n + 1: a pull from version n sees its key onwards.
+        let (status, body) = server.pull("s", "g1", json!(n)).await;
+        assert_eq!(status, 200, "{body}");
+        let mut marks: Vec<&str> = body["patch"]
+            .as_array()
+            .expect("patch")
+            .iter()
+            .filter_map(|op| op["key"].as_str())
+            .filter(|key| key.starts_with('k'))
+            .collect();
+        marks.sort_unstable();
+        let expected: Vec<String> = (n..=PUSHES).map(|k| format!("k{k}")).collect();
+        assert_eq!(marks, expected, "pulled from version {n}");
+    }
+    wait_for_none_waiting(&server).await;
+}
+
+/// Panics: a bug in a mutator.
+struct Panics;
+
+#[async_trait]
+impl Mutator for Panics {
+    async fn apply(&self, _tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
+        panic!("the mutator fails hard, as a test asked")
+    }
+}
+
+/// A group runner that panics (a mutator's bug) answers each push of its group, and each push
+/// queued behind it, with a 500; commits nothing of the group; and leaves the space free, so
+/// that the next push to it is applied.
+async fn a_runner_that_panics_answers_its_pushes_and_frees_the_space(backend: Backend) {
+    let gate = Gate::default();
+    let mut options = options_with(&gate, groups_of(2));
+    options.mutators = options.mutators.register("panic", Panics);
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let increment =
+        |group: &str, client: &str| push_body(group, &[(client, 1, "increment", inc("n", 1))]);
+    let held = gate.hold(&server, "s").await;
+    let bodies = vec![
+        increment("ga", "a"),
+        push_body("gp", &[("p", 1, "panic", json!({}))]),
+        // Beyond the group's size: it waits in the queue while the group panics.
+        increment("gb", "b"),
+    ];
+    let sent = gate.queue(&server, "s", bodies).await;
+    gate.open.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+    let mut answers = Vec::new();
+    for push in sent {
+        let answer = tokio::time::timeout(Duration::from_secs(20), push)
+            .await
+            .expect("the waiting push was answered");
+        let (status, body) = answer.unwrap();
+        answers.push((status, body["error"].clone()));
+    }
+    assert_eq!(answers, vec![(500, json!("Internal")); 3]);
+    wait_for_none_waiting(&server).await;
+    let state = server.state("s", "ga").await;
+    assert_eq!(state.cookie, 1, "only the gate's push committed");
+    assert!(!state.entries.contains_key("n"), "{:?}", state.entries);
+    for (group, client) in [("ga", "a"), ("gp", "p"), ("gb", "b")] {
+        assert_eq!(server.state("s", group).await.lmid(client), 0, "{group}");
+    }
+
+    let next = tokio::time::timeout(
+        Duration::from_secs(20),
+        server.push("s", &increment("gc", "c")),
+    )
+    .await
+    .expect("the next push to the space was answered");
+    assert_eq!(next, (200, json!({})));
+    assert_eq!(server.state("s", "gc").await.entries["n"], json!(1));
+    wait_for_none_waiting(&server).await;
+}
+
 /// A push that waits behind a busy space is applied by the group runner after its caller hung
-/// up, and its commit is poked like any other: the poke belongs to the commit.
+/// up, in one group with the push that waited after it, and the group's commit is poked like
+/// any other: the poke belongs to the commit.
 async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
     let gate = Gate::default();
     let pokes = Arc::new(PokeRecorder::default());
     let options = options_with(&gate, PushLimits::default()).poke_sink(pokes.clone());
     let server = Arc::new(TestServer::start_with(backend, options).await);
     let held = gate.hold(&server, "s").await;
+    let groups_before = server.metrics.push_groups.get();
     let left = send(
         &server,
         "s",
@@ -441,8 +587,14 @@ async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
     left.abort(); // the caller hangs up: its connection closes
     let _ = left.await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    gate.open.add_permits(1);
+    let stays = send(
+        &server,
+        "s",
+        push_body("g2", &[("c2", 1, "increment", inc("n", 10))]),
+    );
+    gate.open_when_waiting(&server, 2).await;
     assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(stays.await.unwrap(), (200, json!({})));
 
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.state("s", "g").await.lmid("c") != 1 {
@@ -452,12 +604,23 @@ async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(server.state("s", "g").await.entries["n"], json!(11));
+    assert_eq!(
+        server.metrics.push_groups.get() - groups_before,
+        2,
+        "the gate's group, then one for both"
+    );
     assert!(
         pokes.wait_for("s", 2, Duration::from_secs(10)).await,
         "two commits, {} pokes",
         pokes.count("s")
     );
-    assert_eq!(server.metrics.push_commits.get(), 2, "both commits counted");
+    assert_eq!(
+        server.metrics.push_commits.get(),
+        3,
+        "every committed push counted"
+    );
+    wait_for_none_waiting(&server).await;
 }
 
 /// Commits, then answers as if the connection died before the answer arrived.
@@ -611,6 +774,8 @@ async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
 }
 
 crate::on_both_stores!(
+    pushes_that_wait_together_commit_in_arrival_order,
+    a_runner_that_panics_answers_its_pushes_and_frees_the_space,
     a_slow_push_alone_yields_to_a_push_that_waits,
     a_slow_push_stops_at_its_groups_age_limit,
     a_push_whose_caller_left_is_applied_and_poked,
