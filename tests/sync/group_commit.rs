@@ -110,9 +110,12 @@ async fn wait_for_none_waiting(server: &TestServer) {
 }
 
 fn options_with(gate: &Gate, push: PushLimits) -> AppBuilder {
-    App::builder()
-        .mutators(Mutators::builtin().register("gate", gate.clone()))
-        .push(push)
+    App::builder().mutators(gated(gate)).push(push)
+}
+
+/// The built-in mutators and `gate`, which holds a space's transaction while the test says.
+fn gated(gate: &Gate) -> Mutators {
+    Mutators::builtin().register("gate", gate.clone())
 }
 
 /// Groups of at most `max_pushes`: only the size limit splits groups, however slow the machine.
@@ -463,8 +466,7 @@ impl Mutator for Append {
 async fn pushes_that_wait_together_commit_in_arrival_order(backend: Backend) {
     const PUSHES: u64 = 5;
     let gate = Gate::default();
-    let mut options = options_with(&gate, PushLimits::default());
-    options.mutators = options.mutators.register("append", Append);
+    let options = App::builder().mutators(gated(&gate).register("append", Append));
     let server = Arc::new(TestServer::start_with(backend, options).await);
     let held = gate.hold(&server, "s").await;
     let groups_before = server.metrics.push_groups.get();
@@ -525,8 +527,9 @@ impl Mutator for Panics {
 /// that the next push to it is applied.
 async fn a_runner_that_panics_answers_its_pushes_and_frees_the_space(backend: Backend) {
     let gate = Gate::default();
-    let mut options = options_with(&gate, groups_of(2));
-    options.mutators = options.mutators.register("panic", Panics);
+    let options = App::builder()
+        .mutators(gated(&gate).register("panic", Panics))
+        .push(groups_of(2));
     let server = Arc::new(TestServer::start_with(backend, options).await);
     let increment =
         |group: &str, client: &str| push_body(group, &[(client, 1, "increment", inc("n", 1))]);
@@ -675,11 +678,7 @@ impl Mutator for Slow {
 async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
     let gate = Gate::default();
     let options = App::builder()
-        .mutators(
-            Mutators::builtin()
-                .register("gate", gate.clone())
-                .register("slow", Slow),
-        )
+        .mutators(gated(&gate).register("slow", Slow))
         .push(PushLimits {
             group: GroupLimits {
                 max_pushes: 64,
