@@ -76,6 +76,10 @@ pub enum ApiError {
     Overloaded(String),
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
+    /// A fault of the server's own (a panic), logged where it happened; whether the request's
+    /// work was done is unknown, so the client is told to send it again.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl crate::store::ConnectionLoss for ApiError {
@@ -154,6 +158,7 @@ impl IntoResponse for ApiError {
                 self.to_string(),
             ),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NotFound", self.to_string()),
+            ApiError::Failed(message) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal", message),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "MethodNotAllowed",

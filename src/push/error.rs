@@ -29,6 +29,12 @@ pub enum PushError {
     /// The database failed (unavailable, timed out, refused a statement): nothing was written.
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
+    /// The push's group ended without answering it (its runner panicked, logged there): the
+    /// push may or may not have been applied.
+    #[error(
+        "the server failed while applying this push's group; push again (a resend is applied at most once)"
+    )]
+    GroupFailed,
 }
 
 impl From<BodyError> for PushError {

@@ -105,9 +105,7 @@ impl PushGroups {
                 .flatten()
                 .expect("a group's first push is always answered");
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(StoreError::Database("the push's group ended without an answer".into()).into())
-        })
+        answered.await.unwrap_or(Err(PushError::GroupFailed))
     }
 
     /// Counts a group and its commits in `/metrics`, and pokes again for pushes that were

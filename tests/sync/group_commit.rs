@@ -571,6 +571,29 @@ async fn a_runner_that_panics_answers_its_pushes_and_frees_the_space(backend: Ba
     wait_for_none_waiting(&server).await;
 }
 
+/// A push that panics while it runs in its caller's own task (the first push of its group) is
+/// answered 500 with a JSON body that says to push again, writes nothing, and leaves the space
+/// free for the next push.
+async fn a_push_that_panics_in_its_callers_task_is_answered_500(backend: Backend) {
+    let options = App::builder().mutators(Mutators::builtin().register("panic", Panics));
+    let server = TestServer::start_with(backend, options).await;
+    let (status, body) = server
+        .push("s", &push_body("gp", &[("p", 1, "panic", json!({}))]))
+        .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (500, &json!("Internal")),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("send it again"), "{message}");
+    assert_eq!(server.state("s", "gp").await.lmid("p"), 0);
+    let next = push_body("gc", &[("c", 1, "increment", inc("n", 1))]);
+    assert_eq!(server.push("s", &next).await, (200, json!({})));
+    assert_eq!(server.state("s", "gc").await.entries["n"], json!(1));
+    wait_for_none_waiting(&server).await;
+}
+
 /// A push that waits behind a busy space is applied by the group runner after its caller hung
 /// up, in one group with the push that waited after it, and the group's commit is poked like
 /// any other: the poke belongs to the commit.
@@ -775,6 +798,7 @@ async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
 crate::on_both_stores!(
     pushes_that_wait_together_commit_in_arrival_order,
     a_runner_that_panics_answers_its_pushes_and_frees_the_space,
+    a_push_that_panics_in_its_callers_task_is_answered_500,
     a_slow_push_alone_yields_to_a_push_that_waits,
     a_slow_push_stops_at_its_groups_age_limit,
     a_push_whose_caller_left_is_applied_and_poked,

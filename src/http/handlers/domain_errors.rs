@@ -17,6 +17,7 @@ impl From<PushError> for ApiError {
             PushError::Forbidden(refusal) => refusal.into(),
             PushError::Partial { applied } => ApiError::PartiallyApplied { applied },
             PushError::Store(cause) => ApiError::Store(cause),
+            PushError::GroupFailed => ApiError::Failed(error.to_string()),
         }
     }
 }
