@@ -5,13 +5,13 @@ use anyhow::bail;
 use serde_json::{Value, json};
 
 /// A mutation before it is numbered: a mutator and its arguments.
-pub struct Mutation {
+pub(crate) struct Mutation {
     name: &'static str,
     args: Value,
 }
 
 /// The `increment` mutator: adds `delta` to the number at `key`.
-pub fn increment(key: &str, delta: i64) -> Mutation {
+pub(crate) fn increment(key: &str, delta: i64) -> Mutation {
     Mutation {
         name: "increment",
         args: json!({"key": key, "delta": delta}),
@@ -20,7 +20,7 @@ pub fn increment(key: &str, delta: i64) -> Mutation {
 
 /// `jsIncrement` of the benchmark's JavaScript module (mutators.js beside this file): what
 /// `increment` does, in JavaScript.
-pub fn js_increment(key: &str, delta: i64) -> Mutation {
+pub(crate) fn js_increment(key: &str, delta: i64) -> Mutation {
     Mutation {
         name: "jsIncrement",
         args: json!({"key": key, "delta": delta}),
@@ -28,7 +28,7 @@ pub fn js_increment(key: &str, delta: i64) -> Mutation {
 }
 
 /// The `set` mutator: writes `value` at `key`.
-pub fn set(key: &str, value: Value) -> Mutation {
+pub(crate) fn set(key: &str, value: Value) -> Mutation {
     Mutation {
         name: "set",
         args: json!({"key": key, "value": value}),
@@ -36,7 +36,7 @@ pub fn set(key: &str, value: Value) -> Mutation {
 }
 
 /// The `delete` mutator: removes `key` (a tombstone stays until compaction).
-pub fn delete(key: &str) -> Mutation {
+pub(crate) fn delete(key: &str) -> Mutation {
     Mutation {
         name: "delete",
         args: json!({"key": key}),
@@ -44,7 +44,7 @@ pub fn delete(key: &str) -> Mutation {
 }
 
 /// A push body: `mutations` of `client` (in client group `group`), numbered from `first_id`.
-pub fn push_body(
+pub(crate) fn push_body(
     group: &str,
     client: &str,
     first_id: u64,
@@ -63,19 +63,19 @@ pub fn push_body(
 }
 
 /// A pull body for client group `group`, from `cookie` (null for a first pull).
-pub fn pull_body(group: &str, cookie: Value) -> Value {
+pub(crate) fn pull_body(group: &str, cookie: Value) -> Value {
     json!({"pullVersion": 1, "schemaVersion": "", "profileID": "bench", "clientGroupID": group, "cookie": cookie})
 }
 
 /// One replisync server, reached through a shared HTTP client.
 #[derive(Clone)]
-pub struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
 }
 
 impl Api {
-    pub fn new(http: reqwest::Client, base: &str) -> Api {
+    pub(crate) fn new(http: reqwest::Client, base: &str) -> Api {
         Api {
             http,
             base: base.to_owned(),
@@ -83,20 +83,24 @@ impl Api {
     }
 
     /// The same HTTP client, talking to the server at `base`.
-    pub fn at(&self, base: &str) -> Api {
+    pub(crate) fn at(&self, base: &str) -> Api {
         Api::new(self.http.clone(), base)
     }
 
-    pub async fn push(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
+    pub(crate) async fn push(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
         self.post(&format!("/spaces/{space}/push"), body).await
     }
 
-    pub async fn pull(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
+    pub(crate) async fn pull(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
         self.post(&format!("/spaces/{space}/pull"), body).await
     }
 
     /// Sends a pull and counts the bytes of its response as they stream in, without parsing.
-    pub async fn pull_response_bytes(&self, space: &str, body: &Value) -> anyhow::Result<usize> {
+    pub(crate) async fn pull_response_bytes(
+        &self,
+        space: &str,
+        body: &Value,
+    ) -> anyhow::Result<usize> {
         let mut response = self
             .http
             .post(format!("{}/spaces/{space}/pull", self.base))
@@ -111,7 +115,7 @@ impl Api {
     }
 
     /// The current value of the counter `name` on the server's `/metrics` (0 when absent).
-    pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+    pub(crate) async fn metric(&self, name: &str) -> anyhow::Result<u64> {
         let text = self
             .http
             .get(format!("{}/metrics", self.base))

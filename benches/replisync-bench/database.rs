@@ -27,7 +27,7 @@ fn db_name() -> anyhow::Result<String> {
 }
 
 /// Drops and recreates the benchmark database on the server of `admin_url`; returns its URL.
-pub async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
+pub(crate) async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
     let options = PgConnectOptions::from_str(admin_url).context("BENCH_DATABASE_URL")?;
     ensure_loopback(options.get_host())?;
     let mut conn = sqlx::PgConnection::connect_with(&options).await?;
@@ -63,7 +63,7 @@ fn ensure_loopback(host: &str) -> anyhow::Result<()> {
 
 /// Transactions committed in the benchmark database so far (each single statement outside
 /// a transaction counts as one), read through `admin_url`.
-pub async fn transactions_so_far(admin_url: &str) -> anyhow::Result<i64> {
+pub(crate) async fn transactions_so_far(admin_url: &str) -> anyhow::Result<i64> {
     // Backends flush their statistics at most once a second, and after 10 s when idle.
     tokio::time::sleep(Duration::from_secs(11)).await;
     let mut conn =
@@ -78,7 +78,7 @@ pub async fn transactions_so_far(admin_url: &str) -> anyhow::Result<i64> {
 }
 
 /// The prefix of everything `seed_gc_backlog` writes (client groups, clients, spaces).
-pub const BACKLOG_PREFIX: &str = "gcb-";
+pub(crate) const BACKLOG_PREFIX: &str = "gcb-";
 /// Spaces the seeded tombstones are spread over.
 const BACKLOG_SPACES: i64 = 100;
 /// How long ago the backlog was last active or deleted: far past any TTL the benchmark sets.
@@ -87,7 +87,7 @@ const BACKLOG_AGE_SECS: i64 = 30 * 86_400;
 /// Replaces whatever backlog is left in the database of `url` with exactly `groups` client
 /// groups (one client each) idle for 30 days and `tombstones` deletions 30 days old, spread over
 /// 100 spaces of their own; then vacuums, so that every round starts from the same tables.
-pub async fn seed_gc_backlog(url: &str, groups: i64, tombstones: i64) -> anyhow::Result<()> {
+pub(crate) async fn seed_gc_backlog(url: &str, groups: i64, tombstones: i64) -> anyhow::Result<()> {
     let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
     let old = replisync::store::unix_now() - BACKLOG_AGE_SECS;
     let like = format!("{BACKLOG_PREFIX}%");
@@ -153,7 +153,7 @@ pub async fn seed_gc_backlog(url: &str, groups: i64, tombstones: i64) -> anyhow:
 }
 
 /// The backlog's client groups and tombstones still in the database of `url`.
-pub async fn gc_backlog_left(url: &str) -> anyhow::Result<(i64, i64)> {
+pub(crate) async fn gc_backlog_left(url: &str) -> anyhow::Result<(i64, i64)> {
     let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
     let like = format!("{BACKLOG_PREFIX}%");
     let groups: i64 =
@@ -171,7 +171,7 @@ pub async fn gc_backlog_left(url: &str) -> anyhow::Result<(i64, i64)> {
 }
 
 /// Rows of `space` in replisync_entries, in the database of `url`: all of them, and tombstones.
-pub async fn entry_rows(url: &str, space: &str) -> anyhow::Result<(i64, i64)> {
+pub(crate) async fn entry_rows(url: &str, space: &str) -> anyhow::Result<(i64, i64)> {
     let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
     let rows = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE deleted) FROM replisync_entries WHERE space_id = $1",
@@ -185,7 +185,7 @@ pub async fn entry_rows(url: &str, space: &str) -> anyhow::Result<(i64, i64)> {
 /// What the soak watches in the database of `url`: the server's autovacuum setting, and for
 /// replisync_client_groups and replisync_clients together, their sequential scans and
 /// analyzes so far (as the statistics have them) and their rows.
-pub struct DatabaseCounters {
+pub(crate) struct DatabaseCounters {
     pub autovacuum: String,
     pub seq_scans: i64,
     pub analyzes: i64,
@@ -193,7 +193,7 @@ pub struct DatabaseCounters {
     pub client_rows: i64,
 }
 
-pub async fn database_counters(url: &str) -> anyhow::Result<DatabaseCounters> {
+pub(crate) async fn database_counters(url: &str) -> anyhow::Result<DatabaseCounters> {
     let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
     let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
         .fetch_one(&mut conn)

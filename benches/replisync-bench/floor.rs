@@ -13,7 +13,7 @@ use crate::load::{PushFigures, client_name, drive_clients, group_name, space_nam
 
 /// Run in the same run and at the same concurrency as a push workload, it makes replisync's
 /// throughput readable as a ratio that means the same on any machine.
-pub async fn floor_workload(
+pub(crate) async fn floor_workload(
     store: &Arc<PgStore>,
     name: &str,
     clients: usize,

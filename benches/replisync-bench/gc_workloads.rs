@@ -38,7 +38,7 @@ const GC_INTERVAL_DURATION: Duration = Duration::from_secs(1);
 impl Bench {
     /// The space `gc-compacted`: COMPACTED_ENTRIES keys set, 99 in 100 deleted, one more push;
     /// its pulls and rows before and after one `replisync gc` pass removes the tombstones.
-    pub async fn compaction(&self) -> anyhow::Result<CompactionFigures> {
+    pub(crate) async fn compaction(&self) -> anyhow::Result<CompactionFigures> {
         let space = "gc-compacted";
         let entries = COMPACTED_ENTRIES / self.scale;
         let kept = entries / 100;
@@ -172,7 +172,7 @@ impl Bench {
     /// One-mutation pushes (one space and 100 spaces, C=8) on a fresh server with GC off and on
     /// one with GC every second, rounds alternating; before every round (both modes) the
     /// backlog is seeded afresh, and GC on has it to collect while the pushes run.
-    pub async fn pushes_beside_gc(&self, report: &mut Report) -> anyhow::Result<()> {
+    pub(crate) async fn pushes_beside_gc(&self, report: &mut Report) -> anyhow::Result<()> {
         for (clients, spaces) in [(8, 1), (8, 100)] {
             // As many pushes as the push workloads: on this machine a round lasts about as long
             // as the first pass over the backlog (the table shows both).

@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 const WORKLOAD_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Latencies and throughput of one push workload.
-pub struct PushFigures {
+pub(crate) struct PushFigures {
     pub mutations: usize,
     pub elapsed: Duration,
     pub latencies_ms: Vec<f64>,
 }
 
 impl PushFigures {
-    pub fn mutations_per_second(&self) -> f64 {
+    pub(crate) fn mutations_per_second(&self) -> f64 {
         self.mutations as f64 / self.elapsed.as_secs_f64()
     }
 }
@@ -22,7 +22,7 @@ impl PushFigures {
 /// One push for a workload to make: which client, to which of the workload's spaces, and the
 /// id of its first mutation.
 #[derive(Clone, Copy)]
-pub struct PushJob {
+pub(crate) struct PushJob {
     pub client: usize,
     pub space: usize,
     pub first_id: u64,
@@ -31,7 +31,7 @@ pub struct PushJob {
 /// Runs `clients` concurrent clients; each makes its share of `total_pushes` pushes (of
 /// `batch` mutations) one after another, in turn to each of `spaces` spaces, through `push`.
 /// Bounded by WORKLOAD_DEADLINE as well.
-pub async fn drive_clients<F, Fut>(
+pub(crate) async fn drive_clients<F, Fut>(
     clients: usize,
     spaces: usize,
     batch: usize,
@@ -81,16 +81,16 @@ where
 }
 
 /// The name of a workload's client: one per client and space, so each has its own group.
-pub fn client_name(workload: &str, job: PushJob) -> String {
+pub(crate) fn client_name(workload: &str, job: PushJob) -> String {
     format!("{workload}-c{}-s{}", job.client, job.space)
 }
 
 /// The name of a workload's space number `space`.
-pub fn space_name(workload: &str, space: usize) -> String {
+pub(crate) fn space_name(workload: &str, space: usize) -> String {
     format!("{workload}-{space}")
 }
 
 /// The client group of a workload's client (one client per group).
-pub fn group_name(client: &str) -> String {
+pub(crate) fn group_name(client: &str) -> String {
     format!("{client}-group")
 }

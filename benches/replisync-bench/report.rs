@@ -7,7 +7,7 @@ use crate::load::PushFigures;
 
 /// Everything one run measured; written as is to the JSON file.
 #[derive(Serialize, Default)]
-pub struct Report {
+pub(crate) struct Report {
     pub idle_rss_mb: f64,
     pub idle_rss_after_mb: f64,
     pub pushes: Vec<PushRow>,
@@ -29,7 +29,7 @@ pub struct Report {
 /// One space loaded with `entries` keys, `deleted` of them then deleted, pulled before and
 /// after one `replisync gc` pass removed its tombstones.
 #[derive(Serialize)]
-pub struct CompactionFigures {
+pub(crate) struct CompactionFigures {
     pub entries: usize,
     pub deleted: usize,
     /// Repetitions of each pull (medians are reported).
@@ -44,7 +44,7 @@ pub struct CompactionFigures {
 
 /// The space's rows and its pulls at one moment; latencies are medians.
 #[derive(Serialize)]
-pub struct SpacePulls {
+pub(crate) struct SpacePulls {
     /// Rows of the space in replisync_entries, and how many of them are tombstones.
     pub entry_rows: i64,
     pub tombstone_rows: i64,
@@ -66,7 +66,7 @@ pub struct SpacePulls {
 /// One push workload on a server with garbage collection off, and on one with it running every
 /// second over a backlog seeded before each round; rounds alternating.
 #[derive(Serialize)]
-pub struct GcPushComparison {
+pub(crate) struct GcPushComparison {
     pub workload: String,
     pub gc_off: PushRow,
     pub gc_on: PushRow,
@@ -94,7 +94,7 @@ pub struct GcPushComparison {
 /// One push workload run through the built-in `increment` and through `jsIncrement` (the same
 /// work in JavaScript) on the same server.
 #[derive(Serialize)]
-pub struct JsComparison {
+pub(crate) struct JsComparison {
     pub workload: String,
     pub builtin: PushRow,
     pub javascript: PushRow,
@@ -104,7 +104,7 @@ pub struct JsComparison {
 
 /// One push workload, over all its rounds.
 #[derive(Serialize)]
-pub struct PushRow {
+pub(crate) struct PushRow {
     pub workload: String,
     pub rounds: usize,
     /// Median over the rounds.
@@ -122,7 +122,7 @@ pub struct PushRow {
 
 /// A push workload against its floor (see floor.rs).
 #[derive(Serialize)]
-pub struct FloorComparison {
+pub(crate) struct FloorComparison {
     /// Median over the rounds.
     pub floor_mutations_per_second: f64,
     /// Over every floor push of every round.
@@ -134,14 +134,14 @@ pub struct FloorComparison {
 }
 
 /// One round of a push workload: replisync's figures, and the floor's when it has one.
-pub struct PushRound {
+pub(crate) struct PushRound {
     pub served: PushFigures,
     pub floor: Option<PushFigures>,
 }
 
 /// The poke storm: many watchers pulling the same new version at once.
 #[derive(Serialize)]
-pub struct StormFigures {
+pub(crate) struct StormFigures {
     pub watchers: usize,
     pub all_answered_ms: f64,
     pub pulls_per_second: f64,
@@ -153,7 +153,7 @@ pub struct StormFigures {
 
 /// One first pull of a big space.
 #[derive(Serialize)]
-pub struct FirstPullFigures {
+pub(crate) struct FirstPullFigures {
     pub entries: usize,
     pub latency_ms: f64,
     pub response_mb: f64,
@@ -164,7 +164,7 @@ pub struct FirstPullFigures {
 
 /// Latency from a push's commit to sockudo accepting its poke.
 #[derive(Serialize)]
-pub struct PokeFigures {
+pub(crate) struct PokeFigures {
     pub pokes: usize,
     pub commit_to_accepted_p50_ms: f64,
     pub commit_to_accepted_p99_ms: f64,
@@ -178,7 +178,7 @@ pub struct PokeFigures {
 }
 
 /// The `pct` percentile (nearest rank) of `values`, which it sorts; NaN when empty.
-pub fn percentile(values: &mut [f64], pct: f64) -> f64 {
+pub(crate) fn percentile(values: &mut [f64], pct: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -200,7 +200,7 @@ fn all_latencies<'a>(figures: impl Iterator<Item = &'a PushFigures>) -> Vec<f64>
 impl PushRow {
     /// One table row from several rounds: median throughputs, the median of the rounds'
     /// ratios, and latency percentiles over every push of every round.
-    pub fn from_rounds(workload: String, rounds: &[PushRound]) -> PushRow {
+    pub(crate) fn from_rounds(workload: String, rounds: &[PushRound]) -> PushRow {
         let mut throughputs: Vec<f64> = rounds
             .iter()
             .map(|r| r.served.mutations_per_second())
@@ -259,7 +259,7 @@ fn one_decimal(x: f64) -> String {
 
 impl Report {
     /// Adds a push workload's row, and shows it on stderr straight away.
-    pub fn add_push_row(&mut self, workload: String, rounds: &[PushRound]) {
+    pub(crate) fn add_push_row(&mut self, workload: String, rounds: &[PushRound]) {
         let row = PushRow::from_rounds(workload, rounds);
         eprintln!(
             "  {}",
@@ -269,7 +269,7 @@ impl Report {
     }
 
     /// Adds a comparison of the built-in and the JavaScript rounds (alternated, same count).
-    pub fn add_js_row(
+    pub(crate) fn add_js_row(
         &mut self,
         workload: String,
         builtin: &[PushRound],
@@ -317,7 +317,7 @@ impl Report {
         }
     }
 
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         if let Some(soak) = &self.soak {
             soak.print();
         }
@@ -368,7 +368,7 @@ impl Report {
     }
 
     /// Adds a GC off / GC on comparison (rounds alternated, same count), shown on stderr too.
-    pub fn add_gc_push_row(&mut self, row: GcPushComparison) {
+    pub(crate) fn add_gc_push_row(&mut self, row: GcPushComparison) {
         eprintln!(
             "  {}",
             serde_json::to_string(&row).unwrap_or_else(|e| e.to_string())
@@ -466,7 +466,7 @@ fn spread(values: &[u64]) -> String {
 impl GcPushComparison {
     /// From alternated rounds with GC off and on, and what each GC-on round removed (groups,
     /// tombstones; from /metrics) and left (groups, tombstones; in the database).
-    pub fn from_rounds(
+    pub(crate) fn from_rounds(
         workload: String,
         off: &[PushRound],
         on: &[PushRound],

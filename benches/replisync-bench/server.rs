@@ -14,7 +14,7 @@ use crate::POOL_SIZE;
 
 /// A replisync process whose log lines are kept (with when they arrived) for the poke
 /// latencies and the garbage collection passes.
-pub struct Server {
+pub(crate) struct Server {
     child: Child,
     pub base: String,
     log: Arc<Mutex<Vec<(Instant, String)>>>,
@@ -23,7 +23,7 @@ pub struct Server {
 impl Server {
     /// Starts `binary` on a free loopback port against `database_url`, poking through
     /// `sockudo` when given, and waits until it logs its address.
-    pub async fn start(
+    pub(crate) async fn start(
         binary: &Path,
         database_url: &str,
         sockudo: Option<&Sockudo>,
@@ -33,7 +33,7 @@ impl Server {
     }
 
     /// `start`, with these variables set too.
-    pub async fn start_with_env(
+    pub(crate) async fn start_with_env(
         binary: &Path,
         database_url: &str,
         sockudo: Option<&Sockudo>,
@@ -63,21 +63,21 @@ impl Server {
         })
     }
 
-    pub fn rss_mb(&self) -> f64 {
+    pub(crate) fn rss_mb(&self) -> f64 {
         proc_status_kb(self.child.id(), "VmRSS:") as f64 / 1024.0
     }
 
     /// Resets the peak resident size (Linux `clear_refs` 5), so `peak_rss_mb` covers what follows.
-    pub fn reset_peak_rss(&self) -> bool {
+    pub(crate) fn reset_peak_rss(&self) -> bool {
         std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").is_ok()
     }
 
-    pub fn peak_rss_mb(&self) -> f64 {
+    pub(crate) fn peak_rss_mb(&self) -> f64 {
         proc_status_kb(self.child.id(), "VmHWM:") as f64 / 1024.0
     }
 
     /// Poke latencies (commit to accepted) the server logged since `from_line`.
-    pub fn poke_latencies_since(&self, from_line: usize) -> Vec<f64> {
+    pub(crate) fn poke_latencies_since(&self, from_line: usize) -> Vec<f64> {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.iter()
             .skip(from_line)
@@ -88,7 +88,7 @@ impl Server {
 
     /// When the server logged the end of its first garbage collection pass that removed
     /// something, if it has.
-    pub fn first_gc_removal_logged_at(&self) -> Option<Instant> {
+    pub(crate) fn first_gc_removal_logged_at(&self) -> Option<Instant> {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.iter().find_map(|(at, line)| {
             let entry = serde_json::from_str::<Value>(line).ok()?;
@@ -100,7 +100,7 @@ impl Server {
         })
     }
 
-    pub fn log_len(&self) -> usize {
+    pub(crate) fn log_len(&self) -> usize {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
@@ -108,7 +108,7 @@ impl Server {
 /// Runs `replisync gc` (one garbage collection pass) with `binary` against `database_url`,
 /// these variables set too; answers how long the process took and what it printed. Killed
 /// after two minutes.
-pub async fn run_gc_once(
+pub(crate) async fn run_gc_once(
     binary: &Path,
     database_url: &str,
     env: &[(&str, &str)],
@@ -198,7 +198,7 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 }
 
 /// sockudo on loopback, when it is installed (scripts/setup installs it).
-pub struct Sockudo {
+pub(crate) struct Sockudo {
     child: Child,
     port: u16,
 }
@@ -210,7 +210,7 @@ impl Sockudo {
 
     /// Starts sockudo and waits (10 s at most) until it is up; None, said on stderr, when it
     /// is not installed or does not come up.
-    pub async fn start() -> Option<Sockudo> {
+    pub(crate) async fn start() -> Option<Sockudo> {
         // An empty directory: sockudo reads ./config/config.toml when there is one.
         let dir =
             std::env::temp_dir().join(format!("replisync-bench-sockudo-{}", std::process::id()));

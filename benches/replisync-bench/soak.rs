@@ -19,7 +19,7 @@ use crate::workloads::{Bench, push_workload_on};
 
 /// How long each phase of new client groups runs.
 #[derive(Clone, Copy, Debug)]
-pub struct SoakSettings {
+pub(crate) struct SoakSettings {
     pub duplicated: Duration,
     pub distinct: Duration,
 }
@@ -39,7 +39,7 @@ const STATISTICS_DELAY: Duration = Duration::from_secs(2);
 
 /// What the soak measured.
 #[derive(Serialize)]
-pub struct SoakFigures {
+pub(crate) struct SoakFigures {
     /// `SHOW autovacuum` of the database server.
     pub autovacuum: String,
     pub duplicated_groups: usize,
@@ -66,7 +66,7 @@ pub struct SoakFigures {
 
 impl Bench {
     /// The soak, on `server` (the one the benchmark started on its fresh database).
-    pub async fn soak(
+    pub(crate) async fn soak(
         &self,
         server: &Server,
         settings: SoakSettings,
@@ -185,7 +185,7 @@ async fn distinct_group(api: Api, n: usize) -> anyhow::Result<()> {
 }
 
 impl SoakFigures {
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         println!(
             "\nsoak (autovacuum {}): {} new groups to new spaces, each push sent {COPIES} times at once, in {:.0} s; then {} distinct new groups in {:.0} s; {} client groups and {} clients in the end",
             self.autovacuum,

@@ -21,7 +21,7 @@ const LOAD_BATCH: usize = 500;
 const LOAD_DEADLINE: Duration = Duration::from_secs(300);
 
 #[derive(Clone)]
-pub struct Bench {
+pub(crate) struct Bench {
     /// The server the push workloads and the storm run against.
     pub api: Api,
     /// Divides request counts (4 with --quick).
@@ -44,7 +44,7 @@ pub struct Bench {
 
 impl Bench {
     /// Workloads 1 to 3 and the floor: one space, 100 spaces, batches of 100.
-    pub async fn push_workloads(
+    pub(crate) async fn push_workloads(
         &self,
         floor_store: &Arc<PgStore>,
         report: &mut Report,
@@ -116,7 +116,7 @@ impl Bench {
         self.push_workloads.is_empty() || self.push_workloads.iter().any(|w| w == name)
     }
 
-    pub fn total_pushes(&self, clients: usize) -> usize {
+    pub(crate) fn total_pushes(&self, clients: usize) -> usize {
         (match clients {
             1 => 1000,
             8 => 2400,
@@ -141,7 +141,7 @@ impl Bench {
 
     /// One-mutation pushes through the JavaScript `jsIncrement` beside the built-in `increment`,
     /// on one server started with the benchmark's module (mutators.js), rounds alternating.
-    pub async fn js_workloads(&self, report: &mut Report) -> anyhow::Result<()> {
+    pub(crate) async fn js_workloads(&self, report: &mut Report) -> anyhow::Result<()> {
         let module = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/benches/replisync-bench/mutators.js"
@@ -179,7 +179,11 @@ impl Bench {
     }
 
     /// N clients hold cookie V; one push makes V+1; all N pull from V at once.
-    pub async fn poke_storm(&self, space: &str, watchers: usize) -> anyhow::Result<StormFigures> {
+    pub(crate) async fn poke_storm(
+        &self,
+        space: &str,
+        watchers: usize,
+    ) -> anyhow::Result<StormFigures> {
         let push = |id: u64| push_body("storm-writer", "storm-writer-c", id, [increment("n", 1)]);
         self.api.push(space, &push(1)).await?;
         let first = self
@@ -240,7 +244,7 @@ impl Bench {
     /// A space of `entries` entries of about 200 bytes, then one first pull of it.
     /// The pull is served by a freshly started server (after loading through the main one),
     /// so its memory figures are not blurred by what loading left in the allocator.
-    pub async fn first_pull(&self, entries: usize) -> anyhow::Result<FirstPullFigures> {
+    pub(crate) async fn first_pull(&self, entries: usize) -> anyhow::Result<FirstPullFigures> {
         let space = format!("big-{entries}");
         self.load_entries(&space, entries).await?;
         let server = Server::start(
@@ -290,7 +294,11 @@ impl Bench {
 
     /// Pushes spaced out so that they do not coalesce; latency from commit to sockudo's 200,
     /// as the server logs it.
-    pub async fn poke_latency(&self, server: &Server, pokes: u64) -> anyhow::Result<PokeFigures> {
+    pub(crate) async fn poke_latency(
+        &self,
+        server: &Server,
+        pokes: u64,
+    ) -> anyhow::Result<PokeFigures> {
         let from_line = server.log_len();
         let api = self.api.at(&server.base);
         for id in 1..=pokes {
@@ -332,7 +340,7 @@ impl Bench {
 /// `clients` concurrent clients of `api`, each pushing `batch` mutations made by `mutation` (an
 /// increment of one of 10 counters) per push in turn to the `spaces` spaces of this workload (one
 /// client group per client and space), until `total_pushes` pushes are answered.
-pub async fn push_workload_on(
+pub(crate) async fn push_workload_on(
     api: &Api,
     mutation: fn(&str, i64) -> Mutation,
     name: &str,

@@ -25,7 +25,7 @@ use crate::protocol::SpaceId;
 use crate::push::settings::PushLimits;
 
 /// A request body read whole, within the configured limit (413 beyond it).
-pub struct RequestBody(pub Bytes);
+pub(super) struct RequestBody(pub Bytes);
 
 impl<S> FromRequest<S> for RequestBody
 where
@@ -128,7 +128,7 @@ fn kib(bytes: usize) -> usize {
 /// A push body, read whole within REPLISYNC_MAX_PUSH_BODY_BYTES (413 beyond it) while its bytes
 /// fit the in-flight budget (503 with `Retry-After` once they do not). The bytes are reserved as
 /// they arrive and held until the push is answered.
-pub struct PushBody {
+pub(super) struct PushBody {
     pub bytes: Bytes,
     _reserved: Reservation,
 }
@@ -205,7 +205,7 @@ fn concatenated(mut chunks: Vec<Bytes>, length: usize) -> Bytes {
 
 /// The caller's identity: the one the `authenticate` layer found, or (on a route outside it)
 /// the one the `Authorization` header proves; 401 or 503 otherwise, before the body is read.
-pub struct Authenticated(pub Identity);
+pub(super) struct Authenticated(pub Identity);
 
 impl<S> FromRequestParts<S> for Authenticated
 where
@@ -228,7 +228,7 @@ where
 /// Who asks about which space: the `{space}` of the path (recorded on the request's span) and
 /// the caller's user, once that user is allowed `A`'s access to the space (401, 403 or 503
 /// otherwise, before the body is read).
-pub struct Caller<A> {
+pub(super) struct Caller<A> {
     pub space: SpaceId,
     pub user: String,
     /// When the caller's credentials expire (an SSE stream ends then).
@@ -237,14 +237,14 @@ pub struct Caller<A> {
 }
 
 /// The access a route needs: [`Reads`] or [`Writes`].
-pub trait NeedsAccess: Send + Sync {
+pub(super) trait NeedsAccess: Send + Sync {
     const ACCESS: Access;
 }
 
 /// Pull, the SSE stream.
-pub struct Reads;
+pub(super) struct Reads;
 /// Push.
-pub struct Writes;
+pub(super) struct Writes;
 
 impl NeedsAccess for Reads {
     const ACCESS: Access = Access::Read;
@@ -284,7 +284,7 @@ where
 
 /// Whether `identity` may have `access` to `space` (403 or 503 otherwise). The webhook, when
 /// asked, gets the request's `Authorization` header.
-pub async fn authorize(
+pub(super) async fn authorize(
     authorizer: &Authorizer,
     identity: &Identity,
     headers: &HeaderMap,

@@ -35,7 +35,7 @@ use crate::push::PushGroups;
 use crate::store::{Store, reconnecting};
 
 /// `POST /spaces/{space}/push`: parsed here, applied by the push service, answered `{}`.
-pub async fn push_handler(
+pub(super) async fn push_handler(
     State(pushes): State<Arc<PushGroups>>,
     Caller { space, user, .. }: Caller<Writes>,
     body: PushBody,
@@ -46,7 +46,7 @@ pub async fn push_handler(
 }
 
 /// `POST /spaces/{space}/pull`
-pub async fn pull_handler(
+pub(super) async fn pull_handler(
     State(pulls): State<Arc<Pulls>>,
     State(authorizer): State<Arc<Authorizer>>,
     Caller { space, user, .. }: Caller<Reads>,
@@ -104,7 +104,7 @@ impl WriteCheck for CallerWrites<'_> {
 /// `GET /spaces/{space}/poke`: the built-in SSE poke stream, open until the caller's token
 /// expires. A token already past its `exp` is refused 401 here, without the leeway push and
 /// pull allow, so that a page reconnecting with a stale token learns at once to fetch a new one.
-pub async fn poke_handler(
+pub(super) async fn poke_handler(
     State(pokes): State<Arc<Pokes>>,
     State(metrics): State<Arc<Metrics>>,
     State(authenticator): State<Arc<dyn Authenticator>>,
@@ -154,14 +154,14 @@ fn streams_full_message(full: StreamsFull) -> String {
 }
 
 #[derive(Deserialize)]
-pub struct ChannelAuthRequest {
+pub(super) struct ChannelAuthRequest {
     socket_id: String,
     channel_name: String,
 }
 
 /// `POST /pusher/auth`: pusher-js's `channelAuthorization` endpoint. Signs a subscription to a
 /// space's private poke channel for a user who may read that space.
-pub async fn pusher_auth_handler(
+pub(super) async fn pusher_auth_handler(
     State(pokes): State<Arc<Pokes>>,
     State(authorizer): State<Arc<Authorizer>>,
     Authenticated(identity): Authenticated,
@@ -192,7 +192,7 @@ pub async fn pusher_auth_handler(
 }
 
 /// `GET /healthz`: 200 when the database answers, 503 otherwise.
-pub async fn health_handler(State(store): State<Arc<dyn Store>>) -> Response {
+pub(super) async fn health_handler(State(store): State<Arc<dyn Store>>) -> Response {
     match reconnecting(|| store.check_health()).await {
         Ok(()) => Json(json!({"status": "ok", "store": store.kind()})).into_response(),
         Err(error) => {
@@ -210,7 +210,7 @@ pub async fn health_handler(State(store): State<Arc<dyn Store>>) -> Response {
 /// `GET /readyz`: whether a load balancer should send requests here. 503 from SIGTERM on (the
 /// server still serves while it drains), while the authenticator cannot check tokens yet (the
 /// JWKS not fetched) and while the database does not answer; 200 otherwise.
-pub async fn ready_handler(
+pub(super) async fn ready_handler(
     State(draining): State<Draining>,
     State(store): State<Arc<dyn Store>>,
     State(authenticator): State<Arc<dyn Authenticator>>,
@@ -234,7 +234,7 @@ pub async fn ready_handler(
 }
 
 /// `GET /metrics`: counters in Prometheus text format.
-pub async fn metrics_handler(
+pub(super) async fn metrics_handler(
     State(metrics): State<Arc<Metrics>>,
     State(mutators): State<Arc<Mutators>>,
     State(pokes): State<Arc<Pokes>>,
@@ -246,11 +246,11 @@ pub async fn metrics_handler(
     metrics.render(&mutators, &pokes.stats())
 }
 
-pub async fn not_found() -> ApiError {
+pub(super) async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
 /// A known route asked with a method it does not take (axum keeps the `Allow` header).
-pub async fn method_not_allowed() -> ApiError {
+pub(super) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }

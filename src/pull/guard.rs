@@ -31,7 +31,7 @@ const BUFFERED_CHUNKS: usize = 2;
 /// Streams `chunks` to the client through a task that holds `permit` (and the snapshot inside
 /// `chunks`) only while the client keeps reading, within `limits`. A response cut short ends
 /// with an error, so the connection is dropped instead of ending a truncated JSON body cleanly.
-pub fn guarded(
+pub(super) fn guarded(
     chunks: impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static,
     limits: StreamLimits,
     metrics: Arc<Metrics>,

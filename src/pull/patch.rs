@@ -4,7 +4,11 @@
 use crate::store::EntryChange;
 
 /// `{"cookie":..,"lastMutationIDChanges":{..},"patch":[` with `clear` first on a first pull.
-pub fn response_head(version: u64, changed_clients: &[(String, u64)], first_pull: bool) -> Vec<u8> {
+pub(super) fn response_head(
+    version: u64,
+    changed_clients: &[(String, u64)],
+    first_pull: bool,
+) -> Vec<u8> {
     let mut head = format!("{{\"cookie\":{version},\"lastMutationIDChanges\":{{");
     for (index, (client, last_mutation_id)) in changed_clients.iter().enumerate() {
         if index > 0 {
@@ -23,7 +27,7 @@ pub fn response_head(version: u64, changed_clients: &[(String, u64)], first_pull
 
 /// `{"op":"put","key":..,"value":..}` or `{"op":"del","key":..}`; stored values are JSON text
 /// already, so they are copied, not parsed.
-pub fn write_patch_op(out: &mut Vec<u8>, entry: &EntryChange) {
+pub(super) fn write_patch_op(out: &mut Vec<u8>, entry: &EntryChange) {
     let mut key = String::with_capacity(entry.key.len() + 2);
     push_json_string(&mut key, &entry.key);
     match &entry.value {

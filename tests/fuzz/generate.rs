@@ -13,7 +13,7 @@ use serde_json::{Map, Number, Value, json};
 use sha2::{Sha256, Sha384, Sha512};
 
 /// The secret the fuzzed servers verify tokens with.
-pub const SECRET: &str = "fuzz-secret-of-some-length";
+pub(crate) const SECRET: &str = "fuzz-secret-of-some-length";
 /// A secret the servers do not know.
 const WRONG_SECRET: &str = "another-secret";
 
@@ -163,7 +163,7 @@ const TOKENS: &[&str] = &[
 
 /// Bytes a client sends, shown as text (lossily) when a case fails.
 #[derive(Clone)]
-pub struct Input(pub Vec<u8>);
+pub(crate) struct Input(pub Vec<u8>);
 
 impl fmt::Debug for Input {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -182,11 +182,11 @@ impl fmt::Debug for Input {
 }
 
 /// Strings matching `regex`, compiled once (a `&str` strategy compiles its regex per case).
-pub fn matching(regex: &str) -> impl Strategy<Value = String> + use<> {
+pub(crate) fn matching(regex: &str) -> impl Strategy<Value = String> + use<> {
     proptest::string::string_regex(regex).expect("a valid regex")
 }
 
-pub fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")
@@ -195,7 +195,7 @@ pub fn now() -> i64 {
 
 /// Plain ids, any Unicode, control characters, meaningful words, and strings at and around
 /// the length limits (200-byte ids, 1000-byte keys) or far beyond them.
-pub fn odd_string() -> impl Strategy<Value = String> {
+pub(crate) fn odd_string() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => matching("[a-zA-Z0-9_-]{0,12}"),
         2 => any::<String>(),
@@ -208,7 +208,7 @@ pub fn odd_string() -> impl Strategy<Value = String> {
 }
 
 /// Small counts, any 64-bit integer, the edges the server cares about, negatives and fractions.
-pub fn odd_number() -> impl Strategy<Value = Value> {
+pub(crate) fn odd_number() -> impl Strategy<Value = Value> {
     prop_oneof![
         3 => (0u64..8).prop_map(Value::from),
         1 => any::<u64>().prop_map(Value::from),
@@ -226,12 +226,12 @@ fn finite_number(f: f64) -> Option<Value> {
 }
 
 /// Field names: mostly ones the server knows, sometimes any string.
-pub fn field_name() -> impl Strategy<Value = String> {
+pub(crate) fn field_name() -> impl Strategy<Value = String> {
     prop_oneof![3 => select(FIELDS).prop_map(str::to_owned), 1 => odd_string()]
 }
 
 /// Any JSON value, a few levels deep, with odd leaves and the server's field names.
-pub fn any_json() -> impl Strategy<Value = Value> {
+pub(crate) fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
@@ -249,7 +249,7 @@ pub fn any_json() -> impl Strategy<Value = Value> {
 
 /// Texts that no `Value` serializes to: out-of-range and non-JSON numbers, nesting far past
 /// serde_json's recursion limit, and broken JSON.
-pub fn raw_json_text() -> impl Strategy<Value = String> {
+pub(crate) fn raw_json_text() -> impl Strategy<Value = String> {
     prop_oneof![
         select(RAW_NUMBERS).prop_map(str::to_owned),
         (1usize..5000).prop_map(|depth| format!("{}{}", "[".repeat(depth), "]".repeat(depth))),
@@ -265,7 +265,7 @@ pub fn raw_json_text() -> impl Strategy<Value = String> {
 
 /// Arbitrary bytes, or JSON-looking bytes assembled from JSON's punctuation and the protocol's
 /// field names.
-pub fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
+pub(crate) fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..256),
         prop::collection::vec(select(TOKENS), 0..40)
@@ -275,7 +275,7 @@ pub fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
 
 /// One change to a JSON body, made at a place chosen among all of its places.
 #[derive(Debug, Clone)]
-pub enum Change {
+pub(crate) enum Change {
     Replace(Value),
     Remove,
     AddField(String, Value),
@@ -285,7 +285,7 @@ pub enum Change {
     RawField(String),
 }
 
-pub fn change() -> impl Strategy<Value = Change> {
+pub(crate) fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
         3 => prop_oneof![any_json(), odd_number(), odd_string().prop_map(Value::String)]
             .prop_map(Change::Replace),
@@ -298,7 +298,7 @@ pub fn change() -> impl Strategy<Value = Change> {
 }
 
 /// Up to three changes, each at a place chosen by its `Index`.
-pub fn changes() -> impl Strategy<Value = Vec<(Index, Change)>> {
+pub(crate) fn changes() -> impl Strategy<Value = Vec<(Index, Change)>> {
     prop::collection::vec((any::<Index>(), change()), 0..=3)
 }
 
@@ -350,7 +350,7 @@ fn placeholder(n: usize) -> String {
 }
 
 /// `body` with `changes` made, as the bytes a client would send.
-pub fn changed(mut body: Value, changes: &[(Index, Change)]) -> Vec<u8> {
+pub(crate) fn changed(mut body: Value, changes: &[(Index, Change)]) -> Vec<u8> {
     let mut raw_values = Vec::new();
     let mut raw_fields = Vec::new();
     for (index, change) in changes {
@@ -437,7 +437,7 @@ fn mutation_call() -> impl Strategy<Value = (String, Value)> {
 }
 
 /// A valid push of a new client group and client: mutations 1, 2, ... of built-in mutators.
-pub fn push_template() -> impl Strategy<Value = Value> {
+pub(crate) fn push_template() -> impl Strategy<Value = Value> {
     ("[a-z0-9]{8}", prop::collection::vec(mutation_call(), 0..6)).prop_map(|(tag, calls)| {
         let client = format!("c-{tag}");
         let mutations: Vec<Value> = calls
@@ -453,12 +453,12 @@ pub fn push_template() -> impl Strategy<Value = Value> {
     })
 }
 
-pub fn push_body() -> impl Strategy<Value = Input> {
+pub(crate) fn push_body() -> impl Strategy<Value = Input> {
     body_from(push_template())
 }
 
 /// A pull of a new or odd client group with a null, numeric or odd cookie.
-pub fn pull_template() -> impl Strategy<Value = Value> {
+pub(crate) fn pull_template() -> impl Strategy<Value = Value> {
     let group = prop_oneof![3 => matching("g-[a-z0-9]{8}"), 1 => odd_string()];
     let cookie = prop_oneof![2 => Just(Value::Null), 3 => odd_number(), 1 => any_json()];
     (group, cookie).prop_map(|(group, cookie)| {
@@ -467,17 +467,17 @@ pub fn pull_template() -> impl Strategy<Value = Value> {
     })
 }
 
-pub fn pull_body() -> impl Strategy<Value = Input> {
+pub(crate) fn pull_body() -> impl Strategy<Value = Input> {
     body_from(pull_template())
 }
 
 /// Claims that verify against the fuzzed servers: user `fuzzer`, every space, an hour left.
-pub fn good_claims() -> Value {
+pub(crate) fn good_claims() -> Value {
     json!({"sub": "fuzzer", "exp": now() + 3600, "spaces": ["*"]})
 }
 
 /// `Bearer <token>` of `good_claims`.
-pub fn good_authorization() -> String {
+pub(crate) fn good_authorization() -> String {
     format!(
         "Bearer {}",
         token_of(
@@ -511,7 +511,7 @@ fn claims_template() -> impl Strategy<Value = Value> {
 }
 
 /// Claims as bytes: near-valid ones with changes, any JSON, or any bytes.
-pub fn claims_bytes() -> impl Strategy<Value = Input> {
+pub(crate) fn claims_bytes() -> impl Strategy<Value = Input> {
     body_from(claims_template())
 }
 
@@ -530,7 +530,7 @@ fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
 
 /// A compact JWS of `header` and `claims` (any bytes), signed with `secret` by the HMAC its
 /// header names (HS256 when it names none), so that odd headers and claims pass the signature.
-pub fn token_of(header: &[u8], claims: &[u8], secret: &str) -> String {
+pub(crate) fn token_of(header: &[u8], claims: &[u8], secret: &str) -> String {
     let signing_input = format!(
         "{}.{}",
         URL_SAFE_NO_PAD.encode(header),
@@ -556,7 +556,7 @@ fn hmac_sign<M: Mac + KeyInit>(secret: &str, input: &str) -> Vec<u8> {
 /// A token as a client might send it: odd headers and claims signed with the server's secret
 /// (most often) or another one, three base64 segments of garbage, or any string; and, so that
 /// many get past verification, tokens whose only oddities are their user, expiry and grants.
-pub fn token() -> impl Strategy<Value = String> {
+pub(crate) fn token() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => claims_template().prop_map(|claims| {
             token_of(br#"{"alg":"HS256","typ":"JWT"}"#, claims.to_string().as_bytes(), SECRET)
@@ -574,7 +574,7 @@ pub fn token() -> impl Strategy<Value = String> {
 }
 
 /// An `Authorization` value: a token after `Bearer` (in odd spellings) or another scheme.
-pub fn authorization() -> impl Strategy<Value = String> {
+pub(crate) fn authorization() -> impl Strategy<Value = String> {
     let scheme = select(vec![
         "Bearer ",
         "Bearer ",
@@ -591,7 +591,7 @@ pub fn authorization() -> impl Strategy<Value = String> {
 }
 
 /// Percent-encodes every byte but the unreserved ones (form and query encoding).
-pub fn percent_encoded(text: &str) -> String {
+pub(crate) fn percent_encoded(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
@@ -604,7 +604,7 @@ pub fn percent_encoded(text: &str) -> String {
 
 /// Escapes only what a URI cannot carry at all, leaving `%`, `&`, `=` and `+` as they are: a
 /// query that still reaches the server, with its structure as broken as generated.
-pub fn uri_safe(text: &str) -> String {
+pub(crate) fn uri_safe(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
@@ -656,7 +656,7 @@ fn channel_name(space: &'static str) -> impl Strategy<Value = String> {
 
 /// A `/pusher/auth` body: the two fields (valid, near or odd), extra or repeated fields,
 /// encoded or raw, or any bytes.
-pub fn pusher_form(space: &'static str) -> impl Strategy<Value = Input> {
+pub(crate) fn pusher_form(space: &'static str) -> impl Strategy<Value = Input> {
     let name = prop_oneof![
         3 => select(vec!["socket_id", "channel_name", "socket_id[]", "channel_name ", "", "auth"])
             .prop_map(str::to_owned),
@@ -688,7 +688,7 @@ pub fn pusher_form(space: &'static str) -> impl Strategy<Value = Input> {
 
 /// A query string for the SSE stream: `auth=` with the good token, another token or an odd
 /// value, among other and repeated fields, encoded or raw; or query-ish soup.
-pub fn sse_query(good_token: String) -> impl Strategy<Value = String> {
+pub(crate) fn sse_query(good_token: String) -> impl Strategy<Value = String> {
     let name = prop_oneof![
         4 => Just("auth".to_owned()),
         1 => select(vec!["Auth", "auth[]", "", "authorization", "x"]).prop_map(str::to_owned),
@@ -726,7 +726,7 @@ pub fn sse_query(good_token: String) -> impl Strategy<Value = String> {
 
 /// A `{space}` path segment: valid, near the 100-character limit, percent-encoded odd strings,
 /// or raw URI pieces.
-pub fn space_segment() -> impl Strategy<Value = String> {
+pub(crate) fn space_segment() -> impl Strategy<Value = String> {
     prop_oneof![
         2 => matching("[a-zA-Z0-9_-]{1,12}"),
         1 => matching("[a-zA-Z0-9_-]{99,102}"),

@@ -12,7 +12,7 @@ use replisync::store::{
 
 /// What a test changes in the store it wraps; by default, nothing.
 #[async_trait]
-pub trait Fault: Send + Sync + 'static {
+pub(crate) trait Fault: Send + Sync + 'static {
     /// Runs before each incremental-pull read.
     async fn before_pull_changes(&self) {}
 
@@ -29,13 +29,13 @@ pub trait Fault: Send + Sync + 'static {
 }
 
 /// `inner` with `fault` applied.
-pub struct Faulty<F> {
+pub(crate) struct Faulty<F> {
     inner: Arc<dyn Store>,
     fault: Arc<F>,
 }
 
 impl<F: Fault> Faulty<F> {
-    pub fn wrap(inner: Arc<dyn Store>, fault: F) -> Arc<dyn Store> {
+    pub(crate) fn wrap(inner: Arc<dyn Store>, fault: F) -> Arc<dyn Store> {
         Arc::new(Faulty {
             inner,
             fault: Arc::new(fault),

@@ -19,14 +19,14 @@ use std::str::FromStr;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     Postgres,
     Sqlite,
 }
 
 /// The server under test and a client for it. Dropping it stops the server and removes the
 /// test's database.
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub base: String,
     pub http: reqwest::Client,
     pub store: Arc<dyn Store>,
@@ -37,7 +37,7 @@ pub struct TestServer {
 
 /// How a test's store is opened; the app itself is configured with `App::builder()`, as the
 /// binary configures it.
-pub struct StoreOptions {
+pub(crate) struct StoreOptions {
     /// Wraps the test's store, e.g. to slow it down.
     pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
     /// Postgres: the bounds of the store's sessions.
@@ -57,7 +57,7 @@ impl Default for StoreOptions {
 }
 
 /// The built-in SSE poke stream with a keep-alive comment every `keep_alive`, default caps.
-pub fn sse_every(keep_alive: std::time::Duration) -> SseSettings {
+pub(crate) fn sse_every(keep_alive: std::time::Duration) -> SseSettings {
     SseSettings {
         keep_alive,
         ..SseSettings::default()
@@ -65,18 +65,22 @@ pub fn sse_every(keep_alive: std::time::Duration) -> SseSettings {
 }
 
 impl TestServer {
-    pub async fn start(backend: Backend) -> TestServer {
+    pub(crate) async fn start(backend: Backend) -> TestServer {
         TestServer::start_with(backend, App::builder()).await
     }
 
     /// Builds `app` as the binary does (once, whole) and serves it through the binary's own
     /// `serve`, on 127.0.0.1:0.
-    pub async fn start_with(backend: Backend, app: AppBuilder) -> TestServer {
+    pub(crate) async fn start_with(backend: Backend, app: AppBuilder) -> TestServer {
         TestServer::start_on(backend, StoreOptions::default(), app).await
     }
 
     /// [`TestServer::start_with`], over a store opened with `store`.
-    pub async fn start_on(backend: Backend, store: StoreOptions, app: AppBuilder) -> TestServer {
+    pub(crate) async fn start_on(
+        backend: Backend,
+        store: StoreOptions,
+        app: AppBuilder,
+    ) -> TestServer {
         let db = TestDb::create(backend).await;
         let instance = Instance::start(&db, &store, app).await;
         TestServer {
@@ -91,7 +95,7 @@ impl TestServer {
 }
 
 /// One server over a test's database.
-pub struct Instance {
+pub(crate) struct Instance {
     pub base: String,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<replisync::metrics::Metrics>,
@@ -117,17 +121,17 @@ impl Instance {
 }
 
 impl TestServer {
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
     /// GETs `path` (health, metrics, the SSE stream).
-    pub async fn get(&self, path: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(self.url(path)).send().await.unwrap()
     }
 
     /// POSTs raw bytes; returns the status and the body as JSON (Null when not JSON).
-    pub async fn post_raw(
+    pub(crate) async fn post_raw(
         &self,
         path: &str,
         body: impl Into<reqwest::Body>,
@@ -148,20 +152,20 @@ impl TestServer {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    pub async fn push(&self, space: &str, body: &Value) -> (u16, Value) {
+    pub(crate) async fn push(&self, space: &str, body: &Value) -> (u16, Value) {
         self.push_as(space, body, "").await
     }
 
-    pub async fn push_as(&self, space: &str, body: &Value, auth: &str) -> (u16, Value) {
+    pub(crate) async fn push_as(&self, space: &str, body: &Value, auth: &str) -> (u16, Value) {
         self.post_raw(&format!("/spaces/{space}/push"), body.to_string(), auth)
             .await
     }
 
-    pub async fn pull(&self, space: &str, group: &str, cookie: Value) -> (u16, Value) {
+    pub(crate) async fn pull(&self, space: &str, group: &str, cookie: Value) -> (u16, Value) {
         self.pull_as(space, group, cookie, "").await
     }
 
-    pub async fn pull_as(
+    pub(crate) async fn pull_as(
         &self,
         space: &str,
         group: &str,
@@ -175,12 +179,12 @@ impl TestServer {
     }
 
     /// Pulls from scratch and returns (cookie, lastMutationIDChanges, entries).
-    pub async fn state(&self, space: &str, group: &str) -> PullView {
+    pub(crate) async fn state(&self, space: &str, group: &str) -> PullView {
         self.state_as(space, group, "").await
     }
 
     /// `state`, with this `Authorization` header.
-    pub async fn state_as(&self, space: &str, group: &str, auth: &str) -> PullView {
+    pub(crate) async fn state_as(&self, space: &str, group: &str, auth: &str) -> PullView {
         let (status, body) = self.pull_as(space, group, Value::Null, auth).await;
         assert_eq!(status, 200, "pull failed: {body}");
         PullView::from_response(&body)
@@ -189,21 +193,21 @@ impl TestServer {
 
 /// A pull response taken apart.
 #[derive(Debug, Default)]
-pub struct PullView {
+pub(crate) struct PullView {
     pub cookie: u64,
     pub last_mutation_ids: serde_json::Map<String, Value>,
     pub entries: serde_json::Map<String, Value>,
 }
 
 impl PullView {
-    pub fn from_response(body: &Value) -> PullView {
+    pub(crate) fn from_response(body: &Value) -> PullView {
         let mut view = PullView::default();
         view.apply(body);
         view
     }
 
     /// Applies a pull response as a client would: clear, put, del; cookie and lmids replaced.
-    pub fn apply(&mut self, body: &Value) {
+    pub(crate) fn apply(&mut self, body: &Value) {
         let cookie = body["cookie"]
             .as_u64()
             .unwrap_or_else(|| panic!("no cookie in {body}"));
@@ -231,7 +235,7 @@ impl PullView {
         }
     }
 
-    pub fn lmid(&self, client: &str) -> u64 {
+    pub(crate) fn lmid(&self, client: &str) -> u64 {
         self.last_mutation_ids
             .get(client)
             .and_then(Value::as_u64)
@@ -240,7 +244,7 @@ impl PullView {
 }
 
 /// A push body of `mutations`, each `(client, id, name, args)`.
-pub fn push_body(group: &str, mutations: &[(&str, u64, &str, Value)]) -> Value {
+pub(crate) fn push_body(group: &str, mutations: &[(&str, u64, &str, Value)]) -> Value {
     let mutations: Vec<Value> = mutations
         .iter()
         .map(|(client, id, name, args)| {
@@ -251,12 +255,12 @@ pub fn push_body(group: &str, mutations: &[(&str, u64, &str, Value)]) -> Value {
            "clientGroupID": group, "mutations": mutations})
 }
 
-pub fn inc(key: &str, delta: i64) -> Value {
+pub(crate) fn inc(key: &str, delta: i64) -> Value {
     json!({"key": key, "delta": delta})
 }
 
 /// A fresh database for one test: a new schema in Postgres, or a new SQLite file.
-pub enum TestDb {
+pub(crate) enum TestDb {
     Postgres {
         admin_url: String,
         schema: String,
@@ -270,13 +274,13 @@ pub enum TestDb {
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// The Postgres the tests use; a new schema is made in it per test.
-pub fn postgres_url() -> String {
+pub(crate) fn postgres_url() -> String {
     std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 impl TestDb {
-    pub async fn create(backend: Backend) -> TestDb {
+    pub(crate) async fn create(backend: Backend) -> TestDb {
         match backend {
             Backend::Postgres => {
                 let admin_url = postgres_url();
@@ -308,7 +312,7 @@ impl TestDb {
     }
 
     /// A store on this database, with the Postgres session options of `options`.
-    pub async fn open_store_with(&self, options: &StoreOptions) -> Arc<dyn Store> {
+    pub(crate) async fn open_store_with(&self, options: &StoreOptions) -> Arc<dyn Store> {
         match self {
             TestDb::Postgres { admin_url, schema } => {
                 // Named after the schema, so that a test can find its server's connections.
@@ -332,7 +336,7 @@ impl TestDb {
 
     /// Ends every Postgres session of the server under test, as a database restart or failover
     /// would; answers how many it ended.
-    pub async fn end_server_sessions(&self) -> i64 {
+    pub(crate) async fn end_server_sessions(&self) -> i64 {
         let TestDb::Postgres { admin_url, schema } = self else {
             panic!("only a Postgres server has sessions to end");
         };
@@ -350,7 +354,7 @@ impl TestDb {
     }
 
     /// Runs `sql` (statements both databases accept) on a connection of its own.
-    pub async fn execute(&self, sql: &str) {
+    pub(crate) async fn execute(&self, sql: &str) {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match self {
             TestDb::Postgres { .. } => {
@@ -369,7 +373,7 @@ impl TestDb {
     }
 
     /// The integer `sql` answers (no row or NULL: `None`).
-    pub async fn scalar(&self, sql: &str) -> Option<i64> {
+    pub(crate) async fn scalar(&self, sql: &str) -> Option<i64> {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match self {
             TestDb::Postgres { .. } => sqlx::query_scalar(sql)
@@ -386,7 +390,7 @@ impl TestDb {
     }
 
     /// A connection to the test's Postgres schema.
-    pub async fn pg(&self) -> sqlx::PgConnection {
+    pub(crate) async fn pg(&self) -> sqlx::PgConnection {
         let TestDb::Postgres { admin_url, schema } = self else {
             panic!("not a Postgres test database");
         };
@@ -407,7 +411,7 @@ impl TestDb {
     }
 
     /// Every row of every replisync table, as text: equal fingerprints mean nothing changed.
-    pub async fn fingerprint(&self) -> String {
+    pub(crate) async fn fingerprint(&self) -> String {
         const TABLES: [&str; 4] = [
             "SELECT id || '=' || version || '/' || compacted_version FROM replisync_spaces ORDER BY 1",
             "SELECT id || '@' || space_id || '/' || user_id FROM replisync_client_groups ORDER BY 1",
@@ -500,7 +504,7 @@ macro_rules! on_both_stores {
 /// Records the spaces the server pokes, in order: an observer of its pokes, as a watcher sees
 /// them before any coalescing.
 #[derive(Default)]
-pub struct PokeRecorder {
+pub(crate) struct PokeRecorder {
     poked: std::sync::Mutex<Vec<String>>,
 }
 
@@ -512,7 +516,7 @@ impl PokeSink for PokeRecorder {
 
 impl PokeRecorder {
     /// How many times `space` was poked.
-    pub fn count(&self, space: &str) -> usize {
+    pub(crate) fn count(&self, space: &str) -> usize {
         self.poked
             .lock()
             .unwrap()
@@ -522,7 +526,12 @@ impl PokeRecorder {
     }
 
     /// Whether `space` has been poked `times` times within `wait`.
-    pub async fn wait_for(&self, space: &str, times: usize, wait: std::time::Duration) -> bool {
+    pub(crate) async fn wait_for(
+        &self,
+        space: &str,
+        times: usize,
+        wait: std::time::Duration,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         while self.count(space) < times {
             if tokio::time::Instant::now() >= deadline {

@@ -12,17 +12,17 @@ use super::config::{PusherConfig, Scheme};
 use super::signing::{body_md5, sign, unix_timestamp};
 use crate::protocol::SpaceId;
 
-pub const APP_ID: &str = "12345";
-pub const KEY: &str = "app-key-abc";
-pub const SECRET: &str = "app-secret-xyz";
+pub(super) const APP_ID: &str = "12345";
+pub(super) const KEY: &str = "app-key-abc";
+pub(super) const SECRET: &str = "app-secret-xyz";
 /// How long a test waits for something that should happen at once.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+pub(super) const PATIENCE: Duration = Duration::from_secs(20);
 
-pub fn space(id: &str) -> SpaceId {
+pub(super) fn space(id: &str) -> SpaceId {
     SpaceId::parse(id).expect("valid space id")
 }
 
-pub fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(super) fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
     query
         .iter()
         .find(|(key, _)| key == name)
@@ -30,7 +30,7 @@ pub fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a 
 }
 
 /// The test credentials, over plain HTTP to 127.0.0.1:`port`.
-pub fn config_for_port(port: u16) -> PusherConfig {
+pub(super) fn config_for_port(port: u16) -> PusherConfig {
     PusherConfig {
         app_id: APP_ID.to_owned(),
         key: KEY.to_owned(),
@@ -44,7 +44,7 @@ pub fn config_for_port(port: u16) -> PusherConfig {
 }
 
 /// A Pusher answer: `status` with body `{}` (add `.set_delay`, `.insert_header` as needed).
-pub fn reply(status: u16) -> ResponseTemplate {
+pub(super) fn reply(status: u16) -> ResponseTemplate {
     ResponseTemplate::new(status).set_body_string("{}")
 }
 
@@ -52,13 +52,13 @@ pub fn reply(status: u16) -> ResponseTemplate {
 /// 429 with retry-after, slow answers). It still checks every request like Pusher does:
 /// signature (with this module's `sign`), body_md5, key, auth_version and timestamp, answering
 /// 401 to a wrongly signed request.
-pub struct MockPusher {
+pub(super) struct MockPusher {
     server: MockServer,
 }
 
 impl MockPusher {
     /// Answers correctly signed calls with `replies` in order, then 200 `{}` to every one.
-    pub async fn start(replies: Vec<ResponseTemplate>) -> MockPusher {
+    pub(super) async fn start(replies: Vec<ResponseTemplate>) -> MockPusher {
         let server = MockServer::start().await;
         for scripted in replies {
             signed_trigger()
@@ -81,19 +81,19 @@ impl MockPusher {
         MockPusher { server }
     }
 
-    pub fn config(&self) -> PusherConfig {
+    pub(super) fn config(&self) -> PusherConfig {
         config_for_port(self.server.address().port())
     }
 
     /// Every request received so far, in order.
-    pub async fn requests(&self) -> Vec<Received> {
+    pub(super) async fn requests(&self) -> Vec<Received> {
         let requests = self.server.received_requests().await;
         let requests = requests.expect("request recording is on by default");
         requests.iter().map(Received::from).collect()
     }
 
     /// Waits until `count` requests arrived; returns when that was seen (within 5 ms).
-    pub async fn wait_for_requests(&self, count: usize) -> Instant {
+    pub(super) async fn wait_for_requests(&self, count: usize) -> Instant {
         let waited = tokio::time::timeout(PATIENCE, async {
             while self.requests().await.len() < count {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -146,7 +146,7 @@ fn is_signed_correctly(request: &Request) -> bool {
 
 /// What a test asserts about one request the mock received.
 #[derive(Clone, Debug)]
-pub struct Received {
+pub(super) struct Received {
     pub event: String,
     pub data: String,
     pub channels: Vec<String>,
@@ -184,7 +184,7 @@ impl From<&Request> for Received {
 }
 
 /// How many calls named each channel.
-pub fn channel_counts(requests: &[Received]) -> HashMap<String, usize> {
+pub(super) fn channel_counts(requests: &[Received]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for channel in requests.iter().flat_map(|request| &request.channels) {
         *counts.entry(channel.clone()).or_insert(0) += 1;
