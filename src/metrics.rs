@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::poke::sinks::PokeStats;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
 
 impl Counter {
@@ -24,7 +24,7 @@ impl Counter {
 }
 
 /// A value that goes up and down (open connections).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Gauge(AtomicU64);
 
 impl Gauge {
@@ -45,7 +45,7 @@ impl Gauge {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Metrics {
     /// Push requests answered 200.
     pub pushes: Counter,
@@ -127,6 +127,7 @@ pub struct Metrics {
 }
 
 /// What the app's `Mutators` count (they own these counters; `/metrics` reads them).
+#[derive(Debug)]
 pub struct MutatorCounts<'a> {
     /// JavaScript mutations that failed, by reason.
     pub script_failures: &'a ScriptFailures,
@@ -137,7 +138,7 @@ pub struct MutatorCounts<'a> {
 
 /// JavaScript mutations that failed, by reason. The mutation's writes were discarded; it still
 /// counts as processed.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct ScriptFailures {
     /// It threw, or its promise was rejected or never settled.
     pub threw: Counter,

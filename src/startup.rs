@@ -47,6 +47,7 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
 
 /// A server, built once: its state, and what shutdown must stop (SSE streams, the Pusher
 /// queue, the store).
+#[derive(Debug)]
 pub struct App {
     state: AppState,
     /// Cancelled when shutdown begins: open SSE streams end so requests can drain.
@@ -123,6 +124,20 @@ pub struct AppBuilder {
     pokes: PokeSettings,
     extra_sinks: Vec<Arc<dyn PokeSink>>,
     gc: Option<GcSettings>,
+}
+
+impl std::fmt::Debug for AppBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppBuilder")
+            .field("mutators", &self.mutators)
+            .field("webhook", &self.webhook)
+            .field("http", &self.http)
+            .field("push", &self.push)
+            .field("pulls", &self.pulls)
+            .field("pokes", &self.pokes)
+            .field("gc", &self.gc)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AppBuilder {

@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
 
 /// Decides whether an identity may read or write a space.
+#[derive(Debug)]
 pub struct Authorizer {
     webhook: Option<Webhook>,
     metrics: Arc<Metrics>,
@@ -63,6 +64,7 @@ type DecisionKey = (String, SpaceId, Access);
 
 /// The app's authorization endpoint: POSTed `{"user", "space", "access"}` with the caller's
 /// `Authorization` header; 2xx allows, 401/403/404 denies, anything else is a failure.
+#[derive(Debug)]
 pub struct Webhook {
     url: String,
     http: reqwest::Client,

@@ -23,7 +23,7 @@ const FIRST_RETRY_WAIT: Duration = Duration::from_millis(500);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
 
 /// A verification key and the one algorithm it verifies.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct VerifyingKey {
     pub key: DecodingKey,
     pub algorithm: Algorithm,
@@ -45,6 +45,12 @@ pub enum JwksError {
 #[derive(Clone)]
 pub struct Jwks {
     shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwks").finish_non_exhaustive()
+    }
 }
 
 struct Shared {

@@ -23,6 +23,16 @@ pub enum Keys {
     Jwks(Jwks),
 }
 
+/// Never shows the secret (a `DecodingKey`'s own `Debug` prints its bytes).
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Keys::Secret(_) => f.write_str("Secret([REDACTED])"),
+            Keys::Jwks(jwks) => f.debug_tuple("Jwks").field(jwks).finish(),
+        }
+    }
+}
+
 /// Which claims say what, and what the token must name.
 #[derive(Debug, Clone)]
 pub struct ClaimRules {
@@ -46,6 +56,7 @@ impl Default for ClaimRules {
     }
 }
 
+#[derive(Debug)]
 pub struct JwtAuthenticator {
     keys: Keys,
     rules: ClaimRules,

@@ -150,6 +150,7 @@ pub trait Authenticator: Send + Sync + 'static {
 
 /// The default: every request is the same anonymous user, whatever its header says, with
 /// access to every space. Allowed on loopback addresses only, unless REPLISYNC_ALLOW_ANONYMOUS.
+#[derive(Debug)]
 pub struct Anonymous;
 
 pub const ANONYMOUS_USER: &str = "anonymous";

@@ -54,7 +54,7 @@ where
 /// The bytes of push bodies being read or worked on, across requests: a semaphore counted in
 /// KiB, so that 30 concurrent 4 MB pushes cannot take gigabytes. Bytes are reserved as they
 /// arrive, never on a length a client only declares: an upload that trickles holds what it sent.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct InFlightBytes {
     free: Arc<Semaphore>,
     total_kib: usize,

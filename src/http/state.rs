@@ -20,7 +20,7 @@ use crate::store::Store;
 
 /// The shared parts behind one `Arc`: axum clones the state for every layer and handler a
 /// request passes, so a clone is one reference count, whatever the number of parts.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AppState(Arc<Parts>);
 
 impl AppState {
@@ -85,8 +85,25 @@ pub struct Parts {
     pub(crate) draining: Draining,
 }
 
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("pushes", &self.pushes)
+            .field("authorizer", &self.authorizer)
+            .field("pokes", &self.pokes)
+            .field("mutators", &self.mutators)
+            .field("http", &self.http)
+            .field("push", &self.push)
+            .field("push_bytes", &self.push_bytes)
+            .field("metrics", &self.metrics)
+            .field("pulls", &self.pulls)
+            .field("draining", &self.draining)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Whether shutdown has begun; the server still serves while it drains.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Draining(CancellationToken);
 
 impl Draining {

@@ -26,6 +26,18 @@ pub struct Mutators {
     write_limit_failures: Arc<Counter>,
 }
 
+impl std::fmt::Debug for Mutators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("Mutators")
+            .field("names", &names)
+            .field("script_failures", &self.script_failures)
+            .field("write_limit_failures", &self.write_limit_failures)
+            .finish()
+    }
+}
+
 impl Mutators {
     /// No mutators at all.
     pub fn empty() -> Self {

@@ -114,6 +114,18 @@ pub struct PushOverlay {
     scoped: HashMap<TypeId, Box<dyn Any + Send>>,
 }
 
+/// Counts what the push read and wrote, never the app's data.
+impl std::fmt::Debug for PushOverlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushOverlay")
+            .field("version", &self.version)
+            .field("keys_known", &self.known.len())
+            .field("keys_written", &self.written.len())
+            .field("push_bytes_put", &self.push_bytes_put)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for PushOverlay {
     fn default() -> Self {
         PushOverlay {
@@ -203,6 +215,18 @@ pub struct WriteTx<'a> {
     user_id: &'a str,
     client_id: &'a str,
     mutation_id: u64,
+}
+
+/// Names the mutation, never the app's data.
+impl std::fmt::Debug for WriteTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTx")
+            .field("space", &self.space)
+            .field("client_id", &self.client_id)
+            .field("mutation_id", &self.mutation_id)
+            .field("overlay", &self.overlay)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> WriteTx<'a> {

@@ -26,7 +26,7 @@ pub struct PokeArgs {
 }
 
 /// The pokes' settings, checked; [`super::Pokes::start`] starts what they name.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct PokeSettings {
     /// Publishes pokes through a Pusher-compatible HTTP API.
     pub pusher: Option<(PusherConfig, PokerOptions)>,
@@ -116,9 +116,7 @@ mod tests {
 
     #[test]
     fn an_empty_pusher_queue_is_refused_by_name() {
-        let error = settings(&["--pusher-max-pending-spaces=0"])
-            .err()
-            .expect("refused");
+        let error = settings(&["--pusher-max-pending-spaces=0"]).expect_err("refused");
         assert!(
             error
                 .to_string()

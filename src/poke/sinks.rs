@@ -21,7 +21,18 @@ pub struct Pokes {
     sse: Option<Arc<SsePokes>>,
 }
 
+impl std::fmt::Debug for Pokes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pokes")
+            .field("pusher", &self.pusher)
+            .field("private_channels", &self.private_channels)
+            .field("sse", &self.sse)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the sinks count, for `/metrics`: each part is `None` when its sink is off.
+#[derive(Debug)]
 pub struct PokeStats {
     pub pusher: Option<PokerStats>,
     pub sse: Option<SseStats>,

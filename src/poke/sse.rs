@@ -34,6 +34,16 @@ pub struct SsePokes {
     shutdown: CancellationToken,
 }
 
+impl std::fmt::Debug for SsePokes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SsePokes")
+            .field("keep_alive", &self.keep_alive)
+            .field("limits", &self.limits)
+            .field("shutdown", &self.shutdown)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The SSE poke streams' numbers for `/metrics`.
 #[derive(Clone, Copy, Debug)]
 pub struct SseStats {

@@ -19,6 +19,7 @@ use super::patch::write_patch_op;
 const MAX_GROUPS_PER_READ: usize = 1000;
 
 /// One read's answer, shared by every pull of the batch.
+#[derive(Debug)]
 pub struct SharedPull {
     pub version: u64,
     /// Cookies below this may miss compacted deletions: they get the whole space instead.
@@ -91,6 +92,16 @@ pub struct PullCoalescer {
     /// Pulls waiting for the next read, per (space, cookie). A key is present exactly while a
     /// reader task for it runs.
     waiting: Waiting,
+}
+
+impl std::fmt::Debug for PullCoalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullCoalescer")
+            .field("metrics", &self.metrics)
+            .field("max_shared_delta_bytes", &self.max_shared_delta_bytes)
+            .field("waiting", &self.waiting)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PullCoalescer {

@@ -43,8 +43,19 @@ pub struct Pulls {
     streamed_pulls: Arc<Semaphore>,
 }
 
+impl std::fmt::Debug for Pulls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pulls")
+            .field("metrics", &self.metrics)
+            .field("coalescer", &self.coalescer)
+            .field("limits", &self.limits)
+            .field("streamed_pulls", &self.streamed_pulls)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What pulls may hold, and for how long.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct PullLimits {
     /// Streamed pulls in flight at once: first pulls, and incremental pulls of a large delta.
     pub max_first_pulls: usize,
@@ -54,6 +65,17 @@ pub struct PullLimits {
     /// How long a first pull waits for a permit before it is answered 503.
     pub queue_wait: Duration,
     pub stream: StreamLimits,
+}
+
+impl std::fmt::Debug for PullLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullLimits")
+            .field("max_first_pulls", &self.max_first_pulls)
+            .field("max_shared_delta_bytes", &self.max_shared_delta_bytes)
+            .field("queue_wait", &self.queue_wait)
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether the caller of a pull may also write the space: asked only when answering the pull
@@ -70,6 +92,15 @@ pub enum PullBody {
     /// A whole response in parts (small incremental pulls: their own head, then a patch shared
     /// with the other pulls of their batch, not copied).
     Parts(Vec<Bytes>),
+}
+
+impl std::fmt::Debug for PullBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PullBody::Streamed(_) => f.write_str("Streamed(..)"),
+            PullBody::Parts(parts) => f.debug_tuple("Parts").field(&parts.len()).finish(),
+        }
+    }
 }
 
 impl Pulls {

@@ -41,6 +41,18 @@ pub struct PushGroups {
     waiting: Mutex<HashMap<SpaceId, VecDeque<Waiting>>>,
 }
 
+impl std::fmt::Debug for PushGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushGroups")
+            .field("mutators", &self.mutators)
+            .field("pokes", &self.pokes)
+            .field("limits", &self.limits)
+            .field("work_budget", &self.work_budget)
+            .field("metrics", &self.metrics)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A push waiting for its group, and where its answer goes.
 struct Waiting {
     push: Push,

@@ -34,6 +34,7 @@ static COMMIT_PUSH_GROUP_SQL: LazyLock<String> = LazyLock::new(|| COMMIT_PUSH_GR
 /// is handed out as it is (a ping is a full round trip, on every push and pull).
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
+#[derive(Debug)]
 pub struct PgStore {
     pool: PgPool,
     /// See [`activity_granularity`](super::activity_granularity).

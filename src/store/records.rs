@@ -96,6 +96,18 @@ pub struct PullSnapshot {
     pub entries: BoxStream<'static, Result<EntryChange, StoreError>>,
 }
 
+impl std::fmt::Debug for PullSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullSnapshot")
+            .field("version", &self.version)
+            .field("reset", &self.reset)
+            .field("client_group", &self.client_group)
+            .field("client_group_collected", &self.client_group_collected)
+            .field("changed_clients", &self.changed_clients)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What incremental pulls of several client groups of one space need, read in one snapshot
 /// (identical concurrent pulls share it).
 #[derive(Debug, Default)]

@@ -27,6 +27,7 @@ use crate::protocol::SpaceId;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+#[derive(Debug)]
 pub struct SqliteStore {
     /// One connection: SQLite has one writer at a time, so pushes queue here, in process,
     /// instead of failing with SQLITE_BUSY.

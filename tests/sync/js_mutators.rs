@@ -620,9 +620,7 @@ fn load_error(name: &str, source: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(name);
     std::fs::write(&path, source).unwrap();
-    let error = JsMutators::load(&path, test_limits())
-        .err()
-        .expect("the module is refused");
+    let error = JsMutators::load(&path, test_limits()).expect_err("the module is refused");
     let text = format!("{error:#}");
     assert!(
         text.contains(&path.display().to_string()),

@@ -62,6 +62,15 @@ pub struct JsMutators {
     module_name: String,
 }
 
+impl std::fmt::Debug for JsMutators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsMutators")
+            .field("names", &self.names)
+            .field("module_name", &self.module_name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl JsMutators {
     /// Loads the module at `path`: fails, naming the file (and the line), when it does not
     /// parse, imports another module, throws while loading, or exports no mutator.

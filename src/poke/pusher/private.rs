@@ -11,6 +11,7 @@ use crate::protocol::SpaceId;
 pub const PRIVATE_PREFIX: &str = "private-";
 
 /// Signs subscriptions to the private channels of spaces.
+#[derive(Debug)]
 pub struct PrivateChannels {
     key: String,
     secret: SecretString,

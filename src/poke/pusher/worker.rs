@@ -22,6 +22,14 @@ pub struct PusherPoker {
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl std::fmt::Debug for PusherPoker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PusherPoker")
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
 impl PusherPoker {
     /// Spawns the worker task (call it inside a Tokio runtime: `tokio::spawn` panics outside).
     /// A configuration that fails `validate` is logged at error level and every poke is dropped.
