@@ -13,8 +13,10 @@
 //!
 //! Closing drops the connection (the socket with it); responses in flight are never cut.
 
+use std::any::Any;
 use std::convert::Infallible;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -22,6 +24,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::http::Response;
+use axum::response::IntoResponse;
+use futures::FutureExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -34,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::HttpSettings;
-use crate::error::RETRY_AFTER_SECS;
+use crate::error::{ApiError, RETRY_AFTER_SECS};
 use crate::metrics::Metrics;
 
 /// Refused connections being answered at once; beyond this many, more are closed without an
@@ -151,6 +156,26 @@ async fn refuse(mut tcp: TcpStream) {
 
 type Service = TowerToHyperService<Router>;
 
+/// A request whose handler panicked (a bug) is answered 500 with a JSON body, not a dropped
+/// connection; the panic's message is logged. Caught here, around every layer, because a layer
+/// of the router would cost each request a clone of the boxed route.
+fn answer_panic(panic: &(dyn Any + Send)) -> Response<Body> {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(
+        panic = message,
+        "a request's handler panicked; answered 500"
+    );
+    ApiError::Failed(
+        "the server failed while handling this request; send it again (a push is applied at most once)"
+            .into(),
+    )
+    .into_response()
+}
+
 async fn serve_connection(
     tcp: TcpStream,
     service: Service,
@@ -177,7 +202,10 @@ async fn serve_connection(
             let in_flight = InFlight::start(activity.clone());
             let call = hyper::service::Service::call(&service, request);
             async move {
-                let response = call.await?;
+                let response = match AssertUnwindSafe(call).catch_unwind().await {
+                    Ok(response) => response?,
+                    Err(panic) => answer_panic(&*panic),
+                };
                 Ok::<_, Infallible>(response.map(|body| {
                     Body::new(TrackedBody {
                         inner: body,

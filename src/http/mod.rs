@@ -10,7 +10,6 @@ mod handlers;
 pub mod settings;
 mod state;
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,9 +19,8 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::handler::Handler;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{from_fn_with_state, map_response_with_state};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{MethodFilter, MethodRouter, on};
-use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
@@ -30,7 +28,6 @@ pub use self::conn::accept_loop;
 pub use self::extract::InFlightBytes;
 use self::settings::{CorsOrigins, HttpSettings};
 pub use self::state::{AppState, Draining, Parts};
-use crate::error::ApiError;
 use crate::metrics::Metrics;
 
 /// The header Replicache sends with every push and pull; logged on each request span.
@@ -170,10 +167,10 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 /// What every request goes through, outermost last: its span, the default body limit, its time
-/// bounds, the drain's `Connection: close`, the count of refusals, and a 500 for a panic.
+/// bounds, the drain's `Connection: close`, and the count of refusals. (A panic is answered
+/// 500 by the accept loop, `conn`, around them all.)
 fn with_common_layers(routes: Router<AppState>, state: AppState) -> Router {
     routes
-        .layer(CatchPanicLayer::custom(answer_panic))
         .layer(map_response_with_state(
             state.metrics.clone(),
             count_refusals,
@@ -186,25 +183,6 @@ fn with_common_layers(routes: Router<AppState>, state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
-}
-
-/// A handler that panicked (a bug) is answered 500 with a JSON body, not a dropped connection;
-/// the panic's message is logged.
-fn answer_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
-    let message = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("(no message)");
-    tracing::error!(
-        panic = message,
-        "a request's handler panicked; answered 500"
-    );
-    ApiError::Failed(
-        "the server failed while handling this request; send it again (a push is applied at most once)"
-            .into(),
-    )
-    .into_response()
 }
 
 /// Counts requests refused 401 and 403 in `/metrics`, wherever the refusal came from.

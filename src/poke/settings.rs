@@ -25,7 +25,7 @@ pub struct PokeArgs {
     pub pusher_max_pending_spaces: usize,
 }
 
-/// The pokes' settings, checked; [`super::sinks::Pokes::start`] starts what they name.
+/// The pokes' settings, checked; `Pokes::start` (sinks.rs) starts what they name.
 #[derive(Debug, Default)]
 pub struct PokeSettings {
     /// Publishes pokes through a Pusher-compatible HTTP API.
