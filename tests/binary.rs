@@ -766,3 +766,114 @@ async fn readyz_waits_for_a_jwks_that_is_down_at_start() {
     }
     server.stop();
 }
+
+/// A database of its own on the test Postgres (TEST_DATABASE_URL's server), dropped at the end.
+struct PgDatabase {
+    admin: String,
+    name: String,
+}
+
+impl PgDatabase {
+    async fn create() -> PgDatabase {
+        let admin = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!("replisync_binary_{}_{nanos}", std::process::id());
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("Postgres for tests (TEST_DATABASE_URL) is reachable");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        PgDatabase { admin, name }
+    }
+
+    /// The URL of this database, on the admin URL's server.
+    fn url(&self) -> String {
+        let (server, _) = self.admin.rsplit_once('/').expect("a URL with a database");
+        format!("{server}/{}", self.name)
+    }
+
+    async fn connect(&self) -> sqlx::PgConnection {
+        sqlx::PgConnection::connect(&self.url()).await.unwrap()
+    }
+
+    async fn drop_it(self) {
+        let mut conn = sqlx::PgConnection::connect(&self.admin).await.unwrap();
+        let drop = format!("DROP DATABASE {} WITH (FORCE)", self.name);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// On Postgres, as an operator runs it: `replisync migrate` creates the schema (the server then
+/// starts with REPLISYNC_AUTO_MIGRATE=false), and `replisync gc` removes an idle client group
+/// and leaves the active one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_and_gc_subcommands_work_on_postgres() {
+    let db = PgDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |subcommand: &str| {
+        Command::new(env!("CARGO_BIN_EXE_replisync"))
+            .arg(subcommand)
+            .env_clear()
+            .env("DATABASE_URL", db.url())
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let migrated = run("migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    assert!(String::from_utf8_lossy(&migrated.stdout).contains("migrations applied"));
+
+    let url = db.url();
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("REPLISYNC_AUTO_MIGRATE", "false"),
+    ];
+    let server = start_with(dir.path(), &env);
+    for group in ["idle", "active"] {
+        let push = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
+            "mutations": [{"id": 1, "name": "increment", "args": {"key": "n", "delta": 1}, "timestamp": 1.0, "clientID": format!("{group}-client")}]});
+        assert_eq!(
+            post(&server.base, "/spaces/demo/push", push).await,
+            json!({})
+        );
+    }
+    server.stop();
+
+    let mut conn = db.connect().await;
+    sqlx::query("UPDATE replisync_client_groups SET last_active = last_active - 40 * 86400 WHERE id = 'idle'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let collected = run("gc");
+    assert!(
+        collected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&collected.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&collected.stdout);
+    assert!(
+        stdout.contains("removed 1 client groups and 1 clients"),
+        "{stdout}"
+    );
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM replisync_client_groups ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(left, ["active"]);
+    conn.close().await.unwrap();
+    db.drop_it().await;
+}
