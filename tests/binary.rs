@@ -89,7 +89,8 @@ fn refused_start_up(dir: &std::path::Path, listen: &str, env: &[(&str, &str)]) -
     };
     let stderr = reader.join().unwrap();
     match status {
-        Some(status) => assert!(!status.success(), "replisync exited 0: {stderr}"),
+        // 1 is a refusal; a panic exits 101 and a crash by signal has no code.
+        Some(status) => assert_eq!(status.code(), Some(1), "{stderr}"),
         None => panic!("replisync started (still running after 30 s): {stderr}"),
     }
     stderr
@@ -284,9 +285,10 @@ async fn shutdown_ends_at_its_deadline_even_with_a_stalled_reader() {
     }
     let status =
         exited.expect("replisync still runs 10 s after SIGTERM with a 1 s shutdown timeout");
-    assert!(
-        !status.success(),
-        "cutting a response short must show in the exit status"
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "cutting a response short must show in the exit status (1, not a crash)"
     );
     drop(stalled);
 }
@@ -592,7 +594,7 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
             .unwrap()
     };
     let refused = gc(&[("REPLISYNC_CLIENT_TTL", "0s")]);
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(1), "a refusal, not a crash");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("REPLISYNC_CLIENT_TTL"));
     let output = gc(&[]);
     assert!(
