@@ -2,7 +2,7 @@
 //! before a restart is pulled back after it (the embedded SQLite default is durable).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -131,6 +131,34 @@ async fn post(base: &str, path: &str, body: Value) -> Value {
     response.json().await.unwrap()
 }
 
+/// Runs `replisync SUBCOMMAND` in `dir` with only `env`, to its end.
+fn run_subcommand(dir: &std::path::Path, subcommand: &str, env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_replisync"))
+        .arg(subcommand)
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// The standard output of a run that must have exited 0 (its standard error otherwise).
+fn stdout_of_success(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Pushes one `increment` of `n` by `group`'s client to space `demo`, with mutation id `id`.
+async fn push_increment(base: &str, group: &str, id: u64) -> Value {
+    let push = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
+        "mutations": [{"id": id, "name": "increment", "args": {"key": "n", "delta": 1}, "timestamp": 1.0, "clientID": format!("{group}-client")}]});
+    post(base, "/spaces/demo/push", push).await
+}
+
 #[tokio::test]
 async fn data_survives_a_restart_with_no_configuration() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,19 +215,12 @@ fn half_a_pusher_configuration_stops_start_up_naming_what_is_missing() {
 #[test]
 fn migrate_applies_migrations_and_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .arg("migrate")
-        .env_clear()
-        .env("DATABASE_URL", "sqlite://ops/replisync.db")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let output = run_subcommand(
+        dir.path(),
+        "migrate",
+        &[("DATABASE_URL", "sqlite://ops/replisync.db")],
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("migrations applied"));
+    assert!(stdout_of_success(&output).contains("migrations applied"));
     assert!(dir.path().join("ops/replisync.db").exists());
 }
 
@@ -553,12 +574,7 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     for group in ["idle", "active"] {
-        let push = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
-            "mutations": [{"id": 1, "name": "increment", "args": {"key": "n", "delta": 1}, "timestamp": 1.0, "clientID": format!("{group}-client")}]});
-        assert_eq!(
-            post(&server.base, "/spaces/demo/push", push).await,
-            json!({})
-        );
+        assert_eq!(push_increment(&server.base, group, 1).await, json!({}));
     }
     let deletion = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": "other",
         "mutations": [{"id": 1, "name": "delete", "args": {"key": "gone"}, "timestamp": 1.0, "clientID": "other-client"}]});
@@ -584,25 +600,10 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
         .unwrap();
     conn.close().await.unwrap();
 
-    let gc = |env: &[(&str, &str)]| {
-        Command::new(env!("CARGO_BIN_EXE_replisync"))
-            .arg("gc")
-            .env_clear()
-            .envs(env.iter().copied())
-            .current_dir(dir.path())
-            .output()
-            .unwrap()
-    };
-    let refused = gc(&[("REPLISYNC_CLIENT_TTL", "0s")]);
+    let refused = run_subcommand(dir.path(), "gc", &[("REPLISYNC_CLIENT_TTL", "0s")]);
     assert_eq!(refused.status.code(), Some(1), "a refusal, not a crash");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("REPLISYNC_CLIENT_TTL"));
-    let output = gc(&[]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = stdout_of_success(&run_subcommand(dir.path(), "gc", &[]));
     assert!(
         stdout.contains("removed 1 client groups and 1 clients"),
         "{stdout}"
@@ -610,18 +611,11 @@ async fn the_gc_subcommand_forgets_idle_client_groups() {
     assert!(stdout.contains("and 1 deletions"), "{stdout}");
 
     let server = start(dir.path());
-    let next = |group: &str| {
-        json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
-        "mutations": [{"id": 2, "name": "increment", "args": {"key": "n", "delta": 1}, "timestamp": 2.0, "clientID": format!("{group}-client")}]})
-    };
     assert_eq!(
-        post(&server.base, "/spaces/demo/push", next("idle")).await,
+        push_increment(&server.base, "idle", 2).await,
         json!({"error": "ClientStateNotFound"})
     );
-    assert_eq!(
-        post(&server.base, "/spaces/demo/push", next("active")).await,
-        json!({})
-    );
+    assert_eq!(push_increment(&server.base, "active", 2).await, json!({}));
     let pull = json!({"pullVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": "new", "cookie": null});
     let body = post(&server.base, "/spaces/demo/pull", pull).await;
     assert_eq!(
@@ -821,36 +815,18 @@ impl PgDatabase {
 async fn migrate_and_gc_subcommands_work_on_postgres() {
     let db = PgDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let run = |subcommand: &str| {
-        Command::new(env!("CARGO_BIN_EXE_replisync"))
-            .arg(subcommand)
-            .env_clear()
-            .env("DATABASE_URL", db.url())
-            .current_dir(dir.path())
-            .output()
-            .unwrap()
-    };
-    let migrated = run("migrate");
-    assert!(
-        migrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
-    assert!(String::from_utf8_lossy(&migrated.stdout).contains("migrations applied"));
-
     let url = db.url();
+    let database = [("DATABASE_URL", url.as_str())];
+    let migrated = run_subcommand(dir.path(), "migrate", &database);
+    assert!(stdout_of_success(&migrated).contains("migrations applied"));
+
     let env = [
         ("DATABASE_URL", url.as_str()),
         ("REPLISYNC_AUTO_MIGRATE", "false"),
     ];
     let server = start_with(dir.path(), &env);
     for group in ["idle", "active"] {
-        let push = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
-            "mutations": [{"id": 1, "name": "increment", "args": {"key": "n", "delta": 1}, "timestamp": 1.0, "clientID": format!("{group}-client")}]});
-        assert_eq!(
-            post(&server.base, "/spaces/demo/push", push).await,
-            json!({})
-        );
+        assert_eq!(push_increment(&server.base, group, 1).await, json!({}));
     }
     server.stop();
 
@@ -859,13 +835,7 @@ async fn migrate_and_gc_subcommands_work_on_postgres() {
         .execute(&mut conn)
         .await
         .unwrap();
-    let collected = run("gc");
-    assert!(
-        collected.status.success(),
-        "{}",
-        String::from_utf8_lossy(&collected.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&collected.stdout);
+    let stdout = stdout_of_success(&run_subcommand(dir.path(), "gc", &database));
     assert!(
         stdout.contains("removed 1 client groups and 1 clients"),
         "{stdout}"
