@@ -22,7 +22,7 @@ use crate::http::{
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::PokeSink;
-use crate::poke::pusher::{PokerOptions, PrivateChannels, PusherConfig};
+use crate::poke::pusher::PrivateChannels;
 use crate::poke::settings::PokeSettings;
 use crate::poke::sinks::Pokes;
 use crate::poke::sse::settings::SseSettings;
@@ -34,15 +34,28 @@ use crate::store::{Store, activity_granularity};
 
 /// Opens the configured store and, when asked, applies its migrations.
 pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
-    let request = config.http.settings().map_err(anyhow::Error::msg)?;
+    let http = config.http.settings().map_err(anyhow::Error::msg)?;
     let pulls = config.pull.limits(config.store.db_max_connections);
-    let options = OpenOptions {
-        request_timeout: request.request_timeout,
+    config
+        .store
+        .open(open_options(config, &http, &pulls, migrate))
+        .await
+}
+
+/// What opening the store takes from the other features' settings: unset Postgres session
+/// bounds follow the request and pull stream timeouts.
+fn open_options(
+    config: &Config,
+    http: &HttpSettings,
+    pulls: &PullLimits,
+    migrate: bool,
+) -> OpenOptions {
+    OpenOptions {
+        request_timeout: http.request_timeout,
         stream_deadline: pulls.stream.deadline,
         activity_granularity: activity_granularity(config.gc.client_ttl),
         migrate,
-    };
-    config.store.open(options).await
+    }
 }
 
 /// A server, built once: its state, and what shutdown must stop (SSE streams, the Pusher
@@ -85,7 +98,8 @@ impl App {
             auth::settings::build(&config.auth, config.http.listen).await?;
         let pokes = PokeSettings::from_args(&config.pokes, config.auth.tokens_on())?;
         let mutators = config.js.load()?;
-        let store = open_store(config, config.store.auto_migrate).await?;
+        let open = open_options(config, &http, &pulls, config.store.auto_migrate);
+        let store = config.store.open(open).await?;
         let mut builder = App::builder()
             .gc(gc)
             .http(http)
@@ -177,13 +191,6 @@ impl AppBuilder {
     /// Every poke sink at once (Pusher, private channels, SSE), as the configuration gives them.
     pub fn pokes(mut self, pokes: PokeSettings) -> Self {
         self.pokes = pokes;
-        self
-    }
-
-    /// Pokes through Pusher: a sink whose counters go to `/metrics` and whose queue shutdown
-    /// drains.
-    pub fn pusher(mut self, config: PusherConfig, options: PokerOptions) -> Self {
-        self.pokes.pusher = Some((config, options));
         self
     }
 

@@ -13,7 +13,6 @@ use super::sse::{SsePokes, SseStats};
 use crate::protocol::SpaceId;
 
 /// Every configured sink; `space_changed` fans out to each of them.
-#[derive(Default)]
 pub struct Pokes {
     sinks: Vec<Arc<dyn PokeSink>>,
     pusher: Option<Arc<PusherPoker>>,
