@@ -92,6 +92,8 @@ pub struct Metrics {
     pub push_bytes_in_flight: Gauge,
     /// Pushes waiting for their space's transaction, to be applied in its next group.
     pub pushes_waiting: Gauge,
+    /// Incremental pulls waiting for the next read of their (space, cookie), which they share.
+    pub pulls_waiting: Gauge,
     /// Client groups removed by garbage collection (idle past REPLISYNC_CLIENT_TTL).
     pub gc_client_groups_removed: Counter,
     /// Clients removed with their groups.
@@ -346,6 +348,12 @@ impl Metrics {
             "replisync_pushes_waiting",
             "Pushes waiting for their space's transaction (applied together in its next group).",
             self.pushes_waiting.get(),
+        );
+        write_gauge(
+            &mut out,
+            "replisync_pulls_waiting",
+            "Incremental pulls waiting for the next read of their space and cookie (one read answers them all).",
+            self.pulls_waiting.get(),
         );
         write_gauge(
             &mut out,

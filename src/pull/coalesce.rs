@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Gauge, Metrics};
 use crate::protocol::SpaceId;
 use crate::store::{ClientGroupRecord, PullChanges, Store, StoreError, reconnecting};
 
@@ -129,7 +129,7 @@ impl PullCoalescer {
         let key = (space.clone(), from);
         let start_reader = {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            match waiting.entry(key.clone()) {
+            let start = match waiting.entry(key.clone()) {
                 Entry::Occupied(mut batch) => {
                     batch.get_mut().push((client_group_id.to_owned(), reply));
                     false
@@ -138,7 +138,10 @@ impl PullCoalescer {
                     slot.insert(vec![(client_group_id.to_owned(), reply)]);
                     true
                 }
-            }
+            };
+            // Counted under the lock, so the reader cannot take the pull out first.
+            self.metrics.pulls_waiting.add(1);
+            start
         };
         if start_reader {
             // A task of its own, so a client that hangs up cannot strand the others.
@@ -153,6 +156,7 @@ impl PullCoalescer {
     async fn read_batches(self: Arc<Self>, key: BatchKey) {
         let mut reader = ReaderGuard {
             waiting: &self.waiting,
+            pulls_waiting: &self.metrics.pulls_waiting,
             key: &key,
             finished: false,
         };
@@ -169,6 +173,7 @@ impl PullCoalescer {
                     return;
                 }
                 let take = queue.len().min(MAX_GROUPS_PER_READ);
+                self.metrics.pulls_waiting.sub(take as u64);
                 queue.drain(..take).collect::<Vec<_>>()
             };
             let groups: Vec<String> = batch
@@ -198,6 +203,8 @@ type Waiting = Mutex<HashMap<BatchKey, Vec<(String, Reply)>>>;
 /// waited are answered with an error as their replies drop, instead of waiting for ever.
 struct ReaderGuard<'a> {
     waiting: &'a Waiting,
+    /// The count of waiting pulls, which the orphaned ones leave.
+    pulls_waiting: &'a Gauge,
     key: &'a BatchKey,
     finished: bool,
 }
@@ -212,9 +219,11 @@ impl Drop for ReaderGuard<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(self.key);
+        let orphaned = orphaned.map_or(0, |batch| batch.len());
+        self.pulls_waiting.sub(orphaned as u64);
         tracing::error!(
             space = self.key.0.as_str(),
-            pulls = orphaned.map_or(0, |batch| batch.len()),
+            pulls = orphaned,
             "pull reader failed; its waiting pulls are answered with an error"
         );
     }
@@ -233,11 +242,14 @@ mod tests {
             .lock()
             .unwrap()
             .insert(key.clone(), vec![("g".to_owned(), reply)]);
+        let counted = Arc::new(Gauge::default());
+        counted.add(1);
         let reader = {
-            let (waiting, key) = (waiting.clone(), key.clone());
+            let (waiting, key, pulls_waiting) = (waiting.clone(), key.clone(), counted.clone());
             tokio::spawn(async move {
                 let _guard = ReaderGuard {
                     waiting: &waiting,
+                    pulls_waiting: &pulls_waiting,
                     key: &key,
                     finished: false,
                 };
@@ -245,6 +257,11 @@ mod tests {
             })
         };
         assert!(reader.await.unwrap_err().is_panic());
+        assert_eq!(
+            counted.get(),
+            0,
+            "the orphaned pull no longer counts as waiting"
+        );
         assert!(answer.await.is_err(), "the waiting pull is answered");
         assert!(waiting.lock().unwrap().is_empty(), "the key is free again");
     }
@@ -260,6 +277,7 @@ mod tests {
             .insert(key.clone(), vec![("g".to_owned(), reply)]);
         drop(ReaderGuard {
             waiting: &waiting,
+            pulls_waiting: &Gauge::default(),
             key: &key,
             finished: true,
         });

@@ -3,16 +3,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use replisync::push::settings::GroupLimits;
 use replisync::startup::App;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
 use crate::faults::{Fault, Faulty};
 use crate::group_commit::groups_of;
-use crate::harness::{Backend, PullView, StoreOptions, TestServer, inc, push_body};
+use crate::harness::{Backend, PullView, StoreOptions, TestServer, inc, push_body, wait_until};
 
 const GROUPS: usize = 12;
 const CLIENTS_PER_GROUP: usize = 2;
@@ -190,10 +190,13 @@ fn check_consistent(view: &PullView, client: &str) {
     );
 }
 
-/// Two first pushes of one new client group to two spaces at once: exactly one may own it.
+/// Two first pushes of one new client group to two spaces at once: exactly one may own it, and
+/// the other is refused having written nothing.
 async fn a_new_client_group_is_claimed_by_one_space_only(backend: Backend) {
+    const ROUNDS: u64 = 10;
     let server = Arc::new(TestServer::start(backend).await);
-    for round in 0..10 {
+    let mut won = std::collections::HashMap::from([("left", 0u64), ("right", 0u64)]);
+    for round in 0..ROUNDS {
         let group = format!("contested-{round}");
         let pushes = ["left", "right"].map(|space| {
             let (server, group) = (server.clone(), group.clone());
@@ -202,25 +205,49 @@ async fn a_new_client_group_is_claimed_by_one_space_only(backend: Backend) {
                     &group,
                     &[(&format!("{group}-{space}"), 1, "increment", inc("n", 1))],
                 );
-                server.push(space, &body).await.0
+                (space, server.push(space, &body).await)
             })
         });
-        let mut statuses = Vec::new();
+        let mut answers = Vec::new();
         for push in pushes {
-            statuses.push(push.await.unwrap());
+            answers.push(push.await.unwrap());
         }
-        statuses.sort();
-        assert_eq!(statuses, vec![200, 403], "round {round}");
+        answers.sort_by_key(|(_, (status, _))| *status);
+        let [(winner, (won_status, _)), (loser, (lost_status, refusal))] = &answers[..] else {
+            unreachable!("two pushes")
+        };
+        assert_eq!(
+            (*won_status, *lost_status),
+            (200, 403),
+            "round {round}: {answers:?}"
+        );
+        assert_eq!(refusal["error"], "Forbidden", "round {round}: {refusal}");
+        *won.get_mut(winner).unwrap() += 1;
+        // The winner's pull sees its own client; the loser's space has no trace of the group.
+        let owner = server.state(winner, &group).await;
+        assert_eq!(owner.lmid(&format!("{group}-{winner}")), 1, "round {round}");
+        assert_eq!(
+            owner.last_mutation_ids.get(&format!("{group}-{loser}")),
+            None,
+            "round {round}: the loser's client was recorded"
+        );
+    }
+    // Every increment that landed is the winner's: the losers added nothing to their space.
+    for (space, wins) in won {
+        let view = server.state(space, &format!("reader-{space}")).await;
+        let n = view.entries.get("n").and_then(Value::as_u64).unwrap_or(0);
+        assert_eq!(n, wins, "{space} won {wins} rounds but counts {n}");
     }
 }
 
-/// Delays every incremental-pull read, so that concurrent pulls pile up behind the first one.
-struct SlowPullReads;
+/// Holds every incremental-pull read until the test opens the gate, so that concurrent pulls
+/// pile up behind the first one.
+struct GatedPullReads(Arc<Semaphore>);
 
 #[async_trait]
-impl Fault for SlowPullReads {
+impl Fault for GatedPullReads {
     async fn before_pull_changes(&self) {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.acquire().await.expect("the gate opens").forget();
     }
 }
 
@@ -228,10 +255,9 @@ impl Fault for SlowPullReads {
 /// each still gets exactly its own group's lastMutationIDs.
 async fn identical_concurrent_pulls_share_reads(backend: Backend) {
     const WATCHERS: usize = 40;
-    let store = StoreOptions {
-        wrap_store: |store| Faulty::wrap(store, SlowPullReads),
-        ..StoreOptions::default()
-    };
+    let gate = Arc::new(Semaphore::new(0));
+    let reads_gate = gate.clone();
+    let store = StoreOptions::wrapped(|store| Faulty::wrap(store, GatedPullReads(reads_gate)));
     let server = Arc::new(TestServer::start_on(backend, store, App::builder()).await);
     for w in 0..WATCHERS {
         let body = push_body(
@@ -242,12 +268,28 @@ async fn identical_concurrent_pulls_share_reads(backend: Backend) {
     }
     let cookie = WATCHERS as u64 - 1; // everyone has seen all but the last push
     let reads_before = server.metrics.pull_reads.get();
-    let pulls: Vec<_> = (0..WATCHERS)
-        .map(|w| {
-            let server = server.clone();
-            tokio::spawn(async move { server.pull("storm", &format!("g{w}"), json!(cookie)).await })
-        })
-        .collect();
+    let pull = |w: usize| {
+        let server = server.clone();
+        tokio::spawn(async move { server.pull("storm", &format!("g{w}"), json!(cookie)).await })
+    };
+    // The first pull's read waits at the gate; the others queue behind it for the next read.
+    let mut pulls = vec![pull(0)];
+    let metrics = server.metrics.clone();
+    wait_until(
+        "the first pull's read",
+        || metrics.pull_reads.get(),
+        |reads| *reads > reads_before,
+    )
+    .await;
+    pulls.extend((1..WATCHERS).map(pull));
+    let queued = WATCHERS as u64 - 1;
+    wait_until(
+        "the other pulls to queue",
+        || metrics.pulls_waiting.get(),
+        |n| *n == queued,
+    )
+    .await;
+    gate.add_permits(2);
     for (w, pull) in pulls.into_iter().enumerate() {
         let (status, body) = pull.await.unwrap();
         assert_eq!(status, 200);
@@ -264,8 +306,11 @@ async fn identical_concurrent_pulls_share_reads(backend: Backend) {
         );
     }
     let reads = server.metrics.pull_reads.get() - reads_before;
-    // The first pull's read takes 300 ms; the other 39 arrive meanwhile and share the next.
-    assert!(reads <= 3, "{WATCHERS} identical pulls cost {reads} reads");
+    assert_eq!(
+        reads, 2,
+        "{WATCHERS} identical pulls: the first's read, one for the rest"
+    );
+    assert_eq!(server.metrics.pulls_waiting.get(), 0);
 }
 
 crate::on_both_stores!(

@@ -2,7 +2,7 @@
 //! of the space; activity is recorded coarsely; collecting while clients sync changes no answer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use replisync::gc::{self, GcSettings};
@@ -13,7 +13,7 @@ use replisync::store::{
 };
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, PullView, TestServer, inc, push_body};
+use crate::harness::{Backend, PullView, TestServer, inc, push_body, wait_until};
 
 const TTL: Duration = Duration::from_secs(30 * 86_400);
 const SETTINGS: GcSettings = GcSettings {
@@ -187,19 +187,11 @@ async fn activity_is_written_at_most_once_per_granularity(backend: Backend) {
         "a new group is active now"
     );
 
-    // Stale: the next pull records it (SQLite records it when the writer is free, so retry).
+    // Stale: the next pull records it (SQLite, once the writer is free).
     let stale = ACTIVITY_GRANULARITY_SECS + 60;
     set_last_active(&server, "g", stale).await;
-    let mut recorded = false;
-    for _ in 0..50 {
-        server.pull("s", "g", json!(1)).await;
-        if last_active(&server, "g").await.unwrap() > unix_now() - 60 {
-            recorded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(recorded, "a pull of a stale group records its activity");
+    assert_eq!(server.pull("s", "g", json!(1)).await.0, 200);
+    wait_for_recorded(&server, "g").await;
 
     // Within the granularity: neither pulls nor pushes write it.
     let fresh = ACTIVITY_GRANULARITY_SECS - 600;
@@ -210,6 +202,14 @@ async fn activity_is_written_at_most_once_per_granularity(backend: Backend) {
     }
     let again = push_body("g", &[("c", 2, "increment", inc("n", 1))]);
     assert_eq!(server.push("s", &again).await, (200, json!({})));
+    // SQLite records a pull's activity in a task of its own, after the pull: a pull of another,
+    // stale group is recorded by a later task on the same single writer, so once it is, a
+    // write of g's would have landed too.
+    let other = push_body("h", &[("ch", 1, "increment", inc("n", 1))]);
+    assert_eq!(server.push("s", &other).await, (200, json!({})));
+    set_last_active(&server, "h", stale).await;
+    assert_eq!(server.pull("s", "h", json!(1)).await.0, 200);
+    wait_for_recorded(&server, "h").await;
     assert_eq!(last_active(&server, "g").await, stored, "no write");
 
     // A push of a stale group records it at once, in its commit.
@@ -217,6 +217,18 @@ async fn activity_is_written_at_most_once_per_granularity(backend: Backend) {
     let third = push_body("g", &[("c", 3, "increment", inc("n", 1))]);
     assert_eq!(server.push("s", &third).await, (200, json!({})));
     assert!(last_active(&server, "g").await.unwrap() > unix_now() - 60);
+}
+
+/// Waits (20 s at most) until `group`'s last activity is recorded as now.
+async fn wait_for_recorded(server: &TestServer, group: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while last_active(server, group).await.unwrap() <= unix_now() - 60 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a pull of the stale group {group} never recorded its activity"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 const WRITERS: usize = 6;
@@ -240,29 +252,30 @@ async fn insert_idle_groups(server: &TestServer) {
 }
 
 /// Collection runs over and over (removing thousands of idle groups in batches) while active
-/// clients push and pull: every push succeeds, every pull is consistent, nothing is lost.
+/// clients push and pull: every push succeeds, every pull is consistent, nothing is lost. Each
+/// writer waits, after its first sync, until collection has removed groups: so it provably ran
+/// while every writer was in the middle of its work.
 async fn collecting_while_clients_sync_changes_no_answer(backend: Backend) {
     let server = Arc::new(TestServer::start(backend).await);
     insert_idle_groups(&server).await;
     let done = Arc::new(AtomicBool::new(false));
+    let removed = Arc::new(AtomicU64::new(0));
     let collector = {
-        let (server, done) = (server.clone(), done.clone());
+        let (server, done, removed) = (server.clone(), done.clone(), removed.clone());
         tokio::spawn(async move {
-            let mut removed = 0;
             let mut passes = 0;
             while !done.load(Ordering::Relaxed) || passes == 0 {
                 if let Some(collected) = collect_now(&server).await {
-                    removed += collected.client_groups;
+                    removed.fetch_add(collected.client_groups, Ordering::Relaxed);
                 }
                 passes += 1;
                 tokio::task::yield_now().await;
             }
-            removed
         })
     };
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let server = server.clone();
+        let (server, removed) = (server.clone(), removed.clone());
         writers.push(tokio::spawn(async move {
             let (group, client) = (format!("group-{w}"), format!("client-{w}"));
             let mut view = PullView::default();
@@ -278,6 +291,10 @@ async fn collecting_while_clients_sync_changes_no_answer(backend: Backend) {
                 assert_eq!(status, 200, "{pulled}");
                 view.apply(&pulled);
                 assert!(view.lmid(&client) >= id, "own mutation {id} pulled");
+                if id == 1 {
+                    let collected = || removed.load(Ordering::Relaxed);
+                    wait_until("a collection mid-sync", collected, |n| *n > 0).await;
+                }
             }
         }));
     }
@@ -285,7 +302,8 @@ async fn collecting_while_clients_sync_changes_no_answer(backend: Backend) {
         writer.await.expect("writer finished");
     }
     done.store(true, Ordering::Relaxed);
-    let removed = collector.await.unwrap();
+    collector.await.unwrap();
+    let removed = removed.load(Ordering::Relaxed);
     assert_eq!(removed, IDLE_GROUPS as u64, "every idle group, once");
     let total = WRITERS as u64 * PUSHES_PER_WRITER;
     assert_eq!(server.state("s", "check").await.entries["n"], json!(total));

@@ -40,16 +40,34 @@ pub(crate) struct TestServer {
 pub(crate) struct StoreOptions {
     /// Wraps the test's store, e.g. to slow it down.
     pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
+    /// Wraps the store further with what the test holds on to (see [`StoreOptions::wrapped`]).
+    pub wrap_with: Option<StoreWrapper>,
     /// Postgres: the bounds of the store's sessions.
     pub pg_limits: SessionLimits,
     /// Postgres: changes the store's connect options (before the bounds are added).
     pub pg_options: fn(PgConnectOptions) -> PgConnectOptions,
 }
 
+/// A wrapper of the test's store that captures what the test keeps (a gate, a switch).
+pub(crate) type StoreWrapper = Box<dyn FnOnce(Arc<dyn Store>) -> Arc<dyn Store> + Send>;
+
+impl StoreOptions {
+    /// The test's store wrapped by `wrap`, which may capture what the test keeps to steer it.
+    pub(crate) fn wrapped(
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store> + Send + 'static,
+    ) -> StoreOptions {
+        StoreOptions {
+            wrap_with: Some(Box::new(wrap)),
+            ..StoreOptions::default()
+        }
+    }
+}
+
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             wrap_store: |store| store,
+            wrap_with: None,
             pg_limits: SessionLimits::default(),
             pg_options: |options| options,
         }
@@ -82,7 +100,7 @@ impl TestServer {
         app: AppBuilder,
     ) -> TestServer {
         let db = TestDb::create(backend).await;
-        let instance = Instance::start(&db, &store, app).await;
+        let instance = Instance::start(&db, store, app).await;
         TestServer {
             base: instance.base,
             http: reqwest::Client::new(),
@@ -103,8 +121,12 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
-    async fn start(db: &TestDb, store: &StoreOptions, app: AppBuilder) -> Instance {
-        let store = (store.wrap_store)(db.open_store_with(store).await);
+    async fn start(db: &TestDb, mut store: StoreOptions, app: AppBuilder) -> Instance {
+        let mut opened = (store.wrap_store)(db.open_store_with(&store).await);
+        if let Some(wrap) = store.wrap_with.take() {
+            opened = wrap(opened);
+        }
+        let store = opened;
         let app = app.build(store);
         let (store, metrics) = (app.store().clone(), app.metrics().clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -540,5 +562,26 @@ impl PokeRecorder {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         true
+    }
+}
+
+/// Waits until `done()` holds, checking every 2 ms for at most 20 s; panics naming `what` and
+/// the last `state()` if it never does.
+pub(crate) async fn wait_until<S: std::fmt::Debug>(
+    what: &str,
+    mut state: impl FnMut() -> S,
+    mut done: impl FnMut(&S) -> bool,
+) -> S {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = state();
+        if done(&now) {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 20 s for {what}; last seen {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }

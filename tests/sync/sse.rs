@@ -30,6 +30,22 @@ impl EventReader {
         true
     }
 
+    /// Whether no poke came before the stream's next keep-alive comment, waited for up to
+    /// `wait`. The stream sends what is queued before it goes idle and a keep-alive comes only
+    /// when it is idle, so a poke queued before this call would come first: this proves
+    /// "nothing was sent" without a window that a late poke could slip past.
+    async fn no_poke_before_next_keep_alive(&mut self, wait: Duration) -> bool {
+        let from = self.seen.len();
+        let deadline = tokio::time::Instant::now() + wait;
+        while !self.seen[from..].contains(": keep-alive") {
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.seen.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => panic!("no keep-alive within {wait:?}: {:?}", self.seen),
+            }
+        }
+        !self.seen.contains("event: poke")
+    }
+
     fn take(&mut self) -> String {
         std::mem::take(&mut self.seen)
     }
@@ -60,7 +76,8 @@ impl EventReader {
 }
 
 async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
-    let options = App::builder().sse(crate::harness::sse_every(Duration::from_secs(15)));
+    // Frequent keep-alives: each one proves the stream had nothing queued before it.
+    let options = App::builder().sse(crate::harness::sse_every(Duration::from_millis(100)));
     let server = TestServer::start_with(backend, options).await;
     let response = server.get("/spaces/watched/poke").await;
     assert_eq!(response.status(), 200);
@@ -85,8 +102,8 @@ async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
     };
     push("other", 1).await;
     assert!(
-        !events
-            .wait_for("event: poke", Duration::from_millis(500))
+        events
+            .no_poke_before_next_keep_alive(Duration::from_secs(5))
             .await,
         "poked for a push to another space: {:?}",
         events.seen
@@ -96,16 +113,17 @@ async fn a_watcher_is_poked_for_its_space_only(backend: Backend) {
         events.wait_for("event: poke", Duration::from_secs(5)).await,
         "no poke after a push"
     );
+    assert_eq!(events.take().matches("event: poke").count(), 1);
     // A push blocked by a mutation id gap changes nothing, so it pokes nobody.
-    events.take();
     push("watched", 5).await;
     assert!(
-        !events
-            .wait_for("event: poke", Duration::from_millis(500))
+        events
+            .no_poke_before_next_keep_alive(Duration::from_secs(5))
             .await,
         "poked for a push that changed nothing: {:?}",
         events.seen
     );
+    events.take();
     // A resend of applied mutations changes nothing either, but pokes again: it follows a lost
     // answer, and the commit's own poke may have been lost with it (a process that stopped).
     push("watched", 1).await;

@@ -457,22 +457,77 @@ mod tests {
         let poker = PusherPoker::start(mock.config(), options);
         poker.space_changed(&space("s1"), Instant::now());
         mock.wait_for_requests(1).await;
-        // Right after that call, changes wait for the window and coalesce.
+        // Right after that call, changes wait for the window and coalesce. Shutdown flushes
+        // them without waiting for the window (were it to wait, it would give them up at its
+        // deadline, half the window): one call for all.
         for n in 0..20 {
             poker.space_changed(&space(&format!("s{n}")), Instant::now());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(
-            mock.requests().await.len(),
-            1,
-            "the next call waits for the window"
-        );
-        // Shutdown flushes what is pending without waiting for the window: one call for all.
         assert_eq!(poker.shutdown(PATIENCE).await, 0);
         let requests = mock.requests().await;
         assert_eq!(requests.len(), 2, "{requests:?}");
         assert_eq!(requests[1].channels.len(), 20);
         assert_all_well_formed(&requests);
+    }
+
+    #[tokio::test]
+    async fn the_call_after_a_call_waits_for_the_coalescing_window() {
+        let mock = MockPusher::start(vec![]).await;
+        let window = Duration::from_millis(300);
+        let options = PokerOptions {
+            coalesce_window: window,
+            ..fast_options()
+        };
+        let poker = PusherPoker::start(mock.config(), options);
+        // The window counts from the end of the first call, which is after this.
+        let first_asked = Instant::now();
+        poker.space_changed(&space("first"), first_asked);
+        mock.wait_for_requests(1).await;
+        for n in 0..20 {
+            poker.space_changed(&space(&format!("s{n}")), Instant::now());
+        }
+        let second_seen = mock.wait_for_requests(2).await;
+        let apart = second_seen.duration_since(first_asked);
+        assert!(
+            apart >= window,
+            "the second call came {apart:?} after the first, inside the {window:?} window"
+        );
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+        let requests = mock.requests().await;
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert_eq!(requests[1].channels.len(), 20, "one call for the window");
+        assert_all_well_formed(&requests);
+    }
+
+    #[tokio::test]
+    async fn a_poker_dropped_without_shutdown_still_delivers_what_is_pending() {
+        let mock = MockPusher::start(vec![reply(200).set_delay(Duration::from_millis(100))]).await;
+        let poker = PusherPoker::start(mock.config(), fast_options());
+        poker.space_changed(&space("in-flight"), Instant::now());
+        mock.wait_for_requests(1).await;
+        poker.space_changed(&space("pending"), Instant::now());
+        let shared = Arc::clone(&poker.shared);
+        drop(poker);
+        assert!(
+            !shared.queue().is_accepting(),
+            "a dropped poker accepts no more changes"
+        );
+        mock.wait_for_requests(2).await;
+        let requests = mock.requests().await;
+        let channels: Vec<Vec<String>> = requests.iter().map(|r| r.channels.clone()).collect();
+        assert_eq!(channels, [vec!["space-in-flight"], vec!["space-pending"]]);
+        assert_all_well_formed(&requests);
+        let delivered = tokio::time::timeout(PATIENCE, async {
+            while shared.counters.snapshot().spaces_poked < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            delivered.is_ok(),
+            "the worker did not count both calls: {:?}",
+            shared.counters.snapshot()
+        );
     }
 
     #[tokio::test]
@@ -575,9 +630,9 @@ mod tests {
         })
         .await;
         assert!(given_up.is_ok(), "the rejected poke was never given up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(mock.requests().await.len(), 1, "a 401 must not be retried");
 
+        // The worker sends one batch at a time, retries included: a retry of a's call would
+        // come before b's, so two calls, the second b's, prove a's was not retried.
         poker.space_changed(&space("b"), Instant::now());
         assert_eq!(poker.shutdown(PATIENCE).await, 0);
         let requests = mock.requests().await;
@@ -655,8 +710,8 @@ mod tests {
         assert_eq!(counts.len(), 150);
         assert!(counts.values().all(|&count| count == 1));
 
+        // The worker has ended (shutdown awaited it): a poke now is refused and counted.
         poker.space_changed(&space("late"), Instant::now());
-        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(mock.requests().await.len(), 2, "no poke after shutdown");
         let stats = poker.stats();
         assert_eq!((stats.spaces_poked, stats.dropped_spaces), (150, 1));
