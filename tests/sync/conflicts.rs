@@ -121,6 +121,32 @@ async fn postgres_a_push_whose_new_group_was_created_concurrently_applies_to_it(
     wait_for_none_waiting(&server).await;
 }
 
+/// "A client group was created concurrently" by another user: the retry finds the group is not
+/// the pusher's and refuses the push 403, writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_push_whose_new_group_another_user_created_concurrently_is_forbidden() {
+    let server = server_with_commit_hooks().await;
+    let space = unique_space("taken");
+    let create = format!(
+        "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+         VALUES ('g', '{space}', 'someone-else', {})",
+        unix_now()
+    );
+    let (status, body) = push_racing(&server, &space, create, &increment("g", "c", 1)).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("Forbidden")),
+        "{body}"
+    );
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    let group = format!("g@{space}/someone-else");
+    assert_eq!(
+        server.db.fingerprint().await,
+        rows(&[], &[&group], &[], &[])
+    );
+    wait_for_none_waiting(&server).await;
+}
+
 /// "A new client group is one garbage collection removed": the retry reads it as collected and
 /// answers ClientStateNotFound, writing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

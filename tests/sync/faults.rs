@@ -40,12 +40,6 @@ pub(crate) trait Fault: Send + Sync + 'static {
         None
     }
 
-    /// An error to answer a commit that succeeded with (its acknowledgement lost on the way);
-    /// `None` answers it.
-    fn lose_answer(&self) -> Option<StoreError> {
-        None
-    }
-
     /// An error to fail `op` with (`Op::CommitAnswer`: after the commit ran); `None` runs it.
     fn fail(&self, _op: Op) -> Option<StoreError> {
         None
@@ -232,13 +226,7 @@ impl<F: Fault> PushTx for FaultyTx<F> {
         self.fault.before_commit(&self.space).await;
         let fault = self.fault.clone();
         self.inner.commit(changes).await?;
-        if let Some(error) = fault.fail(Op::CommitAnswer) {
-            return Err(error);
-        }
-        match fault.lose_answer() {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        fault.fail(Op::CommitAnswer).map_or(Ok(()), Err)
     }
 }
 

@@ -13,7 +13,7 @@ use replisync::store::{PushChanges, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::faults::{Fault, Faulty};
+use crate::faults::{FailTimes, Fault, Faulty, Op};
 use crate::harness::{Backend, PokeRecorder, StoreOptions, TestServer, inc, push_body};
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
@@ -729,22 +729,16 @@ async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
     wait_for_none_waiting(&server).await;
 }
 
-/// Commits, then answers as if the connection died before the answer arrived.
-struct LostAnswers(std::sync::atomic::AtomicBool);
-
-impl Fault for LostAnswers {
-    fn lose_answer(&self) -> Option<StoreError> {
-        let first = !self.0.swap(true, std::sync::atomic::Ordering::SeqCst);
-        first.then(|| StoreError::Disconnected("the answer to the commit was lost".into()))
-    }
-}
-
 /// A commit whose acknowledgement was lost is run again, finds its mutations applied, and still
 /// pokes; so does a client's resend of the same push.
 async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
     let pokes = Arc::new(PokeRecorder::default());
     let store = StoreOptions {
-        wrap_store: |store| Faulty::wrap(store, LostAnswers(Default::default())),
+        wrap_store: |store| {
+            // Commits, then answers as if the connection died before the answer arrived.
+            let lost = StoreError::Disconnected("the answer to the commit was lost".into());
+            Faulty::wrap(store, FailTimes::new(Op::CommitAnswer, 1, lost))
+        },
         ..StoreOptions::default()
     };
     let app = App::builder().poke_sink(pokes.clone());
@@ -752,9 +746,12 @@ async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
     let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
     assert_eq!(server.push("s", &body).await, (200, json!({})));
     assert_eq!(server.state("s", "g").await.lmid("c"), 1, "committed once");
-    assert!(
-        pokes.count("s") >= 1,
-        "the commit whose answer was lost was poked"
+    // Both pokes are made before the push is answered: the commit's, and its rerun's (which
+    // found the push applied, a replay).
+    assert_eq!(
+        pokes.count("s"),
+        2,
+        "the commit whose answer was lost was poked, then its rerun"
     );
 
     let before = pokes.count("s");
