@@ -13,7 +13,7 @@ use replisync::store::{RECONNECT_ATTEMPTS, Store, StoreError, unix_now};
 use serde_json::{Value, json};
 
 use crate::faults::{
-    CommitHooks, FailTimes, Faulty, Op, before_next_commit, commit_hook_waiting, unique_space,
+    CommitHooks, FailTimes, Faulty, Op, before_next_commit, hooked_commit, unique_space,
 };
 use crate::group_commit::{Gate, options_with, wait_for_none_waiting};
 use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body};
@@ -37,8 +37,15 @@ async fn server_with_commit_hooks() -> TestServer {
 }
 
 /// Pushes `body` to `space` while `sql` runs on a connection of its own between the push's read
-/// and its commit (a concurrent writer: another instance, or garbage collection).
-async fn push_racing(server: &TestServer, space: &str, sql: String, body: &Value) -> (u16, Value) {
+/// and its commit (a concurrent writer: another instance, or garbage collection); asserts that
+/// the database refused that commit for `cause` (the check of the commit function that fired).
+async fn push_racing(
+    server: &TestServer,
+    space: &str,
+    sql: String,
+    body: &Value,
+    cause: &str,
+) -> (u16, Value) {
     let mut conn = server.db.pg().await;
     before_next_commit(space, async move {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
@@ -47,8 +54,17 @@ async fn push_racing(server: &TestServer, space: &str, sql: String, body: &Value
             .expect("the concurrent change is made");
     });
     let answer = server.push(space, body).await;
-    assert!(!commit_hook_waiting(space), "the push reached its commit");
+    assert_refused_for(space, cause);
     answer
+}
+
+/// Asserts that the commit the hook of `space` ran before met a conflict for `cause`.
+fn assert_refused_for(space: &str, cause: &str) {
+    let committed = hooked_commit(space);
+    assert!(
+        matches!(&committed, Err(StoreError::Conflict(message)) if message.contains(cause)),
+        "expected a conflict for {cause:?}: {committed:?}"
+    );
 }
 
 /// The rows of `sql` (one text column), on the test's Postgres schema.
@@ -78,7 +94,14 @@ async fn postgres_a_push_whose_space_moved_after_its_read_applies_under_the_lock
         applied()
     );
     let bump = format!("UPDATE replisync_spaces SET version = version + 1 WHERE id = '{space}'");
-    let answer = push_racing(&server, &space, bump, &increment("g", "c", 2)).await;
+    let answer = push_racing(
+        &server,
+        &space,
+        bump,
+        &increment("g", "c", 2),
+        "the space changed after the push read it",
+    )
+    .await;
     assert_eq!(answer, applied());
     assert_eq!(server.metrics.push_conflicts.get(), 1);
     let group = format!("g@{space}/anonymous");
@@ -107,7 +130,14 @@ async fn postgres_a_push_whose_new_group_was_created_concurrently_applies_to_it(
          VALUES ('g', '{space}', 'anonymous', {})",
         unix_now()
     );
-    let answer = push_racing(&server, &space, create, &increment("g", "c", 1)).await;
+    let answer = push_racing(
+        &server,
+        &space,
+        create,
+        &increment("g", "c", 1),
+        "a client group was created concurrently",
+    )
+    .await;
     assert_eq!(answer, applied());
     assert_eq!(server.metrics.push_conflicts.get(), 1);
     let group = format!("g@{space}/anonymous");
@@ -132,7 +162,14 @@ async fn postgres_a_push_whose_new_group_another_user_created_concurrently_is_fo
          VALUES ('g', '{space}', 'someone-else', {})",
         unix_now()
     );
-    let (status, body) = push_racing(&server, &space, create, &increment("g", "c", 1)).await;
+    let (status, body) = push_racing(
+        &server,
+        &space,
+        create,
+        &increment("g", "c", 1),
+        "a client group was created concurrently",
+    )
+    .await;
     assert_eq!(
         (status, &body["error"]),
         (403, &json!("Forbidden")),
@@ -157,7 +194,14 @@ async fn postgres_a_new_group_collected_before_its_commit_is_client_state_not_fo
         "INSERT INTO replisync_collected_client_groups (id, collected_at) VALUES ('g', {})",
         unix_now()
     );
-    let answer = push_racing(&server, &space, forget, &increment("g", "c", 1)).await;
+    let answer = push_racing(
+        &server,
+        &space,
+        forget,
+        &increment("g", "c", 1),
+        "a new client group is one garbage collection removed",
+    )
+    .await;
     assert_eq!(answer, (200, json!({"error": "ClientStateNotFound"})));
     assert_eq!(server.metrics.push_conflicts.get(), 1);
     assert_eq!(server.db.fingerprint().await, rows(&[], &[], &[], &[]));
@@ -177,7 +221,14 @@ async fn postgres_a_client_claimed_by_another_group_before_the_commit_is_forbidd
          VALUES ('c', 'other', 1, 0)",
         unix_now()
     );
-    let (status, body) = push_racing(&server, &space, claim, &increment("g", "c", 1)).await;
+    let (status, body) = push_racing(
+        &server,
+        &space,
+        claim,
+        &increment("g", "c", 1),
+        "a client id was claimed by another client group",
+    )
+    .await;
     assert_eq!(
         (status, &body["error"]),
         (403, &json!("Forbidden")),
@@ -223,7 +274,7 @@ async fn postgres_a_stale_group_collected_before_the_commit_is_client_state_not_
         assert!(matches!(groups, Ok(Some(1))), "{groups:?}");
     });
     let answer = server.push(&space, &increment("g", "c", 2)).await;
-    assert!(!commit_hook_waiting(&space), "the push reached its commit");
+    assert_refused_for(&space, "a client group was collected concurrently");
     assert_eq!(answer, (200, json!({"error": "ClientStateNotFound"})));
     assert_eq!(server.metrics.push_conflicts.get(), 1);
     let expected = rows(

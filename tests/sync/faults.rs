@@ -48,6 +48,9 @@ pub(crate) trait Fault: Send + Sync + 'static {
     /// Runs just before a push group's commit of `space` reaches the database (after
     /// [`Fault::fail`] let it through).
     async fn before_commit(&self, _space: &SpaceId) {}
+
+    /// Sees what the database answered a push group's commit of `space`.
+    fn after_commit(&self, _space: &SpaceId, _committed: &Result<(), StoreError>) {}
 }
 
 /// Fails `op` with `error` `times` times, after letting the first `after` calls of it through;
@@ -110,22 +113,44 @@ impl<A: Fault, B: Fault> Fault for (A, B) {
 /// A change a test makes to the database just before a commit reaches it.
 pub(crate) type CommitHook = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The hooks waiting for the next commit of their space. Keyed by space because the harness
-/// builds a store's fault before the test has a server (`StoreOptions::wrap_store` is a plain
-/// `fn`): a test reaches its fault through the space it pushes to, unique to the test.
-static COMMIT_HOOKS: LazyLock<Mutex<HashMap<String, CommitHook>>> = LazyLock::new(Mutex::default);
+/// Where a space's hook is: set, running (its commit under way), or done with its commit's
+/// result.
+enum Hooked {
+    Waiting(CommitHook),
+    Running,
+    Done(Result<(), StoreError>),
+}
 
-/// Runs each hook a test set with [`before_next_commit`]. The hook makes a real change through
-/// its own database connection between the push's read and its commit, a window no client can
-/// hit on demand; the database then judges the commit as it would any concurrent writer's.
+/// The hook of each space a test set one for. Keyed by space because the harness builds a
+/// store's fault before the test has a server (`StoreOptions::wrap_store` is a plain `fn`): a
+/// test reaches its fault through the space it pushes to, unique to the test.
+static COMMIT_HOOKS: LazyLock<Mutex<HashMap<String, Hooked>>> = LazyLock::new(Mutex::default);
+
+/// Runs each hook a test set with [`before_next_commit`], and keeps the result of the commit
+/// it ran before. The hook makes a real change through its own database connection between
+/// the push's read and its commit, a window no client can hit on demand; the database then
+/// judges the commit as it would any concurrent writer's.
 pub(crate) struct CommitHooks;
 
 #[async_trait]
 impl Fault for CommitHooks {
     async fn before_commit(&self, space: &SpaceId) {
-        let hook = COMMIT_HOOKS.lock().unwrap().remove(space.as_str());
-        if let Some(hook) = hook {
+        let hook = {
+            let mut hooks = COMMIT_HOOKS.lock().unwrap();
+            match hooks.get_mut(space.as_str()) {
+                Some(state @ Hooked::Waiting(_)) => std::mem::replace(state, Hooked::Running),
+                _ => return,
+            }
+        };
+        if let Hooked::Waiting(hook) = hook {
             hook.await;
+        }
+    }
+
+    fn after_commit(&self, space: &SpaceId, committed: &Result<(), StoreError>) {
+        let mut hooks = COMMIT_HOOKS.lock().unwrap();
+        if let Some(state @ Hooked::Running) = hooks.get_mut(space.as_str()) {
+            *state = Hooked::Done(committed.clone());
         }
     }
 }
@@ -136,13 +161,19 @@ pub(crate) fn before_next_commit(space: &str, hook: impl Future<Output = ()> + S
     let previous = COMMIT_HOOKS
         .lock()
         .unwrap()
-        .insert(space.to_owned(), Box::pin(hook));
+        .insert(space.to_owned(), Hooked::Waiting(Box::pin(hook)));
     assert!(previous.is_none(), "one hook at a time for {space}");
 }
 
-/// Whether the hook set for `space` has not run yet.
-pub(crate) fn commit_hook_waiting(space: &str) -> bool {
-    COMMIT_HOOKS.lock().unwrap().contains_key(space)
+/// What the database answered the commit the hook of `space` ran before; panics unless that
+/// commit is done.
+pub(crate) fn hooked_commit(space: &str) -> Result<(), StoreError> {
+    match COMMIT_HOOKS.lock().unwrap().remove(space) {
+        Some(Hooked::Done(committed)) => committed,
+        Some(Hooked::Waiting(_)) => panic!("no commit of {space} ran its hook"),
+        Some(Hooked::Running) => panic!("the hooked commit of {space} is not done"),
+        None => panic!("no hook was set for {space}"),
+    }
 }
 
 /// A space id no other test of this process uses: `name` and a number.
@@ -224,8 +255,10 @@ impl<F: Fault> PushTx for FaultyTx<F> {
         }
         self.check(Op::Commit)?;
         self.fault.before_commit(&self.space).await;
-        let fault = self.fault.clone();
-        self.inner.commit(changes).await?;
+        let (fault, space) = (self.fault.clone(), self.space.clone());
+        let committed = self.inner.commit(changes).await;
+        fault.after_commit(&space, &committed);
+        committed?;
         fault.fail(Op::CommitAnswer).map_or(Ok(()), Err)
     }
 }
