@@ -1,14 +1,33 @@
-//! A store that forwards everything to the real one, with one fault a test asks for: a test
-//! double for what a real database cannot be made to do on demand (slow reads, a refused commit,
-//! a commit whose answer is lost).
+//! A store that forwards everything to the real one, with the faults a test asks for: a test
+//! double for what a real database cannot be made to do on demand (slow reads, an operation that
+//! fails N times with a chosen error, a commit whose answer is lost, a change made just before a
+//! commit).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
 use replisync::store::{
     ClientState, GcBatches, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError,
 };
+
+/// A push-side store operation a fault can fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    BeginPush,
+    BeginLockedPush,
+    ClientState,
+    Entry,
+    ScanEntries,
+    /// The commit, failed before it reaches the database (nothing written).
+    Commit,
+    /// The commit's answer, failed after the commit succeeded (its acknowledgement lost).
+    CommitAnswer,
+}
 
 /// What a test changes in the store it wraps; by default, nothing.
 #[async_trait]
@@ -21,11 +40,146 @@ pub(crate) trait Fault: Send + Sync + 'static {
         None
     }
 
-    /// An error to answer a commit that succeeded with (its acknowledgement lost on the way);
-    /// `None` answers it.
-    fn lose_answer(&self) -> Option<StoreError> {
+    /// An error to fail `op` with (`Op::CommitAnswer`: after the commit ran); `None` runs it.
+    fn fail(&self, _op: Op) -> Option<StoreError> {
         None
     }
+
+    /// Runs just before a push group's commit of `space` reaches the database (after
+    /// [`Fault::fail`] let it through).
+    async fn before_commit(&self, _space: &SpaceId) {}
+
+    /// Sees what the database answered a push group's commit of `space`.
+    fn after_commit(&self, _space: &SpaceId, _committed: &Result<(), StoreError>) {}
+}
+
+/// Fails `op` with `error` `times` times, after letting the first `after` calls of it through;
+/// then runs it. Neither store can be made to fail one chosen operation on demand (SQLite has
+/// no connection to kill; killing Postgres sessions fails whatever runs next, not a chosen step).
+pub(crate) struct FailTimes {
+    op: Op,
+    after: AtomicU32,
+    left: AtomicU32,
+    error: StoreError,
+}
+
+impl FailTimes {
+    pub(crate) fn new(op: Op, times: u32, error: StoreError) -> FailTimes {
+        FailTimes {
+            op,
+            after: AtomicU32::new(0),
+            left: AtomicU32::new(times),
+            error,
+        }
+    }
+
+    /// Fails `op` every time it runs.
+    pub(crate) fn always(op: Op, error: StoreError) -> FailTimes {
+        FailTimes::new(op, u32::MAX, error)
+    }
+
+    /// Lets the first `calls` of `op` through before failing it.
+    pub(crate) fn after(self, calls: u32) -> FailTimes {
+        self.after.store(calls, Ordering::SeqCst);
+        self
+    }
+}
+
+/// Takes one from `counter` unless it is 0; whether it did.
+fn take_one(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+#[async_trait]
+impl Fault for FailTimes {
+    fn fail(&self, op: Op) -> Option<StoreError> {
+        if op != self.op || take_one(&self.after) {
+            return None;
+        }
+        take_one(&self.left).then(|| self.error.clone())
+    }
+}
+
+/// Two faults at once: `fail` asks the first, then the second.
+#[async_trait]
+impl<A: Fault, B: Fault> Fault for (A, B) {
+    fn fail(&self, op: Op) -> Option<StoreError> {
+        self.0.fail(op).or_else(|| self.1.fail(op))
+    }
+}
+
+/// A change a test makes to the database just before a commit reaches it.
+pub(crate) type CommitHook = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where a space's hook is: set, running (its commit under way), or done with its commit's
+/// result.
+enum Hooked {
+    Waiting(CommitHook),
+    Running,
+    Done(Result<(), StoreError>),
+}
+
+/// The hook of each space a test set one for. Keyed by space because the harness builds a
+/// store's fault before the test has a server (`StoreOptions::wrap_store` is a plain `fn`): a
+/// test reaches its fault through the space it pushes to, unique to the test.
+static COMMIT_HOOKS: LazyLock<Mutex<HashMap<String, Hooked>>> = LazyLock::new(Mutex::default);
+
+/// Runs each hook a test set with [`before_next_commit`], and keeps the result of the commit
+/// it ran before. The hook makes a real change through its own database connection between
+/// the push's read and its commit, a window no client can hit on demand; the database then
+/// judges the commit as it would any concurrent writer's.
+pub(crate) struct CommitHooks;
+
+#[async_trait]
+impl Fault for CommitHooks {
+    async fn before_commit(&self, space: &SpaceId) {
+        let hook = {
+            let mut hooks = COMMIT_HOOKS.lock().unwrap();
+            match hooks.get_mut(space.as_str()) {
+                Some(state @ Hooked::Waiting(_)) => std::mem::replace(state, Hooked::Running),
+                _ => return,
+            }
+        };
+        if let Hooked::Waiting(hook) = hook {
+            hook.await;
+        }
+    }
+
+    fn after_commit(&self, space: &SpaceId, committed: &Result<(), StoreError>) {
+        let mut hooks = COMMIT_HOOKS.lock().unwrap();
+        if let Some(state @ Hooked::Running) = hooks.get_mut(space.as_str()) {
+            *state = Hooked::Done(committed.clone());
+        }
+    }
+}
+
+/// Runs `hook` just before the next commit of `space` (in a store wrapped with
+/// [`CommitHooks`]), once.
+pub(crate) fn before_next_commit(space: &str, hook: impl Future<Output = ()> + Send + 'static) {
+    let previous = COMMIT_HOOKS
+        .lock()
+        .unwrap()
+        .insert(space.to_owned(), Hooked::Waiting(Box::pin(hook)));
+    assert!(previous.is_none(), "one hook at a time for {space}");
+}
+
+/// What the database answered the commit the hook of `space` ran before; panics unless that
+/// commit is done.
+pub(crate) fn hooked_commit(space: &str) -> Result<(), StoreError> {
+    match COMMIT_HOOKS.lock().unwrap().remove(space) {
+        Some(Hooked::Done(committed)) => committed,
+        Some(Hooked::Waiting(_)) => panic!("no commit of {space} ran its hook"),
+        Some(Hooked::Running) => panic!("the hooked commit of {space} is not done"),
+        None => panic!("no hook was set for {space}"),
+    }
+}
+
+/// A space id no other test of this process uses: `name` and a number.
+pub(crate) fn unique_space(name: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{name}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// `inner` with `fault` applied.
@@ -45,17 +199,31 @@ impl<F: Fault> Faulty<F> {
 
 impl<F: Fault> Faulty<F> {
     /// `inner` with this store's fault applied.
-    fn faulty(&self, inner: Box<dyn PushTx>) -> Box<dyn PushTx> {
+    fn faulty(&self, inner: Box<dyn PushTx>, space: &SpaceId) -> Box<dyn PushTx> {
         Box::new(FaultyTx {
             inner,
             fault: self.fault.clone(),
+            space: space.clone(),
         })
+    }
+
+    /// Fails `op` if the fault says so.
+    fn check(&self, op: Op) -> Result<(), StoreError> {
+        self.fault.fail(op).map_or(Ok(()), Err)
     }
 }
 
 struct FaultyTx<F> {
     inner: Box<dyn PushTx>,
     fault: Arc<F>,
+    space: SpaceId,
+}
+
+impl<F: Fault> FaultyTx<F> {
+    /// Fails `op` if the fault says so.
+    fn check(&self, op: Op) -> Result<(), StoreError> {
+        self.fault.fail(op).map_or(Ok(()), Err)
+    }
 }
 
 #[async_trait]
@@ -65,9 +233,11 @@ impl<F: Fault> PushTx for FaultyTx<F> {
         groups: &[String],
         clients: &[String],
     ) -> Result<ClientState, StoreError> {
+        self.check(Op::ClientState)?;
         self.inner.client_state(groups, clients).await
     }
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        self.check(Op::Entry)?;
         self.inner.entry(key).await
     }
     async fn scan_entries(
@@ -76,17 +246,20 @@ impl<F: Fault> PushTx for FaultyTx<F> {
         exclusive: bool,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
+        self.check(Op::ScanEntries)?;
         self.inner.scan_entries(start, exclusive, limit).await
     }
     async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
         if let Some(error) = self.fault.refuse_commit(&changes) {
             return Err(error);
         }
-        self.inner.commit(changes).await?;
-        match self.fault.lose_answer() {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        self.check(Op::Commit)?;
+        self.fault.before_commit(&self.space).await;
+        let (fault, space) = (self.fault.clone(), self.space.clone());
+        let committed = self.inner.commit(changes).await;
+        fault.after_commit(&space, &committed);
+        committed?;
+        fault.fail(Op::CommitAnswer).map_or(Ok(()), Err)
     }
 }
 
@@ -96,10 +269,12 @@ impl<F: Fault> Store for Faulty<F> {
         self.inner.kind()
     }
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
-        Ok(self.faulty(self.inner.begin_push(space).await?))
+        self.check(Op::BeginPush)?;
+        Ok(self.faulty(self.inner.begin_push(space).await?, space))
     }
     async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
-        Ok(self.faulty(self.inner.begin_locked_push(space).await?))
+        self.check(Op::BeginLockedPush)?;
+        Ok(self.faulty(self.inner.begin_locked_push(space).await?, space))
     }
     async fn streamed_pull(
         &self,

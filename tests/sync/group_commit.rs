@@ -13,14 +13,14 @@ use replisync::store::{PushChanges, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::faults::{Fault, Faulty};
+use crate::faults::{FailTimes, Fault, Faulty, Op};
 use crate::harness::{Backend, PokeRecorder, StoreOptions, TestServer, inc, push_body};
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
 #[derive(Clone)]
-struct Gate {
+pub(crate) struct Gate {
     entered: Arc<Semaphore>,
-    open: Arc<Semaphore>,
+    pub(crate) open: Arc<Semaphore>,
     /// Panics once opened (a mutator bug), instead of returning.
     panics: bool,
 }
@@ -50,11 +50,15 @@ impl Mutator for Gate {
 
 impl Gate {
     /// Starts a push to `space` that holds the space's transaction, and returns once it does.
-    async fn hold(&self, server: &Arc<TestServer>, space: &str) -> tokio::task::JoinHandle<u16> {
+    pub(crate) async fn hold(
+        &self,
+        server: &Arc<TestServer>,
+        space: &str,
+    ) -> tokio::task::JoinHandle<(u16, Value)> {
         let (server, space) = (server.clone(), space.to_owned());
         let held = tokio::spawn(async move {
             let body = push_body("gate", &[("gate", 1, "gate", json!({}))]);
-            server.push(&space, &body).await.0
+            server.push(&space, &body).await
         });
         self.entered.acquire().await.unwrap().forget();
         held
@@ -62,7 +66,7 @@ impl Gate {
 
     /// Sends `bodies` to `space` one after another, each once the one before waits behind the
     /// gate: they queue in this order.
-    async fn queue(
+    pub(crate) async fn queue(
         &self,
         server: &Arc<TestServer>,
         space: &str,
@@ -77,7 +81,7 @@ impl Gate {
     }
 
     /// Opens the gate once `count` pushes wait behind it: they make the next group.
-    async fn open_when_waiting(&self, server: &TestServer, count: u64) {
+    pub(crate) async fn open_when_waiting(&self, server: &TestServer, count: u64) {
         wait_for_waiting(server, count).await;
         self.open.add_permits(1);
     }
@@ -97,7 +101,7 @@ async fn wait_for_waiting(server: &TestServer, count: u64) {
 }
 
 /// Waits until no push waits for its space's transaction: every group took its pushes.
-async fn wait_for_none_waiting(server: &TestServer) {
+pub(crate) async fn wait_for_none_waiting(server: &TestServer) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.metrics.pushes_waiting.get() != 0 {
         assert!(
@@ -109,7 +113,7 @@ async fn wait_for_none_waiting(server: &TestServer) {
     }
 }
 
-fn options_with(gate: &Gate, push: PushLimits) -> AppBuilder {
+pub(crate) fn options_with(gate: &Gate, push: PushLimits) -> AppBuilder {
     App::builder().mutators(gated(gate)).push(push)
 }
 
@@ -149,7 +153,7 @@ async fn pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own(backe
     let server = Arc::new(TestServer::start_with(backend, options_with(&gate, limits)).await);
     // A client group of another space: using it here is refused 403.
     let other = push_body("elsewhere", &[("e", 1, "increment", inc("n", 1))]);
-    assert_eq!(server.push("other-space", &other).await.0, 200);
+    assert_eq!(server.push("other-space", &other).await, (200, json!({})));
 
     let held = gate.hold(&server, "s").await;
     let groups_before = server.metrics.push_groups.get();
@@ -199,9 +203,14 @@ async fn pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own(backe
             json!({"key": "h", "value": "x".repeat(8192)}),
         )],
     );
-    assert_eq!(server.push("s", &huge).await.0, 413);
+    let (status, body) = server.push("s", &huge).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (413, &json!("PayloadTooLarge")),
+        "{body}"
+    );
     gate.open_when_waiting(&server, sent.len() as u64).await;
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
 
     let mut answers = Vec::new();
     for push in sent {
@@ -250,6 +259,7 @@ async fn pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own(backe
         assert!(!refused.last_mutation_ids.contains_key(client));
     }
     assert!(!a.entries.contains_key("h"));
+    wait_for_none_waiting(&server).await;
 }
 
 async fn the_same_push_many_times_in_one_group_applies_once(backend: Backend) {
@@ -269,7 +279,7 @@ async fn the_same_push_many_times_in_one_group_applies_once(backend: Backend) {
         .map(|_| send(&server, "s", body.clone()))
         .collect();
     gate.open_when_waiting(&server, COPIES).await;
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
     for push in sent {
         assert_eq!(push.await.unwrap(), (200, json!({})));
     }
@@ -283,6 +293,7 @@ async fn the_same_push_many_times_in_one_group_applies_once(backend: Backend) {
     assert_eq!(state.lmid("c"), 2);
     assert_eq!(state.entries["n"], json!(2), "each mutation once");
     assert_eq!(state.cookie, 2, "the gate's push and the first copy");
+    wait_for_none_waiting(&server).await;
 }
 
 async fn sixty_four_clients_on_one_space_land_exact_totals(backend: Backend) {
@@ -328,6 +339,7 @@ async fn sixty_four_clients_on_one_space_land_exact_totals(backend: Backend) {
         "64 concurrent clients never shared a transaction"
     );
     assert!(server.metrics.push_groups.get() < CLIENTS * PUSHES);
+    wait_for_none_waiting(&server).await;
 }
 
 /// Fails the commit of any push group that writes the key `poison`: a database error that one
@@ -363,12 +375,17 @@ async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
     ];
     let sent = gate.queue(&server, "s", bodies).await;
     gate.open_when_waiting(&server, 3).await;
-    assert_eq!(held.await.unwrap(), 200);
-    let mut statuses = Vec::new();
+    assert_eq!(held.await.unwrap(), (200, json!({})));
+    let mut answers = Vec::new();
     for push in sent {
-        statuses.push(push.await.unwrap().0);
+        answers.push(push.await.unwrap());
     }
-    assert_eq!(statuses, [200, 500, 200]);
+    let refused = json!({"error": "Internal",
+                         "message": "internal error; the request changed nothing, retry later"});
+    assert_eq!(
+        answers,
+        [(200, json!({})), (500, refused), (200, json!({}))]
+    );
     let state = server.state("s", "g1").await;
     assert_eq!(state.lmid("c1"), 1);
     assert_eq!(state.entries.get("first"), Some(&json!(1)));
@@ -379,6 +396,7 @@ async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
         0,
         "the poisoned push wrote nothing"
     );
+    wait_for_none_waiting(&server).await;
 }
 
 /// A group stops taking pushes at its size limit: the rest wait for the next group.
@@ -398,7 +416,7 @@ async fn a_group_takes_at_most_its_size_limit(backend: Backend) {
         })
         .collect();
     gate.open_when_waiting(&server, 10).await;
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
     for push in sent {
         assert_eq!(push.await.unwrap(), (200, json!({})));
     }
@@ -409,6 +427,7 @@ async fn a_group_takes_at_most_its_size_limit(backend: Backend) {
         server.metrics.push_conflicts.get()
     );
     assert_eq!(server.state("s", "g0").await.entries["n"], json!(10));
+    wait_for_none_waiting(&server).await;
 }
 
 /// The push applied by its own request's task (its space was idle) dies with that task; the
@@ -432,7 +451,7 @@ async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backe
     // Its connection closes without an answer (the test client's request fails).
     let dead = held.await;
     assert!(
-        dead.as_ref().map_or(true, |status| *status != 200),
+        dead.as_ref().map_or(true, |(status, _)| *status != 200),
         "{dead:?}"
     );
     for push in queued {
@@ -444,6 +463,7 @@ async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backe
     let state = server.state("s", "g").await;
     assert_eq!(state.entries["n"], json!(1));
     assert!(server.state("s", "gate").await.last_mutation_ids.is_empty());
+    wait_for_none_waiting(&server).await;
 }
 
 /// Appends its arguments to the list under the key `order`.
@@ -482,7 +502,7 @@ async fn pushes_that_wait_together_commit_in_arrival_order(backend: Backend) {
         .collect();
     let sent = gate.queue(&server, "s", bodies).await;
     gate.open.add_permits(1);
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
     for push in sent {
         assert_eq!(push.await.unwrap(), (200, json!({})));
     }
@@ -508,6 +528,66 @@ async fn pushes_that_wait_together_commit_in_arrival_order(backend: Backend) {
         marks.sort_unstable();
         let expected: Vec<String> = (n..=PUSHES).map(|k| format!("k{k}")).collect();
         assert_eq!(marks, expected, "pulled from version {n}");
+    }
+    wait_for_none_waiting(&server).await;
+}
+
+/// A group that reaches its age limit leaves the pushes it has not started: they go back to the
+/// head of the space's queue in arrival order, ahead of a push that arrived while the group
+/// ran, and each is answered and applied.
+async fn pushes_a_group_left_at_its_age_limit_go_first_in_arrival_order(backend: Backend) {
+    const MAX_AGE: Duration = Duration::from_millis(100);
+    let (gate, holds) = (Gate::default(), Gate::default());
+    let mutators = gated(&gate)
+        .register("append", Append)
+        .register("hold", holds.clone());
+    let limits = PushLimits {
+        group: GroupLimits {
+            max_pushes: 64,
+            max_age: MAX_AGE,
+        },
+        ..PushLimits::default()
+    };
+    let options = App::builder().mutators(mutators).push(limits);
+    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let append = |n: u64| {
+        push_body(
+            &format!("g{n}"),
+            &[(&format!("c{n}"), 1, "append", json!(n))],
+        )
+    };
+    let held = gate.hold(&server, "s").await;
+    let mut bodies = vec![push_body("hold", &[("hold-c", 1, "hold", json!({}))])];
+    bodies.extend((1..=4).map(append));
+    let mut sent = gate.queue(&server, "s", bodies).await;
+    gate.open.add_permits(1);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
+    // The group of five runs its first push, which holds it.
+    holds.entered.acquire().await.unwrap().forget();
+    let held_since = Instant::now();
+    sent.push(send(&server, "s", append(5)));
+    wait_for_waiting(&server, 1).await;
+    // The group's age is the behaviour under test: its first push holds it past the limit, so
+    // it starts none of the four pushes behind that one.
+    tokio::time::sleep_until((held_since + MAX_AGE).into()).await;
+    holds.open.add_permits(1);
+    for push in sent {
+        assert_eq!(push.await.unwrap(), (200, json!({})));
+    }
+    let state = server.state("s", "g1").await;
+    assert_eq!(state.entries["order"], json!([1, 2, 3, 4, 5]));
+    assert_eq!(
+        state.cookie, 7,
+        "the gate's push, the holding push, then one per push"
+    );
+    for n in 1..=5 {
+        assert_eq!(
+            server
+                .state("s", &format!("g{n}"))
+                .await
+                .lmid(&format!("c{n}")),
+            1
+        );
     }
     wait_for_none_waiting(&server).await;
 }
@@ -542,7 +622,7 @@ async fn a_runner_that_panics_answers_its_pushes_and_frees_the_space(backend: Ba
     ];
     let sent = gate.queue(&server, "s", bodies).await;
     gate.open.add_permits(1);
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
     let mut answers = Vec::new();
     for push in sent {
         let answer = tokio::time::timeout(Duration::from_secs(20), push)
@@ -619,7 +699,7 @@ async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
         push_body("g2", &[("c2", 1, "increment", inc("n", 10))]),
     );
     gate.open_when_waiting(&server, 2).await;
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
     assert_eq!(stays.await.unwrap(), (200, json!({})));
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -649,22 +729,16 @@ async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
     wait_for_none_waiting(&server).await;
 }
 
-/// Commits, then answers as if the connection died before the answer arrived.
-struct LostAnswers(std::sync::atomic::AtomicBool);
-
-impl Fault for LostAnswers {
-    fn lose_answer(&self) -> Option<StoreError> {
-        let first = !self.0.swap(true, std::sync::atomic::Ordering::SeqCst);
-        first.then(|| StoreError::Disconnected("the answer to the commit was lost".into()))
-    }
-}
-
 /// A commit whose acknowledgement was lost is run again, finds its mutations applied, and still
 /// pokes; so does a client's resend of the same push.
 async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
     let pokes = Arc::new(PokeRecorder::default());
     let store = StoreOptions {
-        wrap_store: |store| Faulty::wrap(store, LostAnswers(Default::default())),
+        wrap_store: |store| {
+            // Commits, then answers as if the connection died before the answer arrived.
+            let lost = StoreError::Disconnected("the answer to the commit was lost".into());
+            Faulty::wrap(store, FailTimes::new(Op::CommitAnswer, 1, lost))
+        },
         ..StoreOptions::default()
     };
     let app = App::builder().poke_sink(pokes.clone());
@@ -672,15 +746,19 @@ async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
     let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
     assert_eq!(server.push("s", &body).await, (200, json!({})));
     assert_eq!(server.state("s", "g").await.lmid("c"), 1, "committed once");
-    assert!(
-        pokes.count("s") >= 1,
-        "the commit whose answer was lost was poked"
+    // Both pokes are made before the push is answered: the commit's, and its rerun's (which
+    // found the push applied, a replay).
+    assert_eq!(
+        pokes.count("s"),
+        2,
+        "the commit whose answer was lost was poked, then its rerun"
     );
 
     let before = pokes.count("s");
     assert_eq!(server.push("s", &body).await, (200, json!({})));
     assert_eq!(pokes.count("s"), before + 1, "a resend pokes again");
     assert_eq!(server.state("s", "g").await.entries["n"], json!(1));
+    wait_for_none_waiting(&server).await;
 }
 
 /// Takes 300 ms.
@@ -726,7 +804,7 @@ async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
         )
         .await;
     gate.open.add_permits(1);
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, json!({})));
     let mut answers = Vec::new();
     for push in queued {
         answers.push(push.await.unwrap());
@@ -750,6 +828,7 @@ async fn a_slow_push_stops_at_its_groups_age_limit(backend: Backend) {
         slow.lmid("slow-c")
     );
     assert_eq!(server.state("s", "fast").await.lmid("fast-c"), 1);
+    wait_for_none_waiting(&server).await;
 }
 
 /// A slow push alone in its group (the space was idle) is cut at the group's age limit once
@@ -793,10 +872,12 @@ async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
     assert_eq!(fast.await.unwrap(), (200, json!({})));
     let applied = server.state("s", "slow").await.lmid("slow-c");
     assert!((1..5).contains(&applied), "{applied} of 5 applied");
+    wait_for_none_waiting(&server).await;
 }
 
 crate::on_both_stores!(
     pushes_that_wait_together_commit_in_arrival_order,
+    pushes_a_group_left_at_its_age_limit_go_first_in_arrival_order,
     a_runner_that_panics_answers_its_pushes_and_frees_the_space,
     a_push_that_panics_in_its_callers_task_is_answered_500,
     a_slow_push_alone_yields_to_a_push_that_waits,

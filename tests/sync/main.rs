@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod compaction;
 mod concurrency;
+mod conflicts;
 mod db_sessions;
 mod faults;
 mod gc;

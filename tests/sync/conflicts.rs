@@ -1,0 +1,531 @@
+//! A push that loses a race: each conflict check of Postgres's commit function raised by a real
+//! concurrent change, and each retry branch of the push path (conflicts, dead connections, errors).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use replisync::gc::{self, GcSettings};
+use replisync::mutators::{MutationError, Mutator, Mutators, ScanRange, WriteTx};
+use replisync::push::settings::PushLimits;
+use replisync::startup::App;
+use replisync::store::{RECONNECT_ATTEMPTS, Store, StoreError, unix_now};
+use serde_json::{Value, json};
+
+use crate::faults::{
+    CommitHooks, FailTimes, Faulty, Op, before_next_commit, hooked_commit, unique_space,
+};
+use crate::group_commit::{Gate, options_with, wait_for_none_waiting};
+use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body};
+
+/// The answer of a push that applied everything.
+fn applied() -> (u16, Value) {
+    (200, json!({}))
+}
+
+fn increment(group: &str, client: &str, id: u64) -> Value {
+    push_body(group, &[(client, id, "increment", inc("n", 1))])
+}
+
+/// A Postgres server whose commits run the hook a test sets with `before_next_commit`.
+async fn server_with_commit_hooks() -> TestServer {
+    let store = StoreOptions {
+        wrap_store: |store| Faulty::wrap(store, CommitHooks),
+        ..StoreOptions::default()
+    };
+    TestServer::start_on(Backend::Postgres, store, App::builder()).await
+}
+
+/// Pushes `body` to `space` while `sql` runs on a connection of its own between the push's read
+/// and its commit (a concurrent writer: another instance, or garbage collection); asserts that
+/// the database refused that commit for `cause` (the check of the commit function that fired).
+async fn push_racing(
+    server: &TestServer,
+    space: &str,
+    sql: String,
+    body: &Value,
+    cause: &str,
+) -> (u16, Value) {
+    let mut conn = server.db.pg().await;
+    before_next_commit(space, async move {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .expect("the concurrent change is made");
+    });
+    let answer = server.push(space, body).await;
+    assert_refused_for(space, cause);
+    answer
+}
+
+/// Asserts that the commit the hook of `space` ran before met a conflict for `cause`.
+fn assert_refused_for(space: &str, cause: &str) {
+    let committed = hooked_commit(space);
+    assert!(
+        matches!(&committed, Err(StoreError::Conflict(message)) if message.contains(cause)),
+        "expected a conflict for {cause:?}: {committed:?}"
+    );
+}
+
+/// The rows of `sql` (one text column), on the test's Postgres schema.
+async fn text_rows(server: &TestServer, sql: &str) -> Vec<String> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_all(&mut server.db.pg().await)
+        .await
+        .unwrap()
+}
+
+/// The database's replisync tables as `TestDb::fingerprint` writes them: spaces, client groups,
+/// clients, entries (each a list of rows).
+fn rows(spaces: &[&str], groups: &[&str], clients: &[&str], entries: &[&str]) -> String {
+    [spaces, groups, clients, entries]
+        .map(|table| table.join("\n"))
+        .join("\n--\n")
+}
+
+/// "The space changed after the push read it": the push runs again under the space's lock, on
+/// the version the other writer left, and applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_push_whose_space_moved_after_its_read_applies_under_the_lock() {
+    let server = server_with_commit_hooks().await;
+    let space = unique_space("moved");
+    assert_eq!(
+        server.push(&space, &increment("g", "c", 1)).await,
+        applied()
+    );
+    let bump = format!("UPDATE replisync_spaces SET version = version + 1 WHERE id = '{space}'");
+    let answer = push_racing(
+        &server,
+        &space,
+        bump,
+        &increment("g", "c", 2),
+        "the space changed after the push read it",
+    )
+    .await;
+    assert_eq!(answer, applied());
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    let group = format!("g@{space}/anonymous");
+    let expected = rows(
+        &[&format!("{space}=3/0")],
+        &[&group],
+        &["c@g:2/3"],
+        &[&format!("{space}/n=2/3")],
+    );
+    assert_eq!(
+        server.db.fingerprint().await,
+        expected,
+        "read 1, moved to 2, wrote 3"
+    );
+    wait_for_none_waiting(&server).await;
+}
+
+/// "A client group was created concurrently" (the same group's resend, on another instance):
+/// the retry finds the group and applies the push to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_push_whose_new_group_was_created_concurrently_applies_to_it() {
+    let server = server_with_commit_hooks().await;
+    let space = unique_space("created");
+    let create = format!(
+        "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+         VALUES ('g', '{space}', 'anonymous', {})",
+        unix_now()
+    );
+    let answer = push_racing(
+        &server,
+        &space,
+        create,
+        &increment("g", "c", 1),
+        "a client group was created concurrently",
+    )
+    .await;
+    assert_eq!(answer, applied());
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    let group = format!("g@{space}/anonymous");
+    let expected = rows(
+        &[&format!("{space}=1/0")],
+        &[&group],
+        &["c@g:1/1"],
+        &[&format!("{space}/n=1/1")],
+    );
+    assert_eq!(server.db.fingerprint().await, expected);
+    wait_for_none_waiting(&server).await;
+}
+
+/// "A client group was created concurrently" by another user: the retry finds the group is not
+/// the pusher's and refuses the push 403, writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_push_whose_new_group_another_user_created_concurrently_is_forbidden() {
+    let server = server_with_commit_hooks().await;
+    let space = unique_space("taken");
+    let create = format!(
+        "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+         VALUES ('g', '{space}', 'someone-else', {})",
+        unix_now()
+    );
+    let (status, body) = push_racing(
+        &server,
+        &space,
+        create,
+        &increment("g", "c", 1),
+        "a client group was created concurrently",
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("Forbidden")),
+        "{body}"
+    );
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    let group = format!("g@{space}/someone-else");
+    assert_eq!(
+        server.db.fingerprint().await,
+        rows(&[], &[&group], &[], &[])
+    );
+    wait_for_none_waiting(&server).await;
+}
+
+/// "A new client group is one garbage collection removed": the retry reads it as collected and
+/// answers ClientStateNotFound, writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_new_group_collected_before_its_commit_is_client_state_not_found() {
+    let server = server_with_commit_hooks().await;
+    let space = unique_space("collected-new");
+    let forget = format!(
+        "INSERT INTO replisync_collected_client_groups (id, collected_at) VALUES ('g', {})",
+        unix_now()
+    );
+    let answer = push_racing(
+        &server,
+        &space,
+        forget,
+        &increment("g", "c", 1),
+        "a new client group is one garbage collection removed",
+    )
+    .await;
+    assert_eq!(answer, (200, json!({"error": "ClientStateNotFound"})));
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    assert_eq!(server.db.fingerprint().await, rows(&[], &[], &[], &[]));
+    wait_for_none_waiting(&server).await;
+}
+
+/// "A client id was claimed by another client group": the retry finds the client in the other
+/// group and refuses the push 403, writing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_client_claimed_by_another_group_before_the_commit_is_forbidden() {
+    let server = server_with_commit_hooks().await;
+    let space = unique_space("claimed");
+    let claim = format!(
+        "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+         VALUES ('other', '{space}', 'anonymous', {});
+         INSERT INTO replisync_clients (id, client_group_id, last_mutation_id, last_modified_version)
+         VALUES ('c', 'other', 1, 0)",
+        unix_now()
+    );
+    let (status, body) = push_racing(
+        &server,
+        &space,
+        claim,
+        &increment("g", "c", 1),
+        "a client id was claimed by another client group",
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("Forbidden")),
+        "{body}"
+    );
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    let other = format!("other@{space}/anonymous");
+    let expected = rows(&[], &[&other], &["c@other:1/0"], &[]);
+    assert_eq!(server.db.fingerprint().await, expected);
+    wait_for_none_waiting(&server).await;
+}
+
+const GC_SETTINGS: GcSettings = GcSettings {
+    client_ttl: Duration::from_secs(86_400),
+    tombstone_ttl: Duration::from_secs(86_400),
+    interval: None,
+    pause_factor: 0,
+};
+
+/// "A client group was collected concurrently": a stale group (last active before the
+/// granularity) that garbage collection removes between the push's read and its commit. The
+/// commit writes nothing (no client without its group); the retry answers ClientStateNotFound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_stale_group_collected_before_the_commit_is_client_state_not_found() {
+    let server = server_with_commit_hooks().await;
+    let space = unique_space("collected-stale");
+    assert_eq!(
+        server.push(&space, &increment("g", "c", 1)).await,
+        applied()
+    );
+    let two_days_ago = unix_now() - 2 * 86_400;
+    server
+        .db
+        .execute(&format!(
+            "UPDATE replisync_client_groups SET last_active = {two_days_ago}"
+        ))
+        .await;
+    let (store, metrics) = (server.store.clone(), server.metrics.clone());
+    before_next_commit(&space, async move {
+        // The real collector, on its own connection.
+        let collected = gc::collect(&*store, &metrics, unix_now(), &GC_SETTINGS).await;
+        let groups = collected.map(|c| c.map(|c| c.client_groups));
+        assert!(matches!(groups, Ok(Some(1))), "{groups:?}");
+    });
+    let answer = server.push(&space, &increment("g", "c", 2)).await;
+    assert_refused_for(&space, "a client group was collected concurrently");
+    assert_eq!(answer, (200, json!({"error": "ClientStateNotFound"})));
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    let expected = rows(
+        &[&format!("{space}=1/0")],
+        &[],
+        &[],
+        &[&format!("{space}/n=1/1")],
+    );
+    assert_eq!(
+        server.db.fingerprint().await,
+        expected,
+        "no client without its group"
+    );
+    let collected = text_rows(&server, "SELECT id FROM replisync_collected_client_groups").await;
+    assert_eq!(collected, ["g"]);
+    wait_for_none_waiting(&server).await;
+}
+
+/// How a test wraps its store in a fault.
+type Wrap = fn(Arc<dyn Store>) -> Arc<dyn Store>;
+
+/// A server whose store `wrap` gives a fault (a double: see `FailTimes`), with a `count`
+/// mutator that scans.
+async fn server_with(backend: Backend, wrap: Wrap) -> TestServer {
+    let store = StoreOptions {
+        wrap_store: wrap,
+        ..StoreOptions::default()
+    };
+    let mutators = Mutators::builtin().register("count", CountKeys);
+    TestServer::start_on(backend, store, App::builder().mutators(mutators)).await
+}
+
+fn conflict() -> StoreError {
+    StoreError::Conflict("a concurrent writer, as a test asked".into())
+}
+
+fn dead() -> StoreError {
+    StoreError::Disconnected("a dead pooled connection, as a test asked".into())
+}
+
+/// Puts under `count` how many keys a scan of the space finds.
+struct CountKeys;
+
+#[async_trait]
+impl Mutator for CountKeys {
+    async fn apply(&self, tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
+        let range = ScanRange {
+            prefix: String::new(),
+            start: String::new(),
+            exclusive: false,
+        };
+        let found = tx.scan(&range, 100).await?.len();
+        tx.put("count", json!(found))
+    }
+}
+
+/// The answer of a push the store failed with `Unavailable` or `Disconnected`.
+fn unavailable() -> (u16, Value) {
+    let message = "the database is unavailable; retry later";
+    (503, json!({"error": "Unavailable", "message": message}))
+}
+
+/// One conflict: the push runs again (counted once) and applies.
+async fn one_conflict_is_run_again_and_applied(backend: Backend) {
+    let server = server_with(backend, |store| {
+        Faulty::wrap(store, FailTimes::new(Op::Commit, 1, conflict()))
+    })
+    .await;
+    assert_eq!(server.push("s", &increment("g", "c", 1)).await, applied());
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    let state = server.state("s", "g").await;
+    assert_eq!((state.cookie, state.lmid("c")), (1, 1));
+    assert_eq!(state.entries["n"], json!(1));
+    wait_for_none_waiting(&server).await;
+}
+
+/// The run after a conflict takes the space's lock (begin_locked_push): failing that one
+/// operation fails the push.
+async fn the_run_after_a_conflict_takes_the_spaces_lock(backend: Backend) {
+    let server = server_with(backend, |store| {
+        let conflicts = FailTimes::new(Op::Commit, 1, conflict());
+        let no_lock = FailTimes::new(Op::BeginLockedPush, 1, StoreError::Unavailable("x".into()));
+        Faulty::wrap(store, (conflicts, no_lock))
+    })
+    .await;
+    assert_eq!(
+        server.push("s", &increment("g", "c", 1)).await,
+        unavailable()
+    );
+    assert_eq!(server.metrics.push_conflicts.get(), 1);
+    assert_eq!(server.state("s", "g").await.lmid("c"), 0);
+    wait_for_none_waiting(&server).await;
+}
+
+/// Conflicts every time: the push gives up after 8 attempts (7 conflicts counted, each later
+/// attempt after a backoff), answers 500 and writes nothing.
+async fn a_push_that_always_conflicts_gives_up_after_eight_attempts(backend: Backend) {
+    let server = server_with(backend, |store| {
+        Faulty::wrap(store, FailTimes::always(Op::Commit, conflict()))
+    })
+    .await;
+    let before = server.db.fingerprint().await;
+    let started = Instant::now();
+    let (status, body) = server.push("s", &increment("g", "c", 1)).await;
+    let message = "internal error; the request changed nothing, retry later";
+    assert_eq!(
+        (status, body),
+        (500, json!({"error": "Internal", "message": message}))
+    );
+    assert_eq!(server.metrics.push_conflicts.get(), 7);
+    // Attempts 3 to 8 each wait at least 2 << min(attempt - 1, 6) ms first.
+    let least_backoff: u64 = (2..8).map(|attempt: u32| 2u64 << attempt.min(6)).sum();
+    assert!(
+        started.elapsed() >= Duration::from_millis(least_backoff),
+        "{:?} < {least_backoff} ms of backoff",
+        started.elapsed()
+    );
+    assert_eq!(server.db.fingerprint().await, before);
+    wait_for_none_waiting(&server).await;
+}
+
+/// A dead connection at each step of a push (begin, read, entry, scan, commit), twice each:
+/// the push runs again at once each time and applies, with no conflict counted.
+async fn dead_connections_at_every_step_are_run_again(backend: Backend) {
+    let server = server_with(backend, |store| {
+        let begin = FailTimes::new(Op::BeginPush, 2, dead());
+        let read = FailTimes::new(Op::ClientState, 2, dead());
+        let entry = FailTimes::new(Op::Entry, 2, dead());
+        let scan = FailTimes::new(Op::ScanEntries, 2, dead());
+        let commit = FailTimes::new(Op::Commit, 2, dead());
+        Faulty::wrap(store, ((begin, read), (entry, (scan, commit))))
+    })
+    .await;
+    let body = push_body(
+        "g",
+        &[
+            ("c", 1, "increment", inc("n", 1)),
+            ("c", 2, "count", json!({})),
+        ],
+    );
+    assert_eq!(server.push("s", &body).await, applied());
+    assert_eq!(server.metrics.push_conflicts.get(), 0);
+    let state = server.state("s", "g").await;
+    assert_eq!((state.cookie, state.lmid("c")), (1, 2));
+    assert_eq!(state.entries["n"], json!(1));
+    assert_eq!(state.entries["count"], json!(1), "the scan saw n");
+    wait_for_none_waiting(&server).await;
+}
+
+/// As many dead connections as the retries cover: the push still applies.
+async fn as_many_dead_connections_as_retries_still_apply(backend: Backend) {
+    let server = server_with(backend, |store| {
+        Faulty::wrap(
+            store,
+            FailTimes::new(Op::BeginPush, RECONNECT_ATTEMPTS, dead()),
+        )
+    })
+    .await;
+    assert_eq!(server.push("s", &increment("g", "c", 1)).await, applied());
+    assert_eq!(server.state("s", "g").await.lmid("c"), 1);
+    wait_for_none_waiting(&server).await;
+}
+
+/// One dead connection more than the retries cover: 503, nothing written; the next push applies.
+async fn more_dead_connections_than_retries_answer_503(backend: Backend) {
+    let server = server_with(backend, |store| {
+        Faulty::wrap(
+            store,
+            FailTimes::new(Op::BeginPush, RECONNECT_ATTEMPTS + 1, dead()),
+        )
+    })
+    .await;
+    assert_eq!(
+        server.push("s", &increment("g", "c", 1)).await,
+        unavailable()
+    );
+    assert_eq!(server.state("s", "g").await.lmid("c"), 0);
+    assert_eq!(server.push("s", &increment("g", "c", 1)).await, applied());
+    assert_eq!(server.state("s", "g").await.lmid("c"), 1);
+    wait_for_none_waiting(&server).await;
+}
+
+/// A group of three behind a gate; the store fails the group's commit (the second commit, after
+/// the gate's own) once with `error`. Answers each push's answer.
+async fn group_of_three_failing_once(
+    backend: Backend,
+    wrap: Wrap,
+) -> (Arc<TestServer>, Vec<(u16, Value)>) {
+    let gate = Gate::default();
+    let store = StoreOptions {
+        wrap_store: wrap,
+        ..StoreOptions::default()
+    };
+    let app = options_with(&gate, PushLimits::default());
+    let server = Arc::new(TestServer::start_on(backend, store, app).await);
+    let held = gate.hold(&server, "s").await;
+    let bodies = (1..=3)
+        .map(|n| increment(&format!("g{n}"), &format!("c{n}"), 1))
+        .collect();
+    let sent = gate.queue(&server, "s", bodies).await;
+    gate.open_when_waiting(&server, 3).await;
+    assert_eq!(held.await.unwrap(), applied());
+    let mut answers = Vec::new();
+    for push in sent {
+        answers.push(push.await.unwrap());
+    }
+    wait_for_none_waiting(&server).await;
+    (server, answers)
+}
+
+/// A group failed by an error that is not one push's (the database unavailable) answers every
+/// push with it at once: none is run again alone.
+async fn a_group_failed_by_the_database_being_unavailable_fails_every_push(backend: Backend) {
+    let (server, answers) = group_of_three_failing_once(backend, |store| {
+        let down = StoreError::Unavailable("the database is down, as a test asked".into());
+        Faulty::wrap(store, FailTimes::new(Op::Commit, 1, down).after(1))
+    })
+    .await;
+    assert_eq!(answers, vec![unavailable(); 3]);
+    for n in 1..=3 {
+        let state = server.state("s", &format!("g{n}")).await;
+        assert_eq!(
+            (state.cookie, state.lmid(&format!("c{n}"))),
+            (1, 0),
+            "only the gate's push"
+        );
+    }
+}
+
+/// A group failed by corrupt data (an error one push may cause) is run again one push at a
+/// time: each push commits alone.
+async fn a_group_failed_by_corrupt_data_runs_again_one_push_at_a_time(backend: Backend) {
+    let (server, answers) = group_of_three_failing_once(backend, |store| {
+        let corrupt = StoreError::Corrupt("a row does not decode, as a test asked".into());
+        Faulty::wrap(store, FailTimes::new(Op::Commit, 1, corrupt).after(1))
+    })
+    .await;
+    assert_eq!(answers, vec![applied(); 3]);
+    let state = server.state("s", "g1").await;
+    assert_eq!(state.cookie, 4, "the gate's push, then each push alone");
+    assert_eq!(state.entries["n"], json!(3));
+    assert_eq!(server.metrics.push_commits.get(), 4);
+}
+
+crate::on_both_stores!(
+    one_conflict_is_run_again_and_applied,
+    the_run_after_a_conflict_takes_the_spaces_lock,
+    a_push_that_always_conflicts_gives_up_after_eight_attempts,
+    dead_connections_at_every_step_are_run_again,
+    as_many_dead_connections_as_retries_still_apply,
+    more_dead_connections_than_retries_answer_503,
+    a_group_failed_by_the_database_being_unavailable_fails_every_push,
+    a_group_failed_by_corrupt_data_runs_again_one_push_at_a_time,
+);
