@@ -16,7 +16,7 @@ use replisync::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Backend {
@@ -24,15 +24,52 @@ pub(crate) enum Backend {
     Sqlite,
 }
 
-/// The server under test and a client for it. Dropping it stops the server and removes the
-/// test's database.
+/// The server under test and a client for it. Dropping it stops the server, waits for `serve`
+/// to return (failing the test if it failed, panicked or hung), then removes the database.
 pub(crate) struct TestServer {
     pub base: String,
     pub http: reqwest::Client,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<replisync::metrics::Metrics>,
+    running: Running,
+    /// Dropped after the server stopped (fields drop in order).
     pub db: TestDb,
-    _stop: DropGuard,
+}
+
+/// The server's task and the signal that stops it.
+struct Running {
+    stop: CancellationToken,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Longest wait for the server to stop: its shutdown deadline (10 s by default) and then some.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.running.stop.cancel();
+        let Some(served) = self.running.served.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return; // cannot block this runtime's only thread to wait
+        }
+        let stopped = tokio::task::block_in_place(|| {
+            runtime.block_on(tokio::time::timeout(STOP_WAIT, served))
+        });
+        if std::thread::panicking() {
+            return;
+        }
+        match stopped {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => panic!("serve() failed at shutdown: {error:#}"),
+            Ok(Err(task)) => panic!("the server's task failed: {task}"),
+            Err(_) => panic!("the server did not stop within {STOP_WAIT:?}"),
+        }
+    }
 }
 
 /// How a test's store is opened; the app itself is configured with `App::builder()`, as the
@@ -100,44 +137,26 @@ impl TestServer {
         app: AppBuilder,
     ) -> TestServer {
         let db = TestDb::create(backend).await;
-        let instance = Instance::start(&db, store, app).await;
-        TestServer {
-            base: instance.base,
-            http: reqwest::Client::new(),
-            store: instance.store,
-            metrics: instance.metrics,
-            db,
-            _stop: instance._stop,
-        }
-    }
-}
-
-/// One server over a test's database.
-pub(crate) struct Instance {
-    pub base: String,
-    pub store: Arc<dyn Store>,
-    pub metrics: Arc<replisync::metrics::Metrics>,
-    _stop: DropGuard,
-}
-
-impl Instance {
-    async fn start(db: &TestDb, mut store: StoreOptions, app: AppBuilder) -> Instance {
         let mut opened = (store.wrap_store)(db.open_store_with(&store).await);
-        if let Some(wrap) = store.wrap_with.take() {
+        if let Some(wrap) = store.wrap_with {
             opened = wrap(opened);
         }
-        let store = opened;
-        let app = app.build(store);
+        let app = app.build(opened);
         let (store, metrics) = (app.store().clone(), app.metrics().clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
-        Instance {
+        let served = tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
+        TestServer {
             base,
+            http: reqwest::Client::new(),
             store,
             metrics,
-            _stop: stop.drop_guard(),
+            running: Running {
+                stop,
+                served: Some(served),
+            },
+            db,
         }
     }
 }
