@@ -178,6 +178,11 @@ impl IntoResponse for ApiError {
                 let message = "the database did not answer in time (a lock or statement timeout); the request changed nothing, retry later";
                 return retry_later("Unavailable", message.to_owned(), 1);
             }
+            ApiError::Store(StoreError::Conflict(cause)) => {
+                tracing::warn!(%cause, "push lost every race with concurrent writers; answered 503");
+                let message = "the space is too busy: concurrent writers won every attempt; the request changed nothing, retry later";
+                return retry_later("Busy", message.to_owned(), 1);
+            }
             ApiError::Store(cause) => {
                 let (status, error, message) = match cause {
                     StoreError::Unavailable(_) | StoreError::Disconnected(_) => (

@@ -370,7 +370,8 @@ async fn the_run_after_a_conflict_takes_the_spaces_lock(backend: Backend) {
 }
 
 /// Conflicts every time: the push gives up after 8 attempts (7 conflicts counted, each later
-/// attempt after a backoff), answers 500 and writes nothing.
+/// attempt after a backoff), answers 503 with `Retry-After` (Replicache pushes again) and
+/// writes nothing.
 async fn a_push_that_always_conflicts_gives_up_after_eight_attempts(backend: Backend) {
     let server = server_with(backend, |store| {
         Faulty::wrap(store, FailTimes::always(Op::Commit, conflict()))
@@ -378,11 +379,20 @@ async fn a_push_that_always_conflicts_gives_up_after_eight_attempts(backend: Bac
     .await;
     let before = server.db.fingerprint().await;
     let started = Instant::now();
-    let (status, body) = server.push("s", &increment("g", "c", 1)).await;
-    let message = "internal error; the request changed nothing, retry later";
+    let answer = server
+        .http
+        .post(server.url("/spaces/s/push"))
+        .header("content-type", "application/json")
+        .body(increment("g", "c", 1).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    assert_eq!(answer.headers()["retry-after"], "1");
+    let message = "the space is too busy: concurrent writers won every attempt; the request changed nothing, retry later";
     assert_eq!(
-        (status, body),
-        (500, json!({"error": "Internal", "message": message}))
+        answer.json::<Value>().await.unwrap(),
+        json!({"error": "Busy", "message": message})
     );
     assert_eq!(server.metrics.push_conflicts.get(), 7);
     // Attempts 3 to 8 each wait at least 2 << min(attempt - 1, 6) ms first.
