@@ -342,7 +342,7 @@ async fn a_reader_ahead_of_the_space_changes_nothing(backend: Backend) {
         server.push_as("doc", &one_increment("w"), &writer).await.0,
         200
     );
-    let (_, first) = server.pull_as("doc", "w", Value::Null, &writer).await;
+    let first = server.pull_ok_as("doc", "w", Value::Null, &writer).await;
     let writer_cookie = first["cookie"].clone();
 
     let mut reader_claims = claims("reader", &[]);
@@ -367,7 +367,7 @@ async fn a_reader_ahead_of_the_space_changes_nothing(backend: Backend) {
         "the reader changed nothing"
     );
 
-    let (_, delta) = server.pull_as("doc", "w", writer_cookie, &writer).await;
+    let delta = server.pull_ok_as("doc", "w", writer_cookie, &writer).await;
     assert_ne!(
         delta["patch"].get(0).map(|op| &op["op"]),
         Some(&json!("clear")),

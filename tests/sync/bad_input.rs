@@ -38,7 +38,7 @@ async fn every_kind_of_bad_push_changes_nothing(backend: Backend) {
         });
     let server = TestServer::start_with(backend, options).await;
     server
-        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .push_ok("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
         .await;
     let before = server.db.fingerprint().await;
 

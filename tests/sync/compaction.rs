@@ -45,15 +45,15 @@ async fn count_tombstones(server: &TestServer) -> i64 {
 async fn a_pull_across_a_compacted_deletion_gets_the_whole_space(backend: Backend) {
     let server = TestServer::start(backend).await;
     let first = [("c", 1, "set", set("a", 1)), ("c", 2, "set", set("b", 2))];
-    server.push("s", &push_body("g", &first)).await; // version 1
-    let (_, pulled) = server.pull("s", "g", Value::Null).await;
+    server.push_ok("s", &push_body("g", &first)).await; // version 1
+    let pulled = server.pull_ok("s", "g", Value::Null).await;
     let mut old = PullView::from_response(&pulled);
     assert_eq!(old.cookie, 1);
     server
-        .push("s", &push_body("g", &[("c", 3, "delete", del("a"))]))
+        .push_ok("s", &push_body("g", &[("c", 3, "delete", del("a"))]))
         .await; // version 2
     server
-        .push("s", &push_body("g", &[("c", 4, "set", set("c", 3))]))
+        .push_ok("s", &push_body("g", &[("c", 4, "set", set("c", 3))]))
         .await; // version 3
     assert_eq!(collect_after(&server, 29).await, 0, "younger than the TTL");
     assert_eq!(count_tombstones(&server).await, 1);
@@ -78,7 +78,7 @@ async fn a_pull_across_a_compacted_deletion_gets_the_whole_space(backend: Backen
     assert!(metrics.contains("replisync_gc_tombstones_removed_total 1"));
 
     // Cookie 2 saw the deletion: an ordinary delta.
-    let (_, delta) = server.pull("s", "g", json!(2)).await;
+    let delta = server.pull_ok("s", "g", json!(2)).await;
     assert_eq!(
         delta["patch"],
         json!([{"op": "put", "key": "c", "value": 3}])
@@ -172,8 +172,8 @@ async fn compacting_while_clients_sync_keeps_every_view_right(backend: Backend) 
     assert_eq!(count_tombstones(&server).await, 0);
     let truth = server.state("s", "check").await;
     for (w, mut view) in views.into_iter().enumerate() {
-        let (_, pulled) = server
-            .pull("s", &format!("group-{w}"), json!(view.cookie))
+        let pulled = server
+            .pull_ok("s", &format!("group-{w}"), json!(view.cookie))
             .await;
         view.apply(&pulled);
         assert_eq!(view.entries, truth.entries, "writer {w}'s view");

@@ -66,7 +66,7 @@ async fn a_collected_client_starts_over_and_loses_nothing_of_the_space(backend: 
     assert_eq!(server.push("s", &gone).await, (200, json!({})));
     let stays = push_body("stays", &[("d", 1, "increment", inc("m", 5))]);
     assert_eq!(server.push("s", &stays).await, (200, json!({})));
-    let (_, first) = server.pull("s", "gone", Value::Null).await;
+    let first = server.pull_ok("s", "gone", Value::Null).await;
     let mut gone_view = PullView::from_response(&first);
     assert_eq!(gone_view.lmid("c"), 2);
 
@@ -159,7 +159,7 @@ async fn a_collected_client_starts_over_and_loses_nothing_of_the_space(backend: 
 async fn only_groups_idle_past_the_ttl_are_collected(backend: Backend) {
     let server = TestServer::start(backend).await;
     let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
-    server.push("s", &body).await;
+    server.push_ok("s", &body).await;
     let ttl = TTL.as_secs() as i64;
     let store = &*server.store;
     let kept = gc::collect(store, &server.metrics, unix_now() + ttl - 60, &SETTINGS).await;
@@ -180,7 +180,7 @@ async fn only_groups_idle_past_the_ttl_are_collected(backend: Backend) {
 async fn activity_is_written_at_most_once_per_granularity(backend: Backend) {
     let server = TestServer::start(backend).await;
     let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
-    server.push("s", &body).await;
+    server.push_ok("s", &body).await;
     let created = last_active(&server, "g").await.unwrap();
     assert!(
         (created - unix_now()).abs() < 60,
@@ -331,7 +331,7 @@ crate::on_both_stores!(
 async fn postgres_collects_on_one_instance_at_a_time() {
     let server = TestServer::start(Backend::Postgres).await;
     server
-        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .push_ok("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
         .await;
     set_last_active(&server, "g", TTL.as_secs() as i64 + 60).await;
     let mut other_instance = server.db.pg().await;
@@ -365,7 +365,7 @@ async fn postgres_collects_on_one_instance_at_a_time() {
 async fn postgres_a_push_whose_group_is_collected_before_its_commit_does_not_commit() {
     let server = TestServer::start(Backend::Postgres).await;
     server
-        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .push_ok("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
         .await;
     set_last_active(&server, "g", TTL.as_secs() as i64 + 60).await;
     let space = SpaceId::parse("s").unwrap();

@@ -449,8 +449,14 @@ async fn pushes_waiting_behind_a_push_that_dies_are_still_applied(backend: Backe
         .await;
     gate.open.add_permits(1);
     // The panic is caught around its request: answered 500, asking for the push again.
-    let (status, body) = held.await.expect("the test's request task itself does not fail");
-    assert_eq!((status, &body["error"]), (500, &json!("Internal")), "{body}");
+    let (status, body) = held
+        .await
+        .expect("the test's request task itself does not fail");
+    assert_eq!(
+        (status, &body["error"]),
+        (500, &json!("Internal")),
+        "{body}"
+    );
     for push in queued {
         let answer = tokio::time::timeout(Duration::from_secs(20), push)
             .await

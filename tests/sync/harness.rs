@@ -197,6 +197,30 @@ impl TestServer {
         self.push_as(space, body, "").await
     }
 
+    /// Pushes `body` to `space` and asserts it was applied: `200 {}`.
+    pub(crate) async fn push_ok(&self, space: &str, body: &Value) {
+        let answer = self.push(space, body).await;
+        assert_eq!(answer, (200, json!({})), "push to {space}: {body}");
+    }
+
+    /// Pulls and asserts the pull was answered 200; returns the response body.
+    pub(crate) async fn pull_ok(&self, space: &str, group: &str, cookie: Value) -> Value {
+        self.pull_ok_as(space, group, cookie, "").await
+    }
+
+    /// [`TestServer::pull_ok`] with this `Authorization` header.
+    pub(crate) async fn pull_ok_as(
+        &self,
+        space: &str,
+        group: &str,
+        cookie: Value,
+        auth: &str,
+    ) -> Value {
+        let (status, body) = self.pull_as(space, group, cookie, auth).await;
+        assert_eq!(status, 200, "pull of {space} by {group}: {body}");
+        body
+    }
+
     pub(crate) async fn push_as(&self, space: &str, body: &Value, auth: &str) -> (u16, Value) {
         self.post_raw(&format!("/spaces/{space}/push"), body.to_string(), auth)
             .await

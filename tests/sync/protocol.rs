@@ -44,7 +44,7 @@ async fn push_then_pull_round_trips(backend: Backend) {
     assert_eq!(view.entries["count"], json!(3));
 
     // Nothing changed since: same cookie, empty patch, no lmids.
-    let (_, again) = server.pull("s1", "g1", json!(1)).await;
+    let again = server.pull_ok("s1", "g1", json!(1)).await;
     assert_eq!(
         again,
         json!({"cookie": 1, "lastMutationIDChanges": {}, "patch": []})
@@ -64,7 +64,7 @@ async fn push_then_pull_round_trips(backend: Backend) {
         ],
     );
     assert_eq!(server.push("s1", &body).await.0, 200);
-    let (_, delta) = server.pull("s1", "g1", json!(1)).await;
+    let delta = server.pull_ok("s1", "g1", json!(1)).await;
     assert_eq!(delta["cookie"], json!(2));
     assert_eq!(delta["lastMutationIDChanges"], json!({"c1": 4}));
     let mut ops: Vec<Value> = delta["patch"].as_array().unwrap().clone();
@@ -78,7 +78,7 @@ async fn push_then_pull_round_trips(backend: Backend) {
     );
 
     // A first pull never carries deletes.
-    let (_, fresh) = server.pull("s1", "g-other", Value::Null).await;
+    let fresh = server.pull_ok("s1", "g-other", Value::Null).await;
     assert!(
         fresh["patch"]
             .as_array()
@@ -101,7 +101,7 @@ async fn a_space_never_written_pulls_empty(backend: Backend) {
         body,
         json!({"cookie": 0, "lastMutationIDChanges": {}, "patch": [{"op": "clear"}]})
     );
-    let (_, body) = server.pull("never-written", "g", json!(0)).await;
+    let body = server.pull_ok("never-written", "g", json!(0)).await;
     assert_eq!(
         body,
         json!({"cookie": 0, "lastMutationIDChanges": {}, "patch": []})
@@ -111,7 +111,7 @@ async fn a_space_never_written_pulls_empty(backend: Backend) {
 async fn spaces_are_separate(backend: Backend) {
     let server = TestServer::start(backend).await;
     server
-        .push(
+        .push_ok(
             "a",
             &push_body(
                 "ga",
@@ -120,7 +120,7 @@ async fn spaces_are_separate(backend: Backend) {
         )
         .await;
     server
-        .push(
+        .push_ok(
             "b",
             &push_body(
                 "gb",
@@ -218,7 +218,7 @@ async fn a_gap_stops_that_clients_later_mutations(backend: Backend) {
 async fn a_push_that_only_gaps_writes_nothing(backend: Backend) {
     let server = TestServer::start(backend).await;
     server
-        .push("s", &push_body("g", &[("c", 1, "increment", inc("a", 1))]))
+        .push_ok("s", &push_body("g", &[("c", 1, "increment", inc("a", 1))]))
         .await;
     let before = server.db.fingerprint().await;
     assert_eq!(
@@ -234,7 +234,7 @@ async fn a_push_that_only_gaps_writes_nothing(backend: Backend) {
 async fn client_group_of_another_space_is_rejected(backend: Backend) {
     let server = TestServer::start(backend).await;
     server
-        .push(
+        .push_ok(
             "home",
             &push_body("g", &[("c", 1, "increment", inc("n", 1))]),
         )
@@ -257,7 +257,7 @@ async fn client_group_of_another_space_is_rejected(backend: Backend) {
 async fn client_of_another_group_is_rejected(backend: Backend) {
     let server = TestServer::start(backend).await;
     server
-        .push("s", &push_body("g1", &[("c", 1, "increment", inc("n", 1))]))
+        .push_ok("s", &push_body("g1", &[("c", 1, "increment", inc("n", 1))]))
         .await;
     let before = server.db.fingerprint().await;
     // g2 is new, but names g1's client: nothing at all may be applied, g2 not even created.
@@ -357,7 +357,7 @@ async fn unknown_client_past_its_first_mutation_is_client_state_not_found(backen
 async fn cookies_the_server_cannot_honour_are_client_state_not_found(backend: Backend) {
     let server = TestServer::start(backend).await;
     server
-        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .push_ok("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
         .await;
     let not_found = json!({"error": "ClientStateNotFound"});
     for cookie in [
@@ -389,8 +389,8 @@ async fn a_cookie_ahead_of_the_space_gets_the_whole_space_at_that_cookie(backend
         ("c", 1, "increment", inc("n", 1)),
         ("c", 2, "increment", inc("n", 1)),
     ];
-    server.push("s", &push_body("g", &first)).await; // version 1
-    let (_, pulled) = server.pull("s", "g", Value::Null).await;
+    server.push_ok("s", &push_body("g", &first)).await; // version 1
+    let pulled = server.pull_ok("s", "g", Value::Null).await;
     let before_the_wipe = PullView::from_response(&pulled);
     assert_eq!(before_the_wipe.cookie, 1);
 
@@ -406,7 +406,7 @@ async fn a_cookie_ahead_of_the_space_gets_the_whole_space_at_that_cookie(backend
     // Versions go on from there; the client's next pull is a delta.
     let next = push_body("g", &[("c", 3, "increment", inc("n", 5))]);
     assert_eq!(server.push("s", &next).await, (200, json!({})));
-    let (_, delta) = server.pull("s", "lost", json!(1001)).await;
+    let delta = server.pull_ok("s", "lost", json!(1001)).await;
     assert_eq!(delta["cookie"], json!(1002));
     assert_eq!(
         delta["patch"],
@@ -415,14 +415,14 @@ async fn a_cookie_ahead_of_the_space_gets_the_whole_space_at_that_cookie(backend
     // Cookies up to the one that moved the space may come from the old database too, where
     // they named other data: a reset, even for that very cookie (a fork of that client).
     for old in [1, 1000] {
-        let (_, again) = server.pull("s", "g", json!(old)).await;
+        let again = server.pull_ok("s", "g", json!(old)).await;
         assert_eq!(again["patch"][0], json!({"op": "clear"}), "cookie {old}");
         assert_eq!(again["cookie"], json!(1002));
         assert_eq!(again["lastMutationIDChanges"], json!({"c": 3}));
     }
 
     // A space the database has never seen: created past the cookie, empty.
-    let (_, empty) = server.pull("wiped", "other-group", json!(3)).await;
+    let empty = server.pull_ok("wiped", "other-group", json!(3)).await;
     assert_eq!(
         empty,
         json!({"cookie": 4, "lastMutationIDChanges": {}, "patch": [{"op": "clear"}]})
@@ -528,7 +528,7 @@ async fn a_database_fault_rolls_the_whole_push_back(backend: Backend) {
     let options = App::builder().mutators(Mutators::builtin().register("fault", DatabaseFault));
     let server = TestServer::start_with(backend, options).await;
     server
-        .push("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
+        .push_ok("s", &push_body("g", &[("c", 1, "increment", inc("n", 1))]))
         .await;
     let before = server.db.fingerprint().await;
     let body = push_body(
@@ -567,8 +567,8 @@ async fn health_reports_the_store(backend: Backend) {
 async fn metrics_count_requests_and_reads(backend: Backend) {
     let server = TestServer::start(backend).await;
     let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);
-    server.push("s", &body).await;
-    server.push("s", &body).await; // re-sent: answered, but commits nothing
+    server.push_ok("s", &body).await;
+    server.push_ok("s", &body).await; // re-sent: answered, but commits nothing
     server.pull("s", "g", Value::Null).await;
     let text = server.get("/metrics").await.text().await.unwrap();
     for line in [

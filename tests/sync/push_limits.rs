@@ -137,7 +137,7 @@ async fn a_push_naming_too_many_clients_is_refused_and_changes_nothing(backend: 
     )
     .await;
     server
-        .push("s", &push_body("g", &[("a", 1, "increment", inc("n", 1))]))
+        .push_ok("s", &push_body("g", &[("a", 1, "increment", inc("n", 1))]))
         .await;
     let before = server.db.fingerprint().await;
     let clients = ["a", "b", "c", "d"];
