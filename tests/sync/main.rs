@@ -10,6 +10,7 @@ mod faults;
 mod gc;
 mod group_commit;
 mod harness;
+mod js_engine;
 mod js_hostile;
 mod js_mutators;
 mod large_deltas;
