@@ -16,6 +16,7 @@ mod js_mutators;
 mod large_deltas;
 mod limits;
 mod protocol;
+mod pull_faults;
 mod push_limits;
 mod slow_requests;
 mod sql_functions;
