@@ -195,8 +195,11 @@ async fn pulls_past_a_thousand_groups_take_two_reads(backend: Backend) {
     for (i, result) in answers.into_iter().enumerate() {
         assert_eq!(answered(result).await, delta_of(i, version), "pull {i}");
     }
+    let reads = log.reads.lock().unwrap().clone();
+    let sizes: Vec<usize> = reads.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [1000, 1], "client groups per read");
     let first: Vec<String> = (0..1000).map(group).collect();
-    assert_eq!(*log.reads.lock().unwrap(), vec![first, vec![group(1000)]]);
+    assert_eq!(reads, [first, vec![group(1000)]]);
     assert_eq!(metrics.pull_reads.get(), 2);
 }
 
