@@ -192,31 +192,45 @@ crate::on_both_stores!(
     a_promise_that_never_settles_fails_its_mutation,
     writes_not_awaited_belong_to_their_mutation,
     a_module_that_cannot_load_for_a_while_fails_pushes_then_recovers,
+    a_module_that_throws_for_a_while_is_loaded_again_after,
     js_pushes_in_one_group_each_get_their_own_answer,
 );
 
-/// A module whose top-level code needs more memory than the engine may hold during a window
-/// (it reads the clock, the one thing the test can make it see): while no context can be made,
-/// a push fails whole (503, nothing written, not processed); once it can, the engine (renewed)
-/// applies the same push, once.
-async fn a_module_that_cannot_load_for_a_while_fails_pushes_then_recovers(backend: Backend) {
+/// A module source whose top-level `statement` runs only while the clock is in a window (the
+/// one thing the test can make the module see) that opens in 1 s and closes 6 s later; and the
+/// instant it opens.
+fn module_with_window(statement: &str) -> (String, tokio::time::Instant) {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    let window_opens = tokio::time::Instant::now() + Duration::from_millis(1200);
-    let (from, until) = (now_ms + 1000, now_ms + 8000);
+    let opens = tokio::time::Instant::now() + Duration::from_millis(1200);
+    let (from, until) = (now_ms + 1000, now_ms + 7000);
     let source = format!(
         "const now = Date.now();\n\
-         const hog = now > {from} && now < {until} ? new Float64Array(4 * 1024 * 1024) : null;\n\
+         if (now > {from} && now < {until}) {{ {statement}; }}\n\
          export const mutators = {{\n  async setValue(tx, {{key, value}}) {{ await tx.set(key, value); }},\n}};\n"
     );
+    (source, opens)
+}
+
+/// A server running `source` (loaded now) on one engine.
+async fn server_running(backend: Backend, source: String) -> TestServer {
     let limits = one_engine(Duration::from_secs(5));
     let js = JsMutators::from_source("window.js", source, limits).expect("it loads at first");
     let options = App::builder()
         .mutators(js.register(Mutators::builtin()))
         .authenticator(Arc::new(TokenIsUser));
-    let server = TestServer::start_with(backend, options).await;
+    TestServer::start_with(backend, options).await
+}
+
+/// A module whose top-level code needs more memory than the engine may hold during a window:
+/// while no context can be made, a push fails whole (503, nothing written, not processed); once
+/// it can, the engine (renewed) applies the same push, once.
+async fn a_module_that_cannot_load_for_a_while_fails_pushes_then_recovers(backend: Backend) {
+    let (source, window_opens) =
+        module_with_window("globalThis.hog = new Float64Array(4 * 1024 * 1024)");
+    let server = server_running(backend, source).await;
     let body = push_body(
         "g-s",
         &[("c-s", 1, "setValue", json!({"key": "k", "value": 1}))],
@@ -234,7 +248,7 @@ async fn a_module_that_cannot_load_for_a_while_fails_pushes_then_recovers(backen
     let state = server.state("s", "g-s").await;
     assert!(state.entries.is_empty() && state.last_mutation_ids.is_empty());
 
-    // The client sends the push again until it is applied; the window ends within 8 s.
+    // The client sends the push again until it is applied; the window closes within 7 s.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, answer) = server.push("s", &body).await;
@@ -250,6 +264,35 @@ async fn a_module_that_cannot_load_for_a_while_fails_pushes_then_recovers(backen
     assert_eq!(Value::Object(state.entries.clone()), json!({"k": 1}));
     assert_eq!(state.lmid("c-s"), 1);
     assert_eq!(script_failures(&server).await, [0, 0, 0]);
+}
+
+/// A module whose top-level code throws during a window: the space's mutations fail as thrown
+/// (the module's own doing) while it does; once it loads again, the space's next push applies,
+/// although the engine served that space last (a context that failed to load is not kept).
+async fn a_module_that_throws_for_a_while_is_loaded_again_after(backend: Backend) {
+    let (source, window_opens) = module_with_window("throw new Error('not now')");
+    let server = server_running(backend, source).await;
+    // The window is the behaviour under test: the module's own clock decides when it throws.
+    tokio::time::sleep_until(window_opens).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut id = 0;
+    let entries = loop {
+        id += 1;
+        let set = json!({"key": "k", "value": id});
+        let body = push_body("g-s", &[("c-s", id, "setValue", set)]);
+        assert_eq!(server.push("s", &body).await, (200, json!({})));
+        let state = server.state("s", "g-s").await;
+        assert_eq!(state.lmid("c-s"), id, "every mutation is processed");
+        if !state.entries.is_empty() {
+            break state.entries;
+        }
+        assert!(Instant::now() < deadline, "the module never loaded again");
+        // A client's next mutation, a moment later.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(id > 1, "the first push came while the module threw");
+    assert_eq!(Value::Object(entries), json!({"k": id}));
+    assert_eq!(script_failures(&server).await, [id - 1, 0, 0]);
 }
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
