@@ -22,6 +22,12 @@ pub(crate) trait Fault: Send + Sync + 'static {
         None
     }
 
+    /// Runs before each streamed-pull read (first pulls, large deltas); an error fails the read,
+    /// the database not asked.
+    fn before_streamed_pull(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// An error to fail a push group's commit with, writing nothing; `None` commits.
     fn refuse_commit(&self, _changes: &PushChanges) -> Option<StoreError> {
         None
@@ -113,6 +119,7 @@ impl<F: Fault> Store for Faulty<F> {
         group: &str,
         since: Option<u64>,
     ) -> Result<PullSnapshot, StoreError> {
+        self.fault.before_streamed_pull()?;
         self.inner.streamed_pull(space, group, since).await
     }
     async fn pull_changes(

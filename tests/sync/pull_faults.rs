@@ -19,11 +19,13 @@ use serde_json::{Value, json};
 use crate::faults::{Fault, Faulty};
 use crate::harness::{Backend, TestServer, inc, push_body};
 
-/// What the incremental-pull reads asked for; refuses the next `refusals` of them.
+/// What the incremental-pull reads asked for, and how many streamed reads were asked; refuses
+/// the next `refusals` reads of either kind.
 #[derive(Default)]
 struct ReadLog {
     refusals: AtomicUsize,
     reads: Mutex<Vec<Vec<String>>>,
+    streamed: AtomicUsize,
 }
 
 const REFUSAL: &str = "the test refused this read";
@@ -42,14 +44,36 @@ impl Fault for LoggedReads {
             .is_ok();
         refuse.then(|| StoreError::Database(REFUSAL.into()))
     }
+
+    fn before_streamed_pull(&self) -> Result<(), StoreError> {
+        self.0.streamed.fetch_add(1, Ordering::SeqCst);
+        let refuse = self
+            .0
+            .refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        match refuse {
+            true => Err(StoreError::Database(REFUSAL.into())),
+            false => Ok(()),
+        }
+    }
 }
 
 /// The pull service the server runs, over the server's store seen through `log`, counting in
 /// `metrics` of its own.
 fn logged_pulls(server: &TestServer, log: &Arc<ReadLog>) -> (Pulls, Arc<Metrics>) {
+    logged_pulls_with(server, log, PullLimits::default())
+}
+
+/// [`logged_pulls`] with `limits`.
+fn logged_pulls_with(
+    server: &TestServer,
+    log: &Arc<ReadLog>,
+    limits: PullLimits,
+) -> (Pulls, Arc<Metrics>) {
     let store = Faulty::wrap(server.store.clone(), LoggedReads(log.clone()));
     let metrics = Arc::new(Metrics::default());
-    let pulls = Pulls::new(store, metrics.clone(), PullLimits::default());
+    let pulls = Pulls::new(store, metrics.clone(), limits);
     (pulls, metrics)
 }
 
@@ -203,6 +227,51 @@ async fn pulls_past_a_thousand_groups_take_two_reads(backend: Backend) {
     assert_eq!(metrics.pull_reads.get(), 2);
 }
 
+/// First pulls whose streamed read fails are answered with the store's error (500), each
+/// giving back its turn: with one streamed pull allowed at a time, the pull after three
+/// failures still gets its turn (not 503 Overloaded) and the whole space.
+async fn failed_first_pulls_give_back_their_turn(backend: Backend) {
+    let server = Arc::new(TestServer::start(backend).await);
+    let version = one_push_per_group(&server, "s", 2).await;
+    let log = Arc::new(ReadLog::default());
+    log.refusals.store(3, Ordering::SeqCst);
+    let limits = PullLimits {
+        max_first_pulls: 1,
+        queue_wait: Duration::from_millis(500),
+        ..PullLimits::default()
+    };
+    let (pulls, metrics) = logged_pulls_with(&server, &log, limits);
+    let space = SpaceId::parse("s").unwrap();
+    let request: PullRequest = serde_json::from_value(
+        json!({"pullVersion": 1, "clientGroupID": group(0), "cookie": null}),
+    )
+    .unwrap();
+    for attempt in 0..3 {
+        let failed = pulls.pull(&space, "anonymous", &request, &ReadOnly).await;
+        assert_eq!(
+            answered(failed).await,
+            (
+                500,
+                json!({"error": "Internal", "message": "internal error; the request changed nothing, retry later"})
+            ),
+            "attempt {attempt}"
+        );
+    }
+    let Ok(PullBody::Streamed(chunks)) = pulls.pull(&space, "anonymous", &request, &ReadOnly).await
+    else {
+        panic!("the fourth first pull was not streamed");
+    };
+    let body: Vec<bytes::Bytes> = chunks.map(|chunk| chunk.unwrap()).collect().await;
+    let body: Value = serde_json::from_slice(&body.concat()).unwrap();
+    assert_eq!(
+        body,
+        json!({"cookie": version, "lastMutationIDChanges": {client(0): 1},
+               "patch": [{"op": "clear"}, {"op": "put", "key": "n", "value": version}]})
+    );
+    assert_eq!(log.streamed.load(Ordering::SeqCst), 4);
+    assert_eq!(metrics.first_pulls_refused.get(), 0);
+}
+
 /// On one thread, so that every pull has joined its batch before the reader runs.
 mod one_thread {
     use crate::harness::Backend;
@@ -351,6 +420,7 @@ async fn a_stalled_reader_sees_a_transport_error(backend: Backend) {
 }
 
 crate::on_both_stores!(
+    failed_first_pulls_give_back_their_turn,
     a_slow_reader_is_cut_at_the_deadline,
     a_stalled_reader_sees_a_transport_error,
 );
