@@ -30,6 +30,17 @@ struct ReadLog {
 
 const REFUSAL: &str = "the test refused this read";
 
+impl ReadLog {
+    /// The error to fail a read with, while refusals are left.
+    fn take_refusal(&self) -> Option<StoreError> {
+        let refuse = self
+            .refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        refuse.then(|| StoreError::Database(REFUSAL.into()))
+    }
+}
+
 /// A test double: a real database cannot be made to fail one given read on demand.
 struct LoggedReads(Arc<ReadLog>);
 
@@ -37,25 +48,12 @@ struct LoggedReads(Arc<ReadLog>);
 impl Fault for LoggedReads {
     fn refuse_pull_changes(&self, groups: &[String]) -> Option<StoreError> {
         self.0.reads.lock().unwrap().push(groups.to_vec());
-        let refuse = self
-            .0
-            .refusals
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        refuse.then(|| StoreError::Database(REFUSAL.into()))
+        self.0.take_refusal()
     }
 
     fn before_streamed_pull(&self) -> Result<(), StoreError> {
         self.0.streamed.fetch_add(1, Ordering::SeqCst);
-        let refuse = self
-            .0
-            .refusals
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        match refuse {
-            true => Err(StoreError::Database(REFUSAL.into())),
-            false => Ok(()),
-        }
+        self.0.take_refusal().map_or(Ok(()), Err)
     }
 }
 
