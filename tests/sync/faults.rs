@@ -35,6 +35,18 @@ pub(crate) trait Fault: Send + Sync + 'static {
     /// Runs before each incremental-pull read.
     async fn before_pull_changes(&self) {}
 
+    /// An error to fail an incremental-pull read of `groups` with, the database not asked;
+    /// `None` reads.
+    fn refuse_pull_changes(&self, _groups: &[String]) -> Option<StoreError> {
+        None
+    }
+
+    /// Runs before each streamed-pull read (first pulls, large deltas); an error fails the read,
+    /// the database not asked.
+    fn before_streamed_pull(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// An error to fail a push group's commit with, writing nothing; `None` commits.
     fn refuse_commit(&self, _changes: &PushChanges) -> Option<StoreError> {
         None
@@ -282,6 +294,7 @@ impl<F: Fault> Store for Faulty<F> {
         group: &str,
         since: Option<u64>,
     ) -> Result<PullSnapshot, StoreError> {
+        self.fault.before_streamed_pull()?;
         self.inner.streamed_pull(space, group, since).await
     }
     async fn pull_changes(
@@ -292,6 +305,9 @@ impl<F: Fault> Store for Faulty<F> {
         max_delta_bytes: usize,
     ) -> Result<PullChanges, StoreError> {
         self.fault.before_pull_changes().await;
+        if let Some(error) = self.fault.refuse_pull_changes(groups) {
+            return Err(error);
+        }
         self.inner
             .pull_changes(space, groups, from, max_delta_bytes)
             .await

@@ -36,10 +36,15 @@ async fn write_limit_failures(server: &TestServer) -> u64 {
 }
 
 /// After a push whose arguments exhaust the engine's memory, the engine still runs every later
-/// push: 3,000 pushes to distinct spaces (each a context of its own) are all applied.
+/// push: 3,000 pushes to distinct spaces (each a context of its own) are all applied. Parsing
+/// megabytes of arguments takes seconds on a loaded machine: the push's time budget is set far
+/// above that (the default, a third of the request timeout, left the second mutation for a
+/// later push: 503 PartiallyApplied).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn huge_arguments_leave_the_engine_serving() {
-    let server = Arc::new(js_server_with(Backend::Postgres, one_engine()).await);
+    let write_limit = PushLimits::default().max_write_bytes;
+    let server =
+        Arc::new(server_with_write_limit(Backend::Postgres, one_engine(), write_limit).await);
     let body = push_body(
         "g-huge",
         &[

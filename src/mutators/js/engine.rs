@@ -4,7 +4,8 @@
 //! Each space gets a context of its own (a realm: its own globals), in which the app's module is
 //! evaluated, so nothing a mutator leaves behind reaches another space. The engine keeps the
 //! context of the space it served last for that space's next push (loading one costs more than
-//! the push); a stopped mutation (time or memory) always gets a fresh one. `tx` reads block this
+//! the push), unless the module failed to load in it; a stopped mutation (time or memory) always
+//! gets a fresh one. `tx` reads block this
 //! thread on the push, which answers from its open transaction.
 //!
 //! The code it runs is untrusted: a mutation that ran out of memory fails even if it caught the
@@ -156,7 +157,9 @@ impl Engine {
             space.link.detach_into(&session);
             self.deadline.set(None);
             match served {
-                Served::SessionEnded => self.warm = Some(space),
+                Served::SessionEnded if space.loaded.is_ok() => self.warm = Some(space),
+                // A module that failed to load (its top-level code threw) is loaded afresh.
+                Served::SessionEnded => drop(space),
                 Served::Stopped { pending } => {
                     drop(space);
                     next = pending;
