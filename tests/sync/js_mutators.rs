@@ -10,9 +10,12 @@ use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
 use replisync::startup::App;
+use replisync::store::StoreError;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
-use crate::harness::{Backend, TestServer, push_body};
+use crate::faults::{Fault, Faulty, Op};
+use crate::harness::{Backend, StoreOptions, TestServer, push_body};
 
 pub(crate) fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mutators.js")
@@ -37,6 +40,20 @@ pub(crate) async fn js_server_with(backend: Backend, limits: JsLimits) -> TestSe
         .mutators(js.register(Mutators::builtin()))
         .authenticator(Arc::new(TokenIsUser));
     TestServer::start_with(backend, options).await
+}
+
+/// Signals each entry read a push makes (a read the JavaScript engine asked for), and otherwise
+/// leaves the store alone: the only way to see from outside that a mutation is running.
+struct SignalReads(Arc<Semaphore>);
+
+#[async_trait]
+impl Fault for SignalReads {
+    fn fail(&self, op: Op) -> Option<StoreError> {
+        if op == Op::Entry {
+            self.0.add_permits(1);
+        }
+        None
+    }
 }
 
 /// The Authorization header is the user id (empty: "nobody").
@@ -710,7 +727,14 @@ async fn pushes_to_other_spaces_run_while_one_spins() {
         engines: 2,
         ..test_limits()
     };
-    let server = Arc::new(js_server_with(Backend::Postgres, limits).await);
+    let js = JsMutators::load(&fixture(), limits).expect("the fixture loads");
+    let reads = Arc::new(Semaphore::new(0));
+    let signal = reads.clone();
+    let store = StoreOptions::wrapped(|store| Faulty::wrap(store, SignalReads(signal)));
+    let options = App::builder()
+        .mutators(js.register(Mutators::builtin()))
+        .authenticator(Arc::new(TokenIsUser));
+    let server = Arc::new(TestServer::start_on(Backend::Postgres, store, options).await);
     let spinning = {
         let server = server.clone();
         tokio::spawn(async move {
@@ -718,8 +742,11 @@ async fn pushes_to_other_spaces_run_while_one_spins() {
             server.push("a", &body).await
         })
     };
-    // Give the first push time to reach its engine.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // `spins` reads its key, then spins: once the store saw the read, it holds its engine.
+    let read = tokio::time::timeout(Duration::from_secs(20), reads.acquire()).await;
+    read.expect("the spinning mutation started")
+        .unwrap()
+        .forget();
     assert!(
         !spinning.is_finished(),
         "the spinning push is still running"
