@@ -153,11 +153,12 @@ async fn a_locked_push_that_waited_lands_when_the_database_defaults_to_repeatabl
     let server = TestServer::start_on(Backend::Postgres, repeatable_read(), App::builder()).await;
     let (status, _) = server.push("rr", &one_increment("g-rr", "c-rr", 1)).await;
     assert_eq!(status, 200);
-    let pause = Duration::from_millis(300);
 
     // Writer A holds the space: the push's optimistic commit waits for it, and writer B queues
     // behind the push.
     let mut writer_a = server.db.pg().await;
+    let mut monitor = server.db.pg().await;
+    let a = backend_pid(&mut writer_a).await;
     hold(&mut writer_a, OTHER_WRITER).await;
     let conflicts = server.metrics.push_conflicts.get();
     let body = one_increment("g-rr", "c-rr", 2);
@@ -173,15 +174,17 @@ async fn a_locked_push_that_waited_lands_when_the_database_defaults_to_repeatabl
                 .as_u16()
         })
     };
-    tokio::time::sleep(pause).await;
-    let writer_b = hold_when_granted(server.db.pg().await, OTHER_WRITER);
-    tokio::time::sleep(pause).await;
+    wait_for_blocked_by(&mut monitor, a, 1).await; // the push
+    let mut writer_b = server.db.pg().await;
+    let b = backend_pid(&mut writer_b).await;
+    let writer_b = hold_when_granted(writer_b, OTHER_WRITER);
+    wait_for_blocked_by(&mut monitor, a, 2).await; // the push and B
 
     // A commits: the optimistic attempt fails (the space moved), B takes the lock, and the
     // push runs again under the lock, waiting for B.
     commit(&mut writer_a).await;
     let mut writer_b = writer_b.await.unwrap();
-    tokio::time::sleep(pause).await;
+    wait_for_blocked_by(&mut monitor, b, 1).await;
     commit(&mut writer_b).await;
 
     assert_eq!(push.await.unwrap(), 200);
@@ -193,6 +196,36 @@ async fn a_locked_push_that_waited_lands_when_the_database_defaults_to_repeatabl
     let view = server.state("rr", "reader").await;
     assert_eq!(view.entries["n"], 2);
     assert_eq!(view.cookie, 4, "two pushes and the two other writers");
+}
+
+/// The backend process id of `conn`'s session.
+async fn backend_pid(conn: &mut PgConnection) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Waits (at most 20 s) until exactly `sessions` sessions wait for a lock `blocker` holds.
+async fn wait_for_blocked_by(monitor: &mut PgConnection, blocker: i32, sessions: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(blocker)
+        .fetch_one(&mut *monitor)
+        .await
+        .unwrap();
+        if blocked == sessions {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{blocked} sessions wait for session {blocker}, not {sessions}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Sequential scans of the client group and client tables so far, as the statistics

@@ -114,6 +114,23 @@ impl Fault for FailTimes {
     }
 }
 
+/// Fails nothing; adds a permit to `reached` each time a push reaches `op`: how a test sees from
+/// outside that a push is running (it began, or its mutator read a key).
+pub(crate) struct Signal {
+    pub op: Op,
+    pub reached: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Fault for Signal {
+    fn fail(&self, op: Op) -> Option<StoreError> {
+        if op == self.op {
+            self.reached.add_permits(1);
+        }
+        None
+    }
+}
+
 /// Two faults at once: `fail` asks the first, then the second.
 #[async_trait]
 impl<A: Fault, B: Fault> Fault for (A, B) {

@@ -13,8 +13,8 @@ use replisync::store::{PushChanges, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::faults::{FailTimes, Fault, Faulty, Op};
-use crate::harness::{Backend, PokeRecorder, StoreOptions, TestServer, inc, push_body};
+use crate::faults::{FailTimes, Fault, Faulty, Op, Signal};
+use crate::harness::{Backend, PokeRecorder, StoreOptions, TestServer, inc, push_body, wait_until};
 
 /// Holds its push's group open: signals `entered`, then waits for `open`.
 #[derive(Clone)]
@@ -693,9 +693,12 @@ async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
         push_body("g", &[("c", 1, "increment", inc("n", 1))]),
     );
     wait_for_waiting(&server, 1).await;
+    let open = server.metrics.open_connections.get();
     left.abort(); // the caller hangs up: its connection closes
     let _ = left.await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = server.metrics.clone();
+    let connections = || metrics.open_connections.get();
+    wait_until("the server to see the hang-up", connections, |n| *n < open).await;
     let stays = send(
         &server,
         "s",
@@ -846,7 +849,13 @@ async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
             },
             ..PushLimits::default()
         });
-    let server = Arc::new(TestServer::start_with(backend, options).await);
+    let began = Arc::new(Semaphore::new(0));
+    let reached = began.clone();
+    let store = StoreOptions::wrapped(|store| {
+        let op = Op::BeginPush;
+        Faulty::wrap(store, Signal { op, reached })
+    });
+    let server = Arc::new(TestServer::start_on(backend, store, options).await);
     let slow_push = |group: &str, space: &str| {
         let client = format!("{group}-c");
         let mutations: Vec<_> = (1..=5)
@@ -857,9 +866,11 @@ async fn a_slow_push_alone_yields_to_a_push_that_waits(backend: Backend) {
     // Alone: nothing waits, so it runs to its end.
     let alone = slow_push("alone", "quiet").await.unwrap();
     assert_eq!(alone, (200, json!({})), "nothing waited: the whole push");
+    began.acquire().await.unwrap().forget();
 
     let slow = slow_push("slow", "s");
-    tokio::time::sleep(Duration::from_millis(100)).await; // the slow push holds the space
+    let holds = tokio::time::timeout(Duration::from_secs(20), began.acquire()).await;
+    holds.expect("the slow push began").unwrap().forget(); // it holds the space
     let fast = send(
         &server,
         "s",

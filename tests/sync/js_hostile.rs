@@ -313,6 +313,7 @@ async fn an_engine_that_cannot_serve_fails_the_push(backend: Backend) {
         .mutators(js.register(Mutators::builtin()))
         .authenticator(Arc::new(TokenIsUser));
     let server = TestServer::start_with(backend, options).await;
+    // Past `from` (the clock is the module's condition): a new context cannot load it now.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let body = push_body(
         "g-s",

@@ -10,11 +10,10 @@ use replisync::auth::{AuthError, Authenticator, Identity};
 use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
 use replisync::startup::App;
-use replisync::store::StoreError;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::faults::{Fault, Faulty, Op};
+use crate::faults::{Faulty, Op, Signal};
 use crate::harness::{Backend, StoreOptions, TestServer, push_body};
 
 pub(crate) fn fixture() -> PathBuf {
@@ -40,20 +39,6 @@ pub(crate) async fn js_server_with(backend: Backend, limits: JsLimits) -> TestSe
         .mutators(js.register(Mutators::builtin()))
         .authenticator(Arc::new(TokenIsUser));
     TestServer::start_with(backend, options).await
-}
-
-/// Signals each entry read a push makes (a read the JavaScript engine asked for), and otherwise
-/// leaves the store alone: the only way to see from outside that a mutation is running.
-struct SignalReads(Arc<Semaphore>);
-
-#[async_trait]
-impl Fault for SignalReads {
-    fn fail(&self, op: Op) -> Option<StoreError> {
-        if op == Op::Entry {
-            self.0.add_permits(1);
-        }
-        None
-    }
 }
 
 /// The Authorization header is the user id (empty: "nobody").
@@ -730,7 +715,13 @@ async fn pushes_to_other_spaces_run_while_one_spins() {
     let js = JsMutators::load(&fixture(), limits).expect("the fixture loads");
     let reads = Arc::new(Semaphore::new(0));
     let signal = reads.clone();
-    let store = StoreOptions::wrapped(|store| Faulty::wrap(store, SignalReads(signal)));
+    let store = StoreOptions::wrapped(|store| {
+        let reached = Signal {
+            op: Op::Entry,
+            reached: signal,
+        };
+        Faulty::wrap(store, reached)
+    });
     let options = App::builder()
         .mutators(js.register(Mutators::builtin()))
         .authenticator(Arc::new(TokenIsUser));

@@ -124,7 +124,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let server = server_with(http, None).await;
     let mut tcp = connect(&server).await;
     health_check(&mut tcp).await;
-    // Still usable for a second request while within the idle timeout.
+    // Still usable for a second request after idling for part of the idle timeout (the idle
+    // time is the behaviour under test, so this waits on purpose).
     tokio::time::sleep(Duration::from_millis(300)).await;
     health_check(&mut tcp).await;
     let idle_from = tokio::time::Instant::now();
