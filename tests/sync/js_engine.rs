@@ -192,6 +192,7 @@ crate::on_both_stores!(
     a_promise_that_never_settles_fails_its_mutation,
     writes_not_awaited_belong_to_their_mutation,
     a_module_that_cannot_load_for_a_while_fails_pushes_then_recovers,
+    a_module_too_slow_to_load_for_a_while_fails_pushes_then_recovers,
     a_module_that_throws_for_a_while_is_loaded_again_after,
     js_pushes_in_one_group_each_get_their_own_answer,
 );
@@ -228,14 +229,40 @@ async fn server_running(backend: Backend, source: String) -> TestServer {
 /// while no context can be made, a push fails whole (503, nothing written, not processed); once
 /// it can, the engine (renewed) applies the same push, once.
 async fn a_module_that_cannot_load_for_a_while_fails_pushes_then_recovers(backend: Backend) {
-    let (source, window_opens) =
-        module_with_window("globalThis.hog = new Float64Array(4 * 1024 * 1024)");
-    let server = server_running(backend, source).await;
+    let hogs = "globalThis.hog = new Float64Array(4 * 1024 * 1024)";
+    pushes_fail_whole_while_the_module_cannot_load(backend, hogs, Duration::from_secs(5)).await;
+}
+
+/// A module whose top-level code runs past the time limit during a window (as on a machine too
+/// loaded to load it in time): the push fails whole, as when memory is short, instead of its
+/// mutations failing as timeouts and counting as processed (the client would not send them
+/// again).
+async fn a_module_too_slow_to_load_for_a_while_fails_pushes_then_recovers(backend: Backend) {
+    let spins = "for (;;) {}";
+    pushes_fail_whole_while_the_module_cannot_load(backend, spins, Duration::from_millis(300))
+        .await;
+}
+
+/// Runs a server whose module runs `statement` at its top level during a window, and asserts
+/// that a push in the window fails whole (503, nothing written, not processed) and the same
+/// push is applied once the window has closed.
+async fn pushes_fail_whole_while_the_module_cannot_load(
+    backend: Backend,
+    statement: &str,
+    timeout: Duration,
+) {
+    let (source, window_opens) = module_with_window(statement);
+    let limits = one_engine(timeout);
+    let js = JsMutators::from_source("window.js", source, limits).expect("it loads at first");
+    let options = App::builder()
+        .mutators(js.register(Mutators::builtin()))
+        .authenticator(Arc::new(TokenIsUser));
+    let server = TestServer::start_with(backend, options).await;
     let body = push_body(
         "g-s",
         &[("c-s", 1, "setValue", json!({"key": "k", "value": 1}))],
     );
-    // The window is the behaviour under test: the module's own clock decides when it hogs.
+    // The window is the behaviour under test: the module's own clock decides when it fails.
     tokio::time::sleep_until(window_opens).await;
     let (status, answer) = server.push("s", &body).await;
     assert_eq!(

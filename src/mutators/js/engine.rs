@@ -228,8 +228,9 @@ impl Engine {
     }
 
     /// A new context for `space`, with the module loaded in it. Fails when the context cannot
-    /// be made, or the module cannot be loaded for want of memory (the runtime's fault, not the
-    /// module's: it loaded at start-up).
+    /// be made, or the module cannot be loaded for want of memory or time (the runtime's or the
+    /// machine's fault, not the module's: it loaded at start-up); the push then fails whole and
+    /// is sent again, where a failed mutation would count as processed.
     fn space_context(&self, space: &str) -> Result<SpaceContext, String> {
         self.gauge.take_refused();
         let context = Context::full(&self.runtime)
@@ -244,7 +245,7 @@ impl Engine {
             })
         });
         if let Err(error) = &loaded
-            && error.reason == ScriptFailure::Memory
+            && matches!(error.reason, ScriptFailure::Memory | ScriptFailure::Timeout)
         {
             return Err(format!(
                 "cannot load the mutators module: {}",
