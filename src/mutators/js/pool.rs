@@ -47,6 +47,22 @@ fn engine_thread(
     limits: EngineLimits,
     waiting: Arc<Mutex<Receiver<EngineEnd>>>,
 ) {
+    serve_sessions(
+        &waiting,
+        || Engine::new(module.clone(), limits),
+        |engine, end| engine.serve(end),
+    );
+}
+
+/// Takes the sessions `waiting` holds, one at a time, serving each with `serve` on an engine
+/// `start` made (once, then again after a panic or a failed start, for the next session) until
+/// the pool is dropped. A session whose engine panicked or could not start is dropped, which
+/// tells its push.
+fn serve_sessions<E>(
+    waiting: &Mutex<Receiver<EngineEnd>>,
+    mut start: impl FnMut() -> Result<E, String>,
+    mut serve: impl FnMut(&mut E, EngineEnd),
+) {
     let mut engine = None;
     loop {
         let next = match waiting.lock() {
@@ -55,7 +71,7 @@ fn engine_thread(
         };
         let Ok(end) = next else { return };
         if engine.is_none() {
-            match Engine::new(module.clone(), limits) {
+            match start() {
                 Ok(new) => engine = Some(new),
                 Err(error) => {
                     tracing::error!(%error, "cannot start a JavaScript engine");
@@ -64,11 +80,97 @@ fn engine_thread(
             }
         }
         let served = catch_unwind(AssertUnwindSafe(|| {
-            engine.as_mut().expect("created above").serve(end)
+            serve(engine.as_mut().expect("started above"), end);
         }));
         if served.is_err() {
             tracing::error!("a JavaScript engine panicked; it starts afresh");
             engine = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::messages::{FromEngine, PushEnd, RunError, session};
+    use super::*;
+
+    /// Queues `count` sessions and closes the queue; returns the pushes' ends.
+    fn queued(count: usize) -> (Mutex<Receiver<EngineEnd>>, Vec<PushEnd>) {
+        let (sessions, waiting) = channel();
+        let pushes = (0..count)
+            .map(|_| {
+                let (push_end, engine_end) = session();
+                sessions.send(engine_end).unwrap();
+                push_end
+            })
+            .collect();
+        (Mutex::new(waiting), pushes)
+    }
+
+    /// Serves a session by answering its push with the engine's generation.
+    fn answer(generation: &mut u32, end: EngineEnd) {
+        let message = format!("generation {generation}");
+        let _ = end
+            .to_push
+            .send(FromEngine::Done(Err(RunError::Engine(message))));
+    }
+
+    fn answered(push: &mut PushEnd) -> Option<String> {
+        match push.from_engine.try_recv() {
+            Ok(FromEngine::Done(Err(RunError::Engine(message)))) => Some(message),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_engine_that_panics_loses_its_session_and_the_next_gets_a_new_engine() {
+        let (waiting, mut pushes) = queued(3);
+        let mut started = 0;
+        serve_sessions(
+            &waiting,
+            || {
+                started += 1;
+                Ok(started)
+            },
+            |generation, end| {
+                if *generation == 1 {
+                    panic!("engine 1 panics on its first session, as the test asks");
+                }
+                answer(generation, end);
+            },
+        );
+        assert_eq!(started, 2, "one engine, then one more after the panic");
+        assert_eq!(
+            answered(&mut pushes[0]),
+            None,
+            "the panicked session is dropped"
+        );
+        assert!(
+            pushes[0].to_engine.is_closed(),
+            "its push sees the session end"
+        );
+        assert_eq!(answered(&mut pushes[1]).as_deref(), Some("generation 2"));
+        assert_eq!(answered(&mut pushes[2]).as_deref(), Some("generation 2"));
+    }
+
+    #[test]
+    fn an_engine_that_cannot_start_drops_the_session_and_is_tried_again() {
+        let (waiting, mut pushes) = queued(2);
+        let mut attempts = 0;
+        serve_sessions(
+            &waiting,
+            || {
+                attempts += 1;
+                if attempts == 1 {
+                    Err("no memory for a runtime".to_owned())
+                } else {
+                    Ok(attempts)
+                }
+            },
+            answer,
+        );
+        assert_eq!(answered(&mut pushes[0]), None);
+        assert!(pushes[0].to_engine.is_closed());
+        assert_eq!(answered(&mut pushes[1]).as_deref(), Some("generation 2"));
     }
 }
