@@ -12,9 +12,7 @@ use replisync::startup::App;
 use replisync::store::{RECONNECT_ATTEMPTS, Store, StoreError, unix_now};
 use serde_json::{Value, json};
 
-use crate::faults::{
-    CommitHooks, FailTimes, Faulty, Op, before_next_commit, hooked_commit, unique_space,
-};
+use crate::faults::{CommitHooks, FailTimes, Faulty, Op};
 use crate::group_commit::{Gate, options_with, wait_for_none_waiting};
 use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body};
 
@@ -27,40 +25,40 @@ fn increment(group: &str, client: &str, id: u64) -> Value {
     push_body(group, &[(client, id, "increment", inc("n", 1))])
 }
 
-/// A Postgres server whose commits run the hook a test sets with `before_next_commit`.
-async fn server_with_commit_hooks() -> TestServer {
-    let store = StoreOptions {
-        wrap_store: |store| Faulty::wrap(store, CommitHooks),
-        ..StoreOptions::default()
-    };
-    TestServer::start_on(Backend::Postgres, store, App::builder()).await
+/// A Postgres server whose commits run the hook a test sets on the hooks returned with it.
+async fn server_with_commit_hooks() -> (TestServer, CommitHooks) {
+    let hooks = CommitHooks::default();
+    let faults = hooks.clone();
+    let store = StoreOptions::wrapped(|store| Faulty::wrap(store, faults));
+    let server = TestServer::start_on(Backend::Postgres, store, App::builder()).await;
+    (server, hooks)
 }
 
 /// Pushes `body` to `space` while `sql` runs on a connection of its own between the push's read
 /// and its commit (a concurrent writer: another instance, or garbage collection); asserts that
 /// the database refused that commit for `cause` (the check of the commit function that fired).
 async fn push_racing(
-    server: &TestServer,
+    (server, hooks): (&TestServer, &CommitHooks),
     space: &str,
     sql: String,
     body: &Value,
     cause: &str,
 ) -> (u16, Value) {
     let mut conn = server.db.pg().await;
-    before_next_commit(space, async move {
+    hooks.before_next_commit(async move {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
             .expect("the concurrent change is made");
     });
     let answer = server.push(space, body).await;
-    assert_refused_for(space, cause);
+    assert_refused_for(hooks, cause);
     answer
 }
 
-/// Asserts that the commit the hook of `space` ran before met a conflict for `cause`.
-fn assert_refused_for(space: &str, cause: &str) {
-    let committed = hooked_commit(space);
+/// Asserts that the commit the hook ran before met a conflict for `cause`.
+fn assert_refused_for(hooks: &CommitHooks, cause: &str) {
+    let committed = hooks.hooked_commit();
     assert!(
         matches!(&committed, Err(StoreError::Conflict(message)) if message.contains(cause)),
         "expected a conflict for {cause:?}: {committed:?}"
@@ -87,15 +85,15 @@ fn rows(spaces: &[&str], groups: &[&str], clients: &[&str], entries: &[&str]) ->
 /// the version the other writer left, and applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_push_whose_space_moved_after_its_read_applies_under_the_lock() {
-    let server = server_with_commit_hooks().await;
-    let space = unique_space("moved");
+    let (server, hooks) = server_with_commit_hooks().await;
+    let space = "moved".to_owned();
     assert_eq!(
         server.push(&space, &increment("g", "c", 1)).await,
         applied()
     );
     let bump = format!("UPDATE replisync_spaces SET version = version + 1 WHERE id = '{space}'");
     let answer = push_racing(
-        &server,
+        (&server, &hooks),
         &space,
         bump,
         &increment("g", "c", 2),
@@ -123,15 +121,15 @@ async fn postgres_a_push_whose_space_moved_after_its_read_applies_under_the_lock
 /// the retry finds the group and applies the push to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_push_whose_new_group_was_created_concurrently_applies_to_it() {
-    let server = server_with_commit_hooks().await;
-    let space = unique_space("created");
+    let (server, hooks) = server_with_commit_hooks().await;
+    let space = "created".to_owned();
     let create = format!(
         "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
          VALUES ('g', '{space}', 'anonymous', {})",
         unix_now()
     );
     let answer = push_racing(
-        &server,
+        (&server, &hooks),
         &space,
         create,
         &increment("g", "c", 1),
@@ -155,15 +153,15 @@ async fn postgres_a_push_whose_new_group_was_created_concurrently_applies_to_it(
 /// the pusher's and refuses the push 403, writing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_push_whose_new_group_another_user_created_concurrently_is_forbidden() {
-    let server = server_with_commit_hooks().await;
-    let space = unique_space("taken");
+    let (server, hooks) = server_with_commit_hooks().await;
+    let space = "taken".to_owned();
     let create = format!(
         "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
          VALUES ('g', '{space}', 'someone-else', {})",
         unix_now()
     );
     let (status, body) = push_racing(
-        &server,
+        (&server, &hooks),
         &space,
         create,
         &increment("g", "c", 1),
@@ -188,14 +186,14 @@ async fn postgres_a_push_whose_new_group_another_user_created_concurrently_is_fo
 /// answers ClientStateNotFound, writing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_new_group_collected_before_its_commit_is_client_state_not_found() {
-    let server = server_with_commit_hooks().await;
-    let space = unique_space("collected-new");
+    let (server, hooks) = server_with_commit_hooks().await;
+    let space = "collected-new".to_owned();
     let forget = format!(
         "INSERT INTO replisync_collected_client_groups (id, collected_at) VALUES ('g', {})",
         unix_now()
     );
     let answer = push_racing(
-        &server,
+        (&server, &hooks),
         &space,
         forget,
         &increment("g", "c", 1),
@@ -212,8 +210,8 @@ async fn postgres_a_new_group_collected_before_its_commit_is_client_state_not_fo
 /// group and refuses the push 403, writing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_client_claimed_by_another_group_before_the_commit_is_forbidden() {
-    let server = server_with_commit_hooks().await;
-    let space = unique_space("claimed");
+    let (server, hooks) = server_with_commit_hooks().await;
+    let space = "claimed".to_owned();
     let claim = format!(
         "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
          VALUES ('other', '{space}', 'anonymous', {});
@@ -222,7 +220,7 @@ async fn postgres_a_client_claimed_by_another_group_before_the_commit_is_forbidd
         unix_now()
     );
     let (status, body) = push_racing(
-        &server,
+        (&server, &hooks),
         &space,
         claim,
         &increment("g", "c", 1),
@@ -253,8 +251,8 @@ const GC_SETTINGS: GcSettings = GcSettings {
 /// commit writes nothing (no client without its group); the retry answers ClientStateNotFound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_stale_group_collected_before_the_commit_is_client_state_not_found() {
-    let server = server_with_commit_hooks().await;
-    let space = unique_space("collected-stale");
+    let (server, hooks) = server_with_commit_hooks().await;
+    let space = "collected-stale".to_owned();
     assert_eq!(
         server.push(&space, &increment("g", "c", 1)).await,
         applied()
@@ -267,14 +265,14 @@ async fn postgres_a_stale_group_collected_before_the_commit_is_client_state_not_
         ))
         .await;
     let (store, metrics) = (server.store.clone(), server.metrics.clone());
-    before_next_commit(&space, async move {
+    hooks.before_next_commit(async move {
         // The real collector, on its own connection.
         let collected = gc::collect(&*store, &metrics, unix_now(), &GC_SETTINGS).await;
         let groups = collected.map(|c| c.map(|c| c.client_groups));
         assert!(matches!(groups, Ok(Some(1))), "{groups:?}");
     });
     let answer = server.push(&space, &increment("g", "c", 2)).await;
-    assert_refused_for(&space, "a client group was collected concurrently");
+    assert_refused_for(&hooks, "a client group was collected concurrently");
     assert_eq!(answer, (200, json!({"error": "ClientStateNotFound"})));
     assert_eq!(server.metrics.push_conflicts.get(), 1);
     let expected = rows(
@@ -299,10 +297,7 @@ type Wrap = fn(Arc<dyn Store>) -> Arc<dyn Store>;
 /// A server whose store `wrap` gives a fault (a double: see `FailTimes`), with a `count`
 /// mutator that scans.
 async fn server_with(backend: Backend, wrap: Wrap) -> TestServer {
-    let store = StoreOptions {
-        wrap_store: wrap,
-        ..StoreOptions::default()
-    };
+    let store = StoreOptions::wrapped(wrap);
     let mutators = Mutators::builtin().register("count", CountKeys);
     TestServer::start_on(backend, store, App::builder().mutators(mutators)).await
 }
@@ -474,10 +469,7 @@ async fn group_of_three_failing_once(
     wrap: Wrap,
 ) -> (Arc<TestServer>, Vec<(u16, Value)>) {
     let gate = Gate::default();
-    let store = StoreOptions {
-        wrap_store: wrap,
-        ..StoreOptions::default()
-    };
+    let store = StoreOptions::wrapped(wrap);
     let app = options_with(&gate, PushLimits::default());
     let server = Arc::new(TestServer::start_on(backend, store, app).await);
     let held = gate.hold(&server, "s").await;

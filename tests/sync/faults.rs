@@ -3,11 +3,10 @@
 //! fails N times with a chosen error, a commit whose answer is lost, a change made just before a
 //! commit).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
@@ -142,31 +141,26 @@ impl<A: Fault, B: Fault> Fault for (A, B) {
 /// A change a test makes to the database just before a commit reaches it.
 pub(crate) type CommitHook = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Where a space's hook is: set, running (its commit under way), or done with its commit's
-/// result.
+/// Where the hook is: set, running (its commit under way), or done with its commit's result.
 enum Hooked {
     Waiting(CommitHook),
     Running,
     Done(Result<(), StoreError>),
 }
 
-/// The hook of each space a test set one for. Keyed by space because the harness builds a
-/// store's fault before the test has a server (`StoreOptions::wrap_store` is a plain `fn`): a
-/// test reaches its fault through the space it pushes to, unique to the test.
-static COMMIT_HOOKS: LazyLock<Mutex<HashMap<String, Hooked>>> = LazyLock::new(Mutex::default);
-
-/// Runs each hook a test set with [`before_next_commit`], and keeps the result of the commit
-/// it ran before. The hook makes a real change through its own database connection between
-/// the push's read and its commit, a window no client can hit on demand; the database then
-/// judges the commit as it would any concurrent writer's.
-pub(crate) struct CommitHooks;
+/// Runs the hook a test set with [`CommitHooks::before_next_commit`], and keeps the result of
+/// the commit it ran before. The hook makes a real change through its own database connection
+/// between the push's read and its commit, a window no client can hit on demand; the database
+/// then judges the commit as it would any concurrent writer's. The test keeps a clone.
+#[derive(Clone, Default)]
+pub(crate) struct CommitHooks(Arc<Mutex<Option<Hooked>>>);
 
 #[async_trait]
 impl Fault for CommitHooks {
-    async fn before_commit(&self, space: &SpaceId) {
+    async fn before_commit(&self, _space: &SpaceId) {
         let hook = {
-            let mut hooks = COMMIT_HOOKS.lock().unwrap();
-            match hooks.get_mut(space.as_str()) {
+            let mut hooked = self.0.lock().unwrap();
+            match &mut *hooked {
                 Some(state @ Hooked::Waiting(_)) => std::mem::replace(state, Hooked::Running),
                 _ => return,
             }
@@ -176,39 +170,35 @@ impl Fault for CommitHooks {
         }
     }
 
-    fn after_commit(&self, space: &SpaceId, committed: &Result<(), StoreError>) {
-        let mut hooks = COMMIT_HOOKS.lock().unwrap();
-        if let Some(state @ Hooked::Running) = hooks.get_mut(space.as_str()) {
+    fn after_commit(&self, _space: &SpaceId, committed: &Result<(), StoreError>) {
+        let mut hooked = self.0.lock().unwrap();
+        if let Some(state @ Hooked::Running) = &mut *hooked {
             *state = Hooked::Done(committed.clone());
         }
     }
 }
 
-/// Runs `hook` just before the next commit of `space` (in a store wrapped with
-/// [`CommitHooks`]), once.
-pub(crate) fn before_next_commit(space: &str, hook: impl Future<Output = ()> + Send + 'static) {
-    let previous = COMMIT_HOOKS
-        .lock()
-        .unwrap()
-        .insert(space.to_owned(), Hooked::Waiting(Box::pin(hook)));
-    assert!(previous.is_none(), "one hook at a time for {space}");
-}
-
-/// What the database answered the commit the hook of `space` ran before; panics unless that
-/// commit is done.
-pub(crate) fn hooked_commit(space: &str) -> Result<(), StoreError> {
-    match COMMIT_HOOKS.lock().unwrap().remove(space) {
-        Some(Hooked::Done(committed)) => committed,
-        Some(Hooked::Waiting(_)) => panic!("no commit of {space} ran its hook"),
-        Some(Hooked::Running) => panic!("the hooked commit of {space} is not done"),
-        None => panic!("no hook was set for {space}"),
+impl CommitHooks {
+    /// Runs `hook` just before the store's next commit, once.
+    pub(crate) fn before_next_commit(&self, hook: impl Future<Output = ()> + Send + 'static) {
+        let previous = self
+            .0
+            .lock()
+            .unwrap()
+            .replace(Hooked::Waiting(Box::pin(hook)));
+        assert!(previous.is_none(), "one hook at a time");
     }
-}
 
-/// A space id no other test of this process uses: `name` and a number.
-pub(crate) fn unique_space(name: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{name}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    /// What the database answered the commit the hook ran before; panics unless that commit
+    /// is done.
+    pub(crate) fn hooked_commit(&self) -> Result<(), StoreError> {
+        match self.0.lock().unwrap().take() {
+            Some(Hooked::Done(committed)) => committed,
+            Some(Hooked::Waiting(_)) => panic!("no commit ran the hook"),
+            Some(Hooked::Running) => panic!("the hooked commit is not done"),
+            None => panic!("no hook was set"),
+        }
+    }
 }
 
 /// `inner` with `fault` applied.

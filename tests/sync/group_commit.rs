@@ -355,10 +355,7 @@ impl Fault for PoisonedCommits {
 
 async fn a_database_error_fails_only_the_push_that_caused_it(backend: Backend) {
     let gate = Gate::default();
-    let store = StoreOptions {
-        wrap_store: |store| Faulty::wrap(store, PoisonedCommits),
-        ..StoreOptions::default()
-    };
+    let store = StoreOptions::wrapped(|store| Faulty::wrap(store, PoisonedCommits));
     let app = options_with(&gate, PushLimits::default());
     let server = Arc::new(TestServer::start_on(backend, store, app).await);
     let held = gate.hold(&server, "s").await;
@@ -739,14 +736,11 @@ async fn a_push_whose_caller_left_is_applied_and_poked(backend: Backend) {
 /// pokes; so does a client's resend of the same push.
 async fn a_commit_whose_answer_was_lost_is_poked(backend: Backend) {
     let pokes = Arc::new(PokeRecorder::default());
-    let store = StoreOptions {
-        wrap_store: |store| {
-            // Commits, then answers as if the connection died before the answer arrived.
-            let lost = StoreError::Disconnected("the answer to the commit was lost".into());
-            Faulty::wrap(store, FailTimes::new(Op::CommitAnswer, 1, lost))
-        },
-        ..StoreOptions::default()
-    };
+    let store = StoreOptions::wrapped(|store| {
+        // Commits, then answers as if the connection died before the answer arrived.
+        let lost = StoreError::Disconnected("the answer to the commit was lost".into());
+        Faulty::wrap(store, FailTimes::new(Op::CommitAnswer, 1, lost))
+    });
     let app = App::builder().poke_sink(pokes.clone());
     let server = TestServer::start_on(backend, store, app).await;
     let body = push_body("g", &[("c", 1, "increment", inc("n", 1))]);

@@ -75,10 +75,8 @@ impl Drop for TestServer {
 /// How a test's store is opened; the app itself is configured with `App::builder()`, as the
 /// binary configures it.
 pub(crate) struct StoreOptions {
-    /// Wraps the test's store, e.g. to slow it down.
-    pub wrap_store: fn(Arc<dyn Store>) -> Arc<dyn Store>,
-    /// Wraps the store further with what the test holds on to (see [`StoreOptions::wrapped`]).
-    pub wrap_with: Option<StoreWrapper>,
+    /// Wraps the test's store in a fault (see [`StoreOptions::wrapped`]).
+    pub wrap_store: Option<StoreWrapper>,
     /// Postgres: the bounds of the store's sessions.
     pub pg_limits: SessionLimits,
     /// Postgres: changes the store's connect options (before the bounds are added).
@@ -94,7 +92,7 @@ impl StoreOptions {
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store> + Send + 'static,
     ) -> StoreOptions {
         StoreOptions {
-            wrap_with: Some(Box::new(wrap)),
+            wrap_store: Some(Box::new(wrap)),
             ..StoreOptions::default()
         }
     }
@@ -103,8 +101,7 @@ impl StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            wrap_store: |store| store,
-            wrap_with: None,
+            wrap_store: None,
             pg_limits: SessionLimits::default(),
             pg_options: |options| options,
         }
@@ -137,8 +134,8 @@ impl TestServer {
         app: AppBuilder,
     ) -> TestServer {
         let db = TestDb::create(backend).await;
-        let mut opened = (store.wrap_store)(db.open_store_with(&store).await);
-        if let Some(wrap) = store.wrap_with {
+        let mut opened = db.open_store_with(&store).await;
+        if let Some(wrap) = store.wrap_store {
             opened = wrap(opened);
         }
         let app = app.build(opened);
