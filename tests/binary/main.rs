@@ -1,0 +1,8 @@
+//! The real binary, as an operator runs it: each module below starts `replisync` as a child
+//! process with an empty environment in a fresh directory, and checks what it does and says.
+
+mod harness;
+mod serving;
+mod shutdown;
+mod start_up;
+mod subcommands;
