@@ -2,10 +2,11 @@
 //! subcommands run to their end, raw pushes and pulls, and a Postgres database of its own.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
@@ -103,9 +104,7 @@ pub(crate) fn refused_start_up(
 impl Server {
     /// SIGTERM, as an orchestrator stops it; it must exit cleanly within its shutdown timeout.
     pub(crate) fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(killed.success());
+        self.sigterm();
         for _ in 0..150 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 assert!(status.success(), "replisync exited with {status}");
@@ -115,6 +114,103 @@ impl Server {
         }
         let _ = self.child.kill();
         panic!("replisync did not stop within 15 s of SIGTERM");
+    }
+
+    /// Sends SIGTERM, as an orchestrator does to stop it.
+    pub(crate) fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+    }
+
+    /// Its exit status, once it has exited within `within`; `None` while it still runs.
+    pub(crate) async fn exit_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let child = &mut self.child;
+        poll_for(within, || child.try_wait().unwrap()).await
+    }
+
+    /// Every line it logged so far.
+    pub(crate) fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The first line it logged that contains `needle`, waiting up to `within` for it.
+    pub(crate) async fn wait_for_log(&self, needle: &str, within: Duration) -> Option<String> {
+        poll_for(within, || {
+            let log = self.log.lock().unwrap();
+            log.iter().find(|line| line.contains(needle)).cloned()
+        })
+        .await
+    }
+}
+
+/// The first `Some` that `check` returns, asking every 20 ms (so a bounded number of times)
+/// until `within` has passed.
+pub(crate) async fn poll_for<T>(
+    within: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    const EVERY: Duration = Duration::from_millis(20);
+    let deadline = Instant::now() + within;
+    let rounds = within.as_millis() / EVERY.as_millis() + 1;
+    for _ in 0..rounds {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(EVERY).await;
+    }
+    check()
+}
+
+/// An SSE stream read to its end in the background: the text so far, and how it ended.
+pub(crate) struct SseReader {
+    text: Arc<Mutex<String>>,
+    reading: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl SseReader {
+    /// Opens `url` (it must answer 200) and reads it in a task of its own.
+    pub(crate) async fn open(url: &str) -> SseReader {
+        let response = reqwest::get(url).await.expect("the SSE stream opens");
+        assert_eq!(response.status(), 200, "GET {url}");
+        let text = Arc::new(Mutex::new(String::new()));
+        let kept = text.clone();
+        let reading = tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|error| format!("{error:?}"))?;
+                kept.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk));
+            }
+            Ok(())
+        });
+        SseReader { text, reading }
+    }
+
+    /// Everything read so far.
+    pub(crate) fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Whether `needle` was read within `within`.
+    pub(crate) async fn wait_for(&self, needle: &str, within: Duration) -> bool {
+        poll_for(within, || self.text().contains(needle).then_some(()))
+            .await
+            .is_some()
+    }
+
+    /// How the stream ended, waiting up to `within`: `Ok` with all its text at a clean end,
+    /// `Err` with the transport error otherwise. Panics when it is still open.
+    pub(crate) async fn end(self, within: Duration) -> Result<String, String> {
+        let ended = tokio::time::timeout(within, self.reading).await;
+        let ended =
+            ended.unwrap_or_else(|_| panic!("the SSE stream is still open after {within:?}"));
+        ended.expect("the SSE reading task")?;
+        Ok(self.text.lock().unwrap().clone())
     }
 }
 

@@ -2,6 +2,7 @@
 //! process with an empty environment in a fresh directory, and checks what it does and says.
 
 mod harness;
+mod pusher_double;
 mod serving;
 mod shutdown;
 mod start_up;

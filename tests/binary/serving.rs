@@ -109,18 +109,9 @@ async fn failing_mutations_are_one_short_escaped_log_line_per_push() {
 async fn metrics_can_move_to_an_address_of_their_own() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_with(dir.path(), &[("REPLISYNC_METRICS_LISTEN", "127.0.0.1:0")]);
-    let mut metrics_address = None;
-    for _ in 0..100 {
-        metrics_address = server.log.lock().unwrap().iter().find_map(|line| {
-            let rest = line.split("/metrics listening").nth(1)?;
-            Some(rest.split("address=").nth(1)?.trim().to_owned())
-        });
-        if metrics_address.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let metrics_address = metrics_address.expect("the metrics address is logged");
+    let logged = server.wait_for_log("/metrics listening", Duration::from_secs(5));
+    let logged = logged.await.expect("the metrics address is logged");
+    let metrics_address = logged.split("address=").nth(1).expect("an address").trim();
     let client = reqwest::Client::new();
     let main = client
         .get(format!("{}/metrics", server.base))

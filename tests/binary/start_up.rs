@@ -175,8 +175,15 @@ async fn readyz_waits_for_a_jwks_that_is_down_at_start() {
     let (status, body) = readyz().await;
     assert_eq!(status, 503, "/readyz before the JWKS is fetched: {body}");
     assert!(body.contains("JWKS") && body.contains(&url), "{body}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(readyz().await.0, 503, "still down");
+    // A background fetch has failed again (it retries every 0.5 s and more): still 503.
+    let retried = "the JWKS is not fetched yet: tokens get 503";
+    let retried = server.wait_for_log(retried, Duration::from_secs(10)).await;
+    assert!(
+        retried.is_some(),
+        "no failed retry logged: {:?}",
+        server.log_lines()
+    );
+    assert_eq!(readyz().await.0, 503, "still down after a failed retry");
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
