@@ -1,8 +1,8 @@
 //! A Pusher HTTP API double that answers when the test says so: it records every event POST as
 //! it arrives and holds the answer until released, like a Pusher that is slow as replisync stops.
-//!
-//! A test double, not sockudo: "Pusher is slow right when replisync stops" cannot be produced
-//! on demand with a real Pusher-compatible server, which answers as fast as it can.
+
+// A test double, not sockudo: "Pusher is slow right when replisync stops" cannot be produced on
+// demand with a real Pusher-compatible server, which answers as fast as it can.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

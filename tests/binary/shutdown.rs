@@ -134,7 +134,9 @@ async fn push_to(server: &Server, space: &str) {
 }
 
 /// Makes the poker busy and leaves a poke waiting behind it: a push to `in-flight`, whose
-/// Pusher call the double holds, then a push to `queued`, whose poke waits for that call.
+/// Pusher call the double holds, then a push to `queued`, whose poke waits for that call. (The
+/// poker gives a call 5 s: the tests release it, or reach their deadline, well before that, so
+/// no retry adds a call.)
 async fn hold_one_poke_and_queue_another(server: &Server, pusher: &SlowPusher) {
     push_to(server, "in-flight").await;
     let received = pusher.wait_for_received(1, PATIENCE).await;
