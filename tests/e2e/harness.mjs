@@ -3,6 +3,8 @@
 // Starts sockudo and the replisync binary as child processes on free loopback ports, with a
 // temp SQLite file or a fresh Postgres database; makes Replicache clients, pusher-js clients
 // and SSE readers; and tears all of it down at the end of a test, also when the test fails.
+// replisync is stopped with SIGTERM and must exit by itself with status 0 within its grace
+// period; anything else (a SIGKILL needed, another status, a crash) fails the test.
 // Every wait is bounded by a timeout and every loop by a count.
 //
 // Environment:
@@ -306,6 +308,7 @@ class ChildProcess {
 
   /** Stops the process: `signal` first, SIGKILL if it is still running after `graceMs`. */
   async stop({ signal = 'SIGTERM', graceMs = 5_000 } = {}) {
+    this.stopRequested = true;
     if (this.exited) return;
     try {
       this.child.kill(signal);
@@ -340,23 +343,29 @@ export class E2E {
     this.defer(() => rmSync(this.tmp, { recursive: true, force: true }));
   }
 
-  /** Registers a cleanup function (run last-in, first-out; each bounded to 15 s). */
-  defer(fn) {
-    this.cleanups.push(fn);
+  /** Registers a cleanup function (run last-in, first-out; each bounded to `timeoutMs`). */
+  defer(fn, { timeoutMs = 15_000 } = {}) {
+    this.cleanups.push({ fn, timeoutMs });
   }
 
+  /**
+   * Runs every cleanup step. Errors are logged, except those that fail the test (a replisync
+   * that did not exit cleanly, see `exitFailure`): once every step has run, they are thrown.
+   */
   async cleanup() {
     const errors = [];
     while (this.cleanups.length) {
-      const fn = this.cleanups.pop();
+      const { fn, timeoutMs } = this.cleanups.pop();
       try {
-        await withTimeout(Promise.resolve().then(fn), 15_000, 'cleanup step');
+        await withTimeout(Promise.resolve().then(fn), timeoutMs, 'cleanup step');
       } catch (e) {
         errors.push(e);
       }
     }
     killAllChildrenSync();
     if (errors.length) log('cleanup errors:', errors.map((e) => e.message).join('; '));
+    const failures = errors.filter((e) => e.failsTest);
+    if (failures.length) throw new Error(failures.map((e) => e.message).join('\n\n'));
   }
 
   // --- Databases -----------------------------------------------------------------------
@@ -505,8 +514,10 @@ export class E2E {
       );
     }
     const server = new ReplisyncServer(this, opts);
+    // Registered before it starts, so that one that fails to start is stopped and reported too.
+    // The step's own bound is generous: `stop` is bounded by the grace period and a SIGKILL.
+    this.defer(() => server.stop(), { timeoutMs: 120_000 });
     await server.start();
-    this.defer(() => server.stop());
     return server;
   }
 
@@ -752,6 +763,13 @@ function safeJson(v) {
   }
 }
 
+/** An error that fails the test even from a cleanup step: `proc` did not exit as it should. */
+function exitFailure(proc, what) {
+  const e = new Error(`${proc.name} ${what}\n--- ${proc.name} output (last 40 lines) ---\n${proc.tail(40)}`);
+  e.failsTest = true;
+  return e;
+}
+
 // ---------------------------------------------------------------------------------------------
 
 export class ReplisyncServer {
@@ -830,8 +848,40 @@ export class ReplisyncServer {
     return this;
   }
 
-  async stop(opts) {
-    if (this.proc && !this.proc.exited) await this.proc.stop(opts);
+  /**
+   * Time replisync may take to exit after SIGTERM: its drain delay and shutdown timeout (as
+   * its environment sets them; it bounds its own shutdown by them, plus 1 s to close the
+   * database), and 5 s more for a loaded machine.
+   */
+  stopGraceMs() {
+    const env = this.buildEnv();
+    const seconds = (name) => Number(env[name] ?? 0) || 0;
+    const waits = seconds('REPLISYNC_DRAIN_DELAY_SECS') + seconds('REPLISYNC_SHUTDOWN_TIMEOUT_SECS');
+    return waits * 1000 + 5_000;
+  }
+
+  /**
+   * Stops the running process. After SIGTERM (the default) it must exit by itself, with status
+   * 0, within `graceMs` (default `stopGraceMs()`): otherwise (killed once the grace period is
+   * over, another status, a signal, or an exit before anyone asked it to stop) this throws
+   * with its last log lines, which fails the test. `signal: 'SIGKILL'` kills it on purpose and
+   * checks nothing.
+   */
+  async stop({ signal = 'SIGTERM', graceMs = this.stopGraceMs() } = {}) {
+    const proc = this.proc;
+    if (!proc || proc.exitChecked) return;
+    proc.exitChecked = true;
+    if (proc.exited && !proc.stopRequested) {
+      throw exitFailure(proc, `exited before it was asked to stop (code ${proc.exitCode}, signal ${proc.signal})`);
+    }
+    await proc.stop({ signal, graceMs });
+    if (signal === 'SIGKILL') return;
+    if (proc.stoppedByKill) {
+      throw exitFailure(proc, `did not exit within ${graceMs} ms of ${signal}: it was killed (SIGKILL)`);
+    }
+    if (proc.exitCode !== 0) {
+      throw exitFailure(proc, `exited with code ${proc.exitCode}, signal ${proc.signal} after ${signal}, not 0`);
+    }
   }
 
   /** Stops and starts again on the same port; `changes` may replace databaseUrl, pusher, env. */

@@ -5,7 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { E2E, uniqueId, waitFor, readKey, requestsOf, delay } from '../harness.mjs';
+import { E2E, uniqueId, waitFor, readKey, requestsOf } from '../harness.mjs';
 
 test(
   "1. pusher-js poke makes a pull-less client see another client group's increments",
@@ -50,12 +50,26 @@ test(
       pokePulls++;
       B.pull().catch(() => {});
     });
+    // A sentinel space on the same connection: replisync sends pokes one call after another
+    // and sockudo forwards them in order, so once the sentinel's poke has arrived, so has every
+    // poke of the pushes before it.
+    const sentinel = uniqueId('sentinel-');
+    const sentinelPokes = await env.subscribe(pusherB, `space-${sentinel}`);
 
     // Control: with pokes ignored, B does not learn about A's increment, although the server
-    // committed it (the poke proves that) and time passes.
+    // committed it (the poke proves that) and time passes. No fixed window for "nothing else
+    // happens": a push to the sentinel space must poke, and once its poke is in, the counts are
+    // exact (a second poke of A's increment would have come before it).
     await A.mutate.increment({ key: 'count', delta: 1 });
     await waitFor(() => pokes.length >= 1, { timeout: 10_000, message: 'the first poke at B' });
-    await delay(1_000); // bounded: nothing may happen in this second
+    const sentinelPush = await server.push(sentinel, {
+      clientGroupID: uniqueId('cg-'),
+      clientID: uniqueId('c-'),
+      mutations: [{ name: 'set', args: { key: 'k', value: 1 } }],
+    });
+    assert.equal(sentinelPush.status, 200, sentinelPush.body);
+    await waitFor(() => sentinelPokes.length >= 1, { timeout: 10_000, message: "the sentinel's poke" });
+    assert.equal(pokes.length, 1, 'one increment, one poke');
     assert.equal(await readKey(B, 'count'), undefined, 'B saw the increment without a poke-driven pull');
     assert.equal(requestsOf(groupB, 'pull').length, startupPulls, 'B pulled without being poked');
     assert.deepEqual((await server.snapshot(space)).data, { count: 1 });

@@ -3,7 +3,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { E2E, uniqueId, waitFor, delay } from '../harness.mjs';
+import { E2E, uniqueId, waitFor } from '../harness.mjs';
 
 test('7. SSE pokes reach the pushed space only', { timeout: 60_000 }, async (t) => {
   const env = new E2E();
@@ -43,9 +43,21 @@ test('7. SSE pokes reach the pushed space only', { timeout: 60_000 }, async (t) 
   await waitFor(() => listenerA.pokes().length >= 1, { timeout: 10_000, message: 'the SSE poke on A' });
   assert.equal(listenerA.pokes()[0].data, '{}');
 
+  // No fixed window for "nothing else arrives": a push to a sentinel space must poke its own
+  // stream, and a push pokes its streams before it is answered, so once the sentinel's poke is
+  // in, the pokes of every earlier push were sent long before, and the counts are exact.
+  const sentinelSpace = uniqueId('S-');
+  const sentinel = env.sse(server, sentinelSpace);
+  await sentinel.connected;
+  const allPokesIn = async () => {
+    const want = sentinel.pokes().length + 1;
+    await push(sentinelSpace);
+    await waitFor(() => sentinel.pokes().length >= want, { timeout: 10_000, message: "the sentinel's poke" });
+  };
+
   await push(spaceB);
   await waitFor(() => listenerB.pokes().length >= 1, { timeout: 10_000, message: 'the SSE poke on B' });
-  await delay(1_000); // bounded: a stray poke for A would arrive within this second
+  await allPokesIn();
   assert.equal(listenerA.pokes().length, 1, 'the push to B poked A');
   assert.equal(listenerB.pokes().length, 1, 'the push to A poked B');
 
@@ -58,9 +70,11 @@ test('7. SSE pokes reach the pushed space only', { timeout: 60_000 }, async (t) 
   await waitFor(() => listenerA.pokes().length === 2, { timeout: 10_000, message: 'the second poke on A' });
   const gap = { ...once, firstID: 5 };
   assert.equal((await server.push(spaceA, gap)).status, 200, 'a push a gap blocks answers 200');
-  await delay(1_000); // bounded: a stray poke would arrive within this second
+  await allPokesIn();
   assert.equal(listenerA.pokes().length, 2, 'a push that changed nothing poked');
   assert.equal((await server.push(spaceA, once)).status, 200, 'a replayed push answers 200');
-  await waitFor(() => listenerA.pokes().length === 3, { timeout: 10_000, message: 'the poke of a resend' });
+  await waitFor(() => listenerA.pokes().length >= 3, { timeout: 10_000, message: 'the poke of a resend' });
+  await allPokesIn();
+  assert.equal(listenerA.pokes().length, 3, 'one poke for the resend');
   assert.deepEqual((await server.snapshot(spaceA)).data, { n: 1, x: 1 });
 });

@@ -18,7 +18,6 @@ import {
   JWT_SECRET,
   PUSHER_APP,
   bearer,
-  delay,
   fetchLog,
   readKey,
   realFetch,
@@ -210,8 +209,12 @@ test('9b. a user without access to a space gets 403, sees none of its data and c
     () => requestsOf(groupB, 'pull').some((r) => r.status) && requestsOf(groupB, 'push').some((r) => r.status),
     { message: "Bob's client to have pulled and pushed" },
   );
-  B.pull().catch(() => {});
-  await delay(1_000); // bounded: retries within this second must be refused too
+  // No fixed window: a pull asked for now must be answered (403) too, then every answer so far
+  // is checked.
+  const answeredPulls = () => requestsOf(groupB, 'pull').filter((r) => r.status !== undefined).length;
+  const pullsBefore = answeredPulls();
+  B.pull({ now: true }).catch(() => {});
+  await waitFor(() => answeredPulls() > pullsBefore, { message: "Bob's pull asked for now to be answered" });
   const statuses = requestsOf(groupB)
     .filter((r) => r.status !== undefined)
     .map((r) => `${r.kind} ${r.status}`);
@@ -234,13 +237,15 @@ test('9b. a user without access to a space gets 403, sees none of its data and c
     }
   }
 
-  // Alice's space is untouched, from the server and from Alice's client.
+  // Alice's space is untouched, from the server and from Alice's client: once Alice's next
+  // increment has gone through and been pulled back, her client holds only her own data.
   assert.deepEqual((await server.snapshot(space, { auth: aliceAuth })).data, aliceData);
-  await A.pull();
-  await delay(300);
+  await A.mutate.increment({ key: 'count', delta: 1 });
+  await settle(A);
   assert.equal(await readKey(A, 'bob-was-here'), undefined);
-  assert.equal(await readKey(A, 'count'), 5);
+  assert.equal(await readKey(A, 'count'), 6);
   assert.equal(await readKey(A, 'secret'), 'alice-only');
+  assert.deepEqual((await server.snapshot(space, { auth: aliceAuth })).data, { ...aliceData, count: 6 });
 });
 
 test('9c. private poke channels through sockudo, authorized by /pusher/auth', { timeout: 120_000 }, async (t) => {
@@ -251,7 +256,9 @@ test('9c. private poke channels through sockudo, authorized by /pusher/auth', { 
   const server = await env.startReplisync({ pusher: { port: sockudo.port }, jwtSecret: JWT_SECRET });
   const space = uniqueId('pc-');
   const privateChannel = `private-space-${space}`;
-  const aliceToken = signToken({ sub: 'alice', spaces: [space] });
+  // Alice may also read a sentinel space, whose pokes share her connection (see below).
+  const sentinel = `${space}-sentinel`;
+  const aliceToken = signToken({ sub: 'alice', spaces: [space, sentinel] });
   const bobToken = signToken({ sub: 'bob', spaces: [`${space}-elsewhere`] });
 
   // /pusher/auth itself: 401 without a token, 403 for Bob or for a channel that is not a
@@ -289,21 +296,26 @@ test('9c. private poke channels through sockudo, authorized by /pusher/auth', { 
   assert.equal(bobSub.ok, false, "Bob subscribed to a space he may not read");
   assert.equal(bobSub.error?.status, 403, `Bob's subscription error: ${JSON.stringify(bobSub.error)}`);
   const publicPokes = await env.subscribe(publicWatcher, `space-${space}`);
+  const sentinelSub = await env.trySubscribe(alice, `private-space-${sentinel}`);
+  assert.ok(sentinelSub.ok, `Alice's sentinel subscription failed: ${JSON.stringify(sentinelSub.error)}`);
 
   // A push to the space pokes Alice's private channel, and nothing else.
   const push = await pushAs(server, space, bearer(aliceToken), [setMutation('k', 1)]);
   assert.equal(push.status, 200, push.body);
   await waitFor(() => aliceSub.events.length >= 1, { timeout: 10_000, message: 'the poke on the private channel' });
-  await delay(1_000); // bounded: a stray poke would arrive within this second
-  assert.equal(aliceSub.events.length, 1, 'one push, one poke');
-  assert.equal(bobSub.events.length, 0, 'Bob received a poke');
-  assert.equal(publicPokes.length, 0, 'a poke went to the public channel');
 
-  // A refused push pokes no one.
+  // A refused push pokes no one. No fixed window for "nothing else arrives": a push to the
+  // sentinel space must poke Alice's connection, after every poke of the pushes before it
+  // (replisync sends them one call after another, sockudo forwards them in order); once it is
+  // in, the counts are exact.
   const refused = await pushAs(server, space, bearer(bobToken), [setMutation('k', 2)]);
   assert.equal(refused.status, 403);
-  await delay(1_000);
-  assert.equal(aliceSub.events.length, 1, 'a refused push poked');
+  const toSentinel = await pushAs(server, sentinel, bearer(aliceToken), [setMutation('k', 1)]);
+  assert.equal(toSentinel.status, 200, toSentinel.body);
+  await waitFor(() => sentinelSub.events.length >= 1, { timeout: 10_000, message: "the sentinel's poke" });
+  assert.equal(aliceSub.events.length, 1, 'one accepted push, one poke (the refused push poked?)');
+  assert.equal(bobSub.events.length, 0, 'Bob received a poke');
+  assert.equal(publicPokes.length, 0, 'a poke went to the public channel');
   assert.deepEqual((await server.snapshot(space, { auth: bearer(aliceToken) })).data, { k: 1 });
 });
 
@@ -337,10 +349,17 @@ test('9d. the SSE poke stream takes its token as ?auth=', { timeout: 60_000 }, a
   assert.equal(push.status, 200, push.body);
   await waitFor(() => listener.pokes().length >= 1, { timeout: 10_000, message: 'the SSE poke' });
   // A push to another space does not poke this stream.
-  const other = await pushAs(server, `${space}-not`, bearer(bobToken), [setMutation('k', 1)]);
-  assert.equal(other.status, 200, other.body);
-  await delay(1_000);
-  assert.equal(listener.pokes().length, 1);
+  // No fixed window for "nothing else arrives": Bob listens to his space too, and pushes to it
+  // twice; a push pokes its streams before it is answered, so once his stream has the second
+  // poke, a stray poke of his first push on Alice's stream was sent long before.
+  const bobsListener = env.sse(server, `${space}-not`, { auth: bobToken });
+  await bobsListener.connected;
+  for (const round of [1, 2]) {
+    const other = await pushAs(server, `${space}-not`, bearer(bobToken), [setMutation('k', round)]);
+    assert.equal(other.status, 200, other.body);
+    await waitFor(() => bobsListener.pokes().length >= round, { timeout: 10_000, message: `Bob's poke ${round}` });
+  }
+  assert.equal(listener.pokes().length, 1, "a push to another space poked Alice's stream");
 });
 
 test('9e. a read-only grant pulls and listens but cannot push', { timeout: 60_000 }, async (t) => {
@@ -349,7 +368,10 @@ test('9e. a read-only grant pulls and listens but cannot push', { timeout: 60_00
 
   const server = await env.startReplisync({ jwtSecret: JWT_SECRET });
   const space = uniqueId('ro-');
-  const writer = bearer(signToken({ sub: 'alice', spaces: [space] }));
+  // The writer may also write a sentinel space (see below).
+  const sentinel = `${space}-sentinel`;
+  const writerToken = signToken({ sub: 'alice', spaces: [space, sentinel] });
+  const writer = bearer(writerToken);
   const readerToken = signToken({ sub: 'carol', spaces_read: [space] });
   const reader = bearer(readerToken);
 
@@ -383,7 +405,13 @@ test('9e. a read-only grant pulls and listens but cannot push', { timeout: 60_00
   // A writer's push still pokes Carol's stream; the space holds only the writers' data.
   assert.equal((await pushAs(server, space, writer, [setMutation('k', 3)])).status, 200);
   await waitFor(() => listener.pokes().length >= 1, { timeout: 10_000, message: "the poke on Carol's stream" });
-  await delay(500);
+  // No fixed window for "nothing else arrives": the writer's push to a sentinel space must poke
+  // its stream; a push pokes its streams before it is answered, so once the sentinel's poke is
+  // in, any poke of the earlier pushes was sent long before, and the count is exact.
+  const sentinelListener = env.sse(server, sentinel, { auth: writerToken });
+  await sentinelListener.connected;
+  assert.equal((await pushAs(server, sentinel, writer, [setMutation('k', 1)])).status, 200);
+  await waitFor(() => sentinelListener.pokes().length >= 1, { timeout: 10_000, message: "the sentinel's poke" });
   assert.equal(listener.pokes().length, 1, "Carol's refused pushes poked");
   assert.deepEqual((await server.snapshot(space, { auth: reader })).data, { k: 3 });
 });

@@ -123,9 +123,9 @@ test(
     await delay(1_000);
     let restarts = 0;
     for (const server of servers) {
-      await server.restart({}, { signal: 'SIGTERM', graceMs: 10_000 });
-      assert.ok(!server.generations.at(-2).stoppedByKill, 'the instance stopped by itself after SIGTERM');
-      assert.equal(server.generations.at(-2).exitCode, 0, 'a clean exit after draining');
+      // The harness fails the test unless the instance exits by itself with status 0 after
+      // SIGTERM, within its drain delay and shutdown timeout.
+      await server.restart();
       restarts++;
       await delay(1_500);
     }

@@ -1,0 +1,9 @@
+//! The real binary, as an operator runs it: each module below starts `replisync` as a child
+//! process with an empty environment in a fresh directory, and checks what it does and says.
+
+mod harness;
+mod pusher_double;
+mod serving;
+mod shutdown;
+mod start_up;
+mod subcommands;
