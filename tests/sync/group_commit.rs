@@ -242,6 +242,12 @@ async fn pushes_with_every_kind_of_outcome_in_one_group_each_get_their_own(backe
 
     // Applied: a#1, d#2, a#2, f#1 and i#1..3. Each push that changed something moved the space
     // one version on: the gate's, ga twice, gd, gf, gi.
+    let stored = ["elsewhere", "ga", "gate", "gd", "gf", "gi"]; // "elsewhere": another space
+    assert_eq!(
+        server.db.client_group_ids().await,
+        stored,
+        "refused pushes made no group"
+    );
     let a = server.state("s", "ga").await;
     assert_eq!(a.entries["n"], json!(7));
     assert_eq!(a.lmid("a"), 2);
@@ -633,6 +639,11 @@ async fn a_runner_that_panics_answers_its_pushes_and_frees_the_space(backend: Ba
     }
     assert_eq!(answers, vec![(500, json!("Internal")); 3]);
     wait_for_none_waiting(&server).await;
+    assert_eq!(
+        server.db.client_group_ids().await,
+        ["gate"],
+        "no group of the failed pushes"
+    );
     let state = server.state("s", "ga").await;
     assert_eq!(state.cookie, 1, "only the gate's push committed");
     assert!(!state.entries.contains_key("n"), "{:?}", state.entries);
@@ -667,7 +678,10 @@ async fn a_push_that_panics_in_its_callers_task_is_answered_500(backend: Backend
     );
     let message = body["message"].as_str().unwrap_or_default();
     assert!(message.contains("send it again"), "{message}");
-    assert_eq!(server.state("s", "gp").await.lmid("p"), 0);
+    assert!(
+        server.db.client_group_ids().await.is_empty(),
+        "the panicked push made no group"
+    );
     let next = push_body("gc", &[("c", 1, "increment", inc("n", 1))]);
     assert_eq!(server.push("s", &next).await, (200, json!({})));
     assert_eq!(server.state("s", "gc").await.entries["n"], json!(1));

@@ -472,6 +472,18 @@ impl TestDb {
             .unwrap()
     }
 
+    /// The ids of every stored client group, sorted: shows a refused push created none (a
+    /// first pull by a group that was never created looks just like one by a group that was).
+    pub(crate) async fn client_group_ids(&self) -> Vec<String> {
+        let fingerprint = self.fingerprint().await;
+        let groups = fingerprint.split("\n--\n").nth(1).unwrap_or_default();
+        groups
+            .lines()
+            .filter_map(|row| row.split('@').next())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Every row of every replisync table, as text: equal fingerprints mean nothing changed.
     pub(crate) async fn fingerprint(&self) -> String {
         const TABLES: [&str; 4] = [
