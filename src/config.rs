@@ -1,7 +1,7 @@
 //! The command line: the subcommands, and the configuration from environment variables (or the
 //! matching flags), gathered from each feature's own settings. Every variable is in `.env.example`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::auth::settings::AuthArgs;
 use crate::gc::settings::GcArgs;
@@ -69,6 +69,76 @@ pub struct Config {
 
     #[command(flatten)]
     pub pokes: PokeArgs,
+}
+
+impl Cli {
+    /// The command line as the binary reads it: variables from `./.env` where the environment
+    /// does not set them, flags before or after the subcommand, and an error that names the
+    /// variable as well as the flag. Exits (as clap does) on `--help`, `--version` or an error.
+    pub fn from_env_and_args() -> Cli {
+        if let Err(error) = load_dot_env() {
+            eprintln!("replisync: {error}");
+            std::process::exit(2);
+        }
+        Cli::parse_args(std::env::args_os()).unwrap_or_else(|error| error.exit())
+    }
+
+    /// `args` (the program name first) parsed with every flag allowed after the subcommand too.
+    pub fn parse_args(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Result<Cli, clap::Error> {
+        let mut command = Cli::command().mut_args(|arg| arg.global(true));
+        let matches = command
+            .try_get_matches_from_mut(args)
+            .map_err(|error| naming_the_variable(error, &command))?;
+        Cli::from_arg_matches(&matches).map_err(|error| error.format(&mut command))
+    }
+}
+
+/// Sets the variables of `./.env` that the environment does not set already. A missing file is
+/// fine; one that cannot be read or parsed stops start-up, naming the file and the line.
+fn load_dot_env() -> Result<(), String> {
+    match dotenvy::from_filename(".env") {
+        Ok(_) => Ok(()),
+        Err(dotenvy::Error::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(format!(
+            "cannot read ./.env: {error} (fix the file, or remove it and set the variables in the environment)"
+        )),
+    }
+}
+
+/// A bad value's error names the environment variable it may have come from, not only the flag.
+fn naming_the_variable(error: clap::Error, command: &clap::Command) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return error;
+    }
+    let Some(ContextValue::String(flag)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let long = flag
+        .trim_start_matches("--")
+        .split([' ', '='])
+        .next()
+        .unwrap_or_default();
+    let variable = command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .and_then(clap::Arg::get_env)
+        .map(|name| name.to_string_lossy().into_owned());
+    let Some(variable) = variable else {
+        return error;
+    };
+    let mut message = error.render().to_string();
+    let first_line_end = message.find('\n').unwrap_or(message.len());
+    message.insert_str(
+        first_line_end,
+        &format!(" (set by {variable}, or by the flag)"),
+    );
+    clap::Error::raw(error.kind(), message.trim_start_matches("error: "))
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

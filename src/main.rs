@@ -1,13 +1,12 @@
 //! The replisync binary: parses the configuration, sets up logging, hands over to `commands`.
 use std::io::IsTerminal;
 
-use clap::Parser;
 use replisync::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_env_and_args();
     init_logging(cli.config.log_format);
     match replisync::commands::run(cli.command.unwrap_or(Command::Serve), cli.config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

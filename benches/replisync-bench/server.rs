@@ -146,6 +146,7 @@ impl Drop for Server {
 fn server_command(binary: &Path, database_url: &str) -> Command {
     let mut command = Command::new(binary);
     command
+        .current_dir(std::env::temp_dir()) // no `.env` of the developer's
         .env_clear()
         .env("DATABASE_URL", database_url)
         .env("REPLISYNC_LISTEN", "127.0.0.1:0")

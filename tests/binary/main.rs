@@ -1,6 +1,7 @@
 //! The real binary, as an operator runs it: each module below starts `replisync` as a child
 //! process with an empty environment in a fresh directory, and checks what it does and says.
 
+mod configuration;
 mod harness;
 mod pusher_double;
 mod serving;
