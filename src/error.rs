@@ -179,8 +179,8 @@ impl IntoResponse for ApiError {
                 return retry_later("Unavailable", message.to_owned(), 1);
             }
             ApiError::Store(StoreError::Conflict(cause)) => {
-                tracing::warn!(%cause, "push lost every race with concurrent writers; answered 503");
-                let message = "the space is too busy: concurrent writers won every attempt; the request changed nothing, retry later";
+                tracing::warn!(%cause, "lost every attempt to concurrent writers; answered 503");
+                let message = "the database is too busy with concurrent writers: every attempt lost; the request changed nothing, retry later";
                 return retry_later("Busy", message.to_owned(), 1);
             }
             ApiError::Store(cause) => {

@@ -384,7 +384,7 @@ async fn a_push_that_always_conflicts_gives_up_after_eight_attempts(backend: Bac
         .unwrap();
     assert_eq!(answer.status(), 503);
     assert_eq!(answer.headers()["retry-after"], "1");
-    let message = "the space is too busy: concurrent writers won every attempt; the request changed nothing, retry later";
+    let message = "the database is too busy with concurrent writers: every attempt lost; the request changed nothing, retry later";
     assert_eq!(
         answer.json::<Value>().await.unwrap(),
         json!({"error": "Busy", "message": message})

@@ -5,8 +5,8 @@
 //! evaluated, so nothing a mutator leaves behind reaches another space. The engine keeps the
 //! context of the space it served last for that space's next push (loading one costs more than
 //! the push), unless the module failed to load in it; a stopped mutation (time or memory) always
-//! gets a fresh one. `tx` reads block this
-//! thread on the push, which answers from its open transaction.
+//! gets a fresh one. `tx` reads block this thread on the push, which answers from its open
+//! transaction.
 //!
 //! The code it runs is untrusted: a mutation that ran out of memory fails even if it caught the
 //! error, and leaves a new runtime behind; a runtime that still holds much after a push is
