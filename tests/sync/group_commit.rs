@@ -89,28 +89,14 @@ impl Gate {
 
 /// Waits until `count` pushes wait for their space's transaction.
 async fn wait_for_waiting(server: &TestServer, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.metrics.pushes_waiting.get() < count {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {count} pushes arrived",
-            server.metrics.pushes_waiting.get()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let waiting = || server.metrics.pushes_waiting.get();
+    wait_until("pushes to wait for their space", waiting, |n| *n >= count).await;
 }
 
 /// Waits until no push waits for its space's transaction: every group took its pushes.
 pub(crate) async fn wait_for_none_waiting(server: &TestServer) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.metrics.pushes_waiting.get() != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} pushes still count as waiting",
-            server.metrics.pushes_waiting.get()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let waiting = || server.metrics.pushes_waiting.get();
+    wait_until("no push to wait", waiting, |n| *n == 0).await;
 }
 
 pub(crate) fn options_with(gate: &Gate, push: PushLimits) -> AppBuilder {

@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
+use replisync::mutators::Mutators;
 use replisync::mutators::js::{JsLimits, JsMutators};
-use replisync::mutators::{MutationError, Mutator, Mutators, WriteTx};
 use replisync::push::settings::{GroupLimits, PushLimits};
 use replisync::startup::App;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 
+use crate::group_commit::{Gate, wait_for_none_waiting};
 use crate::harness::{Backend, TestServer, push_body};
 use crate::js_mutators::{TokenIsUser, failures, run, test_limits};
 
@@ -322,44 +321,6 @@ async fn a_module_that_throws_for_a_while_is_loaded_again_after(backend: Backend
     assert_eq!(script_failures(&server).await, [id - 1, 0, 0]);
 }
 
-/// Holds its push's group open: signals `entered`, then waits for `open`.
-#[derive(Clone)]
-struct Gate {
-    entered: Arc<Semaphore>,
-    open: Arc<Semaphore>,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate {
-            entered: Arc::new(Semaphore::new(0)),
-            open: Arc::new(Semaphore::new(0)),
-        }
-    }
-}
-
-#[async_trait]
-impl Mutator for Gate {
-    async fn apply(&self, _tx: &mut WriteTx<'_>, _args: &Value) -> Result<(), MutationError> {
-        self.entered.add_permits(1);
-        self.open.acquire().await.expect("the gate opens").forget();
-        Ok(())
-    }
-}
-
-/// Waits until `count` pushes wait for their space's transaction.
-async fn wait_for_waiting(server: &TestServer, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.metrics.pushes_waiting.get() != count {
-        assert!(
-            Instant::now() < deadline,
-            "{} pushes wait, not {count}",
-            server.metrics.pushes_waiting.get()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 /// Pushes of JavaScript mutations queued behind a held push are applied in one group, one
 /// engine session after another: each push gets its own answer (a mutation that throws or
 /// times out fails alone, a refused push writes nothing), each sees the writes of the pushes
@@ -368,12 +329,7 @@ async fn js_pushes_in_one_group_each_get_their_own_answer(backend: Backend) {
     let gate = Gate::default();
     let server =
         Arc::new(engine_server(backend, one_engine(Duration::from_millis(500)), &gate).await);
-    let held = {
-        let server = server.clone();
-        let body = push_body("gate", &[("gate", 1, "gate", json!({}))]);
-        tokio::spawn(async move { server.push("s", &body).await })
-    };
-    gate.entered.acquire().await.unwrap().forget();
+    let held = gate.hold(&server, "s").await;
     let groups_before = server.metrics.push_groups.get();
     let inc = |delta: i64| json!({"key": "n", "delta": delta});
     let bodies = vec![
@@ -403,12 +359,7 @@ async fn js_pushes_in_one_group_each_get_their_own_answer(backend: Backend) {
             ],
         ),
     ];
-    let mut sent = Vec::new();
-    for body in bodies {
-        let pusher = server.clone();
-        sent.push(tokio::spawn(async move { pusher.push("s", &body).await }));
-        wait_for_waiting(&server, sent.len() as u64).await;
-    }
+    let sent = gate.queue(&server, "s", bodies).await;
     gate.open.add_permits(1);
     assert_eq!(held.await.unwrap(), (200, json!({})));
     let mut answers = Vec::new();
@@ -425,7 +376,7 @@ async fn js_pushes_in_one_group_each_get_their_own_answer(backend: Backend) {
             (200, json!({})),
         ]
     );
-    wait_for_waiting(&server, 0).await;
+    wait_for_none_waiting(&server).await;
     assert_eq!(
         server.metrics.push_groups.get() - groups_before,
         2,
