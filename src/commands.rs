@@ -24,6 +24,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Healthcheck => healthcheck(&config).await,
         Command::Gc => collect_once(&config).await,
         Command::Serve => {
+            let shutdown = shutdown_signal();
             let app = App::from_config(&config).await?;
             let listen = config.http.listen;
             let listener = TcpListener::bind(listen)
@@ -35,7 +36,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 })?),
                 None => None,
             };
-            serve_with_metrics(listener, metrics_listener, app, shutdown_signal()).await
+            serve_with_metrics(listener, metrics_listener, app, shutdown).await
         }
     }
 }

@@ -49,26 +49,32 @@ pub struct Config {
     pub http: HttpArgs,
 
     #[command(flatten)]
+    pub auth: AuthArgs,
+
+    #[command(flatten)]
     pub push: PushArgs,
 
     #[command(flatten)]
     pub pull: PullArgs,
 
     #[command(flatten)]
-    pub gc: GcArgs,
-
-    /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`).
-    #[arg(long, env = "REPLISYNC_LOG_FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
-
-    #[command(flatten)]
-    pub auth: AuthArgs,
-
-    #[command(flatten)]
     pub js: MutatorArgs,
 
     #[command(flatten)]
     pub pokes: PokeArgs,
+
+    #[command(flatten)]
+    pub gc: GcArgs,
+
+    /// `text` or `json` log lines. Levels come from RUST_LOG (default `info`; a value that
+    /// names no level and no crate of replisync stops start-up).
+    #[arg(
+        long,
+        env = "REPLISYNC_LOG_FORMAT",
+        default_value = "text",
+        help_heading = "Logging"
+    )]
+    pub log_format: LogFormat,
 }
 
 impl Cli {
@@ -168,31 +174,75 @@ mod tests {
 
     use super::Cli;
 
-    /// Every variable `--help` names, with the text of the files that must document it.
-    fn variables_missing_from(text: &str) -> Vec<String> {
+    /// Every variable `--help` names, with the heading it is listed under.
+    fn variables_by_heading() -> Vec<(String, String)> {
         Cli::command()
             .get_arguments()
-            .filter_map(|arg| arg.get_env())
-            .map(|name| name.to_string_lossy().into_owned())
-            .filter(|name| !text.contains(name.as_str()))
+            .filter_map(|arg| {
+                let variable = arg.get_env()?.to_string_lossy().into_owned();
+                Some((arg.get_help_heading()?.to_owned(), variable))
+            })
             .collect()
     }
 
-    fn read(path: &std::path::Path) -> String {
-        std::fs::read_to_string(path).expect("the file exists")
+    /// The text of `file` from the line that starts with `marker` and ends with `heading`, to
+    /// the next line that starts with `marker`.
+    fn section<'t>(text: &'t str, marker: &str, heading: &str) -> Option<&'t str> {
+        let mut lines = text.split_inclusive('\n');
+        let mut start = 0;
+        for line in lines.by_ref() {
+            start += line.len();
+            if line.starts_with(marker) && line[marker.len()..].trim_start().starts_with(heading) {
+                let rest = &text[start..];
+                let end = rest.find(&format!("\n{marker}")).unwrap_or(rest.len());
+                return Some(&rest[..end]);
+            }
+        }
+        None
+    }
+
+    /// Whether `text` names `variable` as a whole word (`REPLISYNC_SSE` is not named by
+    /// `REPLISYNC_SSE_MAX_STREAMS`).
+    fn names(text: &str, variable: &str) -> bool {
+        let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        text.match_indices(variable).any(|(at, _)| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + variable.len()..].chars().next();
+            !before.is_some_and(is_name_char) && !after.is_some_and(is_name_char)
+        })
+    }
+
+    /// `heading: VARIABLE` for each variable missing from its heading's section of `text`.
+    fn misplaced(text: &str, marker: &str) -> Vec<String> {
+        variables_by_heading()
+            .into_iter()
+            .filter(|(heading, variable)| {
+                !section(text, marker, heading).is_some_and(|s| names(s, variable))
+            })
+            .map(|(heading, variable)| format!("{heading}: {variable}"))
+            .collect()
+    }
+
+    fn read(path: &str) -> String {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(root.join(path)).expect("the file exists")
     }
 
     #[test]
-    fn every_variable_is_in_env_example_and_the_docs() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let example = read(&root.join(".env.example"));
-        assert_eq!(variables_missing_from(&example), Vec::<String>::new());
-        let pages = std::fs::read_dir(root.join("docs")).expect("docs/ exists");
-        let docs: String = pages
-            .map(|page| page.expect("a readable entry").path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
-            .map(|path| read(&path))
+    fn every_variable_has_a_help_heading() {
+        let unheaded: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter(|arg| arg.get_env().is_some() && arg.get_help_heading().is_none())
+            .map(|arg| arg.get_id().to_string())
             .collect();
-        assert_eq!(variables_missing_from(&docs), Vec::<String>::new());
+        assert_eq!(unheaded, Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_variable_is_documented_under_its_help_heading() {
+        let page = read("docs/configuration.md");
+        assert_eq!(misplaced(&page, "## "), Vec::<String>::new());
+        let example = read(".env.example");
+        assert_eq!(misplaced(&example, "# --- "), Vec::<String>::new());
     }
 }

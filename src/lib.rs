@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod gc;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod mutators;
 pub mod poke;

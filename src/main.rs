@@ -1,30 +1,25 @@
 //! The replisync binary: parses the configuration, sets up logging, hands over to `commands`.
-use std::io::IsTerminal;
+//! A fatal error is printed once: on stderr with text logs, as one error event with JSON logs.
 
 use replisync::config::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::from_env_and_args();
-    init_logging(cli.config.log_format);
+    let rust_log = std::env::var("RUST_LOG").ok();
+    if let Err(error) = replisync::logging::init(rust_log.as_deref(), cli.config.log_format) {
+        eprintln!("replisync: {error}");
+        return std::process::ExitCode::from(2);
+    }
+    let format = cli.config.log_format;
     match replisync::commands::run(cli.command.unwrap_or(Command::Serve), cli.config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("replisync: {error:#}");
+            match format {
+                LogFormat::Json => tracing::error!("{error:#}"),
+                LogFormat::Text => eprintln!("replisync: {error:#}"),
+            }
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }

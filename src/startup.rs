@@ -22,7 +22,7 @@ use crate::http::{
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::PokeSink;
-use crate::poke::pusher::PrivateChannels;
+use crate::poke::pusher::{PrivateChannels, log_reachability};
 use crate::poke::settings::PokeSettings;
 use crate::poke::sinks::Pokes;
 use crate::poke::sse::settings::SseSettings;
@@ -97,6 +97,9 @@ impl App {
         let (authenticator, webhook) =
             auth::settings::build(&config.auth, config.http.listen).await?;
         let pokes = PokeSettings::from_args(&config.pokes, config.auth.tokens_on())?;
+        if let Some((pusher, options)) = &pokes.pusher {
+            tokio::spawn(log_reachability(pusher.clone(), options.clone()));
+        }
         let mutators = config.js.load()?;
         let open = open_options(config, &http, &pulls, config.store.auto_migrate);
         let store = config.store.open(open).await?;
@@ -376,26 +379,29 @@ fn serve_metrics(listener: TcpListener, app: &App, stop: CancellationToken) -> a
 /// Time given to closing the database's connections when the shutdown deadline has passed.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Listens for SIGTERM and Ctrl-C from this call on, so that a signal sent as soon as the
+/// server says it listens is not lost (it would end the process at once); the future resolves
+/// on the first. Call it before serving.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                },
+                _ => std::future::pending::<()>().await,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
     }
 }

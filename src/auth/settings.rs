@@ -16,9 +16,14 @@ use super::jwks::{Jwks, JwksError};
 use super::jwt::{ClaimRules, JwtAuthenticator, Keys};
 use super::{Anonymous, Authenticator};
 
+/// The shortest `REPLISYNC_JWT_SECRET` accepted: the hash's output size, as RFC 7518 requires
+/// of HS256 keys.
+const MIN_JWT_SECRET_BYTES: usize = 32;
+
 /// Who may read and write which space. With no JWT variable set, every caller is one
 /// anonymous user with access to every space (allowed on loopback addresses only).
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Tokens and grants")]
 pub struct AuthArgs {
     /// Verify HS256/384/512 tokens signed with this secret (turns authentication on).
     #[arg(long, env = "REPLISYNC_JWT_SECRET", hide_env_values = true, value_parser = secret)]
@@ -121,8 +126,11 @@ pub async fn build(
         (Some(_), Some(_)) => {
             anyhow::bail!("set REPLISYNC_JWT_SECRET or REPLISYNC_JWT_JWKS_URL, not both")
         }
-        (Some(secret), None) if secret.expose_secret().is_empty() => {
-            anyhow::bail!("REPLISYNC_JWT_SECRET is empty")
+        (Some(secret), None) if secret.expose_secret().len() < MIN_JWT_SECRET_BYTES => {
+            anyhow::bail!(
+                "REPLISYNC_JWT_SECRET is {} bytes; an HS256 secret must have at least {MIN_JWT_SECRET_BYTES} (RFC 7518, section 3.2), or tokens can be forged by guessing it: generate one with `openssl rand -base64 32`",
+                secret.expose_secret().len()
+            )
         }
         (Some(secret), None) => {
             Keys::Secret(DecodingKey::from_secret(secret.expose_secret().as_bytes()))

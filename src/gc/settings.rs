@@ -7,6 +7,7 @@ use super::GcSettings;
 
 /// The garbage collection variables as given; [`GcArgs::settings`] checks them.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Garbage collection")]
 pub struct GcArgs {
     /// Client groups that have neither pushed nor pulled for this long are deleted with their
     /// clients (a duration: `30d`, `12h`, `90m`, `3600s`, or seconds). A client that comes back

@@ -8,6 +8,7 @@ use axum::http::HeaderValue;
 
 /// The edge's variables as given; [`HttpArgs::settings`] checks them.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "HTTP server")]
 pub struct HttpArgs {
     /// Address and port to listen on.
     #[arg(long, env = "REPLISYNC_LISTEN", default_value = "127.0.0.1:8080")]
@@ -97,14 +98,44 @@ impl HttpArgs {
             list => CorsOrigins::List(
                 list.split(',')
                     .map(|origin| {
-                        origin.trim().parse().map_err(|_| {
-                            format!("REPLISYNC_CORS_ORIGINS has an invalid origin: {origin:?}")
+                        check_origin(origin.trim()).map_err(|problem| {
+                            format!(
+                                "REPLISYNC_CORS_ORIGINS has an invalid origin {origin:?}: {problem}"
+                            )
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         })
     }
+}
+
+/// An origin exactly as a browser sends it (`scheme://host[:port]`, lowercase, nothing after
+/// the port), so that it can match: anything else would be accepted and never match.
+fn check_origin(origin: &str) -> Result<HeaderValue, String> {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Err(format!(
+            "it has no scheme; write it as the browser sends it, e.g. https://{origin}"
+        ));
+    };
+    if scheme.is_empty() || authority.is_empty() {
+        return Err("an origin is scheme://host[:port], e.g. https://app.example.com".into());
+    }
+    if let Some(at) = authority.find(['/', '?', '#']) {
+        return Err(format!(
+            "an origin has no path; write {scheme}://{} without what follows",
+            &authority[..at]
+        ));
+    }
+    if origin.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(format!(
+            "browsers send origins in lowercase; write {}",
+            origin.to_ascii_lowercase()
+        ));
+    }
+    origin
+        .parse()
+        .map_err(|_| "it is not a valid header value".to_string())
 }
 
 /// Limits and switches of the HTTP edge, validated from [`HttpArgs`].
@@ -177,5 +208,26 @@ mod tests {
         assert_eq!(c.settings().unwrap().cors_origins, CorsOrigins::Any);
         c.cors_origins = String::new();
         assert_eq!(c.settings().unwrap().cors_origins, CorsOrigins::Loopback);
+        c.cors_origins = "capacitor://localhost, http://127.0.0.1:3000".into();
+        assert!(c.settings().is_ok(), "any scheme, with a port");
+    }
+
+    #[test]
+    fn cors_origins_that_could_never_match_are_refused_with_the_fix() {
+        let refused = |list: &str| {
+            let mut c = args(&[]);
+            c.cors_origins = list.into();
+            c.settings().unwrap_err()
+        };
+        let error = refused("https://a.example, example.com");
+        assert!(error.contains("REPLISYNC_CORS_ORIGINS"), "{error}");
+        assert!(error.contains("no scheme"), "{error}");
+        assert!(error.contains("https://example.com"), "{error}");
+        let error = refused("https://example.com/");
+        assert!(error.contains("no path"), "{error}");
+        assert!(error.contains("write https://example.com "), "{error}");
+        assert!(refused("https://example.com/app?x").contains("no path"));
+        assert!(refused("https://Example.com").contains("lowercase"));
+        assert!(refused("://example.com").contains("scheme://host"));
     }
 }

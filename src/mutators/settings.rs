@@ -9,6 +9,7 @@ use super::js::{JsLimits, JsMutators};
 
 /// The app's own mutators, in JavaScript, and the bounds on running them.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "JavaScript mutators")]
 pub struct MutatorArgs {
     /// A JavaScript module exporting the app's mutators (the file the client passes to
     /// `new Replicache({mutators})`), run on every push beside the built-in ones.

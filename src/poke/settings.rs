@@ -20,6 +20,7 @@ pub struct PokeArgs {
     #[arg(
         long,
         env = "REPLISYNC_PUSHER_MAX_PENDING_SPACES",
+        help_heading = "Pokes through Pusher",
         default_value_t = PokerOptions::default().max_pending_spaces
     )]
     pub pusher_max_pending_spaces: usize,

@@ -10,6 +10,7 @@ const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// The pull variables as given; [`PullArgs::limits`] turns them into [`PullLimits`].
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Pull")]
 pub struct PullArgs {
     /// Streamed pulls (first pulls, and deltas over REPLISYNC_MAX_SHARED_DELTA_BYTES) in flight
     /// at once; others wait up to 5 s for a turn,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 /// The push variables as given; [`PushArgs::limits`] checks them.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Push")]
 pub struct PushArgs {
     /// Largest accepted push body, in bytes (larger ones get 413). Replicache sends every
     /// pending mutation in one push, so this is what a client may have pending.

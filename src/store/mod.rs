@@ -3,6 +3,8 @@
 //! `records`, its errors in `error`, the reconnecting retry in `retry`.
 
 mod error;
+pub mod migrations;
+pub mod pg_connect;
 pub mod pg_functions;
 pub mod pg_session;
 pub mod postgres;

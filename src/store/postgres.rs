@@ -12,6 +12,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
+use super::migrations;
 use super::pg_functions::{COMMIT_PUSH_GROUP, LOCK_SPACE_AND_READ_GROUPS, READ_GROUPS};
 use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
@@ -22,7 +23,9 @@ use super::{
 };
 use crate::protocol::SpaceId;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// replisync's migrations, recorded in its own table (see [`migrations`]).
+static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
+    LazyLock::new(|| migrations::in_own_table(sqlx::migrate!("./migrations/postgres")));
 
 /// The statements calling the SQL functions, built once from their descriptions.
 static READ_GROUPS_SQL: LazyLock<String> = LazyLock::new(|| READ_GROUPS.select_sql());
@@ -100,10 +103,15 @@ impl PgStore {
         sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0")
             .execute(&mut conn)
             .await?;
-        let migrated = MIGRATOR
-            .run(&mut conn)
-            .await
-            .map_err(|e| StoreError::Database(format!("migration failed: {e}")));
+        let adopted = migrations::adopt_old_records_pg(&mut conn, &MIGRATOR).await;
+        let migrated = match adopted {
+            Ok(()) => MIGRATOR.run(&mut conn).await.map_err(|e| e.to_string()),
+            Err(e) => Err(format!(
+                "cannot move the records of {}: {e}",
+                migrations::OLD_TABLE
+            )),
+        }
+        .map_err(|e| StoreError::Database(format!("migration failed: {e}")));
         let _ = conn.close().await;
         migrated?;
         drop(self.pool.acquire().await?); // back in the pool, warm

@@ -10,6 +10,7 @@ use anyhow::Context;
 use sqlx::postgres::PgConnectOptions;
 
 use super::Store;
+use super::pg_connect;
 use super::pg_session::SessionLimits;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
@@ -17,6 +18,7 @@ use super::sqlite::SqliteStore;
 /// The store's variables as given; [`StoreArgs::choice`] and [`StoreArgs::session_limits`]
 /// check them.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Database")]
 pub struct StoreArgs {
     /// `postgres://...` for Postgres, `sqlite://path` for a SQLite file. Unset: the embedded
     /// SQLite file at REPLISYNC_SQLITE_PATH.
@@ -152,9 +154,13 @@ impl StoreArgs {
                 let limits = self
                     .session_limits(options.request_timeout, options.stream_deadline)
                     .map_err(anyhow::Error::msg)?;
+                pg_connect::first_contact(&connect, pg_connect::FIRST_CONTACT_TIMEOUT)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                let target = pg_connect::describe_target(&connect);
                 let store = PgStore::connect_with_limits(*connect, self.db_max_connections, limits)
                     .await
-                    .context("cannot connect to Postgres at DATABASE_URL")?
+                    .with_context(|| format!("cannot connect to Postgres at {target}"))?
                     .with_activity_granularity(options.activity_granularity);
                 if options.migrate {
                     store.migrate().await?;

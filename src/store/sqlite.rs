@@ -6,7 +6,7 @@ mod push;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,6 +18,7 @@ use sqlx::sqlite::{
 
 use self::gc::SqliteGcBatches;
 use self::push::{SqlitePushTx, touch_groups};
+use super::migrations;
 use super::shared::{self, client_group_record, to_lmid, to_space_version};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, EntryChange, GcBatches, PullChanges,
@@ -25,7 +26,9 @@ use super::{
 };
 use crate::protocol::SpaceId;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// replisync's migrations, recorded in its own table (see [`migrations`]).
+static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
+    LazyLock::new(|| migrations::in_own_table(sqlx::migrate!("./migrations/sqlite")));
 
 #[derive(Debug)]
 pub struct SqliteStore {
@@ -80,8 +83,17 @@ impl SqliteStore {
 
     /// Applies the migrations in `migrations/sqlite` that have not run yet.
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.writer.acquire().await?;
+        migrations::adopt_old_records_sqlite(&mut conn, &MIGRATOR)
+            .await
+            .map_err(|e| {
+                let old = migrations::OLD_TABLE;
+                StoreError::Database(format!(
+                    "migration failed: cannot move the records of {old}: {e}"
+                ))
+            })?;
         MIGRATOR
-            .run(&self.writer)
+            .run(&mut *conn)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
     }

@@ -2,8 +2,10 @@
 //! subcommand, and errors that name the variable a bad value came from.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use crate::harness::run_until_exit;
 
 /// Starts `replisync ARGS` in `dir` with only `env`, and returns the line it logs with its
 /// address (it is stopped then); panics if none comes within 30 s.
@@ -30,32 +32,6 @@ fn listening_line(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) ->
     let _ = child.kill();
     let _ = child.wait();
     line.expect("replisync logs its address")
-}
-
-/// Runs `replisync ARGS` in `dir` with only `env`; it must end by itself within 30 s (a
-/// refusal, or `--help`). One still running then is killed and the test fails.
-fn refused(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("replisync {args:?} still runs after 30 s: it did not refuse");
-        }
-    }
 }
 
 fn is_json(line: &str) -> bool {
@@ -86,7 +62,7 @@ fn a_dot_env_that_cannot_be_parsed_stops_start_up_naming_it() {
         "REPLISYNC_LISTEN=127.0.0.1:0\nnot a setting\n",
     )
     .unwrap();
-    let output = refused(dir.path(), &[], &[]);
+    let output = run_until_exit(dir.path(), &[], &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot read ./.env"), "{stderr}");
@@ -99,7 +75,7 @@ fn flags_work_after_the_subcommand_and_its_help_lists_them() {
     let args = ["serve", "--listen", "127.0.0.1:0", "--log-format", "json"];
     let line = listening_line(dir.path(), &args, &[]);
     assert!(is_json(&line), "{line}");
-    let help = refused(dir.path(), &["serve", "--help"], &[]);
+    let help = run_until_exit(dir.path(), &["serve", "--help"], &[]);
     assert_eq!(help.status.code(), Some(0));
     let help = String::from_utf8_lossy(&help.stdout);
     for option in ["--listen", "REPLISYNC_LISTEN", "--db-max-connections"] {
@@ -114,7 +90,7 @@ fn flags_work_after_the_subcommand_and_its_help_lists_them() {
 fn a_bad_value_names_the_variable_it_came_from() {
     let dir = tempfile::tempdir().unwrap();
     let env = [("REPLISYNC_DB_MAX_CONNECTIONS", "many")];
-    let output = refused(dir.path(), &["serve"], &env);
+    let output = run_until_exit(dir.path(), &["serve"], &env);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("'many'"), "{stderr}");

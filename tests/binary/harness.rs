@@ -307,3 +307,29 @@ impl PgDatabase {
             .unwrap();
     }
 }
+
+/// Runs `replisync ARGS` in `dir` with only `env`; it must end by itself within 30 s (a
+/// refusal, or `--help`). One still running then is killed and the test fails.
+pub(crate) fn run_until_exit(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_replisync"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("replisync {args:?} still runs after 30 s: it did not refuse");
+        }
+    }
+}

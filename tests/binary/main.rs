@@ -4,6 +4,7 @@
 mod configuration;
 mod harness;
 mod pusher_double;
+mod refusals;
 mod serving;
 mod shutdown;
 mod start_up;

@@ -242,3 +242,14 @@ async fn sigterm_gives_up_pokes_pusher_cannot_take_by_the_shutdown_deadline() {
     );
     assert_eq!(pusher.answered(), 0);
 }
+
+/// An orchestrator may stop an instance the moment it says it listens: the signal handlers are
+/// in place before that line, so the SIGTERM starts a clean shutdown (exit 0) instead of killing
+/// the process. Repeated, since without the handlers the signal and the first poll race.
+#[test]
+fn a_sigterm_right_after_the_listening_line_shuts_down_cleanly() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        start_with(dir.path(), &[]).stop();
+    }
+}

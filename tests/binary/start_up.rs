@@ -73,7 +73,10 @@ fn a_webhook_url_in_the_clear_to_another_host_stops_start_up() {
         dir.path(),
         "127.0.0.1:0",
         &[
-            ("REPLISYNC_JWT_SECRET", "a-secret-of-some-length"),
+            (
+                "REPLISYNC_JWT_SECRET",
+                "a-secret-long-enough-for-hs256-tokens",
+            ),
             ("REPLISYNC_AUTHZ_URL", "http://authz.example.com/check"),
         ],
     );

@@ -460,12 +460,13 @@ impl TestDb {
         sqlx::PgConnection::connect_with(&options).await.unwrap()
     }
 
-    async fn sqlite(&self) -> sqlx::SqliteConnection {
+    pub(crate) async fn sqlite(&self) -> sqlx::SqliteConnection {
         let TestDb::Sqlite { path, .. } = self else {
             panic!("not a SQLite test database");
         };
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(path)
+            .create_if_missing(true) // a test may write before any store opens the file
             .busy_timeout(std::time::Duration::from_secs(10));
         sqlx::SqliteConnection::connect_with(&options)
             .await

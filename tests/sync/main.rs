@@ -16,6 +16,7 @@ mod js_hostile;
 mod js_mutators;
 mod large_deltas;
 mod limits;
+mod migrations;
 mod protocol;
 mod pull_faults;
 mod push_limits;

@@ -93,6 +93,61 @@ impl Publisher {
             },
         }
     }
+
+    /// A signed `GET /apps/{app_id}/channels`, which publishes nothing: whether the server
+    /// answers, and accepts the app id, key and secret.
+    pub(super) async fn check(&self) -> PublishOutcome {
+        let path = format!("/apps/{}/channels", self.config.app_id);
+        let query = signed_query(
+            &self.config.key,
+            self.config.secret.expose_secret(),
+            "GET",
+            &path,
+            &[],
+            &[],
+            unix_timestamp(),
+        );
+        let mut url = self.events_url.clone();
+        url.set_path(&path);
+        url.query_pairs_mut().extend_pairs(&query);
+        match self.client.get(url).send().await {
+            Ok(response) => classify_response(response).await,
+            Err(error) => PublishOutcome::Transient {
+                reason: describe_request_error(error),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// Logs, once at start-up, whether the Pusher server `config` names can be reached and accepts
+/// the credentials: a wrong host or secret shows at start, not at the first poke.
+pub async fn log_reachability(config: PusherConfig, options: PokerOptions) {
+    let Ok(publisher) = Publisher::new(&config, &options) else {
+        return; // The worker logs an invalid configuration.
+    };
+    let server = format!(
+        "{}://{}:{}",
+        config.scheme.as_str(),
+        config.host,
+        config.port
+    );
+    match publisher.check().await {
+        PublishOutcome::Accepted => {
+            tracing::info!(%server, "pusher: the server answers and accepts the credentials");
+        }
+        PublishOutcome::Transient { reason, .. } => tracing::warn!(
+            %server,
+            %reason,
+            "pusher: the server cannot be reached; pokes will be retried as they come (check PUSHER_HOST, PUSHER_PORT and PUSHER_SCHEME, or PUSHER_CLUSTER)"
+        ),
+        PublishOutcome::Rejected { status, detail } => tracing::warn!(
+            %server,
+            status = status.as_u16(),
+            %detail,
+            "pusher: the server refused a signed request (check PUSHER_APP_ID, PUSHER_KEY and PUSHER_SECRET)"
+        ),
+    }
 }
 
 async fn classify_response(response: reqwest::Response) -> PublishOutcome {

@@ -45,6 +45,7 @@ impl Scheme {
 /// The `PUSHER_*` settings as given, unparsed: [`PusherConfig::from_args`] checks them.
 /// Setting any of them turns Pusher pokes on; blank values count as unset.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Pokes through Pusher")]
 pub struct PusherArgs {
     /// Pusher app id (Pusher pokes are off while every PUSHER_* variable is unset).
     #[arg(long = "pusher-app-id", env = "PUSHER_APP_ID")]

@@ -11,7 +11,7 @@ mod stats;
 mod test_support;
 mod worker;
 
-pub use client::MAX_CHANNELS_PER_CALL;
+pub use client::{MAX_CHANNELS_PER_CALL, log_reachability};
 pub use config::{PusherArgs, PusherConfig, PusherConfigError, Scheme, UrlParseError};
 pub use private::{PRIVATE_PREFIX, PrivateChannels, is_socket_id};
 pub use signing::{

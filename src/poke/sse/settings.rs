@@ -7,6 +7,7 @@ use super::StreamLimits;
 
 /// The SSE variables as given; [`SseArgs::settings`] checks them.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Pokes through SSE")]
 pub struct SseArgs {
     /// The built-in SSE poke stream: on by default without Pusher, off with Pusher.
     #[arg(long, env = "REPLISYNC_SSE", action = clap::ArgAction::Set)]

@@ -1,0 +1,116 @@
+//! Log output: the RUST_LOG filter, checked before anything is logged (one that cannot be parsed,
+//! or that names no level and no crate of this binary, would hide every line), and text or JSON.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// The filter when RUST_LOG is unset or blank.
+const DEFAULT_FILTER: &str = "info";
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Every crate compiled into replisync (from its lock file), `-` written `_` as in log targets.
+const LOCK_FILE: &str = include_str!("../Cargo.lock");
+
+/// Starts logging with `RUST_LOG` (`raw`, when set) in `format`. An unusable filter is an error
+/// naming RUST_LOG, the directive, and what to write instead.
+pub fn init(raw: Option<&str>, format: LogFormat) -> Result<(), String> {
+    let filter = filter_from(raw)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// The filter RUST_LOG asks for, or why it cannot be used.
+pub fn filter_from(raw: Option<&str>) -> Result<EnvFilter, String> {
+    let text = raw.map(str::trim).filter(|text| !text.is_empty());
+    let text = text.unwrap_or(DEFAULT_FILTER);
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        check_target(directive)?;
+    }
+    EnvFilter::builder().parse(text).map_err(|error| {
+        format!(
+            "RUST_LOG={text:?} cannot be parsed ({error}): write a level ({}) or directives such as `info,replisync=debug`",
+            LEVELS.join(", ")
+        )
+    })
+}
+
+/// A directive's target must be a crate of this binary: any other name matches no log line, and
+/// a bare word that is not a level (`RUST_LOG=verbose`) would silence every line.
+fn check_target(directive: &str) -> Result<(), String> {
+    let target = directive.split('=').next().unwrap_or_default().trim();
+    if target.starts_with('[') || LEVELS.contains(&target.to_ascii_lowercase().as_str()) {
+        return Ok(());
+    }
+    let krate = target.split(['[', ':']).next().unwrap_or_default();
+    if krate.is_empty() || compiled_crates().any(|name| name == krate) {
+        return Ok(());
+    }
+    Err(format!(
+        "RUST_LOG names {target:?}, which is neither a level ({}) nor a crate of replisync, so no log line would match it{}: write e.g. `RUST_LOG=debug` or `RUST_LOG=info,replisync=debug`",
+        LEVELS.join(", "),
+        if directive.contains('=') {
+            ""
+        } else {
+            " and every line would be hidden"
+        }
+    ))
+}
+
+/// The crate names of the lock file, as log targets spell them.
+fn compiled_crates() -> impl Iterator<Item = String> {
+    LOCK_FILE.lines().filter_map(|line| {
+        let name = line.strip_prefix("name = \"")?.strip_suffix('"')?;
+        Some(name.replace('-', "_"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter_from;
+
+    #[test]
+    fn levels_targets_of_this_binary_and_the_default_are_accepted() {
+        for ok in [
+            None,
+            Some(""),
+            Some("debug"),
+            Some("WARN"),
+            Some("info,replisync=debug"),
+            Some("replisync::push=trace,sqlx=warn"),
+            Some("tower_http=debug"),
+            Some("replisync"),
+        ] {
+            assert!(
+                filter_from(ok).is_ok(),
+                "{ok:?}: {:?}",
+                filter_from(ok).err()
+            );
+        }
+    }
+
+    #[test]
+    fn a_word_that_is_no_level_and_no_crate_is_refused_with_what_to_write() {
+        let error = filter_from(Some("verbose")).unwrap_err();
+        assert!(error.contains("RUST_LOG names \"verbose\""), "{error}");
+        assert!(error.contains("every line would be hidden"), "{error}");
+        assert!(error.contains("RUST_LOG=debug"), "{error}");
+        let error = filter_from(Some("info,replisinc=debug")).unwrap_err();
+        assert!(error.contains("\"replisinc\""), "{error}");
+    }
+
+    #[test]
+    fn a_filter_that_cannot_be_parsed_is_refused() {
+        let error = filter_from(Some("replisync=loud")).unwrap_err();
+        assert!(error.contains("cannot be parsed"), "{error}");
+    }
+}
