@@ -1,0 +1,320 @@
+// Scenario 16: the README's client code ("## Connect a Replicache app") works as written. Its js
+// blocks are read from README.md at test time and run verbatim in two Chromium pages.
+//
+// The pages get only what the README says the app provides: `userID`, `fetchToken()` (tokens
+// signed like the app's backend would, counted per user) and the `replicache` package (an import
+// map onto tests/e2e/node_modules). The snippet's `server` (http://127.0.0.1:8080) is mapped by
+// Chromium (--host-rules) onto this test's replisync, so no port has to be free. One line is
+// appended to the module, `window.rep = rep;`, so that the test can call its mutators.
+// Every request and SSE message of a page is traced through the DevTools protocol (one ordered
+// stream per page), which shows that a page pulls because a poke came, and which token went where.
+// The Pusher block is only parsed: running it needs a Pusher-compatible server (sockudo).
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import { readFile, stat } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { E2E, E2E_DIR, JWT_SECRET, REPO_DIR, bearer, signToken, waitFor } from '../harness.mjs';
+
+const SECTION = '## Connect a Replicache app';
+const SECTION_END = '### Spaces';
+/** Lifetime of Bob's tokens: short, so that his SSE stream ends and is reopened during the test. */
+const BOB_TOKEN_TTL_SECS = 6;
+
+/** The js code blocks of the README's section, split into the app's code and the Pusher block. */
+function readmeSnippet() {
+  const readme = readFileSync(path.join(REPO_DIR, 'README.md'), 'utf8');
+  const start = readme.indexOf(`\n${SECTION}\n`);
+  const end = readme.indexOf(`\n${SECTION_END}\n`, start);
+  assert.ok(start >= 0 && end > start, `README.md has no section "${SECTION}" followed by "${SECTION_END}"`);
+  const blocks = [...readme.slice(start, end).matchAll(/^```js\n([\s\S]*?)^```$/gm)].map((m) => m[1]);
+  const pusher = blocks.filter((b) => b.includes('new Pusher('));
+  const app = blocks.filter((b) => !b.includes('new Pusher('));
+  assert.ok(app.length >= 1, `no js block without Pusher in the README's "${SECTION}"`);
+  assert.equal(pusher.length, 1, `expected one Pusher block in the README's "${SECTION}"`);
+  return { app: app.join('\n'), pusher: pusher[0] };
+}
+
+/** What the snippet says about where replisync is and which space it uses. */
+function snippetTargets(code) {
+  const server = /const server = "http:\/\/127\.0\.0\.1:(\d+)"/.exec(code);
+  const space = /const space = "([A-Za-z0-9_-]{1,100})"/.exec(code);
+  assert.ok(server, 'the snippet no longer says `const server = "http://127.0.0.1:PORT"`: adapt this test');
+  assert.ok(space, 'the snippet no longer says `const space = "NAME"`: adapt this test');
+  return { port: Number(server[1]), space: space[1] };
+}
+
+/** The browser-side packages: replicache and what its ES module build imports. */
+const PACKAGES = ['replicache', '@rocicorp/logger', '@rocicorp/lock', '@rocicorp/resolver', '@badrap/valita'];
+
+function importMap() {
+  const imports = {};
+  for (const name of PACKAGES) {
+    const pkg = JSON.parse(readFileSync(path.join(E2E_DIR, 'node_modules', name, 'package.json'), 'utf8'));
+    imports[name] = `/vendor/${name}/${(pkg.module ?? pkg.main).replace(/^\.\//, '')}`;
+  }
+  return { imports };
+}
+
+/**
+ * The page: what the README says a page without a bundler sets up, what the app provides
+ * (userID, fetchToken) as globals, then the snippet as a module.
+ */
+function pageHtml(user) {
+  return `<!doctype html>
+<meta charset="utf-8">
+<title>README snippet</title>
+<script>
+  // What the README asks of a page without a bundler: process.env.NODE_ENV, then an import map.
+  window.process ??= { env: { NODE_ENV: 'production' } };
+</script>
+<script type="importmap">${JSON.stringify(importMap())}</script>
+<script>
+  const userID = ${JSON.stringify(user)};
+  async function fetchToken() {
+    const res = await fetch('/token?user=' + encodeURIComponent(userID), { cache: 'no-store' });
+    if (!res.ok) throw new Error('/token answered ' + res.status);
+    return (await res.json()).token;
+  }
+</script>
+<script type="module" src="/app.js"></script>
+`;
+}
+
+/**
+ * Serves the pages, the snippet module, the vendored packages and the app's tokens (for
+ * `space`, Bob's short-lived). `issued[user]` lists the tokens handed out, oldest first.
+ */
+async function startAppServer(env, appCode, space) {
+  const issued = { alice: [], bob: [] };
+  const server = http.createServer(async (req, res) => {
+    const url = new URL(req.url, 'http://localhost');
+    const send = (status, type, body) => {
+      res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
+      res.end(body);
+    };
+    if (url.pathname === '/') return send(200, 'text/html; charset=utf-8', pageHtml(url.searchParams.get('user')));
+    if (url.pathname === '/app.js') return send(200, 'text/javascript; charset=utf-8', appCode);
+    if (url.pathname === '/token') {
+      const user = url.searchParams.get('user');
+      if (!issued[user]) return send(403, 'text/plain', 'unknown user\n');
+      const ttl = user === 'bob' ? BOB_TOKEN_TTL_SECS : 300;
+      const token = signToken({ sub: user, spaces: [space] }, { ttl });
+      issued[user].push(token);
+      return send(200, 'application/json', JSON.stringify({ token }));
+    }
+    const m = /^\/vendor\/((?:@[^/]+\/)?[^/]+)\/(.+)$/.exec(url.pathname);
+    if (m && PACKAGES.includes(m[1])) {
+      const root = path.join(E2E_DIR, 'node_modules', m[1]);
+      const file = path.resolve(root, path.posix.normalize(m[2]));
+      if (file.startsWith(root + path.sep) && (await stat(file).catch(() => null))?.isFile()) {
+        return send(200, 'text/javascript; charset=utf-8', await readFile(file));
+      }
+    }
+    return send(404, 'text/plain', 'not found\n');
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  env.defer(() => {
+    server.closeAllConnections();
+    return new Promise((resolve) => server.close(resolve));
+  });
+  return { url: `http://127.0.0.1:${server.address().port}`, issued };
+}
+
+/** Chromium with the snippet's `server` mapped onto the real replisync. */
+async function launchChromium(env, snippetPort, realPort) {
+  const { chromium } = await import('playwright-core');
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM_PATH ?? '/usr/bin/chromium',
+    headless: true,
+    timeout: 60_000,
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      `--host-rules=MAP 127.0.0.1:${snippetPort} 127.0.0.1:${realPort}`,
+    ],
+  });
+  env.defer(() => browser.close());
+  return browser;
+}
+
+/**
+ * Opens the page of `user` in its own context and traces it: `trace` receives, in the order the
+ * browser saw them, {type: 'request', kind: push|pull|poke, id, auth} (auth: the header, or the
+ * `?auth=` of a poke stream), {type: 'response', id, kind, status} and {type: 'sse', id, event}.
+ */
+async function openPage(browser, appUrl, user, problems) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(15_000);
+  page.on('pageerror', (e) => problems.push(`${user}: ${e.message}`));
+  const trace = [];
+  const kinds = new Map();
+  const cdp = await context.newCDPSession(page);
+  cdp.on('Network.requestWillBeSent', ({ requestId, request }) => {
+    const m = /\/spaces\/[^/]+\/(push|pull|poke)(\?.*)?$/.exec(request.url);
+    if (!m || request.method === 'OPTIONS') return;
+    kinds.set(requestId, m[1]);
+    const auth =
+      m[1] === 'poke' ? new URLSearchParams(m[2] ?? '').get('auth') : (request.headers.Authorization ?? request.headers.authorization);
+    trace.push({ type: 'request', kind: m[1], id: requestId, auth });
+  });
+  cdp.on('Network.responseReceived', ({ requestId, response }) => {
+    if (kinds.has(requestId)) trace.push({ type: 'response', id: requestId, kind: kinds.get(requestId), status: response.status });
+  });
+  cdp.on('Network.eventSourceMessageReceived', ({ requestId, eventName }) => {
+    trace.push({ type: 'sse', id: requestId, event: eventName });
+  });
+  await cdp.send('Network.enable');
+  await page.goto(`${appUrl}/?user=${user}`);
+  return { user, page, trace };
+}
+
+const statusOf = (trace, id) => trace.find((e) => e.type === 'response' && e.id === id)?.status;
+
+/** Reads `key` in the page's Replicache. */
+const read = (p, key) => p.page.evaluate((k) => window.rep.query((tx) => tx.get(k)), key);
+
+test('16. the README client snippet runs verbatim: sync, pokes, token renewal', { timeout: 180_000 }, async (t) => {
+  const env = new E2E();
+  t.after(() => env.cleanup());
+
+  const snippet = readmeSnippet();
+  const { port: snippetPort, space } = snippetTargets(snippet.app);
+  // The Pusher block at least parses (as module code would, with top-level await allowed).
+  const AsyncFunction = (async () => {}).constructor;
+  assert.doesNotThrow(() => new AsyncFunction(snippet.pusher), 'the Pusher block does not parse');
+  assert.match(snippet.pusher, /\$\{server\}\/pusher\/auth/);
+  assert.match(snippet.pusher, /`private-space-\$\{space\}`/);
+
+  const server = await env.startReplisync({ jwtSecret: JWT_SECRET });
+  const app = await startAppServer(env, `${snippet.app}\nwindow.rep = rep;\n`, space);
+  const browser = await launchChromium(env, snippetPort, server.port);
+  const problems = [];
+  const alice = await openPage(browser, app.url, 'alice', problems);
+  const bob = await openPage(browser, app.url, 'bob', problems);
+
+  const noProblems = () => {
+    if (problems.length) throw Object.assign(new Error(`page errors: ${problems.join('; ')}`), { fatal: true });
+  };
+  const explain = (e) => {
+    e.message +=
+      `\npage errors: ${JSON.stringify(problems)}` +
+      `\nalice: ${summary(alice.trace)}\nbob: ${summary(bob.trace)}` +
+      `\nreplisync log tail:\n${server.lines.slice(-15).join('\n')}`;
+    throw e;
+  };
+  try {
+    // Both pages start: the snippet pulled and opened its poke stream, with the app's token.
+    for (const p of [alice, bob]) {
+      await waitFor(
+        async () => {
+          noProblems();
+          const ready = await p.page.evaluate(() => Boolean(window.rep));
+          const stream = p.trace.find((e) => e.type === 'request' && e.kind === 'poke' && statusOf(p.trace, e.id) === 200);
+          const pull = p.trace.find((e) => e.type === 'request' && e.kind === 'pull' && statusOf(p.trace, e.id) === 200);
+          return ready && stream && pull;
+        },
+        { timeout: 20_000, message: `${p.user}'s page to pull and open its poke stream` },
+      );
+      assert.equal(await p.page.evaluate(() => window.rep.name), `${p.user}/${space}`);
+      // Replicache's default: a timer pull only every 60 s, so quicker pulls come from pokes.
+      assert.equal(await p.page.evaluate(() => window.rep.pullInterval), 60_000);
+    }
+    assert.equal(app.issued.alice.length, 1, 'alice fetched one token at start-up');
+
+    // Bob's increment reaches Alice: a poke arrives on her stream and only then does she pull.
+    const mark = alice.trace.length;
+    await bob.page.evaluate(() => window.rep.mutate.increment({ key: 'count', delta: 2 }));
+    await waitFor(async () => (noProblems(), (await read(alice, 'count')) === 2), {
+      message: "Bob's increment in Alice's page",
+    });
+    const after = alice.trace.slice(mark);
+    const firstPoke = after.findIndex((e) => e.type === 'sse' && e.event === 'poke');
+    const firstPull = after.findIndex((e) => e.type === 'request' && e.kind === 'pull');
+    assert.ok(firstPoke >= 0 && firstPull > firstPoke, `Alice pulled without a poke first: ${summary(after)}`);
+    assert.ok(
+      !after.slice(0, firstPull).some((e) => e.type === 'request' && e.kind === 'poke'),
+      'Alice reopened her stream (whose open event pulls) before that pull',
+    );
+
+    // Alice's set and Bob's delete go the other way.
+    await alice.page.evaluate(() => window.rep.mutate.set({ key: 'greeting', value: 'hello' }));
+    await waitFor(async () => (noProblems(), (await read(bob, 'greeting')) === 'hello'), {
+      message: "Alice's set in Bob's page",
+    });
+    await bob.page.evaluate(() => window.rep.mutate.delete({ key: 'greeting' }));
+    await waitFor(async () => (noProblems(), (await read(alice, 'greeting')) === undefined), {
+      message: "Bob's delete in Alice's page",
+    });
+
+    // Alice's token has expired: her push is answered 401, the snippet's getAuth fetches a new
+    // token, and the push is retried with it.
+    const expired = bearer(signToken({ sub: 'alice', spaces: [space] }, { ttl: -60 }));
+    await alice.page.evaluate((auth) => {
+      window.rep.auth = auth;
+    }, expired);
+    const aliceMark = alice.trace.length;
+    await alice.page.evaluate(() => window.rep.mutate.increment({ key: 'count', delta: 3 }));
+    await waitFor(async () => (noProblems(), (await read(bob, 'count')) === 5), {
+      message: "Alice's increment, after her token was renewed, in Bob's page",
+    });
+    assert.ok(app.issued.alice.length >= 2, "the snippet's getAuth did not fetch a new token");
+    const renewed = app.issued.alice.slice(1).map(bearer);
+    const aliceAfter = alice.trace.slice(aliceMark).filter((e) => e.type === 'request' && e.kind !== 'poke');
+    assert.ok(
+      aliceAfter.some((e) => e.auth === expired && statusOf(alice.trace, e.id) === 401),
+      `no request with the expired token was answered 401: ${summary(alice.trace.slice(aliceMark))}`,
+    );
+    assert.ok(
+      aliceAfter.some((e) => e.kind === 'push' && renewed.includes(e.auth) && statusOf(alice.trace, e.id) === 200),
+      'no push succeeded with the renewed token',
+    );
+
+    // Bob's tokens live a few seconds. When the one in his stream's URL expires, replisync ends
+    // the stream, EventSource's own reconnection is answered 401, and the snippet opens a new
+    // stream with a fresh token from fetchToken.
+    const reopened = await waitFor(
+      () => {
+        noProblems();
+        const streams = bob.trace.filter((e) => e.type === 'request' && e.kind === 'poke');
+        const refused = streams.findIndex((e) => statusOf(bob.trace, e.id) === 401);
+        if (refused < 0) return null;
+        return streams
+          .slice(refused + 1)
+          .find((e) => e.auth !== streams[refused].auth && statusOf(bob.trace, e.id) === 200);
+      },
+      { timeout: 60_000, interval: 100, message: "Bob's stream to be refused with an expired token and reopened" },
+    );
+    assert.ok(app.issued.bob.includes(reopened.auth), 'the reopened stream does not use a token from fetchToken');
+
+    // The reopened stream pokes Bob.
+    const bobMark = bob.trace.length;
+    await alice.page.evaluate(() => window.rep.mutate.increment({ key: 'count', delta: 10 }));
+    await waitFor(async () => (noProblems(), (await read(bob, 'count')) === 15), {
+      message: "Alice's last increment in Bob's page",
+    });
+    assert.ok(
+      bob.trace.slice(bobMark).some((e) => e.type === 'sse' && e.event === 'poke'),
+      `no poke reached Bob after the reopening: ${summary(bob.trace.slice(bobMark))}`,
+    );
+    assert.deepEqual(problems, [], 'no page errors');
+    assert.deepEqual((await server.snapshot(space, { auth: bearer(signToken({ sub: 'x', spaces: [space] })) })).data, {
+      count: 15,
+    });
+  } catch (e) {
+    explain(e);
+  }
+});
+
+/** A short account of a trace, for failure messages. */
+function summary(trace) {
+  return trace
+    .slice(-40)
+    .map((e) =>
+      e.type === 'request' ? `${e.kind}>` : e.type === 'response' ? `${e.kind}<${e.status}` : `sse:${e.event}`,
+    )
+    .join(' ');
+}
