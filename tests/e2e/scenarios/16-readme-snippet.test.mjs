@@ -157,12 +157,14 @@ async function openPage(browser, appUrl, user, problems) {
     const m = /\/spaces\/[^/]+\/(push|pull|poke)(\?.*)?$/.exec(request.url);
     if (!m || request.method === 'OPTIONS') return;
     kinds.set(requestId, m[1]);
+    const headers = request.headers;
     const auth =
-      m[1] === 'poke' ? new URLSearchParams(m[2] ?? '').get('auth') : (request.headers.Authorization ?? request.headers.authorization);
+      m[1] === 'poke' ? new URLSearchParams(m[2] ?? '').get('auth') : (headers.Authorization ?? headers.authorization);
     trace.push({ type: 'request', kind: m[1], id: requestId, auth });
   });
   cdp.on('Network.responseReceived', ({ requestId, response }) => {
-    if (kinds.has(requestId)) trace.push({ type: 'response', id: requestId, kind: kinds.get(requestId), status: response.status });
+    if (!kinds.has(requestId)) return;
+    trace.push({ type: 'response', id: requestId, kind: kinds.get(requestId), status: response.status });
   });
   cdp.on('Network.eventSourceMessageReceived', ({ requestId, eventName }) => {
     trace.push({ type: 'sse', id: requestId, event: eventName });
@@ -173,6 +175,17 @@ async function openPage(browser, appUrl, user, problems) {
 }
 
 const statusOf = (trace, id) => trace.find((e) => e.type === 'response' && e.id === id)?.status;
+
+/** A poke stream was opened (200), a pull was made after that, and every pull was answered. */
+function settled(trace) {
+  const open = trace.findIndex((e) => e.type === 'response' && e.kind === 'poke' && e.status === 200);
+  const pulls = trace.filter((e) => e.type === 'request' && e.kind === 'pull');
+  return (
+    open >= 0 &&
+    trace.slice(open).some((e) => e.type === 'request' && e.kind === 'pull') &&
+    pulls.every((e) => statusOf(trace, e.id) !== undefined)
+  );
+}
 
 /** Reads `key` in the page's Replicache. */
 const read = (p, key) => p.page.evaluate((k) => window.rep.query((tx) => tx.get(k)), key);
@@ -207,15 +220,13 @@ test('16. the README client snippet runs verbatim: sync, pokes, token renewal', 
     throw e;
   };
   try {
-    // Both pages start: the snippet pulled and opened its poke stream, with the app's token.
+    // Both pages start: the snippet opened its poke stream, pulled on its open event, and no
+    // pull is still running (so that the next pulls are the pokes' doing).
     for (const p of [alice, bob]) {
       await waitFor(
         async () => {
           noProblems();
-          const ready = await p.page.evaluate(() => Boolean(window.rep));
-          const stream = p.trace.find((e) => e.type === 'request' && e.kind === 'poke' && statusOf(p.trace, e.id) === 200);
-          const pull = p.trace.find((e) => e.type === 'request' && e.kind === 'pull' && statusOf(p.trace, e.id) === 200);
-          return ready && stream && pull;
+          return (await p.page.evaluate(() => Boolean(window.rep))) && settled(p.trace);
         },
         { timeout: 20_000, message: `${p.user}'s page to pull and open its poke stream` },
       );
@@ -296,14 +307,16 @@ test('16. the README client snippet runs verbatim: sync, pokes, token renewal', 
     await waitFor(async () => (noProblems(), (await read(bob, 'count')) === 15), {
       message: "Alice's last increment in Bob's page",
     });
+    const streamAuth = (id) => bob.trace.find((e) => e.type === 'request' && e.id === id)?.auth;
     assert.ok(
-      bob.trace.slice(bobMark).some((e) => e.type === 'sse' && e.event === 'poke'),
-      `no poke reached Bob after the reopening: ${summary(bob.trace.slice(bobMark))}`,
+      bob.trace
+        .slice(bobMark)
+        .some((e) => e.type === 'sse' && e.event === 'poke' && app.issued.bob.slice(1).includes(streamAuth(e.id))),
+      `no poke reached Bob through a stream the snippet reopened: ${summary(bob.trace.slice(bobMark))}`,
     );
     assert.deepEqual(problems, [], 'no page errors');
-    assert.deepEqual((await server.snapshot(space, { auth: bearer(signToken({ sub: 'x', spaces: [space] })) })).data, {
-      count: 15,
-    });
+    const reader = bearer(signToken({ sub: 'carol', spaces: [space] }));
+    assert.deepEqual((await server.snapshot(space, { auth: reader })).data, { count: 15 });
   } catch (e) {
     explain(e);
   }
