@@ -3,20 +3,26 @@
 //
 // The pages get only what the README says the app provides: `userID`, `fetchToken()` (tokens
 // signed like the app's backend would, counted per user) and the `replicache` package (an import
-// map onto tests/e2e/node_modules). The snippet's `server` (http://127.0.0.1:8080) is mapped by
-// Chromium (--host-rules) onto this test's replisync, so no port has to be free. One line is
-// appended to the module, `window.rep = rep;`, so that the test can call its mutators.
+// map onto tests/e2e/node_modules, after `process.env.NODE_ENV`, as the README asks of a page
+// without a bundler). The snippet's `server` (http://127.0.0.1:8080) is mapped by Chromium
+// (--host-rules) onto this test's replisync, so no port has to be free. One line is appended to
+// the module, `window.rep = rep;` (and `window.pusher = pusher;` in 16b), for the test to use.
 // Every request and SSE message of a page is traced through the DevTools protocol (one ordered
 // stream per page), which shows that a page pulls because a poke came, and which token went where.
-// The Pusher block is only parsed: running it needs a Pusher-compatible server (sockudo).
+// The Pusher block runs too (test 16b), as far as it can without a Pusher-compatible server:
+// pusher-js gets its private channel signed by replisync with the current token; pokes through
+// Pusher need sockudo (scenarios 06 and 09).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { readFile, stat } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
+import { createHmac } from 'node:crypto';
 import path from 'node:path';
-import { E2E, E2E_DIR, JWT_SECRET, REPO_DIR, bearer, signToken, waitFor } from '../harness.mjs';
+import {
+  E2E, E2E_DIR, JWT_SECRET, PUSHER_APP, REPO_DIR, bearer, freePort, signToken, waitFor,
+} from '../harness.mjs';
 
 const SECTION = '## Connect a Replicache app';
 const SECTION_END = '### Spaces';
@@ -62,7 +68,7 @@ function importMap() {
  * The page: what the README says a page without a bundler sets up, what the app provides
  * (userID, fetchToken) as globals, then the snippet as a module.
  */
-function pageHtml(user) {
+function pageHtml(user, extraHead) {
   return `<!doctype html>
 <meta charset="utf-8">
 <title>README snippet</title>
@@ -79,15 +85,20 @@ function pageHtml(user) {
     return (await res.json()).token;
   }
 </script>
+${extraHead}
 <script type="module" src="/app.js"></script>
 `;
 }
 
+/** Packages the pages may load from tests/e2e/node_modules: those of the import map, pusher-js. */
+const VENDORED = [...PACKAGES, 'pusher-js'];
+
 /**
- * Serves the pages, the snippet module, the vendored packages and the app's tokens (for
- * `space`, Bob's short-lived). `issued[user]` lists the tokens handed out, oldest first.
+ * Serves the pages (`extraHead` goes into each), the snippet module `appCode`, the vendored
+ * packages and the app's tokens for `space` (Bob's short-lived). `issued[user]` lists the
+ * tokens handed out, oldest first.
  */
-async function startAppServer(env, appCode, space) {
+async function startAppServer(env, { appCode, space, extraHead = '' }) {
   const issued = { alice: [], bob: [] };
   const server = http.createServer(async (req, res) => {
     const url = new URL(req.url, 'http://localhost');
@@ -95,7 +106,9 @@ async function startAppServer(env, appCode, space) {
       res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
       res.end(body);
     };
-    if (url.pathname === '/') return send(200, 'text/html; charset=utf-8', pageHtml(url.searchParams.get('user')));
+    if (url.pathname === '/') {
+      return send(200, 'text/html; charset=utf-8', pageHtml(url.searchParams.get('user'), extraHead));
+    }
     if (url.pathname === '/app.js') return send(200, 'text/javascript; charset=utf-8', appCode);
     if (url.pathname === '/token') {
       const user = url.searchParams.get('user');
@@ -106,7 +119,7 @@ async function startAppServer(env, appCode, space) {
       return send(200, 'application/json', JSON.stringify({ token }));
     }
     const m = /^\/vendor\/((?:@[^/]+\/)?[^/]+)\/(.+)$/.exec(url.pathname);
-    if (m && PACKAGES.includes(m[1])) {
+    if (m && VENDORED.includes(m[1])) {
       const root = path.join(E2E_DIR, 'node_modules', m[1]);
       const file = path.resolve(root, path.posix.normalize(m[2]));
       if (file.startsWith(root + path.sep) && (await stat(file).catch(() => null))?.isFile()) {
@@ -125,6 +138,7 @@ async function startAppServer(env, appCode, space) {
 
 /** Chromium with the snippet's `server` mapped onto the real replisync. */
 async function launchChromium(env, snippetPort, realPort) {
+  const deadPort = await freePort();
   const { chromium } = await import('playwright-core');
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM_PATH ?? '/usr/bin/chromium',
@@ -133,7 +147,9 @@ async function launchChromium(env, snippetPort, realPort) {
     args: [
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      `--host-rules=MAP 127.0.0.1:${snippetPort} 127.0.0.1:${realPort}`,
+      // pusher-js (test 16b) connects to its cluster's hosts: they go to a loopback port where
+      // nothing listens, so the page never reaches beyond this machine.
+      `--host-rules=MAP 127.0.0.1:${snippetPort} 127.0.0.1:${realPort}, MAP *.pusher.com 127.0.0.1:${deadPort}`,
     ],
   });
   env.defer(() => browser.close());
@@ -142,7 +158,7 @@ async function launchChromium(env, snippetPort, realPort) {
 
 /**
  * Opens the page of `user` in its own context and traces it: `trace` receives, in the order the
- * browser saw them, {type: 'request', kind: push|pull|poke, id, auth} (auth: the header, or the
+ * browser saw them, {type: 'request', kind: push|pull|poke|pusher-auth, id, auth} (auth: the header, or the
  * `?auth=` of a poke stream), {type: 'response', id, kind, status} and {type: 'sse', id, event}.
  */
 async function openPage(browser, appUrl, user, problems) {
@@ -154,13 +170,14 @@ async function openPage(browser, appUrl, user, problems) {
   const kinds = new Map();
   const cdp = await context.newCDPSession(page);
   cdp.on('Network.requestWillBeSent', ({ requestId, request }) => {
-    const m = /\/spaces\/[^/]+\/(push|pull|poke)(\?.*)?$/.exec(request.url);
+    const m = /\/(?:spaces\/[^/]+\/(push|pull|poke)|pusher\/(auth))(\?.*)?$/.exec(request.url);
     if (!m || request.method === 'OPTIONS') return;
-    kinds.set(requestId, m[1]);
+    const kind = m[1] ?? 'pusher-auth';
+    kinds.set(requestId, kind);
     const headers = request.headers;
     const auth =
-      m[1] === 'poke' ? new URLSearchParams(m[2] ?? '').get('auth') : (headers.Authorization ?? headers.authorization);
-    trace.push({ type: 'request', kind: m[1], id: requestId, auth });
+      kind === 'poke' ? new URLSearchParams(m[3] ?? '').get('auth') : (headers.Authorization ?? headers.authorization);
+    trace.push({ type: 'request', kind, id: requestId, auth });
   });
   cdp.on('Network.responseReceived', ({ requestId, response }) => {
     if (!kinds.has(requestId)) return;
@@ -196,14 +213,9 @@ test('16. the README client snippet runs verbatim: sync, pokes, token renewal', 
 
   const snippet = readmeSnippet();
   const { port: snippetPort, space } = snippetTargets(snippet.app);
-  // The Pusher block at least parses (as module code would, with top-level await allowed).
-  const AsyncFunction = (async () => {}).constructor;
-  assert.doesNotThrow(() => new AsyncFunction(snippet.pusher), 'the Pusher block does not parse');
-  assert.match(snippet.pusher, /\$\{server\}\/pusher\/auth/);
-  assert.match(snippet.pusher, /`private-space-\$\{space\}`/);
 
   const server = await env.startReplisync({ jwtSecret: JWT_SECRET });
-  const app = await startAppServer(env, `${snippet.app}\nwindow.rep = rep;\n`, space);
+  const app = await startAppServer(env, { appCode: `${snippet.app}\nwindow.rep = rep;\n`, space });
   const browser = await launchChromium(env, snippetPort, server.port);
   const problems = [];
   const alice = await openPage(browser, app.url, 'alice', problems);
@@ -331,3 +343,72 @@ function summary(trace) {
     )
     .join(' ');
 }
+
+test('16b. the README Pusher block: replisync signs the private channel, with the current token', { timeout: 120_000 }, async (t) => {
+  const env = new E2E();
+  t.after(() => env.cleanup());
+  const snippet = readmeSnippet();
+  const { port: snippetPort, space } = snippetTargets(snippet.app);
+  const channel = `private-space-${space}`;
+
+  // Pusher is configured, so the SSE stream is off; nothing listens at the Pusher port (pokes
+  // fail and are retried in the background, which pushes do not wait for).
+  const server = await env.startReplisync({ jwtSecret: JWT_SECRET, pusher: { port: await freePort() } });
+  // The app provides pusher-js (its browser build, a global `Pusher`), PUSHER_KEY and PUSHER_CLUSTER.
+  const extraHead = `<script src="/vendor/pusher-js/dist/web/pusher.js"></script>
+<script>
+  const PUSHER_KEY = ${JSON.stringify(PUSHER_APP.key)};
+  const PUSHER_CLUSTER = 'mt1';
+</script>`;
+  const appCode = `${snippet.app}\n${snippet.pusher}\nwindow.rep = rep;\nwindow.pusher = pusher;\n`;
+  const app = await startAppServer(env, { appCode, space, extraHead });
+  const browser = await launchChromium(env, snippetPort, server.port);
+  const problems = [];
+  const alice = await openPage(browser, app.url, 'alice', problems);
+  await waitFor(
+    async () => {
+      if (problems.length) throw Object.assign(new Error(`page errors: ${problems.join('; ')}`), { fatal: true });
+      return alice.page.evaluate((name) => Boolean(window.pusher?.channel(name)), channel);
+    },
+    { timeout: 20_000, message: 'the page to run both blocks and subscribe to the private channel' },
+  );
+
+  // What pusher-js does once its connection gives it a socket id: ask the snippet's endpoint.
+  const socketId = '1234.5678';
+  const authorize = () =>
+    alice.page.evaluate(
+      ([name, id]) =>
+        new Promise((resolve) => {
+          window.pusher.channel(name).authorize(id, (error, data) => resolve({ error: error?.message ?? null, data }));
+        }),
+      [channel, socketId],
+    );
+  const expected = `${PUSHER_APP.key}:${createHmac('sha256', PUSHER_APP.secret).update(`${socketId}:${channel}`).digest('hex')}`;
+  const lastAuthRequest = () => alice.trace.filter((e) => e.type === 'request' && e.kind === 'pusher-auth').at(-1);
+
+  const first = await authorize();
+  assert.deepEqual(first, { error: null, data: { auth: expected } });
+  assert.equal(lastAuthRequest().auth, bearer(app.issued.alice[0]));
+
+  // After getAuth renewed the token (an expired one answered 401), the next authorization
+  // carries the token the page holds now, not the one it started with.
+  const expired = bearer(signToken({ sub: 'alice', spaces: [space] }, { ttl: -60 }));
+  await alice.page.evaluate((auth) => {
+    window.rep.auth = auth;
+  }, expired);
+  await alice.page.evaluate(() => window.rep.mutate.set({ key: 'k', value: 1 }));
+  await waitFor(
+    () =>
+      alice.trace.some(
+        (e) => e.type === 'request' && e.kind === 'push' && app.issued.alice.slice(1).map(bearer).includes(e.auth),
+      ),
+    { timeout: 15_000, message: 'a push with a token renewed through getAuth' },
+  );
+  const second = await authorize();
+  assert.deepEqual(second, { error: null, data: { auth: expected } });
+  assert.ok(
+    app.issued.alice.slice(1).map(bearer).includes(lastAuthRequest().auth),
+    'the channel authorization did not carry the renewed token',
+  );
+  assert.deepEqual(problems, [], 'no page errors');
+});
