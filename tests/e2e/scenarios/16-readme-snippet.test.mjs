@@ -18,7 +18,7 @@ import assert from 'node:assert/strict';
 import http from 'node:http';
 import { readFile, stat } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
-import { createHmac } from 'node:crypto';
+import { createHmac, randomUUID } from 'node:crypto';
 import path from 'node:path';
 import {
   E2E, E2E_DIR, JWT_SECRET, PUSHER_APP, REPO_DIR, bearer, freePort, signToken, waitFor,
@@ -114,7 +114,8 @@ async function startAppServer(env, { appCode, space, extraHead = '' }) {
       const user = url.searchParams.get('user');
       if (!issued[user]) return send(403, 'text/plain', 'unknown user\n');
       const ttl = user === 'bob' ? BOB_TOKEN_TTL_SECS : 300;
-      const token = signToken({ sub: user, spaces: [space] }, { ttl });
+      // A `jti` makes every token distinct, even two signed within the same second.
+      const token = signToken({ sub: user, spaces: [space], jti: randomUUID() }, { ttl });
       issued[user].push(token);
       return send(200, 'application/json', JSON.stringify({ token }));
     }
