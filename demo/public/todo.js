@@ -1,5 +1,5 @@
-// The todo page: a shared todo list whose mutators live in mutators.js, the file replisync
-// loads too. Add, toggle, rename (double-click) and delete; every open page sees the change.
+// The todo page: a shared todo list whose mutators are in mutators.js (bundled from
+// src/mutators.ts; replisync loads the same file). Add, toggle, rename (double-click) and delete.
 
 import { startReplicache } from './connect.js';
 import { MAX_TITLE_LENGTH, mutators } from './mutators.js';

@@ -65,6 +65,32 @@ fn a_broken_mutators_module_stops_start_up_naming_file_and_line() {
     assert!(stderr.contains("SyntaxError"), "{stderr}");
 }
 
+#[test]
+fn a_mutators_module_that_imports_stops_start_up_saying_to_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mutators.js"),
+        "import { checkTitle } from './rules.js';\nexport const mutators = { async m(tx) {} };\n",
+    )
+    .unwrap();
+    let stderr = refused_start_up(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("REPLISYNC_MUTATORS", "mutators.js")],
+    );
+    assert!(
+        stderr.contains("mutators.js imports \"./rules.js\""),
+        "file and import in: {stderr}"
+    );
+    for words in [
+        "a single self-contained ES module",
+        "npx esbuild src/mutators.ts --bundle --format=esm --outfile=mutators.js",
+        "docs/javascript-mutators.md",
+    ] {
+        assert!(stderr.contains(words), "says {words:?}: {stderr}");
+    }
+}
+
 /// The authorization webhook is sent callers' tokens: over http, only to this machine.
 #[test]
 fn a_webhook_url_in_the_clear_to_another_host_stops_start_up() {

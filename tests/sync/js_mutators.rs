@@ -579,6 +579,35 @@ async fn no_timers_network_or_files(backend: Backend) {
     );
 }
 
+/// `import()` in a mutator fails that mutation (with the same refusal), at once: the push goes on.
+async fn an_import_in_a_mutator_fails_its_mutation(backend: Backend) {
+    let source = "export const mutators = {\n  async caught(tx) {\n    try { await import('./rules.js'); } catch (e) { await tx.set('error', String(e)); }\n  },\n  async uncaught(tx) {\n    await import('./rules.js');\n    await tx.set('imported', true);\n  },\n  async after(tx) { await tx.set('after', true); },\n};\n";
+    let js = JsMutators::from_source("dynamic.js", source.into(), test_limits()).unwrap();
+    let options = App::builder().mutators(js.register(Mutators::builtin()));
+    let server = TestServer::start_with(backend, options).await;
+    let entries = run(
+        &server,
+        "s",
+        1,
+        &[
+            ("caught", json!({})),
+            ("uncaught", json!({})),
+            ("after", json!({})),
+        ],
+    )
+    .await;
+    let error = entries["error"].as_str().unwrap();
+    assert!(
+        error.contains("dynamic.js imports"),
+        "names the file: {error}"
+    );
+    assert_says_to_bundle(error, "./rules.js");
+    assert!(!entries.contains_key("imported"), "the import failed");
+    assert_eq!(entries["after"], json!(true));
+    assert_eq!(failures(&server, "threw").await, 1);
+    assert_eq!(failures(&server, "timeout").await, 0);
+}
+
 /// A module's mutator named like a built-in replaces it.
 async fn module_mutator_replaces_builtin(backend: Backend) {
     let source = "export const mutators = {\n  async increment(tx, {key, delta}) {\n    await tx.set(key, `js:${delta}`);\n  },\n};\n";
@@ -614,6 +643,7 @@ crate::on_both_stores!(
     memory_hog_hits_the_limit,
     globals_do_not_leak,
     no_timers_network_or_files,
+    an_import_in_a_mutator_fails_its_mutation,
     module_mutator_replaces_builtin,
 );
 
@@ -647,16 +677,48 @@ fn a_module_without_mutators_is_refused() {
     assert!(text.contains("exports no mutators"), "{text}");
 }
 
-#[test]
-fn imports_fail_at_start_up() {
-    let text = load_error(
-        "imports.js",
-        "import * as os from 'os';\nexport function m(tx) {}\n",
-    );
+/// Asserts that `text` refuses `specifier` and says to bundle, with the command and the docs.
+fn assert_says_to_bundle(text: &str, specifier: &str) {
     assert!(
-        text.contains("'os'") || text.contains("\"os\""),
-        "names the import: {text}"
+        text.contains(&format!("imports \"{specifier}\"")),
+        "names the import {specifier}: {text}"
     );
+    for words in [
+        "a single self-contained ES module",
+        "bundle the mutators and what they import into one file",
+        "npx esbuild src/mutators.ts --bundle --format=esm --outfile=mutators.js",
+        "docs/javascript-mutators.md",
+    ] {
+        assert!(text.contains(words), "says {words:?}: {text}");
+    }
+}
+
+#[test]
+fn imports_fail_at_start_up_saying_to_bundle() {
+    for (file, source, specifier) in [
+        (
+            "mutators.js",
+            "import { checkTitle } from './rules.js';\nexport function m(tx) { checkTitle(''); }\n",
+            "./rules.js",
+        ),
+        (
+            "package.js",
+            "import * as os from 'os';\nexport function m(tx) {}\n",
+            "os",
+        ),
+        (
+            "reexports.js",
+            "export * from 'replicache';\nexport function m(tx) {}\n",
+            "replicache",
+        ),
+    ] {
+        let text = load_error(file, source);
+        assert!(
+            text.contains(&format!("{file} imports")),
+            "names the file: {text}"
+        );
+        assert_says_to_bundle(&text, specifier);
+    }
 }
 
 #[test]

@@ -28,6 +28,7 @@ use rquickjs::{
 use super::allocator::{LimitedAllocator, MemoryGauge};
 use super::describe::describe;
 use super::host::{Link, fail_every_call, host_object};
+use super::imports::RefuseImports;
 use super::messages::{Call, EngineEnd, FromEngine, RunError};
 use crate::mutators::{ScriptError, ScriptFailure};
 
@@ -473,8 +474,8 @@ impl Engine {
     }
 }
 
-/// A runtime under `limits`, whose interrupt handler stops code past `deadline`, and the gauge
-/// of what it holds.
+/// A runtime under `limits`, whose interrupt handler stops code past `deadline` and which refuses
+/// every import, and the gauge of what it holds.
 fn new_runtime(
     limits: &EngineLimits,
     deadline: &Rc<Cell<Option<Instant>>>,
@@ -485,6 +486,7 @@ fn new_runtime(
     let runtime = Runtime::new_with_alloc(allocator)
         .map_err(|e| format!("cannot start a JavaScript runtime: {e}"))?;
     runtime.set_max_stack_size(MAX_JS_STACK_BYTES);
+    runtime.set_loader(RefuseImports, RefuseImports);
     runtime.set_gc_threshold(gc_threshold(gauge.held()));
     let (deadline, interrupted) = (deadline.clone(), interrupted.clone());
     runtime.set_interrupt_handler(Some(Box::new(move || match deadline.get() {

@@ -12,6 +12,7 @@ mod allocator;
 mod describe;
 mod engine;
 mod host;
+mod imports;
 mod messages;
 mod pool;
 

@@ -1,17 +1,29 @@
-// Scenario 12: the app's own mutators, written once. replisync loads demo/public/mutators.js
-// (REPLISYNC_MUTATORS) and the todo page imports the same file. Two Chromium pages add, toggle,
-// rename and delete todos and converge; a client that changed its own copy of a mutator to skip
-// the title rule sees its optimistic todo undone by the server.
+// Scenario 12: the app's own mutators, written once, in TypeScript. The scenario bundles
+// demo/src/mutators.ts (and the rules it imports) into demo/public/mutators.js with the demo's
+// `npm run build`; replisync loads that file (REPLISYNC_MUTATORS) and the todo page imports it.
+// Two Chromium pages add, toggle, rename and delete todos and converge; a client that changed
+// its own copy of a mutator to skip the title rules sees its optimistic todos undone by the
+// server, which enforces a rule only the TypeScript source has.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { E2E, REPO_DIR, uniqueId, waitFor, pushedAndPulled, readKey, ensureArtifactsDir } from '../harness.mjs';
-import { MAX_TITLE_LENGTH, mutators } from '../../../demo/public/mutators.js';
 
-const MUTATORS_FILE = path.join(REPO_DIR, 'demo', 'public', 'mutators.js');
+const DEMO_DIR = path.join(REPO_DIR, 'demo');
+const MUTATORS_FILE = path.join(DEMO_DIR, 'public', 'mutators.js');
+/** The rule of demo/src/rules.ts that no earlier, hand-written mutators.js had. */
+const ONE_LINE_RULE = 'a title is one line: no line breaks';
 
-test('12. two pages of the todo demo converge; the server enforces the title rule', { timeout: 240_000 }, async (t) => {
+// Bundled now, as `npm ci` and `npm start` do: never a bundle left over from older sources.
+execFileSync('npm', ['run', '--silent', 'build'], { cwd: DEMO_DIR, stdio: 'pipe' });
+const BUNDLE = readFileSync(MUTATORS_FILE, 'utf8');
+const { MAX_TITLE_LENGTH, mutators } = await import(pathToFileURL(MUTATORS_FILE).href);
+
+test('12. two pages of the todo demo converge; the server enforces the title rules of the TypeScript source', { timeout: 240_000 }, async (t) => {
   const env = new E2E();
   t.after(() => env.cleanup());
   const server = await env.startReplisync({ env: { REPLISYNC_MUTATORS: MUTATORS_FILE } });
@@ -79,8 +91,19 @@ test('12. two pages of the todo demo converge; the server enforces the title rul
   }
   assert.deepEqual(problems, [], 'no page errors');
 
-  // A client whose createTodo skips the title rule: its todo shows up locally at once, then the
-  // server's own createTodo refuses it and the client's next pull takes it away.
+  // What the page imported is the bundle replisync loaded, one self-contained module, and it
+  // holds the rule of src/rules.ts.
+  assert.equal(await (await fetch(new URL('/mutators.js', demo.url))).text(), BUNDLE, 'the page is served the bundle');
+  assert.doesNotMatch(BUNDLE, /^\s*import\b/m, 'the bundle imports nothing');
+  const pageSays = await p1.evaluate(async (title) => {
+    const imported = await import('/mutators.js'); // the module todo.js imported
+    const tx = { get: async () => undefined, set: async () => {} };
+    return imported.mutators.createTodo(tx, { id: 'x', title }).then(() => 'accepted', (e) => e.message);
+  }, 'two\nlines');
+  assert.equal(pageSays, ONE_LINE_RULE, "the page's createTodo refuses a title of two lines");
+
+  // A client whose createTodo skips the title rules: its todos show up locally at once, then the
+  // server's own createTodo refuses them and the client's next pull takes them away.
   const cheater = await env.replicache(server, space, {
     mutators: {
       ...mutators,
@@ -91,16 +114,21 @@ test('12. two pages of the todo demo converge; the server enforces the title rul
   });
   const longTitle = 'x'.repeat(MAX_TITLE_LENGTH + 50);
   await cheater.mutate.createTodo({ id: 'zz-cheat', title: longTitle });
+  await cheater.mutate.createTodo({ id: 'zz-lines', title: 'two\nlines' });
   assert.equal((await readKey(cheater, 'todo/zz-cheat'))?.title, longTitle, 'applied optimistically');
+  assert.equal((await readKey(cheater, 'todo/zz-lines'))?.title, 'two\nlines', 'applied optimistically');
   await pushedAndPulled(cheater);
-  await waitFor(async () => (await readKey(cheater, 'todo/zz-cheat')) === undefined, {
-    timeout: 10_000,
-    message: 'the server to undo the todo that broke its rule',
-  });
-  assert.equal((await server.snapshot(space)).data['todo/zz-cheat'], undefined);
-  const refusal = server.lines.find((line) => line.includes('mutations failed') && line.includes('createTodo'));
-  assert.ok(refusal, 'the log names the refused mutator');
-  assert.match(refusal, /at most 100 characters/, 'and why');
+  for (const id of ['zz-cheat', 'zz-lines']) {
+    await waitFor(async () => (await readKey(cheater, `todo/${id}`)) === undefined, {
+      timeout: 10_000,
+      message: `the server to undo the todo ${id} that broke its rule`,
+    });
+    assert.equal((await server.snapshot(space)).data[`todo/${id}`], undefined);
+  }
+  const refusals = server.lines.filter((line) => line.includes('mutations failed') && line.includes('createTodo'));
+  assert.ok(refusals.length > 0, 'the log names the refused mutator');
+  assert.ok(refusals.some((line) => /at most 100 characters/.test(line)), `and why: ${refusals}`);
+  assert.ok(refusals.some((line) => line.includes(ONE_LINE_RULE)), `the rule of the TypeScript source: ${refusals}`);
   // The honest pages never showed it.
   for (const page of pages) assert.deepEqual(await titles(page), ['buy oat milk']);
 
