@@ -2,6 +2,11 @@
 # non-root user. The health check is the binary itself (`replisync healthcheck`), no curl.
 #   docker build -t replisync .
 #   docker run -p 8080:8080 -e DATABASE_URL=postgres://... -e REPLISYNC_JWT_SECRET=... replisync
+# With the embedded SQLite store, keep its data in a volume, and mount your mutators module:
+#   docker run -p 8080:8080 -e REPLISYNC_JWT_SECRET=... \
+#     -v replisync-data:/var/lib/replisync \
+#     -v "$PWD/demo/public/mutators.js:/etc/replisync/mutators.js:ro" \
+#     -e REPLISYNC_MUTATORS=/etc/replisync/mutators.js replisync
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -19,9 +24,11 @@ RUN apt-get update \
 COPY --from=build /src/target/release/replisync /usr/local/bin/replisync
 USER replisync
 WORKDIR /var/lib/replisync
-# Every address in the container; SQLite (the default store) under /var/lib/replisync.
+# Every address in the container; SQLite (the default store) under /var/lib/replisync, a volume
+# so that the data outlives the container (mount a named volume there, as above).
 ENV REPLISYNC_LISTEN=0.0.0.0:8080 \
     REPLISYNC_SQLITE_PATH=/var/lib/replisync/replisync.db
+VOLUME ["/var/lib/replisync"]
 EXPOSE 8080
 # Liveness only: `/healthz` (the database answers). Load balancers route on `/readyz`.
 HEALTHCHECK --interval=10s --timeout=6s --start-period=15s --retries=3 \

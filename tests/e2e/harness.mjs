@@ -548,7 +548,6 @@ export class E2E {
       pushURL: `${server.url}/spaces/${encodeURIComponent(space)}/push`,
       pullURL: `${server.url}/spaces/${encodeURIComponent(space)}/pull`,
       kvStore: 'mem',
-      licenseKey: 'no-license',
       logLevel: 'info',
       logSinks: [sink],
       mutators: mutators ?? serverMutators(),

@@ -15,12 +15,17 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { E2E, REPO_DIR, uniqueId, waitFor, pushedAndPulled, readKey, realFetch, ensureArtifactsDir } from '../harness.mjs';
-import { mutators } from '../../../demo/public/mutators.js';
 
 const MUTATORS_FILE = path.join(REPO_DIR, 'demo', 'public', 'mutators.js');
+// The demo's bundle, built from its TypeScript source now, so that this scenario never runs a
+// stale one (as scenario 12 does).
+execFileSync('npm', ['run', '--silent', 'build'], { cwd: path.join(REPO_DIR, 'demo'), stdio: 'pipe' });
+const { mutators } = await import(pathToFileURL(MUTATORS_FILE).href);
 const CLIENT_STATE_NOT_FOUND = { error: 'ClientStateNotFound' };
 
 // A tap in the page (installed before any of its scripts, on every load): every push and pull
