@@ -137,3 +137,21 @@ crate::on_both_stores!(
     a_database_migrated_by_an_earlier_replisync_moves_its_records_once,
     an_old_table_shared_with_the_app_keeps_the_apps_records,
 );
+
+/// Instances started together on a database an earlier replisync migrated: the records move
+/// once, under the migrator's lock, and every instance opens (Postgres; SQLite is one instance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_starting_together_move_the_old_records_once() {
+    let db = TestDb::create(Backend::Postgres).await;
+    run(&db, &as_an_earlier_replisync(Backend::Postgres))
+        .await
+        .unwrap();
+    let options = StoreOptions::default();
+    let opened = futures::future::join_all((0..4).map(|_| db.open_store_with(&options))).await;
+    drop(opened);
+    assert_eq!(
+        records_in(&db, "replisync_migrations").await,
+        Some(migration_files(Backend::Postgres))
+    );
+    assert!(!table_exists(&db, "_sqlx_migrations").await);
+}
