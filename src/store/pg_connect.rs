@@ -46,9 +46,14 @@ pub async fn first_contact(options: &PgConnectOptions, timeout: Duration) -> Res
 fn explain(error: &sqlx::Error, options: &PgConnectOptions) -> String {
     if let sqlx::Error::Database(database_error) = error {
         return match database_error.code().as_deref() {
-            Some("28P01" | "28000") => format!(
+            Some("28P01") => format!(
                 "authentication failed for user {:?} (check the user and password in DATABASE_URL)",
                 options.get_username()
+            ),
+            Some("28000") => format!(
+                "the server refused user {:?}: {} (check the user in DATABASE_URL, and the server's pg_hba.conf)",
+                options.get_username(),
+                database_error.message()
             ),
             Some("3D000") => format!(
                 "the database {:?} does not exist (create it, e.g. `createdb {}`, or name another in DATABASE_URL)",

@@ -100,6 +100,17 @@ fn a_missing_database_is_named_with_how_to_create_it() {
     );
 }
 
+#[test]
+fn a_user_the_server_does_not_know_is_named() {
+    let url = "postgres://replisync_no_such_role@127.0.0.1:5432/test";
+    let line = refused_with(&[("DATABASE_URL", url)], 1);
+    assert!(
+        line.contains("the server refused user \"replisync_no_such_role\""),
+        "{line}"
+    );
+    assert!(line.contains("does not exist"), "the server's reason: {line}");
+}
+
 fn pusher_at(host_port: &str) -> Vec<(&'static str, String)> {
     let (host, port) = host_port.split_once(':').unwrap();
     vec![
