@@ -185,14 +185,16 @@ mod tests {
             .collect()
     }
 
-    /// The text of `file` from the line that starts with `marker` and ends with `heading`, to
-    /// the next line that starts with `marker`.
+    /// The part of `text` after the line `marker heading`, up to the next line that starts
+    /// with `marker` (the next heading).
     fn section<'t>(text: &'t str, marker: &str, heading: &str) -> Option<&'t str> {
-        let mut lines = text.split_inclusive('\n');
         let mut start = 0;
-        for line in lines.by_ref() {
+        for line in text.split_inclusive('\n') {
             start += line.len();
-            if line.starts_with(marker) && line[marker.len()..].trim_start().starts_with(heading) {
+            let title = line
+                .strip_prefix(marker)
+                .map(|title| title.trim_end_matches(['-', ' ', '\n']));
+            if title == Some(heading) {
                 let rest = &text[start..];
                 let end = rest.find(&format!("\n{marker}")).unwrap_or(rest.len());
                 return Some(&rest[..end]);

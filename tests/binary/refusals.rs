@@ -108,7 +108,10 @@ fn a_user_the_server_does_not_know_is_named() {
         line.contains("the server refused user \"replisync_no_such_role\""),
         "{line}"
     );
-    assert!(line.contains("does not exist"), "the server's reason: {line}");
+    assert!(
+        line.contains("does not exist"),
+        "the server's reason: {line}"
+    );
 }
 
 fn pusher_at(host_port: &str) -> Vec<(&'static str, String)> {
