@@ -3,7 +3,7 @@
 //! A database migrated by an earlier replisync has its records moved over first, once.
 
 use sqlx::migrate::{Migrate, Migration, Migrator};
-use sqlx::{PgConnection, SqliteConnection};
+use sqlx::{PgConnection, Postgres, Sqlite, SqliteConnection};
 
 /// Where replisync records the migrations it applied.
 pub const TABLE: &str = "replisync_migrations";
@@ -34,33 +34,13 @@ pub async fn adopt_old_records_pg(
     let moved = async {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         if !exists(TABLE).fetch_one(&mut *tx).await? {
-            tx.ensure_migrations_table(TABLE).await.map_err(into_sqlx)?;
-            for migration in ours(migrator) {
-                move_record_pg(&mut tx, migration).await?;
-            }
-            let left: i64 = sqlx::query_scalar(COUNT_OLD_RECORDS)
-                .fetch_one(&mut *tx)
-                .await?;
-            if left == 0 {
-                sqlx::query(DROP_OLD_TABLE).execute(&mut *tx).await?;
-            }
+            move_records::<Postgres>(&mut tx, migrator, MOVE_RECORD_PG).await?;
         }
         tx.commit().await
     }
     .await;
     conn.unlock().await.map_err(into_sqlx)?;
     moved
-}
-
-async fn move_record_pg(conn: &mut PgConnection, migration: &Migration) -> Result<(), sqlx::Error> {
-    for statement in MOVE_RECORD_PG {
-        sqlx::query(statement)
-            .bind(migration.version)
-            .bind(migration.checksum.as_ref())
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
 }
 
 /// SQLite: as [`adopt_old_records_pg`]; the single writer serializes instances of one file.
@@ -79,24 +59,46 @@ pub async fn adopt_old_records_sqlite(
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     if !exists(TABLE).fetch_one(&mut *tx).await? {
-        tx.ensure_migrations_table(TABLE).await.map_err(into_sqlx)?;
-        for migration in ours(migrator) {
-            for statement in MOVE_RECORD_SQLITE {
-                sqlx::query(statement)
-                    .bind(migration.version)
-                    .bind(migration.checksum.as_ref())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        let left: i64 = sqlx::query_scalar(COUNT_OLD_RECORDS)
-            .fetch_one(&mut *tx)
-            .await?;
-        if left == 0 {
-            sqlx::query(DROP_OLD_TABLE).execute(&mut *tx).await?;
-        }
+        move_records::<Sqlite>(&mut tx, migrator, MOVE_RECORD_SQLITE).await?;
     }
     tx.commit().await
+}
+
+/// Creates [`TABLE`], moves the old record of each of `migrator`'s migrations into it with the
+/// dialect's `move_record` statements, and drops [`OLD_TABLE`] if nothing is left in it.
+async fn move_records<DB>(
+    conn: &mut DB::Connection,
+    migrator: &Migrator,
+    move_record: [&'static str; 2],
+) -> Result<(), sqlx::Error>
+where
+    DB: sqlx::Database,
+    DB::Connection: Migrate,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    conn.ensure_migrations_table(TABLE)
+        .await
+        .map_err(into_sqlx)?;
+    for migration in ours(migrator) {
+        for statement in move_record {
+            sqlx::query(statement)
+                .bind(migration.version)
+                .bind(migration.checksum.as_ref())
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    let left: i64 = sqlx::query_scalar(COUNT_OLD_RECORDS)
+        .fetch_one(&mut *conn)
+        .await?;
+    if left == 0 {
+        sqlx::query(DROP_OLD_TABLE).execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// The forward migrations `migrator` holds.
