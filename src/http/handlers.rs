@@ -137,6 +137,26 @@ pub(super) async fn poke_handler(
     Ok(Sse::new(events).keep_alive(keep_alive).into_response())
 }
 
+/// `GET /spaces/{space}/access`: 200 with `{"space", "user", "read": true, "write"}` when the
+/// caller may read the space, 403 when not (401 without a valid token), with the same grant
+/// check as a pull. For a realtime server deciding whether a socket may join the space's room,
+/// asking with the socket's own token; it changes nothing and creates no space.
+pub(super) async fn access_handler(
+    State(authorizer): State<Arc<Authorizer>>,
+    Caller { space, user, .. }: Caller<Reads>,
+    Authenticated(identity): Authenticated,
+    headers: HeaderMap,
+) -> Json<Value> {
+    let writes = CallerWrites {
+        authorizer: &authorizer,
+        identity: &identity,
+        headers: &headers,
+        space: &space,
+    };
+    let write = writes.may_write().await;
+    Json(json!({ "space": space.as_str(), "user": user, "read": true, "write": write }))
+}
+
 /// Why a stream was refused, naming the variable that sets the cap.
 fn streams_full_message(full: StreamsFull) -> String {
     match full {

@@ -91,6 +91,12 @@ fn routes(metrics_endpoint: MetricsEndpoint) -> Vec<(Endpoint, MethodRouter<AppS
             handlers::poke_handler,
         ),
         route(
+            Method::GET,
+            "/spaces/{space}/access",
+            Browser,
+            handlers::access_handler,
+        ),
+        route(
             Method::POST,
             "/pusher/auth",
             Browser,

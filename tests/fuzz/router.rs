@@ -612,7 +612,9 @@ fn sse_query_strings_get_no_5xx_and_streams_only_for_readers() {
 fn odd_paths_and_methods_get_no_5xx() {
     let server = Fuzzed::start();
     let authorization = good_authorization();
-    let actions = select(vec!["push", "pull", "poke", "", "push/", "PUSH", "pull/x"]);
+    let actions = select(vec![
+        "push", "pull", "poke", "access", "", "push/", "PUSH", "pull/x",
+    ]);
     let methods = select(vec![
         Method::POST,
         Method::POST,

@@ -663,7 +663,66 @@ async fn the_sse_stream_needs_read_access_and_takes_its_token_from_the_query(bac
     assert_eq!(status(format!("/spaces/doc/poke?auth={reader}")).await, 200);
 }
 
+/// `GET /spaces/{space}/access` answers what a pull's grant check decides: read and write for a
+/// writer, read only for a reader, 403 for anyone else and 401 without a token; it creates no
+/// space and changes nothing.
+async fn the_access_route_answers_the_pull_grant_check_and_changes_nothing(backend: Backend) {
+    let server = TestServer::start_with(backend, hmac_options()).await;
+    let ask = |authorization: Option<String>, space: &str| {
+        let request = server
+            .http
+            .get(server.url(&format!("/spaces/{space}/access")));
+        let request = match authorization {
+            Some(value) => request.header("authorization", value),
+            None => request,
+        };
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let mut reader_claims = claims("reader", &[]);
+    reader_claims["spaces_read"] = json!(["doc"]);
+    let before = server.db.fingerprint().await;
+
+    let writer = ask(Some(token(&claims("writer", &["doc"]))), "doc").await;
+    assert_eq!(
+        writer,
+        (
+            200,
+            json!({"space": "doc", "user": "writer", "read": true, "write": true})
+        )
+    );
+    let reader = ask(Some(token(&reader_claims)), "doc").await;
+    assert_eq!(
+        reader,
+        (
+            200,
+            json!({"space": "doc", "user": "reader", "read": true, "write": false})
+        )
+    );
+    let other = ask(Some(token(&claims("other", &["elsewhere"]))), "doc").await;
+    assert_refused(other, 403, "Forbidden", "no grant");
+    assert_refused(ask(None, "doc").await, 401, "Unauthorized", "no token");
+    let expired = json!({"sub": "writer", "spaces": ["doc"], "exp": now() - 3600,
+                         "iss": ISSUER, "aud": AUDIENCE});
+    assert_refused(
+        ask(Some(token(&expired)), "doc").await,
+        401,
+        "Unauthorized",
+        "expired",
+    );
+    let bad_space = ask(Some(token(&claims("writer", &["*"]))), "no%20spaces").await;
+    assert_refused(bad_space, 400, "InvalidSpaceId", "bad space id");
+    assert_eq!(server.db.fingerprint().await, before, "nothing created");
+}
+
 crate::on_both_stores!(
+    the_access_route_answers_the_pull_grant_check_and_changes_nothing,
     a_reader_ahead_of_the_space_changes_nothing,
     every_kind_of_bad_token_is_401_and_writes_nothing,
     a_user_id_with_control_characters_is_401_and_writes_nothing,
