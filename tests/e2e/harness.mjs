@@ -688,6 +688,31 @@ export class E2E {
     return { url: m[1], proc };
   }
 
+  /**
+   * Starts one process of the socket.io server in tests/e2e/socketio-server.mjs, asking
+   * `server` (replisync) about joins; processes given the same `redisKey` form one cluster
+   * through the local Redis. Resolves to `{ url, proc }`.
+   */
+  async startSocketIo(server, { redisKey }) {
+    const proc = new ChildProcess('socket.io', process.execPath, [path.join(E2E_DIR, 'socketio-server.mjs')], {
+      cwd: E2E_DIR,
+      env: {
+        PATH: process.env.PATH,
+        HOME: process.env.HOME,
+        HOST: '127.0.0.1',
+        PORT: '0',
+        REPLISYNC_URL: server.url,
+        REDIS_KEY: redisKey,
+      },
+    });
+    this.defer(() => proc.stop({ graceMs: 2_000 }));
+    const m = await proc.waitForLine(/socket\.io server: (http:\/\/\S+)/, {
+      timeout: 10_000,
+      message: 'the socket.io server to print its URL',
+    });
+    return { url: m[1], proc };
+  }
+
   /** Launches headless Chromium (CHROMIUM_PATH, default /usr/bin/chromium) via playwright-core. */
   async browser() {
     const { chromium } = await import('playwright-core');
