@@ -242,6 +242,34 @@ mod tests {
         }
     }
 
+    /// What the Node emitter publishes for `of("/").to("space-abc").emit("poke")`, from
+    /// tests/e2e/socketio-emitter-fixtures.mjs (as in packet.rs's tests).
+    const NODE_EMITTER_SPACE_ABC: &str = "93a7656d697474657283a47479706502a46461746191a4706f6b65a36e7370a12f83a5726f6f6d7391a973706163652d616263a5666c61677380a665786365707490";
+
+    #[tokio::test]
+    async fn redis_carries_the_node_emitters_bytes_for_a_space() {
+        let target = EmitterTarget {
+            key: DEFAULT_KEY.to_owned(),
+            ..unique_target()
+        };
+        let subscriber = redis::Client::open(redis_url()).unwrap();
+        let mut pubsub = subscriber.get_async_pubsub().await.unwrap();
+        pubsub.subscribe("socket.io#/#space-abc#").await.unwrap();
+        let publisher = SocketIoPublisher::new(&redis_url(), target, BOUND).unwrap();
+
+        publisher.publish(&[space("abc")]).await.unwrap();
+
+        let mut messages = pubsub.on_message();
+        let message = tokio::time::timeout(BOUND, messages.next())
+            .await
+            .expect("the poke arrives")
+            .expect("the subscription is open");
+        assert_eq!(
+            hex::encode(message.get_payload_bytes()),
+            NODE_EMITTER_SPACE_ABC
+        );
+    }
+
     /// A loopback proxy to the test Redis that counts the connections it accepts; answers its
     /// `redis://` URL. It stops with the test's runtime.
     async fn counting_proxy(accepted: Arc<AtomicUsize>) -> String {
@@ -353,6 +381,16 @@ mod tests {
             assert!(matches!(error, PublishError::InvalidUrl { .. }), "{text}");
             assert!(!text.contains("pw-123"), "{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_password_echoed_in_an_error_is_blanked() {
+        let url = "redis://:s3cret-word@127.0.0.1:6379";
+        let publisher = SocketIoPublisher::new(url, unique_target(), BOUND).unwrap();
+
+        let text = publisher.scrub("AUTH s3cret-word refused".to_owned());
+
+        assert_eq!(text, "AUTH *** refused");
     }
 
     #[test]
