@@ -5,6 +5,7 @@
 pub mod pusher;
 pub mod settings;
 pub mod sinks;
+pub mod socketio;
 pub mod sse;
 
 use std::time::Instant;
