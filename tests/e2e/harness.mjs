@@ -669,8 +669,27 @@ export class E2E {
     if (!existsSync(path.join(demoDir, 'node_modules', 'replicache', 'package.json'))) {
       throw new Error(`the demo's dependencies are missing: run \`npm ci\` in ${demoDir}`);
     }
-    const proc = new ChildProcess('demo', process.execPath, [path.join(demoDir, 'server.mjs')], {
-      cwd: demoDir,
+    return this.startNodeServer('demo', path.join(demoDir, 'server.mjs'), server, env, /replisync demo: (http:\/\/\S+)/);
+  }
+
+  /**
+   * Starts one process of the socket.io server in tests/e2e/socketio-server.mjs, asking
+   * `server` (replisync) about joins; processes given the same `redisKey` form one cluster
+   * through the local Redis. Resolves to `{ url, proc }`.
+   */
+  async startSocketIo(server, { redisKey }) {
+    const script = path.join(E2E_DIR, 'socketio-server.mjs');
+    return this.startNodeServer('socket.io', script, server, { REDIS_KEY: redisKey }, /socket\.io server: (http:\/\/\S+)/);
+  }
+
+  /**
+   * Runs the Node program `script` on a free loopback port (HOST, PORT=0) pointed at `server`
+   * (REPLISYNC_URL), with `env` added; resolves to `{ url, proc }` once it prints a line that
+   * `urlLine` matches, its URL the first group. Stopped at cleanup.
+   */
+  async startNodeServer(name, script, server, env, urlLine) {
+    const proc = new ChildProcess(name, process.execPath, [script], {
+      cwd: path.dirname(script),
       env: {
         PATH: process.env.PATH,
         HOME: process.env.HOME,
@@ -681,34 +700,9 @@ export class E2E {
       },
     });
     this.defer(() => proc.stop({ graceMs: 2_000 }));
-    const m = await proc.waitForLine(/replisync demo: (http:\/\/\S+)/, {
+    const m = await proc.waitForLine(urlLine, {
       timeout: 10_000,
-      message: 'the demo server to print its URL',
-    });
-    return { url: m[1], proc };
-  }
-
-  /**
-   * Starts one process of the socket.io server in tests/e2e/socketio-server.mjs, asking
-   * `server` (replisync) about joins; processes given the same `redisKey` form one cluster
-   * through the local Redis. Resolves to `{ url, proc }`.
-   */
-  async startSocketIo(server, { redisKey }) {
-    const proc = new ChildProcess('socket.io', process.execPath, [path.join(E2E_DIR, 'socketio-server.mjs')], {
-      cwd: E2E_DIR,
-      env: {
-        PATH: process.env.PATH,
-        HOME: process.env.HOME,
-        HOST: '127.0.0.1',
-        PORT: '0',
-        REPLISYNC_URL: server.url,
-        REDIS_KEY: redisKey,
-      },
-    });
-    this.defer(() => proc.stop({ graceMs: 2_000 }));
-    const m = await proc.waitForLine(/socket\.io server: (http:\/\/\S+)/, {
-      timeout: 10_000,
-      message: 'the socket.io server to print its URL',
+      message: `the ${name} server to print its URL`,
     });
     return { url: m[1], proc };
   }
