@@ -11,7 +11,8 @@
 //
 // Clients: io(url, { auth: { token } }), then socket.emit('join', space, answer) and
 // socket.on('poke', () => rep.pull()). `answer` receives { ok: true } or { ok: false, status }
-// (401: no or expired token, 403: no access, 400: not a space id, 503: replisync did not answer).
+// (401: no or expired token, 403: no access, 400: not a space id, 429: over 50 joins on this
+// socket, 503: replisync did not answer).
 
 import { createServer } from 'node:http';
 import { Server } from 'socket.io';
@@ -25,6 +26,8 @@ const ROOM_PREFIX = process.env.ROOM_PREFIX ?? 'space-';
 const HOST = process.env.HOST ?? '127.0.0.1';
 const PORT = Number(process.env.PORT ?? 3001);
 const SPACE_ID = /^[A-Za-z0-9_-]{1,100}$/;
+/** Joins one socket may ask for: each costs a call to replisync, so a socket cannot flood it. */
+const MAX_JOINS_PER_SOCKET = 50;
 
 /** Asks replisync whether `token` may read `space`: the HTTP status of its answer. */
 async function accessStatus(space, token) {
@@ -55,8 +58,10 @@ const io = new Server(http, {
 });
 
 io.on('connection', (socket) => {
+  let joins = 0;
   socket.on('join', async (space, answer) => {
     const reply = typeof answer === 'function' ? answer : () => {};
+    if (++joins > MAX_JOINS_PER_SOCKET) return reply({ ok: false, status: 429 });
     if (typeof space !== 'string' || !SPACE_ID.test(space)) return reply({ ok: false, status: 400 });
     const status = await accessStatus(space, socket.handshake.auth?.token);
     if (status !== 200) return reply({ ok: false, status });

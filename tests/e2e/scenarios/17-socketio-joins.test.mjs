@@ -49,6 +49,12 @@ test('17. socket.io joins are authorized by replisync; a room broadcast reaches 
   assert.deepEqual(await join(nobody, space), { ok: false, status: 401 }, 'no token');
   assert.deepEqual(await join(expired, space), { ok: false, status: 401 }, 'an expired token');
   assert.deepEqual(await join(alice, '../pull'), { ok: false, status: 400 }, 'not a space id');
+  // A socket that keeps asking is cut off before it can flood replisync with access checks.
+  const flood = await socketTo(t, a.url, undefined);
+  const answers = [];
+  for (let i = 0; i < 51; i++) answers.push(await join(flood, space));
+  assert.deepEqual(answers.at(-1), { ok: false, status: 429 }, 'the 51st join of one socket');
+  assert.deepEqual(answers.at(-2), { ok: false, status: 401 }, 'the 50th is still asked');
 
   // A third member of the cluster broadcasts to the room, as a Redis publisher would.
   const pub = createClient({ url: 'redis://127.0.0.1:6379' });
