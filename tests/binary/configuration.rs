@@ -2,19 +2,15 @@
 //! subcommand, and errors that name the variable a bad value came from.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use crate::harness::run_until_exit;
+use crate::harness::{replisync_command, run_until_exit};
 
 /// Starts `replisync ARGS` in `dir` with only `env`, and returns the line it logs with its
 /// address (it is stopped then); panics if none comes within 30 s.
 fn listening_line(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .current_dir(dir)
+    let mut child = replisync_command(dir, args, env)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -17,6 +17,21 @@ pub(crate) struct Server {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
+/// `replisync ARGS` to run in `dir` with nothing in its environment but `env`.
+pub(crate) fn replisync_command(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_replisync"));
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir);
+    command
+}
+
 /// Starts `replisync` in `dir` with nothing in its environment and `--listen 127.0.0.1:0`
 /// (so parallel tests never fight over a port); returns once it logs its address.
 pub(crate) fn start(dir: &std::path::Path) -> Server {
@@ -65,11 +80,7 @@ pub(crate) fn refused_start_up(
     listen: &str,
     env: &[(&str, &str)],
 ) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .args(["--listen", listen])
-        .env_clear()
-        .envs(env.iter().copied())
-        .current_dir(dir)
+    let mut child = replisync_command(dir, &["--listen", listen], env)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -311,11 +322,7 @@ impl PgDatabase {
 /// Runs `replisync ARGS` in `dir` with only `env`; it must end by itself within 30 s (a
 /// refusal, or `--help`). One still running then is killed and the test fails.
 pub(crate) fn run_until_exit(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_replisync"))
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .current_dir(dir)
+    let child = replisync_command(dir, args, env)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
