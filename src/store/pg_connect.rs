@@ -55,11 +55,12 @@ fn explain(error: &sqlx::Error, options: &PgConnectOptions) -> String {
                 options.get_username(),
                 database_error.message()
             ),
-            Some("3D000") => format!(
-                "the database {:?} does not exist (create it, e.g. `createdb {}`, or name another in DATABASE_URL)",
-                options.get_database().unwrap_or(options.get_username()),
-                options.get_database().unwrap_or(options.get_username()),
-            ),
+            Some("3D000") => {
+                let database = options.get_database().unwrap_or(options.get_username());
+                format!(
+                    "the database {database:?} does not exist (create it, e.g. `createdb {database}`, or name another in DATABASE_URL)"
+                )
+            }
             _ => format!("the server refused: {}", database_error.message()),
         };
     }
