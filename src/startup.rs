@@ -22,7 +22,7 @@ use crate::http::{
 use crate::metrics::Metrics;
 use crate::mutators::Mutators;
 use crate::poke::PokeSink;
-use crate::poke::pusher::{PrivateChannels, log_reachability};
+use crate::poke::pusher::PrivateChannels;
 use crate::poke::settings::PokeSettings;
 use crate::poke::sinks::Pokes;
 use crate::poke::sse::settings::SseSettings;
@@ -97,9 +97,7 @@ impl App {
         let (authenticator, webhook) =
             auth::settings::build(&config.auth, config.http.listen).await?;
         let pokes = PokeSettings::from_args(&config.pokes, config.auth.tokens_on())?;
-        if let Some((pusher, options)) = &pokes.pusher {
-            tokio::spawn(log_reachability(pusher.clone(), options.clone()));
-        }
+        pokes.spawn_reachability_checks();
         let mutators = config.js.load()?;
         let open = open_options(config, &http, &pulls, config.store.auto_migrate);
         let store = config.store.open(open).await?;

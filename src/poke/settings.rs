@@ -6,6 +6,7 @@ use anyhow::Context;
 use super::pusher::{PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherArgs, PusherConfig};
 use super::socketio::{SocketIoArgs, SocketIoSettings};
 use super::sse::settings::{SseArgs, SseSettings};
+use super::{pusher, socketio};
 
 /// The pokes' variables as given; [`PokeSettings::from_args`] checks them.
 #[derive(clap::Args, Debug, Clone)]
@@ -88,6 +89,23 @@ impl PokeSettings {
             socketio,
             sse,
         })
+    }
+}
+
+impl PokeSettings {
+    /// Checks, in the background, that Pusher's server and socket.io's Redis answer, and logs
+    /// what it finds (call it inside a Tokio runtime).
+    pub fn spawn_reachability_checks(&self) {
+        if let Some((config, options)) = &self.pusher {
+            tokio::spawn(pusher::log_reachability(config.clone(), options.clone()));
+        }
+        if let Some(settings) = &self.socketio {
+            tokio::spawn(socketio::log_reachability(
+                settings.redis_url.clone(),
+                settings.target.clone(),
+                settings.timeout,
+            ));
+        }
     }
 }
 

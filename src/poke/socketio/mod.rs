@@ -12,6 +12,7 @@ use std::sync::Arc;
 pub use packet::{DEFAULT_KEY, DEFAULT_NAMESPACE, emitter_channel, emitter_message};
 pub use publisher::{
     DEFAULT_EVENT, DEFAULT_ROOM_PREFIX, EmitterTarget, PublishError, Published, SocketIoPublisher,
+    log_reachability,
 };
 pub use settings::{SocketIoArgs, SocketIoSettings};
 
@@ -173,6 +174,35 @@ mod tests {
             (1, 0, 1),
             "{stats:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn listening_servers_counts_the_adapters_request_channel_subscribers() {
+        let redis = PrivateRedis::start(&[]).await;
+        let key = unique_key();
+        let publisher = SocketIoPublisher::new(
+            &redis.url(),
+            EmitterTarget {
+                key: key.clone(),
+                ..EmitterTarget::default()
+            },
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(publisher.listening_servers().await.unwrap(), 0);
+
+        // What each socket.io process's adapter subscribes to, for namespace "/".
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut adapters = Vec::new();
+        for _ in 0..2 {
+            let mut adapter = client.get_async_pubsub().await.unwrap();
+            adapter
+                .subscribe(format!("{key}-request#/#"))
+                .await
+                .unwrap();
+            adapters.push(adapter);
+        }
+        assert_eq!(publisher.listening_servers().await.unwrap(), 2);
     }
 
     #[test]

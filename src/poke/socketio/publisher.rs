@@ -237,6 +237,56 @@ impl SocketIoPublisher {
     }
 }
 
+impl SocketIoPublisher {
+    /// How many socket.io processes listen under the key and namespace: the subscribers of
+    /// the Redis adapter's request channel (`{key}-request#{nsp}#`, one per process), the
+    /// count the adapter itself uses for `serverCount()`.
+    pub async fn listening_servers(&self) -> Result<u64, PublishError> {
+        let channel = format!("{}-request#{}#", self.target.key, self.target.namespace);
+        let mut connection = self.connection.clone();
+        let mut numsub = redis::cmd("PUBSUB");
+        numsub.arg("NUMSUB").arg(&channel);
+        let call = numsub.query_async::<(String, u64)>(&mut connection);
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok((_, subscribers))) => Ok(subscribers),
+            Ok(Err(error)) => Err(self.describe(&error)),
+            Err(_elapsed) => Err(self.timed_out()),
+        }
+    }
+}
+
+/// Logs, once at start-up, whether Redis answers and how many socket.io processes listen there
+/// under the configured key and namespace: a wrong host, password or key shows at start, not
+/// at the first poke.
+pub async fn log_reachability(redis_url: SecretString, target: EmitterTarget, timeout: Duration) {
+    let Ok(publisher) = SocketIoPublisher::new(redis_url.expose_secret(), target, timeout) else {
+        return; // The poker logs a URL that does not parse.
+    };
+    let EmitterTarget { key, namespace, .. } = publisher.target();
+    let redis = publisher.redis();
+    match publisher.listening_servers().await {
+        Ok(0) => tracing::warn!(
+            redis,
+            key,
+            namespace,
+            "socket.io: Redis answers, but no socket.io server listens there under this key and \
+             namespace yet; pokes reach no one until one does (check REPLISYNC_SOCKETIO_KEY and \
+             REPLISYNC_SOCKETIO_NAMESPACE against the adapter's)"
+        ),
+        Ok(servers) => tracing::info!(
+            redis,
+            key,
+            namespace,
+            servers,
+            "socket.io: Redis answers and {servers} socket.io server(s) listen"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "socket.io: Redis cannot be reached at start; pokes will be retried as they come"
+        ),
+    }
+}
+
 impl Transport for SocketIoPublisher {
     const NAME: &'static str = "socket.io";
     const MAX_SPACES_PER_CALL: usize = MAX_SPACES_PER_PIPELINE;
