@@ -1,9 +1,10 @@
 //! Counters an operator (and the benchmark) reads at `GET /metrics`, in Prometheus text format:
-//! requests served, the database reads they cost, and how Pusher pokes fare.
+//! requests served, the database reads they cost, and how pokes fare (Pusher, socket.io, SSE).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::poke::delivery::PokerStats;
 use crate::poke::sinks::PokeStats;
 
 #[derive(Debug, Default)]
@@ -383,42 +384,56 @@ impl Metrics {
             );
         }
         if let Some(stats) = &pokes.pusher {
-            for (name, help, value) in [
-                (
-                    "replisync_pusher_calls_ok_total",
-                    "Calls Pusher accepted.",
-                    stats.calls_ok,
-                ),
-                (
-                    "replisync_pusher_spaces_poked_total",
-                    "Spaces in accepted calls.",
-                    stats.spaces_poked,
-                ),
-                (
-                    "replisync_pusher_failed_calls_total",
-                    "Calls that failed, retried or not.",
-                    stats.failed_calls,
-                ),
-                (
-                    "replisync_pusher_retries_total",
-                    "Calls repeated after a transient failure.",
-                    stats.retries,
-                ),
-                (
-                    "replisync_pusher_given_up_spaces_total",
-                    "Pokes abandoned (rejected, out of attempts, shutdown).",
-                    stats.given_up_spaces,
-                ),
-                (
-                    "replisync_pusher_dropped_spaces_total",
-                    "Pokes dropped from a full queue.",
-                    stats.dropped_spaces,
-                ),
-            ] {
-                write_counter(&mut out, name, help, value);
-            }
+            write_poker_counters(&mut out, "pusher", "Pusher", stats);
+        }
+        if let Some(socketio) = &pokes.socketio {
+            write_poker_counters(&mut out, "socketio", "socket.io (Redis)", &socketio.poker);
+            write_counter(
+                &mut out,
+                "replisync_socketio_receivers_total",
+                "Redis subscribers (socket.io processes) that received a poke, summed over spaces.",
+                socketio.receivers,
+            );
         }
         out
+    }
+}
+
+/// The counters of one remote poke service (`replisync_{prefix}_*`), which logs call `service`.
+fn write_poker_counters(out: &mut String, prefix: &str, service: &str, stats: &PokerStats) {
+    for (name, help, value) in [
+        (
+            "calls_ok_total",
+            format!("Calls {service} accepted."),
+            stats.calls_ok,
+        ),
+        (
+            "spaces_poked_total",
+            "Spaces in accepted calls.".to_owned(),
+            stats.spaces_poked,
+        ),
+        (
+            "failed_calls_total",
+            "Calls that failed, retried or not.".to_owned(),
+            stats.failed_calls,
+        ),
+        (
+            "retries_total",
+            "Calls repeated after a transient failure.".to_owned(),
+            stats.retries,
+        ),
+        (
+            "given_up_spaces_total",
+            "Pokes abandoned (rejected, out of attempts, shutdown).".to_owned(),
+            stats.given_up_spaces,
+        ),
+        (
+            "dropped_spaces_total",
+            "Pokes dropped from a full queue.".to_owned(),
+            stats.dropped_spaces,
+        ),
+    ] {
+        write_counter(out, &format!("replisync_{prefix}_{name}"), &help, value);
     }
 }
 

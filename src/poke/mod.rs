@@ -2,6 +2,7 @@
 //! carries no data; `Pokes` (sinks.rs) owns the sinks that deliver the hint (Pusher, SSE), their
 //! counters and their shutdown.
 
+pub mod delivery;
 pub mod pusher;
 pub mod settings;
 pub mod sinks;

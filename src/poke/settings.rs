@@ -1,9 +1,10 @@
-//! Which poke sinks run and how, from the PUSHER_* and REPLISYNC_SSE* variables: Pusher (with
-//! private channels when tokens are on), the built-in SSE stream, or both.
+//! Which poke sinks run and how, from the PUSHER_*, REPLISYNC_SOCKETIO_* and REPLISYNC_SSE*
+//! variables: Pusher (private channels when tokens are on), socket.io, the SSE stream, or several.
 
 use anyhow::Context;
 
 use super::pusher::{PRIVATE_PREFIX, PokerOptions, PrivateChannels, PusherArgs, PusherConfig};
+use super::socketio::{SocketIoArgs, SocketIoSettings};
 use super::sse::settings::{SseArgs, SseSettings};
 
 /// The pokes' variables as given; [`PokeSettings::from_args`] checks them.
@@ -11,6 +12,9 @@ use super::sse::settings::{SseArgs, SseSettings};
 pub struct PokeArgs {
     #[command(flatten)]
     pub pusher: PusherArgs,
+
+    #[command(flatten)]
+    pub socketio: SocketIoArgs,
 
     #[command(flatten)]
     pub sse: SseArgs,
@@ -31,6 +35,8 @@ pub struct PokeArgs {
 pub struct PokeSettings {
     /// Publishes pokes through a Pusher-compatible HTTP API.
     pub pusher: Option<(PusherConfig, PokerOptions)>,
+    /// Publishes pokes into a socket.io cluster through its Redis adapter.
+    pub socketio: Option<SocketIoSettings>,
     /// Signs subscriptions to private poke channels (`POST /pusher/auth`).
     pub private_channels: Option<PrivateChannels>,
     /// Serves the built-in SSE poke stream.
@@ -45,7 +51,8 @@ impl PokeSettings {
             anyhow::bail!("REPLISYNC_PUSHER_MAX_PENDING_SPACES must be above 0");
         }
         let pusher = pusher_config(&args.pusher, tokens_on)?;
-        let sse = args.sse.settings(pusher.is_some());
+        let socketio = args.socketio.settings().map_err(anyhow::Error::msg)?;
+        let sse = args.sse.settings(pusher.is_some() || socketio.is_some());
         let sse = sse.map_err(anyhow::Error::msg)?;
         match &pusher {
             Some(config) => tracing::info!(
@@ -53,6 +60,15 @@ impl PokeSettings {
                 "pokes through Pusher"
             ),
             None => tracing::info!("pokes through Pusher are off: no PUSHER_* variables are set"),
+        }
+        if let Some(socketio) = &socketio {
+            tracing::info!(
+                rooms = %format!("{}<space>", socketio.target.room_prefix),
+                key = %socketio.target.key,
+                namespace = %socketio.target.namespace,
+                event = %socketio.target.event,
+                "pokes through socket.io (its Redis adapter)"
+            );
         }
         if sse.is_some() {
             tracing::info!("SSE pokes on at GET /spaces/{{space}}/poke (single instance only)");
@@ -69,6 +85,7 @@ impl PokeSettings {
                 };
                 (config, options)
             }),
+            socketio,
             sse,
         })
     }

@@ -1,5 +1,5 @@
-//! The poke sinks of one server, as one part: started from their settings, told of every
-//! committed change, counted for `/metrics`, and drained at shutdown.
+//! The poke sinks of one server (Pusher, socket.io, SSE), as one part: started from their
+//! settings, told of every committed change, counted for `/metrics`, and drained at shutdown.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::PokeSink;
 use super::pusher::{PokerStats, PrivateChannels, PusherPoker};
 use super::settings::PokeSettings;
+use super::socketio::SocketIoPoker;
 use super::sse::{SsePokes, SseStats};
 use crate::protocol::SpaceId;
 
@@ -16,6 +17,7 @@ use crate::protocol::SpaceId;
 pub struct Pokes {
     sinks: Vec<Arc<dyn PokeSink>>,
     pusher: Option<Arc<PusherPoker>>,
+    socketio: Option<Arc<SocketIoPoker>>,
     private_channels: Option<PrivateChannels>,
     sse: Option<Arc<SsePokes>>,
 }
@@ -24,6 +26,7 @@ impl std::fmt::Debug for Pokes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pokes")
             .field("pusher", &self.pusher)
+            .field("socketio", &self.socketio)
             .field("private_channels", &self.private_channels)
             .field("sse", &self.sse)
             .finish_non_exhaustive()
@@ -34,7 +37,16 @@ impl std::fmt::Debug for Pokes {
 #[derive(Debug)]
 pub struct PokeStats {
     pub pusher: Option<PokerStats>,
+    pub socketio: Option<SocketIoStats>,
     pub sse: Option<SseStats>,
+}
+
+/// The socket.io sink's counters: the poker's, and the socket.io processes its publishes reached.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketIoStats {
+    pub poker: PokerStats,
+    /// Redis subscribers (one per socket.io process) reached, summed over the spaces poked.
+    pub receivers: u64,
 }
 
 impl Pokes {
@@ -51,6 +63,11 @@ impl Pokes {
             sinks.push(poker.clone());
             poker
         });
+        let socketio = settings.socketio.map(|socketio| {
+            let poker = SocketIoPoker::start(socketio);
+            sinks.push(poker.clone());
+            poker
+        });
         let sse = settings.sse.map(|sse| {
             let sse = Arc::new(SsePokes::new(sse.keep_alive, sse.limits, shutdown.clone()));
             sinks.push(sse.clone());
@@ -59,6 +76,7 @@ impl Pokes {
         Pokes {
             sinks,
             pusher,
+            socketio,
             private_channels: settings.private_channels,
             sse,
         }
@@ -83,22 +101,40 @@ impl Pokes {
     pub fn stats(&self) -> PokeStats {
         PokeStats {
             pusher: self.pusher.as_ref().map(|poker| poker.stats()),
+            socketio: self.socketio.as_ref().map(|poker| SocketIoStats {
+                poker: poker.stats(),
+                receivers: poker
+                    .transport()
+                    .map_or(0, |publisher| publisher.receivers()),
+            }),
             sse: self.sse.as_ref().map(|sse| sse.stats()),
         }
     }
 
-    /// Delivers the pokes still pending, waiting at most `remaining`; logs what was not
-    /// delivered. SSE streams have already ended with the server's shutdown token.
+    /// Delivers the pokes still pending (Pusher's and socket.io's at once), waiting at most
+    /// `remaining`; logs what was not delivered. SSE streams have already ended with the
+    /// server's shutdown token.
     pub async fn shutdown(&self, remaining: Duration) {
-        let Some(poker) = &self.pusher else {
-            return;
+        let pusher = async {
+            match &self.pusher {
+                Some(poker) => poker.shutdown(remaining).await,
+                None => 0,
+            }
         };
-        let undelivered = poker.shutdown(remaining).await;
-        if undelivered > 0 {
-            tracing::warn!(
-                undelivered,
-                "pokes pending at shutdown that were not delivered (rejected, failed or cut off by the deadline)"
-            );
+        let socketio = async {
+            match &self.socketio {
+                Some(poker) => poker.shutdown(remaining).await,
+                None => 0,
+            }
+        };
+        let (pusher, socketio) = tokio::join!(pusher, socketio);
+        for (service, undelivered) in [("Pusher", pusher), ("socket.io", socketio)] {
+            if undelivered > 0 {
+                tracing::warn!(
+                    undelivered,
+                    "{service} pokes pending at shutdown that were not delivered (rejected, failed or cut off by the deadline)"
+                );
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP publisher: signed `POST /apps/{app_id}/events` calls over one keep-alive reqwest
 //! client, each answer classified as accepted, transient (retry) or rejected (give up).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
@@ -8,8 +9,10 @@ use reqwest::{StatusCode, Url};
 use secrecy::ExposeSecret;
 
 use super::config::PusherConfig;
+use super::signing::trigger_body;
 use super::signing::{signed_query, unix_timestamp};
-use super::stats::PokerOptions;
+use crate::poke::delivery::{Poker, PokerOptions, Sent, Transport};
+use crate::protocol::SpaceId;
 
 /// Pusher accepts at most this many channels in one `POST /apps/{app_id}/events` call.
 pub const MAX_CHANNELS_PER_CALL: usize = 100;
@@ -32,16 +35,20 @@ pub(super) enum PublishOutcome {
 }
 
 /// Sends signed poke calls over one shared, keep-alive `reqwest::Client`.
-pub(super) struct Publisher {
+#[derive(Debug)]
+pub struct PusherPublisher {
     client: reqwest::Client,
     events_url: Url,
     events_path: String,
     config: PusherConfig,
 }
 
-impl Publisher {
+impl PusherPublisher {
     /// Fails, with the reason, on a configuration that fails `validate`.
-    pub(super) fn new(config: &PusherConfig, options: &PokerOptions) -> Result<Publisher, String> {
+    pub(super) fn new(
+        config: &PusherConfig,
+        options: &PokerOptions,
+    ) -> Result<PusherPublisher, String> {
         config.validate().map_err(|error| error.to_string())?;
         let events_url = config.events_url().map_err(|error| error.to_string())?;
         let client = reqwest::Client::builder()
@@ -53,16 +60,12 @@ impl Publisher {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|error| format!("cannot build the HTTP client: {}", error_chain(&error)))?;
-        Ok(Publisher {
+        Ok(PusherPublisher {
             client,
             events_url,
             events_path: config.events_path(),
             config: config.clone(),
         })
-    }
-
-    pub(super) fn config(&self) -> &PusherConfig {
-        &self.config
     }
 
     /// One signed call (a fresh `auth_timestamp` each time).
@@ -120,10 +123,69 @@ impl Publisher {
     }
 }
 
+/// Pokes through Pusher: a [`Poker`] over signed HTTP calls.
+pub type PusherPoker = Poker<PusherPublisher>;
+
+impl PusherPoker {
+    /// Spawns the worker (inside a Tokio runtime). A configuration that fails `validate` is
+    /// logged at error level and every poke is given up.
+    pub fn start(config: PusherConfig, options: PokerOptions) -> Arc<PusherPoker> {
+        let publisher = PusherPublisher::new(&config, &options);
+        Poker::spawn(publisher, options)
+    }
+}
+
+impl Transport for PusherPublisher {
+    const NAME: &'static str = "Pusher";
+    const MAX_SPACES_PER_CALL: usize = MAX_CHANNELS_PER_CALL;
+
+    /// One `POST /apps/{app_id}/events` with the spaces' channels.
+    async fn send(&self, spaces: &[SpaceId]) -> Sent {
+        let channels: Vec<String> = spaces
+            .iter()
+            .map(|space| self.config.channel_for(space))
+            .collect();
+        let body = match trigger_body(&self.config.event_name, &channels) {
+            Ok(body) => body,
+            Err(error) => {
+                return Sent::Unsendable {
+                    reason: error.to_string(),
+                };
+            }
+        };
+        match self.publish(&body).await {
+            PublishOutcome::Accepted => Sent::Accepted,
+            PublishOutcome::Transient {
+                reason,
+                retry_after,
+            } => Sent::Transient {
+                reason,
+                retry_after,
+            },
+            PublishOutcome::Rejected { status, detail } => Sent::Rejected {
+                code: status.as_u16(),
+                detail,
+                hint: rejection_hint(status),
+            },
+        }
+    }
+}
+
+fn rejection_hint(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "check PUSHER_KEY/PUSHER_SECRET/PUSHER_APP_ID and the server clock",
+        403 => "the app is disabled or over its quota",
+        404 => "check PUSHER_APP_ID and PUSHER_HOST/PUSHER_PORT",
+        413 => "the request is too large",
+        300..=399 => "check PUSHER_SCHEME/PUSHER_HOST/PUSHER_PORT (redirects are not followed)",
+        _ => "check the PUSHER_* settings",
+    }
+}
+
 /// Logs, once at start-up, whether the Pusher server `config` names can be reached and accepts
 /// the credentials: a wrong host or secret shows at start, not at the first poke.
 pub async fn log_reachability(config: PusherConfig, options: PokerOptions) {
-    let Ok(publisher) = Publisher::new(&config, &options) else {
+    let Ok(publisher) = PusherPublisher::new(&config, &options) else {
         return; // The worker logs an invalid configuration.
     };
     let server = format!(

@@ -4,18 +4,14 @@
 mod client;
 mod config;
 mod private;
-mod queue;
 mod signing;
-mod stats;
 #[cfg(test)]
-mod test_support;
-mod worker;
+pub(crate) mod test_support;
 
-pub use client::{MAX_CHANNELS_PER_CALL, log_reachability};
+pub use crate::poke::delivery::{PokerOptions, PokerStats};
+pub use client::{MAX_CHANNELS_PER_CALL, PusherPoker, PusherPublisher, log_reachability};
 pub use config::{PusherArgs, PusherConfig, PusherConfigError, Scheme, UrlParseError};
 pub use private::{PRIVATE_PREFIX, PrivateChannels, is_socket_id};
 pub use signing::{
     AUTH_VERSION, body_md5, channel_auth_signature, sign, signed_query, string_to_sign,
 };
-pub use stats::{PokerOptions, PokerStats};
-pub use worker::PusherPoker;

@@ -12,17 +12,17 @@ use super::config::{PusherConfig, Scheme};
 use super::signing::{body_md5, sign, unix_timestamp};
 use crate::protocol::SpaceId;
 
-pub(super) const APP_ID: &str = "12345";
-pub(super) const KEY: &str = "app-key-abc";
-pub(super) const SECRET: &str = "app-secret-xyz";
+pub(crate) const APP_ID: &str = "12345";
+pub(crate) const KEY: &str = "app-key-abc";
+pub(crate) const SECRET: &str = "app-secret-xyz";
 /// How long a test waits for something that should happen at once.
-pub(super) const PATIENCE: Duration = Duration::from_secs(20);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
 
-pub(super) fn space(id: &str) -> SpaceId {
+pub(crate) fn space(id: &str) -> SpaceId {
     SpaceId::parse(id).expect("valid space id")
 }
 
-pub(super) fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
     query
         .iter()
         .find(|(key, _)| key == name)
@@ -30,7 +30,7 @@ pub(super) fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Opti
 }
 
 /// The test credentials, over plain HTTP to 127.0.0.1:`port`.
-pub(super) fn config_for_port(port: u16) -> PusherConfig {
+pub(crate) fn config_for_port(port: u16) -> PusherConfig {
     PusherConfig {
         app_id: APP_ID.to_owned(),
         key: KEY.to_owned(),
@@ -44,7 +44,7 @@ pub(super) fn config_for_port(port: u16) -> PusherConfig {
 }
 
 /// A Pusher answer: `status` with body `{}` (add `.set_delay`, `.insert_header` as needed).
-pub(super) fn reply(status: u16) -> ResponseTemplate {
+pub(crate) fn reply(status: u16) -> ResponseTemplate {
     ResponseTemplate::new(status).set_body_string("{}")
 }
 
@@ -52,13 +52,13 @@ pub(super) fn reply(status: u16) -> ResponseTemplate {
 /// 429 with retry-after, slow answers). It still checks every request like Pusher does:
 /// signature (with this module's `sign`), body_md5, key, auth_version and timestamp, answering
 /// 401 to a wrongly signed request.
-pub(super) struct MockPusher {
+pub(crate) struct MockPusher {
     server: MockServer,
 }
 
 impl MockPusher {
     /// Answers correctly signed calls with `replies` in order, then 200 `{}` to every one.
-    pub(super) async fn start(replies: Vec<ResponseTemplate>) -> MockPusher {
+    pub(crate) async fn start(replies: Vec<ResponseTemplate>) -> MockPusher {
         let server = MockServer::start().await;
         for scripted in replies {
             signed_trigger()
@@ -81,19 +81,19 @@ impl MockPusher {
         MockPusher { server }
     }
 
-    pub(super) fn config(&self) -> PusherConfig {
+    pub(crate) fn config(&self) -> PusherConfig {
         config_for_port(self.server.address().port())
     }
 
     /// Every request received so far, in order.
-    pub(super) async fn requests(&self) -> Vec<Received> {
+    pub(crate) async fn requests(&self) -> Vec<Received> {
         let requests = self.server.received_requests().await;
         let requests = requests.expect("request recording is on by default");
         requests.iter().map(Received::from).collect()
     }
 
     /// Waits until `count` requests arrived; returns when that was seen (within 5 ms).
-    pub(super) async fn wait_for_requests(&self, count: usize) -> Instant {
+    pub(crate) async fn wait_for_requests(&self, count: usize) -> Instant {
         let waited = tokio::time::timeout(PATIENCE, async {
             while self.requests().await.len() < count {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -146,7 +146,7 @@ fn is_signed_correctly(request: &Request) -> bool {
 
 /// What a test asserts about one request the mock received.
 #[derive(Clone, Debug)]
-pub(super) struct Received {
+pub(crate) struct Received {
     pub event: String,
     pub data: String,
     pub channels: Vec<String>,
@@ -184,7 +184,7 @@ impl From<&Request> for Received {
 }
 
 /// How many calls named each channel.
-pub(super) fn channel_counts(requests: &[Received]) -> HashMap<String, usize> {
+pub(crate) fn channel_counts(requests: &[Received]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for channel in requests.iter().flat_map(|request| &request.channels) {
         *counts.entry(channel.clone()).or_insert(0) += 1;

@@ -1,18 +1,22 @@
 //! Publishes pokes into a socket.io cluster through Redis: one `PUBLISH` per space in the
 //! emitter's protocol (packet.rs), pipelined over one reused connection, each call bounded.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::packet::{DEFAULT_KEY, DEFAULT_NAMESPACE, emitter_channel, emitter_message};
+use crate::poke::delivery::{Sent, Transport};
 use crate::protocol::SpaceId;
 
 /// The room of space `abc` is `space-abc` unless configured otherwise (as Pusher's channels).
 pub const DEFAULT_ROOM_PREFIX: &str = "space-";
 /// The event socket.io clients listen to.
 pub const DEFAULT_EVENT: &str = "poke";
+/// Most spaces published in one pipelined round trip.
+pub const MAX_SPACES_PER_PIPELINE: usize = 100;
 
 /// Where pokes go in the cluster: the Redis adapter's key, the namespace, the room of a space
 /// (`{room_prefix}{space}`) and the event name.
@@ -69,6 +73,40 @@ pub enum PublishError {
          that the URL's user and password are right)"
     )]
     Failed { redis: String, reason: String },
+    /// Redis refused the credentials or the command: retrying cannot help.
+    #[error(
+        "Redis at {redis} refused to publish pokes: {reason} (check the user and password in \
+         REPLISYNC_SOCKETIO_REDIS_URL, and that the user may PUBLISH)"
+    )]
+    Refused { redis: String, reason: String },
+}
+
+/// What one `publish` reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Subscribers that received a poke, summed over the spaces.
+    pub receivers: u64,
+    /// Spaces whose poke no subscriber received: no socket.io server listens on that channel.
+    pub unheard: usize,
+}
+
+impl Published {
+    fn from_replies(receivers: &[u64]) -> Published {
+        Published {
+            receivers: receivers.iter().sum(),
+            unheard: receivers.iter().filter(|&&count| count == 0).count(),
+        }
+    }
+}
+
+/// A refusal retrying cannot fix: wrong password or user, or an ACL that forbids PUBLISH.
+fn is_refusal(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match error.kind() {
+        ErrorKind::AuthenticationFailed => true,
+        ErrorKind::Server(kind) => matches!(kind, ServerErrorKind::NoPerm),
+        _ => false,
+    }
 }
 
 /// Publishes pokes to Redis over one connection, reused and reconnected by the redis crate's
@@ -81,6 +119,8 @@ pub struct SocketIoPublisher {
     password: Option<SecretString>,
     target: EmitterTarget,
     timeout: Duration,
+    /// Subscribers reached by accepted publishes, summed (for /metrics).
+    receivers: AtomicU64,
 }
 
 impl std::fmt::Debug for SocketIoPublisher {
@@ -129,7 +169,14 @@ impl SocketIoPublisher {
             password,
             target,
             timeout,
+            receivers: AtomicU64::new(0),
         })
+    }
+
+    /// Subscribers (socket.io processes) reached by the pokes sent through `Transport::send`,
+    /// summed over every space.
+    pub fn receivers(&self) -> u64 {
+        self.receivers.load(Ordering::Relaxed)
     }
 
     /// `host:port` of the Redis server, for logs.
@@ -142,10 +189,10 @@ impl SocketIoPublisher {
     }
 
     /// Pokes the room of every space in one pipelined round trip; answers how many Redis
-    /// subscribers (socket.io servers, one per process) received them, summed over the spaces.
-    pub async fn publish(&self, spaces: &[SpaceId]) -> Result<u64, PublishError> {
+    /// subscribers (socket.io servers, one per process) received them.
+    pub async fn publish(&self, spaces: &[SpaceId]) -> Result<Published, PublishError> {
         if spaces.is_empty() {
-            return Ok(0);
+            return Ok(Published::default());
         }
         let mut pipe = redis::pipe();
         for space in spaces {
@@ -155,19 +202,28 @@ impl SocketIoPublisher {
         let mut connection = self.connection.clone();
         let call = pipe.query_async::<Vec<u64>>(&mut connection);
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(receivers)) => Ok(receivers.iter().sum()),
-            Ok(Err(error)) if error.is_timeout() => Err(PublishError::Timeout {
-                redis: self.redis.clone(),
-                timeout: self.timeout,
-            }),
-            Ok(Err(error)) => Err(PublishError::Failed {
-                redis: self.redis.clone(),
-                reason: self.scrub(error.to_string()),
-            }),
-            Err(_elapsed) => Err(PublishError::Timeout {
-                redis: self.redis.clone(),
-                timeout: self.timeout,
-            }),
+            Ok(Ok(receivers)) => Ok(Published::from_replies(&receivers)),
+            Ok(Err(error)) => Err(self.describe(&error)),
+            Err(_elapsed) => Err(self.timed_out()),
+        }
+    }
+
+    fn describe(&self, error: &redis::RedisError) -> PublishError {
+        let reason = self.scrub(error.to_string());
+        let redis = self.redis.clone();
+        if error.is_timeout() {
+            self.timed_out()
+        } else if is_refusal(error) {
+            PublishError::Refused { redis, reason }
+        } else {
+            PublishError::Failed { redis, reason }
+        }
+    }
+
+    fn timed_out(&self) -> PublishError {
+        PublishError::Timeout {
+            redis: self.redis.clone(),
+            timeout: self.timeout,
         }
     }
 
@@ -178,6 +234,54 @@ impl SocketIoPublisher {
             }
             _ => text,
         }
+    }
+}
+
+impl Transport for SocketIoPublisher {
+    const NAME: &'static str = "socket.io";
+    const MAX_SPACES_PER_CALL: usize = MAX_SPACES_PER_PIPELINE;
+
+    /// Publishes the batch; a poke that reached no subscriber counts as failed and is retried
+    /// (with the rest of its batch: a second poke is harmless), since right after a Redis
+    /// restart the socket.io servers may not have subscribed again yet.
+    async fn send(&self, spaces: &[SpaceId]) -> Sent {
+        match self.publish(spaces).await {
+            Ok(published) => {
+                self.receivers
+                    .fetch_add(published.receivers, Ordering::Relaxed);
+                if published.unheard == 0 {
+                    Sent::Accepted
+                } else {
+                    Sent::Transient {
+                        reason: self.nobody_listens(published.unheard, spaces.len()),
+                        retry_after: None,
+                    }
+                }
+            }
+            Err(PublishError::Refused { redis, reason }) => Sent::Rejected {
+                code: 401,
+                detail: format!("Redis at {redis}: {reason}"),
+                hint: "check the user and password in REPLISYNC_SOCKETIO_REDIS_URL, and that \
+                       the user may PUBLISH",
+            },
+            Err(error) => Sent::Transient {
+                reason: error.to_string(),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+impl SocketIoPublisher {
+    fn nobody_listens(&self, unheard: usize, of: usize) -> String {
+        let EmitterTarget { key, namespace, .. } = &self.target;
+        format!(
+            "{unheard} of {of} pokes published to Redis at {} reached no subscriber: no \
+             socket.io server listens there under adapter key `{key}` and namespace \
+             `{namespace}` (is the cluster up, and do REPLISYNC_SOCKETIO_KEY and \
+             REPLISYNC_SOCKETIO_NAMESPACE match its adapter?)",
+            self.redis
+        )
     }
 }
 
@@ -223,9 +327,16 @@ mod tests {
         }
         let publisher = SocketIoPublisher::new(&redis_url(), target.clone(), BOUND).unwrap();
 
-        let receivers = publisher.publish(&spaces).await.unwrap();
+        let published = publisher.publish(&spaces).await.unwrap();
 
-        assert_eq!(receivers, 2, "our subscriber got one message per space");
+        assert_eq!(
+            published,
+            Published {
+                receivers: 2,
+                unheard: 0
+            },
+            "our subscriber got one message per space"
+        );
         let mut messages = pubsub.on_message();
         for space in &spaces {
             let message = tokio::time::timeout(BOUND, messages.next())

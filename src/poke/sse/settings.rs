@@ -9,7 +9,7 @@ use super::StreamLimits;
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Pokes through SSE")]
 pub struct SseArgs {
-    /// The built-in SSE poke stream: on by default without Pusher, off with Pusher.
+    /// The built-in SSE poke stream: on by default when neither Pusher nor socket.io pokes are on.
     #[arg(long, env = "REPLISYNC_SSE", action = clap::ArgAction::Set)]
     pub sse: Option<bool>,
 
@@ -59,8 +59,9 @@ impl Default for SseSettings {
 }
 
 impl SseArgs {
-    /// The stream's settings, checked; `None` when it is off (by default, when Pusher is on).
-    pub fn settings(&self, pusher_on: bool) -> Result<Option<SseSettings>, String> {
+    /// The stream's settings, checked; `None` when it is off (by default, when another poke
+    /// sink is on).
+    pub fn settings(&self, other_sink_on: bool) -> Result<Option<SseSettings>, String> {
         for (value, name) in [
             (self.sse_max_streams, "REPLISYNC_SSE_MAX_STREAMS"),
             (
@@ -76,7 +77,7 @@ impl SseArgs {
                 return Err(format!("{name} must be above 0"));
             }
         }
-        if !self.sse.unwrap_or(!pusher_on) {
+        if !self.sse.unwrap_or(!other_sink_on) {
             return Ok(None);
         }
         Ok(Some(SseSettings {

@@ -16,11 +16,13 @@ pub struct PokerOptions {
     /// Backoff before the first retry; doubles each retry up to `max_backoff`, plus jitter.
     pub first_backoff: Duration,
     pub max_backoff: Duration,
-    /// Cap on a 429's `retry-after`.
+    /// Cap on a service's asked-for wait (a 429's `retry-after`).
     pub max_retry_after: Duration,
+    /// Bounds connecting to the service (where the transport connects separately).
     pub connect_timeout: Duration,
+    /// Bounds each call, connecting included.
     pub request_timeout: Duration,
-    /// The same rejection (4xx) is logged at error level at most once per this interval.
+    /// The same rejection (a 4xx from Pusher) is logged at error level at most once per this interval.
     pub rejection_log_interval: Duration,
 }
 
@@ -43,7 +45,7 @@ impl Default for PokerOptions {
 /// A snapshot of the poker's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PokerStats {
-    /// Calls Pusher accepted.
+    /// Calls the service accepted.
     pub calls_ok: u64,
     /// Spaces in accepted calls.
     pub spaces_poked: u64,

@@ -1,63 +1,70 @@
-//! The poker: the [`PusherPoker`] handle the push path calls, and the one background worker
+//! The [`Poker`]: the handle the push path calls, and the one background worker per service
 //! that coalesces, batches, sends, retries with backoff and logs rejections at most once a minute.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::client::{MAX_CHANNELS_PER_CALL, PublishOutcome, Publisher};
-use super::config::PusherConfig;
+use super::options::{Counters, PokerOptions, PokerStats, add};
 use super::queue::{Insert, PendingPoke, PokeQueue};
-use super::signing::trigger_body;
-use super::stats::{Counters, PokerOptions, PokerStats, add};
+use super::{Sent, Transport};
 use crate::poke::PokeSink;
 use crate::protocol::SpaceId;
 
-/// Publishes pokes to a Pusher-compatible API from one background task; see [`PokeSink`].
-pub struct PusherPoker {
+/// Publishes pokes through transport `T` from one background task; see [`PokeSink`].
+pub struct Poker<T: Transport> {
     shared: Arc<Shared>,
+    transport: Option<Arc<T>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for PusherPoker {
+impl<T: Transport> std::fmt::Debug for Poker<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PusherPoker")
+        f.debug_struct("Poker")
+            .field("service", &T::NAME)
             .field("worker", &self.worker)
             .finish_non_exhaustive()
     }
 }
 
-impl PusherPoker {
+impl<T: Transport> Poker<T> {
     /// Spawns the worker task (call it inside a Tokio runtime: `tokio::spawn` panics outside).
-    /// A configuration that fails `validate` is logged at error level and every poke is dropped.
-    pub fn start(config: PusherConfig, options: PokerOptions) -> Arc<PusherPoker> {
+    /// A transport that could not be set up (`Err`, the reason) is logged at error level, and
+    /// every poke is given up.
+    pub fn spawn(transport: Result<T, String>, options: PokerOptions) -> Arc<Poker<T>> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(PokeQueue::new(options.max_pending_spaces)),
             wake: Notify::new(),
             counters: Counters::default(),
         });
-        let publisher = Publisher::new(&config, &options)
-            .inspect_err(|reason| tracing::error!(%reason, "Pusher pokes cannot be sent"))
-            .ok();
+        let transport = transport
+            .inspect_err(|reason| tracing::error!(%reason, "{} pokes cannot be sent", T::NAME))
+            .ok()
+            .map(Arc::new);
         let worker = Worker {
             last_call_ended: None,
             shared: Arc::clone(&shared),
             rejections: RejectionLog::new(options.rejection_log_interval),
-            publisher,
+            transport: transport.clone(),
             options,
         };
         let handle = tokio::spawn(worker.run());
-        Arc::new(PusherPoker {
+        Arc::new(Poker {
             shared,
+            transport,
             worker: Mutex::new(Some(handle)),
         })
     }
 
     pub fn stats(&self) -> PokerStats {
         self.shared.counters.snapshot()
+    }
+
+    /// The transport, for what it counts itself; `None` when it could not be set up.
+    pub fn transport(&self) -> Option<&T> {
+        self.transport.as_deref()
     }
 
     /// Stops accepting changes, flushes every pending poke (still coalesced and batched) and
@@ -82,7 +89,8 @@ impl PusherPoker {
             add(&self.shared.counters.given_up_spaces, abandoned);
             tracing::warn!(
                 spaces = abandoned,
-                "shutdown deadline reached before every poke was delivered"
+                "shutdown deadline reached before every {} poke was delivered",
+                T::NAME
             );
         }
         let given_up = self.stats().given_up_spaces.saturating_sub(given_up_before);
@@ -90,7 +98,7 @@ impl PusherPoker {
     }
 }
 
-impl PokeSink for PusherPoker {
+impl<T: Transport> PokeSink for Poker<T> {
     fn space_changed(&self, space: &SpaceId, committed_at: Instant) {
         let outcome = self.shared.queue().insert(space, committed_at);
         match outcome {
@@ -108,14 +116,14 @@ impl PokeSink for PusherPoker {
     }
 }
 
-impl Drop for PusherPoker {
+impl<T: Transport> Drop for Poker<T> {
     /// Without `shutdown`, the worker still flushes what is pending, then ends.
     fn drop(&mut self) {
         self.shared.stop_accepting();
     }
 }
 
-/// State shared by the handle (`PusherPoker`) and its worker task.
+/// State shared by the handle (`Poker`) and its worker task.
 struct Shared {
     queue: Mutex<PokeQueue>,
     wake: Notify,
@@ -133,16 +141,16 @@ impl Shared {
     }
 }
 
-struct Worker {
+struct Worker<T: Transport> {
     /// When the last batch's call (retries included) ended.
     last_call_ended: Option<Instant>,
     shared: Arc<Shared>,
-    publisher: Option<Publisher>,
+    transport: Option<Arc<T>>,
     options: PokerOptions,
     rejections: RejectionLog,
 }
 
-impl Worker {
+impl<T: Transport> Worker<T> {
     async fn run(mut self) {
         while let Some(batch) = self.next_batch().await {
             self.deliver(&batch).await;
@@ -181,55 +189,46 @@ impl Worker {
                 (_, false) => break,
             }
         }
-        Some(self.shared.queue().take_batch(MAX_CHANNELS_PER_CALL))
+        Some(self.shared.queue().take_batch(T::MAX_SPACES_PER_CALL))
     }
 
     async fn deliver(&mut self, batch: &[PendingPoke]) {
-        let Some(publisher) = &self.publisher else {
-            give_up(
-                &self.shared.counters,
-                batch,
-                "the Pusher client is not set up",
-            );
+        let counters = &self.shared.counters;
+        let Some(transport) = &self.transport else {
+            let reason = format!("the {} client is not set up", T::NAME);
+            give_up::<T>(counters, batch, &reason);
             return;
         };
-        let channels: Vec<String> = batch
-            .iter()
-            .map(|poke| publisher.config().channel_for(&poke.space))
-            .collect();
-        let body = match trigger_body(&publisher.config().event_name, &channels) {
-            Ok(body) => body,
-            Err(error) => {
-                give_up(&self.shared.counters, batch, &error.to_string());
-                return;
-            }
-        };
-        let counters = &self.shared.counters;
+        let spaces: Vec<SpaceId> = batch.iter().map(|poke| poke.space.clone()).collect();
         for attempt in 1..=self.options.max_attempts.max(1) {
-            match publisher.publish(&body).await {
-                PublishOutcome::Accepted => {
-                    record_delivery(counters, batch);
+            match transport.send(&spaces).await {
+                Sent::Accepted => {
+                    record_delivery::<T>(counters, batch);
                     return;
                 }
-                PublishOutcome::Rejected { status, detail } => {
+                Sent::Unsendable { reason } => {
+                    give_up::<T>(counters, batch, &reason);
+                    return;
+                }
+                Sent::Rejected { code, detail, hint } => {
                     add(&counters.failed_calls, 1);
                     add(&counters.given_up_spaces, batch.len());
-                    let log_as_error = self.rejections.should_log(status, Instant::now());
-                    log_rejection(status, &detail, batch, log_as_error);
+                    let log_as_error = self.rejections.should_log(code, Instant::now());
+                    log_rejection::<T>(code, &detail, hint, batch, log_as_error);
                     return;
                 }
-                PublishOutcome::Transient {
+                Sent::Transient {
                     reason,
                     retry_after,
                 } => {
                     add(&counters.failed_calls, 1);
                     if attempt >= self.options.max_attempts {
-                        give_up(counters, batch, &reason);
+                        give_up::<T>(counters, batch, &reason);
                         return;
                     }
                     add(&counters.retries, 1);
                     let delay = retry_delay(&self.options, attempt, retry_after);
-                    tracing::debug!(%reason, attempt, ?delay, "poke failed; retrying");
+                    tracing::debug!(%reason, attempt, ?delay, "{} poke failed; retrying", T::NAME);
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -237,50 +236,51 @@ impl Worker {
     }
 }
 
-fn record_delivery(counters: &Counters, batch: &[PendingPoke]) {
+fn record_delivery<T: Transport>(counters: &Counters, batch: &[PendingPoke]) {
     add(&counters.calls_ok, 1);
     add(&counters.spaces_poked, batch.len());
     let accepted_at = Instant::now();
-    tracing::debug!(channels = batch.len(), "Pusher accepted the poke");
+    tracing::debug!(spaces = batch.len(), "{} accepted the poke", T::NAME);
     for poke in batch {
         let latency = accepted_at.saturating_duration_since(poke.committed_at);
         tracing::debug!(
             space = poke.space.as_str(),
+            service = T::NAME,
             poke_latency_ms = latency.as_secs_f64() * 1000.0,
             "space poked"
         );
     }
 }
 
-fn give_up(counters: &Counters, batch: &[PendingPoke], reason: &str) {
+fn give_up<T: Transport>(counters: &Counters, batch: &[PendingPoke], reason: &str) {
     add(&counters.given_up_spaces, batch.len());
-    tracing::warn!(spaces = %space_list(batch), reason, "gave up poking {} space(s)", batch.len());
+    tracing::warn!(
+        spaces = %space_list(batch),
+        reason,
+        "gave up poking {} space(s) through {}",
+        batch.len(),
+        T::NAME
+    );
 }
 
-fn log_rejection(status: StatusCode, detail: &str, batch: &[PendingPoke], log_as_error: bool) {
-    let hint = rejection_hint(status);
+fn log_rejection<T: Transport>(
+    code: u16,
+    detail: &str,
+    hint: &str,
+    batch: &[PendingPoke],
+    log_as_error: bool,
+) {
     let spaces = space_list(batch);
     if log_as_error {
         tracing::error!(
-            status = status.as_u16(),
+            status = code,
             response = detail,
             %spaces,
-            "Pusher rejected the poke with {}: {hint} (not retried; logged at most once a minute)",
-            status.as_u16()
+            "{} rejected the poke with {code}: {hint} (not retried; logged at most once a minute)",
+            T::NAME
         );
     } else {
-        tracing::debug!(status = status.as_u16(), response = detail, %spaces, "Pusher rejected the poke again");
-    }
-}
-
-fn rejection_hint(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        401 => "check PUSHER_KEY/PUSHER_SECRET/PUSHER_APP_ID and the server clock",
-        403 => "the app is disabled or over its quota",
-        404 => "check PUSHER_APP_ID and PUSHER_HOST/PUSHER_PORT",
-        413 => "the request is too large",
-        300..=399 => "check PUSHER_SCHEME/PUSHER_HOST/PUSHER_PORT (redirects are not followed)",
-        _ => "check the PUSHER_* settings",
+        tracing::debug!(status = code, response = detail, %spaces, "{} rejected the poke again", T::NAME);
     }
 }
 
@@ -289,10 +289,10 @@ fn space_list(batch: &[PendingPoke]) -> String {
     names.join(",")
 }
 
-/// Rate-limits the error log of a rejection: the same status at most once per interval.
+/// Rate-limits the error log of a rejection: the same code at most once per interval.
 struct RejectionLog {
     interval: Duration,
-    last_logged: Option<(StatusCode, Instant)>,
+    last_logged: Option<(u16, Instant)>,
 }
 
 impl RejectionLog {
@@ -303,20 +303,20 @@ impl RejectionLog {
         }
     }
 
-    fn should_log(&mut self, status: StatusCode, now: Instant) -> bool {
+    fn should_log(&mut self, code: u16, now: Instant) -> bool {
         let recently_logged = matches!(
             self.last_logged,
-            Some((last_status, at)) if last_status == status
+            Some((last_code, at)) if last_code == code
                 && now.saturating_duration_since(at) < self.interval
         );
         if !recently_logged {
-            self.last_logged = Some((status, now));
+            self.last_logged = Some((code, now));
         }
         !recently_logged
     }
 }
 
-/// Exponential backoff with up to 25% jitter; a 429's `retry-after` (capped) if longer.
+/// Exponential backoff with up to 25% jitter; the service's asked-for wait (capped) if longer.
 fn retry_delay(options: &PokerOptions, attempt: u32, retry_after: Option<Duration>) -> Duration {
     let backoff = with_jitter(exponential_backoff(options, attempt));
     match retry_after {
@@ -347,6 +347,7 @@ mod tests {
     use crate::poke::pusher::test_support::{
         MockPusher, PATIENCE, Received, channel_counts, config_for_port, reply, space,
     };
+    use crate::poke::pusher::{MAX_CHANNELS_PER_CALL, PusherPoker};
 
     #[test]
     fn backoff_grows_exponentially_with_bounded_jitter() {
@@ -374,12 +375,12 @@ mod tests {
     fn rejection_log_repeats_the_same_status_at_most_once_per_interval() {
         let mut log = RejectionLog::new(Duration::from_secs(60));
         let start = Instant::now();
-        assert!(log.should_log(StatusCode::UNAUTHORIZED, start));
-        assert!(!log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(59)));
-        assert!(log.should_log(StatusCode::FORBIDDEN, start + Duration::from_secs(59)));
-        assert!(log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(60)));
-        assert!(!log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(61)));
-        assert!(log.should_log(StatusCode::UNAUTHORIZED, start + Duration::from_secs(121)));
+        assert!(log.should_log(401, start));
+        assert!(!log.should_log(401, start + Duration::from_secs(59)));
+        assert!(log.should_log(403, start + Duration::from_secs(59)));
+        assert!(log.should_log(401, start + Duration::from_secs(60)));
+        assert!(!log.should_log(401, start + Duration::from_secs(61)));
+        assert!(log.should_log(401, start + Duration::from_secs(121)));
     }
 
     fn fast_options() -> PokerOptions {
