@@ -46,11 +46,8 @@ async function accessStatus(space, token) {
 
 const pub = createClient({ url: REDIS_URL });
 const sub = pub.duplicate();
-// node-redis reconnects by itself after Redis restarts, and the subscriber subscribes to the
-// adapter's channels again before it says `ready`: pokes published from then on arrive.
-for (const [name, client] of [['publisher', pub], ['subscriber', sub]]) {
-  client.on('error', (error) => console.error(`redis ${name}: ${error.message}`));
-  client.on('ready', () => console.log(`redis ${name} ready`));
+for (const client of [pub, sub]) {
+  client.on('error', (error) => console.error(`redis: ${error.message}`));
 }
 await Promise.all([pub.connect(), sub.connect()]);
 
