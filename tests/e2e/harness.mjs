@@ -1,7 +1,7 @@
 // Test harness for replisync's end-to-end tests.
 //
-// Starts sockudo and the replisync binary as child processes on free loopback ports, with a
-// temp SQLite file or a fresh Postgres database; makes Replicache clients, pusher-js clients
+// Starts sockudo, a private redis-server and the replisync binary as child processes on free
+// loopback ports, with a temp SQLite file or a fresh Postgres database; makes Replicache clients, pusher-js clients
 // and SSE readers; and tears all of it down at the end of a test, also when the test fails.
 // replisync is stopped with SIGTERM and must exit by itself with status 0 within its grace
 // period; anything else (a SIGKILL needed, another status, a crash) fails the test.
@@ -455,6 +455,30 @@ export class E2E {
     return { proc, port, url, stop };
   }
 
+  // --- A private Redis ---------------------------------------------------------------------
+
+  /**
+   * Starts a private `redis-server` (from the PATH) on a free loopback port: no persistence,
+   * not daemonized, a child of this process, stopped at cleanup. Resolves to a `PrivateRedis`
+   * ({ url, port, stop(), restart() }); `restart()` brings it back, empty, on the SAME port.
+   * Tries up to 3 ports, in case another process took the free one first.
+   */
+  async startRedis() {
+    let lastError;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const redis = new PrivateRedis(this, await freePort());
+      this.defer(() => redis.stop());
+      try {
+        return await redis.start();
+      } catch (e) {
+        lastError = e;
+        await redis.stop();
+        if (!/address already in use/i.test(e.message)) throw e;
+      }
+    }
+    throw lastError;
+  }
+
   // --- nginx ---------------------------------------------------------------------------------
 
   /**
@@ -503,7 +527,9 @@ export class E2E {
 
   /**
    * Starts replisync. Options: databaseUrl (default: a fresh one), port (default: any free),
-   * pusher ({port, secret?}) to configure Pusher pokes, env (extra variables).
+   * pusher ({port, secret?}) to configure Pusher pokes, socketio ({redisUrl, key?, namespace?,
+   * roomPrefix?, event?, timeoutMs?, maxAttempts?}) for socket.io pokes through Redis (the
+   * REPLISYNC_SOCKETIO_* variables), jwtSecret, env (extra variables).
    * Returns a handle with url, port, logs, stop() and restart(overrides).
    */
   async startReplisync(opts = {}) {
@@ -675,11 +701,14 @@ export class E2E {
   /**
    * Starts one process of the socket.io server in tests/e2e/socketio-server.mjs, asking
    * `server` (replisync) about joins; processes given the same `redisKey` form one cluster
-   * through the local Redis. Resolves to `{ url, proc }`.
+   * through the Redis at `redisUrl` (default: the server's own, the shared 127.0.0.1:6379).
+   * Resolves to `{ url, proc }`.
    */
-  async startSocketIo(server, { redisKey }) {
+  async startSocketIo(server, { redisKey, redisUrl }) {
     const script = path.join(E2E_DIR, 'socketio-server.mjs');
-    return this.startNodeServer('socket.io', script, server, { REDIS_KEY: redisKey }, /socket\.io server: (http:\/\/\S+)/);
+    const env = { REDIS_KEY: redisKey };
+    if (redisUrl) env.REDIS_URL = redisUrl;
+    return this.startNodeServer('socket.io', script, server, env, /socket\.io server: (http:\/\/\S+)/);
   }
 
   /**
@@ -791,12 +820,13 @@ function exitFailure(proc, what) {
 // ---------------------------------------------------------------------------------------------
 
 export class ReplisyncServer {
-  constructor(scope, { databaseUrl, port, pusher, jwtSecret, env = {} } = {}) {
+  constructor(scope, { databaseUrl, port, pusher, socketio, jwtSecret, env = {} } = {}) {
     this.scope = scope;
     this.jwtSecret = jwtSecret;
     this.databaseUrl = databaseUrl ?? scope.newDatabaseUrl();
     this.port = port ?? 0;
     this.pusher = pusher;
+    this.socketio = socketio;
     this.extraEnv = env;
     this.proc = undefined;
     this.generations = []; // every process started, oldest first (for log assertions)
@@ -838,6 +868,7 @@ export class ReplisyncServer {
         PUSHER_SCHEME: 'http',
       });
     }
+    if (this.socketio) Object.assign(env, socketioEnv(this.socketio));
     if (this.jwtSecret) env.REPLISYNC_JWT_SECRET = this.jwtSecret;
     return { ...env, ...this.extraEnv };
   }
@@ -902,11 +933,15 @@ export class ReplisyncServer {
     }
   }
 
-  /** Stops and starts again on the same port; `changes` may replace databaseUrl, pusher, env. */
+  /**
+   * Stops and starts again on the same port; `changes` may replace databaseUrl, pusher,
+   * socketio, env.
+   */
   async restart(changes = {}, stopOpts) {
     await this.stop(stopOpts);
     if ('databaseUrl' in changes) this.databaseUrl = changes.databaseUrl;
     if ('pusher' in changes) this.pusher = changes.pusher;
+    if ('socketio' in changes) this.socketio = changes.socketio;
     if ('env' in changes) this.extraEnv = changes.env;
     // The port was just released; retry a few times in case the kernel is slow to free it.
     let lastError;
@@ -989,6 +1024,126 @@ export class ReplisyncServer {
     const res = await realFetch(`${this.url}/healthz`, { signal: AbortSignal.timeout(5_000) });
     return { status: res.status, body: await res.json().catch(() => null) };
   }
+
+  /**
+   * GET /metrics, parsed: `{ 'name' or 'name{labels}': value }` for every sample line. A
+   * counter that is missing is `undefined`, so `=== 0` also proves that it is exported.
+   */
+  async metrics() {
+    const res = await realFetch(`${this.url}/metrics`, { signal: AbortSignal.timeout(5_000) });
+    if (res.status !== 200) throw new Error(`GET /metrics answered ${res.status}`);
+    return parseMetrics(await res.text());
+  }
+}
+
+/** Prometheus text format: `{ series: value }` for each sample line (comments skipped). */
+export function parseMetrics(text) {
+  const values = {};
+  for (const line of text.split('\n')) {
+    const m = /^([A-Za-z_:][A-Za-z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)/.exec(line);
+    if (m) values[m[1]] = Number(m[2]);
+  }
+  return values;
+}
+
+/** The REPLISYNC_SOCKETIO_* variables for `startReplisync`'s `socketio` option. */
+function socketioEnv({ redisUrl, key, namespace, roomPrefix, event, timeoutMs, maxAttempts }) {
+  if (!redisUrl) throw new Error('startReplisync: socketio needs redisUrl (e.g. a startRedis() url)');
+  const env = { REPLISYNC_SOCKETIO_REDIS_URL: redisUrl };
+  const optional = {
+    REPLISYNC_SOCKETIO_KEY: key,
+    REPLISYNC_SOCKETIO_NAMESPACE: namespace,
+    REPLISYNC_SOCKETIO_ROOM_PREFIX: roomPrefix,
+    REPLISYNC_SOCKETIO_EVENT: event,
+    REPLISYNC_SOCKETIO_TIMEOUT_MS: timeoutMs,
+    REPLISYNC_SOCKETIO_MAX_ATTEMPTS: maxAttempts,
+  };
+  for (const [name, value] of Object.entries(optional)) {
+    if (value !== undefined) env[name] = String(value);
+  }
+  return env;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * A private redis-server on `port` (see `E2E.startRedis`): `start()` resolves once it answers
+ * PING; `stop()` ends it (SIGTERM, SIGKILL after 5 s) and waits for its exit, so the port is
+ * free; `restart()` does both, on the same port. Every run is in `generations`.
+ */
+export class PrivateRedis {
+  constructor(scope, port) {
+    this.scope = scope;
+    this.port = port;
+    this.proc = undefined;
+    this.generations = [];
+  }
+
+  get url() {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  async start() {
+    const cwd = mkdtempSync(path.join(this.scope.tmp, 'redis-'));
+    const args = ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+      '--daemonize', 'no', '--dir', cwd];
+    const proc = new ChildProcess(`redis#${this.generations.length + 1}`, 'redis-server', args, {
+      env: { PATH: process.env.PATH },
+      cwd,
+    });
+    this.proc = proc;
+    this.generations.push(proc);
+    await waitFor(
+      async () => {
+        if (proc.exited) {
+          const hint = /ENOENT/.test(proc.output) ? ' (apt-get install -y redis-server puts it on the PATH)' : '';
+          throw fatal(`redis-server on port ${this.port} exited${hint}:\n${proc.tail(20)}`);
+        }
+        return redisAnswersPing(this.port);
+      },
+      { timeout: 10_000, interval: 25, message: `redis-server to answer PING on 127.0.0.1:${this.port}` },
+    );
+    return this;
+  }
+
+  async stop() {
+    await this.proc?.stop({ signal: 'SIGTERM', graceMs: 5_000 });
+  }
+
+  /** Stops it and starts it again on the same port (retried briefly if the port is not free yet). */
+  async restart() {
+    await this.stop();
+    let lastError;
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        return await this.start();
+      } catch (e) {
+        lastError = e;
+        if (!/address already in use/i.test(e.message)) throw e;
+        await delay(200 * (attempt + 1));
+      }
+    }
+    throw lastError;
+  }
+}
+
+/** Whether a Redis on 127.0.0.1:`port` answers `PING` with `+PONG` within 1 s. */
+export function redisAnswersPing(port) {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: '127.0.0.1', port });
+    let answer = '';
+    const done = (ok) => {
+      socket.destroy();
+      resolve(ok);
+    };
+    socket.setTimeout(1_000, () => done(false));
+    socket.on('error', () => done(false));
+    socket.on('connect', () => socket.write('PING\r\n'));
+    socket.on('data', (chunk) => {
+      answer += chunk;
+      if (answer.includes('\r\n')) done(answer.startsWith('+PONG'));
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
