@@ -145,6 +145,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_a_restart_pokes_wait_for_every_process_that_listened_before() {
+        let mut redis = PrivateRedis::start(&[]).await;
+        let key = unique_key();
+        let (first, second) = (
+            Listener::start(&redis.url(), &key).await,
+            Listener::start(&redis.url(), &key).await,
+        );
+        let poker = start(&redis.url(), &key, fast_options(8));
+        poker.space_changed(&space("before"), Instant::now());
+        first.wait_for(1).await;
+        second.wait_for(1).await;
+
+        redis.stop();
+        poker.space_changed(&space("during"), Instant::now());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.restart().await;
+        // One process subscribes again at once, the other a second later: the poker's attempts
+        // in between reach one of the two processes that listened before, and must go on.
+        let first = Listener::start(&redis.url(), &key).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let second = Listener::start(&redis.url(), &key).await;
+
+        let during = room_channel(&key, "during");
+        assert!(second.wait_for(1).await.contains(&during));
+        assert!(first.channels().contains(&during));
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+        assert_eq!(poker.stats().given_up_spaces, 0);
+    }
+
+    #[tokio::test]
     async fn a_poke_no_socketio_server_hears_is_retried_then_given_up() {
         let redis = PrivateRedis::start(&[]).await;
         let poker = start(&redis.url(), &unique_key(), fast_options(3));

@@ -2,7 +2,8 @@
 //! emitter's protocol (packet.rs), pipelined over one reused connection, each call bounded.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
@@ -88,6 +89,8 @@ pub struct Published {
     pub receivers: u64,
     /// Spaces whose poke no subscriber received: no socket.io server listens on that channel.
     pub unheard: usize,
+    /// The fewest subscribers one space's poke reached.
+    pub fewest: u64,
 }
 
 impl Published {
@@ -95,6 +98,7 @@ impl Published {
         Published {
             receivers: receivers.iter().sum(),
             unheard: receivers.iter().filter(|&&count| count == 0).count(),
+            fewest: receivers.iter().copied().min().unwrap_or(0),
         }
     }
 }
@@ -121,6 +125,57 @@ pub struct SocketIoPublisher {
     timeout: Duration,
     /// Subscribers reached by accepted publishes, summed (for /metrics).
     receivers: AtomicU64,
+    /// Whether Redis and the cluster's processes are all back after an outage.
+    health: Mutex<Health>,
+}
+
+/// How long after Redis answers again a publish must reach as many socket.io processes as
+/// before the outage; after it, fewer count as the cluster's new size.
+const RESUBSCRIBE_GRACE: Duration = Duration::from_secs(5);
+
+/// What the publisher knows of the cluster between calls, to tell all of it from part of it.
+#[derive(Debug, Clone, Copy)]
+enum Health {
+    /// Publishing works; `processes` is how many processes the last publish reached (each
+    /// space's poke, at the fewest).
+    Healthy { processes: u64 },
+    /// The last publish failed (Redis away); `processes` listened before.
+    Failing { processes: u64 },
+    /// Redis answers again; until `until`, a publish that reaches fewer than `processes` is
+    /// retried, because the other processes' adapters have not subscribed again yet.
+    Recovering { processes: u64, until: Instant },
+}
+
+impl Health {
+    fn processes(self) -> u64 {
+        match self {
+            Health::Healthy { processes }
+            | Health::Failing { processes }
+            | Health::Recovering { processes, .. } => processes,
+        }
+    }
+
+    /// After a publish failed.
+    fn failed(self) -> Health {
+        Health::Failing {
+            processes: self.processes(),
+        }
+    }
+
+    /// After a publish that Redis answered: whether its reach counts as the whole cluster, and
+    /// the state after it.
+    fn answered(self, fewest: u64, now: Instant) -> (bool, Health) {
+        let (processes, until) = match self {
+            Health::Healthy { .. } => return (true, Health::Healthy { processes: fewest }),
+            Health::Failing { processes } => (processes, now + RESUBSCRIBE_GRACE),
+            Health::Recovering { processes, until } => (processes, until),
+        };
+        if fewest >= processes || now >= until {
+            (true, Health::Healthy { processes: fewest })
+        } else {
+            (false, Health::Recovering { processes, until })
+        }
+    }
 }
 
 impl std::fmt::Debug for SocketIoPublisher {
@@ -170,6 +225,7 @@ impl SocketIoPublisher {
             target,
             timeout,
             receivers: AtomicU64::new(0),
+            health: Mutex::new(Health::Healthy { processes: 0 }),
         })
     }
 
@@ -291,38 +347,74 @@ impl Transport for SocketIoPublisher {
     const NAME: &'static str = "socket.io";
     const MAX_SPACES_PER_CALL: usize = MAX_SPACES_PER_PIPELINE;
 
-    /// Publishes the batch; a poke that reached no subscriber counts as failed and is retried
-    /// (with the rest of its batch: a second poke is harmless), since right after a Redis
-    /// restart the socket.io servers may not have subscribed again yet.
+    /// Publishes the batch. A poke that reached no subscriber counts as failed and is retried
+    /// (with the rest of its batch: a second poke is harmless), and so does one that, right
+    /// after Redis came back, reached fewer socket.io processes than listened before: the
+    /// others' adapters have not subscribed again yet.
     async fn send(&self, spaces: &[SpaceId]) -> Sent {
-        match self.publish(spaces).await {
-            Ok(published) => {
-                self.receivers
-                    .fetch_add(published.receivers, Ordering::Relaxed);
-                if published.unheard == 0 {
-                    Sent::Accepted
-                } else {
-                    Sent::Transient {
-                        reason: self.nobody_listens(published.unheard, spaces.len()),
-                        retry_after: None,
-                    }
-                }
+        let published = match self.publish(spaces).await {
+            Ok(published) => published,
+            Err(error) => {
+                self.update_health(Health::failed);
+                return failure(error);
             }
-            Err(PublishError::Refused { redis, reason }) => Sent::Rejected {
-                code: 401,
-                detail: format!("Redis at {redis}: {reason}"),
-                hint: "check the user and password in REPLISYNC_SOCKETIO_REDIS_URL, and that \
-                       the user may PUBLISH",
-            },
-            Err(error) => Sent::Transient {
-                reason: error.to_string(),
+        };
+        self.receivers
+            .fetch_add(published.receivers, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut whole = false;
+        let before = self.update_health(|health| {
+            let (reached_all, next) = health.answered(published.fewest, now);
+            whole = reached_all;
+            next
+        });
+        if published.unheard > 0 {
+            Sent::Transient {
+                reason: self.nobody_listens(published.unheard, spaces.len()),
                 retry_after: None,
-            },
+            }
+        } else if !whole {
+            Sent::Transient {
+                reason: format!(
+                    "Redis at {} is back, but only {} of the {} socket.io processes listening \
+                     before have subscribed again",
+                    self.redis,
+                    published.fewest,
+                    before.processes()
+                ),
+                retry_after: None,
+            }
+        } else {
+            Sent::Accepted
         }
     }
 }
 
+/// A failed publish as the poker sees it: a refusal is not retried.
+fn failure(error: PublishError) -> Sent {
+    match error {
+        PublishError::Refused { redis, reason } => Sent::Rejected {
+            code: 401,
+            detail: format!("Redis at {redis}: {reason}"),
+            hint: "check the user and password in REPLISYNC_SOCKETIO_REDIS_URL, and that the \
+                   user may PUBLISH",
+        },
+        error => Sent::Transient {
+            reason: error.to_string(),
+            retry_after: None,
+        },
+    }
+}
+
 impl SocketIoPublisher {
+    /// Moves the cluster's health on with `next`; answers what it was before.
+    fn update_health(&self, next: impl FnOnce(Health) -> Health) -> Health {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = *health;
+        *health = next(before);
+        before
+    }
+
     fn nobody_listens(&self, unheard: usize, of: usize) -> String {
         let EmitterTarget { key, namespace, .. } = &self.target;
         format!(
@@ -383,7 +475,8 @@ mod tests {
             published,
             Published {
                 receivers: 2,
-                unheard: 0
+                unheard: 0,
+                fewest: 1
             },
             "our subscriber got one message per space"
         );
@@ -552,6 +645,34 @@ mod tests {
         let text = publisher.scrub("AUTH s3cret-word refused".to_owned());
 
         assert_eq!(text, "AUTH *** refused");
+    }
+
+    #[test]
+    fn after_an_outage_fewer_processes_than_before_count_only_once_the_grace_is_over() {
+        let start = Instant::now();
+        let healthy = Health::Healthy { processes: 3 };
+        assert!(
+            matches!(
+                healthy.answered(2, start),
+                (true, Health::Healthy { processes: 2 })
+            ),
+            "a healthy cluster that shrank is simply smaller"
+        );
+
+        let failing = healthy.failed();
+        let (whole, recovering) = failing.answered(1, start);
+        assert!(!whole, "one of three back is not the cluster");
+        let (whole, _) = recovering.answered(2, start + Duration::from_secs(1));
+        assert!(!whole, "two of three back is not the cluster");
+        let (whole, back) = recovering.answered(3, start + Duration::from_secs(2));
+        assert!(whole && matches!(back, Health::Healthy { processes: 3 }));
+
+        let (whole, shrunk) = recovering.answered(2, start + RESUBSCRIBE_GRACE);
+        assert!(
+            whole,
+            "past the grace, fewer processes are the cluster's new size"
+        );
+        assert!(matches!(shrunk, Health::Healthy { processes: 2 }));
     }
 
     #[test]
