@@ -7,5 +7,6 @@ mod pusher_double;
 mod refusals;
 mod serving;
 mod shutdown;
+mod socketio;
 mod start_up;
 mod subcommands;

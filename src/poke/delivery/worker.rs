@@ -1,9 +1,12 @@
 //! The [`Poker`]: the handle the push path calls, and the one background worker per service
 //! that coalesces, batches, sends, retries with backoff and logs rejections at most once a minute.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -201,7 +204,7 @@ impl<T: Transport> Worker<T> {
         };
         let spaces: Vec<SpaceId> = batch.iter().map(|poke| poke.space.clone()).collect();
         for attempt in 1..=self.options.max_attempts.max(1) {
-            match transport.send(&spaces).await {
+            match send_guarded(transport.as_ref(), &spaces).await {
                 Sent::Accepted => {
                     record_delivery::<T>(counters, batch);
                     return;
@@ -233,6 +236,32 @@ impl<T: Transport> Worker<T> {
                 }
             }
         }
+    }
+}
+
+/// `transport.send`, with a panic inside it turned into a batch given up (logged as an error)
+/// instead of the end of the worker, which would leave every later poke undelivered.
+async fn send_guarded<T: Transport>(transport: &T, spaces: &[SpaceId]) -> Sent {
+    match AssertUnwindSafe(transport.send(spaces))
+        .catch_unwind()
+        .await
+    {
+        Ok(sent) => sent,
+        Err(panic) => {
+            let reason = panic_message(panic.as_ref());
+            tracing::error!(%reason, "the {} client panicked while poking", T::NAME);
+            Sent::Unsendable {
+                reason: format!("the {} client panicked: {reason}", T::NAME),
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_owned(),
+        (_, Some(text)) => text.clone(),
+        _ => "a panic without a message".to_owned(),
     }
 }
 
@@ -391,6 +420,53 @@ mod tests {
             request_timeout: Duration::from_secs(10),
             ..PokerOptions::default()
         }
+    }
+
+    /// A transport whose first call panics (a fault no real service produces on demand: it
+    /// stands for a bug in a client library) and whose later calls succeed.
+    #[derive(Default)]
+    struct PanicsOnce {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Transport for PanicsOnce {
+        const NAME: &'static str = "test";
+        const MAX_SPACES_PER_CALL: usize = 100;
+
+        async fn send(&self, _spaces: &[SpaceId]) -> Sent {
+            if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                panic!("a bug in the client");
+            }
+            Sent::Accepted
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_client_costs_its_batch_and_later_pokes_still_go() {
+        let poker = Poker::spawn(Ok(PanicsOnce::default()), fast_options());
+        poker.space_changed(&space("first"), Instant::now());
+        let given_up = tokio::time::timeout(PATIENCE, async {
+            while poker.stats().given_up_spaces == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(given_up.is_ok(), "the panicked batch was never given up");
+
+        poker.space_changed(&space("second"), Instant::now());
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+        let stats = poker.stats();
+        assert_eq!(
+            (stats.spaces_poked, stats.given_up_spaces),
+            (1, 1),
+            "{stats:?}"
+        );
+        assert_eq!(
+            poker
+                .transport()
+                .map(|t| t.calls.load(std::sync::atomic::Ordering::SeqCst)),
+            Some(2)
+        );
     }
 
     fn assert_all_well_formed(requests: &[Received]) {

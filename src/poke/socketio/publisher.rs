@@ -103,6 +103,14 @@ impl Published {
     }
 }
 
+/// Makes aws-lc-rs the process's TLS provider unless one is set: the redis crate's `rediss://`
+/// asks rustls for the process default, and this build links two providers (aws-lc-rs and
+/// ring, through its other clients), between which rustls will not choose (it panics).
+fn install_tls_provider() {
+    // An error means a provider is installed already: that one serves.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// A refusal retrying cannot fix: wrong password or user, or an ACL that forbids PUBLISH.
 fn is_refusal(error: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
@@ -196,6 +204,7 @@ impl SocketIoPublisher {
         target: EmitterTarget,
         timeout: Duration,
     ) -> Result<SocketIoPublisher, PublishError> {
+        install_tls_provider();
         let client = redis::Client::open(redis_url).map_err(|error| PublishError::InvalidUrl {
             reason: error.to_string(),
         })?;

@@ -27,8 +27,9 @@ const RESERVED_EVENTS: [&str; 6] = [
 #[command(next_help_heading = "Pokes through socket.io")]
 pub struct SocketIoArgs {
     /// The Redis that joins a socket.io cluster (its `@socket.io/redis-adapter`):
-    /// `redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS. Pokes are published
-    /// there for the cluster to deliver; unset, socket.io pokes are off.
+    /// `redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS (verified against the
+    /// system's CAs, or those of the PEM file SSL_CERT_FILE names). Pokes are published there for
+    /// the cluster to deliver; unset, socket.io pokes are off.
     #[arg(long, env = "REPLISYNC_SOCKETIO_REDIS_URL", hide_env_values = true)]
     pub socketio_redis_url: Option<SecretString>,
 
