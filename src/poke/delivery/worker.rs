@@ -434,9 +434,8 @@ mod tests {
         const MAX_SPACES_PER_CALL: usize = 100;
 
         async fn send(&self, _spaces: &[SpaceId]) -> Sent {
-            if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                panic!("a bug in the client");
-            }
+            let earlier_calls = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert!(earlier_calls > 0, "a bug in the client");
             Sent::Accepted
         }
     }
