@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::options::{Counters, PokerOptions, PokerStats, add};
 use super::queue::{Insert, PendingPoke, PokeQueue};
-use super::{Sent, Transport};
+use super::transport::{Sent, Transport};
 use crate::poke::PokeSink;
 use crate::protocol::SpaceId;
 
