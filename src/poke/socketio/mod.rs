@@ -6,6 +6,7 @@ pub mod publisher;
 pub mod settings;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod transport;
 
 use std::sync::Arc;
 
@@ -15,12 +16,13 @@ pub use publisher::{
     log_reachability,
 };
 pub use settings::{SocketIoArgs, SocketIoSettings};
+pub use transport::{MAX_SPACES_PER_PIPELINE, SocketIoTransport};
 
 use crate::poke::delivery::Poker;
 use secrecy::ExposeSecret;
 
 /// Pokes through socket.io: a [`Poker`] over pipelined Redis publishes.
-pub type SocketIoPoker = Poker<SocketIoPublisher>;
+pub type SocketIoPoker = Poker<SocketIoTransport>;
 
 impl SocketIoPoker {
     /// Spawns the worker (inside a Tokio runtime); the Redis connection opens on the first poke,
@@ -31,6 +33,7 @@ impl SocketIoPoker {
             settings.target,
             settings.timeout,
         )
+        .map(SocketIoTransport::new)
         .map_err(|error| error.to_string());
         Poker::spawn(publisher, settings.options)
     }
