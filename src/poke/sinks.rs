@@ -138,3 +138,63 @@ impl Pokes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::poke::pusher::PokerOptions;
+    use crate::poke::pusher::test_support::{MockPusher, PATIENCE};
+    use crate::poke::socketio::test_support::{Listener, PrivateRedis};
+    use crate::poke::socketio::{EmitterTarget, SocketIoSettings};
+    use crate::poke::sse::settings::SseSettings;
+    use crate::poke::sse::{StreamOwner, poke_events};
+
+    #[tokio::test]
+    async fn one_change_pokes_pusher_socketio_and_sse_together_and_shutdown_flushes_both() {
+        let pusher = MockPusher::start(vec![]).await;
+        let redis = PrivateRedis::start(&[]).await;
+        let key = format!("replisync-sinks-{:016x}", rand::random::<u64>());
+        let listener = Listener::start(&redis.url(), &key).await;
+        let settings = PokeSettings {
+            pusher: Some((pusher.config(), PokerOptions::default())),
+            socketio: Some(SocketIoSettings {
+                redis_url: redis.url().into(),
+                target: EmitterTarget {
+                    key: key.clone(),
+                    ..EmitterTarget::default()
+                },
+                timeout: Duration::from_secs(2),
+                options: PokerOptions::default(),
+            }),
+            private_channels: None,
+            sse: Some(SseSettings::default()),
+        };
+        let pokes = Pokes::start(settings, Vec::new(), &CancellationToken::new());
+        let space = SpaceId::parse("together").unwrap();
+        let sse = Arc::clone(pokes.sse().expect("SSE on"));
+        let mut stream = Box::pin(poke_events(sse, space.clone(), StreamOwner::default()).unwrap());
+        stream.next().await; // the `connected` comment
+
+        pokes.space_changed(&space, Instant::now());
+        pokes.shutdown(PATIENCE).await;
+
+        let sse_poke = tokio::time::timeout(PATIENCE, stream.next()).await;
+        assert!(
+            matches!(sse_poke, Ok(Some(Ok(_)))),
+            "the SSE stream got the poke"
+        );
+        let requests = pusher.requests().await;
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(requests[0].channels, ["space-together"]);
+        assert_eq!(
+            listener.wait_for(1).await,
+            [format!("{key}#/#space-together#")]
+        );
+        let stats = pokes.stats();
+        let socketio = stats.socketio.expect("socket.io counted");
+        assert_eq!(stats.pusher.map(|s| s.spaces_poked), Some(1));
+        assert_eq!((socketio.poker.spaces_poked, socketio.receivers), (1, 1));
+    }
+}
