@@ -92,8 +92,8 @@ impl<T: Transport> Poker<T> {
             add(&self.shared.counters.given_up_spaces, abandoned);
             tracing::warn!(
                 spaces = abandoned,
-                "shutdown deadline reached before every {} poke was delivered",
-                T::NAME
+                service = T::NAME,
+                "shutdown deadline reached before every poke was delivered"
             );
         }
         let given_up = self.stats().given_up_spaces.saturating_sub(given_up_before);
