@@ -1,14 +1,17 @@
 //! The benchmark (`cargo bench --bench replisync-bench`): starts a real replisync (and sockudo,
-//! when installed) on loopback, runs the chosen workloads, prints the tables and writes JSON.
+//! when installed, and a Redis subscriber, when Redis answers) on loopback, runs the chosen
+//! workloads, prints the tables and writes JSON.
 
 mod api;
 mod database;
 mod floor;
 mod gc_workloads;
 mod load;
+mod poke_workloads;
 mod report;
 mod server;
 mod soak;
+mod socketio;
 mod workloads;
 
 use std::path::PathBuf;
@@ -23,7 +26,7 @@ use sqlx::postgres::PgConnectOptions;
 
 use api::Api;
 use report::Report;
-use server::{Server, Sockudo};
+use server::Server;
 use workloads::Bench;
 
 #[derive(Parser, Debug)]
@@ -142,12 +145,8 @@ async fn main() -> anyhow::Result<()> {
         bench.pushes_beside_gc(&mut report).await?;
     }
     report.idle_rss_after_mb = server.rss_mb();
-    if args.runs("poke")
-        && let Some(sockudo) = Sockudo::start().await
-    {
-        let poking_server =
-            Server::start(&args.server, &bench_url, Some(&sockudo), jwt_secret).await?;
-        report.poke_latency = Some(bench.poke_latency(&poking_server, 60).await?);
+    if args.runs("poke") {
+        bench.poke_workloads(&mut report).await?;
     }
     if let Some(secret) = jwt_secret {
         report.token_check_us = Some(token_check_micros(secret).await?);
@@ -156,6 +155,15 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
     println!("\nwrote {}", args.json);
     floor_store.close().await;
+    let problems = poke_workloads::poke_problems(&report);
+    for problem in &problems {
+        eprintln!("poke workload: {problem}");
+    }
+    anyhow::ensure!(
+        problems.is_empty(),
+        "the poke figures broke {} expectation(s), listed above (the figures are written all the same)",
+        problems.len()
+    );
     Ok(())
 }
 

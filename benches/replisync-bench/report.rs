@@ -13,7 +13,10 @@ pub(crate) struct Report {
     pub pushes: Vec<PushRow>,
     pub poke_storm: Option<StormFigures>,
     pub first_pulls: Vec<FirstPullFigures>,
+    /// Pokes through sockudo (Pusher's API).
     pub poke_latency: Option<PokeFigures>,
+    /// Pokes through socket.io (PUBLISHes to its Redis adapter).
+    pub socketio_pokes: Option<SocketIoPokeFigures>,
     /// With --jwt-secret: what verifying one HS256 token costs, in process.
     pub token_check_us: Option<f64>,
     /// The built-in `increment` beside the same mutator in JavaScript.
@@ -162,7 +165,7 @@ pub(crate) struct FirstPullFigures {
     pub server_peak_rss_mb: Option<f64>,
 }
 
-/// Latency from a push's commit to sockudo accepting its poke.
+/// Latency from a push's commit to sockudo accepting its poke, and the Pusher calls of loads.
 #[derive(Serialize)]
 pub(crate) struct PokeFigures {
     pub pokes: usize,
@@ -170,11 +173,114 @@ pub(crate) struct PokeFigures {
     pub commit_to_accepted_p99_ms: f64,
     /// Pusher calls made during the poke storm (one push, then 1000 pulls at once).
     pub storm_calls: u64,
-    /// One-mutation pushes by 64 clients to one space, with pokes on: how many, the Pusher calls
-    /// they cost, and their throughput.
+    /// One-mutation pushes by 64 clients to one space, with pokes on, medians of the rounds:
+    /// how many, the Pusher calls they cost (in all, and per second of the load), and their
+    /// throughput.
     pub push_c64_pushes: usize,
     pub push_c64_calls: u64,
+    pub push_c64_calls_per_s: f64,
     pub push_c64_mutations_per_s: f64,
+    pub push_c64_rounds: Vec<PokeLoadRound>,
+}
+
+/// Latency from a push's commit to Redis accepting its socket.io poke (PUBLISH), and the
+/// PUBLISHes of loads.
+#[derive(Serialize)]
+pub(crate) struct SocketIoPokeFigures {
+    /// The adapter key the pokes went under (unique to the run).
+    pub redis_key: String,
+    pub pokes: usize,
+    pub commit_to_accepted_p50_ms: f64,
+    pub commit_to_accepted_p99_ms: f64,
+    /// One-mutation pushes by 64 clients to one space, with pokes on, medians of the rounds:
+    /// how many; the PUBLISHes Redis accepted (`replisync_socketio_spaces_poked_total`), the
+    /// messages the benchmark's subscriber received, and the pipelines that carried them
+    /// (`replisync_socketio_calls_ok_total`); PUBLISHes per second of the load; throughput.
+    pub push_c64_pushes: usize,
+    pub push_c64_publishes: u64,
+    pub push_c64_publishes_received: u64,
+    pub push_c64_pipelines: u64,
+    pub push_c64_publishes_per_s: f64,
+    pub push_c64_mutations_per_s: f64,
+    pub push_c64_rounds: Vec<PokeLoadRound>,
+}
+
+/// One round of 64 clients pushing to one space with pokes on, and what it cost the service.
+#[derive(Serialize)]
+pub(crate) struct PokeLoadRound {
+    pub pushes: usize,
+    /// How long the pushes ran, in seconds.
+    pub load_s: f64,
+    pub mutations_per_s: f64,
+    /// Calls the service accepted: Pusher requests, or socket.io pipelines.
+    pub calls: u64,
+    /// socket.io only: PUBLISHes Redis accepted, and messages the subscriber received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publishes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publishes_received: Option<u64>,
+}
+
+impl PokeFigures {
+    pub(crate) fn new(
+        latencies: &mut [f64],
+        storm_calls: u64,
+        rounds: Vec<PokeLoadRound>,
+    ) -> PokeFigures {
+        PokeFigures {
+            pokes: latencies.len(),
+            commit_to_accepted_p50_ms: percentile(latencies, 50.0),
+            commit_to_accepted_p99_ms: percentile(latencies, 99.0),
+            storm_calls,
+            push_c64_pushes: median_of(&rounds, |r| r.pushes),
+            push_c64_calls: median_of(&rounds, |r| r.calls),
+            push_c64_calls_per_s: median_rate(&rounds, |r| r.calls),
+            push_c64_mutations_per_s: median(&mut rates(&rounds, |r| r.mutations_per_s)),
+            push_c64_rounds: rounds,
+        }
+    }
+}
+
+impl SocketIoPokeFigures {
+    pub(crate) fn new(
+        redis_key: &str,
+        latencies: &mut [f64],
+        rounds: Vec<PokeLoadRound>,
+    ) -> SocketIoPokeFigures {
+        let publishes = |r: &PokeLoadRound| r.publishes.unwrap_or(0);
+        SocketIoPokeFigures {
+            redis_key: redis_key.to_owned(),
+            pokes: latencies.len(),
+            commit_to_accepted_p50_ms: percentile(latencies, 50.0),
+            commit_to_accepted_p99_ms: percentile(latencies, 99.0),
+            push_c64_pushes: median_of(&rounds, |r| r.pushes),
+            push_c64_publishes: median_of(&rounds, publishes),
+            push_c64_publishes_received: median_of(&rounds, |r| r.publishes_received.unwrap_or(0)),
+            push_c64_pipelines: median_of(&rounds, |r| r.calls),
+            push_c64_publishes_per_s: median_rate(&rounds, publishes),
+            push_c64_mutations_per_s: median(&mut rates(&rounds, |r| r.mutations_per_s)),
+            push_c64_rounds: rounds,
+        }
+    }
+}
+
+/// The median (nearest rank) of `count` over the rounds; 0 without rounds.
+fn median_of<T: Ord + Copy + Default>(
+    rounds: &[PokeLoadRound],
+    count: impl Fn(&PokeLoadRound) -> T,
+) -> T {
+    let mut counts: Vec<T> = rounds.iter().map(count).collect();
+    counts.sort_unstable();
+    counts.get(counts.len() / 2).copied().unwrap_or_default()
+}
+
+fn rates(rounds: &[PokeLoadRound], rate: impl Fn(&PokeLoadRound) -> f64) -> Vec<f64> {
+    rounds.iter().map(rate).collect()
+}
+
+/// The median over the rounds of `count` per second of the round's load.
+fn median_rate(rounds: &[PokeLoadRound], count: impl Fn(&PokeLoadRound) -> u64) -> f64 {
+    median(&mut rates(rounds, |r| count(r) as f64 / r.load_s))
 }
 
 /// The `pct` percentile (nearest rank) of `values`, which it sorts; NaN when empty.
@@ -333,6 +439,9 @@ impl Report {
         self.print_pushes_beside_gc();
         if let Some(poke) = &self.poke_latency {
             poke.print();
+        }
+        if let Some(pokes) = &self.socketio_pokes {
+            pokes.print();
         }
         if let Some(micros) = self.token_check_us {
             println!("\ntoken check (HS256, claims, grants): {micros:.2} µs per request");
@@ -562,11 +671,38 @@ impl PokeFigures {
             one_decimal(self.commit_to_accepted_p99_ms)
         );
         println!(
-            "Pusher calls: {} during the poke storm; {} for {} pushes to one space at C=64 ({} mutations/s with pokes on)",
+            "Pusher calls: {} during the poke storm; {} for {} pushes to one space at C=64 \
+             ({} calls/s; {} mutations/s with pokes on; medians of {} rounds)",
             self.storm_calls,
             self.push_c64_calls,
             self.push_c64_pushes,
-            one_decimal(self.push_c64_mutations_per_s)
+            one_decimal(self.push_c64_calls_per_s),
+            one_decimal(self.push_c64_mutations_per_s),
+            self.push_c64_rounds.len(),
+        );
+    }
+}
+
+impl SocketIoPokeFigures {
+    fn print(&self) {
+        println!(
+            "\npoke latency (commit to PUBLISH accepted by Redis for socket.io, {} pokes): \
+             p50 {} ms, p99 {} ms",
+            self.pokes,
+            one_decimal(self.commit_to_accepted_p50_ms),
+            one_decimal(self.commit_to_accepted_p99_ms)
+        );
+        println!(
+            "socket.io PUBLISHes: {} accepted by Redis, {} received by the benchmark's \
+             subscriber, in {} pipelines, for {} pushes to one space at C=64 ({} PUBLISHes/s; \
+             {} mutations/s with pokes on; medians of {} rounds)",
+            self.push_c64_publishes,
+            self.push_c64_publishes_received,
+            self.push_c64_pipelines,
+            self.push_c64_pushes,
+            one_decimal(self.push_c64_publishes_per_s),
+            one_decimal(self.push_c64_mutations_per_s),
+            self.push_c64_rounds.len(),
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The processes under test: a replisync server (its address, log and memory read back) and,
-//! for poke latency, sockudo; both on loopback, both killed when dropped.
+//! for poke latency, sockudo; both on loopback, both killed when dropped. (socket.io's Redis
+//! side: socketio.rs.)
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -76,12 +77,14 @@ impl Server {
         proc_status_kb(self.child.id(), "VmHWM:") as f64 / 1024.0
     }
 
-    /// Poke latencies (commit to accepted) the server logged since `from_line`.
-    pub(crate) fn poke_latencies_since(&self, from_line: usize) -> Vec<f64> {
+    /// Poke latencies (commit to accepted) the server logged since `from_line` for `service`
+    /// (the `service` field of its "space poked" lines: "Pusher" or "socket.io").
+    pub(crate) fn poke_latencies_since(&self, from_line: usize, service: &str) -> Vec<f64> {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.iter()
             .skip(from_line)
             .filter_map(|(_, line)| serde_json::from_str::<Value>(line).ok())
+            .filter(|entry| entry["fields"]["service"].as_str() == Some(service))
             .filter_map(|entry| entry["fields"]["poke_latency_ms"].as_f64())
             .collect()
     }
@@ -153,9 +156,10 @@ fn server_command(binary: &Path, database_url: &str) -> Command {
         .env("REPLISYNC_DB_MAX_CONNECTIONS", POOL_SIZE.to_string())
         .env("REPLISYNC_LOG_FORMAT", "json")
         .env("REPLISYNC_SSE", "false")
+        // Debug for the poke services' worker: it logs each poke's latency.
         .env(
             "RUST_LOG",
-            "warn,replisync=info,replisync::poke::pusher=debug",
+            "warn,replisync=info,replisync::poke::delivery=debug",
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

@@ -1,5 +1,6 @@
 //! The workloads, each bounded in requests and in time: pushes (with their floor), the poke
-//! storm, first pulls of big spaces and poke latency; each returns its typed figures.
+//! storm and first pulls of big spaces (poke latency: poke_workloads.rs); each returns its typed
+//! figures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use crate::api::{Api, Mutation, increment, js_increment, pull_body, push_body, s
 use crate::database::transactions_so_far;
 use crate::floor::floor_workload;
 use crate::load::{PushFigures, client_name, drive_clients, group_name, space_name};
-use crate::report::{FirstPullFigures, PokeFigures, PushRound, Report, StormFigures, percentile};
+use crate::report::{FirstPullFigures, PushRound, Report, StormFigures, percentile};
 use crate::server::Server;
 
 /// Entries of the space a first pull reads are loaded this many per push.
@@ -290,50 +291,6 @@ impl Bench {
             );
         }
         Ok(())
-    }
-
-    /// Pushes spaced out so that they do not coalesce; latency from commit to sockudo's 200,
-    /// as the server logs it.
-    pub(crate) async fn poke_latency(
-        &self,
-        server: &Server,
-        pokes: u64,
-    ) -> anyhow::Result<PokeFigures> {
-        let from_line = server.log_len();
-        let api = self.api.at(&server.base);
-        for id in 1..=pokes {
-            let body = push_body("poker-group", "poker", id, [increment("n", 1)]);
-            api.push("poked", &body).await?;
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut latencies = server.poke_latencies_since(from_line);
-
-        // Pusher calls under load: the poke storm (one push, then 1000 pulls at once), and 64
-        // clients pushing to one space (pokes coalesce while calls are a window apart).
-        let poking = Bench {
-            api: api.clone(),
-            ..self.clone()
-        };
-        let calls = || api.metric("replisync_pusher_calls_ok_total");
-        let before = calls().await?;
-        poking.poke_storm("poked-storm", 1000).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let storm_calls = calls().await? - before;
-        let before = calls().await?;
-        let total = self.total_pushes(64);
-        let pushed = push_workload_on(&api, increment, "poked-one-64", (64, 1, 1, total)).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let push_calls = calls().await? - before;
-        Ok(PokeFigures {
-            pokes: latencies.len(),
-            commit_to_accepted_p50_ms: percentile(&mut latencies, 50.0),
-            commit_to_accepted_p99_ms: percentile(&mut latencies, 99.0),
-            storm_calls,
-            push_c64_pushes: total,
-            push_c64_calls: push_calls,
-            push_c64_mutations_per_s: pushed.mutations_per_second(),
-        })
     }
 }
 

@@ -1,22 +1,38 @@
-// Measures poke latency through sockudo: the time from a push's HTTP response (replisync
-// answered 200) to a pusher-js client, subscribed to the space's channel, receiving the `poke`.
-// Not a test: it prints figures, and its last line on stdout is one JSON object.
+// Measures poke latency: the time from a push's HTTP response (replisync answered 200) to a
+// client of the space receiving its `poke`, through sockudo (a pusher-js client subscribed to
+// the space's channel) and through socket.io (replisync PUBLISHes into Redis; a cluster of two
+// socket.io processes joined by the Redis adapter; a socket.io-client in the space's room on one
+// of them). Not a test: it prints figures, and its last line on stdout is one JSON object with
+// a member per path measured.
 //
-//   node poke-latency.mjs [--pokes N] [--gap MS]      (defaults: 60 pokes, 50 ms apart)
+//   node poke-latency.mjs [--via sockudo|socketio|both] [--pokes N] [--gap MS]
+//                                           (defaults: both, 60 pokes, 50 ms apart)
 //
-// Pushes go one at a time, each waiting for its poke (bounded) and then `gap` ms, so pokes
-// never coalesce. A poke can arrive before the client has finished reading the response
-// (replisync pokes right after commit, in parallel with answering); those count as negative.
+// Each path has a replisync of its own. Pushes go one at a time, each waiting for its poke
+// (bounded) and then `gap` ms, so pokes never coalesce. A poke can arrive before the client has
+// finished reading the response (replisync pokes right after commit, in parallel with
+// answering); those count as negative.
 
 import { parseArgs } from 'node:util';
-import { E2E, uniqueId, waitFor, delay, STORE, REPLISYNC_BIN } from './harness.mjs';
+import { io as connectSocketIo } from 'socket.io-client';
+import { E2E, uniqueId, waitFor, delay, withTimeout, STORE, REPLISYNC_BIN } from './harness.mjs';
+
+/** The Redis socket.io-server.mjs uses by default (loopback, shared: the key is unique). */
+const REDIS_URL = 'redis://127.0.0.1:6379';
+const PATHS = ['sockudo', 'socketio'];
 
 const { values } = parseArgs({
   options: {
+    via: { type: 'string', default: 'both' },
     pokes: { type: 'string', default: '60' },
     gap: { type: 'string', default: '50' },
   },
 });
+if (![...PATHS, 'both'].includes(values.via)) {
+  console.error(`--via must be sockudo, socketio or both, not ${values.via}`);
+  process.exit(2);
+}
+const VIA = values.via === 'both' ? PATHS : [values.via];
 const POKES = Math.max(1, Math.min(10_000, Number(values.pokes)));
 const GAP_MS = Math.max(0, Number(values.gap));
 
@@ -27,16 +43,52 @@ function percentile(sorted, p) {
 }
 const round = (x) => Math.round(x * 100) / 100;
 
-const env = new E2E('poke-latency');
-let exitCode = 0;
-try {
+/**
+ * replisync poking through sockudo, and a pusher-js client subscribed to `space`'s channel.
+ * Resolves to `{ server, pokes, client }`: `pokes` receives `{ at }` per poke.
+ */
+async function throughSockudo(env, space) {
   const sockudo = await env.startSockudo();
   const server = await env.startReplisync({ pusher: { port: sockudo.port } });
-  const space = uniqueId('latency-');
   const client = await env.pusherClient(sockudo.port);
   const pokes = await env.subscribe(client, `space-${space}`);
+  return { server, pokes, client: 'pusher-js' };
+}
 
-  // Warm-up push (first connection, first transaction), not measured.
+/**
+ * replisync publishing socket.io pokes into Redis under a fresh adapter key; two processes of
+ * socketio-server.mjs on that key (a real cluster); a socket.io-client connected to the first,
+ * joined to `space`'s room. Resolves to `{ server, pokes, client }` as `throughSockudo` does.
+ */
+async function throughSocketIo(env, space) {
+  const redisKey = uniqueId('poke-latency-');
+  const server = await env.startReplisync({
+    env: { REPLISYNC_SOCKETIO_REDIS_URL: REDIS_URL, REPLISYNC_SOCKETIO_KEY: redisKey },
+  });
+  const [first] = [await env.startSocketIo(server, { redisKey }), await env.startSocketIo(server, { redisKey })];
+  const socket = connectSocketIo(first.url, { transports: ['websocket'], reconnection: false });
+  env.defer(() => socket.close());
+  await withTimeout(
+    new Promise((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('connect_error', reject);
+    }),
+    10_000,
+    `socket.io-client connecting to ${first.url}`,
+  );
+  const pokes = [];
+  socket.on('poke', () => pokes.push({ at: performance.now() }));
+  // Without a JWT secret replisync lets every caller read, so the join is admitted.
+  const joined = await socket.timeout(10_000).emitWithAck('join', space);
+  if (!joined?.ok) throw new Error(`joining the room of ${space} was refused: ${JSON.stringify(joined)}`);
+  return { server, pokes, client: 'socket.io-client' };
+}
+
+/**
+ * A warm-up push (first connection, first transaction; not measured), then POKES pushes to
+ * `space` one at a time, each followed by its poke (or 5 s) and GAP_MS. Resolves to the figures.
+ */
+async function measure({ server, pokes }, space) {
   const warm = await server.push(space, {
     clientGroupID: uniqueId('cg-'),
     clientID: uniqueId('c-'),
@@ -68,15 +120,15 @@ try {
     }
     await delay(GAP_MS);
   }
+  return summary(latencies, pushMs, lost);
+}
 
+function summary(latencies, pushMs, lost) {
   const sorted = [...latencies].sort((a, b) => a - b);
   const sortedPush = [...pushMs].sort((a, b) => a - b);
-  const result = {
+  return {
     pokes: latencies.length,
     lost,
-    gap_ms: GAP_MS,
-    store: STORE,
-    replisync_bin: REPLISYNC_BIN,
     median_ms: round(percentile(sorted, 50)),
     p90_ms: round(percentile(sorted, 90)),
     min_ms: round(sorted[0]),
@@ -85,22 +137,44 @@ try {
     push_round_trip_median_ms: round(percentile(sortedPush, 50)),
     push_round_trip_p90_ms: round(percentile(sortedPush, 90)),
   };
-  console.log(
-    `poke latency through sockudo (push response -> pusher-js 'poke'), ${result.pokes} pokes, ${lost} lost:`,
-  );
-  console.log(
-    `  median ${result.median_ms} ms   p90 ${result.p90_ms} ms   min ${result.min_ms} ms   max ${result.max_ms} ms   mean ${result.mean_ms} ms`,
-  );
-  console.log(
-    `  push round trip: median ${result.push_round_trip_median_ms} ms   p90 ${result.push_round_trip_p90_ms} ms`,
-  );
-  console.log(JSON.stringify(result));
-  if (lost > 0 || latencies.length < Math.min(50, POKES)) exitCode = 1;
-} catch (e) {
-  console.error(e);
-  exitCode = 1;
-} finally {
-  await env.cleanup();
 }
-// Replicache is not used here, but pusher-js and undici may keep the loop alive briefly.
+
+function report(path, client, figures) {
+  console.log(
+    `poke latency through ${path} (push response -> ${client} 'poke'), ${figures.pokes} pokes, ${figures.lost} lost:`,
+  );
+  console.log(
+    `  median ${figures.median_ms} ms   p90 ${figures.p90_ms} ms   min ${figures.min_ms} ms   max ${figures.max_ms} ms   mean ${figures.mean_ms} ms`,
+  );
+  console.log(
+    `  push round trip: median ${figures.push_round_trip_median_ms} ms   p90 ${figures.push_round_trip_p90_ms} ms`,
+  );
+}
+
+const SETUPS = { sockudo: throughSockudo, socketio: throughSocketIo };
+const result = { gap_ms: GAP_MS, store: STORE, replisync_bin: REPLISYNC_BIN };
+let exitCode = 0;
+for (const path of VIA) {
+  // One environment per path: its processes are stopped before the next path starts.
+  const env = new E2E(`poke-latency-${path}`);
+  try {
+    const space = uniqueId('latency-');
+    const setup = await SETUPS[path](env, space);
+    const figures = await measure(setup, space);
+    report(path, setup.client, figures);
+    result[path] = figures;
+    if (figures.lost > 0 || figures.pokes < Math.min(50, POKES)) exitCode = 1;
+  } catch (e) {
+    console.error(`poke latency through ${path} failed:`, e);
+    exitCode = 1;
+  } finally {
+    await env.cleanup().catch((e) => {
+      console.error(`stopping the processes of the ${path} path failed:`, e);
+      exitCode = 1;
+    });
+  }
+}
+console.log(JSON.stringify(result));
+// Replicache is not used here, but pusher-js, socket.io-client and undici may keep the loop
+// alive briefly.
 process.exit(exitCode);
