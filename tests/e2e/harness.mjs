@@ -944,17 +944,7 @@ export class ReplisyncServer {
     if ('socketio' in changes) this.socketio = changes.socketio;
     if ('env' in changes) this.extraEnv = changes.env;
     // The port was just released; retry a few times in case the kernel is slow to free it.
-    let lastError;
-    for (let attempt = 0; attempt < 5; attempt++) {
-      try {
-        return await this.start();
-      } catch (e) {
-        lastError = e;
-        if (!/address already in use|AddrInUse|exited/i.test(e.message)) throw e;
-        await delay(200 * (attempt + 1));
-      }
-    }
-    throw lastError;
+    return startOnFreedPort(() => this.start(), /address already in use|AddrInUse|exited/i);
   }
 
   /** Raw protocol push (pushVersion 1). Returns {status, body, ms}. */
@@ -1113,18 +1103,26 @@ export class PrivateRedis {
   /** Stops it and starts it again on the same port (retried briefly if the port is not free yet). */
   async restart() {
     await this.stop();
-    let lastError;
-    for (let attempt = 0; attempt < 5; attempt++) {
-      try {
-        return await this.start();
-      } catch (e) {
-        lastError = e;
-        if (!/address already in use/i.test(e.message)) throw e;
-        await delay(200 * (attempt + 1));
-      }
-    }
-    throw lastError;
+    return startOnFreedPort(() => this.start(), /address already in use/i);
   }
+}
+
+/**
+ * `start()`, tried up to 5 times while it fails with an error whose message `portBusy` matches
+ * (a port just released that the kernel has not freed yet), waiting a little longer each time.
+ */
+async function startOnFreedPort(start, portBusy) {
+  let lastError;
+  for (let attempt = 0; attempt < 5; attempt++) {
+    try {
+      return await start();
+    } catch (e) {
+      lastError = e;
+      if (!portBusy.test(e.message)) throw e;
+      await delay(200 * (attempt + 1));
+    }
+  }
+  throw lastError;
 }
 
 /** Whether a Redis on 127.0.0.1:`port` answers `PING` with `+PONG` within 1 s. */

@@ -1,8 +1,8 @@
 // Scenario 17: a socket.io cluster (two processes of tests/e2e/socketio-server.mjs, joined by
 // the Redis adapter) lets a socket into a space's room only when replisync's
 // GET /spaces/{space}/access says its token may read the space. A room broadcast from a third
-// member of the cluster (standing in for replisync's Redis pokes, which are not built yet)
-// reaches the admitted sockets on both processes and never a refused one.
+// member of the cluster reaches the admitted sockets on both processes and never a refused one
+// (scenario 18 has replisync's own pokes take that way).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
