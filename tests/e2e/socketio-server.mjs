@@ -26,12 +26,14 @@ const ROOM_PREFIX = process.env.ROOM_PREFIX ?? 'space-';
 const HOST = process.env.HOST ?? '127.0.0.1';
 const PORT = Number(process.env.PORT ?? 3001);
 const SPACE_ID = /^[A-Za-z0-9_-]{1,100}$/;
+const TOKEN = /^[\x21-\x7e]{1,8192}$/;
 /** Joins one socket may ask for: each costs a call to replisync, so a socket cannot flood it. */
 const MAX_JOINS_PER_SOCKET = 50;
 
 /** Asks replisync whether `token` may read `space`: the HTTP status of its answer. */
 async function accessStatus(space, token) {
-  const headers = typeof token === 'string' && token ? { authorization: `Bearer ${token}` } : {};
+  // A token is printable ASCII (a JWT is); anything else is asked about as no token at all.
+  const headers = typeof token === 'string' && TOKEN.test(token) ? { authorization: `Bearer ${token}` } : {};
   try {
     const answer = await fetch(`${REPLISYNC_URL}/spaces/${space}/access`, {
       headers,

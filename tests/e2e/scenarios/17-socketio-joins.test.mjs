@@ -48,6 +48,8 @@ test('17. socket.io joins are authorized by replisync; a room broadcast reaches 
   assert.deepEqual(await join(mallory, space), { ok: false, status: 403 }, 'no grant');
   assert.deepEqual(await join(nobody, space), { ok: false, status: 401 }, 'no token');
   assert.deepEqual(await join(expired, space), { ok: false, status: 401 }, 'an expired token');
+  const garbled = await socketTo(t, b.url, 'x\r\nX-Injected: 1');
+  assert.deepEqual(await join(garbled, space), { ok: false, status: 401 }, 'a token no header can carry');
   assert.deepEqual(await join(alice, '../pull'), { ok: false, status: 400 }, 'not a space id');
   // A socket that keeps asking is cut off before it can flood replisync with access checks.
   const flood = await socketTo(t, a.url, undefined);
