@@ -178,6 +178,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn when_every_process_left_pokes_wait_for_as_many_as_listened_before() {
+        // A rolling restart of the whole socket.io cluster, Redis staying up.
+        let redis = PrivateRedis::start(&[]).await;
+        let key = unique_key();
+        let (first, second) = (
+            Listener::start(&redis.url(), &key).await,
+            Listener::start(&redis.url(), &key).await,
+        );
+        let poker = start(&redis.url(), &key, fast_options(8));
+        poker.space_changed(&space("before"), Instant::now());
+        first.wait_for(1).await;
+        second.wait_for(1).await;
+        first.stop().await;
+        second.stop().await;
+
+        poker.space_changed(&space("gap"), Instant::now());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let first = Listener::start(&redis.url(), &key).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let second = Listener::start(&redis.url(), &key).await;
+
+        let gap = room_channel(&key, "gap");
+        assert!(second.wait_for(1).await.contains(&gap));
+        assert!(first.channels().contains(&gap));
+        assert_eq!(poker.shutdown(PATIENCE).await, 0);
+    }
+
+    #[tokio::test]
     async fn a_poke_no_socketio_server_hears_is_retried_then_given_up() {
         let redis = PrivateRedis::start(&[]).await;
         let poker = start(&redis.url(), &unique_key(), fast_options(3));

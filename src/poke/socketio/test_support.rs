@@ -82,9 +82,10 @@ impl Drop for PrivateRedis {
 }
 
 /// Subscribes to every channel of `key` (`{key}#*`), as a socket.io process's adapter does, and
-/// keeps the channels of what it receives, in order. Stops with the test's runtime.
+/// keeps the channels of what it receives, in order. Stops with `stop` or the test's runtime.
 pub(crate) struct Listener {
     received: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Listener {
@@ -97,7 +98,7 @@ impl Listener {
             .expect("psubscribe");
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&received);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut messages = pubsub.into_on_message();
             while let Some(message) = messages.next().await {
                 sink.lock()
@@ -105,7 +106,15 @@ impl Listener {
                     .push(message.get_channel_name().to_owned());
             }
         });
-        Listener { received }
+        Listener { received, task }
+    }
+
+    /// Closes its connection, as a socket.io process that exits does, and waits a moment for
+    /// Redis to drop its subscription.
+    pub(crate) async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     pub(crate) fn channels(&self) -> Vec<String> {

@@ -48,7 +48,7 @@ enum Health {
     /// Publishing works; `processes` is how many processes the last publish reached (each
     /// space's poke, at the fewest).
     Healthy { processes: u64 },
-    /// The last publish failed (Redis away); `processes` listened before.
+    /// The last publish failed (Redis away) or reached nobody; `processes` listened before.
     Failing { processes: u64 },
     /// Redis answers again; until `until`, a publish that reaches fewer than `processes` is
     /// retried, because the other processes' adapters have not subscribed again yet.
@@ -105,6 +105,14 @@ impl Transport for SocketIoTransport {
         };
         self.receivers
             .fetch_add(published.receivers, Ordering::Relaxed);
+        if published.unheard > 0 {
+            // Nobody listening tells nothing of the cluster's size: it counts as an outage.
+            self.update_health(Health::failed);
+            return Sent::Transient {
+                reason: self.nobody_listens(published.unheard, spaces.len()),
+                retry_after: None,
+            };
+        }
         let now = Instant::now();
         let mut whole = false;
         let before = self.update_health(|health| {
@@ -112,24 +120,20 @@ impl Transport for SocketIoTransport {
             whole = reached_all;
             next
         });
-        if published.unheard > 0 {
-            Sent::Transient {
-                reason: self.nobody_listens(published.unheard, spaces.len()),
-                retry_after: None,
-            }
-        } else if !whole {
-            Sent::Transient {
-                reason: format!(
-                    "Redis at {} is back, but only {} of the {} socket.io processes listening \
-                     before have subscribed again",
-                    self.publisher.redis(),
-                    published.fewest,
-                    before.processes()
-                ),
-                retry_after: None,
-            }
-        } else {
-            Sent::Accepted
+        if whole {
+            return Sent::Accepted;
+        }
+        Sent::Transient {
+            reason: format!(
+                "a publish to Redis at {} reached {} socket.io process(es), fewer than the {} \
+                 that listened before publishing failed: the others have not subscribed again \
+                 yet (retried for up to {} s)",
+                self.publisher.redis(),
+                published.fewest,
+                before.processes(),
+                RESUBSCRIBE_GRACE.as_secs()
+            ),
+            retry_after: None,
         }
     }
 }
