@@ -147,28 +147,42 @@ mod tests {
         assert_eq!(stats.spaces_poked, 3, "{stats:?}");
     }
 
+    /// Two listeners (socket.io processes) and a poker whose first poke both have received.
+    async fn two_processes_poked_once(
+        redis_url: &str,
+        key: &str,
+    ) -> (Listener, Listener, Arc<SocketIoPoker>) {
+        let (first, second) = (
+            Listener::start(redis_url, key).await,
+            Listener::start(redis_url, key).await,
+        );
+        let poker = start(redis_url, key, fast_options(8));
+        poker.space_changed(&space("before"), Instant::now());
+        first.wait_for(1).await;
+        second.wait_for(1).await;
+        (first, second, poker)
+    }
+
+    /// Two processes subscribing again, one at once and the other a second later: the
+    /// poker's attempts in between reach one of the two that listened before, and must go on.
+    async fn back_one_second_apart(redis_url: &str, key: &str) -> (Listener, Listener) {
+        let first = Listener::start(redis_url, key).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let second = Listener::start(redis_url, key).await;
+        (first, second)
+    }
+
     #[tokio::test]
     async fn after_a_restart_pokes_wait_for_every_process_that_listened_before() {
         let mut redis = PrivateRedis::start(&[]).await;
         let key = unique_key();
-        let (first, second) = (
-            Listener::start(&redis.url(), &key).await,
-            Listener::start(&redis.url(), &key).await,
-        );
-        let poker = start(&redis.url(), &key, fast_options(8));
-        poker.space_changed(&space("before"), Instant::now());
-        first.wait_for(1).await;
-        second.wait_for(1).await;
+        let (_first, _second, poker) = two_processes_poked_once(&redis.url(), &key).await;
 
         redis.stop();
         poker.space_changed(&space("during"), Instant::now());
         tokio::time::sleep(Duration::from_millis(300)).await;
         redis.restart().await;
-        // One process subscribes again at once, the other a second later: the poker's attempts
-        // in between reach one of the two processes that listened before, and must go on.
-        let first = Listener::start(&redis.url(), &key).await;
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let second = Listener::start(&redis.url(), &key).await;
+        let (first, second) = back_one_second_apart(&redis.url(), &key).await;
 
         let during = room_channel(&key, "during");
         assert!(second.wait_for(1).await.contains(&during));
@@ -182,22 +196,13 @@ mod tests {
         // A rolling restart of the whole socket.io cluster, Redis staying up.
         let redis = PrivateRedis::start(&[]).await;
         let key = unique_key();
-        let (first, second) = (
-            Listener::start(&redis.url(), &key).await,
-            Listener::start(&redis.url(), &key).await,
-        );
-        let poker = start(&redis.url(), &key, fast_options(8));
-        poker.space_changed(&space("before"), Instant::now());
-        first.wait_for(1).await;
-        second.wait_for(1).await;
+        let (first, second, poker) = two_processes_poked_once(&redis.url(), &key).await;
         first.stop().await;
         second.stop().await;
 
         poker.space_changed(&space("gap"), Instant::now());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let first = Listener::start(&redis.url(), &key).await;
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let second = Listener::start(&redis.url(), &key).await;
+        let (first, second) = back_one_second_apart(&redis.url(), &key).await;
 
         let gap = room_channel(&key, "gap");
         assert!(second.wait_for(1).await.contains(&gap));
