@@ -162,6 +162,23 @@ mod tests {
     }
 
     #[test]
+    fn sse_is_on_by_default_only_without_another_sink() {
+        let only = |args: &[&str]| {
+            PokeSettings::from_args(&parse_feature_args::<PokeArgs>(args), false).unwrap()
+        };
+        assert!(only(&[]).sse.is_some(), "no other sink: SSE on");
+        let socketio = only(&["--socketio-redis-url=redis://127.0.0.1:6379"]);
+        assert!(socketio.socketio.is_some());
+        assert!(socketio.sse.is_none(), "socket.io on: SSE off");
+        assert!(settings(&[]).unwrap().sse.is_none(), "Pusher on: SSE off");
+        let asked = only(&["--socketio-redis-url=redis://h", "--sse=true"]);
+        assert!(
+            asked.sse.is_some() && asked.socketio.is_some(),
+            "both when asked"
+        );
+    }
+
+    #[test]
     fn tokens_make_pusher_channels_private_and_signable() {
         let args = parse_feature_args::<PokeArgs>(&PUSHER);
         let open = PokeSettings::from_args(&args, false).unwrap();
