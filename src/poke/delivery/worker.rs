@@ -422,6 +422,17 @@ mod tests {
         }
     }
 
+    /// Whether `poker` gives up a batch within [`PATIENCE`].
+    async fn some_given_up<T: Transport>(poker: &Poker<T>) -> bool {
+        tokio::time::timeout(PATIENCE, async {
+            while poker.stats().given_up_spaces == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     /// A transport whose first call panics (a fault no real service produces on demand: it
     /// stands for a bug in a client library) and whose later calls succeed.
     #[derive(Default)]
@@ -444,13 +455,10 @@ mod tests {
     async fn a_panicking_client_costs_its_batch_and_later_pokes_still_go() {
         let poker = Poker::spawn(Ok(PanicsOnce::default()), fast_options());
         poker.space_changed(&space("first"), Instant::now());
-        let given_up = tokio::time::timeout(PATIENCE, async {
-            while poker.stats().given_up_spaces == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        assert!(given_up.is_ok(), "the panicked batch was never given up");
+        assert!(
+            some_given_up(&poker).await,
+            "the panicked batch was never given up"
+        );
 
         poker.space_changed(&space("second"), Instant::now());
         assert_eq!(poker.shutdown(PATIENCE).await, 0);
@@ -699,13 +707,10 @@ mod tests {
         let poker = PusherPoker::start(mock.config(), fast_options());
         poker.space_changed(&space("a"), Instant::now());
         mock.wait_for_requests(1).await;
-        let given_up = tokio::time::timeout(PATIENCE, async {
-            while poker.stats().given_up_spaces == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        assert!(given_up.is_ok(), "the rejected poke was never given up");
+        assert!(
+            some_given_up(&poker).await,
+            "the rejected poke was never given up"
+        );
 
         // The worker sends one batch at a time, retries included: a retry of a's call would
         // come before b's, so two calls, the second b's, prove a's was not retried.
