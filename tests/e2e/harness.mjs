@@ -1,6 +1,6 @@
 // Test harness for replisync's end-to-end tests.
 //
-// Starts sockudo, a private redis-server and the replisync binary as child processes on free
+// Starts sockudo, a private redis-server, Prometheus and the replisync binary as child processes on free
 // loopback ports, with a temp SQLite file or a fresh Postgres database; makes Replicache clients, pusher-js clients
 // and SSE readers; and tears all of it down at the end of a test, also when the test fails.
 // replisync is stopped with SIGTERM and must exit by itself with status 0 within its grace
@@ -13,6 +13,8 @@
 //   E2E_STORE          sqlite (default) or postgres
 //   E2E_POSTGRES_URL   server to make databases in (default postgres://postgres@127.0.0.1:5432)
 //   NGINX_BIN          nginx binary (default: `nginx` on PATH; scenario 14)
+//   PROMETHEUS_BIN     prometheus binary (default: `prometheus` on PATH; scenario 19), and
+//   PROMTOOL_BIN       promtool (default: the one beside it, else `promtool` on PATH)
 //   E2E_VERBOSE=1      echo child logs and Replicache logs to stderr as they arrive
 
 import { spawn, execFileSync } from 'node:child_process';
@@ -523,6 +525,57 @@ export class E2E {
     return { proc, port, url, conf, accessLines };
   }
 
+  // --- Prometheus ----------------------------------------------------------------------------
+
+  /**
+   * Starts Prometheus (PROMETHEUS_BIN, default `prometheus` on the PATH) with
+   * deploy/prometheus/prometheus.yml, only its intervals (1 s) and its targets (the `servers`,
+   * replisync handles) rewritten, its rule file (deploy/prometheus/alerts.yml) named by its full
+   * path, on a free loopback port with its own data directory; tries up to 3 ports. Resolves to
+   * a `PrivatePrometheus` once it is ready.
+   */
+  async startPrometheus(servers) {
+    const bin = prometheusBin();
+    const source = readFileSync(path.join(REPO_DIR, 'deploy', 'prometheus', 'prometheus.yml'), 'utf8');
+    const conf = prometheusConf(source, {
+      interval: '1s',
+      targets: servers.map((s) => `127.0.0.1:${s.port}`),
+      ruleFiles: [path.join(REPO_DIR, 'deploy', 'prometheus', 'alerts.yml')],
+    });
+    let lastError;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const dir = mkdtempSync(path.join(this.tmp, 'prometheus-'));
+      const confPath = path.join(dir, 'prometheus.yml');
+      writeFileSync(confPath, conf);
+      const port = await freePort();
+      const args = [
+        `--config.file=${confPath}`,
+        `--storage.tsdb.path=${path.join(dir, 'data')}`,
+        `--web.listen-address=127.0.0.1:${port}`,
+        '--log.level=warn',
+      ];
+      const proc = new ChildProcess('prometheus', bin, args, { env: { PATH: process.env.PATH }, cwd: dir });
+      this.defer(() => proc.stop({ signal: 'SIGTERM', graceMs: 10_000 }));
+      const prometheus = new PrivatePrometheus(proc, port, conf);
+      try {
+        await waitFor(
+          async () => {
+            if (proc.exited) throw fatal(`prometheus exited:\n${proc.tail(30)}`);
+            const res = await realFetch(`${prometheus.url}/-/ready`, { signal: AbortSignal.timeout(1_000) });
+            return res.status === 200;
+          },
+          { timeout: 30_000, interval: 100, message: `prometheus /-/ready on ${prometheus.url}` },
+        );
+        return prometheus;
+      } catch (e) {
+        lastError = e;
+        await proc.stop({ signal: 'SIGKILL' });
+        if (!/address already in use/i.test(e.message)) throw e;
+      }
+    }
+    throw lastError;
+  }
+
   // --- replisync ---------------------------------------------------------------------------
 
   /**
@@ -793,6 +846,119 @@ export function nginxConf(text, { listen, upstreams }) {
   return text
     .replace(listenLine, (_, i) => `${i}listen ${listen};`)
     .replace(serverLines, () => (replaced ? '' : ((replaced = true), ours)));
+}
+
+/** The prometheus binary: PROMETHEUS_BIN, else `prometheus` on the PATH (scripts/setup installs it). */
+export function prometheusBin() {
+  const bin = process.env.PROMETHEUS_BIN ?? onPath('prometheus');
+  if (!bin || !existsSync(bin)) {
+    throw new Error(
+      `prometheus not found (${bin ?? 'not on the PATH'}): apt-get install -y prometheus ` +
+        '(scripts/setup does, keeping its service off) or set PROMETHEUS_BIN',
+    );
+  }
+  return bin;
+}
+
+/** promtool: PROMTOOL_BIN, else the one beside the prometheus binary, else `promtool` on the PATH. */
+export function promtoolBin() {
+  if (process.env.PROMTOOL_BIN) return process.env.PROMTOOL_BIN;
+  const beside = path.join(path.dirname(prometheusBin()), 'promtool');
+  return existsSync(beside) ? beside : (onPath('promtool') ?? 'promtool');
+}
+
+function onPath(name) {
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    if (dir && existsSync(path.join(dir, name))) return path.join(dir, name);
+  }
+  return undefined;
+}
+
+/**
+ * deploy/prometheus/prometheus.yml with its `scrape_interval`, `evaluation_interval` and
+ * `scrape_timeout` set to `interval`, its target lines (`- replisync-N:9090`) replaced by one
+ * per address in `targets`, and its rule file lines by `ruleFiles`; throws if any of them is
+ * missing, so the test cannot drift from the deployed file unnoticed.
+ */
+export function prometheusConf(text, { interval, targets, ruleFiles }) {
+  const patterns = {
+    scrape_interval: /^(\s*)scrape_interval: \S+$/m,
+    evaluation_interval: /^(\s*)evaluation_interval: \S+$/m,
+    scrape_timeout: /^(\s*)scrape_timeout: \S+$/m,
+    rule_files: /^rule_files:\n(?:\s*- \S+\n)+/m,
+    targets: /^(\s*)- targets:\n(?:\s*- replisync-\d+:\d+\n)+/m,
+  };
+  for (const [name, re] of Object.entries(patterns)) {
+    if (!re.test(text)) throw new Error(`deploy/prometheus/prometheus.yml has no ${name} in the expected form`);
+  }
+  return text
+    .replace(patterns.scrape_interval, (_, i) => `${i}scrape_interval: ${interval}`)
+    .replace(patterns.evaluation_interval, (_, i) => `${i}evaluation_interval: ${interval}`)
+    .replace(patterns.scrape_timeout, (_, i) => `${i}scrape_timeout: ${interval}`)
+    .replace(patterns.rule_files, () => `rule_files:\n${ruleFiles.map((f) => `  - ${JSON.stringify(f)}\n`).join('')}`)
+    .replace(
+      patterns.targets,
+      (_, i) => `${i}- targets:\n${targets.map((t) => `${i}    - ${JSON.stringify(t)}\n`).join('')}`,
+    );
+}
+
+/**
+ * A Prometheus started by `E2E.startPrometheus`: its HTTP API at `url`, the config it runs
+ * (`conf`), and helpers over /api/v1.
+ */
+export class PrivatePrometheus {
+  constructor(proc, port, conf) {
+    this.proc = proc;
+    this.port = port;
+    this.conf = conf;
+  }
+
+  get url() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** GET /api/v1/`endpoint` with `params`; resolves to `data`, throws with Prometheus's error. */
+  async api(endpoint, params = {}) {
+    const query = new URLSearchParams(params).toString();
+    const res = await realFetch(`${this.url}/api/v1/${endpoint}${query ? `?${query}` : ''}`, {
+      signal: AbortSignal.timeout(10_000),
+    });
+    const body = await res.json().catch(() => ({}));
+    if (res.status !== 200 || body.status !== 'success') {
+      throw new Error(`prometheus ${endpoint} ${safeJson(params)} answered ${res.status}: ${body.error ?? safeJson(body)}`);
+    }
+    return body.data;
+  }
+
+  /** An instant query: the `result` of /api/v1/query (a vector: [{metric, value: [t, "v"]}]). */
+  async query(expr) {
+    const data = await this.api('query', { query: expr });
+    return data.result;
+  }
+
+  /** An instant query expected to give one series: its value as a number (NaN if none). */
+  async scalar(expr) {
+    const result = await this.query(expr);
+    if (result.length > 1) throw new Error(`${expr} gave ${result.length} series, not one: ${safeJson(result)}`);
+    return result.length ? Number(result[0].value[1]) : NaN;
+  }
+
+  /**
+   * Waits (at most `timeout` ms) until every target's latest scrape started after `epochMs`
+   * (Date.now() time) and succeeded: its samples are then queryable (`up` is written in the
+   * same append as the scraped samples).
+   */
+  async scrapedAfter(epochMs, { timeout = 30_000 } = {}) {
+    return waitFor(
+      async () => {
+        if (this.proc.exited) throw fatal(`prometheus exited:\n${this.proc.tail(30)}`);
+        const ups = await this.query('timestamp(up) * 1000 and up == 1');
+        const all = await this.query('up');
+        return all.length > 0 && ups.length === all.length && ups.every((s) => Number(s.value[1]) > epochMs);
+      },
+      { timeout, interval: 200, message: `prometheus to scrape every target after ${new Date(epochMs).toISOString()}` },
+    );
+  }
 }
 
 /** JSON request headers, with `Authorization: auth` when given. */
