@@ -593,7 +593,7 @@ impl Default for MutationMetrics {
             js_duration: Timing::default(),
         };
         for (kind, reason) in KNOWN_FAILURES {
-            metrics.failures.get_or_create(&FailureLabels { kind, reason });
+            drop(metrics.failures.get_or_create(&FailureLabels { kind, reason }));
         }
         metrics
     }
