@@ -9,6 +9,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::{Map, Value};
 
 use super::jwks::Jwks;
+use crate::metrics::Timing;
 use super::{AuthError, Authenticator, Grants, Identity, check_user_id};
 use crate::protocol::MAX_ID_BYTES;
 
@@ -123,6 +124,13 @@ impl Authenticator for JwtAuthenticator {
                 jwks.url()
             )),
             _ => None,
+        }
+    }
+
+    fn key_fetch_time(&self) -> Option<Timing> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(jwks.fetch_time().clone()),
+            Keys::Secret(_) => None,
         }
     }
 }

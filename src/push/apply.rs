@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::locking::Locking;
 use super::{Push, PushBudget, PushError, PushOutcome};
 use crate::auth::{AuthError, check_group_ownership};
+use crate::metrics::Timing;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
 use crate::poke::sinks::Pokes;
 use crate::protocol::{Mutation, PushRequest, SpaceId};
@@ -37,6 +38,7 @@ pub(super) async fn apply_group(
     pushes: &[Push],
     locking: Locking,
     limit: AgeLimit<'_>,
+    commit_time: &Timing,
 ) -> Result<GroupAnswers, StoreError> {
     let mut tx = locking.begin(store, space).await?;
     let mut group = GroupState::read(&mut *tx, pushes).await?;
@@ -60,8 +62,10 @@ pub(super) async fn apply_group(
         return Ok(answers); // nothing to write; dropping the transaction rolls it back
     };
     let poke = PokeAfterCommit::armed(pokes, space);
+    let commit_started = Instant::now();
     let committed = tx.commit(changes).await;
     let committed_at = Instant::now();
+    commit_time.observe(committed_at - commit_started);
     poke.settle(&committed);
     committed?;
     for answer in answers.iter_mut().flatten() {
@@ -308,9 +312,7 @@ async fn apply_push(
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error),
             Err(error) => {
-                if matches!(error, MutationError::TooMuchWritten { .. }) {
-                    mutators.write_limit_failures().increment();
-                }
+                mutators.count_failure(&mutation.name, &error);
                 failed.record(mutation, &error);
             }
         }

@@ -4,7 +4,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -57,6 +57,9 @@ impl std::fmt::Debug for PushGroups {
 struct Waiting {
     push: Push,
     answer: oneshot::Sender<Result<PushOutcome, PushError>>,
+    /// When it joined the queue, for `replisync_push_group_wait_seconds` (`None` once a group
+    /// handed it back: its wait is counted once).
+    queued_at: Option<Instant>,
 }
 
 impl PushGroups {
@@ -96,7 +99,11 @@ impl PushGroups {
                 Entry::Occupied(mut queue) => {
                     // Counted under the lock, so the runner cannot take the push out first.
                     self.metrics.pushes_waiting.add(1);
-                    queue.get_mut().push_back(Waiting { push, answer });
+                    queue.get_mut().push_back(Waiting {
+                        push,
+                        answer,
+                        queued_at: Some(Instant::now()),
+                    });
                     None
                 }
                 Entry::Vacant(idle) => {
@@ -106,6 +113,7 @@ impl PushGroups {
             }
         };
         if let Some(push) = lead {
+            self.metrics.push_group_wait.observe(Duration::ZERO);
             let _hand_off = HandOff {
                 groups: Arc::clone(self),
                 space: space.clone(),
@@ -125,6 +133,7 @@ impl PushGroups {
     fn count(&self, space: &SpaceId, answers: &GroupAnswers) {
         let applied = answers.iter().flatten().count() as u64;
         self.metrics.push_groups.increment();
+        self.metrics.push_group_pushes.observe(applied as usize);
         if applied > 1 {
             self.metrics.pushes_grouped.add(applied);
         }
@@ -191,7 +200,11 @@ impl PushGroups {
         }
         let size = queue.len().min(self.limits.group.max_pushes.max(1));
         self.metrics.pushes_waiting.sub(size as u64);
-        Some(queue.drain(..size).collect())
+        let group: Vec<Waiting> = queue.drain(..size).collect();
+        for queued_at in group.iter().filter_map(|waiting| waiting.queued_at) {
+            self.metrics.push_group_wait.observe_since(queued_at);
+        }
+        Some(group)
     }
 
     /// Puts pushes a group left (in order) back at the head of the space's queue.
@@ -251,7 +264,18 @@ impl PushGroups {
                 Locking::Pessimistic
             };
             let applied =
-                reconnecting(|| apply_group(store, mutators, pokes, space, pushes, locking, limit))
+                reconnecting(|| {
+                apply_group(
+                    store,
+                    mutators,
+                    pokes,
+                    space,
+                    pushes,
+                    locking,
+                    limit,
+                    &self.metrics.push_commit,
+                )
+            })
                     .await;
             match applied {
                 Err(StoreError::Conflict(cause)) if attempt < CONFLICT_ATTEMPTS => {
@@ -300,7 +324,11 @@ impl Runner {
                     Some(result) => {
                         let _ = answer.send(result); // the caller may have stopped waiting
                     }
-                    None => left.push(Waiting { push, answer }),
+                    None => left.push(Waiting {
+                        push,
+                        answer,
+                        queued_at: None,
+                    }),
                 }
             }
             if !left.is_empty() {

@@ -16,6 +16,7 @@ use super::migrations;
 use super::pg_functions::{COMMIT_PUSH_GROUP, LOCK_SPACE_AND_READ_GROUPS, READ_GROUPS};
 use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
+use super::{PoolStats, pool_stats};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, ClientWrite, Collected,
     DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcBatches, PullChanges, PullSnapshot,
@@ -167,6 +168,10 @@ impl PgStore {
 impl Store for PgStore {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn pools(&self) -> Vec<PoolStats> {
+        vec![pool_stats("postgres", &self.pool)]
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {

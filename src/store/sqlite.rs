@@ -20,6 +20,7 @@ use self::gc::SqliteGcBatches;
 use self::push::{SqlitePushTx, touch_groups};
 use super::migrations;
 use super::shared::{self, client_group_record, to_lmid, to_space_version};
+use super::{PoolStats, pool_stats};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, EntryChange, GcBatches, PullChanges,
     PullSnapshot, PushTx, Store, StoreError, delta_bytes, to_i64, unix_now,
@@ -103,6 +104,13 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn pools(&self) -> Vec<PoolStats> {
+        vec![
+            pool_stats("writer", &self.writer),
+            pool_stats("readers", &self.readers),
+        ]
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
