@@ -1,8 +1,9 @@
 // Scenario 19: a real Prometheus scrapes replisync. Prometheus (the Debian package's binary) runs
 // deploy/prometheus/prometheus.yml, only its intervals (1 s) and targets rewritten, with
-// deploy/prometheus/alerts.yml; replisync runs on Postgres (whatever E2E_STORE says) with Pusher
-// (on a port where nothing listens, so its pokes are given up), socket.io (a private Redis) and
-// SSE all on, so that every metric family the deploy/ files name is exported.
+// deploy/prometheus/alerts.yml; replisync runs on Postgres (whatever E2E_STORE says), checks
+// RS256 tokens against a JWKS this test serves, and has Pusher (on a port where nothing listens,
+// so its pokes are given up), socket.io (a private Redis) and SSE all on, so that every metric
+// family the deploy/ files name is exported.
 //  a) under a short push and pull load of plain fetches (one mutation per push, a few client
 //     groups), the push p99 Prometheus computes with histogram_quantile lies within the range
 //     of latencies the client measured, and its request counters equal the requests sent;
@@ -16,9 +17,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { generateKeyPairSync, sign } from 'node:crypto';
 import path from 'node:path';
 import {
-  E2E, REPO_DIR, uniqueId, waitFor, withTimeout, freePort, realFetch, promtoolBin,
+  E2E, REPO_DIR, uniqueId, waitFor, withTimeout, freePort, realFetch, promtoolBin, bearer,
 } from '../harness.mjs';
 
 const PUSH_ROUTE = '/spaces/{space}/push';
@@ -54,18 +57,20 @@ test(
     execFileSync(promtool, ['check', 'config', path.join(PROMETHEUS_DIR, 'prometheus.yml')], { stdio: 'pipe' });
     execFileSync(promtool, ['check', 'rules', path.join(PROMETHEUS_DIR, 'alerts.yml')], { stdio: 'pipe' });
 
+    const spaces = [uniqueId('prom-a-'), uniqueId('prom-b-')];
+    const provider = await identityProvider(env);
+    const auth = bearer(provider.token({ sub: 'loader', spaces }));
     const redis = await env.startRedis();
     const server = await env.startReplisync({
       databaseUrl: env.newDatabaseUrl({ store: 'postgres' }),
       pusher: { port: await freePort() }, // nothing listens there: pokes are given up
       socketio: { redisUrl: redis.url, key: uniqueId('sio-') },
-      env: { REPLISYNC_SSE: 'true' },
+      env: { REPLISYNC_SSE: 'true', REPLISYNC_JWT_JWKS_URL: provider.jwksUrl },
     });
     const prometheus = await env.startPrometheus([server]);
     await prometheus.scrapedAfter(Date.now());
 
-    const spaces = [uniqueId('prom-a-'), uniqueId('prom-b-')];
-    const watcher = env.sse(server, spaces[0]);
+    const watcher = env.sse(server, spaces[0], { auth: provider.token({ sub: 'watcher', spaces }) });
     await watcher.connected;
 
     // The load: each group pushes one increment and pulls from its last cookie, ROUNDS times.
@@ -82,6 +87,7 @@ test(
           for (let k = 0; k < ROUNDS; k++) {
             sent.push++;
             const push = await server.push(space, {
+              auth,
               clientGroupID,
               clientID,
               firstID: k + 1,
@@ -92,7 +98,7 @@ test(
 
             sent.pull++;
             const t0 = performance.now();
-            const res = await server.pullRaw(space, { clientGroupID, cookie });
+            const res = await server.pullRaw(space, { clientGroupID, cookie, auth });
             const body = await res.json();
             latencies.pull.push((performance.now() - t0) / 1000);
             assert.equal(res.status, 200, `pull ${k + 1} of ${clientGroupID}`);
@@ -105,7 +111,7 @@ test(
     );
     const loadSeconds = (performance.now() - loadStarted) / 1000;
     const loadEnded = Date.now();
-    const snapshot = await server.snapshot(spaces[0]);
+    const snapshot = await server.snapshot(spaces[0], { auth });
     assert.equal(snapshot.data.n, ROUNDS * Math.ceil(GROUPS / spaces.length), 'every increment applied once');
     // The snapshot's pull and the SSE stream are requests too, but not on the push route; the
     // pull route's count is read before that pull could matter: it is compared below with
@@ -292,6 +298,31 @@ test(
 );
 
 // ---------------------------------------------------------------------------------------------
+
+/**
+ * An identity provider for REPLISYNC_JWT_JWKS_URL: an RSA key pair, its public half served as a
+ * JWKS on a loopback port (plain http is allowed on loopback), and `token(claims)` signing RS256
+ * tokens with it (valid for an hour).
+ */
+async function identityProvider(env) {
+  const { publicKey, privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const kid = uniqueId('key-');
+  const jwks = JSON.stringify({ keys: [{ ...publicKey.export({ format: 'jwk' }), kid, alg: 'RS256', use: 'sig' }] });
+  const http = createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' }).end(jwks);
+  });
+  await new Promise((resolve) => http.listen(0, '127.0.0.1', resolve));
+  env.defer(() => new Promise((resolve) => http.close(resolve).closeAllConnections()));
+  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  return {
+    jwksUrl: `http://127.0.0.1:${http.address().port}/jwks.json`,
+    token(claims) {
+      const now = Math.floor(Date.now() / 1000);
+      const signed = `${b64({ alg: 'RS256', typ: 'JWT', kid })}.${b64({ iat: now, exp: now + 3600, ...claims })}`;
+      return `${signed}.${sign('sha256', Buffer.from(signed), privateKey).toString('base64url')}`;
+    },
+  };
+}
 
 /** min, p50, p99 and max of `values` (seconds). */
 function stats(values) {
