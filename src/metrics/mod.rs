@@ -384,11 +384,16 @@ impl Metrics {
             gc_tombstones_removed: counter(r, "replisync_gc_tombstones_removed", "Deleted entries (tombstones) removed by compaction, past REPLISYNC_TOMBSTONE_TTL."),
             pull_resets: counter(r, "replisync_pull_resets", "Pulls answered with the whole space: their cookie was older than the space's compaction, or ahead of the space (a replaced database)."),
             open_connections: gauge(r, "replisync_open_connections", "Open client connections."),
-            push_bytes_in_flight: gauge(
-                r,
-                "replisync_push_in_flight_bytes",
-                "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied.",
-            ),
+            push_bytes_in_flight: {
+                let gauge = Gauge::default();
+                r.register_with_unit(
+                    "replisync_push_in_flight",
+                    "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied",
+                    Unit::Bytes,
+                    gauge.0.clone(),
+                );
+                gauge
+            },
             pushes_waiting: gauge(
                 r,
                 "replisync_pushes_waiting",
@@ -479,8 +484,26 @@ impl Metrics {
             registry.register_collector(Box::new(parts::PartsCollector::new(app.pokes, app.store)));
         }
         process::register(&mut registry);
+        metrics.show_every_outcome_and_kind();
         metrics.registry = registry;
         metrics
+    }
+
+    /// Creates the push and pull series at 0, so that rates over them start at once.
+    fn show_every_outcome_and_kind(&self) {
+        for answer in [
+            PushAnswer::Committed,
+            PushAnswer::Unchanged,
+            PushAnswer::Refused,
+            PushAnswer::Failed,
+        ] {
+            let outcome = answer.as_str();
+            drop(self.push_durations.get_or_create(&OutcomeLabels { outcome }));
+        }
+        for kind in [PullKind::Shared, PullKind::Streamed, PullKind::Reset] {
+            let kind = kind.as_str();
+            drop(self.pull_durations.get_or_create(&PullKindLabels { kind }));
+        }
     }
 
     /// Counts a request answered with `status` after `elapsed`, under its matched `route`
