@@ -62,7 +62,11 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
         "histogram",
         Some("seconds"),
     ),
-    ("replisync_push_duration_seconds", "histogram", Some("seconds")),
+    (
+        "replisync_push_duration_seconds",
+        "histogram",
+        Some("seconds"),
+    ),
     (
         "replisync_push_group_wait_seconds",
         "histogram",
@@ -75,7 +79,11 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ),
     ("replisync_push_mutations", "histogram", None),
     ("replisync_push_group_pushes", "histogram", None),
-    ("replisync_pull_duration_seconds", "histogram", Some("seconds")),
+    (
+        "replisync_pull_duration_seconds",
+        "histogram",
+        Some("seconds"),
+    ),
     (
         "replisync_authz_webhook_duration_seconds",
         "histogram",
@@ -220,7 +228,9 @@ async fn every_family_has_its_type_unit_and_help_and_the_docs_list_it() {
     }
     for name in found.keys() {
         if !FAMILIES.iter().any(|(known, ..)| known == name) {
-            problems.push(format!("{name}: not in this test's list (add it, and to the docs)"));
+            problems.push(format!(
+                "{name}: not in this test's list (add it, and to the docs)"
+            ));
         }
     }
     assert!(problems.is_empty(), "{}\n\n{text}", problems.join("\n"));
@@ -242,10 +252,16 @@ fn check_family(
         problems.push(format!("{name}: type {} instead of {kind}", family.kind));
     }
     if family.help.len() < 10 || !family.help.ends_with('.') || family.help.ends_with("..") {
-        problems.push(format!("{name}: HELP {:?} is not one sentence", family.help));
+        problems.push(format!(
+            "{name}: HELP {:?} is not one sentence",
+            family.help
+        ));
     }
     if family.unit.as_deref() != unit {
-        problems.push(format!("{name}: unit {:?} instead of {unit:?}", family.unit));
+        problems.push(format!(
+            "{name}: unit {:?} instead of {unit:?}",
+            family.unit
+        ));
     }
     let named_unit = ["_seconds", "_bytes"]
         .into_iter()
@@ -253,7 +269,10 @@ fn check_family(
     if named_unit.map(|suffix| &suffix[1..]) != unit {
         problems.push(format!("{name}: its name and its unit {unit:?} disagree"));
     }
-    if ["milli", "_ms", "kib"].iter().any(|part| name.contains(part)) {
+    if ["milli", "_ms", "kib"]
+        .iter()
+        .any(|part| name.contains(part))
+    {
         problems.push(format!("{name}: not in base units"));
     }
     if family.samples.is_empty() {
@@ -262,12 +281,21 @@ fn check_family(
     let suffixes = sample_suffixes(kind);
     for sample in &family.samples {
         let series = sample.split([' ', '{']).next().unwrap_or_default();
-        if !suffixes.iter().any(|suffix| series == format!("{name}{suffix}")) {
-            problems.push(format!("{name}: sample {sample:?} is not named for a {kind}"));
+        if !suffixes
+            .iter()
+            .any(|suffix| series == format!("{name}{suffix}"))
+        {
+            problems.push(format!(
+                "{name}: sample {sample:?} is not named for a {kind}"
+            ));
         }
     }
     let sample_name = format!("{name}{}", suffixes[0]);
-    let listed = if kind == "histogram" { name } else { &sample_name };
+    let listed = if kind == "histogram" {
+        name
+    } else {
+        &sample_name
+    };
     if !docs.contains(&format!("`{listed}")) {
         problems.push(format!("{listed}: not listed in docs/observability.md"));
     }
