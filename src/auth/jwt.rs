@@ -9,8 +9,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::{Map, Value};
 
 use super::jwks::Jwks;
-use crate::metrics::Timing;
 use super::{AuthError, Authenticator, Grants, Identity, check_user_id};
+use crate::metrics::Timing;
 use crate::protocol::MAX_ID_BYTES;
 
 /// Seconds of clock difference tolerated on `exp` and `nbf`.

@@ -22,8 +22,8 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::poke::sinks::Pokes;
 use crate::store::Store;
 
-pub use self::timing::{Sizes, Timing};
 use self::timing::duration_buckets;
+pub use self::timing::{Sizes, Timing};
 
 /// The content type of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -354,41 +354,158 @@ impl Metrics {
         );
         let mut metrics = Metrics {
             pushes: counter(r, "replisync_pushes", "Push requests answered 200."),
-            push_commits: counter(r, "replisync_push_commits", "Pushes that committed a change."),
-            pulls: counter(r, "replisync_pulls", "Pull requests answered with a patch."),
-            pull_reads: counter(r, "replisync_pull_reads", "Database snapshots read for pulls."),
-            pull_streams_cut: counter(r, "replisync_pull_streams_cut", "Streamed pulls cut off (client stopped reading, or too slow)."),
-            first_pulls_refused: counter(r, "replisync_first_pulls_refused", "Streamed pulls (first pulls, large deltas) answered 503 because too many were in flight."),
-            pull_deltas_streamed: counter(r, "replisync_pull_deltas_streamed", "Incremental pulls whose delta exceeded REPLISYNC_MAX_SHARED_DELTA_BYTES, streamed from a snapshot of their own."),
-            unauthorized: counter(r, "replisync_unauthorized", "Requests refused 401 (no valid token)."),
-            forbidden: counter(r, "replisync_forbidden", "Requests refused 403 (no access to the space or client group)."),
-            push_refused_too_large: counter(r, "replisync_push_refused_too_large", "Pushes refused 413 (over REPLISYNC_MAX_PUSH_BODY_BYTES)."),
-            push_refused_busy: counter(r, "replisync_push_refused_busy", "Pushes refused 503 (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT taken)."),
-            push_refused_too_many_clients: counter(r, "replisync_push_refused_too_many_clients", "Pushes refused 400 (over REPLISYNC_MAX_CLIENTS_PER_PUSH)."),
-            push_partial: counter(r, "replisync_push_partial", "Pushes that applied a prefix of their mutations and left the rest for the next push."),
-            push_groups: counter(r, "replisync_push_groups", "Transactions that applied pushes (group commit: pushes to one space share one)."),
-            pushes_grouped: counter(r, "replisync_pushes_grouped", "Pushes applied in a transaction shared with other pushes to their space."),
-            push_conflicts: counter(r, "replisync_push_conflicts", "Push groups run again after a concurrent writer got in the way."),
-            authz_webhook_calls: counter(r, "replisync_authz_webhook_calls", "Calls to the authorization webhook."),
-            authz_cache_hits: counter(r, "replisync_authz_cache_hits", "Authorization decisions answered from the cache."),
-            connections_refused: counter(r, "replisync_connections_refused", "Connections refused over REPLISYNC_MAX_CONNECTIONS."),
-            header_read_timeouts: counter(r, "replisync_header_read_timeouts", "Connections closed for not sending request headers in time."),
-            idle_closes: counter(r, "replisync_idle_closes", "Keep-alive connections closed after the idle timeout."),
-            requests_timed_out: counter(r, "replisync_requests_timed_out", "Requests cut after REPLISYNC_REQUEST_TIMEOUT_SECS (503, connection closed)."),
-            request_bodies_stalled: counter(r, "replisync_request_bodies_stalled", "Requests cut because their body paused longer than REPLISYNC_BODY_READ_TIMEOUT_SECS (408, connection closed)."),
-            sse_streams_refused: counter(r, "replisync_sse_streams_refused", "SSE poke streams refused 503 over the stream caps."),
-            sse_streams_refused_per_user: counter(r, "replisync_sse_streams_refused_per_user", "SSE poke streams refused 503 because their user had REPLISYNC_SSE_MAX_STREAMS_PER_USER open."),
-            gc_client_groups_removed: counter(r, "replisync_gc_client_groups_removed", "Client groups removed by garbage collection, idle past REPLISYNC_CLIENT_TTL."),
-            gc_clients_removed: counter(r, "replisync_gc_clients_removed", "Clients removed with their client groups by garbage collection."),
-            gc_client_groups_forgotten: counter(r, "replisync_gc_client_groups_forgotten", "Removed client groups forgotten one REPLISYNC_CLIENT_TTL after their removal (until then they are answered ClientStateNotFound)."),
-            gc_tombstones_removed: counter(r, "replisync_gc_tombstones_removed", "Deleted entries (tombstones) removed by compaction, past REPLISYNC_TOMBSTONE_TTL."),
-            pull_resets: counter(r, "replisync_pull_resets", "Pulls answered with the whole space: their cookie was older than the space's compaction, or ahead of the space (a replaced database)."),
-            open_connections: gauge(r, "replisync_open_connections", "Open client connections."),
-            push_bytes_in_flight: gauge(
+            push_commits: counter(
                 r,
-                "replisync_push_in_flight_bytes",
-                "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied.",
+                "replisync_push_commits",
+                "Pushes that committed a change.",
             ),
+            pulls: counter(r, "replisync_pulls", "Pull requests answered with a patch."),
+            pull_reads: counter(
+                r,
+                "replisync_pull_reads",
+                "Database snapshots read for pulls.",
+            ),
+            pull_streams_cut: counter(
+                r,
+                "replisync_pull_streams_cut",
+                "Streamed pulls cut off (client stopped reading, or too slow).",
+            ),
+            first_pulls_refused: counter(
+                r,
+                "replisync_first_pulls_refused",
+                "Streamed pulls (first pulls, large deltas) answered 503 because too many were in flight.",
+            ),
+            pull_deltas_streamed: counter(
+                r,
+                "replisync_pull_deltas_streamed",
+                "Incremental pulls whose delta exceeded REPLISYNC_MAX_SHARED_DELTA_BYTES, streamed from a snapshot of their own.",
+            ),
+            unauthorized: counter(
+                r,
+                "replisync_unauthorized",
+                "Requests refused 401 (no valid token).",
+            ),
+            forbidden: counter(
+                r,
+                "replisync_forbidden",
+                "Requests refused 403 (no access to the space or client group).",
+            ),
+            push_refused_too_large: counter(
+                r,
+                "replisync_push_refused_too_large",
+                "Pushes refused 413 (over REPLISYNC_MAX_PUSH_BODY_BYTES).",
+            ),
+            push_refused_busy: counter(
+                r,
+                "replisync_push_refused_busy",
+                "Pushes refused 503 (REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT taken).",
+            ),
+            push_refused_too_many_clients: counter(
+                r,
+                "replisync_push_refused_too_many_clients",
+                "Pushes refused 400 (over REPLISYNC_MAX_CLIENTS_PER_PUSH).",
+            ),
+            push_partial: counter(
+                r,
+                "replisync_push_partial",
+                "Pushes that applied a prefix of their mutations and left the rest for the next push.",
+            ),
+            push_groups: counter(
+                r,
+                "replisync_push_groups",
+                "Transactions that applied pushes (group commit: pushes to one space share one).",
+            ),
+            pushes_grouped: counter(
+                r,
+                "replisync_pushes_grouped",
+                "Pushes applied in a transaction shared with other pushes to their space.",
+            ),
+            push_conflicts: counter(
+                r,
+                "replisync_push_conflicts",
+                "Push groups run again after a concurrent writer got in the way.",
+            ),
+            authz_webhook_calls: counter(
+                r,
+                "replisync_authz_webhook_calls",
+                "Calls to the authorization webhook.",
+            ),
+            authz_cache_hits: counter(
+                r,
+                "replisync_authz_cache_hits",
+                "Authorization decisions answered from the cache.",
+            ),
+            connections_refused: counter(
+                r,
+                "replisync_connections_refused",
+                "Connections refused over REPLISYNC_MAX_CONNECTIONS.",
+            ),
+            header_read_timeouts: counter(
+                r,
+                "replisync_header_read_timeouts",
+                "Connections closed for not sending request headers in time.",
+            ),
+            idle_closes: counter(
+                r,
+                "replisync_idle_closes",
+                "Keep-alive connections closed after the idle timeout.",
+            ),
+            requests_timed_out: counter(
+                r,
+                "replisync_requests_timed_out",
+                "Requests cut after REPLISYNC_REQUEST_TIMEOUT_SECS (503, connection closed).",
+            ),
+            request_bodies_stalled: counter(
+                r,
+                "replisync_request_bodies_stalled",
+                "Requests cut because their body paused longer than REPLISYNC_BODY_READ_TIMEOUT_SECS (408, connection closed).",
+            ),
+            sse_streams_refused: counter(
+                r,
+                "replisync_sse_streams_refused",
+                "SSE poke streams refused 503 over the stream caps.",
+            ),
+            sse_streams_refused_per_user: counter(
+                r,
+                "replisync_sse_streams_refused_per_user",
+                "SSE poke streams refused 503 because their user had REPLISYNC_SSE_MAX_STREAMS_PER_USER open.",
+            ),
+            gc_client_groups_removed: counter(
+                r,
+                "replisync_gc_client_groups_removed",
+                "Client groups removed by garbage collection, idle past REPLISYNC_CLIENT_TTL.",
+            ),
+            gc_clients_removed: counter(
+                r,
+                "replisync_gc_clients_removed",
+                "Clients removed with their client groups by garbage collection.",
+            ),
+            gc_client_groups_forgotten: counter(
+                r,
+                "replisync_gc_client_groups_forgotten",
+                "Removed client groups forgotten one REPLISYNC_CLIENT_TTL after their removal (until then they are answered ClientStateNotFound).",
+            ),
+            gc_tombstones_removed: counter(
+                r,
+                "replisync_gc_tombstones_removed",
+                "Deleted entries (tombstones) removed by compaction, past REPLISYNC_TOMBSTONE_TTL.",
+            ),
+            pull_resets: counter(
+                r,
+                "replisync_pull_resets",
+                "Pulls answered with the whole space: their cookie was older than the space's compaction, or ahead of the space (a replaced database).",
+            ),
+            open_connections: gauge(r, "replisync_open_connections", "Open client connections."),
+            push_bytes_in_flight: {
+                let gauge = Gauge::default();
+                r.register_with_unit(
+                    "replisync_push_in_flight",
+                    "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied",
+                    Unit::Bytes,
+                    gauge.0.clone(),
+                );
+                gauge
+            },
             pushes_waiting: gauge(
                 r,
                 "replisync_pushes_waiting",
@@ -479,8 +596,29 @@ impl Metrics {
             registry.register_collector(Box::new(parts::PartsCollector::new(app.pokes, app.store)));
         }
         process::register(&mut registry);
+        metrics.show_every_outcome_and_kind();
         metrics.registry = registry;
         metrics
+    }
+
+    /// Creates the push and pull series at 0, so that rates over them start at once.
+    fn show_every_outcome_and_kind(&self) {
+        for answer in [
+            PushAnswer::Committed,
+            PushAnswer::Unchanged,
+            PushAnswer::Refused,
+            PushAnswer::Failed,
+        ] {
+            let outcome = answer.as_str();
+            drop(
+                self.push_durations
+                    .get_or_create(&OutcomeLabels { outcome }),
+            );
+        }
+        for kind in [PullKind::Shared, PullKind::Streamed, PullKind::Reset] {
+            let kind = kind.as_str();
+            drop(self.pull_durations.get_or_create(&PullKindLabels { kind }));
+        }
     }
 
     /// Counts a request answered with `status` after `elapsed`, under its matched `route`
@@ -593,7 +731,11 @@ impl Default for MutationMetrics {
             js_duration: Timing::default(),
         };
         for (kind, reason) in KNOWN_FAILURES {
-            drop(metrics.failures.get_or_create(&FailureLabels { kind, reason }));
+            drop(
+                metrics
+                    .failures
+                    .get_or_create(&FailureLabels { kind, reason }),
+            );
         }
         metrics
     }

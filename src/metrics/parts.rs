@@ -85,9 +85,7 @@ impl PartsCollector {
         )?;
         for (service, timing) in delays {
             let labels = [("service", service)];
-            timing
-                .histogram()
-                .encode(family.encode_family(&labels)?)?;
+            timing.histogram().encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -190,10 +188,5 @@ fn gauge(
     help: &str,
     value: i64,
 ) -> Result<(), std::fmt::Error> {
-    ConstGauge::new(value).encode(encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        MetricType::Gauge,
-    )?)
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }

@@ -13,13 +13,13 @@ pub(super) fn register(registry: &mut Registry) {
 
 #[cfg(target_os = "linux")]
 mod linux {
+    use procfs::process::{LimitValue, Process};
     use prometheus_client::collector::Collector;
     use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
     use prometheus_client::metrics::MetricType;
     use prometheus_client::metrics::counter::ConstCounter;
     use prometheus_client::metrics::gauge::ConstGauge;
     use prometheus_client::registry::Unit;
-    use procfs::process::{LimitValue, Process};
 
     /// Reads `/proc/self` at each scrape; a figure that cannot be read is left out.
     #[derive(Debug)]
@@ -92,8 +92,7 @@ mod linux {
         help: &str,
         bytes: u64,
     ) -> Result<(), std::fmt::Error> {
-        ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX)).encode(
-            encoder.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Gauge)?,
-        )
+        ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX))
+            .encode(encoder.encode_descriptor(name, help, Some(&Unit::Bytes), MetricType::Gauge)?)
     }
 }

@@ -28,9 +28,7 @@ impl std::fmt::Debug for Mutators {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
         names.sort_unstable();
-        f.debug_struct("Mutators")
-            .field("names", &names)
-            .finish()
+        f.debug_struct("Mutators").field("names", &names).finish()
     }
 }
 

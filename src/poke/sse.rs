@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub mod settings;
 
 use super::PokeSink;
-use crate::protocol::SpaceId;
 use crate::metrics::timing::Timing;
+use crate::protocol::SpaceId;
 
 /// Pokes queued per watcher before older ones collapse into one (a poke carries no data,
 /// so a watcher that lags loses nothing).

@@ -263,8 +263,7 @@ impl PushGroups {
             } else {
                 Locking::Pessimistic
             };
-            let applied =
-                reconnecting(|| {
+            let applied = reconnecting(|| {
                 apply_group(
                     store,
                     mutators,
@@ -276,7 +275,7 @@ impl PushGroups {
                     &self.metrics.push_commit,
                 )
             })
-                    .await;
+            .await;
             match applied {
                 Err(StoreError::Conflict(cause)) if attempt < CONFLICT_ATTEMPTS => {
                     self.metrics.push_conflicts.increment();

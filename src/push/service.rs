@@ -22,7 +22,8 @@ impl PushGroups {
     ) -> Result<PushOutcome, PushError> {
         let started = Instant::now();
         let answer = self.checked_push(space, user, request).await;
-        self.metrics.observe_push(answer_kind(&answer), started.elapsed());
+        self.metrics
+            .observe_push(answer_kind(&answer), started.elapsed());
         answer
     }
 

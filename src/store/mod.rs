@@ -28,7 +28,10 @@ pub use retry::{RECONNECT_ATTEMPTS, reconnecting};
 use crate::protocol::SpaceId;
 
 /// A sqlx pool's figures under `name`.
-pub(crate) fn pool_stats<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> PoolStats {
+pub(crate) fn pool_stats<DB: sqlx::Database>(
+    name: &'static str,
+    pool: &sqlx::Pool<DB>,
+) -> PoolStats {
     PoolStats {
         name,
         size: pool.size(),

@@ -16,12 +16,12 @@ use super::migrations;
 use super::pg_functions::{COMMIT_PUSH_GROUP, LOCK_SPACE_AND_READ_GROUPS, READ_GROUPS};
 use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
-use super::{PoolStats, pool_stats};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, ClientWrite, Collected,
     DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcBatches, PullChanges, PullSnapshot,
     PushChanges, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
+use super::{PoolStats, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).

@@ -20,11 +20,11 @@ use self::gc::SqliteGcBatches;
 use self::push::{SqlitePushTx, touch_groups};
 use super::migrations;
 use super::shared::{self, client_group_record, to_lmid, to_space_version};
-use super::{PoolStats, pool_stats};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, EntryChange, GcBatches, PullChanges,
     PullSnapshot, PushTx, Store, StoreError, delta_bytes, to_i64, unix_now,
 };
+use super::{PoolStats, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).

@@ -3,6 +3,7 @@
 
 mod configuration;
 mod harness;
+mod metrics;
 mod pusher_double;
 mod refusals;
 mod serving;

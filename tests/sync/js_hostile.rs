@@ -33,7 +33,9 @@ fn huge_arguments(bytes: usize) -> Value {
 
 /// Mutations failed over the push write limit, JavaScript and built-in together.
 async fn write_limit_failures(server: &TestServer) -> u64 {
-    let series = |kind| format!("replisync_mutations_failed_total{{kind=\"{kind}\",reason=\"write_limit\"}}");
+    let series = |kind| {
+        format!("replisync_mutations_failed_total{{kind=\"{kind}\",reason=\"write_limit\"}}")
+    };
     metric(server, &series("javascript")).await + metric(server, &series("builtin")).await
 }
 

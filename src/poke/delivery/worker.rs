@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 use super::options::{Counters, PokerOptions, PokerStats, add};
 use super::queue::{Insert, PendingPoke, PokeQueue};
 use super::transport::{Sent, Transport};
+use crate::metrics::timing::Timing;
 use crate::poke::PokeSink;
 use crate::protocol::SpaceId;
-use crate::metrics::timing::Timing;
 
 /// Publishes pokes through transport `T` from one background task; see [`PokeSink`].
 pub struct Poker<T: Transport> {
