@@ -412,7 +412,8 @@ function grafanaToPromQL(expr) {
   return expr
     .replaceAll('$__rate_interval', '30s')
     .replaceAll('$__interval', '5s')
-    .replaceAll('$instance', '.*');
+    .replaceAll('$instance', '.*')
+    .replaceAll('$job', '.*');
 }
 
 /** Every route pattern the routes table of docs/code-map or the router knows, read from src/http/mod.rs. */
