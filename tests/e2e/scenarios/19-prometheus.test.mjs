@@ -185,6 +185,7 @@ test(
     );
     for (const rule of rules) {
       assert.equal(rule.health, 'ok', `alert ${rule.name}: ${rule.lastError}`);
+      assert.ok(rule.annotations?.summary && rule.annotations?.description?.length > 80, `alert ${rule.name} says what to do`);
     }
     const firing = await waitFor(
       async () => {
