@@ -536,3 +536,41 @@ fn status_class(status: StatusCode) -> &'static str {
         _ => "5xx",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client chooses the method and the path: neither may mint new series.
+    #[test]
+    fn requests_are_labelled_by_known_method_route_pattern_and_status() {
+        let metrics = Metrics::default();
+        let odd = Method::from_bytes(b"BREW").unwrap();
+        for method in [&odd, &Method::from_bytes(b"X-ANYTHING").unwrap()] {
+            metrics.observe_request(
+                method,
+                "unmatched",
+                StatusCode::METHOD_NOT_ALLOWED,
+                Duration::from_micros(70),
+            );
+        }
+        metrics.observe_request(
+            &Method::POST,
+            "/spaces/{space}/push",
+            StatusCode::OK,
+            Duration::from_millis(3),
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "replisync_http_requests_total{method=\"other\",route=\"unmatched\",status=\"405\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("replisync_http_request_duration_seconds_count{method=\"POST\",route=\"/spaces/{space}/push\",status_class=\"2xx\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("BREW"), "{text}");
+    }
+}
