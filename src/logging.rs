@@ -1,11 +1,15 @@
 //! Log output: the RUST_LOG filter, checked before anything is logged (one that cannot be parsed,
-//! or that names no level and no crate of this binary, would hide every line), and text or JSON.
+//! or that names no level and no crate of this binary, would hide every line), text or JSON, and
+//! the OTLP trace exporter beside them when OTEL_EXPORTER_OTLP_ENDPOINT asks for it.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::LogFormat;
+use crate::traces::Traces;
 
 /// The filter when RUST_LOG is unset or blank.
 const DEFAULT_FILTER: &str = "info";
@@ -15,18 +19,31 @@ const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 /// Every crate compiled into replisync (from its lock file), `-` written `_` as in log targets.
 const LOCK_FILE: &str = include_str!("../Cargo.lock");
 
-/// Starts logging with `RUST_LOG` (`raw`, when set) in `format`. An unusable filter is an error
-/// naming RUST_LOG, the directive, and what to write instead.
-pub fn init(raw: Option<&str>, format: LogFormat) -> Result<(), String> {
+/// Starts logging with `RUST_LOG` (`raw`, when set) in `format`, and exporting traces when the
+/// OTEL_* variables ask for it (the caller flushes them at exit with [`Traces::shutdown`]). An
+/// unusable filter or OTLP setting is an error naming the variable and what to write instead.
+pub fn init(raw: Option<&str>, format: LogFormat) -> Result<Option<Traces>, String> {
     let filter = filter_from(raw)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let traces = Traces::from_env()?;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    }];
+    if let Some(traces) = &traces {
+        layers.push(traces.layer().boxed());
     }
-    Ok(())
+    tracing_subscriber::registry().with(layers).init();
+    if let Some(traces) = &traces {
+        tracing::info!(
+            destination = traces.destination.as_str(),
+            protocol = traces.protocol,
+            service = traces.service_name.as_str(),
+            "traces are exported over OTLP"
+        );
+    }
+    Ok(traces)
 }
 
 /// The filter RUST_LOG asks for, or why it cannot be used.

@@ -4,6 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use super::locking::Locking;
 use super::{Push, PushBudget, PushError, PushOutcome};
 use crate::auth::{AuthError, check_group_ownership};
@@ -60,7 +62,8 @@ pub(super) async fn apply_group(
         return Ok(answers); // nothing to write; dropping the transaction rolls it back
     };
     let poke = PokeAfterCommit::armed(pokes, space);
-    let committed = tx.commit(changes).await;
+    let commit_span = tracing::debug_span!("push.commit", pushes = pushes.len());
+    let committed = tx.commit(changes).instrument(commit_span).await;
     let committed_at = Instant::now();
     poke.settle(&committed);
     committed?;
@@ -303,7 +306,15 @@ async fn apply_push(
             client,
             mutation.id,
         );
-        let result = run_mutator(mutators, &mut write_tx, mutation).await;
+        let span = tracing::debug_span!(
+            "push.mutation",
+            name = &*shortened(&mutation.name),
+            client = &*shortened(client),
+            id = mutation.id
+        );
+        let result = run_mutator(mutators, &mut write_tx, mutation)
+            .instrument(span)
+            .await;
         match write_tx.within_write_limit(result) {
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error),
