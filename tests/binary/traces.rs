@@ -1,0 +1,209 @@
+//! Traces over OTLP, received by an in-process collector (an axum server taking POST /v1/traces):
+//! one push under a client's `traceparent` is one trace with the request, caller check, group
+//! wait, mutation, commit and poke spans; hostile `traceparent` values start a fresh trace.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use serde_json::{Value, json};
+
+use crate::harness::{Server, poll_for, start_with};
+
+/// What the collector received: each POST's content type and body.
+type Received = Arc<Mutex<Vec<(String, Bytes)>>>;
+
+/// A collector on a free port; its base URL and what it receives.
+async fn collector() -> (String, Received) {
+    let received: Received = Arc::default();
+    let app = Router::new()
+        .route("/v1/traces", post(receive))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}"), received)
+}
+
+async fn receive(State(received): State<Received>, headers: HeaderMap, body: Bytes) {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    received.lock().unwrap().push((content_type, body));
+}
+
+/// The replisync binary exporting to `endpoint` in `protocol` (`None`: the default).
+fn traced_server(dir: &std::path::Path, endpoint: &str, protocol: Option<&str>) -> Server {
+    let mut env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("REPLISYNC_LOG_FORMAT", "json"),
+    ];
+    if let Some(protocol) = protocol {
+        env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", protocol));
+    }
+    start_with(dir, &env)
+}
+
+async fn push_with_traceparent(server: &Server, traceparent: &str, group: &str) {
+    let push = json!({"pushVersion": 1, "schemaVersion": "", "profileID": "p", "clientGroupID": group,
+        "mutations": [{"id": 1, "name": "increment", "args": {"key": "n", "delta": 1},
+        "timestamp": 1.0, "clientID": format!("{group}-c")}]});
+    let answer = reqwest::Client::new()
+        .post(format!("{}/spaces/demo/push", server.base))
+        .header("traceparent", traceparent)
+        .body(push.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "traceparent {traceparent:?}");
+}
+
+/// Every span received as OTLP JSON so far.
+fn spans(received: &Received) -> Vec<Value> {
+    let received = received.lock().unwrap();
+    let mut spans = Vec::new();
+    for (_, body) in received.iter() {
+        let export: Value = serde_json::from_slice(body).expect("OTLP JSON");
+        for resource in export["resourceSpans"].as_array().into_iter().flatten() {
+            for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                spans.extend(scope["spans"].as_array().into_iter().flatten().cloned());
+            }
+        }
+    }
+    spans
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+/// The span names one push yields.
+const PUSH_SPANS: [&str; 7] = [
+    "request",
+    "caller.authenticate",
+    "caller.authorize",
+    "push.group_wait",
+    "push.mutation",
+    "push.commit",
+    "poke",
+];
+
+#[tokio::test]
+async fn one_push_is_one_trace_under_the_clients_traceparent() {
+    let (endpoint, received) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = traced_server(dir.path(), &endpoint, Some("http/json"));
+    assert!(
+        server
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("traces are exported over OTLP")
+                && line.contains(&endpoint["http://".len()..])),
+        "start-up says where traces go"
+    );
+    push_with_traceparent(&server, &format!("00-{TRACE_ID}-{CLIENT_SPAN}-01"), "g1").await;
+    let all_there = |spans: &[Value]| {
+        PUSH_SPANS
+            .iter()
+            .all(|name| spans.iter().any(|span| span["name"] == *name))
+    };
+    let spans = poll_for(Duration::from_secs(10), || {
+        let spans = spans(&received);
+        all_there(&spans).then_some(spans)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the push's spans: {:?}", spans(&received)));
+    for span in &spans {
+        assert_eq!(span["traceId"], TRACE_ID, "{span}");
+    }
+    let request = spans.iter().find(|span| span["name"] == "request").unwrap();
+    assert_eq!(request["parentSpanId"], CLIENT_SPAN, "{request}");
+    let ids: Vec<&Value> = spans.iter().map(|span| &span["spanId"]).collect();
+    for span in spans.iter().filter(|span| span["name"] != "request") {
+        assert!(ids.contains(&&span["parentSpanId"]), "parented: {span}");
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn the_default_protocol_sends_protobuf_to_the_same_path() {
+    let (endpoint, received) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = traced_server(dir.path(), &endpoint, None);
+    push_with_traceparent(&server, &format!("00-{TRACE_ID}-{CLIENT_SPAN}-01"), "g1").await;
+    let content_type = poll_for(Duration::from_secs(10), || {
+        received
+            .lock()
+            .unwrap()
+            .first()
+            .map(|(kind, _)| kind.clone())
+    })
+    .await
+    .expect("an export arrives");
+    assert_eq!(content_type, "application/x-protobuf");
+    server.stop();
+}
+
+#[tokio::test]
+async fn a_hostile_traceparent_is_ignored_and_a_fresh_trace_starts() {
+    let (endpoint, received) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = traced_server(dir.path(), &endpoint, Some("http/json"));
+    let long = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01{}", "-0".repeat(5000));
+    let hostile = [
+        long.as_str(),
+        "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "garbage",
+    ];
+    for (n, traceparent) in hostile.iter().enumerate() {
+        push_with_traceparent(&server, traceparent, &format!("h{n}")).await;
+    }
+    // A CR or LF cannot be sent in a header: the server's HTTP parser refuses the request.
+    let requests = poll_for(Duration::from_secs(10), || {
+        let requests: Vec<Value> = spans(&received)
+            .into_iter()
+            .filter(|span| span["name"] == "request")
+            .collect();
+        (requests.len() >= hostile.len()).then_some(requests)
+    })
+    .await
+    .expect("a request span per push");
+    let mut trace_ids: Vec<&str> = Vec::new();
+    for request in &requests {
+        assert_ne!(request["traceId"], TRACE_ID, "{request}");
+        assert_eq!(request["parentSpanId"], "", "a root: {request}");
+        trace_ids.push(request["traceId"].as_str().unwrap());
+    }
+    trace_ids.sort_unstable();
+    trace_ids.dedup();
+    assert_eq!(trace_ids.len(), requests.len(), "one fresh trace each");
+    server.stop();
+}
+
+#[tokio::test]
+async fn grpc_is_refused_at_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = crate::harness::run_until_exit(
+        dir.path(),
+        &["--listen", "127.0.0.1:0"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("http/protobuf"), "{stderr}");
+}
