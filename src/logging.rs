@@ -8,6 +8,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
+mod json;
+
+use self::json::JsonLines;
 use crate::config::LogFormat;
 use crate::traces::Traces;
 
@@ -29,7 +32,11 @@ pub fn init(raw: Option<&str>, format: LogFormat) -> Result<Option<Traces>, Stri
         .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![match format {
         LogFormat::Text => fmt.with_filter(filter).boxed(),
-        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        LogFormat::Json => fmt
+            .fmt_fields(JsonLines)
+            .event_format(JsonLines)
+            .with_filter(filter)
+            .boxed(),
     }];
     if let Some(traces) = &traces {
         layers.push(traces.layer().boxed());

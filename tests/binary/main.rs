@@ -4,6 +4,7 @@
 mod access_log;
 mod configuration;
 mod harness;
+mod json_logs;
 mod pusher_double;
 mod refusals;
 mod serving;

@@ -231,7 +231,7 @@ impl<T: Transport> Worker<T> {
                     }
                     add(&counters.retries, 1);
                     let delay = retry_delay(&self.options, attempt, retry_after);
-                    tracing::debug!(%reason, attempt, ?delay, "{} poke failed; retrying", T::NAME);
+                    tracing::debug!(%reason, attempt, delay_ms = delay.as_secs_f64() * 1000.0, "{} poke failed; retrying", T::NAME);
                     tokio::time::sleep(delay).await;
                 }
             }
