@@ -70,8 +70,8 @@ pub async fn collect(
         .gc_last_run
         .set(u64::try_from(unix_now()).unwrap_or(0));
     metrics
-        .gc_last_run_duration_ms
-        .set(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        .gc_last_run_duration
+        .set(started.elapsed().as_secs_f64());
     Ok(Some(collected))
 }
 

@@ -19,7 +19,7 @@ use crate::http::settings::HttpSettings;
 use crate::http::{
     AppState, Draining, InFlightBytes, MetricsEndpoint, Parts, accept_loop, metrics_router, router,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{AppSources, Metrics};
 use crate::mutators::Mutators;
 use crate::poke::PokeSink;
 use crate::poke::pusher::PrivateChannels;
@@ -223,7 +223,12 @@ impl AppBuilder {
     pub fn build(self, store: Arc<dyn Store>) -> App {
         let shutdown = CancellationToken::new();
         let pokes = Arc::new(Pokes::start(self.pokes, self.extra_sinks, &shutdown));
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(Some(AppSources {
+            pokes: pokes.clone(),
+            store: store.clone(),
+            mutations: self.mutators.metrics().clone(),
+            jwks_fetch: self.auth.key_fetch_time(),
+        })));
         let mutators = Arc::new(self.mutators);
         let state = AppState::new(Parts {
             pulls: Arc::new(Pulls::new(store.clone(), metrics.clone(), self.pulls)),

@@ -101,7 +101,10 @@ impl Webhook {
             .try_get_with(key, async {
                 asked.store(true, Ordering::Relaxed);
                 metrics.authz_webhook_calls.increment();
-                self.ask(user, space, access, authorization).await
+                let started = std::time::Instant::now();
+                let decision = self.ask(user, space, access, authorization).await;
+                metrics.authz_webhook_duration.observe_since(started);
+                decision
             })
             .await;
         if !asked.load(Ordering::Relaxed) {

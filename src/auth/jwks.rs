@@ -13,6 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::sync::RwLock;
 
 use super::AuthError;
+use crate::metrics::Timing;
 
 /// Keys older than this are fetched again at the next token (keys a provider revoked go away).
 const MAX_KEY_AGE: Duration = Duration::from_secs(60 * 60);
@@ -62,6 +63,8 @@ struct Shared {
     cache: RwLock<KeyCache>,
     /// Whether a fetch ever succeeded (read by `/readyz` without waiting for the lock).
     fetched: AtomicBool,
+    /// How long fetches take, for `/metrics`.
+    fetch_time: Timing,
 }
 
 #[derive(Default)]
@@ -84,12 +87,18 @@ impl Jwks {
                 min_refetch,
                 cache: RwLock::new(KeyCache::default()),
                 fetched: AtomicBool::new(false),
+                fetch_time: Timing::default(),
             }),
         }
     }
 
     pub fn url(&self) -> &str {
         &self.shared.url
+    }
+
+    /// How long its fetches took (`replisync_jwks_fetch_duration_seconds`).
+    pub fn fetch_time(&self) -> &Timing {
+        &self.shared.fetch_time
     }
 
     /// Whether the keys were fetched at least once (tokens can be checked).
@@ -194,6 +203,13 @@ impl Shared {
     }
 
     async fn fetch(&self) -> Result<KeyCache, JwksError> {
+        let started = Instant::now();
+        let fetched = self.fetch_keys().await;
+        self.fetch_time.observe_since(started);
+        fetched
+    }
+
+    async fn fetch_keys(&self) -> Result<KeyCache, JwksError> {
         let url = &self.url;
         let unreachable = |e: reqwest::Error| {
             JwksError::Unreachable(format!(

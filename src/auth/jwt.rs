@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use super::jwks::Jwks;
 use super::{AuthError, Authenticator, Grants, Identity, check_user_id};
+use crate::metrics::Timing;
 use crate::protocol::MAX_ID_BYTES;
 
 /// Seconds of clock difference tolerated on `exp` and `nbf`.
@@ -123,6 +124,13 @@ impl Authenticator for JwtAuthenticator {
                 jwks.url()
             )),
             _ => None,
+        }
+    }
+
+    fn key_fetch_time(&self) -> Option<Timing> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(jwks.fetch_time().clone()),
+            Keys::Secret(_) => None,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
+use crate::metrics::Timing;
 use crate::protocol::{MAX_ID_BYTES, SpaceId};
 use crate::store::ClientGroupRecord;
 
@@ -145,6 +146,11 @@ pub trait Authenticator: Send + Sync + 'static {
     /// caller is the same user.
     fn users_are_distinct(&self) -> bool {
         true
+    }
+
+    /// How long fetches of its provider's keys take, when it fetches any (JWKS).
+    fn key_fetch_time(&self) -> Option<Timing> {
+        None
     }
 }
 

@@ -16,6 +16,7 @@ use axum::response::Response;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::settings::HttpSettings;
+use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
 
 /// The header Replicache sends with every push and pull; logged on each request's line and span.
@@ -66,6 +67,7 @@ impl SpaceNote {
 /// Counts both bodies of each request and calls [`completed`] once its response body is done.
 pub(super) async fn access_log(
     State(http): State<Arc<HttpSettings>>,
+    State(metrics): State<Arc<Metrics>>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -75,6 +77,7 @@ pub(super) async fn access_log(
     let bytes_in = Arc::new(AtomicU64::new(0));
     let pending = Pending {
         log: http.access_log,
+        metrics,
         method: request.method().clone(),
         matched: request.extensions().get::<MatchedPath>().cloned(),
         request_id: request
@@ -106,6 +109,7 @@ pub(super) async fn access_log(
 /// What is known of a request before its response body ends.
 struct Pending {
     log: bool,
+    metrics: Arc<Metrics>,
     method: Method,
     matched: Option<MatchedPath>,
     request_id: Option<String>,
@@ -129,9 +133,15 @@ impl Pending {
     }
 }
 
-/// The one place a completed request is reported: its access log line (unless
-/// REPLISYNC_ACCESS_LOG=false). Request metrics (`Metrics::observe_request`) belong here too.
-fn completed(request: &Completed, log: bool) {
+/// The one place a completed request is reported: its request metrics, and its access log line
+/// (unless REPLISYNC_ACCESS_LOG=false).
+fn completed(request: &Completed, log: bool, metrics: &Metrics) {
+    metrics.observe_request(
+        &request.method,
+        request.route(),
+        request.status,
+        request.elapsed,
+    );
     if log {
         write_line(request);
     }
@@ -184,11 +194,9 @@ struct Counted {
 impl Counted {
     fn finish(&mut self) {
         if let Some((pending, status)) = self.on_end.take() {
-            let log = pending.log;
-            completed(
-                &pending.complete(status, self.bytes.load(Ordering::Relaxed)),
-                log,
-            );
+            let (log, metrics) = (pending.log, pending.metrics.clone());
+            let request = pending.complete(status, self.bytes.load(Ordering::Relaxed));
+            completed(&request, log, &metrics);
         }
     }
 }

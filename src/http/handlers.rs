@@ -23,8 +23,7 @@ use super::state::Draining;
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator, Identity};
 use crate::error::ApiError;
-use crate::metrics::{Metrics, MutatorCounts};
-use crate::mutators::Mutators;
+use crate::metrics::{self, Metrics};
 use crate::poke::pusher::is_socket_id;
 use crate::poke::sinks::Pokes;
 use crate::poke::sse::{StreamOwner, StreamsFull, poke_events};
@@ -252,17 +251,10 @@ pub(super) async fn ready_handler(
     health_handler(State(store)).await
 }
 
-/// `GET /metrics`: counters in Prometheus text format.
-pub(super) async fn metrics_handler(
-    State(metrics): State<Arc<Metrics>>,
-    State(mutators): State<Arc<Mutators>>,
-    State(pokes): State<Arc<Pokes>>,
-) -> String {
-    let mutators = MutatorCounts {
-        script_failures: mutators.script_failures(),
-        failed_write_limit: mutators.write_limit_failures().get(),
-    };
-    metrics.render(&mutators, &pokes.stats())
+/// `GET /metrics`: every metric in OpenMetrics text, which Prometheus reads.
+pub(super) async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> Response {
+    let text = metrics.render();
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
 pub(super) async fn not_found() -> ApiError {

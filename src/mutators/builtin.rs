@@ -23,6 +23,10 @@ impl Mutator for Set {
             .ok_or_else(|| MutationError::InvalidArgs("`value` is missing".into()))?;
         tx.put(key, value.clone())
     }
+
+    fn kind(&self) -> &'static str {
+        "builtin"
+    }
 }
 
 #[async_trait]
@@ -30,6 +34,10 @@ impl Mutator for Delete {
     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError> {
         let key = string_arg(object_args(args)?, "key")?;
         tx.del(key)
+    }
+
+    fn kind(&self) -> &'static str {
+        "builtin"
     }
 }
 
@@ -56,6 +64,10 @@ impl Mutator for Increment {
             }
         };
         tx.put(key, Value::Number(add_numbers(&current, &delta)?))
+    }
+
+    fn kind(&self) -> &'static str {
+        "builtin"
     }
 }
 

@@ -10,7 +10,7 @@ mod tx;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::metrics::{Counter, ScriptFailures};
+use crate::metrics::MutationMetrics;
 
 pub use self::tx::{
     MutationError, Mutator, PushOverlay, ScanRange, ScriptError, ScriptFailure, WriteTx,
@@ -20,21 +20,15 @@ pub use self::tx::{
 #[derive(Clone, Default)]
 pub struct Mutators {
     by_name: HashMap<String, Arc<dyn Mutator>>,
-    /// Failed JavaScript mutations by reason, shared with `/metrics`.
-    script_failures: Arc<ScriptFailures>,
-    /// Mutations failed for putting past their push's write limit, shared with `/metrics`.
-    write_limit_failures: Arc<Counter>,
+    /// Failed mutations by kind and reason, and JavaScript mutation times, for `/metrics`.
+    metrics: MutationMetrics,
 }
 
 impl std::fmt::Debug for Mutators {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
         names.sort_unstable();
-        f.debug_struct("Mutators")
-            .field("names", &names)
-            .field("script_failures", &self.script_failures)
-            .field("write_limit_failures", &self.write_limit_failures)
-            .finish()
+        f.debug_struct("Mutators").field("names", &names).finish()
     }
 }
 
@@ -67,14 +61,20 @@ impl Mutators {
         self.by_name.contains_key(name)
     }
 
-    /// The counters of failed JavaScript mutations that `/metrics` shows.
-    pub fn script_failures(&self) -> &Arc<ScriptFailures> {
-        &self.script_failures
+    /// Failed mutations and JavaScript mutation times, which `/metrics` shows.
+    pub fn metrics(&self) -> &MutationMetrics {
+        &self.metrics
     }
 
-    /// The counter of mutations failed for putting past their push's write limit
-    /// (REPLISYNC_MAX_PUSH_WRITE_BYTES), which `/metrics` shows.
-    pub fn write_limit_failures(&self) -> &Arc<Counter> {
-        &self.write_limit_failures
+    /// Counts a mutation named `name` that failed with `error`, under its mutator's kind
+    /// (`unknown` when no mutator has the name).
+    pub fn count_failure(&self, name: &str, error: &MutationError) {
+        let kind = self.get(name).map_or("unknown", |mutator| mutator.kind());
+        let reason = if kind == "unknown" {
+            "no_mutator"
+        } else {
+            error.reason()
+        };
+        self.metrics.failed(kind, reason);
     }
 }

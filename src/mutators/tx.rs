@@ -52,6 +52,19 @@ pub enum ScriptFailure {
     Memory,
 }
 
+impl MutationError {
+    /// Why the mutation failed, as `/metrics` counts it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MutationError::InvalidArgs(_) => "invalid_args",
+            MutationError::Rejected(_) => "rejected",
+            MutationError::Script(error) => error.reason.as_str(),
+            MutationError::TooMuchWritten { .. } => "write_limit",
+            MutationError::Store(_) => "database",
+        }
+    }
+}
+
 impl ScriptFailure {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -94,6 +107,12 @@ pub struct ScriptError {
 #[async_trait]
 pub trait Mutator: Send + Sync + 'static {
     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError>;
+
+    /// What kind of mutator this is, as `/metrics` counts its failures: `rust` (yours),
+    /// `builtin` or `javascript`.
+    fn kind(&self) -> &'static str {
+        "rust"
+    }
 }
 
 /// The state of one push group's data: what it read from the store and what its pushes'

@@ -11,6 +11,7 @@ use super::pusher::{PokerStats, PrivateChannels, PusherPoker};
 use super::settings::PokeSettings;
 use super::socketio::SocketIoPoker;
 use super::sse::{SsePokes, SseStats};
+use crate::metrics::timing::Timing;
 use crate::protocol::SpaceId;
 
 /// Every configured sink; `space_changed` fans out to each of them.
@@ -97,6 +98,21 @@ impl Pokes {
     /// Signs private poke channel subscriptions, when Pusher's channels are private.
     pub fn private_channels(&self) -> Option<&PrivateChannels> {
         self.private_channels.as_ref()
+    }
+
+    /// Each on sink's delay from commit to delivery, by service name.
+    pub fn delays(&self) -> Vec<(&'static str, Timing)> {
+        let mut delays = Vec::new();
+        if let Some(poker) = &self.pusher {
+            delays.push(("pusher", poker.delay().clone()));
+        }
+        if let Some(poker) = &self.socketio {
+            delays.push(("socketio", poker.delay().clone()));
+        }
+        if let Some(sse) = &self.sse {
+            delays.push(("sse", sse.delay().clone()));
+        }
+        delays
     }
 
     pub fn stats(&self) -> PokeStats {

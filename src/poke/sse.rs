@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub mod settings;
 
 use super::PokeSink;
+use crate::metrics::timing::Timing;
 use crate::protocol::SpaceId;
 
 /// Pokes queued per watcher before older ones collapse into one (a poke carries no data,
@@ -32,6 +33,8 @@ pub struct SsePokes {
     limits: StreamLimits,
     /// Cancelled at shutdown so open streams end and the server can stop.
     shutdown: CancellationToken,
+    /// From a commit to its poke handed to the space's open streams.
+    delay: Timing,
 }
 
 impl std::fmt::Debug for SsePokes {
@@ -97,7 +100,13 @@ impl SsePokes {
             keep_alive,
             limits,
             shutdown,
+            delay: Timing::default(),
         }
+    }
+
+    /// From commit to the poke handed to the streams (`replisync_poke_delay_seconds`).
+    pub fn delay(&self) -> &Timing {
+        &self.delay
     }
 
     /// The keep-alive comments of an open stream (they keep proxies from closing it).
@@ -222,13 +231,14 @@ fn forget_one_stream(users: &mut HashMap<String, usize>, user: &str) {
 }
 
 impl PokeSink for SsePokes {
-    fn space_changed(&self, space: &SpaceId, _committed_at: Instant) {
+    fn space_changed(&self, space: &SpaceId, committed_at: Instant) {
         let mut watched = self.watched();
-        let nobody_listens = watched
-            .spaces
-            .get(space)
-            .is_some_and(|sender| sender.send(()).is_err());
-        if nobody_listens {
+        let Some(sent) = watched.spaces.get(space).map(|sender| sender.send(())) else {
+            return;
+        };
+        if sent.is_ok() {
+            self.delay.observe(committed_at.elapsed());
+        } else {
             // Every watcher of this space has gone: forget it.
             watched.spaces.remove(space);
         }

@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PullTimer};
 use crate::store::StoreError;
 
 /// How long a streamed response may take.
@@ -29,21 +29,24 @@ pub struct StreamLimits {
 const BUFFERED_CHUNKS: usize = 2;
 
 /// Streams `chunks` to the client through a task that holds `permit` (and the snapshot inside
-/// `chunks`) only while the client keeps reading, within `limits`. A response cut short ends
+/// `chunks`) only while the client keeps reading, within `limits`; `timer` is recorded when the
+/// last chunk is handed over (or the stream is cut). A response cut short ends
 /// with an error, so the connection is dropped instead of ending a truncated JSON body cleanly.
 pub(super) fn guarded(
     chunks: impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static,
     limits: StreamLimits,
     metrics: Arc<Metrics>,
     permit: OwnedSemaphorePermit,
+    timer: PullTimer,
 ) -> BoxStream<'static, Result<Bytes, StoreError>> {
     let (sender, mut receiver) = mpsc::channel(BUFFERED_CHUNKS);
     let finished = Arc::new(AtomicBool::new(false));
-    let reader = read_snapshot(chunks, sender, limits, metrics, finished.clone());
+    let reader = read_snapshot(chunks, sender, limits, metrics.clone(), finished.clone());
     tokio::spawn(
         async move {
             reader.await;
             drop(permit);
+            metrics.observe_pull(timer);
         }
         .instrument(tracing::Span::current()),
     );

@@ -24,7 +24,7 @@ pub use self::error::PullError;
 pub use self::guard::StreamLimits;
 use self::patch::{response_head, write_patch_op};
 use crate::auth::check_group_ownership;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PullKind, PullTimer};
 use crate::protocol::{PullRequest, SpaceId, check_identifier, parse_cookie};
 use crate::store::{PullSnapshot, Store, StoreError, reconnecting};
 
@@ -130,16 +130,22 @@ impl Pulls {
         check_identifier(&request.client_group_id, "clientGroupID")?;
         // A cookie replisync never issued (a string, an object, a fraction) cannot be honoured.
         let cookie = parse_cookie(&request.cookie).map_err(|_| PullError::ClientStateNotFound)?;
+        let timer = PullTimer::start();
+        let client_group_id = &request.client_group_id;
         let body = match cookie {
             None => {
-                self.streamed_pull(space, user, &request.client_group_id, None, 0)
+                let timer = timer.with_kind(PullKind::Streamed);
+                self.streamed_pull(space, user, client_group_id, None, 0, timer)
                     .await?
             }
             Some(from) => {
-                self.incremental_pull(space, user, &request.client_group_id, from, writes)
+                self.incremental_pull(space, user, client_group_id, from, writes, timer)
                     .await?
             }
         };
+        if let PullBody::Parts(_) = body {
+            self.metrics.observe_pull(timer);
+        }
         self.metrics.pulls.increment();
         Ok(body)
     }
@@ -155,6 +161,7 @@ impl Pulls {
         client_group_id: &str,
         since: Option<u64>,
         cookie_floor: u64,
+        timer: PullTimer,
     ) -> Result<PullBody, PullError> {
         let permit = tokio::time::timeout(
             self.limits.queue_wait,
@@ -180,6 +187,11 @@ impl Pulls {
                 self.metrics.pull_resets.increment();
             }
         }
+        let timer = if snapshot.reset {
+            timer.with_kind(PullKind::Reset)
+        } else {
+            timer
+        };
         let from_scratch = since.is_none() || snapshot.reset;
         snapshot.version = snapshot.version.max(cookie_floor);
         Ok(PullBody::Streamed(guard::guarded(
@@ -187,6 +199,7 @@ impl Pulls {
             self.limits.stream,
             self.metrics.clone(),
             permit,
+            timer,
         )))
     }
 
@@ -199,6 +212,7 @@ impl Pulls {
         client_group_id: &str,
         from: u64,
         writes: &dyn WriteCheck,
+        timer: PullTimer,
     ) -> Result<PullBody, PullError> {
         let shared = self.coalescer.pull(space, client_group_id, from).await?;
         check_not_collected(shared.client_group_collected(client_group_id))?;
@@ -207,20 +221,22 @@ impl Pulls {
         }
         if from > shared.version {
             return self
-                .reset_cookie_ahead(space, user, client_group_id, from, writes)
+                .reset_cookie_ahead(space, user, client_group_id, from, writes, timer)
                 .await;
         }
         if from < shared.compacted_version {
             // Deletions after this cookie were compacted away: the whole space, from scratch.
             self.metrics.pull_resets.increment();
+            let timer = timer.with_kind(PullKind::Reset);
             return self
-                .streamed_pull(space, user, client_group_id, None, 0)
+                .streamed_pull(space, user, client_group_id, None, 0, timer)
                 .await;
         }
         let Some(patch) = &shared.patch else {
             self.metrics.pull_deltas_streamed.increment();
+            let timer = timer.with_kind(PullKind::Streamed);
             return self
-                .streamed_pull(space, user, client_group_id, Some(from), 0)
+                .streamed_pull(space, user, client_group_id, Some(from), 0, timer)
                 .await;
         };
         let head = response_head(
@@ -250,7 +266,9 @@ impl Pulls {
         client_group_id: &str,
         cookie: u64,
         writes: &dyn WriteCheck,
+        timer: PullTimer,
     ) -> Result<PullBody, PullError> {
+        let timer = timer.with_kind(PullKind::Reset);
         if cookie > MAX_ADOPTED_COOKIE {
             // No space gets near this; raising it there would leave too few versions.
             tracing::info!(cookie, "cookie far ahead of any space: ClientStateNotFound");
@@ -263,7 +281,7 @@ impl Pulls {
                 "cookie ahead of the space, from a reader: the pull gets all of it at its own cookie, the space is unchanged"
             );
             return self
-                .streamed_pull(space, user, client_group_id, None, cookie)
+                .streamed_pull(space, user, client_group_id, None, cookie, timer)
                 .await;
         }
         tracing::info!(
@@ -271,7 +289,7 @@ impl Pulls {
             "cookie ahead of the space (its database was replaced): the space moves up to it, and the pull gets all of it"
         );
         reconnecting(|| self.store.raise_space_version(space, cookie + 1)).await?;
-        self.streamed_pull(space, user, client_group_id, None, 0)
+        self.streamed_pull(space, user, client_group_id, None, 0, timer)
             .await
     }
 }

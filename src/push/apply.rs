@@ -9,6 +9,7 @@ use tracing::Instrument;
 use super::locking::Locking;
 use super::{Push, PushBudget, PushError, PushOutcome};
 use crate::auth::{AuthError, check_group_ownership};
+use crate::metrics::Timing;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
 use crate::poke::sinks::Pokes;
 use crate::protocol::{Mutation, PushRequest, SpaceId};
@@ -39,6 +40,7 @@ pub(super) async fn apply_group(
     pushes: &[Push],
     locking: Locking,
     limit: AgeLimit<'_>,
+    commit_time: &Timing,
 ) -> Result<GroupAnswers, StoreError> {
     let mut tx = locking.begin(store, space).await?;
     let mut group = GroupState::read(&mut *tx, pushes).await?;
@@ -63,8 +65,10 @@ pub(super) async fn apply_group(
     };
     let poke = PokeAfterCommit::armed(pokes, space);
     let commit_span = tracing::debug_span!("push.commit", pushes = pushes.len());
+    let commit_started = Instant::now();
     let committed = tx.commit(changes).instrument(commit_span).await;
     let committed_at = Instant::now();
+    commit_time.observe(committed_at - commit_started);
     poke.settle(&committed);
     committed?;
     for answer in answers.iter_mut().flatten() {
@@ -319,9 +323,7 @@ async fn apply_push(
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error),
             Err(error) => {
-                if matches!(error, MutationError::TooMuchWritten { .. }) {
-                    mutators.write_limit_failures().increment();
-                }
+                mutators.count_failure(&mutation.name, &error);
                 failed.record(mutation, &error);
             }
         }

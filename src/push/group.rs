@@ -4,7 +4,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tracing::{Instrument, Span};
@@ -58,6 +58,9 @@ impl std::fmt::Debug for PushGroups {
 struct Waiting {
     push: Push,
     answer: oneshot::Sender<Result<PushOutcome, PushError>>,
+    /// When it joined the queue, for `replisync_push_group_wait_seconds` (`None` once a group
+    /// handed it back: its wait is counted once).
+    queued_at: Option<Instant>,
     /// The pusher's span (the group's parent, or a link), and the wait's, closed as it ends.
     traced: (Span, Span),
 }
@@ -103,6 +106,7 @@ impl PushGroups {
                     queue.get_mut().push_back(Waiting {
                         push,
                         answer,
+                        queued_at: Some(Instant::now()),
                         traced,
                     });
                     None
@@ -115,6 +119,7 @@ impl PushGroups {
             }
         };
         if let Some(push) = lead {
+            self.metrics.push_group_wait.observe(Duration::ZERO);
             let _hand_off = HandOff {
                 groups: Arc::clone(self),
                 space: space.clone(),
@@ -134,6 +139,7 @@ impl PushGroups {
     fn count(&self, space: &SpaceId, answers: &GroupAnswers) {
         let applied = answers.iter().flatten().count() as u64;
         self.metrics.push_groups.increment();
+        self.metrics.push_group_pushes.observe(applied as usize);
         if applied > 1 {
             self.metrics.pushes_grouped.add(applied);
         }
@@ -200,7 +206,11 @@ impl PushGroups {
         }
         let size = queue.len().min(self.limits.group.max_pushes.max(1));
         self.metrics.pushes_waiting.sub(size as u64);
-        Some(queue.drain(..size).collect())
+        let group: Vec<Waiting> = queue.drain(..size).collect();
+        for queued_at in group.iter().filter_map(|waiting| waiting.queued_at) {
+            self.metrics.push_group_wait.observe_since(queued_at);
+        }
+        Some(group)
     }
 
     /// Puts pushes a group left (in order) back at the head of the space's queue.
@@ -259,9 +269,19 @@ impl PushGroups {
             } else {
                 Locking::Pessimistic
             };
-            let applied =
-                reconnecting(|| apply_group(store, mutators, pokes, space, pushes, locking, limit))
-                    .await;
+            let applied = reconnecting(|| {
+                apply_group(
+                    store,
+                    mutators,
+                    pokes,
+                    space,
+                    pushes,
+                    locking,
+                    limit,
+                    &self.metrics.push_commit,
+                )
+            })
+            .await;
             match applied {
                 Err(StoreError::Conflict(cause)) if attempt < CONFLICT_ATTEMPTS => {
                     self.metrics.push_conflicts.increment();
@@ -322,6 +342,7 @@ impl Runner {
                         left.push(Waiting {
                             push,
                             answer,
+                            queued_at: None,
                             traced,
                         });
                     }

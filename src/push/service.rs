@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Push, PushBudget, PushError, PushGroups, PushOutcome};
+use crate::metrics::PushAnswer;
 use crate::protocol::{PushRequest, SpaceId};
 
 impl PushGroups {
@@ -19,6 +20,19 @@ impl PushGroups {
         user: String,
         request: PushRequest,
     ) -> Result<PushOutcome, PushError> {
+        let started = Instant::now();
+        let answer = self.checked_push(space, user, request).await;
+        self.metrics
+            .observe_push(answer_kind(&answer), started.elapsed());
+        answer
+    }
+
+    async fn checked_push(
+        self: &Arc<Self>,
+        space: &SpaceId,
+        user: String,
+        request: PushRequest,
+    ) -> Result<PushOutcome, PushError> {
         let budget = self.budget();
         request.validate()?;
         if let Err(error) = check_client_count(&request, self.limits.max_clients) {
@@ -26,6 +40,7 @@ impl PushGroups {
             return Err(error);
         }
         let mutations = request.mutations.len();
+        self.metrics.push_mutations.observe(mutations);
         let push = Push {
             user,
             request,
@@ -53,6 +68,21 @@ impl PushGroups {
             deadline: Instant::now() + self.work_budget,
             max_write_bytes: self.limits.max_write_bytes,
         }
+    }
+}
+
+/// How a push was answered, as `replisync_push_duration_seconds` labels it.
+fn answer_kind(answer: &Result<PushOutcome, PushError>) -> PushAnswer {
+    match answer {
+        Ok(PushOutcome::Committed { .. }) | Err(PushError::Partial { .. }) => PushAnswer::Committed,
+        Ok(PushOutcome::Unchanged | PushOutcome::Replayed) => PushAnswer::Unchanged,
+        Err(PushError::Store(_) | PushError::GroupFailed) => PushAnswer::Failed,
+        Err(
+            PushError::Invalid(_)
+            | PushError::TooManyClients { .. }
+            | PushError::ClientStateNotFound
+            | PushError::Forbidden(_),
+        ) => PushAnswer::Refused,
     }
 }
 

@@ -31,12 +31,39 @@ use crate::protocol::SpaceId;
 /// readable; `RUST_LOG=sqlx::query=trace` asks for them. Slow statements still warn.
 pub(crate) const STATEMENT_LOG_LEVEL: log::LevelFilter = log::LevelFilter::Trace;
 
+/// A sqlx pool's figures under `name`.
+pub(crate) fn pool_stats<DB: sqlx::Database>(
+    name: &'static str,
+    pool: &sqlx::Pool<DB>,
+) -> PoolStats {
+    PoolStats {
+        name,
+        size: pool.size(),
+        idle: pool.num_idle(),
+        max: pool.options().get_max_connections(),
+    }
+}
+
+/// One connection pool: connections open (`size`), of which `idle`, and the most it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub name: &'static str,
+    pub size: u32,
+    pub idle: usize,
+    pub max: u32,
+}
+
 /// A database that holds spaces. Implementations: `PgStore` (postgres.rs), `SqliteStore`
 /// (sqlite.rs).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// "postgres" or "sqlite", for logs.
     fn kind(&self) -> &'static str;
+
+    /// Its connection pools' figures, for `/metrics` (none for a store without a pool).
+    fn pools(&self) -> Vec<PoolStats> {
+        Vec::new()
+    }
 
     /// Starts a push (or a group of pushes) to `space` that holds no lock while it runs (a store
     /// may lock anyway): its commit writes only if the space's version is still the one

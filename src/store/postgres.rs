@@ -21,6 +21,7 @@ use super::{
     DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcBatches, PullChanges, PullSnapshot,
     PushChanges, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
+use super::{PoolStats, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).
@@ -169,6 +170,10 @@ impl PgStore {
 impl Store for PgStore {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn pools(&self) -> Vec<PoolStats> {
+        vec![pool_stats("postgres", &self.pool)]
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {

@@ -25,6 +25,7 @@ use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, EntryChange, GcBatches, PullChanges,
     PullSnapshot, PushTx, Store, StoreError, delta_bytes, to_i64, unix_now,
 };
+use super::{PoolStats, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).
@@ -105,6 +106,13 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn pools(&self) -> Vec<PoolStats> {
+        vec![
+            pool_stats("writer", &self.writer),
+            pool_stats("readers", &self.readers),
+        ]
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {

@@ -214,3 +214,57 @@ async fn sqlx_statements_stay_out_of_debug_unless_asked_for_by_target() {
     let asked = log_of_a_push_and_pull("info,sqlx::query=trace").await;
     assert!(asked.iter().any(|line| statement(&line)), "{asked:?}");
 }
+
+/// The `/metrics` sample lines of `family` whose labels include each of `labels`.
+fn samples<'t>(metrics: &'t str, family: &str, labels: &[&str]) -> Vec<&'t str> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&format!("{family}{{")))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .collect()
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_route_and_status_even_with_the_access_log_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("REPLISYNC_ACCESS_LOG", "false")]);
+    crate::harness::push_increment(&server.base, "g1", 1).await;
+    crate::harness::push_increment(&server.base, "g1", 2).await;
+    let missing = reqwest::get(format!("{}/private/raw-path?x=1", server.base))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let metrics = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let pushes = samples(
+        &metrics,
+        "replisync_http_requests_total",
+        &[
+            "method=\"POST\"",
+            "route=\"/spaces/{space}/push\"",
+            "status=\"200\"",
+        ],
+    );
+    assert_eq!(pushes.len(), 1, "{metrics}");
+    assert!(pushes[0].ends_with(" 2"), "{}", pushes[0]);
+    let unmatched = samples(
+        &metrics,
+        "replisync_http_requests_total",
+        &["route=\"unmatched\"", "status=\"404\""],
+    );
+    assert_eq!(unmatched.len(), 1, "{metrics}");
+    assert!(unmatched[0].ends_with(" 1"), "{}", unmatched[0]);
+    assert!(!metrics.contains("raw-path"), "{metrics}");
+    let timed = samples(
+        &metrics,
+        "replisync_http_request_duration_seconds_count",
+        &["route=\"/spaces/{space}/push\"", "status_class=\"2xx\""],
+    );
+    assert_eq!(timed.len(), 1, "{metrics}");
+    assert!(timed[0].ends_with(" 2"), "{}", timed[0]);
+    server.stop();
+}

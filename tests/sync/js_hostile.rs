@@ -31,8 +31,12 @@ fn huge_arguments(bytes: usize) -> Value {
     json!({"key": "big", "value": vec![[0]; bytes / 4]})
 }
 
+/// Mutations failed over the push write limit, JavaScript and built-in together.
 async fn write_limit_failures(server: &TestServer) -> u64 {
-    metric(server, "replisync_mutations_failed_write_limit_total").await
+    let series = |kind| {
+        format!("replisync_mutations_failed_total{{kind=\"{kind}\",reason=\"write_limit\"}}")
+    };
+    metric(server, &series("javascript")).await + metric(server, &series("builtin")).await
 }
 
 /// After a push whose arguments exhaust the engine's memory, the engine still runs every later

@@ -75,11 +75,11 @@ fn set(key: &str, value: Value) -> (&'static str, Value) {
 }
 
 /// The value of one labelled series in the /metrics text.
-/// `replisync_js_mutator_failures_total` for `reason` (threw, timeout, memory).
+/// JavaScript mutations failed for `reason` (threw, timeout, memory).
 pub(crate) async fn failures(server: &TestServer, reason: &str) -> u64 {
     metric(
         server,
-        &format!("replisync_js_mutator_failures_total{{reason=\"{reason}\"}}"),
+        &format!("replisync_mutations_failed_total{{kind=\"javascript\",reason=\"{reason}\"}}"),
     )
     .await
 }

@@ -18,7 +18,7 @@ mod pool;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -27,8 +27,8 @@ use serde_json::Value;
 use self::engine::{Engine, EngineLimits, ModuleSource};
 use self::messages::{Call, FromEngine, HostReply, HostRequest, PushEnd, RunError, ToEngine};
 use self::pool::EnginePool;
-use crate::metrics::ScriptFailures;
-use crate::mutators::{MutationError, Mutator, Mutators, ScanRange, ScriptFailure, WriteTx};
+use crate::metrics::MutationMetrics;
+use crate::mutators::{MutationError, Mutator, Mutators, ScanRange, WriteTx};
 use crate::store::StoreError;
 
 /// The bounds on JavaScript mutators.
@@ -131,7 +131,7 @@ impl JsMutators {
             let mutator = JsMutator {
                 name: name.clone(),
                 pool: self.pool.clone(),
-                failures: mutators.script_failures().clone(),
+                metrics: mutators.metrics().clone(),
             };
             mutators = mutators.register(name.clone(), mutator);
         }
@@ -148,7 +148,7 @@ impl JsMutators {
 struct JsMutator {
     name: String,
     pool: Arc<EnginePool>,
-    failures: Arc<ScriptFailures>,
+    metrics: MutationMetrics,
 }
 
 /// A push's session with an engine, kept from its first JavaScript mutation to its last.
@@ -159,20 +159,20 @@ struct JsSession(Option<PushEnd>);
 impl Mutator for JsMutator {
     async fn apply(&self, tx: &mut WriteTx<'_>, args: &Value) -> Result<(), MutationError> {
         let mut session = std::mem::take(tx.push_scoped::<JsSession>());
+        let started = Instant::now();
         let result = self.run(&mut session, tx, args).await;
-        match &result {
+        self.metrics.js_duration().observe_since(started);
+        if let Err(MutationError::Store(_)) = &result {
             // The push fails whole (the database, or no engine could run it); the engine
             // learns it when the session is dropped.
-            Err(MutationError::Store(_)) => return result,
-            Err(MutationError::Script(error)) => match error.reason {
-                ScriptFailure::Threw => self.failures.threw.increment(),
-                ScriptFailure::Timeout => self.failures.timeout.increment(),
-                ScriptFailure::Memory => self.failures.memory.increment(),
-            },
-            _ => {}
+            return result;
         }
         *tx.push_scoped::<JsSession>() = session;
         result
+    }
+
+    fn kind(&self) -> &'static str {
+        "javascript"
     }
 }
 

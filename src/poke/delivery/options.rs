@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::metrics::timing::Timing;
+
 #[derive(Debug, Clone)]
 pub struct PokerOptions {
     /// The least time between the end of one call and the start of the next: changes meanwhile
@@ -68,6 +70,8 @@ pub(super) struct Counters {
     pub(super) failed_calls: AtomicU64,
     pub(super) given_up_spaces: AtomicU64,
     pub(super) retries: AtomicU64,
+    /// From each poked space's (earliest pending) commit to the service accepting the call.
+    pub(super) delay: Timing,
 }
 
 impl Counters {

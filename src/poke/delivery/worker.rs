@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use super::options::{Counters, PokerOptions, PokerStats, add};
 use super::queue::{Insert, PendingPoke, PokeQueue};
 use super::transport::{Sent, Transport};
+use crate::metrics::timing::Timing;
 use crate::poke::PokeSink;
 use crate::protocol::SpaceId;
 
@@ -59,6 +60,11 @@ impl<T: Transport> Poker<T> {
             transport,
             worker: Mutex::new(Some(handle)),
         })
+    }
+
+    /// From commit to the service accepting the poke (`replisync_poke_delay_seconds`).
+    pub fn delay(&self) -> &Timing {
+        &self.shared.counters.delay
     }
 
     pub fn stats(&self) -> PokerStats {
@@ -272,6 +278,7 @@ fn record_delivery<T: Transport>(counters: &Counters, batch: &[PendingPoke]) {
     tracing::debug!(spaces = batch.len(), "{} accepted the poke", T::NAME);
     for poke in batch {
         let latency = accepted_at.saturating_duration_since(poke.committed_at);
+        counters.delay.observe(latency);
         tracing::debug!(
             space = poke.space.as_str(),
             service = T::NAME,
