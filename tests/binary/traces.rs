@@ -207,3 +207,80 @@ async fn grpc_is_refused_at_start_up_naming_the_variable() {
     );
     assert!(stderr.contains("http/protobuf"), "{stderr}");
 }
+
+/// A trace id of its own for push `n`.
+fn trace_id(n: usize) -> String {
+    format!("{:032x}", 0xabc0_0000_u64 + n as u64)
+}
+
+#[tokio::test]
+async fn a_group_is_traced_under_its_first_push_and_linked_to_the_others() {
+    let (endpoint, received) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = traced_server(dir.path(), &endpoint, Some("http/json"));
+    // Pushes that arrive together to one space wait for a group: rounds until one did.
+    let group_spans = |spans: &[Value]| -> Vec<Value> {
+        spans
+            .iter()
+            .filter(|span| span["name"] == "push.group")
+            .cloned()
+            .collect()
+    };
+    let mut pushed = 0;
+    for _round in 0..5 {
+        let pushes = (pushed..pushed + 24).map(|n| {
+            let traceparent = format!("00-{}-{CLIENT_SPAN}-01", trace_id(n));
+            let server = &server;
+            async move { push_with_traceparent(server, &traceparent, &format!("grp{n}")).await }
+        });
+        futures::future::join_all(pushes).await;
+        pushed += 24;
+        let seen = poll_for(Duration::from_secs(3), || {
+            let spans = spans(&received);
+            let requests = spans.iter().filter(|s| s["name"] == "request").count();
+            (requests >= pushed).then_some(spans)
+        })
+        .await
+        .expect("a request span per push");
+        if !group_spans(&seen).is_empty() {
+            break;
+        }
+    }
+    let spans = spans(&received);
+    let groups = group_spans(&spans);
+    assert!(!groups.is_empty(), "no push waited for a group in 5 rounds");
+    let ours: Vec<String> = (0..pushed).map(trace_id).collect();
+    let by_id = |id: &Value| spans.iter().find(|span| span["spanId"] == *id);
+    for group in &groups {
+        let parent = by_id(&group["parentSpanId"]).expect("the group's parent is exported");
+        assert_eq!(parent["name"], "request", "{group}");
+        assert_eq!(parent["traceId"], group["traceId"], "{group}");
+        assert!(ours.contains(&group["traceId"].as_str().unwrap().to_owned()));
+        let pushes = group["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|attribute| attribute["key"] == "pushes")
+            .and_then(|attribute| {
+                let value = &attribute["value"];
+                value["intValue"].as_str().or(value["stringValue"].as_str())
+            })
+            .and_then(|pushes| pushes.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("pushes attribute: {group}"));
+        let links = group["links"].as_array().unwrap();
+        assert_eq!(links.len(), pushes - 1, "{group}");
+        for link in links {
+            assert!(ours.contains(&link["traceId"].as_str().unwrap().to_owned()));
+            assert_ne!(link["traceId"], group["traceId"], "{group}");
+        }
+        let under = spans
+            .iter()
+            .filter(|span| span["parentSpanId"] == group["spanId"])
+            .filter(|span| span["name"] == "push.mutation" || span["name"] == "push.commit");
+        assert!(
+            under.count() >= 2,
+            "the group's mutations and commit: {group}"
+        );
+    }
+    server.stop();
+}
