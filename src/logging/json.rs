@@ -37,7 +37,7 @@ where
             "{{\"timestamp\":{},\"level\":{},\"fields\":{},\"target\":{}",
             Value::String(timestamp),
             Value::from(metadata.level().as_str()),
-            Value::Object(fields),
+            message_first(fields),
             Value::from(metadata.target()),
         )?;
         if let Some(scope) = ctx.event_scope() {
@@ -49,6 +49,17 @@ where
         }
         writeln!(writer, "}}")
     }
+}
+
+/// An event's fields as a JSON object, its message first (the others in name order).
+fn message_first(mut fields: Map<String, Value>) -> String {
+    let Some(message) = fields.remove("message") else {
+        return Value::Object(fields).to_string();
+    };
+    let rest = Value::Object(fields).to_string();
+    let rest = rest.strip_prefix('{').unwrap_or("}");
+    let comma = if rest == "}" { "" } else { "," };
+    format!("{{\"message\":{message}{comma}{rest}")
 }
 
 /// A span's fields (as [`JsonLines`] formatted them) and its name.
@@ -147,7 +158,21 @@ fn as_list(text: &str) -> Option<Value> {
 mod tests {
     use serde_json::{Value, json};
 
-    use super::as_list;
+    use super::{as_list, message_first};
+
+    #[test]
+    fn the_message_comes_first_in_valid_json() {
+        let fields = json!({"b": 1, "message": "hi \"x\"", "a": [2]});
+        let text = message_first(fields.as_object().unwrap().clone());
+        assert!(text.starts_with(r#"{"message":"hi \"x\"","#), "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), fields);
+        let alone = json!({"message": "m"});
+        assert_eq!(
+            message_first(alone.as_object().unwrap().clone()),
+            r#"{"message":"m"}"#
+        );
+        assert_eq!(message_first(serde_json::Map::new()), "{}");
+    }
 
     #[test]
     fn lists_of_numbers_or_strings_become_arrays_and_nothing_else_does() {
