@@ -95,7 +95,9 @@ pub(super) async fn access_log(
             on_end: None,
         })
     });
+    let mut unanswered = Unanswered(Some(pending));
     let response = next.run(request).await;
+    let pending = unanswered.0.take().expect("taken once");
     let status = response.status();
     response.map(|body| {
         Body::new(Counted {
@@ -104,6 +106,24 @@ pub(super) async fn access_log(
             on_end: Some((pending, status)),
         })
     })
+}
+
+/// A request still without its response when dropped is reported all the same: as a 500 when
+/// its handler panicked (the accept loop answers 500), as 499 when it was dropped unanswered.
+struct Unanswered(Option<Pending>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            let status = if std::thread::panicking() {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::from_u16(499).expect("a valid status code")
+            };
+            let (log, metrics) = (pending.log, pending.metrics.clone());
+            completed(&pending.complete(status, 0), log, &metrics);
+        }
+    }
 }
 
 /// What is known of a request before its response body ends.
@@ -239,7 +259,68 @@ impl Drop for Counted {
 
 #[cfg(test)]
 mod tests {
-    use super::bounded_request_id;
+    use std::sync::Arc;
+
+    use axum::Router;
+    use axum::body::Body;
+    use axum::extract::FromRef;
+    use axum::http::Request;
+    use axum::middleware::from_fn_with_state;
+    use axum::routing::get;
+    use futures::FutureExt;
+    use tower::ServiceExt;
+
+    use super::{HttpSettings, Metrics, access_log, bounded_request_id};
+
+    #[derive(Clone)]
+    struct TestState {
+        http: Arc<HttpSettings>,
+        metrics: Arc<Metrics>,
+    }
+
+    impl FromRef<TestState> for Arc<HttpSettings> {
+        fn from_ref(state: &TestState) -> Self {
+            state.http.clone()
+        }
+    }
+
+    impl FromRef<TestState> for Arc<Metrics> {
+        fn from_ref(state: &TestState) -> Self {
+            state.metrics.clone()
+        }
+    }
+
+    async fn boom() -> &'static str {
+        panic!("a bug")
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_handler_panics_is_counted_as_a_500() {
+        let metrics = Arc::new(Metrics::default());
+        let state = TestState {
+            http: Arc::default(),
+            metrics: metrics.clone(),
+        };
+        let app = Router::new()
+            .route("/boom", get(boom))
+            .layer(from_fn_with_state(state.clone(), access_log))
+            .with_state(state);
+        let request = Request::get("/boom").body(Body::empty()).unwrap();
+        let answered = std::panic::AssertUnwindSafe(app.oneshot(request))
+            .catch_unwind()
+            .await;
+        assert!(answered.is_err(), "the panic reaches the accept loop");
+        let rendered = metrics.render();
+        let counted = rendered.lines().find(|line| {
+            line.starts_with("replisync_http_requests_total{")
+                && line.contains("route=\"/boom\"")
+                && line.contains("status=\"500\"")
+        });
+        assert!(
+            counted.is_some_and(|line| line.ends_with(" 1")),
+            "{rendered}"
+        );
+    }
 
     #[test]
     fn a_request_id_is_bounded_and_only_visible_ascii() {
