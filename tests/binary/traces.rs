@@ -284,3 +284,40 @@ async fn a_group_is_traced_under_its_first_push_and_linked_to_the_others() {
     }
     server.stop();
 }
+
+#[tokio::test]
+async fn a_collector_that_never_answers_slows_no_request_and_shutdown_is_bounded() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = listener.accept().await {
+            connections.push(connection); // accepted, never answered
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = traced_server(dir.path(), &endpoint, None);
+    for n in 0..5 {
+        let started = std::time::Instant::now();
+        push_with_traceparent(
+            &server,
+            &format!("00-{}-{CLIENT_SPAN}-01", trace_id(n)),
+            &format!("b{n}"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(150)).await; // an export is under way
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "push {n} took {:?}",
+            started.elapsed()
+        );
+    }
+    let stopping = std::time::Instant::now();
+    server.stop(); // panics unless it exits cleanly within 15 s
+    assert!(
+        stopping.elapsed() < Duration::from_secs(9),
+        "stopped in {:?}",
+        stopping.elapsed()
+    );
+    held.abort();
+}
