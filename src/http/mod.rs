@@ -272,7 +272,7 @@ fn request_span(request: &Request) -> tracing::Span {
         .map_or(access_log::UNMATCHED, MatchedPath::as_str);
     let span = tracing::info_span!(
         "request",
-        method = request.method().as_str(),
+        method = %request.method(),
         route,
         request_id,
         space = tracing::field::Empty,

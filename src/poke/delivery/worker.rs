@@ -291,7 +291,7 @@ fn record_delivery<T: Transport>(counters: &Counters, batch: &[PendingPoke]) {
 fn give_up<T: Transport>(counters: &Counters, batch: &[PendingPoke], reason: &str) {
     add(&counters.given_up_spaces, batch.len());
     tracing::warn!(
-        spaces = %space_list(batch),
+        spaces = ?space_list(batch),
         reason,
         "gave up poking {} space(s) through {}",
         batch.len(),
@@ -311,18 +311,24 @@ fn log_rejection<T: Transport>(
         tracing::error!(
             status = code,
             response = detail,
-            %spaces,
+            ?spaces,
             "{} rejected the poke with {code}: {hint} (not retried; logged at most once a minute)",
             T::NAME
         );
     } else {
-        tracing::debug!(status = code, response = detail, %spaces, "{} rejected the poke again", T::NAME);
+        tracing::debug!(
+            status = code,
+            response = detail,
+            ?spaces,
+            "{} rejected the poke again",
+            T::NAME
+        );
     }
 }
 
-fn space_list(batch: &[PendingPoke]) -> String {
-    let names: Vec<&str> = batch.iter().map(|poke| poke.space.as_str()).collect();
-    names.join(",")
+/// The batch's spaces, logged with `?`: a JSON array in JSON logs.
+fn space_list(batch: &[PendingPoke]) -> Vec<&str> {
+    batch.iter().map(|poke| poke.space.as_str()).collect()
 }
 
 /// Rate-limits the error log of a rejection: the same code at most once per interval.
