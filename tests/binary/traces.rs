@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Server, poll_for, start_with};
 
-/// What the collector received: each POST's content type and body.
+/// What the collector received: each POST's content type (and `x-api-key`, when sent) and body.
 type Received = Arc<Mutex<Vec<(String, Bytes)>>>;
 
 /// A collector on a free port; its base URL and what it receives.
@@ -35,6 +35,11 @@ async fn receive(State(received): State<Received>, headers: HeaderMap, body: Byt
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let content_type = match key {
+        Some(key) => format!("{content_type}; x-api-key={key}"),
+        None => content_type,
+    };
     received.lock().unwrap().push((content_type, body));
 }
 
@@ -42,6 +47,7 @@ async fn receive(State(received): State<Received>, headers: HeaderMap, body: Byt
 fn traced_server(dir: &std::path::Path, endpoint: &str, protocol: Option<&str>) -> Server {
     let mut env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=hunter2-secret"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ("REPLISYNC_LOG_FORMAT", "json"),
     ];
@@ -146,7 +152,15 @@ async fn the_default_protocol_sends_protobuf_to_the_same_path() {
     })
     .await
     .expect("an export arrives");
-    assert_eq!(content_type, "application/x-protobuf");
+    assert_eq!(
+        content_type,
+        "application/x-protobuf; x-api-key=hunter2-secret"
+    );
+    let lines = server.log_lines();
+    assert!(
+        !lines.iter().any(|line| line.contains("hunter2")),
+        "{lines:?}"
+    );
     server.stop();
 }
 
@@ -189,7 +203,7 @@ async fn a_hostile_traceparent_is_ignored_and_a_fresh_trace_starts() {
 }
 
 #[tokio::test]
-async fn grpc_is_refused_at_start_up_naming_the_variable() {
+async fn grpc_or_an_endpoint_that_is_no_url_is_refused_at_start_up_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let output = crate::harness::run_until_exit(
         dir.path(),
@@ -206,6 +220,17 @@ async fn grpc_is_refused_at_start_up_naming_the_variable() {
         "{stderr}"
     );
     assert!(stderr.contains("http/protobuf"), "{stderr}");
+    let output = crate::harness::run_until_exit(
+        dir.path(),
+        &["--listen", "127.0.0.1:0"],
+        &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "collector:4318")],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=\"collector:4318\" is not a URL"),
+        "{stderr}"
+    );
 }
 
 /// A trace id of its own for push `n`.
