@@ -346,3 +346,35 @@ async fn a_collector_that_never_answers_slows_no_request_and_shutdown_is_bounded
     );
     held.abort();
 }
+
+#[tokio::test]
+async fn the_call_to_pusher_is_a_span_of_its_own() {
+    let (endpoint, received) = collector().await;
+    let pusher = crate::pusher_double::SlowPusher::start().await;
+    pusher.release();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = pusher.env();
+    env.extend([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    let server = start_with(dir.path(), &env);
+    push_with_traceparent(&server, &format!("00-{TRACE_ID}-{CLIENT_SPAN}-01"), "p1").await;
+    let delivered = poll_for(Duration::from_secs(10), || {
+        spans(&received)
+            .into_iter()
+            .find(|span| span["name"] == "poke.deliver")
+    })
+    .await
+    .unwrap_or_else(|| panic!("a poke.deliver span: {:?}", spans(&received)));
+    let service = delivered["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|attribute| attribute["key"] == "service")
+        .map(|attribute| attribute["value"]["stringValue"].clone());
+    assert_eq!(service, Some(Value::from("Pusher")), "{delivered}");
+    assert!(!pusher.received().is_empty());
+    server.stop();
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::options::{Counters, PokerOptions, PokerStats, add};
 use super::queue::{Insert, PendingPoke, PokeQueue};
@@ -210,7 +211,11 @@ impl<T: Transport> Worker<T> {
         };
         let spaces: Vec<SpaceId> = batch.iter().map(|poke| poke.space.clone()).collect();
         for attempt in 1..=self.options.max_attempts.max(1) {
-            match send_guarded(transport.as_ref(), &spaces).await {
+            let span = tracing::debug_span!(parent: None, "poke.deliver", service = T::NAME, spaces = spaces.len(), attempt);
+            match send_guarded(transport.as_ref(), &spaces)
+                .instrument(span)
+                .await
+            {
                 Sent::Accepted => {
                     record_delivery::<T>(counters, batch);
                     return;
