@@ -81,9 +81,22 @@ struct Args {
     /// Seconds of the soak's phase of distinct new client groups.
     #[arg(long, default_value_t = 600)]
     soak_distinct_secs: u64,
+    /// Also set these variables for every replisync the benchmark starts (`NAME=VALUE`,
+    /// repeatable): e.g. `REPLISYNC_ACCESS_LOG=false`, or `OTEL_EXPORTER_OTLP_ENDPOINT=...` to
+    /// measure what tracing costs.
+    #[arg(long = "server-env", value_parser = parse_server_env)]
+    server_env: Vec<(String, String)>,
     /// Passed by `cargo bench` to every bench target; ignored.
     #[arg(long = "bench", hide = true)]
     _cargo_bench: bool,
+}
+
+/// `NAME=VALUE`.
+fn parse_server_env(pair: &str) -> Result<(String, String), String> {
+    let (name, value) = pair
+        .split_once('=')
+        .ok_or_else(|| format!("{pair:?} is not NAME=VALUE"))?;
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 impl Args {
@@ -98,6 +111,7 @@ const POOL_SIZE: u32 = 16;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    server::set_extra_env(args.server_env.clone());
     let bench_url = database::fresh_database(&args.database_url).await?;
     // Pokes off for workloads 1-5: sockudo on the same two cores would compete with them.
     let jwt_secret = args.jwt_secret.as_deref();

@@ -144,8 +144,15 @@ impl Drop for Server {
     }
 }
 
+/// Variables given with `--server-env`, set for every server the benchmark starts.
+static EXTRA_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+pub(crate) fn set_extra_env(env: Vec<(String, String)>) {
+    let _ = EXTRA_ENV.set(env);
+}
+
 /// replisync with nothing from this environment but the settings below: JSON logs on stdout,
-/// SSE off, the benchmark's pool size.
+/// SSE off, the benchmark's pool size, and `--server-env`'s variables.
 fn server_command(binary: &Path, database_url: &str) -> Command {
     let mut command = Command::new(binary);
     command
@@ -163,6 +170,7 @@ fn server_command(binary: &Path, database_url: &str) -> Command {
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    command.envs(EXTRA_ENV.get().into_iter().flatten().map(|(k, v)| (k, v)));
     command
 }
 
@@ -174,10 +182,15 @@ fn collect_log(
 ) -> std::sync::mpsc::Receiver<String> {
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let mut address_found = false;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(entry) = serde_json::from_str::<Value>(&line)
+            // Parsed only until the address: after it, a line per request would cost the
+            // benchmark's own CPU, on the cores the server shares.
+            if !address_found
+                && let Ok(entry) = serde_json::from_str::<Value>(&line)
                 && let Some(address) = entry["fields"]["address"].as_str()
             {
+                address_found = true;
                 let _ = address_tx.send(address.to_owned());
             }
             let arrived = Instant::now();

@@ -2,13 +2,16 @@
 //! served as OpenMetrics text. Parts record into the fields here; what other parts own (pokes,
 //! mutators, the pool, the process) is read at scrape time (`app_sources`, `process`).
 
+mod families;
+mod kinds;
+mod mutations;
 mod parts;
 mod process;
 pub mod timing;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -22,51 +25,15 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::poke::sinks::Pokes;
 use crate::store::Store;
 
-use self::timing::duration_buckets;
+pub use self::families::{Counter, Gauge};
+use self::families::{counter, gauge, sizes, timing, timing_family};
+use self::kinds::{OutcomeLabels, PullKindLabels};
+pub use self::kinds::{PullKind, PullTimer, PushAnswer};
+pub use self::mutations::MutationMetrics;
 pub use self::timing::{Sizes, Timing};
 
 /// The content type of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// A count that only goes up. Clones share it.
-#[derive(Clone, Debug, Default)]
-pub struct Counter(PromCounter);
-
-impl Counter {
-    pub fn increment(&self) {
-        self.0.inc();
-    }
-
-    pub fn add(&self, n: u64) {
-        self.0.inc_by(n);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.get()
-    }
-}
-
-/// A value that goes up and down (open connections).
-#[derive(Clone, Debug, Default)]
-pub struct Gauge(PromGauge);
-
-impl Gauge {
-    pub fn add(&self, n: u64) {
-        self.0.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
-    pub fn sub(&self, n: u64) {
-        self.0.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
-    pub fn set(&self, n: u64) {
-        self.0.set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
-    pub fn get(&self) -> u64 {
-        u64::try_from(self.0.get()).unwrap_or(0)
-    }
-}
 
 /// What an app's parts own and `/metrics` reads: the pokes' counters and delays, the store's
 /// pools, the mutators' failures and times, and the JWKS fetches.
@@ -203,136 +170,6 @@ struct RequestClassLabels {
     method: &'static str,
     route: String,
     status_class: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PullKindLabels {
-    kind: &'static str,
-}
-
-/// How a push was answered, for `replisync_push_duration_seconds`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PushAnswer {
-    /// It moved the space on (in full or in part).
-    Committed,
-    /// It changed nothing (every mutation applied before, or blocked by a gap).
-    Unchanged,
-    /// It was refused (4xx: a bad request, ClientStateNotFound, another user's group).
-    Refused,
-    /// The server failed it (5xx: the database, a group that failed).
-    Failed,
-}
-
-impl PushAnswer {
-    fn as_str(self) -> &'static str {
-        match self {
-            PushAnswer::Committed => "committed",
-            PushAnswer::Unchanged => "unchanged",
-            PushAnswer::Refused => "refused",
-            PushAnswer::Failed => "failed",
-        }
-    }
-}
-
-/// What kind of pull, for `replisync_pull_duration_seconds`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PullKind {
-    /// An incremental pull answered from a read shared with other pulls of its cookie.
-    Shared,
-    /// A first pull, or a delta too large to share, streamed from a snapshot of its own.
-    Streamed,
-    /// A pull answered with the whole space (its cookie was compacted away, or ahead).
-    Reset,
-}
-
-impl PullKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            PullKind::Shared => "shared",
-            PullKind::Streamed => "streamed",
-            PullKind::Reset => "reset",
-        }
-    }
-}
-
-/// A pull's kind and when it arrived, carried to where its answer ends.
-#[derive(Clone, Copy, Debug)]
-pub struct PullTimer {
-    kind: PullKind,
-    started: Instant,
-}
-
-impl PullTimer {
-    /// A pull arriving now, counted as `Shared` until it turns out otherwise.
-    pub fn start() -> PullTimer {
-        PullTimer {
-            kind: PullKind::Shared,
-            started: Instant::now(),
-        }
-    }
-
-    pub fn with_kind(self, kind: PullKind) -> PullTimer {
-        PullTimer { kind, ..self }
-    }
-}
-
-fn duration_histogram() -> Histogram {
-    Histogram::new(duration_buckets())
-}
-
-/// `help` without its final period: the registry ends every HELP line with one.
-fn unpunctuated(help: &str) -> &str {
-    help.strip_suffix('.').unwrap_or(help)
-}
-
-/// Registers a new counter (named without `_total`, which the text adds) and returns it.
-fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
-    let counter = Counter::default();
-    registry.register(name, unpunctuated(help), counter.0.clone());
-    counter
-}
-
-fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
-    let gauge = Gauge::default();
-    registry.register(name, unpunctuated(help), gauge.0.clone());
-    gauge
-}
-
-/// Registers a duration histogram (`name` without the `_seconds` the text adds).
-fn timing(registry: &mut Registry, name: &str, help: &str) -> Timing {
-    let timing = Timing::default();
-    registry.register_with_unit(
-        name,
-        unpunctuated(help),
-        Unit::Seconds,
-        timing.histogram().clone(),
-    );
-    timing
-}
-
-fn sizes(registry: &mut Registry, name: &str, help: &str) -> Sizes {
-    let sizes = Sizes::default();
-    registry.register(name, unpunctuated(help), sizes.histogram().clone());
-    sizes
-}
-
-fn timing_family<L>(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<L, Histogram, fn() -> Histogram>
-where
-    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
-{
-    let constructor: fn() -> Histogram = duration_histogram;
-    let family = Family::new_with_constructor(constructor);
-    registry.register_with_unit(name, unpunctuated(help), Unit::Seconds, family.clone());
-    family
 }
 
 impl Default for Metrics {
@@ -496,11 +333,16 @@ impl Metrics {
                 "Pulls answered with the whole space: their cookie was older than the space's compaction, or ahead of the space (a replaced database).",
             ),
             open_connections: gauge(r, "replisync_open_connections", "Open client connections."),
-            push_bytes_in_flight: gauge(
-                r,
-                "replisync_push_in_flight_bytes",
-                "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied.",
-            ),
+            push_bytes_in_flight: {
+                let gauge = Gauge::default();
+                r.register_with_unit(
+                    "replisync_push_in_flight",
+                    "Bytes of REPLISYNC_MAX_PUSH_BYTES_IN_FLIGHT held by pushes being read or applied",
+                    Unit::Bytes,
+                    gauge.0.clone(),
+                );
+                gauge
+            },
             pushes_waiting: gauge(
                 r,
                 "replisync_pushes_waiting",
@@ -591,8 +433,29 @@ impl Metrics {
             registry.register_collector(Box::new(parts::PartsCollector::new(app.pokes, app.store)));
         }
         process::register(&mut registry);
+        metrics.show_every_outcome_and_kind();
         metrics.registry = registry;
         metrics
+    }
+
+    /// Creates the push and pull series at 0, so that rates over them start at once.
+    fn show_every_outcome_and_kind(&self) {
+        for answer in [
+            PushAnswer::Committed,
+            PushAnswer::Unchanged,
+            PushAnswer::Refused,
+            PushAnswer::Failed,
+        ] {
+            let outcome = answer.as_str();
+            drop(
+                self.push_durations
+                    .get_or_create(&OutcomeLabels { outcome }),
+            );
+        }
+        for kind in [PullKind::Shared, PullKind::Streamed, PullKind::Reset] {
+            let kind = kind.as_str();
+            drop(self.pull_durations.get_or_create(&PullKindLabels { kind }));
+        }
     }
 
     /// Counts a request answered with `status` after `elapsed`, under its matched `route`
@@ -674,84 +537,40 @@ fn status_class(status: StatusCode) -> &'static str {
     }
 }
 
-/// Mutations that failed, by the kind of mutator and why; and the time JavaScript mutations
-/// take. The app's `Mutators` own them (they record), `/metrics` registers them.
-#[derive(Clone, Debug)]
-pub struct MutationMetrics {
-    failures: Family<FailureLabels, PromCounter>,
-    js_duration: Timing,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The failures shown at 0 before the first (so that a rate over them starts at once): each
-/// kind with the reasons its mutators can fail for.
-const KNOWN_FAILURES: [(&str, &str); 11] = [
-    ("builtin", "invalid_args"),
-    ("builtin", "write_limit"),
-    ("javascript", "threw"),
-    ("javascript", "timeout"),
-    ("javascript", "memory"),
-    ("javascript", "invalid_args"),
-    ("javascript", "write_limit"),
-    ("rust", "invalid_args"),
-    ("rust", "rejected"),
-    ("rust", "write_limit"),
-    ("unknown", "no_mutator"),
-];
-
-impl Default for MutationMetrics {
-    fn default() -> Self {
-        let metrics = MutationMetrics {
-            failures: Family::default(),
-            js_duration: Timing::default(),
-        };
-        for (kind, reason) in KNOWN_FAILURES {
-            drop(
-                metrics
-                    .failures
-                    .get_or_create(&FailureLabels { kind, reason }),
+    /// A client chooses the method and the path: neither may mint new series.
+    #[test]
+    fn requests_are_labelled_by_known_method_route_pattern_and_status() {
+        let metrics = Metrics::default();
+        let odd = Method::from_bytes(b"BREW").unwrap();
+        for method in [&odd, &Method::from_bytes(b"X-ANYTHING").unwrap()] {
+            metrics.observe_request(
+                method,
+                "unmatched",
+                StatusCode::METHOD_NOT_ALLOWED,
+                Duration::from_micros(70),
             );
         }
-        metrics
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FailureLabels {
-    kind: &'static str,
-    reason: &'static str,
-}
-
-impl MutationMetrics {
-    /// Counts a failed mutation: `kind` is `builtin`, `rust`, `javascript` or `unknown` (no
-    /// mutator has its name); `reason` says why.
-    pub fn failed(&self, kind: &'static str, reason: &'static str) {
-        self.failures
-            .get_or_create(&FailureLabels { kind, reason })
-            .inc();
-    }
-
-    /// How many mutations failed for `kind` and `reason`.
-    pub fn failures(&self, kind: &'static str, reason: &'static str) -> u64 {
-        self.failures
-            .get(&FailureLabels { kind, reason })
-            .map_or(0, |counter| counter.get())
-    }
-
-    pub fn js_duration(&self) -> &Timing {
-        &self.js_duration
-    }
-
-    pub(crate) fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "replisync_mutations_failed",
-            "Mutations that failed (their writes discarded; they count as processed), by kind of mutator (builtin, rust, javascript, unknown: no mutator has the name) and reason",
-            self.failures.clone(),
+        metrics.observe_request(
+            &Method::POST,
+            "/spaces/{space}/push",
+            StatusCode::OK,
+            Duration::from_millis(3),
         );
-        registry.register_with_unit(
-            "replisync_js_mutation_duration",
-            "Time a JavaScript mutation took in its engine",
-            Unit::Seconds,
-            self.js_duration.histogram().clone(),
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "replisync_http_requests_total{method=\"other\",route=\"unmatched\",status=\"405\"} 2\n"
+            ),
+            "{text}"
         );
+        assert!(
+            text.contains("replisync_http_request_duration_seconds_count{method=\"POST\",route=\"/spaces/{space}/push\",status_class=\"2xx\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("BREW"), "{text}");
     }
 }

@@ -35,13 +35,13 @@ pub(super) type GroupAnswers = Vec<Option<Result<PushOutcome, PushError>>>;
 pub(super) async fn apply_group(
     store: &dyn Store,
     mutators: &Mutators,
-    pokes: &Pokes,
+    after_commit: AfterCommit<'_>,
     space: &SpaceId,
     pushes: &[Push],
     locking: Locking,
     limit: AgeLimit<'_>,
-    commit_time: &Timing,
 ) -> Result<GroupAnswers, StoreError> {
+    let AfterCommit { pokes, commit_time } = after_commit;
     let mut tx = locking.begin(store, space).await?;
     let mut group = GroupState::read(&mut *tx, pushes).await?;
     let started = Instant::now();
@@ -80,6 +80,13 @@ pub(super) async fn apply_group(
         }
     }
     Ok(answers)
+}
+
+/// What a group's commit tells: the space's watchers, and the commit timing in `/metrics`.
+#[derive(Clone, Copy)]
+pub(super) struct AfterCommit<'a> {
+    pub pokes: &'a Pokes,
+    pub commit_time: &'a Timing,
 }
 
 /// Pokes a space's watchers once its group's commit may have happened: when it succeeded, when

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{Instrument, Span};
 
-use super::apply::{AgeLimit, GroupAnswers, apply_group};
+use super::apply::{AfterCommit, AgeLimit, GroupAnswers, apply_group};
 use super::locking::Locking;
 use super::settings::PushLimits;
 use super::{Push, PushError, PushOutcome};
@@ -270,16 +270,11 @@ impl PushGroups {
                 Locking::Pessimistic
             };
             let applied = reconnecting(|| {
-                apply_group(
-                    store,
-                    mutators,
+                let after_commit = AfterCommit {
                     pokes,
-                    space,
-                    pushes,
-                    locking,
-                    limit,
-                    &self.metrics.push_commit,
-                )
+                    commit_time: &self.metrics.push_commit,
+                };
+                apply_group(store, mutators, after_commit, space, pushes, locking, limit)
             })
             .await;
             match applied {

@@ -5,6 +5,7 @@ mod access_log;
 mod configuration;
 mod harness;
 mod json_logs;
+mod metrics;
 mod pusher_double;
 mod refusals;
 mod serving;

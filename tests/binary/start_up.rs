@@ -115,7 +115,7 @@ fn a_webhook_url_in_the_clear_to_another_host_stops_start_up() {
 }
 
 /// Serves `body` with `status` at `/jwks.json` on `listener`, in the background.
-fn serve_jwks(listener: tokio::net::TcpListener, status: u16, body: &'static str) {
+pub(crate) fn serve_jwks(listener: tokio::net::TcpListener, status: u16, body: &'static str) {
     let app = axum::Router::new().route(
         "/jwks.json",
         axum::routing::get(move || async move {
@@ -126,7 +126,7 @@ fn serve_jwks(listener: tokio::net::TcpListener, status: u16, body: &'static str
 }
 
 /// An Ed25519 public key, as an identity provider publishes it.
-const JWKS: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "key-1", "alg": "EdDSA",
+pub(crate) const JWKS: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "key-1", "alg": "EdDSA",
     "use": "sig", "x": "9M4Die81kgeJIb8OIpnT00l979ONNSwhfppI-YV3Wlc"}]}"#;
 
 /// A JWKS URL that cannot work stops start-up, naming the variable or the URL: one that does

@@ -17,6 +17,7 @@ mod js_mutators;
 mod large_deltas;
 mod limits;
 mod migrations;
+mod observed;
 mod protocol;
 mod pull_faults;
 mod push_limits;
