@@ -28,19 +28,7 @@ const LOCK_FILE: &str = include_str!("../Cargo.lock");
 pub fn init(raw: Option<&str>, format: LogFormat) -> Result<Option<Traces>, String> {
     let filter = filter_from(raw)?;
     let traces = Traces::from_env()?;
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![match format {
-        LogFormat::Text => fmt.with_filter(filter).boxed(),
-        LogFormat::Json => fmt
-            .fmt_fields(JsonLines)
-            .event_format(JsonLines)
-            .with_filter(filter)
-            .boxed(),
-    }];
-    if let Some(traces) = &traces {
-        layers.push(traces.layer().boxed());
-    }
+    let layers = layers(filter, format, traces.as_ref());
     tracing_subscriber::registry().with(layers).init();
     if let Some(traces) = &traces {
         tracing::info!(
@@ -51,6 +39,29 @@ pub fn init(raw: Option<&str>, format: LogFormat) -> Result<Option<Traces>, Stri
         );
     }
     Ok(traces)
+}
+
+/// The log lines, each filtered by RUST_LOG alone, and the exporter's layer when there is one
+/// (with OTLP unset, spans below the RUST_LOG level stay disabled where they are created).
+fn layers(
+    filter: EnvFilter,
+    format: LogFormat,
+    traces: Option<&Traces>,
+) -> Vec<Box<dyn Layer<Registry> + Send + Sync>> {
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    let mut layers = vec![match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt
+            .fmt_fields(JsonLines)
+            .event_format(JsonLines)
+            .with_filter(filter)
+            .boxed(),
+    }];
+    if let Some(traces) = traces {
+        layers.push(traces.layer().boxed());
+    }
+    layers
 }
 
 /// The filter RUST_LOG asks for, or why it cannot be used.
@@ -100,7 +111,27 @@ fn compiled_crates() -> impl Iterator<Item = String> {
 
 #[cfg(test)]
 mod tests {
-    use super::filter_from;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::{filter_from, layers};
+    use crate::config::LogFormat;
+
+    /// Whether a `debug` span of replisync is created under RUST_LOG=`rust_log`, OTLP unset.
+    fn debug_span_enabled(rust_log: &str, format: LogFormat) -> bool {
+        let filter = filter_from(Some(rust_log)).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layers(filter, format, None));
+        tracing::subscriber::with_default(subscriber, || {
+            !tracing::debug_span!("push.commit").is_disabled()
+        })
+    }
+
+    #[test]
+    fn without_otlp_debug_spans_cost_nothing_at_info() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            assert!(!debug_span_enabled("info", format));
+            assert!(debug_span_enabled("info,replisync=debug", format));
+        }
+    }
 
     #[test]
     fn levels_targets_of_this_binary_and_the_default_are_accepted() {
