@@ -174,13 +174,18 @@ fn write_line(request: &Completed) {
         method = request.method.as_str(),
         route = request.route(),
         status = u64::from(request.status.as_u16()),
-        duration_ms = request.elapsed.as_secs_f64() * 1000.0,
+        duration_ms = whole_micros_in_ms(request.elapsed),
         space = request.space.as_ref().map(SpaceId::as_str),
         request_id = request.request_id.as_deref(),
         bytes_in = request.bytes_in,
         bytes_out = request.bytes_out,
         "request"
     );
+}
+
+/// `elapsed` in milliseconds, to the microsecond (`4.200852`, not `4.200851999999999`).
+pub(super) fn whole_micros_in_ms(elapsed: Duration) -> f64 {
+    elapsed.as_micros() as f64 / 1000.0
 }
 
 /// A client's request id as logged: at most [`MAX_REQUEST_ID_CHARS`] characters of visible
@@ -320,6 +325,14 @@ mod tests {
             counted.is_some_and(|line| line.ends_with(" 1")),
             "{rendered}"
         );
+    }
+
+    #[test]
+    fn durations_are_logged_in_milliseconds_to_the_microsecond() {
+        let elapsed = std::time::Duration::from_nanos(4_200_851_999);
+        assert_eq!(super::whole_micros_in_ms(elapsed), 4200.851);
+        let elapsed = std::time::Duration::from_nanos(4_200_852);
+        assert_eq!(super::whole_micros_in_ms(elapsed), 4.2);
     }
 
     #[test]

@@ -289,7 +289,7 @@ fn log_failure(
 ) {
     tracing::error!(
         classification = %failure,
-        latency_ms = latency.as_secs_f64() * 1000.0,
+        latency_ms = access_log::whole_micros_in_ms(latency),
         "response failed"
     );
 }
