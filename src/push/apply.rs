@@ -64,7 +64,7 @@ pub(super) async fn apply_group(
         return Ok(answers); // nothing to write; dropping the transaction rolls it back
     };
     let poke = PokeAfterCommit::armed(pokes, space);
-    let commit_span = tracing::debug_span!("push.commit", pushes = pushes.len());
+    let commit_span = tracing::debug_span!("push.commit", pushes = pushes.len() as i64);
     let commit_started = Instant::now();
     let committed = tx.commit(changes).instrument(commit_span).await;
     let committed_at = Instant::now();
@@ -321,7 +321,7 @@ async fn apply_push(
             "push.mutation",
             name = &*shortened(&mutation.name),
             client = &*shortened(client),
-            id = mutation.id
+            id = mutation.id as i64
         );
         let result = run_mutator(mutators, &mut write_tx, mutation)
             .instrument(span)

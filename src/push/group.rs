@@ -356,7 +356,7 @@ fn group_span(pushers: &[Span]) -> Span {
     let Some((first, others)) = pushers.split_first() else {
         return Span::none();
     };
-    let span = tracing::debug_span!(parent: first, "push.group", pushes = pushers.len());
+    let span = tracing::debug_span!(parent: first, "push.group", pushes = pushers.len() as i64);
     for other in others {
         span.follows_from(other);
     }

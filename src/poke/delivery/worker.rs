@@ -211,7 +211,7 @@ impl<T: Transport> Worker<T> {
         };
         let spaces: Vec<SpaceId> = batch.iter().map(|poke| poke.space.clone()).collect();
         for attempt in 1..=self.options.max_attempts.max(1) {
-            let span = tracing::debug_span!(parent: None, "poke.deliver", service = T::NAME, spaces = spaces.len(), attempt);
+            let span = tracing::debug_span!(parent: None, "poke.deliver", service = T::NAME, spaces = spaces.len() as i64, attempt = i64::from(attempt));
             match send_guarded(transport.as_ref(), &spaces)
                 .instrument(span)
                 .await
