@@ -19,3 +19,4 @@ pub mod pull;
 pub mod push;
 pub mod startup;
 pub mod store;
+pub mod traces;

@@ -1,11 +1,18 @@
 //! Log output: the RUST_LOG filter, checked before anything is logged (one that cannot be parsed,
-//! or that names no level and no crate of this binary, would hide every line), and text or JSON.
+//! or that names no level and no crate of this binary, would hide every line), text or JSON, and
+//! the OTLP trace exporter beside them when OTEL_EXPORTER_OTLP_ENDPOINT asks for it.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
+mod json;
+
+use self::json::JsonLines;
 use crate::config::LogFormat;
+use crate::traces::Traces;
 
 /// The filter when RUST_LOG is unset or blank.
 const DEFAULT_FILTER: &str = "info";
@@ -15,18 +22,46 @@ const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 /// Every crate compiled into replisync (from its lock file), `-` written `_` as in log targets.
 const LOCK_FILE: &str = include_str!("../Cargo.lock");
 
-/// Starts logging with `RUST_LOG` (`raw`, when set) in `format`. An unusable filter is an error
-/// naming RUST_LOG, the directive, and what to write instead.
-pub fn init(raw: Option<&str>, format: LogFormat) -> Result<(), String> {
+/// Starts logging with `RUST_LOG` (`raw`, when set) in `format`, and exporting traces when the
+/// OTEL_* variables ask for it (the caller flushes them at exit with [`Traces::shutdown`]). An
+/// unusable filter or OTLP setting is an error naming the variable and what to write instead.
+pub fn init(raw: Option<&str>, format: LogFormat) -> Result<Option<Traces>, String> {
     let filter = filter_from(raw)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let traces = Traces::from_env()?;
+    let layers = layers(filter, format, traces.as_ref());
+    tracing_subscriber::registry().with(layers).init();
+    if let Some(traces) = &traces {
+        tracing::info!(
+            destination = traces.destination.as_str(),
+            protocol = traces.protocol,
+            service = traces.service_name.as_str(),
+            "traces are exported over OTLP"
+        );
     }
-    Ok(())
+    Ok(traces)
+}
+
+/// The log lines, each filtered by RUST_LOG alone, and the exporter's layer when there is one
+/// (with OTLP unset, spans below the RUST_LOG level stay disabled where they are created).
+fn layers(
+    filter: EnvFilter,
+    format: LogFormat,
+    traces: Option<&Traces>,
+) -> Vec<Box<dyn Layer<Registry> + Send + Sync>> {
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    let mut layers = vec![match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt
+            .fmt_fields(JsonLines)
+            .event_format(JsonLines)
+            .with_filter(filter)
+            .boxed(),
+    }];
+    if let Some(traces) = traces {
+        layers.push(traces.layer().boxed());
+    }
+    layers
 }
 
 /// The filter RUST_LOG asks for, or why it cannot be used.
@@ -76,7 +111,27 @@ fn compiled_crates() -> impl Iterator<Item = String> {
 
 #[cfg(test)]
 mod tests {
-    use super::filter_from;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::{filter_from, layers};
+    use crate::config::LogFormat;
+
+    /// Whether a `debug` span of replisync is created under RUST_LOG=`rust_log`, OTLP unset.
+    fn debug_span_enabled(rust_log: &str, format: LogFormat) -> bool {
+        let filter = filter_from(Some(rust_log)).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layers(filter, format, None));
+        tracing::subscriber::with_default(subscriber, || {
+            !tracing::debug_span!("push.commit").is_disabled()
+        })
+    }
+
+    #[test]
+    fn without_otlp_debug_spans_cost_nothing_at_info() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            assert!(!debug_span_enabled("info", format));
+            assert!(debug_span_enabled("info,replisync=debug", format));
+        }
+    }
 
     #[test]
     fn levels_targets_of_this_binary_and_the_default_are_accepted() {

@@ -1,5 +1,5 @@
-//! The replisync binary: parses the configuration, sets up logging, hands over to `commands`.
-//! A fatal error is printed once: on stderr with text logs, as one error event with JSON logs.
+//! The replisync binary: parses the configuration, sets up logging and traces (flushed at exit),
+//! hands over to `commands`; a fatal error is printed once (on stderr, or one JSON error event).
 
 use replisync::config::{Cli, Command, LogFormat};
 
@@ -7,12 +7,20 @@ use replisync::config::{Cli, Command, LogFormat};
 async fn main() -> std::process::ExitCode {
     let cli = Cli::from_env_and_args();
     let rust_log = std::env::var("RUST_LOG").ok();
-    if let Err(error) = replisync::logging::init(rust_log.as_deref(), cli.config.log_format) {
-        eprintln!("replisync: {error}");
-        return std::process::ExitCode::from(2);
-    }
+    let traces = match replisync::logging::init(rust_log.as_deref(), cli.config.log_format) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("replisync: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let format = cli.config.log_format;
-    match replisync::commands::run(cli.command.unwrap_or(Command::Serve), cli.config).await {
+    let ran = replisync::commands::run(cli.command.unwrap_or(Command::Serve), cli.config).await;
+    if let Some(traces) = traces {
+        // Blocking (the exporter's last batch, within its timeout): off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             match format {

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::auth::{Authenticator, Identity, check_user_id};
 use crate::error::ApiError;
@@ -23,7 +24,9 @@ pub(super) async fn authenticate(
     if request.method() == Method::GET {
         token_from_query(&mut request);
     }
-    let identity = identify(&authenticator, request.headers()).await?;
+    let identity = identify(&authenticator, request.headers())
+        .instrument(tracing::debug_span!("caller.authenticate"))
+        .await?;
     request.extensions_mut().insert(identity);
     Ok(next.run(request).await)
 }

@@ -13,10 +13,12 @@ use bytes::BytesMut;
 use http_body_util::BodyExt;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator, Identity};
 
+use super::access_log::SpaceNote;
 use super::authenticate::identify;
 use super::settings::HttpSettings;
 use crate::error::ApiError;
@@ -270,9 +272,12 @@ where
         let space = SpaceId::parse(&raw_space)
             .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
         tracing::Span::current().record("space", space.as_str());
+        SpaceNote::note(&parts.extensions, &space);
         let Authenticated(identity) = Authenticated::from_request_parts(parts, state).await?;
         let authorizer = Arc::<Authorizer>::from_ref(state);
-        authorize(&authorizer, &identity, &parts.headers, &space, A::ACCESS).await?;
+        authorize(&authorizer, &identity, &parts.headers, &space, A::ACCESS)
+            .instrument(tracing::debug_span!("caller.authorize"))
+            .await?;
         Ok(Caller {
             space,
             user: identity.user,

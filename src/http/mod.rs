@@ -2,6 +2,7 @@
 //! what to cover; the layers around them (time bounds, authentication before any body is read,
 //! CORS, request spans). The binary and the in-process tests serve this exact router.
 
+mod access_log;
 mod authenticate;
 mod bounds;
 mod conn;
@@ -24,14 +25,12 @@ use axum::routing::{MethodFilter, MethodRouter, on};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+pub use self::access_log::REQUEST_ID_HEADER;
 pub use self::conn::accept_loop;
 pub use self::extract::InFlightBytes;
 use self::settings::{CorsOrigins, HttpSettings};
 pub use self::state::{AppState, Draining, Parts};
 use crate::metrics::Metrics;
-
-/// The header Replicache sends with every push and pull; logged on each request span.
-pub const REQUEST_ID_HEADER: &str = "x-replicache-requestid";
 
 /// Where `/metrics` is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,8 +171,9 @@ pub fn metrics_router(state: AppState) -> Router {
     with_common_layers(routes, state)
 }
 
-/// What every request goes through, outermost last: its span, the default body limit, its time
-/// bounds, the drain's `Connection: close`, and the count of refusals. (A panic is answered
+/// What every request goes through, outermost last: its access log line (and request metrics),
+/// its span, the default body limit, its time bounds, the drain's `Connection: close`, and the
+/// count of refusals. (A panic is answered
 /// 500 by the accept loop, `conn`, around them all.)
 fn with_common_layers(routes: Router<AppState>, state: AppState) -> Router {
     routes
@@ -187,7 +187,14 @@ fn with_common_layers(routes: Router<AppState>, state: AppState) -> Router {
         ))
         .layer(from_fn_with_state(state.clone(), bounds::bounded))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(())
+                .on_failure(log_failure),
+        )
+        .layer(from_fn_with_state(state.clone(), access_log::access_log))
         .with_state(state)
 }
 
@@ -252,24 +259,37 @@ fn is_loopback_origin(origin: &HeaderValue) -> bool {
                 .is_ok_and(|ip| ip.is_loopback()))
 }
 
-/// One span per request: the route (`/spaces/{space}/push`, not the raw path), the path, the
-/// Replicache request id; the `Caller` extractor records the space.
+/// One span per request: the route (`/spaces/{space}/push`, never the raw path a client
+/// chooses), the Replicache request id (bounded); the `Caller` extractor records the space.
 fn request_span(request: &Request) -> tracing::Span {
     let request_id = request
         .headers()
         .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+        .map(|v| access_log::bounded_request_id(v.as_bytes()));
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or("", MatchedPath::as_str);
-    tracing::info_span!(
+        .map_or(access_log::UNMATCHED, MatchedPath::as_str);
+    let span = tracing::info_span!(
         "request",
         method = %request.method(),
         route,
-        path = %request.uri().path(),
         request_id,
         space = tracing::field::Empty,
-    )
+    );
+    crate::traces::continue_trace(&span, request.headers());
+    span
+}
+
+/// A 5xx answer (or a failed stream), at `error`, its latency a number of milliseconds.
+fn log_failure(
+    failure: tower_http::classify::ServerErrorsFailureClass,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    tracing::error!(
+        classification = %failure,
+        latency_ms = access_log::whole_micros_in_ms(latency),
+        "response failed"
+    );
 }

@@ -65,6 +65,17 @@ pub struct HttpArgs {
     /// `*` for every origin. Unset: loopback origins only (http://localhost:PORT, 127.0.0.1).
     #[arg(long, env = "REPLISYNC_CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
+
+    /// One `info` line per request (target `replisync::access`): method, route, status,
+    /// duration_ms, space, request id, bytes in and out. `false` writes none.
+    #[arg(
+        long,
+        env = "REPLISYNC_ACCESS_LOG",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        help_heading = "Logging"
+    )]
+    pub access_log: bool,
 }
 
 impl HttpArgs {
@@ -88,6 +99,7 @@ impl HttpArgs {
             body_read_timeout: Duration::from_secs(self.body_read_timeout_secs.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections,
+            access_log: self.access_log,
         })
     }
 
@@ -158,6 +170,8 @@ pub struct HttpSettings {
     pub idle_timeout: Duration,
     /// Most client connections open at once.
     pub max_connections: usize,
+    /// Whether each request writes its access log line.
+    pub access_log: bool,
 }
 
 impl Default for HttpSettings {
@@ -172,6 +186,7 @@ impl Default for HttpSettings {
             body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            access_log: true,
         }
     }
 }

@@ -84,6 +84,7 @@ impl Pokes {
     }
 
     pub fn space_changed(&self, space: &SpaceId, committed_at: Instant) {
+        let _span = tracing::debug_span!("poke", space = space.as_str()).entered();
         for sink in &self.sinks {
             sink.space_changed(space, committed_at);
         }

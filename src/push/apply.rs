@@ -4,6 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use super::locking::Locking;
 use super::{Push, PushBudget, PushError, PushOutcome};
 use crate::auth::{AuthError, check_group_ownership};
@@ -62,8 +64,9 @@ pub(super) async fn apply_group(
         return Ok(answers); // nothing to write; dropping the transaction rolls it back
     };
     let poke = PokeAfterCommit::armed(pokes, space);
+    let commit_span = tracing::debug_span!("push.commit", pushes = pushes.len() as i64);
     let commit_started = Instant::now();
-    let committed = tx.commit(changes).await;
+    let committed = tx.commit(changes).instrument(commit_span).await;
     let committed_at = Instant::now();
     commit_time.observe(committed_at - commit_started);
     poke.settle(&committed);
@@ -314,7 +317,15 @@ async fn apply_push(
             client,
             mutation.id,
         );
-        let result = run_mutator(mutators, &mut write_tx, mutation).await;
+        let span = tracing::debug_span!(
+            "push.mutation",
+            name = &*shortened(&mutation.name),
+            client = &*shortened(client),
+            id = mutation.id as i64
+        );
+        let result = run_mutator(mutators, &mut write_tx, mutation)
+            .instrument(span)
+            .await;
         match write_tx.within_write_limit(result) {
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error),

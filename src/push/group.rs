@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use tracing::{Instrument, Span};
 
 use super::apply::{AfterCommit, AgeLimit, GroupAnswers, apply_group};
 use super::locking::Locking;
@@ -60,6 +61,8 @@ struct Waiting {
     /// When it joined the queue, for `replisync_push_group_wait_seconds` (`None` once a group
     /// handed it back: its wait is counted once).
     queued_at: Option<Instant>,
+    /// The pusher's span (the group's parent, or a link), and the wait's, closed as it ends.
+    traced: (Span, Span),
 }
 
 impl PushGroups {
@@ -93,6 +96,7 @@ impl PushGroups {
         push: Push,
     ) -> Result<PushOutcome, PushError> {
         let (answer, answered) = oneshot::channel();
+        let traced = (Span::current(), tracing::debug_span!("push.group_wait"));
         let lead = {
             let mut queues = self.waiting();
             match queues.entry(space.clone()) {
@@ -103,11 +107,13 @@ impl PushGroups {
                         push,
                         answer,
                         queued_at: Some(Instant::now()),
+                        traced,
                     });
                     None
                 }
                 Entry::Vacant(idle) => {
                     idle.insert(VecDeque::new()); // busy from now on
+                    drop(traced); // no wait
                     Some(push)
                 }
             }
@@ -308,21 +314,33 @@ struct Runner {
 impl Runner {
     async fn run(mut self) {
         while let Some(group) = self.groups.next_group(&self.space) {
+            let pushers: Vec<Span> = group.iter().map(|w| w.traced.0.clone()).collect();
             let (pushes, answers): (Vec<Push>, Vec<_>) =
                 group.into_iter().map(|w| (w.push, w.answer)).unzip();
-            let results = self.groups.apply(&self.space, &pushes).await;
+            let span = group_span(&pushers);
+            let results = self
+                .groups
+                .apply(&self.space, &pushes)
+                .instrument(span)
+                .await;
             self.groups.count(&self.space, &results);
             let mut left = Vec::new();
-            for ((push, answer), result) in pushes.into_iter().zip(answers).zip(results) {
+            let answered = pushes.into_iter().zip(answers).zip(pushers);
+            for (((push, answer), pusher), result) in answered.zip(results) {
                 match result {
                     Some(result) => {
                         let _ = answer.send(result); // the caller may have stopped waiting
                     }
-                    None => left.push(Waiting {
-                        push,
-                        answer,
-                        queued_at: None,
-                    }),
+                    None => {
+                        let wait = tracing::debug_span!(parent: &pusher, "push.group_wait");
+                        let traced = (pusher, wait);
+                        left.push(Waiting {
+                            push,
+                            answer,
+                            queued_at: None,
+                            traced,
+                        });
+                    }
                 }
             }
             if !left.is_empty() {
@@ -331,6 +349,18 @@ impl Runner {
         }
         self.finished = true; // the queue left the map with its last group
     }
+}
+
+/// A runner's group: a child of its first push's span, linked to the others' (one push, one trace).
+fn group_span(pushers: &[Span]) -> Span {
+    let Some((first, others)) = pushers.split_first() else {
+        return Span::none();
+    };
+    let span = tracing::debug_span!(parent: first, "push.group", pushes = pushers.len() as i64);
+    for other in others {
+        span.follows_from(other);
+    }
+    span
 }
 
 /// Hands a space on when the push its caller applied itself is done, or dropped.

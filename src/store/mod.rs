@@ -27,6 +27,10 @@ pub use retry::{RECONNECT_ATTEMPTS, reconnecting};
 
 use crate::protocol::SpaceId;
 
+/// The level of sqlx's line for every statement: `trace`, so that `RUST_LOG=debug` stays
+/// readable; `RUST_LOG=sqlx::query=trace` asks for them. Slow statements still warn.
+pub(crate) const STATEMENT_LOG_LEVEL: log::LevelFilter = log::LevelFilter::Trace;
+
 /// A sqlx pool's figures under `name`.
 pub(crate) fn pool_stats<DB: sqlx::Database>(
     name: &'static str,

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, PgConnection, Postgres, Transaction};
 
 use super::migrations;
 use super::pg_functions::{COMMIT_PUSH_GROUP, LOCK_SPACE_AND_READ_GROUPS, READ_GROUPS};
@@ -65,7 +65,9 @@ impl PgStore {
         max_connections: u32,
         limits: SessionLimits,
     ) -> Result<PgStore, StoreError> {
-        let options = limits.apply(options);
+        let options = limits
+            .apply(options)
+            .log_statements(super::STATEMENT_LOG_LEVEL);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))

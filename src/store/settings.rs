@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use sqlx::ConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 
 use super::Store;
@@ -85,6 +86,7 @@ impl StoreArgs {
         };
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return PgConnectOptions::from_str(url)
+                .map(|options| options.log_statements(super::STATEMENT_LOG_LEVEL))
                 .map(|options| StoreChoice::Postgres(Box::new(options)))
                 .map_err(|e| format!("DATABASE_URL is not a valid Postgres URL: {e}"));
         }

@@ -57,8 +57,8 @@ pub(crate) fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Server 
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             println!("replisync: {}", line.chars().take(300).collect::<String>());
-            if let Some(address) = line.split("address=").nth(1) {
-                let _ = tx.send(address.trim().to_owned());
+            if let Some(address) = listening_address(&line) {
+                let _ = tx.send(address);
             }
             kept.lock().unwrap().push(line);
         }
@@ -71,6 +71,18 @@ pub(crate) fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Server 
         base: format!("http://{address}"),
         log,
     }
+}
+
+/// The address of the line saying where replisync listens, in text (`address=...`) or JSON logs.
+fn listening_address(line: &str) -> Option<String> {
+    if let Some(address) = line.split("address=").nth(1) {
+        return Some(address.trim().to_owned());
+    }
+    let json: Value = serde_json::from_str(line).ok()?;
+    let fields = &json["fields"];
+    (fields["message"] == "replisync listening")
+        .then(|| fields["address"].as_str())?
+        .map(str::to_owned)
 }
 
 /// Runs `replisync --listen LISTEN` in `dir` with only `env`, expects it to refuse to start

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::options::{Counters, PokerOptions, PokerStats, add};
 use super::queue::{Insert, PendingPoke, PokeQueue};
@@ -210,7 +211,11 @@ impl<T: Transport> Worker<T> {
         };
         let spaces: Vec<SpaceId> = batch.iter().map(|poke| poke.space.clone()).collect();
         for attempt in 1..=self.options.max_attempts.max(1) {
-            match send_guarded(transport.as_ref(), &spaces).await {
+            let span = tracing::debug_span!(parent: None, "poke.deliver", service = T::NAME, spaces = spaces.len() as i64, attempt = i64::from(attempt));
+            match send_guarded(transport.as_ref(), &spaces)
+                .instrument(span)
+                .await
+            {
                 Sent::Accepted => {
                     record_delivery::<T>(counters, batch);
                     return;
@@ -237,7 +242,7 @@ impl<T: Transport> Worker<T> {
                     }
                     add(&counters.retries, 1);
                     let delay = retry_delay(&self.options, attempt, retry_after);
-                    tracing::debug!(%reason, attempt, ?delay, "{} poke failed; retrying", T::NAME);
+                    tracing::debug!(%reason, attempt, delay_ms = delay.as_secs_f64() * 1000.0, "{} poke failed; retrying", T::NAME);
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -291,7 +296,7 @@ fn record_delivery<T: Transport>(counters: &Counters, batch: &[PendingPoke]) {
 fn give_up<T: Transport>(counters: &Counters, batch: &[PendingPoke], reason: &str) {
     add(&counters.given_up_spaces, batch.len());
     tracing::warn!(
-        spaces = %space_list(batch),
+        spaces = ?space_list(batch),
         reason,
         "gave up poking {} space(s) through {}",
         batch.len(),
@@ -311,18 +316,24 @@ fn log_rejection<T: Transport>(
         tracing::error!(
             status = code,
             response = detail,
-            %spaces,
+            ?spaces,
             "{} rejected the poke with {code}: {hint} (not retried; logged at most once a minute)",
             T::NAME
         );
     } else {
-        tracing::debug!(status = code, response = detail, %spaces, "{} rejected the poke again", T::NAME);
+        tracing::debug!(
+            status = code,
+            response = detail,
+            ?spaces,
+            "{} rejected the poke again",
+            T::NAME
+        );
     }
 }
 
-fn space_list(batch: &[PendingPoke]) -> String {
-    let names: Vec<&str> = batch.iter().map(|poke| poke.space.as_str()).collect();
-    names.join(",")
+/// The batch's spaces, logged with `?`: a JSON array in JSON logs.
+fn space_list(batch: &[PendingPoke]) -> Vec<&str> {
+    batch.iter().map(|poke| poke.space.as_str()).collect()
 }
 
 /// Rate-limits the error log of a rejection: the same code at most once per interval.
