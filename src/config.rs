@@ -75,6 +75,17 @@ pub struct Config {
         help_heading = "Logging"
     )]
     pub log_format: LogFormat,
+
+    /// Log lines that may wait for the thread that writes them to stdout; past them a line is
+    /// dropped (counted in replisync_log_lines_dropped_total) rather than make a request wait.
+    #[arg(
+        long,
+        env = "REPLISYNC_LOG_BUFFER_LINES",
+        default_value_t = 131_072,
+        value_parser = clap::value_parser!(u64).range(1..=16_777_216),
+        help_heading = "Logging"
+    )]
+    pub log_buffer_lines: u64,
 }
 
 impl Cli {

@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
@@ -22,13 +23,32 @@ const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 /// Every crate compiled into replisync (from its lock file), `-` written `_` as in log targets.
 const LOCK_FILE: &str = include_str!("../Cargo.lock");
 
+/// What logging keeps until the process ends: the writer thread's guard (its drop writes the
+/// lines still buffered) and the trace exporter, when there is one.
+#[derive(Debug)]
+pub struct Logging {
+    pub traces: Option<Traces>,
+    _lines: WorkerGuard,
+}
+
 /// Starts logging with `RUST_LOG` (`raw`, when set) in `format`, and exporting traces when the
 /// OTEL_* variables ask for it (the caller flushes them at exit with [`Traces::shutdown`]). An
 /// unusable filter or OTLP setting is an error naming the variable and what to write instead.
-pub fn init(raw: Option<&str>, format: LogFormat) -> Result<Option<Traces>, String> {
+/// Lines go to stdout through a thread of their own: a request that logs never waits for a
+/// slow reader of stdout (a full pipe, a stalled log shipper).
+/// `buffer_lines` (REPLISYNC_LOG_BUFFER_LINES) may wait for that thread; past them a line is
+/// dropped, and counted in `replisync_log_lines_dropped_total`.
+pub fn init(raw: Option<&str>, format: LogFormat, buffer_lines: u64) -> Result<Logging, String> {
     let filter = filter_from(raw)?;
     let traces = Traces::from_env()?;
-    let layers = layers(filter, format, traces.as_ref());
+    let (stdout, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(usize::try_from(buffer_lines).unwrap_or(usize::MAX))
+        .thread_name("replisync-log")
+        .finish(std::io::stdout());
+    let dropped = stdout.error_counter();
+    crate::metrics::set_dropped_log_lines(Box::new(move || dropped.dropped_lines() as u64));
+    let layers = layers(filter, format, traces.as_ref(), stdout);
     tracing_subscriber::registry().with(layers).init();
     if let Some(traces) = &traces {
         tracing::info!(
@@ -38,7 +58,10 @@ pub fn init(raw: Option<&str>, format: LogFormat) -> Result<Option<Traces>, Stri
             "traces are exported over OTLP"
         );
     }
-    Ok(traces)
+    Ok(Logging {
+        traces,
+        _lines: guard,
+    })
 }
 
 /// The log lines, each filtered by RUST_LOG alone, and the exporter's layer when there is one
@@ -47,8 +70,10 @@ fn layers(
     filter: EnvFilter,
     format: LogFormat,
     traces: Option<&Traces>,
+    stdout: NonBlocking,
 ) -> Vec<Box<dyn Layer<Registry> + Send + Sync>> {
     let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(stdout)
         .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     let mut layers = vec![match format {
         LogFormat::Text => fmt.with_filter(filter).boxed(),
@@ -119,7 +144,8 @@ mod tests {
     /// Whether a `debug` span of replisync is created under RUST_LOG=`rust_log`, OTLP unset.
     fn debug_span_enabled(rust_log: &str, format: LogFormat) -> bool {
         let filter = filter_from(Some(rust_log)).unwrap();
-        let subscriber = tracing_subscriber::registry().with(layers(filter, format, None));
+        let (sink, _guard) = tracing_appender::non_blocking(std::io::sink());
+        let subscriber = tracing_subscriber::registry().with(layers(filter, format, None, sink));
         tracing::subscriber::with_default(subscriber, || {
             !tracing::debug_span!("push.commit").is_disabled()
         })

@@ -7,16 +7,17 @@ use replisync::config::{Cli, Command, LogFormat};
 async fn main() -> std::process::ExitCode {
     let cli = Cli::from_env_and_args();
     let rust_log = std::env::var("RUST_LOG").ok();
-    let traces = match replisync::logging::init(rust_log.as_deref(), cli.config.log_format) {
-        Ok(traces) => traces,
+    let (format, buffer_lines) = (cli.config.log_format, cli.config.log_buffer_lines);
+    // Kept to the end of `main`: its drop writes the log lines still buffered.
+    let mut logging = match replisync::logging::init(rust_log.as_deref(), format, buffer_lines) {
+        Ok(logging) => logging,
         Err(error) => {
             eprintln!("replisync: {error}");
             return std::process::ExitCode::from(2);
         }
     };
-    let format = cli.config.log_format;
     let ran = replisync::commands::run(cli.command.unwrap_or(Command::Serve), cli.config).await;
-    if let Some(traces) = traces {
+    if let Some(traces) = logging.traces.take() {
         // Blocking (the exporter's last batch, within its timeout): off the runtime's workers.
         let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
     }

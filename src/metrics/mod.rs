@@ -30,6 +30,7 @@ use self::families::{counter, gauge, sizes, timing, timing_family};
 use self::kinds::{OutcomeLabels, PullKindLabels};
 pub use self::kinds::{PullKind, PullTimer, PushAnswer};
 pub use self::mutations::MutationMetrics;
+pub use self::process::set_dropped_log_lines;
 pub use self::timing::{Sizes, Timing};
 
 /// The content type of [`Metrics::render`]'s text.

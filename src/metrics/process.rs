@@ -1,14 +1,46 @@
-//! The process's own figures under their standard names (`process_*`, as every Prometheus
-//! client library exports them): memory, CPU time, open file descriptors. Linux only.
+//! The process's own figures: memory, CPU time and open file descriptors under their standard
+//! names (`process_*`, as every Prometheus client exports them; Linux only), and log lines dropped.
 
+use std::sync::OnceLock;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::registry::Registry;
 
-/// Adds the process collector (on Linux; elsewhere nothing).
+/// Reads how many log lines were dropped because stdout could not keep up.
+type DroppedLines = Box<dyn Fn() -> u64 + Send + Sync>;
+
+static DROPPED_LOG_LINES: OnceLock<DroppedLines> = OnceLock::new();
+
+/// Where `/metrics` reads the count of dropped log lines (`replisync_log_lines_dropped_total`):
+/// set once, when logging starts.
+pub fn set_dropped_log_lines(read: DroppedLines) {
+    let _ = DROPPED_LOG_LINES.set(read);
+}
+
+/// Adds the process collectors (the `process_*` figures on Linux only).
 pub(super) fn register(registry: &mut Registry) {
+    registry.register_collector(Box::new(LogLines));
     #[cfg(target_os = "linux")]
     registry.register_collector(Box::new(linux::ProcessCollector));
-    #[cfg(not(target_os = "linux"))]
-    let _ = registry;
+}
+
+/// `replisync_log_lines_dropped_total`, read at each scrape.
+#[derive(Debug)]
+struct LogLines;
+
+impl Collector for LogLines {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let dropped = DROPPED_LOG_LINES.get().map_or(0, |read| read());
+        ConstCounter::new(dropped).encode(encoder.encode_descriptor(
+            "replisync_log_lines_dropped",
+            "Log lines dropped because standard output could not keep up (REPLISYNC_LOG_BUFFER_LINES were waiting for it): no request waits for its log line.",
+            None,
+            MetricType::Counter,
+        )?)
+    }
 }
 
 #[cfg(target_os = "linux")]

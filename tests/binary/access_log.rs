@@ -268,3 +268,73 @@ async fn requests_are_counted_by_route_and_status_even_with_the_access_log_off()
     assert!(timed[0].ends_with(" 2"), "{}", timed[0]);
     server.stop();
 }
+
+/// Nobody reads the server's stdout (a stalled log shipper): the pipe fills after a few hundred
+/// lines, yet every request is still answered, as lines wait for their writer thread instead
+/// of the request waiting for the pipe. Every line is there once the pipe is read and the
+/// server stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_never_wait_for_a_stdout_nobody_reads() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = crate::harness::replisync_command(
+        dir.path(),
+        &["--listen", &listen],
+        &[
+            ("REPLISYNC_LOG_FORMAT", "json"),
+            ("REPLISYNC_DRAIN_DELAY_SECS", "0"),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let base = format!("http://{listen}");
+    let client = reqwest::Client::new();
+    let mut started = false;
+    for _ in 0..300 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started, "the server did not start");
+    // Each line is about 250 bytes: 2,000 of them are several times a pipe's 64 KiB.
+    let requests = 2_000;
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..requests {
+            let response = client.get(format!("{base}/healthz")).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    })
+    .await;
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap());
+    if answered.is_err() {
+        let _ = child.kill();
+    } else {
+        let stopped = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+    }
+    let _ = child.wait();
+    let log = reader.join().unwrap();
+    assert!(
+        answered.is_ok(),
+        "requests stalled behind a stdout nobody read"
+    );
+    let access_lines = log
+        .lines()
+        .filter(|line| line.contains("\"replisync::access\""))
+        .count();
+    assert!(
+        access_lines >= requests + 1,
+        "{access_lines} access lines were written for {requests} requests and the first probe"
+    );
+}

@@ -118,6 +118,7 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ("replisync_poke_delay_seconds", "histogram", Some("seconds")),
     ("replisync_db_pool_connections", "gauge", None),
     ("replisync_db_pool_max_connections", "gauge", None),
+    ("replisync_log_lines_dropped", "counter", None),
     ("process_cpu_seconds", "counter", Some("seconds")),
     ("process_resident_memory_bytes", "gauge", Some("bytes")),
     ("process_virtual_memory_bytes", "gauge", Some("bytes")),
