@@ -334,7 +334,7 @@ async fn requests_never_wait_for_a_stdout_nobody_reads() {
         .filter(|line| line.contains("\"replisync::access\""))
         .count();
     assert!(
-        access_lines >= requests + 1,
+        access_lines > requests,
         "{access_lines} access lines were written for {requests} requests and the first probe"
     );
 }
