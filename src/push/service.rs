@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Push, PushBudget, PushError, PushGroups, PushOutcome};
+use crate::auth::AuthError;
 use crate::metrics::PushAnswer;
 use crate::protocol::{PushRequest, SpaceId};
 
@@ -76,7 +77,11 @@ fn answer_kind(answer: &Result<PushOutcome, PushError>) -> PushAnswer {
     match answer {
         Ok(PushOutcome::Committed { .. }) | Err(PushError::Partial { .. }) => PushAnswer::Committed,
         Ok(PushOutcome::Unchanged | PushOutcome::Replayed) => PushAnswer::Unchanged,
-        Err(PushError::Store(_) | PushError::GroupFailed) => PushAnswer::Failed,
+        Err(
+            PushError::Store(_)
+            | PushError::GroupFailed
+            | PushError::Forbidden(AuthError::Unavailable(_)),
+        ) => PushAnswer::Failed,
         Err(
             PushError::Invalid(_)
             | PushError::TooManyClients { .. }
