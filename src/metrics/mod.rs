@@ -1,6 +1,6 @@
 //! `/metrics`: what the server counts and times, kept with the `prometheus-client` crate and
 //! served as OpenMetrics text. Parts record into the fields here; what other parts own (pokes,
-//! mutators, the pool, the process) is read at scrape time (`app_sources`, `process`).
+//! mutators, the pool, the process) is read at scrape time (`parts`, `process`).
 
 mod families;
 mod kinds;
