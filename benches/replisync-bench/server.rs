@@ -54,9 +54,17 @@ impl Server {
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let stdout = child.stdout.take().context("server stdout")?;
         let log = Arc::new(Mutex::new(Vec::new()));
-        let address = collect_log(stdout, log.clone())
-            .recv_timeout(Duration::from_secs(30))
-            .context("replisync did not report its address")?;
+        let address = match collect_log(stdout, log.clone()).recv_timeout(Duration::from_secs(30)) {
+            Ok(address) => address,
+            Err(_) => {
+                // Not left running (and holding database sessions) after the benchmark ends.
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "replisync did not report its address in JSON logs (a --server-env that changes REPLISYNC_LOG_FORMAT cannot be benchmarked)"
+                );
+            }
+        };
         Ok(Server {
             child,
             base: format!("http://{address}"),
