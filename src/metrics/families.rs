@@ -1,6 +1,8 @@
 //! The metric types parts record into (`Counter`, `Gauge`) and the functions that create a
 //! metric and register it under its name, unit and HELP text.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
@@ -49,6 +51,9 @@ impl Gauge {
         u64::try_from(self.0.get()).unwrap_or(0)
     }
 }
+
+/// A gauge in seconds, with a fraction.
+pub type SecondsGauge = PromGauge<f64, AtomicU64>;
 
 pub(super) fn duration_histogram() -> Histogram {
     Histogram::new(duration_buckets())

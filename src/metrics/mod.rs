@@ -10,14 +10,12 @@ mod process;
 pub mod timing;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge as PromGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
@@ -25,7 +23,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::poke::sinks::Pokes;
 use crate::store::Store;
 
-pub use self::families::{Counter, Gauge};
+pub use self::families::{Counter, Gauge, SecondsGauge};
 use self::families::{counter, gauge, sizes, timing, timing_family};
 use self::kinds::{OutcomeLabels, PullKindLabels};
 pub use self::kinds::{PullKind, PullTimer, PushAnswer};
@@ -53,9 +51,6 @@ impl std::fmt::Debug for AppSources {
             .finish_non_exhaustive()
     }
 }
-
-/// A gauge in seconds, with a fraction.
-pub type SecondsGauge = PromGauge<f64, AtomicU64>;
 
 #[derive(Debug)]
 pub struct Metrics {

@@ -100,7 +100,7 @@ impl Pokes {
         self.private_channels.as_ref()
     }
 
-    /// Each on sink's delay from commit to delivery, by service name.
+    /// Each sink's delay from commit to delivery, by service name (for `/metrics`).
     pub fn delays(&self) -> Vec<(&'static str, Timing)> {
         let mut delays = Vec::new();
         if let Some(poker) = &self.pusher {
