@@ -38,7 +38,8 @@ impl PartsCollector {
 impl Collector for PartsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.encode_pokes(&mut encoder)?;
-        self.encode_pools(&mut encoder)
+        self.encode_pools(&mut encoder)?;
+        self.encode_commit_batches(&mut encoder)
     }
 }
 
@@ -120,6 +121,27 @@ impl PartsCollector {
             ConstGauge::new(i64::from(pool.max)).encode(max.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+impl PartsCollector {
+    fn encode_commit_batches(
+        &self,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let counts = self.store.commit_batches();
+        counter(
+            encoder,
+            "replisync_commit_batches",
+            "Commits that carried the push groups of several spaces (commit batching).",
+            counts.batches,
+        )?;
+        counter(
+            encoder,
+            "replisync_commit_batched_groups",
+            "Push groups (each the pushes to one space) committed in those batches.",
+            counts.batched_groups,
+        )
     }
 }
 

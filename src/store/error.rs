@@ -51,11 +51,13 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// Postgres: serialization failure, deadlock, unique violation. SQLite: busy, locked.
+/// Postgres: serialization failure, deadlock, unique violation. SQLite: busy, locked, and a
+/// unique or primary key violation (two pushes in one shared transaction claimed the same new
+/// client group: the one that comes second runs again, and finds it taken).
 fn is_conflict_code(code: Option<&str>) -> bool {
     matches!(
         code,
-        Some("40001" | "40P01" | "23505" | "5" | "6" | "517" | "262")
+        Some("40001" | "40P01" | "23505" | "5" | "6" | "517" | "262" | "1555" | "2067")
     )
 }
 

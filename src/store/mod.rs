@@ -18,9 +18,9 @@ use async_trait::async_trait;
 
 pub use error::{ConnectionLoss, StoreError};
 pub use records::{
-    ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, ClientRecord, ClientState, ClientWrite,
-    Collected, DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, PullChanges, PullSnapshot,
-    PushChanges, activity_granularity, delta_bytes, unix_now,
+    ACTIVITY_GRANULARITY_SECS, BatchLimits, ClientGroupRecord, ClientRecord, ClientState,
+    ClientWrite, Collected, CommitBatchCounts, DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite,
+    PullChanges, PullSnapshot, PushChanges, activity_granularity, delta_bytes, unix_now,
 };
 pub(crate) use records::{to_i64, to_u64};
 pub use retry::{RECONNECT_ATTEMPTS, reconnecting};
@@ -63,6 +63,12 @@ pub trait Store: Send + Sync + 'static {
     /// Its connection pools' figures, for `/metrics` (none for a store without a pool).
     fn pools(&self) -> Vec<PoolStats> {
         Vec::new()
+    }
+
+    /// How many commits carried the push groups of several spaces, and how many groups, for
+    /// `/metrics` (none for a store that never batches).
+    fn commit_batches(&self) -> CommitBatchCounts {
+        CommitBatchCounts::default()
     }
 
     /// Starts a push (or a group of pushes) to `space` that holds no lock while it runs (a store

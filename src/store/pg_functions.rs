@@ -68,10 +68,42 @@ pub const COMMIT_PUSH_GROUP: SqlCall = SqlCall {
     ],
 };
 
+/// A batch of push groups to several spaces (`postgres::batch`): each space with its versions,
+/// then every row of the groups' writes with its space.
+pub const COMMIT_PUSH_BATCH: SqlCall = SqlCall {
+    name: "replisync_commit_push_batch",
+    args: &[
+        ("spaces", "text[]"),
+        ("new_versions", "bigint[]"),
+        ("read_versions", "bigint[]"),
+        ("active_at", "bigint"),
+        ("new_group_spaces", "text[]"),
+        ("new_group_ids", "text[]"),
+        ("new_group_users", "text[]"),
+        ("active_group_spaces", "text[]"),
+        ("active_groups", "text[]"),
+        ("granularity", "bigint"),
+        ("client_spaces", "text[]"),
+        ("client_ids", "text[]"),
+        ("client_groups", "text[]"),
+        ("client_lmids", "bigint[]"),
+        ("client_versions", "bigint[]"),
+        ("entry_spaces", "text[]"),
+        ("entry_keys", "text[]"),
+        ("entry_values", "text[]"),
+        ("entry_versions", "bigint[]"),
+    ],
+};
+
 /// Every SQL function the Postgres store calls. `tests/sync/sql_functions.rs` compares each
 /// description with the migrated database's `pg_proc` (argument names and types, in order, and
 /// the set of `replisync_` functions), so a change to the Rust side or a migration alone fails.
-pub const CALLS: &[SqlCall] = &[READ_GROUPS, LOCK_SPACE_AND_READ_GROUPS, COMMIT_PUSH_GROUP];
+pub const CALLS: &[SqlCall] = &[
+    READ_GROUPS,
+    LOCK_SPACE_AND_READ_GROUPS,
+    COMMIT_PUSH_GROUP,
+    COMMIT_PUSH_BATCH,
+];
 
 #[cfg(test)]
 mod tests {

@@ -1,38 +1,37 @@
 //! The Postgres store, for production and any number of instances behind a load balancer. A push
-//! commits in one statement if its space did not move, or under the space's lock (READ
-//! COMMITTED); pulls read REPEATABLE READ snapshots. Every session is bounded (see
-//! [`SessionLimits`]).
+//! commits in one statement if its space did not move (with other spaces' in a batch when a
+//! commit is in flight: `batch`), or under the space's lock (READ COMMITTED: `push`); pulls read
+//! REPEATABLE READ snapshots. Every session is bounded (see [`SessionLimits`]).
 
-use std::sync::LazyLock;
+mod batch;
+mod commit;
+mod push;
+
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, PgConnection, Postgres};
 
+use self::batch::CommitBatcher;
+use self::push::{PgPushTx, PushConnection, decode_rows};
 use super::migrations;
-use super::pg_functions::{COMMIT_PUSH_GROUP, LOCK_SPACE_AND_READ_GROUPS, READ_GROUPS};
 use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
 use super::{
-    ACTIVITY_GRANULARITY_SECS, ClientRecord, ClientState, ClientWrite, Collected,
-    DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite, GcBatches, PullChanges, PullSnapshot,
-    PushChanges, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
+    ACTIVITY_GRANULARITY_SECS, Collected, DELTA_BYTES_PER_ENTRY, EntryChange, GcBatches,
+    PullChanges, PullSnapshot, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
+use super::{BatchLimits, CommitBatchCounts};
 use super::{PoolStats, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).
 static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
     LazyLock::new(|| migrations::in_own_table(sqlx::migrate!("./migrations/postgres")));
-
-/// The statements calling the SQL functions, built once from their descriptions.
-static READ_GROUPS_SQL: LazyLock<String> = LazyLock::new(|| READ_GROUPS.select_sql());
-static LOCK_SPACE_AND_READ_GROUPS_SQL: LazyLock<String> =
-    LazyLock::new(|| LOCK_SPACE_AND_READ_GROUPS.select_sql());
-static COMMIT_PUSH_GROUP_SQL: LazyLock<String> = LazyLock::new(|| COMMIT_PUSH_GROUP.call_sql());
 
 /// A pooled connection idle for longer than this is pinged before use; one used more recently
 /// is handed out as it is (a ping is a full round trip, on every push and pull).
@@ -43,6 +42,8 @@ pub struct PgStore {
     pool: PgPool,
     /// See [`activity_granularity`](super::activity_granularity).
     activity_granularity: i64,
+    batch_limits: BatchLimits,
+    batcher: Arc<CommitBatcher>,
 }
 
 /// The statement that starts a transaction (a locked push, a compaction batch): the isolation
@@ -83,15 +84,38 @@ impl PgStore {
             })
             .connect_with(options)
             .await?;
+        let batch_limits = BatchLimits::default();
         Ok(PgStore {
+            batcher: Arc::new(CommitBatcher::new(
+                pool.clone(),
+                batch_limits,
+                ACTIVITY_GRANULARITY_SECS,
+            )),
             pool,
             activity_granularity: ACTIVITY_GRANULARITY_SECS,
+            batch_limits,
         })
     }
 
     /// Records a client group's activity at most once per `secs` (the default is an hour).
     pub fn with_activity_granularity(mut self, secs: i64) -> PgStore {
         self.activity_granularity = secs.max(1);
+        self.new_batcher()
+    }
+
+    /// Bounds the batches that commit pushes to several spaces together.
+    pub fn with_batch_limits(mut self, limits: BatchLimits) -> PgStore {
+        self.batch_limits = limits;
+        self.new_batcher()
+    }
+
+    /// The batcher, made again with the store's settings (before any push).
+    fn new_batcher(mut self) -> PgStore {
+        self.batcher = Arc::new(CommitBatcher::new(
+            self.pool.clone(),
+            self.batch_limits,
+            self.activity_granularity,
+        ));
         self
     }
 
@@ -127,6 +151,7 @@ impl PgStore {
             conn,
             space: space.clone(),
             activity_granularity: self.activity_granularity,
+            batcher: Arc::clone(&self.batcher),
         })
     }
 
@@ -174,6 +199,10 @@ impl Store for PgStore {
 
     fn pools(&self) -> Vec<PoolStats> {
         vec![pool_stats("postgres", &self.pool)]
+    }
+
+    fn commit_batches(&self) -> CommitBatchCounts {
+        self.batcher.counts()
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
@@ -296,117 +325,6 @@ impl Store for PgStore {
 
     async fn close(&self) {
         self.pool.close().await;
-    }
-}
-
-/// A push's connection: a transaction holding the space's lock, or a plain connection whose
-/// commit is one statement.
-enum PushConnection {
-    Locked(Transaction<'static, Postgres>),
-    Unlocked(PoolConnection<Postgres>),
-}
-
-impl PushConnection {
-    fn get(&mut self) -> &mut PgConnection {
-        match self {
-            PushConnection::Locked(tx) => tx,
-            PushConnection::Unlocked(conn) => conn,
-        }
-    }
-}
-
-struct PgPushTx {
-    conn: PushConnection,
-    space: SpaceId,
-    activity_granularity: i64,
-}
-
-/// `client_state`'s one row: the space's version, then groups, collected groups and clients as
-/// `json_agg`s.
-type ClientStateRow = (Option<i64>, Value, Value, Value);
-
-#[async_trait]
-impl PushTx for PgPushTx {
-    async fn client_state(
-        &mut self,
-        client_group_ids: &[String],
-        client_ids: &[String],
-    ) -> Result<ClientState, StoreError> {
-        // One round trip either way (see the migration that defines the functions). Locked: lock,
-        // then read. Unlocked: one snapshot; the commit checks the version. The binds are
-        // READ_GROUPS's arguments, in order.
-        let sql = match self.conn {
-            PushConnection::Locked(_) => LOCK_SPACE_AND_READ_GROUPS_SQL.as_str(),
-            PushConnection::Unlocked(_) => READ_GROUPS_SQL.as_str(),
-        };
-        let (version, groups, collected, clients): ClientStateRow = sqlx::query_as(sql)
-            .bind(self.space.as_str())
-            .bind(client_group_ids)
-            .bind(client_ids)
-            .fetch_one(self.conn.get())
-            .await?;
-        Ok(ClientState {
-            space_version: to_space_version(version)?,
-            groups: decode_rows(groups, client_group_record)?,
-            collected_groups: decode_rows(collected, |id: String| id)?,
-            clients: decode_rows(clients, |(id, client_group_id, last_mutation_id)| {
-                ClientRecord {
-                    id,
-                    client_group_id,
-                    last_mutation_id,
-                }
-            })?,
-        })
-    }
-
-    async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        shared::entry::<Postgres>(self.conn.get(), &self.space, key).await
-    }
-
-    async fn scan_entries(
-        &mut self,
-        start: &str,
-        exclusive: bool,
-        limit: usize,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        shared::scan_entries::<Postgres>(self.conn.get(), &self.space, start, exclusive, limit)
-            .await
-    }
-
-    async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
-        let clients = client_columns(&changes.clients)?;
-        let entries = entry_columns(changes.entries)?;
-        let (new_group_ids, new_group_users): (Vec<String>, Vec<String>) = changes
-            .new_client_groups
-            .into_iter()
-            .map(|group| (group.id, group.user_id))
-            .unzip();
-        // One round trip for every write, and for the commit too when unlocked (the call is its
-        // own transaction). A concurrent writer makes it fail with a serialization failure,
-        // writing nothing (see the migration that defines the function). The binds are
-        // COMMIT_PUSH_GROUP's arguments, in order.
-        sqlx::query(COMMIT_PUSH_GROUP_SQL.as_str())
-            .bind(self.space.as_str())
-            .bind(to_i64(changes.version)?)
-            .bind(to_i64(changes.read_version)?)
-            .bind(changes.active_at)
-            .bind(&new_group_ids)
-            .bind(&new_group_users)
-            .bind(&changes.active_client_groups)
-            .bind(self.activity_granularity)
-            .bind(&clients.ids)
-            .bind(&clients.groups)
-            .bind(&clients.last_mutation_ids)
-            .bind(&clients.versions)
-            .bind(&entries.keys)
-            .bind(&entries.values)
-            .bind(&entries.versions)
-            .execute(self.conn.get())
-            .await?;
-        if let PushConnection::Locked(tx) = self.conn {
-            tx.commit().await?;
-        }
-        Ok(())
     }
 }
 
@@ -561,53 +479,3 @@ async fn compact_batch(
 /// A pull's one row: the space's version and compacted version, then groups, collected groups,
 /// clients and entries as `json_agg`s.
 type PullRow = (Option<i64>, Option<i64>, Value, Value, Value, Option<Value>);
-
-/// Decodes a `json_agg` of row arrays into typed rows.
-fn decode_rows<Row: serde::de::DeserializeOwned, T>(
-    rows: Value,
-    into: impl Fn(Row) -> T,
-) -> Result<Vec<T>, StoreError> {
-    let rows: Vec<Row> = serde_json::from_value(rows)
-        .map_err(|e| StoreError::Corrupt(format!("unexpected pull row: {e}")))?;
-    Ok(rows.into_iter().map(into).collect())
-}
-
-/// The clients a push group writes, as the column arrays that UNNEST takes.
-#[derive(Default)]
-struct ClientColumns {
-    ids: Vec<String>,
-    groups: Vec<String>,
-    last_mutation_ids: Vec<i64>,
-    versions: Vec<i64>,
-}
-
-fn client_columns(clients: &[ClientWrite]) -> Result<ClientColumns, StoreError> {
-    let mut columns = ClientColumns::default();
-    for ClientWrite { client, version } in clients {
-        columns.ids.push(client.id.clone());
-        columns.groups.push(client.client_group_id.clone());
-        columns
-            .last_mutation_ids
-            .push(to_i64(client.last_mutation_id)?);
-        columns.versions.push(to_i64(*version)?);
-    }
-    Ok(columns)
-}
-
-/// The entries a push group writes, as the column arrays that UNNEST takes.
-#[derive(Default)]
-struct EntryColumns {
-    keys: Vec<String>,
-    values: Vec<Option<String>>,
-    versions: Vec<i64>,
-}
-
-fn entry_columns(entries: Vec<EntryWrite>) -> Result<EntryColumns, StoreError> {
-    let mut columns = EntryColumns::default();
-    for entry in entries {
-        columns.keys.push(entry.key);
-        columns.values.push(entry.value);
-        columns.versions.push(to_i64(entry.version)?);
-    }
-    Ok(columns)
-}

@@ -1,6 +1,8 @@
 //! The records a store moves: what push and pull read and write, what garbage collection
 //! removed, and the conversions and clock they share. Plain data; no SQL and no protocol rules.
 
+use std::time::Duration;
+
 use futures::stream::BoxStream;
 
 use super::error::StoreError;
@@ -180,4 +182,32 @@ pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
 /// Converts the protocol's unsigned integers to a BIGINT.
 pub(crate) fn to_i64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{value} does not fit a BIGINT")))
+}
+
+/// How large a commit batch may grow, and how long it may wait (see `postgres::batch` and
+/// `sqlite::batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Most push groups in one commit; 1 commits each alone.
+    pub max_pushes: usize,
+    /// How long a batch waits before it commits: for the commit ahead of it (Postgres), or for
+    /// more pushes to join the open transaction (SQLite).
+    pub max_age: Duration,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_pushes: 64,
+            max_age: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Commits that carried the push groups of several spaces (`batches`), and the groups they
+/// carried (`batched_groups`), since the store opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitBatchCounts {
+    pub batches: u64,
+    pub batched_groups: u64,
 }

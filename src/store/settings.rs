@@ -10,11 +10,11 @@ use anyhow::Context;
 use sqlx::ConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 
-use super::Store;
 use super::pg_connect;
 use super::pg_session::SessionLimits;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
+use super::{BatchLimits, Store};
 
 /// The store's variables as given; [`StoreArgs::choice`] and [`StoreArgs::session_limits`]
 /// check them.
@@ -61,6 +61,17 @@ pub struct StoreArgs {
     /// third of this apart. 0 leaves the operating system's defaults (about two hours).
     #[arg(long, env = "REPLISYNC_DB_TCP_KEEPALIVE_SECS", default_value_t = 15)]
     pub db_tcp_keepalive_secs: u64,
+
+    /// Most push groups (each the pushes to one space) one commit carries: pushes to different
+    /// spaces that are ready while another commit is in flight share the next one. 1 turns
+    /// commit batching off.
+    #[arg(long, env = "REPLISYNC_COMMIT_BATCH_MAX_PUSHES", default_value_t = 64)]
+    pub commit_batch_max_pushes: usize,
+
+    /// Milliseconds a batch waits for the commit ahead of it before it commits beside it: the
+    /// most a push's commit is delayed by batching.
+    #[arg(long, env = "REPLISYNC_COMMIT_BATCH_MAX_AGE_MS", default_value_t = 5)]
+    pub commit_batch_max_age_ms: u64,
 
     /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
     #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -135,6 +146,19 @@ impl StoreArgs {
     }
 }
 
+impl StoreArgs {
+    /// The commit batches' bounds, checked.
+    pub fn batch_limits(&self) -> Result<BatchLimits, String> {
+        if self.commit_batch_max_pushes == 0 {
+            return Err("REPLISYNC_COMMIT_BATCH_MAX_PUSHES must be at least 1 (1 turns commit batching off)".into());
+        }
+        Ok(BatchLimits {
+            max_pushes: self.commit_batch_max_pushes,
+            max_age: Duration::from_millis(self.commit_batch_max_age_ms),
+        })
+    }
+}
+
 /// What opening a store needs from the rest of the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenOptions {
@@ -151,6 +175,7 @@ pub struct OpenOptions {
 impl StoreArgs {
     /// Opens the database these settings name and, when asked, applies its migrations.
     pub async fn open(&self, options: OpenOptions) -> anyhow::Result<Arc<dyn Store>> {
+        let batch_limits = self.batch_limits().map_err(anyhow::Error::msg)?;
         let store: Arc<dyn Store> = match self.choice().map_err(anyhow::Error::msg)? {
             StoreChoice::Postgres(connect) => {
                 let limits = self
@@ -163,7 +188,8 @@ impl StoreArgs {
                 let store = PgStore::connect_with_limits(*connect, self.db_max_connections, limits)
                     .await
                     .with_context(|| format!("cannot connect to Postgres at {target}"))?
-                    .with_activity_granularity(options.activity_granularity);
+                    .with_activity_granularity(options.activity_granularity)
+                    .with_batch_limits(batch_limits);
                 if options.migrate {
                     store.migrate().await?;
                 }
@@ -174,7 +200,8 @@ impl StoreArgs {
                 let store = SqliteStore::open(&path, self.db_max_connections)
                     .await
                     .with_context(|| format!("cannot open the SQLite file {}", path.display()))?
-                    .with_activity_granularity(options.activity_granularity);
+                    .with_activity_granularity(options.activity_granularity)
+                    .with_batch_limits(batch_limits);
                 if options.migrate {
                     store.migrate().await?;
                 }

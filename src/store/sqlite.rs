@@ -1,6 +1,7 @@
 //! The embedded SQLite store: the zero-configuration default, one file, one instance only.
 //! Pushes serialize on a single writer connection (`BEGIN IMMEDIATE`); pulls read WAL snapshots.
 
+mod batch;
 mod gc;
 mod push;
 
@@ -17,6 +18,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
+use self::batch::WriterBatches;
 use self::gc::SqliteGcBatches;
 use self::push::{SqlitePushTx, touch_groups};
 use super::migrations;
@@ -25,7 +27,7 @@ use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, EntryChange, GcBatches, PullChanges,
     PullSnapshot, PushTx, Store, StoreError, delta_bytes, to_i64, unix_now,
 };
-use super::{PoolStats, pool_stats};
+use super::{BatchLimits, CommitBatchCounts, PoolStats, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).
@@ -42,6 +44,8 @@ pub struct SqliteStore {
     touching: Arc<Mutex<HashSet<String>>>,
     /// See [`activity_granularity`](super::activity_granularity).
     activity_granularity: i64,
+    /// The writer's transactions, shared by the pushes that want it at the same time.
+    batches: Arc<WriterBatches>,
 }
 
 impl SqliteStore {
@@ -71,6 +75,7 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         Ok(SqliteStore {
+            batches: Arc::new(WriterBatches::new(writer.clone(), BatchLimits::default())),
             writer,
             readers,
             touching: Arc::default(),
@@ -81,6 +86,12 @@ impl SqliteStore {
     /// Records a client group's activity at most once per `secs` (the default is an hour).
     pub fn with_activity_granularity(mut self, secs: i64) -> SqliteStore {
         self.activity_granularity = secs.max(1);
+        self
+    }
+
+    /// Bounds the transactions that pushes to several spaces share.
+    pub fn with_batch_limits(mut self, limits: BatchLimits) -> SqliteStore {
+        self.batches = Arc::new(WriterBatches::new(self.writer.clone(), limits));
         self
     }
 
@@ -115,13 +126,17 @@ impl Store for SqliteStore {
         ]
     }
 
+    fn commit_batches(&self) -> CommitBatchCounts {
+        self.batches.counts()
+    }
+
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         // Always locked: the single writer is every space's lock, and costs no round trips.
         self.begin_locked_push(space).await
     }
 
     async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
-        let tx = SqlitePushTx::begin(&self.writer, space, self.activity_granularity).await?;
+        let tx = SqlitePushTx::begin(&self.batches, space, self.activity_granularity).await?;
         Ok(Box::new(tx))
     }
 

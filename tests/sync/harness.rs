@@ -9,10 +9,10 @@ use replisync::poke::PokeSink;
 use replisync::poke::sse::settings::SseSettings;
 use replisync::protocol::SpaceId;
 use replisync::startup::{App, AppBuilder, serve};
-use replisync::store::Store;
 use replisync::store::pg_session::SessionLimits;
 use replisync::store::postgres::PgStore;
 use replisync::store::sqlite::SqliteStore;
+use replisync::store::{BatchLimits, Store};
 use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
@@ -81,6 +81,8 @@ pub(crate) struct StoreOptions {
     pub pg_limits: SessionLimits,
     /// Postgres: changes the store's connect options (before the bounds are added).
     pub pg_options: fn(PgConnectOptions) -> PgConnectOptions,
+    /// How the store batches the commits of pushes to several spaces.
+    pub batch: BatchLimits,
 }
 
 /// A wrapper of the test's store that captures what the test keeps (a gate, a switch).
@@ -104,6 +106,7 @@ impl Default for StoreOptions {
             wrap_store: None,
             pg_limits: SessionLimits::default(),
             pg_options: |options| options,
+            batch: BatchLimits::default(),
         }
     }
 }
@@ -384,12 +387,16 @@ impl TestDb {
                 let connect = (options.pg_options)(connect);
                 let store = PgStore::connect_with_limits(connect, 16, options.pg_limits)
                     .await
-                    .unwrap();
+                    .unwrap()
+                    .with_batch_limits(options.batch);
                 store.migrate().await.unwrap();
                 Arc::new(store)
             }
             TestDb::Sqlite { path, .. } => {
-                let store = SqliteStore::open(path, 8).await.unwrap();
+                let store = SqliteStore::open(path, 8)
+                    .await
+                    .unwrap()
+                    .with_batch_limits(options.batch);
                 store.migrate().await.unwrap();
                 Arc::new(store)
             }

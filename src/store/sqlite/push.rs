@@ -1,11 +1,14 @@
-//! A push's transaction on SQLite: opened on the single writer (`BEGIN IMMEDIATE`, every
-//! space's lock), its reads one by one, and its commit's writes, activity only when stale.
+//! A push's place in the single writer's transaction (`batch`: every space's lock, shared with
+//! pushes to other spaces), its reads one by one, and its writes, activity only when stale.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnection, SqlitePool};
-use sqlx::{Sqlite, Transaction};
+use sqlx::Sqlite;
+use sqlx::sqlite::SqliteConnection;
+
+use super::batch::{Member, WriterBatches};
 
 use crate::protocol::SpaceId;
 use crate::store::shared::{self, client_group_record, to_lmid, to_space_version};
@@ -13,9 +16,9 @@ use crate::store::{
     ClientRecord, ClientState, ClientWrite, PushChanges, PushTx, StoreError, to_i64,
 };
 
-/// One push's transaction, holding the writer until it commits or is dropped.
+/// One push's place in the writer's transaction, until it commits or is dropped.
 pub(super) struct SqlitePushTx {
-    tx: Transaction<'static, Sqlite>,
+    member: Member,
     space: SpaceId,
     version: u64,
     activity_granularity: i64,
@@ -24,16 +27,16 @@ pub(super) struct SqlitePushTx {
 }
 
 impl SqlitePushTx {
-    /// Opens the push's transaction on the `writer` and reads the space's version.
+    /// Joins the writer's transaction and reads the space's version.
     pub(super) async fn begin(
-        writer: &SqlitePool,
+        batches: &Arc<WriterBatches>,
         space: &SpaceId,
         activity_granularity: i64,
     ) -> Result<SqlitePushTx, StoreError> {
-        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-        let version = space_version(&mut tx, space).await?;
+        let member = batches.join().await?;
+        let version = space_version(&mut *member.conn().await?, space).await?;
         Ok(SqlitePushTx {
-            tx,
+            member,
             space: space.clone(),
             version,
             activity_granularity,
@@ -55,30 +58,31 @@ impl PushTx for SqlitePushTx {
             space_version: self.version,
             ..ClientState::default()
         };
+        let mut conn = self.member.conn().await?;
         for id in client_group_ids {
             let row = sqlx::query_as::<_, (String, String, i64)>(
                 "SELECT space_id, user_id, last_active FROM replisync_client_groups WHERE id = ?1",
             )
             .bind(id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(&mut *conn)
             .await?;
             if let Some((space_id, user_id, last_active)) = row {
                 self.groups_last_active.insert(id.clone(), last_active);
                 state
                     .groups
                     .push(client_group_record((id.clone(), space_id, user_id)));
-            } else if shared::client_group_collected::<Sqlite>(&mut self.tx, id).await? {
+            } else if shared::client_group_collected::<Sqlite>(&mut conn, id).await? {
                 state.collected_groups.push(id.clone());
             }
         }
         for id in client_ids {
-            state.clients.extend(stored_client(&mut self.tx, id).await?);
+            state.clients.extend(stored_client(&mut conn, id).await?);
         }
         Ok(state)
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        shared::entry::<Sqlite>(&mut self.tx, &self.space, key).await
+        shared::entry::<Sqlite>(&mut *self.member.conn().await?, &self.space, key).await
     }
 
     async fn scan_entries(
@@ -87,91 +91,129 @@ impl PushTx for SqlitePushTx {
         exclusive: bool,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        shared::scan_entries::<Sqlite>(&mut self.tx, &self.space, start, exclusive, limit).await
+        let mut conn = self.member.conn().await?;
+        shared::scan_entries::<Sqlite>(&mut conn, &self.space, start, exclusive, limit).await
     }
 
-    async fn commit(mut self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
-        let space = self.space.as_str().to_owned();
-        let version = to_i64(changes.version)?;
-        // The single writer connection means nobody else can claim these rows meanwhile.
-        for group in &changes.new_client_groups {
-            sqlx::query(
-                "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )
-            .bind(&group.id)
-            .bind(&space)
-            .bind(&group.user_id)
-            .bind(changes.active_at)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        // Only a stale activity is written: a busy group costs no statement per push.
-        let stale: Vec<String> = changes
-            .active_client_groups
-            .iter()
-            .filter(|id| {
-                self.groups_last_active
-                    .get(*id)
-                    .is_some_and(|at| *at < changes.active_at - self.activity_granularity)
+    async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
+        let SqlitePushTx {
+            member,
+            space,
+            activity_granularity,
+            groups_last_active,
+            ..
+        } = *self;
+        let stale = stale_groups(&changes, &groups_last_active, activity_granularity);
+        member
+            .commit(move |conn| {
+                Box::pin(write_changes(
+                    conn,
+                    space,
+                    changes,
+                    stale,
+                    activity_granularity,
+                ))
             })
-            .cloned()
-            .collect();
-        if !stale.is_empty() {
-            touch_groups(
-                &mut self.tx,
-                &stale,
-                changes.active_at,
-                self.activity_granularity,
-            )
-            .await?;
-        }
-        for ClientWrite { client, version } in &changes.clients {
-            sqlx::query(
-                "INSERT INTO replisync_clients
-                     (id, client_group_id, last_mutation_id, last_modified_version)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE
-                     SET last_mutation_id = excluded.last_mutation_id,
-                         last_modified_version = excluded.last_modified_version",
-            )
-            .bind(&client.id)
-            .bind(&client.client_group_id)
-            .bind(to_i64(client.last_mutation_id)?)
-            .bind(to_i64(*version)?)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        for entry in &changes.entries {
-            sqlx::query(
-                "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (space_id, key) DO UPDATE
-                     SET value = excluded.value,
-                         deleted = excluded.deleted,
-                         version = excluded.version,
-                         changed_at = excluded.changed_at",
-            )
-            .bind(&space)
-            .bind(&entry.key)
-            .bind(&entry.value)
-            .bind(entry.value.is_none())
-            .bind(to_i64(entry.version)?)
-            .bind(changes.active_at)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO replisync_spaces (id, version) VALUES (?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-        )
-        .bind(&space)
-        .bind(version)
-        .execute(&mut *self.tx)
-        .await?;
-        self.tx.commit().await?;
-        Ok(())
+            .await
     }
+}
+
+/// The groups that pushed whose stored activity is older than the granularity: only those are
+/// written (a busy group costs no statement per push).
+fn stale_groups(
+    changes: &PushChanges,
+    last_active: &HashMap<String, i64>,
+    granularity: i64,
+) -> Vec<String> {
+    changes
+        .active_client_groups
+        .iter()
+        .filter(|id| {
+            last_active
+                .get(*id)
+                .is_some_and(|at| *at < changes.active_at - granularity)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Writes one push group's changes to `space` and moves its version.
+async fn write_changes(
+    conn: &mut SqliteConnection,
+    space: SpaceId,
+    changes: PushChanges,
+    stale: Vec<String>,
+    activity_granularity: i64,
+) -> Result<(), StoreError> {
+    let space = space.as_str();
+    let version = to_i64(changes.version)?;
+    for group in &changes.new_client_groups {
+        sqlx::query(
+            "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&group.id)
+        .bind(space)
+        .bind(&group.user_id)
+        .bind(changes.active_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !stale.is_empty() {
+        touch_groups(conn, &stale, changes.active_at, activity_granularity).await?;
+    }
+    for ClientWrite { client, version } in &changes.clients {
+        // A client of another group is left alone: a push of another space in the same
+        // transaction claimed the id after this push read it. This push runs again.
+        let written = sqlx::query(
+            "INSERT INTO replisync_clients
+                 (id, client_group_id, last_mutation_id, last_modified_version)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE
+                 SET last_mutation_id = excluded.last_mutation_id,
+                     last_modified_version = excluded.last_modified_version
+                 WHERE replisync_clients.client_group_id = excluded.client_group_id",
+        )
+        .bind(&client.id)
+        .bind(&client.client_group_id)
+        .bind(to_i64(client.last_mutation_id)?)
+        .bind(to_i64(*version)?)
+        .execute(&mut *conn)
+        .await?;
+        if written.rows_affected() != 1 {
+            return Err(StoreError::Conflict(
+                "a client id was claimed by another client group".into(),
+            ));
+        }
+    }
+    for entry in &changes.entries {
+        sqlx::query(
+            "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (space_id, key) DO UPDATE
+                 SET value = excluded.value,
+                     deleted = excluded.deleted,
+                     version = excluded.version,
+                     changed_at = excluded.changed_at",
+        )
+        .bind(space)
+        .bind(&entry.key)
+        .bind(&entry.value)
+        .bind(entry.value.is_none())
+        .bind(to_i64(entry.version)?)
+        .bind(changes.active_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO replisync_spaces (id, version) VALUES (?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+    )
+    .bind(space)
+    .bind(version)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Sets the last activity of `group_ids` to `now` where it is older than `granularity`.

@@ -1,0 +1,377 @@
+//! Commit batching on SQLite: pushes to any spaces that want the single writer while its
+//! transaction is open join that transaction, and all of them commit together, with one fsync.
+//!
+//! The first push opens the writer's transaction (`BEGIN IMMEDIATE`); pushes that come while it
+//! is open join it, until it has `max_pushes` members or has been open for `max_age`. Members run
+//! at once, sharing the connection statement by statement; each writes its push group inside a
+//! savepoint of its own (a write the database refuses undoes that group alone), and the last
+//! member to finish commits. A push alone commits as soon as it is done: no added latency.
+//! Pushes to one space never meet in a transaction (their groups run one after another).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use sqlx::{Sqlite, Transaction};
+use tokio::sync::{Notify, watch};
+
+use crate::store::{BatchLimits, CommitBatchCounts, StoreError};
+
+/// The writer's transactions, one open at a time.
+#[derive(Debug)]
+pub(super) struct WriterBatches {
+    writer: SqlitePool,
+    limits: BatchLimits,
+    state: Mutex<WriterState>,
+    /// Told when a transaction opens (or fails to): pushes waiting to join try again.
+    opened: Notify,
+    batches: AtomicU64,
+    batched_groups: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    /// The transaction open now (it may take no more members).
+    open: Option<Arc<SharedTx>>,
+    /// A push is opening the next transaction: the others wait to join it.
+    opening: bool,
+}
+
+/// The writer's open transaction, shared by its members.
+pub(super) struct SharedTx {
+    conn: tokio::sync::Mutex<Option<Transaction<'static, Sqlite>>>,
+    opened_at: Instant,
+    members: Mutex<Members>,
+    /// The commit's outcome, once known.
+    outcome: watch::Sender<Option<Result<(), StoreError>>>,
+}
+
+impl std::fmt::Debug for SharedTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTx")
+            .field("opened_at", &self.opened_at)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Members {
+    /// Members not done yet.
+    active: usize,
+    joined: usize,
+    /// Members whose group is written (inside the transaction, not yet committed).
+    written: usize,
+    /// A member's write stopped midway (a panic, or a savepoint that could not be undone): the
+    /// whole transaction rolls back.
+    broken: bool,
+    /// No member may join: the transaction is full, too old, or committing.
+    closed: bool,
+}
+
+impl WriterBatches {
+    pub(super) fn new(writer: SqlitePool, limits: BatchLimits) -> Self {
+        WriterBatches {
+            writer,
+            limits,
+            state: Mutex::default(),
+            opened: Notify::new(),
+            batches: AtomicU64::new(0),
+            batched_groups: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn counts(&self) -> CommitBatchCounts {
+        CommitBatchCounts {
+            batches: self.batches.load(Ordering::Relaxed),
+            batched_groups: self.batched_groups.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A place in the writer's transaction: the open one if it takes members, else the next.
+    pub(super) async fn join(self: &Arc<Self>) -> Result<Member, StoreError> {
+        loop {
+            let next_opened = self.opened.notified();
+            match self.place() {
+                Place::Joined(member) => return Ok(member),
+                Place::Open => return self.open_next().await,
+                Place::Wait => next_opened.await,
+            }
+        }
+    }
+
+    /// The caller's place now: in the open transaction, opening the next, or waiting for it.
+    fn place(self: &Arc<Self>) -> Place {
+        let mut state = self.state();
+        if let Some(open) = &state.open
+            && open.admit(&self.limits)
+        {
+            return Place::Joined(Member::new(self, Arc::clone(open)));
+        }
+        if state.opening {
+            return Place::Wait;
+        }
+        state.opening = true;
+        Place::Open
+    }
+
+    /// Opens the writer's next transaction (once the one before has committed), with the caller
+    /// as its first member.
+    async fn open_next(self: &Arc<Self>) -> Result<Member, StoreError> {
+        let begun = self.writer.begin_with("BEGIN IMMEDIATE").await;
+        let tx = match begun {
+            Ok(tx) => tx,
+            Err(error) => {
+                self.state().opening = false;
+                self.opened.notify_waiters();
+                return Err(error.into());
+            }
+        };
+        let (outcome, _) = watch::channel(None);
+        let shared = Arc::new(SharedTx {
+            conn: tokio::sync::Mutex::new(Some(tx)),
+            opened_at: Instant::now(),
+            members: Mutex::new(Members {
+                active: 1,
+                joined: 1,
+                ..Members::default()
+            }),
+            outcome,
+        });
+        {
+            let mut state = self.state();
+            state.opening = false;
+            state.open = Some(Arc::clone(&shared));
+        }
+        self.opened.notify_waiters();
+        Ok(Member::new(self, shared))
+    }
+
+    fn state(&self) -> MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Commits `tx` (every member done), in a task of its own so that no caller can cut it short,
+    /// and publishes the outcome.
+    fn commit(self: &Arc<Self>, tx: Arc<SharedTx>, written: usize, broken: bool) {
+        if written > 1 {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            self.batched_groups
+                .fetch_add(written as u64, Ordering::Relaxed);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // the process is stopping: dropping the transaction rolls it back
+        };
+        runtime.spawn(async move {
+            let taken = tx.conn.lock().await.take();
+            let outcome = match taken {
+                Some(open) if broken => {
+                    let _ = open.rollback().await;
+                    Err(StoreError::Database(
+                        "a push's write stopped midway; its batch was rolled back".into(),
+                    ))
+                }
+                Some(open) if written > 0 => open.commit().await.map_err(StoreError::from),
+                Some(open) => open.rollback().await.map_err(StoreError::from),
+                None => Err(StoreError::Database(
+                    "the transaction was already ended".into(),
+                )),
+            };
+            tx.outcome.send_replace(Some(outcome));
+        });
+    }
+}
+
+enum Place {
+    Joined(Member),
+    Open,
+    Wait,
+}
+
+/// One push's place in a shared transaction. Dropping it without [`Member::commit`] leaves the
+/// transaction to the others, having written nothing.
+pub(super) struct Member {
+    batches: Arc<WriterBatches>,
+    tx: Arc<SharedTx>,
+    done: bool,
+}
+
+impl SharedTx {
+    /// Takes one more member, if the transaction is neither full nor too old.
+    fn admit(&self, limits: &BatchLimits) -> bool {
+        let mut members = self.members();
+        if members.closed
+            || members.joined >= limits.max_pushes
+            || self.opened_at.elapsed() >= limits.max_age
+        {
+            members.closed = true;
+            return false;
+        }
+        members.active += 1;
+        members.joined += 1;
+        true
+    }
+
+    fn members(&self) -> MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Member {
+    fn new(batches: &Arc<WriterBatches>, tx: Arc<SharedTx>) -> Member {
+        Member {
+            batches: Arc::clone(batches),
+            tx,
+            done: false,
+        }
+    }
+
+    /// The transaction's connection, for one or more statements; the other members wait.
+    pub(super) async fn conn(&self) -> Result<ConnGuard<'_>, StoreError> {
+        let guard = self.tx.conn.lock().await;
+        if guard.is_none() {
+            return Err(StoreError::Database(
+                "the shared transaction ended before the push was done".into(),
+            ));
+        }
+        Ok(ConnGuard(guard))
+    }
+
+    /// Writes the member's group inside a savepoint, in a task of its own (cancelling the push
+    /// cannot leave a group half written), then waits for the transaction's commit.
+    pub(super) async fn commit<W>(self, write: W) -> Result<(), StoreError>
+    where
+        W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>
+            + Send
+            + 'static,
+    {
+        let mut outcome = self.tx.outcome.subscribe();
+        let mut member = self;
+        let written = tokio::spawn(async move {
+            let written = AssertUnwindSafe(write_in_savepoint(&member.tx, write))
+                .catch_unwind()
+                .await;
+            let (wrote, broken) = match &written {
+                Ok(Written::Yes) => (true, false),
+                Ok(Written::No(_)) => (false, false),
+                Ok(Written::Broken(_)) | Err(_) => (false, true),
+            };
+            member.finish(wrote, broken);
+            match written {
+                Ok(Written::Yes) => Ok(()),
+                Ok(Written::No(error) | Written::Broken(error)) => Err(error),
+                Err(_) => Err(StoreError::Database("a push's write panicked".into())),
+            }
+        })
+        .await
+        .unwrap_or_else(|error| Err(StoreError::Database(format!("push write failed: {error}"))));
+        written?;
+        let outcome = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| StoreError::Database("the shared transaction was dropped".into()))?;
+        outcome.clone().expect("waited for an outcome")
+    }
+
+    /// Leaves the transaction; the last member out closes and commits it.
+    fn finish(&mut self, wrote: bool, broken: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let (written, broken) = {
+            let mut members = self.tx.members();
+            members.active -= 1;
+            members.written += usize::from(wrote);
+            members.broken |= broken;
+            if members.active > 0 {
+                return;
+            }
+            members.closed = true;
+            (members.written, members.broken)
+        };
+        {
+            let mut state = self.batches.state();
+            if state
+                .open
+                .as_ref()
+                .is_some_and(|open| Arc::ptr_eq(open, &self.tx))
+            {
+                state.open = None;
+            }
+        }
+        self.batches.commit(Arc::clone(&self.tx), written, broken);
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.finish(false, false);
+    }
+}
+
+/// The shared transaction's connection, held.
+pub(super) struct ConnGuard<'a>(tokio::sync::MutexGuard<'a, Option<Transaction<'static, Sqlite>>>);
+
+impl std::ops::Deref for ConnGuard<'_> {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.0.as_ref().expect("checked when taken")
+    }
+}
+
+impl std::ops::DerefMut for ConnGuard<'_> {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.0.as_mut().expect("checked when taken")
+    }
+}
+
+/// How a member's write ended.
+enum Written {
+    Yes,
+    /// Refused, and undone: the transaction goes on without it.
+    No(StoreError),
+    /// Stopped midway and could not be undone.
+    Broken(StoreError),
+}
+
+/// Runs `write` inside a savepoint of the shared transaction: all of it, or none of it.
+async fn write_in_savepoint<W>(tx: &SharedTx, write: W) -> Written
+where
+    W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
+{
+    let mut guard = tx.conn.lock().await;
+    let Some(open) = guard.as_mut() else {
+        return Written::No(StoreError::Database(
+            "the shared transaction ended before the push was written".into(),
+        ));
+    };
+    let conn: &mut SqliteConnection = open;
+    if let Err(error) = sqlx::raw_sql("SAVEPOINT push_group")
+        .execute(&mut *conn)
+        .await
+    {
+        return Written::No(error.into());
+    }
+    let written = write(&mut *conn).await;
+    let ended = match &written {
+        Ok(()) => {
+            sqlx::raw_sql("RELEASE push_group")
+                .execute(&mut *conn)
+                .await
+        }
+        Err(_) => {
+            sqlx::raw_sql("ROLLBACK TO push_group; RELEASE push_group")
+                .execute(&mut *conn)
+                .await
+        }
+    };
+    match (written, ended) {
+        (_, Err(error)) => Written::Broken(error.into()),
+        (Ok(()), Ok(_)) => Written::Yes,
+        (Err(error), Ok(_)) => Written::No(error),
+    }
+}
