@@ -185,16 +185,10 @@ impl Bench {
                 let gc_off = self
                     .push_round(&format!("{name}-off"), false, shape)
                     .await?;
-                off.push(PushRound {
-                    served: gc_off.served,
-                    floor: None,
-                });
+                off.push(PushRound::alone(gc_off.served));
                 let gc_on = self.push_round(&format!("{name}-on"), true, shape).await?;
                 pass_ended_s.push(gc_on.pass_ended_s);
-                on.push(PushRound {
-                    served: gc_on.served,
-                    floor: None,
-                });
+                on.push(PushRound::alone(gc_on.served));
                 removed.push(gc_on.removed);
                 left.push(gc_on.left);
             }

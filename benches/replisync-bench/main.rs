@@ -3,6 +3,7 @@
 //! workloads, prints the tables and writes JSON.
 
 mod api;
+mod commit_floor;
 mod database;
 mod floor;
 mod gc_workloads;
@@ -25,9 +26,10 @@ use replisync::store::postgres::PgStore;
 use sqlx::postgres::PgConnectOptions;
 
 use api::Api;
+use commit_floor::CommitFloor;
 use report::Report;
 use server::Server;
-use workloads::Bench;
+use workloads::{Bench, Floors, PUSH_WORKLOADS};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,8 +57,10 @@ struct Args {
     /// The replisync binary to benchmark (by default the one cargo built along with this bench).
     #[arg(long, default_value = env!("CARGO_BIN_EXE_replisync"))]
     server: PathBuf,
-    /// Run only these workloads (comma-separated): push, storm, first-pull, poke, js, gc, and
-    /// soak (never by default; best alone: it starts from the fresh database).
+    /// Run only these workloads (comma-separated): push (on Postgres, then on a replisync
+    /// started on its embedded SQLite store, in a fresh temporary file), storm, first-pull,
+    /// poke, js, gc, and soak (never by default; best alone: it starts from the fresh
+    /// database).
     #[arg(
         long,
         value_delimiter = ',',
@@ -64,10 +68,12 @@ struct Args {
     )]
     only: Vec<String>,
     /// Of the push workloads, run only these (comma-separated): one-1, one-8, one-64, many-8,
-    /// many-64, batched.
-    #[arg(long, value_delimiter = ',')]
+    /// many-64, batched (on Postgres); sqlite-one-8, sqlite-one-64, sqlite-many-8,
+    /// sqlite-many-64 (the same on SQLite, no floor).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(PUSH_WORKLOADS))]
     push_workloads: Vec<String>,
-    /// Skip the floor beside each push workload (to compare server builds whose schemas
+    /// Skip both floors beside each Postgres push workload: the six statements of a push, and
+    /// one durable one-statement commit per push (to compare server builds whose schemas
     /// differ from this benchmark's store).
     #[arg(long)]
     no_floor: bool,
@@ -105,7 +111,7 @@ impl Args {
     }
 }
 
-/// Connections of replisync's pool, and of the floor's.
+/// Connections of replisync's pool, and of each floor's.
 const POOL_SIZE: u32 = 16;
 
 #[tokio::main]
@@ -127,8 +133,12 @@ async fn main() -> anyhow::Result<()> {
         push_workloads: args.push_workloads.clone(),
         floor: !args.no_floor,
     };
-    let floor_store =
-        Arc::new(PgStore::connect(PgConnectOptions::from_str(&bench_url)?, POOL_SIZE).await?);
+    let floors = Floors {
+        statements: Arc::new(
+            PgStore::connect(PgConnectOptions::from_str(&bench_url)?, POOL_SIZE).await?,
+        ),
+        commit: CommitFloor::connect(&bench_url).await?,
+    };
     let mut report = Report::default();
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.idle_rss_mb = server.rss_mb();
@@ -141,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
         report.soak = Some(bench.soak(&server, settings).await?);
     }
     if args.runs("push") {
-        bench.push_workloads(&floor_store, &mut report).await?;
+        bench.push_workloads(&floors, &mut report).await?;
     }
     if args.runs("js") {
         bench.js_workloads(&mut report).await?;
@@ -168,7 +178,8 @@ async fn main() -> anyhow::Result<()> {
     report.print();
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
     println!("\nwrote {}", args.json);
-    floor_store.close().await;
+    floors.statements.close().await;
+    floors.commit.close().await;
     let problems = poke_workloads::poke_problems(&report);
     for problem in &problems {
         eprintln!("poke workload: {problem}");

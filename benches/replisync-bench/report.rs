@@ -121,6 +121,9 @@ pub(crate) struct PushRow {
     /// Absent for workloads without a floor.
     #[serde(flatten)]
     pub floor: Option<FloorComparison>,
+    /// Absent for workloads without a floor.
+    #[serde(flatten)]
+    pub commit_floor: Option<CommitFloorComparison>,
 }
 
 /// A push workload against its floor (see floor.rs).
@@ -136,10 +139,32 @@ pub(crate) struct FloorComparison {
     pub ratio_to_floor_rounds: Vec<f64>,
 }
 
-/// One round of a push workload: replisync's figures, and the floor's when it has one.
+/// A push workload against its one-commit floor (see commit_floor.rs): the same figures as
+/// [`FloorComparison`]'s.
+#[derive(Serialize)]
+pub(crate) struct CommitFloorComparison {
+    pub commit_floor_mutations_per_second: f64,
+    pub commit_floor_p50_ms: f64,
+    pub ratio_to_commit_floor: f64,
+    pub ratio_to_commit_floor_rounds: Vec<f64>,
+}
+
+/// One round of a push workload: replisync's figures, and each floor's when it has them.
 pub(crate) struct PushRound {
     pub served: PushFigures,
     pub floor: Option<PushFigures>,
+    pub commit_floor: Option<PushFigures>,
+}
+
+impl PushRound {
+    /// A round with no floor.
+    pub(crate) fn alone(served: PushFigures) -> PushRound {
+        PushRound {
+            served,
+            floor: None,
+            commit_floor: None,
+        }
+    }
 }
 
 /// The poke storm: many watchers pulling the same new version at once.
@@ -312,10 +337,8 @@ impl PushRow {
             .map(|r| r.served.mutations_per_second())
             .collect();
         let mut latencies = all_latencies(rounds.iter().map(|r| &r.served));
-        let with_floor: Vec<(&PushFigures, &PushFigures)> = rounds
-            .iter()
-            .filter_map(|r| r.floor.as_ref().map(|floor| (&r.served, floor)))
-            .collect();
+        let floor = against_floor(rounds, |r| r.floor.as_ref());
+        let commit_floor = against_floor(rounds, |r| r.commit_floor.as_ref());
         PushRow {
             workload,
             rounds: rounds.len(),
@@ -324,30 +347,60 @@ impl PushRow {
             push_p50_ms: percentile(&mut latencies, 50.0),
             push_p99_ms: percentile(&mut latencies, 99.0),
             pushes: latencies.len(),
-            floor: (!with_floor.is_empty()).then(|| FloorComparison::from_rounds(&with_floor)),
+            floor: floor.map(|f| FloorComparison {
+                floor_mutations_per_second: f.mutations_per_second,
+                floor_p50_ms: f.p50_ms,
+                ratio_to_floor: f.ratio,
+                ratio_to_floor_rounds: f.ratio_rounds,
+            }),
+            commit_floor: commit_floor.map(|f| CommitFloorComparison {
+                commit_floor_mutations_per_second: f.mutations_per_second,
+                commit_floor_p50_ms: f.p50_ms,
+                ratio_to_commit_floor: f.ratio,
+                ratio_to_commit_floor_rounds: f.ratio_rounds,
+            }),
         }
     }
 }
 
-impl FloorComparison {
-    /// From (replisync, floor) pairs of figures, one per round.
-    fn from_rounds(rounds: &[(&PushFigures, &PushFigures)]) -> FloorComparison {
-        let mut floor_throughputs: Vec<f64> = rounds
-            .iter()
-            .map(|(_, floor)| floor.mutations_per_second())
-            .collect();
-        let mut ratios: Vec<f64> = rounds
-            .iter()
-            .map(|(served, floor)| served.mutations_per_second() / floor.mutations_per_second())
-            .collect();
-        let mut floor_latencies = all_latencies(rounds.iter().map(|(_, floor)| *floor));
-        FloorComparison {
-            floor_mutations_per_second: median(&mut floor_throughputs),
-            floor_p50_ms: percentile(&mut floor_latencies, 50.0),
-            ratio_to_floor: median(&mut ratios),
-            ratio_to_floor_rounds: ratios,
-        }
+/// A push workload against one of its floors, over the rounds that ran it.
+struct AgainstFloor {
+    /// The floor's median throughput, and its p50 over every push of every round.
+    mutations_per_second: f64,
+    p50_ms: f64,
+    /// The median of the rounds' ratios of replisync's throughput to the floor's, and each
+    /// round's in ascending order.
+    ratio: f64,
+    ratio_rounds: Vec<f64>,
+}
+
+/// The rounds compared with the floor `floor_of` picks; None when no round ran it.
+fn against_floor(
+    rounds: &[PushRound],
+    floor_of: impl Fn(&PushRound) -> Option<&PushFigures>,
+) -> Option<AgainstFloor> {
+    let pairs: Vec<(&PushFigures, &PushFigures)> = rounds
+        .iter()
+        .filter_map(|r| floor_of(r).map(|floor| (&r.served, floor)))
+        .collect();
+    if pairs.is_empty() {
+        return None;
     }
+    let mut throughputs: Vec<f64> = pairs
+        .iter()
+        .map(|(_, floor)| floor.mutations_per_second())
+        .collect();
+    let mut ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(served, floor)| served.mutations_per_second() / floor.mutations_per_second())
+        .collect();
+    let mut latencies = all_latencies(pairs.iter().map(|(_, floor)| *floor));
+    Some(AgainstFloor {
+        mutations_per_second: median(&mut throughputs),
+        p50_ms: percentile(&mut latencies, 50.0),
+        ratio: median(&mut ratios),
+        ratio_rounds: ratios,
+    })
 }
 
 /// `x` with `places` decimals, or "-" when there is no figure (NaN, infinite).
@@ -457,21 +510,22 @@ impl Report {
             return;
         }
         println!(
-            "\n| workload | mutations/s | push p50 ms | push p99 ms | floor mutations/s | ratio to floor |"
+            "\n| workload | mutations/s | push p50 ms | push p99 ms | floor mutations/s | ratio to floor | one-commit floor mutations/s | ratio to one-commit floor |"
         );
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.pushes {
-            let floor = row.floor.as_ref();
+            let (floor, commit) = (row.floor.as_ref(), row.commit_floor.as_ref());
+            let or_dash = |figure: Option<String>| figure.unwrap_or_else(|| "-".to_owned());
             println!(
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.workload,
                 one_decimal(row.mutations_per_second),
                 one_decimal(row.push_p50_ms),
                 one_decimal(row.push_p99_ms),
-                floor.map_or("-".to_owned(), |f| one_decimal(
-                    f.floor_mutations_per_second
-                )),
-                floor.map_or("-".to_owned(), |f| decimals(f.ratio_to_floor, 2)),
+                or_dash(floor.map(|f| one_decimal(f.floor_mutations_per_second))),
+                or_dash(floor.map(|f| decimals(f.ratio_to_floor, 2))),
+                or_dash(commit.map(|f| one_decimal(f.commit_floor_mutations_per_second))),
+                or_dash(commit.map(|f| decimals(f.ratio_to_commit_floor, 2))),
             );
         }
     }

@@ -1,6 +1,6 @@
-//! The processes under test: a replisync server (its address, log and memory read back) and,
-//! for poke latency, sockudo; both on loopback, both killed when dropped. (socket.io's Redis
-//! side: socketio.rs.)
+//! The processes under test: a replisync server on Postgres or on its embedded SQLite (its
+//! address, log and memory read back) and, for poke latency, sockudo; both on loopback, both
+//! killed when dropped. (socket.io's Redis side: socketio.rs.)
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -41,7 +41,34 @@ impl Server {
         jwt_secret: Option<&str>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Server> {
-        let mut command = server_command(binary, database_url);
+        let database = Database::Postgres(database_url);
+        Server::launch(binary, database, sockudo, jwt_secret, env).await
+    }
+
+    /// Starts `binary` on its embedded SQLite store (no DATABASE_URL), in `file`, with pokes
+    /// off, and waits until it logs its address; fails unless it logged that store.
+    pub(crate) async fn start_on_sqlite(
+        binary: &Path,
+        file: &Path,
+        jwt_secret: Option<&str>,
+    ) -> anyhow::Result<Server> {
+        let server =
+            Server::launch(binary, Database::SqliteFile(file), None, jwt_secret, &[]).await?;
+        anyhow::ensure!(
+            server.logged_message_starting("store: sqlite"),
+            "the replisync meant to run on SQLite did not log \"store: sqlite\" before its address (a --server-env DATABASE_URL overrides the benchmark's choice)"
+        );
+        Ok(server)
+    }
+
+    async fn launch(
+        binary: &Path,
+        database: Database<'_>,
+        sockudo: Option<&Sockudo>,
+        jwt_secret: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
+        let mut command = server_command(binary, database);
         command.envs(env.iter().copied());
         if let Some(secret) = jwt_secret {
             command.env("REPLISYNC_JWT_SECRET", secret);
@@ -111,6 +138,18 @@ impl Server {
         })
     }
 
+    /// Whether the server has logged a line whose message starts with `prefix`.
+    fn logged_message_starting(&self, prefix: &str) -> bool {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter()
+            .filter_map(|(_, line)| serde_json::from_str::<Value>(line).ok())
+            .any(|entry| {
+                entry["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(prefix))
+            })
+    }
+
     pub(crate) fn log_len(&self) -> usize {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -124,7 +163,7 @@ pub(crate) async fn run_gc_once(
     database_url: &str,
     env: &[(&str, &str)],
 ) -> anyhow::Result<(Duration, String)> {
-    let mut command = server_command(binary, database_url);
+    let mut command = server_command(binary, Database::Postgres(database_url));
     command
         .arg("gc")
         .envs(env.iter().copied())
@@ -159,14 +198,27 @@ pub(crate) fn set_extra_env(env: Vec<(String, String)>) {
     let _ = EXTRA_ENV.set(env);
 }
 
-/// replisync with nothing from this environment but the settings below: JSON logs on stdout,
-/// SSE off, the benchmark's pool size, and `--server-env`'s variables.
-fn server_command(binary: &Path, database_url: &str) -> Command {
+/// Which database a replisync the benchmark starts uses.
+#[derive(Clone, Copy)]
+enum Database<'a> {
+    /// DATABASE_URL.
+    Postgres(&'a str),
+    /// No DATABASE_URL: the embedded SQLite store, in this file (REPLISYNC_SQLITE_PATH).
+    SqliteFile(&'a Path),
+}
+
+/// replisync with nothing from this environment but the settings below: its database, JSON
+/// logs on stdout, SSE off, the benchmark's pool size, and `--server-env`'s variables.
+fn server_command(binary: &Path, database: Database<'_>) -> Command {
     let mut command = Command::new(binary);
     command
         .current_dir(std::env::temp_dir()) // no `.env` of the developer's
-        .env_clear()
-        .env("DATABASE_URL", database_url)
+        .env_clear();
+    match database {
+        Database::Postgres(url) => command.env("DATABASE_URL", url),
+        Database::SqliteFile(file) => command.env("REPLISYNC_SQLITE_PATH", file),
+    };
+    command
         .env("REPLISYNC_LISTEN", "127.0.0.1:0")
         .env("REPLISYNC_DB_MAX_CONNECTIONS", POOL_SIZE.to_string())
         .env("REPLISYNC_LOG_FORMAT", "json")

@@ -120,10 +120,7 @@ impl Bench {
                 let name = format!("{tag}-many-{clients}-r{round}");
                 let shape = (clients, 100, 1, self.total_pushes(clients));
                 let served = push_workload_on(&self.api, increment, &name, shape).await?;
-                rounds.push(PushRound {
-                    served,
-                    floor: None,
-                });
+                rounds.push(PushRound::alone(served));
             }
             let label = format!("push, 100 spaces, C={clients}");
             rows.push(PushRow::from_rounds(label, &rounds));

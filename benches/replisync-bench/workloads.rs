@@ -1,6 +1,6 @@
-//! The workloads, each bounded in requests and in time: pushes (with their floor), the poke
-//! storm and first pulls of big spaces (poke latency: poke_workloads.rs); each returns its typed
-//! figures.
+//! The workloads, each bounded in requests and in time: pushes (with their floors, and on
+//! SQLite), the poke storm and first pulls of big spaces (poke latency: poke_workloads.rs); each
+//! returns its typed figures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use replisync::store::postgres::PgStore;
 use serde_json::{Value, json};
 
 use crate::api::{Api, Mutation, increment, js_increment, pull_body, push_body, set};
+use crate::commit_floor::CommitFloor;
 use crate::database::transactions_so_far;
 use crate::floor::floor_workload;
 use crate::load::{PushFigures, client_name, drive_clients, group_name, space_name};
@@ -20,6 +21,28 @@ use crate::server::Server;
 const LOAD_BATCH: usize = 500;
 /// Loading the entries a first pull reads may take this long at most.
 const LOAD_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The push workloads --push-workloads may name: on Postgres, then on SQLite.
+pub(crate) const PUSH_WORKLOADS: [&str; 10] = [
+    "one-1",
+    "one-8",
+    "one-64",
+    "many-8",
+    "many-64",
+    "batched",
+    "sqlite-one-8",
+    "sqlite-one-64",
+    "sqlite-many-8",
+    "sqlite-many-64",
+];
+
+/// What each Postgres push workload is compared with, in the same run.
+pub(crate) struct Floors {
+    /// The six statements of a one-increment push, through the Postgres store (floor.rs).
+    pub statements: Arc<PgStore>,
+    /// One durable one-statement commit per push (commit_floor.rs).
+    pub commit: CommitFloor,
+}
 
 #[derive(Clone)]
 pub(crate) struct Bench {
@@ -36,62 +59,52 @@ pub(crate) struct Bench {
     pub database_url: String,
     /// REPLISYNC_JWT_SECRET of every server started, when tokens are measured.
     pub jwt_secret: Option<String>,
-    /// The push workloads to run (`one-1`, `one-8`, `one-64`, `many-8`, `many-64`, `batched`);
-    /// empty: all.
+    /// The push workloads to run (of PUSH_WORKLOADS); empty: all.
     pub push_workloads: Vec<String>,
-    /// Whether each push workload is compared with its floor.
+    /// Whether each Postgres push workload is compared with its floors.
     pub floor: bool,
 }
 
 impl Bench {
-    /// Workloads 1 to 3 and the floor: one space, 100 spaces, batches of 100.
+    /// Workloads 1 to 3 and their floors: one space, 100 spaces, batches of 100; then one
+    /// space and 100 spaces on SQLite.
     pub(crate) async fn push_workloads(
         &self,
-        floor_store: &Arc<PgStore>,
+        floors: &Floors,
         report: &mut Report,
     ) -> anyhow::Result<()> {
-        for clients in [1, 8, 64] {
-            let name = format!("one-{clients}");
+        for (name, label, clients, spaces) in postgres_shapes() {
             if self.runs_push(&name) {
-                let label = format!("push, one space, C={clients}");
                 let rounds = self
-                    .compare_with_floor(floor_store, &name, clients, 1)
+                    .compare_with_floors(floors, &name, clients, spaces)
                     .await?;
                 report.add_push_row(label, &rounds);
             }
         }
-        for clients in [8, 64] {
-            let name = format!("many-{clients}");
-            if self.runs_push(&name) {
-                let label = format!("push, 100 spaces, C={clients}");
-                let rounds = self
-                    .compare_with_floor(floor_store, &name, clients, 100)
-                    .await?;
-                report.add_push_row(label, &rounds);
-            }
+        if self.runs_push("batched") {
+            self.batched_workload(report).await?;
         }
-        if !self.runs_push("batched") {
-            return Ok(());
-        }
+        self.sqlite_push_workloads(report).await
+    }
+
+    /// Pushes of 100 increments each, 8 clients, one space.
+    async fn batched_workload(&self, report: &mut Report) -> anyhow::Result<()> {
         let mut rounds = Vec::new();
         for round in 0..self.repeat {
             let served = self
                 .push_workload(&format!("batched-r{round}"), 8, 1, 100, 400 / self.scale)
                 .await?;
-            rounds.push(PushRound {
-                served,
-                floor: None,
-            });
+            rounds.push(PushRound::alone(served));
         }
         report.add_push_row("push, 100 mutations each, C=8".into(), &rounds);
         Ok(())
     }
 
-    /// Runs a push workload and its floor `self.repeat` times, alternating, each round on
+    /// Runs a push workload and its floors `self.repeat` times, alternating, each round on
     /// fresh spaces and clients.
-    async fn compare_with_floor(
+    async fn compare_with_floors(
         &self,
-        floor_store: &Arc<PgStore>,
+        floors: &Floors,
         name: &str,
         clients: usize,
         spaces: usize,
@@ -102,15 +115,49 @@ impl Bench {
             let served = self
                 .push_workload(&format!("{name}-r{round}"), clients, spaces, 1, total)
                 .await?;
-            let floor = if self.floor {
+            let mut round_figures = PushRound::alone(served);
+            if self.floor {
                 let floor_name = format!("floor-{name}-r{round}");
-                Some(floor_workload(floor_store, &floor_name, clients, spaces, total).await?)
-            } else {
-                None
-            };
-            rounds.push(PushRound { served, floor });
+                let floor =
+                    floor_workload(&floors.statements, &floor_name, clients, spaces, total).await?;
+                let commit_name = format!("commit-{name}-r{round}");
+                let commit = floors
+                    .commit
+                    .run(&commit_name, clients, spaces, total)
+                    .await?;
+                round_figures.floor = Some(floor);
+                round_figures.commit_floor = Some(commit);
+            }
+            rounds.push(round_figures);
         }
         Ok(rounds)
+    }
+
+    /// The one-space and 100-space workloads at C=8 and C=64 on a replisync started on its
+    /// embedded SQLite store, in a fresh file; no floor.
+    async fn sqlite_push_workloads(&self, report: &mut Report) -> anyhow::Result<()> {
+        let shapes: Vec<_> = sqlite_shapes()
+            .filter(|(name, ..)| self.runs_push(name))
+            .collect();
+        if shapes.is_empty() {
+            return Ok(());
+        }
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("replisync.db");
+        let jwt_secret = self.jwt_secret.as_deref();
+        let server = Server::start_on_sqlite(&self.server_binary, &file, jwt_secret).await?;
+        let api = self.api.at(&server.base);
+        for (name, label, clients, spaces) in shapes {
+            let shape = (clients, spaces, 1, self.total_pushes(clients));
+            let mut rounds = Vec::new();
+            for round in 0..self.repeat {
+                let round_name = format!("{name}-r{round}");
+                let served = push_workload_on(&api, increment, &round_name, shape).await?;
+                rounds.push(PushRound::alone(served));
+            }
+            report.add_push_row(label, &rounds);
+        }
+        Ok(())
     }
 
     fn runs_push(&self, name: &str) -> bool {
@@ -162,16 +209,10 @@ impl Bench {
             for round in 0..self.repeat {
                 let name = format!("js-{clients}-{spaces}-r{round}");
                 let served = push_workload_on(&api, increment, &format!("{name}-b"), shape).await?;
-                builtin.push(PushRound {
-                    served,
-                    floor: None,
-                });
+                builtin.push(PushRound::alone(served));
                 let served =
                     push_workload_on(&api, js_increment, &format!("{name}-j"), shape).await?;
-                js.push(PushRound {
-                    served,
-                    floor: None,
-                });
+                js.push(PushRound::alone(served));
             }
             let label = format!("one-mutation pushes, {spaces} space(s), C={clients}");
             report.add_js_row(label, &builtin, &js);
@@ -292,6 +333,34 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// The Postgres one-increment push workloads: name, table label, clients, spaces.
+fn postgres_shapes() -> impl Iterator<Item = (String, String, usize, usize)> {
+    let one = [1, 8, 64].map(|c| (format!("one-{c}"), format!("push, one space, C={c}"), c, 1));
+    let many = [8, 64].map(|c| {
+        (
+            format!("many-{c}"),
+            format!("push, 100 spaces, C={c}"),
+            c,
+            100,
+        )
+    });
+    one.into_iter().chain(many)
+}
+
+/// The same workloads at C=8 and C=64 on SQLite, named `sqlite-` and labelled `SQLite, `.
+fn sqlite_shapes() -> impl Iterator<Item = (String, String, usize, usize)> {
+    postgres_shapes()
+        .filter(|(.., clients, _)| *clients > 1)
+        .map(|(name, label, clients, spaces)| {
+            (
+                format!("sqlite-{name}"),
+                format!("SQLite, {label}"),
+                clients,
+                spaces,
+            )
+        })
 }
 
 /// `clients` concurrent clients of `api`, each pushing `batch` mutations made by `mutation` (an
