@@ -141,6 +141,12 @@ impl PartsCollector {
             "replisync_commit_batched_groups",
             "Push groups (each the pushes to one space) committed in those batches.",
             counts.batched_groups,
+        )?;
+        gauge(
+            encoder,
+            "replisync_commit_batch_waiting",
+            "Push groups waiting for a batch's commit now.",
+            counts.waiting as i64,
         )
     }
 }

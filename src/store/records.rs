@@ -205,9 +205,11 @@ impl Default for BatchLimits {
 }
 
 /// Commits that carried the push groups of several spaces (`batches`), and the groups they
-/// carried (`batched_groups`), since the store opened.
+/// carried (`batched_groups`), since the store opened; and the groups that wait for a batch's
+/// commit now (`waiting`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommitBatchCounts {
     pub batches: u64,
     pub batched_groups: u64,
+    pub waiting: u64,
 }

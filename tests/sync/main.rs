@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod commit_batches;
 mod compaction;
 mod concurrency;
 mod conflicts;

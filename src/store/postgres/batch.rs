@@ -55,11 +55,13 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-/// The batch that waits for the commit ahead of it.
+/// The batch that waits for the commit ahead of it, with its first group's connection to commit
+/// on (the others go back to the pool while they wait).
 struct Forming {
     id: u64,
     opened: Instant,
     groups: Vec<Waiting>,
+    conn: Option<PoolConnection<Postgres>>,
 }
 
 /// One space's group in a forming batch, and where its outcome goes.
@@ -78,7 +80,7 @@ struct Counts {
 /// How a group's commit goes.
 enum Turn {
     /// At once, alone, on the push's own connection.
-    Alone(SpaceId, PushChanges),
+    Alone(SpaceId, PushChanges, PoolConnection<Postgres>),
     /// In a batch, whose outcome comes on `answer`.
     Wait {
         batch: u64,
@@ -100,9 +102,11 @@ impl CommitBatcher {
 
     /// Commits and the groups they carried, for `/metrics`.
     pub(crate) fn counts(&self) -> CommitBatchCounts {
+        let waiting = self.queue().forming.as_ref().map_or(0, |b| b.groups.len());
         CommitBatchCounts {
             batches: self.counts.batches.load(Ordering::Relaxed),
             batched_groups: self.counts.batched_groups.load(Ordering::Relaxed),
+            waiting: waiting as u64,
         }
     }
 
@@ -110,12 +114,12 @@ impl CommitBatcher {
     /// else in the next batch (`conn` goes back to the pool meanwhile).
     pub(super) async fn commit(
         self: &Arc<Self>,
-        mut conn: PoolConnection<Postgres>,
+        conn: PoolConnection<Postgres>,
         space: SpaceId,
         changes: PushChanges,
     ) -> Result<(), StoreError> {
-        match self.take_turn(space, changes) {
-            Turn::Alone(space, changes) => {
+        match self.take_turn(space, changes, conn) {
+            Turn::Alone(space, changes, mut conn) => {
                 let _slot = InFlight(Arc::clone(self));
                 commit_group(&mut conn, &space, changes, self.activity_granularity).await
             }
@@ -123,16 +127,18 @@ impl CommitBatcher {
                 batch,
                 opened,
                 answer,
-            } => {
-                drop(conn);
-                self.await_batch(batch, opened, answer).await
-            }
+            } => self.await_batch(batch, opened, answer).await,
         }
     }
 
     /// Joins the forming batch, or commits alone (counted in flight): when nothing is in
     /// flight, the group is large, or its space is in the batch already.
-    fn take_turn(self: &Arc<Self>, space: SpaceId, changes: PushChanges) -> Turn {
+    fn take_turn(
+        self: &Arc<Self>,
+        space: SpaceId,
+        changes: PushChanges,
+        conn: PoolConnection<Postgres>,
+    ) -> Turn {
         let mut queue = self.queue();
         let idle = queue.in_flight == 0 && queue.forming.is_none();
         let large = entry_bytes(&changes) > ALONE_FROM_BYTES;
@@ -142,7 +148,7 @@ impl CommitBatcher {
             .is_some_and(|batch| batch.groups.iter().any(|g| g.space == space));
         if idle || large || repeated || self.limits.max_pushes <= 1 {
             queue.in_flight += 1;
-            return Turn::Alone(space, changes);
+            return Turn::Alone(space, changes, conn);
         }
         let (sender, answer) = oneshot::channel();
         if queue.forming.is_none() {
@@ -152,9 +158,15 @@ impl CommitBatcher {
                 id,
                 opened: Instant::now(),
                 groups: Vec::new(),
+                conn: None,
             });
         }
         let batch = queue.forming.as_mut().expect("a batch forms");
+        if batch.conn.is_none() {
+            batch.conn = Some(conn);
+        } else {
+            drop(conn); // back to the pool while the push waits
+        }
         batch.groups.push(Waiting {
             space,
             changes,
@@ -208,25 +220,33 @@ impl CommitBatcher {
         let batcher = Arc::clone(self);
         runtime.spawn(async move {
             let _slot = InFlight(Arc::clone(&batcher));
-            batcher.run(batch.groups).await;
+            batcher.run(batch.groups, batch.conn).await;
         });
     }
 
-    /// Commits a batch's groups and answers each.
-    async fn run(&self, groups: Vec<Waiting>) {
+    /// Commits a batch's groups (on `conn`, else a connection of the pool) and answers each.
+    async fn run(&self, groups: Vec<Waiting>, conn: Option<PoolConnection<Postgres>>) {
         let (answers, groups): (Vec<_>, Vec<_>) = groups
             .into_iter()
             .map(|g| (g.answer, (g.space, g.changes)))
             .unzip();
-        let outcomes = self.commit_all(groups).await;
+        let outcomes = self.commit_all(groups, conn).await;
         for (answer, outcome) in answers.into_iter().zip(outcomes) {
             let _ = answer.send(outcome); // the push may have stopped waiting
         }
     }
 
     /// One outcome per group, in order.
-    async fn commit_all(&self, groups: Vec<(SpaceId, PushChanges)>) -> Vec<Result<(), StoreError>> {
-        let mut conn = match self.pool.acquire().await {
+    async fn commit_all(
+        &self,
+        groups: Vec<(SpaceId, PushChanges)>,
+        conn: Option<PoolConnection<Postgres>>,
+    ) -> Vec<Result<(), StoreError>> {
+        let acquired = match conn {
+            Some(conn) => Ok(conn),
+            None => self.pool.acquire().await,
+        };
+        let mut conn = match acquired {
             Ok(conn) => conn,
             Err(error) => return vec![Err(error.into()); groups.len()],
         };

@@ -31,6 +31,8 @@ pub(super) struct WriterBatches {
     opened: Notify,
     batches: AtomicU64,
     batched_groups: AtomicU64,
+    /// Members written and waiting for their transaction's commit.
+    waiting: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -81,6 +83,7 @@ impl WriterBatches {
             opened: Notify::new(),
             batches: AtomicU64::new(0),
             batched_groups: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
         }
     }
 
@@ -88,6 +91,7 @@ impl WriterBatches {
         CommitBatchCounts {
             batches: self.batches.load(Ordering::Relaxed),
             batched_groups: self.batched_groups.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
         }
     }
 
@@ -165,6 +169,7 @@ impl WriterBatches {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // the process is stopping: dropping the transaction rolls it back
         };
+        let batches = Arc::clone(self);
         runtime.spawn(async move {
             let taken = tx.conn.lock().await.take();
             let outcome = match taken {
@@ -180,6 +185,7 @@ impl WriterBatches {
                     "the transaction was already ended".into(),
                 )),
             };
+            batches.waiting.fetch_sub(written as u64, Ordering::Relaxed);
             tx.outcome.send_replace(Some(outcome));
         });
     }
@@ -286,6 +292,9 @@ impl Member {
             let mut members = self.tx.members();
             members.active -= 1;
             members.written += usize::from(wrote);
+            if wrote {
+                self.batches.waiting.fetch_add(1, Ordering::Relaxed);
+            }
             members.broken |= broken;
             if members.active > 0 {
                 return;
