@@ -85,8 +85,8 @@ impl MutatorArgs {
 /// Below this an engine cannot even hold a context.
 const MIN_MUTATOR_MEMORY_MB: usize = 4;
 
-/// Room for the contexts of a hundred spaces or so per engine (a context with a small module
-/// takes about 200 KB), within half of the default REPLISYNC_MUTATOR_MEMORY_MB.
+/// Room for the contexts of a couple of hundred spaces per engine (a context with a small module
+/// takes about 100 KB), within half of the default REPLISYNC_MUTATOR_MEMORY_MB.
 const DEFAULT_CONTEXTS_MB: usize = 24;
 
 #[cfg(test)]
@@ -120,8 +120,8 @@ mod tests {
         );
         let js = args(&["--mutator-engines", "3", "--mutators", "app/mutators.js"]);
         assert_eq!(js.limits().unwrap().engines, 3);
+        assert_eq!(js.mutators.unwrap(), PathBuf::from("app/mutators.js"));
         let js = args(&["--mutator-contexts-mb", "2"]);
         assert_eq!(js.limits().unwrap().contexts_bytes, 2 * 1024 * 1024);
-        assert_eq!(js.mutators.unwrap(), PathBuf::from("app/mutators.js"));
     }
 }

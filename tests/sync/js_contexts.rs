@@ -78,7 +78,7 @@ async fn contexts_kept_on_one_engine_stay_apart(backend: Backend) {
 /// spaces do not make it hold more and more, and the latest space's context is still kept.
 async fn the_bound_drops_the_least_recently_used_contexts(backend: Backend) {
     const SPACES: u64 = 24;
-    let server = js_server_with(backend, one_engine(2 * 1024 * 1024)).await;
+    let server = js_server_with(backend, one_engine(1024 * 1024)).await;
     for space in 0..SPACES {
         leak_in(&server, &format!("s{space}")).await;
     }
