@@ -48,7 +48,13 @@ async fn leak_in(server: &TestServer, space: &str) {
 
 /// What a probe in `space` (mutation `id`) sees.
 async fn probe(server: &TestServer, space: &str, id: u64) -> Value {
-    let entries = run(server, space, id, &[("probeGlobals", json!({"into": "out"}))]).await;
+    let entries = run(
+        server,
+        space,
+        id,
+        &[("probeGlobals", json!({"into": "out"}))],
+    )
+    .await;
     entries["out"].clone()
 }
 
@@ -58,18 +64,9 @@ async fn contexts_kept_on_one_engine_stay_apart(backend: Backend) {
     let server = js_server_with(backend, one_engine(8 * 1024 * 1024)).await;
     leak_in(&server, "a").await;
     leak_in(&server, "b").await;
-    assert_eq!(
-        probe(&server, "a", 2).await,
-        seen(Some("secret of a"), 101)
-    );
-    assert_eq!(
-        probe(&server, "b", 2).await,
-        seen(Some("secret of b"), 101)
-    );
-    assert_eq!(
-        probe(&server, "a", 3).await,
-        seen(Some("secret of a"), 102)
-    );
+    assert_eq!(probe(&server, "a", 2).await, seen(Some("secret of a"), 101));
+    assert_eq!(probe(&server, "b", 2).await, seen(Some("secret of b"), 101));
+    assert_eq!(probe(&server, "a", 3).await, seen(Some("secret of a"), 102));
     assert_eq!(probe(&server, "c", 1).await, seen(None, 1));
     assert_eq!(kept_contexts(&server).await, 3);
 }

@@ -31,7 +31,10 @@ pub(super) struct KeptContexts {
 impl KeptContexts {
     /// Takes `space`'s context out, if it is kept.
     pub(super) fn take(&mut self, space: &str) -> Option<SpaceContext> {
-        let at = self.by_recency.iter().position(|kept| kept.space == space)?;
+        let at = self
+            .by_recency
+            .iter()
+            .position(|kept| kept.space == space)?;
         self.by_recency.remove(at)
     }
 

@@ -198,9 +198,11 @@ impl JsMutator {
     ) -> Result<(), MutationError> {
         let end = match &mut session.0 {
             Some(end) => end,
-            None => session
-                .0
-                .insert(self.pool.open_session(tx.space().as_str()).ok_or_else(engine_gone)?),
+            None => session.0.insert(
+                self.pool
+                    .open_session(tx.space().as_str())
+                    .ok_or_else(engine_gone)?,
+            ),
         };
         let call = Call {
             name: self.name.clone(),

@@ -145,7 +145,9 @@ mod tests {
         let queue = SessionQueue::new(2);
         let (of_0, of_1) = (space_of(0, 2), space_of(1, 2));
         let mut first_of_1 = queue_for(&queue, &of_1);
-        let taken = queue.take(1).expect("engine 1 takes its own space's session");
+        let taken = queue
+            .take(1)
+            .expect("engine 1 takes its own space's session");
         assert!(is_session_of(&taken, &mut first_of_1));
 
         // Engine 1 is busy: engine 0 takes its own space's session before the older one of 1.
