@@ -6,14 +6,17 @@ use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::families::Gauge;
 use super::timing::Timing;
 
-/// Mutations that failed, by the kind of mutator and why; and the time JavaScript mutations
-/// take. The app's `Mutators` own them (they record), `/metrics` registers them.
+/// Mutations that failed, by the kind of mutator and why; the time JavaScript mutations take;
+/// the JavaScript contexts the engines keep. The app's `Mutators` own them (they record),
+/// `/metrics` registers them.
 #[derive(Clone, Debug)]
 pub struct MutationMetrics {
     failures: Family<FailureLabels, PromCounter>,
     js_duration: Timing,
+    js_contexts: Gauge,
 }
 
 /// The failures shown at 0 before the first (so that a rate over them starts at once): each
@@ -37,6 +40,7 @@ impl Default for MutationMetrics {
         let metrics = MutationMetrics {
             failures: Family::default(),
             js_duration: Timing::default(),
+            js_contexts: Gauge::default(),
         };
         for (kind, reason) in KNOWN_FAILURES {
             drop(
@@ -75,6 +79,15 @@ impl MutationMetrics {
         &self.js_duration
     }
 
+    /// The JavaScript contexts kept (the engines count them in `kept`).
+    pub(crate) fn set_js_contexts(&mut self, kept: Gauge) {
+        self.js_contexts = kept;
+    }
+
+    pub fn js_contexts(&self) -> &Gauge {
+        &self.js_contexts
+    }
+
     pub(super) fn register(&self, registry: &mut Registry) {
         registry.register(
             "replisync_mutations_failed",
@@ -86,6 +99,11 @@ impl MutationMetrics {
             "Time a JavaScript mutation took in its engine",
             Unit::Seconds,
             self.js_duration.histogram().clone(),
+        );
+        registry.register(
+            "replisync_mutator_contexts",
+            "JavaScript contexts the engines keep for the spaces they served lately (REPLISYNC_MUTATOR_CONTEXTS_MB bounds them)",
+            self.js_contexts.0.clone(),
         );
     }
 }

@@ -66,6 +66,12 @@ impl Mutators {
         &self.metrics
     }
 
+    /// Makes `kept` the count of JavaScript contexts `/metrics` shows (the engines of the
+    /// JavaScript mutators registered here keep them).
+    fn show_js_contexts(&mut self, kept: crate::metrics::Gauge) {
+        self.metrics.set_js_contexts(kept);
+    }
+
     /// Counts a mutation named `name` that failed with `error`, under its mutator's kind
     /// (`unknown` when no mutator has the name).
     pub fn count_failure(&self, name: &str, error: &MutationError) {

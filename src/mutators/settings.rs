@@ -30,6 +30,13 @@ pub struct MutatorArgs {
     /// once. Unset: the number of CPUs.
     #[arg(long, env = "REPLISYNC_MUTATOR_ENGINES")]
     pub mutator_engines: Option<usize>,
+
+    /// Megabytes a JavaScript engine may keep between pushes: the contexts (module loaded) of
+    /// the spaces it served lately, so that their next pushes need not load the module again;
+    /// past it the least recently used are dropped. At most half of REPLISYNC_MUTATOR_MEMORY_MB
+    /// counts; 0 keeps none.
+    #[arg(long, env = "REPLISYNC_MUTATOR_CONTEXTS_MB", default_value_t = DEFAULT_CONTEXTS_MB)]
+    pub mutator_contexts_mb: usize,
 }
 
 impl MutatorArgs {
@@ -46,6 +53,7 @@ impl MutatorArgs {
             engines = limits.engines,
             timeout_ms = limits.timeout.as_millis() as u64,
             memory_mb = limits.memory_bytes / (1024 * 1024),
+            contexts_mb = self.mutator_contexts_mb,
             "JavaScript mutators on"
         );
         Ok(js.register(Mutators::builtin()))
@@ -69,12 +77,17 @@ impl MutatorArgs {
             timeout: Duration::from_millis(self.mutator_timeout_ms),
             memory_bytes: self.mutator_memory_mb.saturating_mul(1024 * 1024),
             engines: self.mutator_engines.unwrap_or(defaults.engines),
+            contexts_bytes: self.mutator_contexts_mb.saturating_mul(1024 * 1024),
         })
     }
 }
 
 /// Below this an engine cannot even hold a context.
 const MIN_MUTATOR_MEMORY_MB: usize = 4;
+
+/// Room for the contexts of a couple of hundred spaces per engine (a context with a small module
+/// takes about 100 KB), within half of the default REPLISYNC_MUTATOR_MEMORY_MB.
+const DEFAULT_CONTEXTS_MB: usize = 24;
 
 #[cfg(test)]
 mod tests {
@@ -92,6 +105,7 @@ mod tests {
         assert_eq!(limits.timeout, Duration::from_millis(1000));
         assert_eq!(limits.memory_bytes, 64 * 1024 * 1024);
         assert!(limits.engines >= 1);
+        assert_eq!(limits.contexts_bytes, 24 * 1024 * 1024);
         let js = args(&["--mutator-timeout-ms", "0"]);
         assert!(
             js.limits()
@@ -107,5 +121,7 @@ mod tests {
         let js = args(&["--mutator-engines", "3", "--mutators", "app/mutators.js"]);
         assert_eq!(js.limits().unwrap().engines, 3);
         assert_eq!(js.mutators.unwrap(), PathBuf::from("app/mutators.js"));
+        let js = args(&["--mutator-contexts-mb", "2"]);
+        assert_eq!(js.limits().unwrap().contexts_bytes, 2 * 1024 * 1024);
     }
 }

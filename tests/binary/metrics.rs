@@ -100,6 +100,7 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
         "histogram",
         Some("seconds"),
     ),
+    ("replisync_mutator_contexts", "gauge", None),
     ("replisync_sse_watched_spaces", "gauge", None),
     ("replisync_sse_open_streams", "gauge", None),
     ("replisync_pusher_calls_ok", "counter", None),

@@ -233,6 +233,7 @@ async fn large_js_writes_stop_at_the_push_limit() {
         timeout: Duration::from_secs(20),
         memory_bytes: 64 * 1024 * 1024,
         engines: 1,
+        ..JsLimits::default()
     };
     let server = server_with_write_limit(Backend::Postgres, limits, LIMIT).await;
     let mutations: Vec<(&str, u64, &str, Value)> = (0..12)

@@ -12,6 +12,7 @@ mod faults;
 mod gc;
 mod group_commit;
 mod harness;
+mod js_contexts;
 mod js_engine;
 mod js_hostile;
 mod js_mutators;

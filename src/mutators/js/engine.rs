@@ -3,10 +3,11 @@
 //!
 //! Each space gets a context of its own (a realm: its own globals), in which the app's module is
 //! evaluated, so nothing a mutator leaves behind reaches another space. The engine keeps the
-//! context of the space it served last for that space's next push (loading one costs more than
-//! the push), unless the module failed to load in it; a stopped mutation (time or memory) always
-//! gets a fresh one. `tx` reads block this thread on the push, which answers from its open
-//! transaction.
+//! contexts of the spaces it served lately for their next pushes (loading one costs more than
+//! the push), within REPLISYNC_MUTATOR_CONTEXTS_MB of what the runtime holds, the least recently
+//! used dropped first; not one the module failed to load in; a stopped mutation (time or memory)
+//! always gets a fresh one; a new runtime starts with none. `tx` reads block this thread on the
+//! push, which answers from its open transaction.
 //!
 //! The code it runs is untrusted: a mutation that ran out of memory fails even if it caught the
 //! error, and leaves a new runtime behind; a runtime that still holds much after a push is
@@ -26,10 +27,12 @@ use rquickjs::{
 };
 
 use super::allocator::{LimitedAllocator, MemoryGauge};
+use super::contexts::{KeptContexts, SpaceContext};
 use super::describe::describe;
 use super::host::{Link, fail_every_call, host_object};
 use super::imports::RefuseImports;
 use super::messages::{Call, EngineEnd, FromEngine, RunError};
+use crate::metrics::Gauge;
 use crate::mutators::{ScriptError, ScriptFailure};
 
 const SHIM: &str = include_str!("shim.js");
@@ -54,13 +57,16 @@ pub(super) struct ModuleSource {
 pub(super) struct EngineLimits {
     pub timeout: Duration,
     pub memory_bytes: usize,
+    /// What the runtime may hold between pushes, its kept contexts included (at most half of
+    /// `memory_bytes` counts).
+    pub contexts_bytes: usize,
 }
 
 /// A QuickJS runtime with its limits. Not `Send`: it lives and dies on one thread.
 pub(super) struct Engine {
-    /// The context of the space served last. Declared before `runtime`: it must be dropped
-    /// first (a context or value outliving its runtime aborts the process).
-    warm: Option<SpaceContext>,
+    /// The contexts of the spaces served lately. Declared before `runtime`: they must be
+    /// dropped first (a context or value outliving its runtime aborts the process).
+    kept: KeptContexts,
     runtime: Runtime,
     /// What `runtime` holds, and whether it was refused memory.
     gauge: Rc<MemoryGauge>,
@@ -74,21 +80,17 @@ pub(super) struct Engine {
     last_tx_token: Cell<u64>,
     /// Set when a mutation ran out of memory: the runtime is replaced before the next one.
     ran_out_of_memory: Cell<bool>,
+    /// What the last context made took of the runtime (the module loaded in it).
+    context_bytes: usize,
+    /// Contexts kept, summed over engines, and this engine's share of it.
+    kept_gauge: Gauge,
+    kept_reported: usize,
 }
 
 /// The module's mutators and the shim's `makeTx`, in one context.
 struct Loaded<'js> {
     make_tx: Function<'js>,
     mutators: Object<'js>,
-}
-
-/// One space's context, with the module loaded (or the error loading it gave), and the link its
-/// host functions ask through (attached to each push's session in turn).
-struct SpaceContext {
-    space: String,
-    link: Rc<Link>,
-    loaded: Result<(Persistent<Function<'static>>, Persistent<Object<'static>>), ScriptError>,
-    context: Context,
 }
 
 /// How serving a push's calls in a context ended.
@@ -101,12 +103,17 @@ enum Served {
 }
 
 impl Engine {
-    pub(super) fn new(module: Arc<ModuleSource>, limits: EngineLimits) -> Result<Engine, String> {
+    /// An engine for `module`; `kept_gauge` counts the contexts it keeps.
+    pub(super) fn new(
+        module: Arc<ModuleSource>,
+        limits: EngineLimits,
+        kept_gauge: Gauge,
+    ) -> Result<Engine, String> {
         let deadline = Rc::new(Cell::new(None::<Instant>));
         let interrupted = Rc::new(Cell::new(false));
         let (runtime, gauge) = new_runtime(&limits, &deadline, &interrupted)?;
         Ok(Engine {
-            warm: None,
+            kept: KeptContexts::default(),
             runtime,
             gauge,
             module,
@@ -115,6 +122,9 @@ impl Engine {
             interrupted,
             last_tx_token: Cell::new(0),
             ran_out_of_memory: Cell::new(false),
+            context_bytes: 0,
+            kept_gauge,
+            kept_reported: 0,
         })
     }
 
@@ -140,6 +150,11 @@ impl Engine {
 
     /// Serves one push's session until the push drops its end.
     pub(super) fn serve(&mut self, end: EngineEnd) {
+        self.serve_session(end);
+        self.report_kept();
+    }
+
+    fn serve_session(&mut self, end: EngineEnd) {
         let session = Link::attached(end);
         let mut next = session.next_call();
         while let Some(call) = next.take() {
@@ -158,7 +173,7 @@ impl Engine {
             space.link.detach_into(&session);
             self.deadline.set(None);
             match served {
-                Served::SessionEnded if space.loaded.is_ok() => self.warm = Some(space),
+                Served::SessionEnded if space.loaded.is_ok() => self.kept.keep(space),
                 // A module that failed to load (its top-level code threw) is loaded afresh.
                 Served::SessionEnded => drop(space),
                 Served::Stopped { pending } => {
@@ -170,17 +185,17 @@ impl Engine {
         }
     }
 
-    /// The context for `space`: the warm one if it is this space's, else a new one. When none
-    /// can be made, the runtime is collected, then replaced, before giving up.
+    /// The context for `space`: the kept one, else a new one. When none can be made, the kept
+    /// contexts are dropped and the runtime collected, then replaced, before giving up.
     fn context_for(&mut self, space: &str) -> Result<SpaceContext, String> {
-        match self.warm.take() {
-            Some(warm) if warm.space == space => return Ok(warm),
-            other => drop(other), // before making another: the memory may be needed
+        if let Some(kept) = self.kept.take(space) {
+            return Ok(kept);
         }
         let first_error = match self.space_context(space) {
             Ok(fresh) => return Ok(fresh),
             Err(error) => error,
         };
+        self.kept.clear(); // the memory may be needed
         self.runtime.run_gc();
         if let Ok(fresh) = self.space_context(space) {
             return Ok(fresh);
@@ -194,20 +209,16 @@ impl Engine {
     }
 
     /// After a push's context served: a runtime that ran out of memory, or holds jobs no one
-    /// owns, is replaced; one that still holds more than half its limit is collected (its warm
-    /// context dropped if need be), else replaced. Collection is set to run before the limit.
+    /// owns, is replaced; one past its bound for kept contexts drops the least recently used;
+    /// one that still holds more than half its limit is replaced. Collection is set to run
+    /// before the limit.
     fn tidy_up(&mut self) {
         if self.ran_out_of_memory.replace(false) || self.runtime.is_job_pending() {
             self.renew_runtime();
             return;
         }
         let high = self.limits.memory_bytes / 2;
-        if self.gauge.held() > high {
-            self.runtime.run_gc();
-        }
-        if self.gauge.held() > high && self.warm.take().is_some() {
-            self.runtime.run_gc();
-        }
+        self.keep_within(self.limits.contexts_bytes.min(high));
         if self.gauge.held() > high {
             self.renew_runtime();
             return;
@@ -216,9 +227,37 @@ impl Engine {
             .set_gc_threshold(gc_threshold(self.gauge.held()));
     }
 
+    /// When the runtime holds more than `bound`, collects, then drops the least recently used
+    /// contexts until it holds three quarters of `bound` (so that the next pushes' garbage does
+    /// not call for a collection each), as many at a time as should do it.
+    fn keep_within(&mut self, bound: usize) {
+        if self.gauge.held() <= bound {
+            return;
+        }
+        self.runtime.run_gc();
+        let target = bound / 4 * 3;
+        while self.gauge.held() > target && !self.kept.is_empty() {
+            let excess = self.gauge.held() - target;
+            let count = excess.div_ceil(self.context_bytes.max(1)).max(1);
+            self.kept.drop_oldest(count);
+            self.runtime.run_gc();
+        }
+    }
+
+    /// Tells the gauge of kept contexts how many this engine keeps now.
+    fn report_kept(&mut self) {
+        let now = self.kept.len();
+        if now > self.kept_reported {
+            self.kept_gauge.add((now - self.kept_reported) as u64);
+        } else {
+            self.kept_gauge.sub((self.kept_reported - now) as u64);
+        }
+        self.kept_reported = now;
+    }
+
     /// A new runtime in place of this one (its contexts dropped first).
     fn renew_runtime(&mut self) {
-        self.warm = None;
+        self.kept.clear();
         match new_runtime(&self.limits, &self.deadline, &self.interrupted) {
             Ok((runtime, gauge)) => {
                 self.runtime = runtime;
@@ -232,8 +271,9 @@ impl Engine {
     /// be made, or the module cannot be loaded for want of memory or time (the runtime's or the
     /// machine's fault, not the module's: it loaded at start-up); the push then fails whole and
     /// is sent again, where a failed mutation would count as processed.
-    fn space_context(&self, space: &str) -> Result<SpaceContext, String> {
+    fn space_context(&mut self, space: &str) -> Result<SpaceContext, String> {
         self.gauge.take_refused();
+        let held_before = self.gauge.held();
         let context = Context::full(&self.runtime)
             .map_err(|error| format!("cannot create a JavaScript context: {error}"))?;
         let link = Rc::new(Link::detached());
@@ -253,6 +293,7 @@ impl Engine {
                 error.message
             ));
         }
+        self.context_bytes = self.gauge.held().saturating_sub(held_before);
         Ok(SpaceContext {
             space: space.to_owned(),
             link,
@@ -471,6 +512,13 @@ impl Engine {
             reason: ScriptFailure::Threw,
             message: description,
         })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kept.clear();
+        self.report_kept();
     }
 }
 

@@ -9,12 +9,14 @@
 
 #[allow(unsafe_code)] // the allocator hook QuickJS calls is an unsafe trait
 mod allocator;
+mod contexts;
 mod describe;
 mod engine;
 mod host;
 mod imports;
 mod messages;
 mod pool;
+mod queue;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use serde_json::Value;
 use self::engine::{Engine, EngineLimits, ModuleSource};
 use self::messages::{Call, FromEngine, HostReply, HostRequest, PushEnd, RunError, ToEngine};
 use self::pool::EnginePool;
-use crate::metrics::MutationMetrics;
+use crate::metrics::{Gauge, MutationMetrics};
 use crate::mutators::{MutationError, Mutator, Mutators, ScanRange, WriteTx};
 use crate::store::StoreError;
 
@@ -41,6 +43,10 @@ pub struct JsLimits {
     pub memory_bytes: usize,
     /// Engines (threads), hence pushes running JavaScript at once.
     pub engines: usize,
+    /// How much an engine's runtime may hold between pushes, the contexts it keeps for the
+    /// spaces it served lately included (the least recently used dropped past it); at most half
+    /// of `memory_bytes` counts.
+    pub contexts_bytes: usize,
 }
 
 impl Default for JsLimits {
@@ -49,6 +55,7 @@ impl Default for JsLimits {
             timeout: Duration::from_millis(1000),
             memory_bytes: 64 * 1024 * 1024,
             engines: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            contexts_bytes: 24 * 1024 * 1024,
         }
     }
 }
@@ -61,6 +68,8 @@ pub struct JsMutators {
     names: Vec<String>,
     pool: Arc<EnginePool>,
     module_name: String,
+    /// Contexts the engines keep, which `/metrics` shows once registered.
+    kept_contexts: Gauge,
 }
 
 impl std::fmt::Debug for JsMutators {
@@ -90,8 +99,9 @@ impl JsMutators {
         let engine_limits = EngineLimits {
             timeout: limits.timeout,
             memory_bytes: limits.memory_bytes,
+            contexts_bytes: limits.contexts_bytes,
         };
-        let names = Engine::new(module.clone(), engine_limits)
+        let names = Engine::new(module.clone(), engine_limits, Gauge::default())
             .and_then(|engine| engine.exported_names())
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("cannot load the mutators module {name}"))?;
@@ -102,12 +112,14 @@ impl JsMutators {
                  functions, or the functions themselves"
             );
         }
-        let pool = EnginePool::start(module, engine_limits, limits.engines)
+        let kept_contexts = Gauge::default();
+        let pool = EnginePool::start(module, engine_limits, limits.engines, &kept_contexts)
             .context("cannot start the JavaScript engines")?;
         Ok(JsMutators {
             names,
             pool: Arc::new(pool),
             module_name: name.to_owned(),
+            kept_contexts,
         })
     }
 
@@ -116,10 +128,11 @@ impl JsMutators {
         &self.names
     }
 
-    /// `mutators` with every mutator of the module added. A name `mutators` already has (such
-    /// as a built-in `set`, `delete` or `increment`) is taken over by the module's, with a log
-    /// line saying so.
+    /// `mutators` with every mutator of the module added, and the engines' kept contexts in its
+    /// metrics. A name `mutators` already has (such as a built-in `set`, `delete` or
+    /// `increment`) is taken over by the module's, with a log line saying so.
     pub fn register(&self, mut mutators: Mutators) -> Mutators {
+        mutators.show_js_contexts(self.kept_contexts.clone());
         for name in &self.names {
             if mutators.contains(name) {
                 tracing::info!(
@@ -185,9 +198,11 @@ impl JsMutator {
     ) -> Result<(), MutationError> {
         let end = match &mut session.0 {
             Some(end) => end,
-            None => session
-                .0
-                .insert(self.pool.open_session().ok_or_else(engine_gone)?),
+            None => session.0.insert(
+                self.pool
+                    .open_session(tx.space().as_str())
+                    .ok_or_else(engine_gone)?,
+            ),
         };
         let call = Call {
             name: self.name.clone(),

@@ -1,75 +1,96 @@
 //! The engines: a fixed number of threads, each owning one JavaScript runtime. A push opens a
-//! session, which the next free engine takes up and serves until the push lets it go.
+//! session, which an engine takes up (its space's own engine if free, see `queue`) and serves
+//! until the push lets it go.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::engine::{ENGINE_THREAD_STACK_BYTES, Engine, EngineLimits, ModuleSource};
 use super::messages::{EngineEnd, PushEnd, session};
+use super::queue::SessionQueue;
+use crate::metrics::Gauge;
 
 pub(super) struct EnginePool {
-    /// Sessions waiting for an engine. Dropping the pool lets every engine thread end.
-    sessions: Sender<EngineEnd>,
+    /// Sessions waiting for an engine. Dropping the pool closes it, which lets every engine
+    /// thread end.
+    sessions: Arc<SessionQueue>,
 }
 
 impl EnginePool {
-    /// Starts `engines` threads, each with a runtime ready for `module`.
+    /// Starts `engines` threads, each with a runtime ready for `module`, counting the contexts
+    /// they keep in `kept_contexts`.
     pub(super) fn start(
         module: Arc<ModuleSource>,
         limits: EngineLimits,
         engines: usize,
+        kept_contexts: &Gauge,
     ) -> std::io::Result<EnginePool> {
-        let (sessions, waiting) = channel::<EngineEnd>();
-        let waiting = Arc::new(Mutex::new(waiting));
-        for number in 0..engines.max(1) {
-            let (module, waiting) = (module.clone(), waiting.clone());
+        let engines = engines.max(1);
+        let sessions = Arc::new(SessionQueue::new(engines));
+        let pool = EnginePool {
+            sessions: sessions.clone(),
+        };
+        for number in 0..engines {
+            let (module, sessions) = (module.clone(), sessions.clone());
+            let kept_contexts = kept_contexts.clone();
             std::thread::Builder::new()
                 .name(format!("replisync-js-{number}"))
                 .stack_size(ENGINE_THREAD_STACK_BYTES)
-                .spawn(move || engine_thread(module, limits, waiting))?;
+                .spawn(move || {
+                    serve_sessions(
+                        &sessions,
+                        number,
+                        || Engine::new(module.clone(), limits, kept_contexts.clone()),
+                        |engine, end| engine.serve(end),
+                    );
+                })?;
         }
-        Ok(EnginePool { sessions })
+        Ok(pool)
     }
 
-    /// A new session, queued for the next free engine; `None` once the engines are gone.
-    pub(super) fn open_session(&self) -> Option<PushEnd> {
+    /// A new session for a push to `space`, queued for an engine; `None` once the engines are
+    /// gone.
+    pub(super) fn open_session(&self, space: &str) -> Option<PushEnd> {
         let (push_end, engine_end) = session();
-        self.sessions.send(engine_end).ok()?;
+        self.sessions.push(space, engine_end).ok()?;
         Some(push_end)
     }
 }
 
-/// Serves sessions one after another until the pool is dropped. A panic (a bug) costs the
-/// session it happened in, not the engine.
-fn engine_thread(
-    module: Arc<ModuleSource>,
-    limits: EngineLimits,
-    waiting: Arc<Mutex<Receiver<EngineEnd>>>,
-) {
-    serve_sessions(
-        &waiting,
-        || Engine::new(module.clone(), limits),
-        |engine, end| engine.serve(end),
-    );
+impl Drop for EnginePool {
+    fn drop(&mut self) {
+        self.sessions.close();
+    }
 }
 
-/// Takes the sessions `waiting` holds, one at a time, serving each with `serve` on an engine
-/// `start` made (once, then again after a panic or a failed start, for the next session) until
-/// the pool is dropped. A session whose engine panicked or could not start is dropped, which
-/// tells its push.
+/// Tells the queue when its engine thread ends, however it ends.
+struct Leaving<'a> {
+    sessions: &'a SessionQueue,
+    engine: usize,
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        self.sessions.leave(self.engine);
+    }
+}
+
+/// Takes the sessions for engine `number`, one at a time, serving each with `serve` on an
+/// engine `start` made (once, then again after a panic or a failed start, for the next session)
+/// until the queue is closed and empty. A session whose engine panicked or could not start is
+/// dropped, which tells its push.
 fn serve_sessions<E>(
-    waiting: &Mutex<Receiver<EngineEnd>>,
+    sessions: &SessionQueue,
+    number: usize,
     mut start: impl FnMut() -> Result<E, String>,
     mut serve: impl FnMut(&mut E, EngineEnd),
 ) {
+    let _leaving = Leaving {
+        sessions,
+        engine: number,
+    };
     let mut engine = None;
-    loop {
-        let next = match waiting.lock() {
-            Ok(waiting) => waiting.recv(),
-            Err(_) => return,
-        };
-        let Ok(end) = next else { return };
+    while let Some(end) = sessions.take(number) {
         if engine.is_none() {
             match start() {
                 Ok(new) => engine = Some(new),
@@ -94,17 +115,18 @@ mod tests {
     use super::super::messages::{FromEngine, PushEnd, RunError, session};
     use super::*;
 
-    /// Queues `count` sessions and closes the queue; returns the pushes' ends.
-    fn queued(count: usize) -> (Mutex<Receiver<EngineEnd>>, Vec<PushEnd>) {
-        let (sessions, waiting) = channel();
+    /// Queues `count` sessions for one engine and closes the queue; returns the pushes' ends.
+    fn queued(count: usize) -> (SessionQueue, Vec<PushEnd>) {
+        let sessions = SessionQueue::new(1);
         let pushes = (0..count)
             .map(|_| {
                 let (push_end, engine_end) = session();
-                sessions.send(engine_end).unwrap();
+                assert!(sessions.push("s", engine_end).is_ok());
                 push_end
             })
             .collect();
-        (Mutex::new(waiting), pushes)
+        sessions.close();
+        (sessions, pushes)
     }
 
     /// Serves a session by answering its push with the engine's generation.
@@ -128,6 +150,7 @@ mod tests {
         let mut started = 0;
         serve_sessions(
             &waiting,
+            0,
             || {
                 started += 1;
                 Ok(started)
@@ -160,6 +183,7 @@ mod tests {
         let mut attempts = 0;
         serve_sessions(
             &waiting,
+            0,
             || {
                 attempts += 1;
                 if attempts == 1 {

@@ -1,0 +1,185 @@
+//! The sessions waiting for an engine. Each space has an engine of its own choice (by a hash of
+//! its id), which keeps its context warm: a free engine takes the sessions of its own spaces
+//! first, then those whose engine is busy, so no session waits while an engine is free.
+
+use std::collections::VecDeque;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::messages::EngineEnd;
+
+/// Sessions waiting, and which engines are busy. Shared by the pool and its engine threads.
+pub(super) struct SessionQueue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
+
+struct QueueState {
+    /// Oldest first, each with the engine its space prefers.
+    waiting: VecDeque<(usize, EngineEnd)>,
+    /// Per engine: serving a session (or gone), so that its spaces' sessions go to another.
+    busy: Vec<bool>,
+    /// No more sessions come: the engines take what waits, in any order, then stop.
+    closed: bool,
+}
+
+impl SessionQueue {
+    pub(super) fn new(engines: usize) -> SessionQueue {
+        SessionQueue {
+            state: Mutex::new(QueueState {
+                waiting: VecDeque::new(),
+                busy: vec![false; engines.max(1)],
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Queues a session for `space`; gives it back once the queue is closed.
+    pub(super) fn push(&self, space: &str, end: EngineEnd) -> Result<(), EngineEnd> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(end);
+        }
+        let engine = engine_for(space, state.busy.len());
+        state.waiting.push_back((engine, end));
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// The next session for `engine`, which is free (waits for one); `None` once the queue is
+    /// closed and empty. The engine counts as busy until it asks again.
+    pub(super) fn take(&self, engine: usize) -> Option<EngineEnd> {
+        let mut state = self.lock();
+        state.busy[engine] = false;
+        loop {
+            if let Some(at) = state.pick(engine) {
+                let (_, end) = state.waiting.remove(at).expect("picked from the queue");
+                state.busy[engine] = true;
+                let others_wait = !state.waiting.is_empty();
+                drop(state);
+                if others_wait {
+                    self.changed.notify_all(); // this engine's spaces may now go to another
+                }
+                return Some(end);
+            }
+            if state.closed && state.waiting.is_empty() {
+                return None;
+            }
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// `engine` serves no more (its thread is ending): its spaces' sessions go to others.
+    pub(super) fn leave(&self, engine: usize) {
+        self.lock().busy[engine] = true;
+        self.changed.notify_all();
+    }
+
+    /// No more sessions: the engines serve those waiting, then stop.
+    pub(super) fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // The state is consistent at every unlock: a panic elsewhere does not spoil it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl QueueState {
+    /// Where the session `engine` should take waits: the oldest of its own spaces, else the
+    /// oldest whose engine is busy (any, once closed).
+    fn pick(&self, engine: usize) -> Option<usize> {
+        let own = self.waiting.iter().position(|(for_, _)| *for_ == engine);
+        own.or_else(|| {
+            self.waiting
+                .iter()
+                .position(|(for_, _)| self.closed || self.busy[*for_])
+        })
+    }
+}
+
+/// The engine `space` prefers, of `engines`.
+fn engine_for(space: &str, engines: usize) -> usize {
+    let mut hasher = DefaultHasher::new();
+    space.hash(&mut hasher);
+    (hasher.finish() % engines as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::messages::{FromEngine, PushEnd, session};
+    use super::*;
+
+    /// A space that prefers `engine` of `engines`.
+    fn space_of(engine: usize, engines: usize) -> String {
+        (0..)
+            .map(|n| format!("space-{n}"))
+            .find(|space| engine_for(space, engines) == engine)
+            .unwrap()
+    }
+
+    /// Queues a session for `space`; answers its push's end, by which a test tells sessions apart.
+    fn queue_for(queue: &SessionQueue, space: &str) -> PushEnd {
+        let (push_end, engine_end) = session();
+        assert!(queue.push(space, engine_end).is_ok());
+        push_end
+    }
+
+    /// Whether `taken` is the session of `push`: what its engine end sends, `push` receives.
+    fn is_session_of(taken: &EngineEnd, push: &mut PushEnd) -> bool {
+        let _ = taken.to_push.send(FromEngine::Done(Ok(())));
+        matches!(push.from_engine.try_recv(), Ok(FromEngine::Done(Ok(()))))
+    }
+
+    #[test]
+    fn a_free_engine_takes_its_own_spaces_first_then_those_of_a_busy_engine() {
+        let queue = SessionQueue::new(2);
+        let (of_0, of_1) = (space_of(0, 2), space_of(1, 2));
+        let mut first_of_1 = queue_for(&queue, &of_1);
+        let taken = queue
+            .take(1)
+            .expect("engine 1 takes its own space's session");
+        assert!(is_session_of(&taken, &mut first_of_1));
+
+        // Engine 1 is busy: engine 0 takes its own space's session before the older one of 1.
+        let mut second_of_1 = queue_for(&queue, &of_1);
+        let mut of_0_push = queue_for(&queue, &of_0);
+        let taken = queue.take(0).unwrap();
+        assert!(is_session_of(&taken, &mut of_0_push), "its own first");
+        let taken = queue.take(0).unwrap();
+        assert!(
+            is_session_of(&taken, &mut second_of_1),
+            "then one whose engine is busy"
+        );
+    }
+
+    #[test]
+    fn a_closed_queue_hands_out_what_waits_then_ends() {
+        let queue = SessionQueue::new(2);
+        let mut push = queue_for(&queue, &space_of(1, 2));
+        queue.close();
+        let (_, late) = session();
+        assert!(queue.push("late", late).is_err(), "closed to new sessions");
+        let taken = queue.take(0).expect("what waits, whatever its engine");
+        assert!(is_session_of(&taken, &mut push));
+        assert!(queue.take(0).is_none());
+    }
+
+    #[test]
+    fn the_sessions_of_an_engine_that_left_go_to_another() {
+        let queue = SessionQueue::new(2);
+        queue.leave(1);
+        let mut push = queue_for(&queue, &space_of(1, 2));
+        let taken = queue.take(0).unwrap();
+        assert!(is_session_of(&taken, &mut push));
+    }
+}
