@@ -45,6 +45,9 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ("replisync_open_connections", "gauge", None),
     ("replisync_push_in_flight_bytes", "gauge", Some("bytes")),
     ("replisync_pushes_waiting", "gauge", None),
+    ("replisync_commit_batches", "counter", None),
+    ("replisync_commit_batched_groups", "counter", None),
+    ("replisync_commit_batch_waiting", "gauge", None),
     ("replisync_pulls_waiting", "gauge", None),
     (
         "replisync_gc_last_run_timestamp_seconds",
