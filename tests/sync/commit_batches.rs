@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use replisync::metrics::Metrics;
+use replisync::mutators::Mutators;
 use replisync::startup::{App, serve};
 use replisync::store::pg_session::SessionLimits;
 use replisync::store::{BatchLimits, Store};
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::group_commit::{Gate, groups_of, options_with};
+use crate::group_commit::{Gate, groups_of};
 use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body, wait_until};
 
 /// Batches that wait for the commit ahead of them however slow the machine (the age limit never
@@ -61,8 +62,11 @@ fn one(group: &str, client: &str, id: u64, name: &str, args: Value) -> Value {
 }
 
 async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
-    let gate = Gate::default();
-    let app = options_with(&gate, groups_of(64));
+    let (gate, pass) = (Gate::default(), Gate::default());
+    let mutators = Mutators::builtin()
+        .register("gate", gate.clone())
+        .register("pass", pass.clone());
+    let app = App::builder().mutators(mutators).push(groups_of(64));
     let server = Arc::new(TestServer::start_on(backend, patient_batches(), app).await);
     refuse_poison(&server, backend).await;
     // A client group of the space `held`: using it in another space is refused 403.
@@ -85,12 +89,23 @@ async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
         Backend::Sqlite => Err(refused_now(refused).await),
         Backend::Postgres => Ok(refused),
     };
+    // a and b pass a second gate together, so that both are in the batch on either store.
+    let gated = |group: &str, client: &str, name: &str, args: Value| {
+        push_body(
+            group,
+            &[(client, 1, "pass", json!({})), (client, 2, name, args)],
+        )
+    };
     let pushes = [
-        ("a", one("g-a", "c-a", 1, "increment", inc("n", 1))),
-        ("b", one("g-b", "c-b", 1, "noSuchMutator", json!({}))),
+        ("a", gated("g-a", "c-a", "increment", inc("n", 1))),
+        ("b", gated("g-b", "c-b", "noSuchMutator", json!({}))),
         ("c", one("g-held", "c-held", 2, "increment", inc("n", 1))),
     ]
     .map(|(space, body)| spawn_push(&server, space, body));
+    pass.entered(2).await;
+    pass.open.add_permits(2);
+    // Written and waiting: a and b in SQLite's open transaction (d failed in it); a, b and d in
+    // the Postgres batch behind the held commit.
     let writers = if backend == Backend::Sqlite { 2 } else { 3 };
     wait_until(
         "the pushes to wait for one commit",
@@ -130,10 +145,10 @@ async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
     let a = server.state("a", "g-a").await;
     assert_eq!(
         (a.cookie, a.lmid("c-a"), &a.entries["n"]),
-        (1, 1, &json!(1))
+        (1, 2, &json!(1))
     );
     let b = server.state("b", "g-b").await;
-    assert_eq!((b.cookie, b.lmid("c-b")), (1, 1));
+    assert_eq!((b.cookie, b.lmid("c-b")), (1, 2));
     assert!(b.entries.is_empty(), "{:?}", b.entries);
     let held_state = server.state("held", "g-held").await;
     assert_eq!(

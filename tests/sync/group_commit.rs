@@ -64,6 +64,11 @@ impl Gate {
         held
     }
 
+    /// Waits until `count` more pushes have entered the gate.
+    pub(crate) async fn entered(&self, count: u32) {
+        self.entered.acquire_many(count).await.unwrap().forget();
+    }
+
     /// Sends `bodies` to `space` one after another, each once the one before waits behind the
     /// gate: they queue in this order.
     pub(crate) async fn queue(

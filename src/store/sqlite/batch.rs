@@ -2,18 +2,17 @@
 //! transaction is open join that transaction, and all of them commit together, with one fsync.
 //!
 //! The first push opens the writer's transaction (`BEGIN IMMEDIATE`); pushes that come while it
-//! is open join it, until it has `max_pushes` members or has been open for `max_age`. Members run
+//! is open join it, until one of its members has written its group, or it has `max_pushes`
+//! members, or has been open for `max_age`. Members run
 //! at once, sharing the connection statement by statement; each writes its push group inside a
 //! savepoint of its own (a write the database refuses undoes that group alone), and the last
 //! member to finish commits. A push alone commits as soon as it is done: no added latency.
 //! Pushes to one space never meet in a transaction (their groups run one after another).
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{Sqlite, Transaction};
@@ -45,7 +44,7 @@ struct WriterState {
 
 /// The writer's open transaction, shared by its members.
 pub(super) struct SharedTx {
-    conn: tokio::sync::Mutex<Option<Transaction<'static, Sqlite>>>,
+    conn: tokio::sync::Mutex<TxConn>,
     opened_at: Instant,
     members: Mutex<Members>,
     /// The commit's outcome, once known.
@@ -136,7 +135,11 @@ impl WriterBatches {
         };
         let (outcome, _) = watch::channel(None);
         let shared = Arc::new(SharedTx {
-            conn: tokio::sync::Mutex::new(Some(tx)),
+            conn: tokio::sync::Mutex::new(TxConn {
+                tx: Some(tx),
+                savepoint_open: false,
+                broken: false,
+            }),
             opened_at: Instant::now(),
             members: Mutex::new(Members {
                 active: 1,
@@ -171,7 +174,10 @@ impl WriterBatches {
         };
         let batches = Arc::clone(self);
         runtime.spawn(async move {
-            let taken = tx.conn.lock().await.take();
+            let mut conn = tx.conn.lock().await;
+            let broken = broken || conn.settle().await.is_err();
+            let taken = conn.tx.take();
+            drop(conn);
             let outcome = match taken {
                 Some(open) if broken => {
                     let _ = open.rollback().await;
@@ -237,8 +243,9 @@ impl Member {
 
     /// The transaction's connection, for one or more statements; the other members wait.
     pub(super) async fn conn(&self) -> Result<ConnGuard<'_>, StoreError> {
-        let guard = self.tx.conn.lock().await;
-        if guard.is_none() {
+        let mut guard = self.tx.conn.lock().await;
+        guard.settle().await?;
+        if guard.tx.is_none() {
             return Err(StoreError::Database(
                 "the shared transaction ended before the push was done".into(),
             ));
@@ -246,35 +253,25 @@ impl Member {
         Ok(ConnGuard(guard))
     }
 
-    /// Writes the member's group inside a savepoint, in a task of its own (cancelling the push
-    /// cannot leave a group half written), then waits for the transaction's commit.
-    pub(super) async fn commit<W>(self, write: W) -> Result<(), StoreError>
+    /// Writes the member's group inside a savepoint, then waits for the transaction's commit.
+    /// A push cancelled midway leaves its savepoint open, and whoever takes the connection next
+    /// undoes it first: no group is ever half written.
+    pub(super) async fn commit<W>(mut self, write: W) -> Result<(), StoreError>
     where
-        W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>
-            + Send
-            + 'static,
+        W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
     {
         let mut outcome = self.tx.outcome.subscribe();
-        let mut member = self;
-        let written = tokio::spawn(async move {
-            let written = AssertUnwindSafe(write_in_savepoint(&member.tx, write))
-                .catch_unwind()
-                .await;
-            let (wrote, broken) = match &written {
-                Ok(Written::Yes) => (true, false),
-                Ok(Written::No(_)) => (false, false),
-                Ok(Written::Broken(_)) | Err(_) => (false, true),
-            };
-            member.finish(wrote, broken);
-            match written {
-                Ok(Written::Yes) => Ok(()),
-                Ok(Written::No(error) | Written::Broken(error)) => Err(error),
-                Err(_) => Err(StoreError::Database("a push's write panicked".into())),
-            }
-        })
-        .await
-        .unwrap_or_else(|error| Err(StoreError::Database(format!("push write failed: {error}"))));
-        written?;
+        let written = write_in_savepoint(&self.tx, write).await;
+        let (wrote, broken) = match &written {
+            Written::Yes => (true, false),
+            Written::No(_) => (false, false),
+            Written::Broken(_) => (false, true),
+        };
+        self.finish(wrote, broken);
+        match written {
+            Written::Yes => {}
+            Written::No(error) | Written::Broken(error) => return Err(error),
+        }
         let outcome = outcome
             .wait_for(Option::is_some)
             .await
@@ -296,6 +293,9 @@ impl Member {
                 self.batches.waiting.fetch_add(1, Ordering::Relaxed);
             }
             members.broken |= broken;
+            // The first group written ends the joining: pushes that come later wait for the next
+            // transaction rather than keep this one open (and its members waiting).
+            members.closed |= wrote;
             if members.active > 0 {
                 return;
             }
@@ -322,19 +322,53 @@ impl Drop for Member {
     }
 }
 
+/// The shared transaction, and whether a member's write was cut off inside its savepoint.
+struct TxConn {
+    tx: Option<Transaction<'static, Sqlite>>,
+    savepoint_open: bool,
+    /// An interrupted write could not be undone: the transaction must roll back.
+    broken: bool,
+}
+
+impl TxConn {
+    /// Undoes the write of a member cancelled inside its savepoint, if any.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        if self.broken {
+            return Err(StoreError::Database(
+                "a push's write could not be undone; the transaction rolls back".into(),
+            ));
+        }
+        if !self.savepoint_open {
+            return Ok(());
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(());
+        };
+        let undone = sqlx::raw_sql(UNDO_SAVEPOINT).execute(&mut **tx).await;
+        self.savepoint_open = false;
+        if let Err(error) = undone {
+            self.broken = true;
+            return Err(error.into());
+        }
+        Ok(())
+    }
+}
+
+const UNDO_SAVEPOINT: &str = "ROLLBACK TO push_group; RELEASE push_group";
+
 /// The shared transaction's connection, held.
-pub(super) struct ConnGuard<'a>(tokio::sync::MutexGuard<'a, Option<Transaction<'static, Sqlite>>>);
+pub(super) struct ConnGuard<'a>(tokio::sync::MutexGuard<'a, TxConn>);
 
 impl std::ops::Deref for ConnGuard<'_> {
     type Target = SqliteConnection;
     fn deref(&self) -> &SqliteConnection {
-        self.0.as_ref().expect("checked when taken")
+        self.0.tx.as_ref().expect("checked when taken")
     }
 }
 
 impl std::ops::DerefMut for ConnGuard<'_> {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        self.0.as_mut().expect("checked when taken")
+        self.0.tx.as_mut().expect("checked when taken")
     }
 }
 
@@ -353,7 +387,11 @@ where
     W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
 {
     let mut guard = tx.conn.lock().await;
-    let Some(open) = guard.as_mut() else {
+    if let Err(error) = guard.settle().await {
+        return Written::Broken(error);
+    }
+    let state = &mut *guard;
+    let Some(open) = state.tx.as_mut() else {
         return Written::No(StoreError::Database(
             "the shared transaction ended before the push was written".into(),
         ));
@@ -365,6 +403,7 @@ where
     {
         return Written::No(error.into());
     }
+    state.savepoint_open = true;
     let written = write(&mut *conn).await;
     let ended = match &written {
         Ok(()) => {
@@ -372,14 +411,14 @@ where
                 .execute(&mut *conn)
                 .await
         }
-        Err(_) => {
-            sqlx::raw_sql("ROLLBACK TO push_group; RELEASE push_group")
-                .execute(&mut *conn)
-                .await
-        }
+        Err(_) => sqlx::raw_sql(UNDO_SAVEPOINT).execute(&mut *conn).await,
     };
+    state.savepoint_open = false;
     match (written, ended) {
-        (_, Err(error)) => Written::Broken(error.into()),
+        (_, Err(error)) => {
+            state.broken = true;
+            Written::Broken(error.into())
+        }
         (Ok(()), Ok(_)) => Written::Yes,
         (Err(error), Ok(_)) => Written::No(error),
     }
