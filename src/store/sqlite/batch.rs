@@ -2,8 +2,7 @@
 //! transaction is open join that transaction, and all of them commit together, with one fsync.
 //!
 //! The first push opens the writer's transaction (`BEGIN IMMEDIATE`); pushes that come while it
-//! is open join it, until one of its members has written its group, or it has `max_pushes`
-//! members, or has been open for `max_age`. Members run
+//! is open join it, until it has `max_pushes` members or has been open for `max_age`. Members run
 //! at once, sharing the connection statement by statement; each writes its push group inside a
 //! savepoint of its own (a write the database refuses undoes that group alone), and the last
 //! member to finish commits. A push alone commits as soon as it is done: no added latency.
@@ -293,9 +292,6 @@ impl Member {
                 self.batches.waiting.fetch_add(1, Ordering::Relaxed);
             }
             members.broken |= broken;
-            // The first group written ends the joining: pushes that come later wait for the next
-            // transaction rather than keep this one open (and its members waiting).
-            members.closed |= wrote;
             if members.active > 0 {
                 return;
             }
