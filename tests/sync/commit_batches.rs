@@ -168,6 +168,66 @@ async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
         .await;
 }
 
+/// Two pushes in one batch claim the same new client id for two client groups (of two spaces): one
+/// gets it, the other is refused 403 as if it had come second alone, and nothing is overwritten.
+async fn a_client_id_claimed_twice_in_one_batch_goes_to_one_group(backend: Backend) {
+    let (gate, pass) = (Gate::default(), Gate::default());
+    let mutators = Mutators::builtin()
+        .register("gate", gate.clone())
+        .register("pass", pass.clone());
+    let app = App::builder().mutators(mutators).push(groups_of(64));
+    let server = Arc::new(TestServer::start_on(backend, patient_batches(), app).await);
+    server
+        .push_ok(
+            "held",
+            &one("g-held", "c-held", 1, "increment", inc("n", 1)),
+        )
+        .await;
+    let held = hold_a_commit(&server, backend, &gate).await;
+    let claim = |group: &str| {
+        push_body(
+            group,
+            &[
+                ("shared", 1, "pass", json!({})),
+                ("shared", 2, "increment", inc("n", 1)),
+            ],
+        )
+    };
+    let pushes = [("x", "g-x"), ("y", "g-y")].map(|(space, group)| {
+        let push = spawn_push(&server, space, claim(group));
+        (space, group, push)
+    });
+    pass.entered(2).await;
+    pass.open.add_permits(2);
+    // Postgres: both wait in the batch behind the held commit. SQLite: both write in the open
+    // transaction; the second finds the id taken there, and runs again.
+    let writers = if backend == Backend::Sqlite { 1 } else { 2 };
+    wait_until(
+        "the claims to wait for one commit",
+        || server.store.commit_batches().waiting,
+        |waiting| *waiting >= writers,
+    )
+    .await;
+    held.release().await;
+    let mut answers = Vec::new();
+    for (space, group, push) in pushes {
+        answers.push((space, group, push.await.unwrap()));
+    }
+    answers.sort_by_key(|(_, _, (status, _))| *status);
+    let [(won, winner, (200, _)), (lost, loser, (403, refusal))] = &answers[..] else {
+        panic!("one claim wins and one is refused: {answers:?}");
+    };
+    assert_eq!(refusal["error"], "Forbidden", "{refusal}");
+    let view = server.state(won, winner).await;
+    assert_eq!((view.lmid("shared"), &view.entries["n"]), (2, &json!(1)));
+    let view = server.state(lost, loser).await;
+    assert_eq!(
+        (view.cookie, view.last_mutation_ids.len()),
+        (0, 0),
+        "{lost}"
+    );
+}
+
 async fn refused_now(push: tokio::task::JoinHandle<(u16, Value)>) -> (u16, Value) {
     tokio::time::timeout(Duration::from_secs(20), push)
         .await
@@ -442,5 +502,6 @@ fn options_like(options: &StoreOptions) -> StoreOptions {
 
 crate::on_both_stores!(
     one_failing_push_in_a_batch_fails_alone,
+    a_client_id_claimed_twice_in_one_batch_goes_to_one_group,
     sixty_four_clients_over_a_hundred_spaces_land_exact_totals,
 );

@@ -160,39 +160,43 @@ impl WriterBatches {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Commits `tx` (every member done), in a task of its own so that no caller can cut it short,
-    /// and publishes the outcome.
-    fn commit(self: &Arc<Self>, tx: Arc<SharedTx>, written: usize, broken: bool) {
+    /// Commits `tx` (every member done) in a task of its own, so that no caller can cut it short
+    /// while other members wait for the outcome.
+    fn commit_in_task(self: &Arc<Self>, tx: Arc<SharedTx>, written: usize, broken: bool) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // the process is stopping: dropping the transaction rolls it back
+        };
+        let batches = Arc::clone(self);
+        runtime.spawn(async move { batches.commit_now(&tx, written, broken).await });
+    }
+
+    /// Commits `tx` (rolls it back when nothing was written, or a write broke it) and publishes
+    /// the outcome.
+    async fn commit_now(&self, tx: &SharedTx, written: usize, broken: bool) {
         if written > 1 {
             self.batches.fetch_add(1, Ordering::Relaxed);
             self.batched_groups
                 .fetch_add(written as u64, Ordering::Relaxed);
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // the process is stopping: dropping the transaction rolls it back
+        self.waiting.fetch_sub(written as u64, Ordering::Relaxed);
+        let mut conn = tx.conn.lock().await;
+        let broken = broken || conn.settle().await.is_err();
+        let taken = conn.tx.take();
+        drop(conn);
+        let outcome = match taken {
+            Some(open) if broken => {
+                let _ = open.rollback().await;
+                Err(StoreError::Database(
+                    "a push's write stopped midway; its batch was rolled back".into(),
+                ))
+            }
+            Some(open) if written > 0 => open.commit().await.map_err(StoreError::from),
+            Some(open) => open.rollback().await.map_err(StoreError::from),
+            None => Err(StoreError::Database(
+                "the transaction was already ended".into(),
+            )),
         };
-        let batches = Arc::clone(self);
-        runtime.spawn(async move {
-            let mut conn = tx.conn.lock().await;
-            let broken = broken || conn.settle().await.is_err();
-            let taken = conn.tx.take();
-            drop(conn);
-            let outcome = match taken {
-                Some(open) if broken => {
-                    let _ = open.rollback().await;
-                    Err(StoreError::Database(
-                        "a push's write stopped midway; its batch was rolled back".into(),
-                    ))
-                }
-                Some(open) if written > 0 => open.commit().await.map_err(StoreError::from),
-                Some(open) => open.rollback().await.map_err(StoreError::from),
-                None => Err(StoreError::Database(
-                    "the transaction was already ended".into(),
-                )),
-            };
-            batches.waiting.fetch_sub(written as u64, Ordering::Relaxed);
-            tx.outcome.send_replace(Some(outcome));
-        });
+        tx.outcome.send_replace(Some(outcome));
     }
 }
 
@@ -226,6 +230,14 @@ impl SharedTx {
         true
     }
 
+    /// Closes the transaction to new members if the caller is its only one so far.
+    fn close_if_alone(&self) -> bool {
+        let mut members = self.members();
+        let alone = members.joined == 1 && members.active == 1;
+        members.closed |= alone;
+        alone
+    }
+
     fn members(&self) -> MutexGuard<'_, Members> {
         self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -252,21 +264,35 @@ impl Member {
         Ok(ConnGuard(guard))
     }
 
-    /// Writes the member's group inside a savepoint, then waits for the transaction's commit.
-    /// A push cancelled midway leaves its savepoint open, and whoever takes the connection next
-    /// undoes it first: no group is ever half written.
+    /// Writes the member's group, then waits for the transaction's commit. With other members,
+    /// inside a savepoint: a push cancelled midway leaves it open, and whoever takes the
+    /// connection next undoes it first, so no group is ever half written. A member that is the
+    /// transaction's only one closes it to others and writes directly (a failure rolls the
+    /// whole transaction back), then commits in its own task.
     pub(super) async fn commit<W>(mut self, write: W) -> Result<(), StoreError>
     where
         W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
     {
         let mut outcome = self.tx.outcome.subscribe();
-        let written = write_in_savepoint(&self.tx, write).await;
+        let alone = self.tx.close_if_alone();
+        let written = if alone {
+            write_alone(&self.tx, write).await
+        } else {
+            write_in_savepoint(&self.tx, write).await
+        };
         let (wrote, broken) = match &written {
             Written::Yes => (true, false),
             Written::No(_) => (false, false),
             Written::Broken(_) => (false, true),
         };
-        self.finish(wrote, broken);
+        if let Some((written, broken)) = self.finish(wrote, broken) {
+            if alone {
+                self.batches.commit_now(&self.tx, written, broken).await;
+            } else {
+                self.batches
+                    .commit_in_task(Arc::clone(&self.tx), written, broken);
+            }
+        }
         match written {
             Written::Yes => {}
             Written::No(error) | Written::Broken(error) => return Err(error),
@@ -278,10 +304,11 @@ impl Member {
         outcome.clone().expect("waited for an outcome")
     }
 
-    /// Leaves the transaction; the last member out closes and commits it.
-    fn finish(&mut self, wrote: bool, broken: bool) {
+    /// Leaves the transaction. The last member out closes it and answers what to commit: the
+    /// groups written, and whether a write broke the transaction.
+    fn finish(&mut self, wrote: bool, broken: bool) -> Option<(usize, bool)> {
         if self.done {
-            return;
+            return None;
         }
         self.done = true;
         let (written, broken) = {
@@ -293,28 +320,29 @@ impl Member {
             }
             members.broken |= broken;
             if members.active > 0 {
-                return;
+                return None;
             }
             members.closed = true;
             (members.written, members.broken)
         };
+        let mut state = self.batches.state();
+        if state
+            .open
+            .as_ref()
+            .is_some_and(|open| Arc::ptr_eq(open, &self.tx))
         {
-            let mut state = self.batches.state();
-            if state
-                .open
-                .as_ref()
-                .is_some_and(|open| Arc::ptr_eq(open, &self.tx))
-            {
-                state.open = None;
-            }
+            state.open = None;
         }
-        self.batches.commit(Arc::clone(&self.tx), written, broken);
+        Some((written, broken))
     }
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
-        self.finish(false, false);
+        if let Some((written, broken)) = self.finish(false, false) {
+            self.batches
+                .commit_in_task(Arc::clone(&self.tx), written, broken);
+        }
     }
 }
 
@@ -375,6 +403,31 @@ enum Written {
     No(StoreError),
     /// Stopped midway and could not be undone.
     Broken(StoreError),
+}
+
+/// Runs `write` in a transaction that has no other member: a failure, or a cancellation midway,
+/// rolls the whole transaction back.
+async fn write_alone<W>(tx: &SharedTx, write: W) -> Written
+where
+    W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
+{
+    let mut guard = tx.conn.lock().await;
+    if let Err(error) = guard.settle().await {
+        return Written::Broken(error);
+    }
+    let state = &mut *guard;
+    let Some(open) = state.tx.as_mut() else {
+        return Written::No(StoreError::Database(
+            "the shared transaction ended before the push was written".into(),
+        ));
+    };
+    match write(open).await {
+        Ok(()) => Written::Yes,
+        Err(error) => {
+            state.broken = true; // rolls back: nothing else is in the transaction
+            Written::No(error)
+        }
+    }
 }
 
 /// Runs `write` inside a savepoint of the shared transaction: all of it, or none of it.
