@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::group_commit::{Gate, groups_of};
+use crate::group_commit::{Gate, groups_of, send};
 use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body, wait_until};
 
 /// Batches that wait for the commit ahead of them however slow the machine (the age limit never
@@ -30,6 +30,18 @@ fn patient_batches() -> StoreOptions {
         },
         ..StoreOptions::default()
     }
+}
+
+/// A server with patient batches, the built-in mutators and two gates: `gate` (holds SQLite's
+/// open transaction) and `pass` (lets pushes on together).
+async fn gated_server(backend: Backend) -> (Arc<TestServer>, Gate, Gate) {
+    let (gate, pass) = (Gate::default(), Gate::default());
+    let mutators = Mutators::builtin()
+        .register("gate", gate.clone())
+        .register("pass", pass.clone());
+    let app = App::builder().mutators(mutators).push(groups_of(64));
+    let server = Arc::new(TestServer::start_on(backend, patient_batches(), app).await);
+    (server, gate, pass)
 }
 
 /// Commit batches so far: (batches, groups they carried).
@@ -62,12 +74,7 @@ fn one(group: &str, client: &str, id: u64, name: &str, args: Value) -> Value {
 }
 
 async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
-    let (gate, pass) = (Gate::default(), Gate::default());
-    let mutators = Mutators::builtin()
-        .register("gate", gate.clone())
-        .register("pass", pass.clone());
-    let app = App::builder().mutators(mutators).push(groups_of(64));
-    let server = Arc::new(TestServer::start_on(backend, patient_batches(), app).await);
+    let (server, gate, pass) = gated_server(backend).await;
     refuse_poison(&server, backend).await;
     // A client group of the space `held`: using it in another space is refused 403.
     server
@@ -79,7 +86,7 @@ async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
     let (batches_before, _) = batch_counts(&server).await;
 
     let held = hold_a_commit(&server, backend, &gate).await;
-    let refused = spawn_push(
+    let refused = send(
         &server,
         "d",
         one("g-d", "c-d", 1, "set", json!({"key": "poison", "value": 1})),
@@ -101,19 +108,11 @@ async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
         ("b", gated("g-b", "c-b", "noSuchMutator", json!({}))),
         ("c", one("g-held", "c-held", 2, "increment", inc("n", 1))),
     ]
-    .map(|(space, body)| spawn_push(&server, space, body));
-    pass.entered(2).await;
-    pass.open.add_permits(2);
+    .map(|(space, body)| send(&server, space, body));
     // Written and waiting: a and b in SQLite's open transaction (d failed in it); a, b and d in
     // the Postgres batch behind the held commit.
     let writers = if backend == Backend::Sqlite { 2 } else { 3 };
-    wait_until(
-        "the pushes to wait for one commit",
-        || server.store.commit_batches().waiting,
-        |waiting| *waiting >= writers,
-    )
-    .await;
-    held.release().await;
+    pass_together_then_commit(&server, &pass, held, writers).await;
 
     let [a, b, c] = pushes;
     assert_eq!(a.await.unwrap(), (200, json!({})), "a clean push commits");
@@ -171,12 +170,7 @@ async fn one_failing_push_in_a_batch_fails_alone(backend: Backend) {
 /// Two pushes in one batch claim the same new client id for two client groups (of two spaces): one
 /// gets it, the other is refused 403 as if it had come second alone, and nothing is overwritten.
 async fn a_client_id_claimed_twice_in_one_batch_goes_to_one_group(backend: Backend) {
-    let (gate, pass) = (Gate::default(), Gate::default());
-    let mutators = Mutators::builtin()
-        .register("gate", gate.clone())
-        .register("pass", pass.clone());
-    let app = App::builder().mutators(mutators).push(groups_of(64));
-    let server = Arc::new(TestServer::start_on(backend, patient_batches(), app).await);
+    let (server, gate, pass) = gated_server(backend).await;
     server
         .push_ok(
             "held",
@@ -194,21 +188,13 @@ async fn a_client_id_claimed_twice_in_one_batch_goes_to_one_group(backend: Backe
         )
     };
     let pushes = [("x", "g-x"), ("y", "g-y")].map(|(space, group)| {
-        let push = spawn_push(&server, space, claim(group));
+        let push = send(&server, space, claim(group));
         (space, group, push)
     });
-    pass.entered(2).await;
-    pass.open.add_permits(2);
     // Postgres: both wait in the batch behind the held commit. SQLite: both write in the open
     // transaction; the second finds the id taken there, and runs again.
     let writers = if backend == Backend::Sqlite { 1 } else { 2 };
-    wait_until(
-        "the claims to wait for one commit",
-        || server.store.commit_batches().waiting,
-        |waiting| *waiting >= writers,
-    )
-    .await;
-    held.release().await;
+    pass_together_then_commit(&server, &pass, held, writers).await;
     let mut answers = Vec::new();
     for (space, group, push) in pushes {
         answers.push((space, group, push.await.unwrap()));
@@ -228,20 +214,25 @@ async fn a_client_id_claimed_twice_in_one_batch_goes_to_one_group(backend: Backe
     );
 }
 
+/// Lets the two pushes waiting at `pass` go on together, waits until `writers` groups wait for
+/// one commit, then releases the commit held ahead of them.
+async fn pass_together_then_commit(server: &TestServer, pass: &Gate, held: Held, writers: u64) {
+    pass.entered(2).await;
+    pass.open.add_permits(2);
+    wait_until(
+        "the pushes to wait for one commit",
+        || server.store.commit_batches().waiting,
+        |waiting| *waiting >= writers,
+    )
+    .await;
+    held.release().await;
+}
+
 async fn refused_now(push: tokio::task::JoinHandle<(u16, Value)>) -> (u16, Value) {
     tokio::time::timeout(Duration::from_secs(20), push)
         .await
         .expect("the refused push is answered while the transaction is held")
         .unwrap()
-}
-
-fn spawn_push(
-    server: &Arc<TestServer>,
-    space: &str,
-    body: Value,
-) -> tokio::task::JoinHandle<(u16, Value)> {
-    let (server, space) = (server.clone(), space.to_owned());
-    tokio::spawn(async move { server.push(&space, &body).await })
 }
 
 /// A commit in flight that the test holds, and releases.
@@ -265,7 +256,7 @@ async fn hold_a_commit(server: &Arc<TestServer>, backend: Backend, gate: &Gate) 
                 .await
                 .unwrap();
             let push = one("g-hold", "c-hold", 1, "increment", inc("n", 1));
-            let pushed = spawn_push(server, "held", push);
+            let pushed = send(server, "held", push);
             wait_for_lock_waiter(server).await;
             Held::RowLock(tx, pushed)
         }

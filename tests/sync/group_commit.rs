@@ -125,7 +125,7 @@ pub(crate) fn groups_of(max_pushes: usize) -> PushLimits {
 }
 
 /// Sends `body` to `space` in a task of its own.
-fn send(
+pub(crate) fn send(
     server: &Arc<TestServer>,
     space: &str,
     body: Value,

@@ -405,22 +405,33 @@ enum Written {
     Broken(StoreError),
 }
 
+/// The shared transaction's connection, ready for a member's write (an interrupted write undone),
+/// or why the member cannot write.
+async fn writable(tx: &SharedTx) -> Result<tokio::sync::MutexGuard<'_, TxConn>, Written> {
+    let mut guard = tx.conn.lock().await;
+    if let Err(error) = guard.settle().await {
+        return Err(Written::Broken(error));
+    }
+    if guard.tx.is_none() {
+        return Err(Written::No(StoreError::Database(
+            "the shared transaction ended before the push was written".into(),
+        )));
+    }
+    Ok(guard)
+}
+
 /// Runs `write` in a transaction that has no other member: a failure, or a cancellation midway,
 /// rolls the whole transaction back.
 async fn write_alone<W>(tx: &SharedTx, write: W) -> Written
 where
     W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
 {
-    let mut guard = tx.conn.lock().await;
-    if let Err(error) = guard.settle().await {
-        return Written::Broken(error);
-    }
-    let state = &mut *guard;
-    let Some(open) = state.tx.as_mut() else {
-        return Written::No(StoreError::Database(
-            "the shared transaction ended before the push was written".into(),
-        ));
+    let mut guard = match writable(tx).await {
+        Ok(guard) => guard,
+        Err(written) => return written,
     };
+    let state = &mut *guard;
+    let open = state.tx.as_mut().expect("checked by writable");
     match write(open).await {
         Ok(()) => Written::Yes,
         Err(error) => {
@@ -435,17 +446,12 @@ async fn write_in_savepoint<W>(tx: &SharedTx, write: W) -> Written
 where
     W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
 {
-    let mut guard = tx.conn.lock().await;
-    if let Err(error) = guard.settle().await {
-        return Written::Broken(error);
-    }
-    let state = &mut *guard;
-    let Some(open) = state.tx.as_mut() else {
-        return Written::No(StoreError::Database(
-            "the shared transaction ended before the push was written".into(),
-        ));
+    let mut guard = match writable(tx).await {
+        Ok(guard) => guard,
+        Err(written) => return written,
     };
-    let conn: &mut SqliteConnection = open;
+    let state = &mut *guard;
+    let conn: &mut SqliteConnection = state.tx.as_mut().expect("checked by writable");
     if let Err(error) = sqlx::raw_sql("SAVEPOINT push_group")
         .execute(&mut *conn)
         .await
