@@ -5,7 +5,8 @@
 //! is open join it, until it has `max_pushes` members or has been open for `max_age`. Members run
 //! at once, sharing the connection statement by statement; each writes its push group inside a
 //! savepoint of its own (a write the database refuses undoes that group alone), and the last
-//! member to finish commits. A push alone commits as soon as it is done: no added latency.
+//! member to finish commits. A push still alone when it writes closes the transaction, writes
+//! without a savepoint and commits at once: no added latency, and no added statement.
 //! Pushes to one space never meet in a transaction (their groups run one after another).
 
 use std::sync::atomic::{AtomicU64, Ordering};
