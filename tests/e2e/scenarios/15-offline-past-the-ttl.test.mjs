@@ -253,9 +253,14 @@ test(
 
         const back = () => user.syncs.slice(user.comeback);
         // The cookie the page wrote to IndexedDB before it went away: the first pull after it
-        // came back says which. It is the space's cookie before B's changes (an older one only if
-        // Replicache wrote its state while taking in its last pull).
-        user.storedCookie = back().find((s) => s.kind === 'pull')?.request.cookie;
+        // came back says which (the old group's, or, when the answer to its push reloaded the
+        // page before that pull went out, the new group's, which forks from the same snapshot).
+        // It is the space's cookie before B's changes (an older one only if Replicache wrote its
+        // state while taking in its last pull).
+        const firstPull = await waitFor(() => back().find((s) => s.kind === 'pull'), {
+          message: `${user.label}: a pull after coming back`,
+        });
+        user.storedCookie = firstPull.request.cookie;
         assert.ok(
           Number.isInteger(user.storedCookie) && user.storedCookie <= serverCookie,
           `${user.label} came back with a cookie from before B's changes (${user.storedCookie})`,
