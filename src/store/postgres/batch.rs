@@ -139,9 +139,9 @@ impl CommitBatcher {
         changes: PushChanges,
         conn: PoolConnection<Postgres>,
     ) -> Turn {
+        let large = entry_bytes(&changes) > ALONE_FROM_BYTES; // outside the lock
         let mut queue = self.queue();
         let idle = queue.in_flight == 0 && queue.forming.is_none();
-        let large = entry_bytes(&changes) > ALONE_FROM_BYTES;
         let repeated = queue
             .forming
             .as_ref()
