@@ -10,6 +10,7 @@ use crate::mutators::settings::MutatorArgs;
 use crate::poke::settings::PokeArgs;
 use crate::pull::settings::PullArgs;
 use crate::push::settings::PushArgs;
+use crate::rules::settings::RulesArgs;
 use crate::store::settings::StoreArgs;
 
 #[derive(Parser, Debug)]
@@ -59,6 +60,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub js: MutatorArgs,
+
+    #[command(flatten)]
+    pub rules: RulesArgs,
 
     #[command(flatten)]
     pub pokes: PokeArgs,

@@ -17,6 +17,7 @@ pub mod poke;
 pub mod protocol;
 pub mod pull;
 pub mod push;
+pub mod rules;
 pub mod startup;
 pub mod store;
 pub mod traces;

@@ -237,17 +237,51 @@ fn claimed_version(body: &[u8], version_type: VersionType) -> Option<Value> {
     }
 }
 
-/// Parses a pull cookie this server can honour: null (a first pull) or a space version, a
-/// non-negative integer that fits the database's BIGINT (a larger one would fail the query).
-/// Anything else was not issued by replisync.
-pub fn parse_cookie(cookie: &Value) -> Result<Option<u64>, ForeignCookie> {
+/// A pull cookie replisync issued: the space's version (a space without rules), or an object
+/// whose `order` the client compares and whose `rules` is the fingerprint of what the caller
+/// could read (`{"order": 12289, "rules": "3f9a…"}`, see `pull::cookie`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cookie {
+    Version(u64),
+    Ordered { order: u64, rules: String },
+}
+
+/// Highest `order` an object cookie may carry: JavaScript numbers are exact below 2^53.
+pub const MAX_COOKIE_ORDER: u64 = (1 << 53) - 1;
+
+/// Longest `rules` fingerprint an object cookie may carry.
+pub const MAX_COOKIE_RULES_BYTES: usize = 64;
+
+/// Parses a pull cookie this server can honour: null (a first pull), a space version (a
+/// non-negative integer that fits the database's BIGINT: a larger one would fail the query), or
+/// `{"order": n, "rules": "…"}` with an integer order below 2^53 and a fingerprint of ASCII
+/// letters and digits. Anything else was not issued by replisync.
+pub fn parse_cookie(cookie: &Value) -> Result<Option<Cookie>, ForeignCookie> {
     match cookie {
         Value::Null => Ok(None),
         Value::Number(n) => n
             .as_i64()
             .and_then(|version| u64::try_from(version).ok())
-            .map(Some)
+            .map(|version| Some(Cookie::Version(version)))
             .ok_or(ForeignCookie),
+        Value::Object(fields) if fields.len() == 2 => {
+            let order = fields.get("order").and_then(Value::as_u64);
+            let rules = fields.get("rules").and_then(Value::as_str);
+            match (order, rules) {
+                (Some(order), Some(rules))
+                    if order <= MAX_COOKIE_ORDER
+                        && !rules.is_empty()
+                        && rules.len() <= MAX_COOKIE_RULES_BYTES
+                        && rules.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+                {
+                    Ok(Some(Cookie::Ordered {
+                        order,
+                        rules: rules.to_owned(),
+                    }))
+                }
+                _ => Err(ForeignCookie),
+            }
+        }
         _ => Err(ForeignCookie),
     }
 }
@@ -303,12 +337,33 @@ mod tests {
     #[test]
     fn cookies_are_null_or_versions() {
         assert_eq!(parse_cookie(&json!(null)), Ok(None));
-        assert_eq!(parse_cookie(&json!(7)), Ok(Some(7)));
-        assert_eq!(parse_cookie(&json!(i64::MAX)), Ok(Some(i64::MAX as u64)));
+        assert_eq!(parse_cookie(&json!(7)), Ok(Some(Cookie::Version(7))));
+        assert_eq!(
+            parse_cookie(&json!(i64::MAX)),
+            Ok(Some(Cookie::Version(i64::MAX as u64)))
+        );
+        assert_eq!(
+            parse_cookie(&json!({"order": 7169, "rules": "ab12"})),
+            Ok(Some(Cookie::Ordered {
+                order: 7169,
+                rules: "ab12".into()
+            }))
+        );
         let beyond_bigint = [json!(i64::MAX as u64 + 1), json!(u64::MAX)];
-        for bad in [json!(-1), json!(1.5), json!("3"), json!({"order": 3})]
+        let odd_objects = [
+            json!({"order": 3}),
+            json!({"order": 3, "rules": "ab", "x": 1}),
+            json!({"order": -3, "rules": "ab"}),
+            json!({"order": 1u64 << 53, "rules": "ab"}),
+            json!({"order": 3, "rules": ""}),
+            json!({"order": 3, "rules": "a/b"}),
+            json!({"order": 3, "rules": "a".repeat(65)}),
+            json!({"order": 3.5, "rules": "ab"}),
+        ];
+        for bad in [json!(-1), json!(1.5), json!("3"), json!([3])]
             .into_iter()
             .chain(beyond_bigint)
+            .chain(odd_objects)
         {
             assert!(parse_cookie(&bad).is_err(), "{bad} should be rejected");
         }

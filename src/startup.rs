@@ -29,6 +29,7 @@ use crate::poke::sse::settings::SseSettings;
 use crate::pull::{PullLimits, Pulls};
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;
+use crate::rules::Rules;
 use crate::store::settings::OpenOptions;
 use crate::store::{Store, activity_granularity};
 
@@ -83,6 +84,7 @@ impl App {
             pokes: PokeSettings::default(),
             extra_sinks: Vec::new(),
             gc: None,
+            rules: Rules::none(),
         }
     }
 
@@ -99,6 +101,7 @@ impl App {
         let pokes = PokeSettings::from_args(&config.pokes, config.auth.tokens_on())?;
         pokes.spawn_reachability_checks();
         let mutators = config.js.load()?;
+        let rules = config.rules.load()?;
         let open = open_options(config, &http, &pulls, config.store.auto_migrate);
         let store = config.store.open(open).await?;
         let mut builder = App::builder()
@@ -108,6 +111,7 @@ impl App {
             .pulls(pulls)
             .authenticator(authenticator)
             .mutators(mutators)
+            .rules(rules)
             .pokes(pokes);
         if let Some(webhook) = webhook {
             builder = builder.authz_webhook(webhook);
@@ -139,6 +143,7 @@ pub struct AppBuilder {
     pokes: PokeSettings,
     extra_sinks: Vec<Arc<dyn PokeSink>>,
     gc: Option<GcSettings>,
+    rules: Rules,
 }
 
 impl std::fmt::Debug for AppBuilder {
@@ -151,6 +156,7 @@ impl std::fmt::Debug for AppBuilder {
             .field("pulls", &self.pulls)
             .field("pokes", &self.pokes)
             .field("gc", &self.gc)
+            .field("rules", &self.rules)
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +164,12 @@ impl std::fmt::Debug for AppBuilder {
 impl AppBuilder {
     pub fn mutators(mut self, mutators: Mutators) -> Self {
         self.mutators = mutators;
+        self
+    }
+
+    /// Which keys of a space each caller may read and write.
+    pub fn rules(mut self, rules: Rules) -> Self {
+        self.rules = rules;
         self
     }
 
@@ -249,6 +261,7 @@ impl AppBuilder {
             http: Arc::new(self.http),
             push: Arc::new(self.push),
             metrics,
+            rules: Arc::new(self.rules),
             draining: Draining::default(),
         });
         App {

@@ -1,6 +1,7 @@
 //! JSON Web Tokens: verifies the `Authorization` token (HS256/384/512 with a shared secret, or
 //! RS/ES/EdDSA with an identity provider's JWKS) and reads the user and space grants from it.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -113,7 +114,7 @@ impl Authenticator for JwtAuthenticator {
             }
         };
         let claims = decoded.map_err(|e| unauthorized(e.kind()))?.claims;
-        identity_from_claims(&claims, &self.rules)
+        identity_from_claims(claims, &self.rules)
     }
 
     fn not_ready(&self) -> Option<String> {
@@ -173,7 +174,7 @@ fn unauthorized(kind: &ErrorKind) -> AuthError {
 }
 
 fn identity_from_claims(
-    claims: &Map<String, Value>,
+    claims: Map<String, Value>,
     rules: &ClaimRules,
 ) -> Result<Identity, AuthError> {
     // The user id is stored with the client groups it creates: one replisync can store.
@@ -192,10 +193,11 @@ fn identity_from_claims(
     Ok(Identity {
         user,
         grants: Grants::Listed {
-            read_write: space_list(claims, &rules.spaces_claim)?,
-            read_only: space_list(claims, &rules.spaces_read_claim)?,
+            read_write: space_list(&claims, &rules.spaces_claim)?,
+            read_only: space_list(&claims, &rules.spaces_read_claim)?,
         },
-        expires_at: expiry(claims),
+        expires_at: expiry(&claims),
+        claims: Arc::new(claims),
     })
 }
 

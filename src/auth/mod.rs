@@ -7,9 +7,11 @@ pub mod jwks;
 pub mod jwt;
 pub mod settings;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use serde_json::{Map, Value};
 
 use crate::metrics::Timing;
 use crate::protocol::{MAX_ID_BYTES, SpaceId};
@@ -64,7 +66,7 @@ impl Grants {
 }
 
 /// `pattern` names `space` exactly, or ends in `*` and is a prefix of it.
-fn space_matches(pattern: &str, space: &str) -> bool {
+pub fn space_matches(pattern: &str, space: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => space.starts_with(prefix),
         None => pattern == space,
@@ -79,6 +81,9 @@ pub struct Identity {
     pub grants: Grants,
     /// `None`: the credentials do not expire.
     pub expires_at: Option<SystemTime>,
+    /// The token's claims, which visibility rules may use (`{claims.team}`); empty without a
+    /// token.
+    pub claims: Arc<Map<String, Value>>,
 }
 
 impl Identity {
@@ -89,6 +94,7 @@ impl Identity {
             user: user.into(),
             grants: Grants::Everything,
             expires_at: None,
+            claims: Arc::default(),
         }
     }
 }

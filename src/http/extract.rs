@@ -25,6 +25,8 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
 use crate::push::settings::PushLimits;
+use crate::rules::{CallerKeys, MAX_PATTERNS_PER_CALLER, RuleInputs, Rules, TooManyPatterns};
+use serde_json::{Map, Value};
 
 /// A request body read whole, within the configured limit (413 beyond it).
 pub(super) struct RequestBody(pub Bytes);
@@ -235,7 +237,27 @@ pub(super) struct Caller<A> {
     pub user: String,
     /// When the caller's credentials expire (an SSE stream ends then).
     pub expires_at: Option<SystemTime>,
+    /// Its token's claims, which visibility rules may use.
+    claims: Arc<Map<String, Value>>,
     access: PhantomData<A>,
+}
+
+impl<A> Caller<A> {
+    /// The keys this caller may read and write in its space (REPLISYNC_RULES): 403 when its
+    /// claims fill the rules' placeholders with more patterns than the server allows.
+    pub(super) fn keys(&self, rules: &Rules) -> Result<CallerKeys, ApiError> {
+        let inputs = RuleInputs {
+            user: &self.user,
+            claims: &self.claims,
+        };
+        rules.for_caller(&self.space, inputs).map_err(|TooManyPatterns| {
+            ApiError::Forbidden(format!(
+                "this token's claims give more than {MAX_PATTERNS_PER_CALLER} key patterns in this \
+                 space's rules (REPLISYNC_RULES); issue a token with fewer values in the claims \
+                 the rules use"
+            ))
+        })
+    }
 }
 
 /// The access a route needs: [`Reads`] or [`Writes`].
@@ -282,6 +304,7 @@ where
             space,
             user: identity.user,
             expires_at: identity.expires_at,
+            claims: identity.claims,
             access: PhantomData,
         })
     }

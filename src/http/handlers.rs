@@ -28,18 +28,22 @@ use crate::poke::pusher::is_socket_id;
 use crate::poke::sinks::Pokes;
 use crate::poke::sse::{StreamOwner, StreamsFull, poke_events};
 use crate::protocol::{PullRequest, PushRequest, SpaceId, parse_body};
-use crate::pull::{PullBody, Pulls, WriteCheck};
+use crate::pull::{PullBody, Puller, Pulls, WriteCheck};
 use crate::push::PushGroups;
+use crate::rules::Rules;
 use crate::store::{Store, reconnecting};
 
 /// `POST /spaces/{space}/push`: parsed here, applied by the push service, answered `{}`.
 pub(super) async fn push_handler(
     State(pushes): State<Arc<PushGroups>>,
-    Caller { space, user, .. }: Caller<Writes>,
+    State(rules): State<Arc<Rules>>,
+    caller: Caller<Writes>,
     body: PushBody,
 ) -> Result<Json<Value>, ApiError> {
     let request: PushRequest = parse_body(&body.bytes)?;
-    pushes.push(&space, user, request).await?;
+    let writable = caller.keys(&rules)?.write;
+    let Caller { space, user, .. } = caller;
+    pushes.push(&space, user, request, writable).await?;
     Ok(Json(json!({})))
 }
 
@@ -47,19 +51,27 @@ pub(super) async fn push_handler(
 pub(super) async fn pull_handler(
     State(pulls): State<Arc<Pulls>>,
     State(authorizer): State<Arc<Authorizer>>,
-    Caller { space, user, .. }: Caller<Reads>,
+    State(rules): State<Arc<Rules>>,
+    caller: Caller<Reads>,
     Authenticated(identity): Authenticated,
     headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let request: PullRequest = parse_body(&body)?;
+    let keys = caller.keys(&rules)?;
+    let space = &caller.space;
     let writes = CallerWrites {
         authorizer: &authorizer,
         identity: &identity,
         headers: &headers,
-        space: &space,
+        space,
     };
-    let body = match pulls.pull(&space, &user, &request, &writes).await? {
+    let puller = Puller {
+        user: &caller.user,
+        keys: &keys,
+        writes: &writes,
+    };
+    let body = match pulls.pull(space, &puller, &request).await? {
         PullBody::Streamed(chunks) => Body::from_stream(chunks),
         PullBody::Parts(parts) => Body::from_stream(futures::stream::iter(
             parts.into_iter().map(Ok::<_, Infallible>),

@@ -16,6 +16,7 @@ use crate::poke::sinks::Pokes;
 use crate::pull::Pulls;
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;
+use crate::rules::Rules;
 use crate::store::Store;
 
 /// The shared parts behind one `Arc`: axum clones the state for every layer and handler a
@@ -60,6 +61,7 @@ parts_from_state! {
     push_bytes: InFlightBytes,
     metrics: Arc<Metrics>,
     pulls: Arc<Pulls>,
+    rules: Arc<Rules>,
     draining: Draining,
 }
 
@@ -81,6 +83,8 @@ pub struct Parts {
     pub(crate) push_bytes: InFlightBytes,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pulls: Arc<Pulls>,
+    /// Which keys of a space each caller may read and write (REPLISYNC_RULES).
+    pub(crate) rules: Arc<Rules>,
     /// Cancelled on SIGTERM: `/readyz` answers 503 and responses close their connections.
     pub(crate) draining: Draining,
 }
@@ -97,6 +101,7 @@ impl std::fmt::Debug for Parts {
             .field("push_bytes", &self.push_bytes)
             .field("metrics", &self.metrics)
             .field("pulls", &self.pulls)
+            .field("rules", &self.rules)
             .field("draining", &self.draining)
             .finish_non_exhaustive()
     }

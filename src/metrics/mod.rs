@@ -113,6 +113,9 @@ pub struct Metrics {
     /// Pulls answered with the whole space because their cookie was older than the space's
     /// compacted version.
     pub pull_resets: Counter,
+    /// Pulls answered from scratch because what the caller may read changed since its cookie
+    /// (its claims, or the rules).
+    pub pull_visibility_resets: Counter,
     /// When this instance's last garbage collection pass ended (seconds since the Unix epoch;
     /// 0 before the first), and how long it took in seconds.
     pub gc_last_run: Gauge,
@@ -327,6 +330,11 @@ impl Metrics {
                 r,
                 "replisync_pull_resets",
                 "Pulls answered with the whole space: their cookie was older than the space's compaction, or ahead of the space (a replaced database).",
+            ),
+            pull_visibility_resets: counter(
+                r,
+                "replisync_pull_visibility_resets",
+                "Pulls answered from scratch (clear, then every key the caller may read) because what the caller may read changed since its cookie: its token's claims, or REPLISYNC_RULES.",
             ),
             open_connections: gauge(r, "replisync_open_connections", "Open client connections."),
             push_bytes_in_flight: {

@@ -21,17 +21,20 @@ pub struct MutationMetrics {
 
 /// The failures shown at 0 before the first (so that a rate over them starts at once): each
 /// kind with the reasons its mutators can fail for.
-const KNOWN_FAILURES: [(&str, &str); 11] = [
+const KNOWN_FAILURES: [(&str, &str); 14] = [
     ("builtin", "invalid_args"),
     ("builtin", "write_limit"),
+    ("builtin", "forbidden_key"),
     ("javascript", "threw"),
     ("javascript", "timeout"),
     ("javascript", "memory"),
     ("javascript", "invalid_args"),
     ("javascript", "write_limit"),
+    ("javascript", "forbidden_key"),
     ("rust", "invalid_args"),
     ("rust", "rejected"),
     ("rust", "write_limit"),
+    ("rust", "forbidden_key"),
     ("unknown", "no_mutator"),
 ];
 

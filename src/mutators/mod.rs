@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::metrics::MutationMetrics;
 
 pub use self::tx::{
-    MutationError, Mutator, PushOverlay, ScanRange, ScriptError, ScriptFailure, WriteTx,
+    MutationError, Mutator, PushOverlay, ScanRange, ScriptError, ScriptFailure, WriteTx, Writer,
 };
 
 /// The mutators a server knows, by name.

@@ -5,9 +5,9 @@
 //! mutator returns: an `Err` discards them (the mutation still counts as processed, as the
 //! Replicache protocol requires), an `Ok` keeps them for the push's single commit.
 //!
-//! What one push's mutators put (keys and values, in bytes) is bounded: the mutation that
-//! crosses the bound fails, even if it caught the error its write gave, and nothing it wrote is
-//! kept.
+//! What one push's mutators put (keys and values, in bytes) is bounded, and so are the keys
+//! they may write (the caller's write rules): the mutation that crosses either fails, even if
+//! it caught the error its write gave, and nothing it wrote is kept.
 
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::protocol::{SpaceId, check_key};
+use crate::rules::KeySet;
 use crate::store::{EntryWrite, PushTx, StoreError};
 
 /// Why a mutation was not applied.
@@ -31,6 +32,11 @@ pub enum MutationError {
     /// A JavaScript mutator threw, ran out of time or memory, or wrote a value that is not JSON.
     #[error("{0}")]
     Script(#[from] ScriptError),
+    /// The mutation wrote a key the caller may not write (REPLISYNC_RULES).
+    #[error(
+        "the caller may not write {key:?} in this space (REPLISYNC_RULES): this mutation's writes are discarded"
+    )]
+    ForbiddenKey { key: String },
     /// The push's mutators put more bytes (keys and values) than the push may write.
     #[error(
         "the push's mutators put more than {limit} bytes of keys and values (REPLISYNC_MAX_PUSH_WRITE_BYTES): this mutation's writes are discarded; write less per push, or raise the limit"
@@ -60,6 +66,7 @@ impl MutationError {
             MutationError::Rejected(_) => "rejected",
             MutationError::Script(error) => error.reason.as_str(),
             MutationError::TooMuchWritten { .. } => "write_limit",
+            MutationError::ForbiddenKey { .. } => "forbidden_key",
             MutationError::Store(_) => "database",
         }
     }
@@ -221,6 +228,14 @@ impl ScanRange {
 /// Most entries one store read of a scan asks for.
 const SCAN_PAGE: usize = 256;
 
+/// Who writes, as a mutation sees it: the space, the user, and the keys it may write.
+#[derive(Debug, Clone, Copy)]
+pub struct Writer<'a> {
+    pub space: &'a SpaceId,
+    pub user: &'a str,
+    pub writable: &'a KeySet,
+}
+
 /// What a mutator sees: reads through to the store, writes buffered until it returns.
 pub struct WriteTx<'a> {
     store: &'a mut dyn PushTx,
@@ -230,6 +245,10 @@ pub struct WriteTx<'a> {
     /// going past the push's limit (which fails it, whatever it returns).
     mutation_bytes: usize,
     over_write_limit: bool,
+    /// The keys the caller may write, and the first key it tried to write outside them (which
+    /// fails the mutation, whatever it returns).
+    writable: &'a KeySet,
+    forbidden_key: Option<String>,
     space: &'a SpaceId,
     user_id: &'a str,
     client_id: &'a str,
@@ -252,8 +271,7 @@ impl<'a> WriteTx<'a> {
     pub(crate) fn new(
         store: &'a mut dyn PushTx,
         overlay: &'a mut PushOverlay,
-        space: &'a SpaceId,
-        user_id: &'a str,
+        writer: Writer<'a>,
         client_id: &'a str,
         mutation_id: u64,
     ) -> Self {
@@ -263,8 +281,10 @@ impl<'a> WriteTx<'a> {
             mutation_writes: BTreeMap::new(),
             mutation_bytes: 0,
             over_write_limit: false,
-            space,
-            user_id,
+            writable: writer.writable,
+            forbidden_key: None,
+            space: writer.space,
+            user_id: writer.user,
             client_id,
             mutation_id,
         }
@@ -420,7 +440,7 @@ impl<'a> WriteTx<'a> {
     /// Writes `value` at `key`. Fails (failing the mutation) for a key no store can hold, or
     /// past the push's write limit.
     pub fn put(&mut self, key: impl Into<String>, value: Value) -> Result<(), MutationError> {
-        let key = checked_key(key.into())?;
+        let key = self.writable_key(key.into())?;
         self.count_write(&key, json_len(&value))?;
         self.mutation_writes.insert(key, Some(value));
         Ok(())
@@ -429,7 +449,7 @@ impl<'a> WriteTx<'a> {
     /// Writes the value whose JSON text is `text` at `key`, counting the text against the
     /// push's write limit before parsing it.
     pub(crate) fn put_json_text(&mut self, key: String, text: &str) -> Result<(), MutationError> {
-        let key = checked_key(key)?;
+        let key = self.writable_key(key)?;
         self.count_write(&key, text.len())?;
         let value = serde_json::from_str(text).map_err(|error| {
             MutationError::InvalidArgs(format!("the value for {key:?} is not JSON: {error}"))
@@ -441,10 +461,22 @@ impl<'a> WriteTx<'a> {
     /// Deletes `key`. Fails (failing the mutation) for a key no store can hold, or past the
     /// push's write limit.
     pub fn del(&mut self, key: impl Into<String>) -> Result<(), MutationError> {
-        let key = checked_key(key.into())?;
+        let key = self.writable_key(key.into())?;
         self.count_write(&key, 0)?;
         self.mutation_writes.insert(key, None);
         Ok(())
+    }
+
+    /// `key`, if a store can hold it and the caller may write it; a key the caller may not
+    /// write is remembered, and fails the mutation whatever the mutator does next.
+    fn writable_key(&mut self, key: String) -> Result<String, MutationError> {
+        let key = checked_key(key)?;
+        if !self.writable.allows(&key) {
+            let error = MutationError::ForbiddenKey { key: key.clone() };
+            self.forbidden_key.get_or_insert(key);
+            return Err(error);
+        }
+        Ok(key)
     }
 
     /// Counts a write of `key` with `value_bytes` against the push's limit; refuses it (and
@@ -465,9 +497,10 @@ impl<'a> WriteTx<'a> {
         Ok(())
     }
 
-    /// The mutator's `result`, unless a write of its went past the push's limit: then the
-    /// mutation fails, even if the mutator caught that write's error.
-    pub(crate) fn within_write_limit(
+    /// The mutator's `result`, unless a write of its went past the push's limit or to a key
+    /// the caller may not write: then the mutation fails, even if the mutator caught that
+    /// write's error.
+    pub(crate) fn within_write_limits(
         &self,
         result: Result<(), MutationError>,
     ) -> Result<(), MutationError> {
@@ -475,6 +508,9 @@ impl<'a> WriteTx<'a> {
             Err(MutationError::Store(error)) => Err(MutationError::Store(error)),
             _ if self.over_write_limit => Err(MutationError::TooMuchWritten {
                 limit: self.overlay.max_push_write_bytes,
+            }),
+            _ if self.forbidden_key.is_some() => Err(MutationError::ForbiddenKey {
+                key: self.forbidden_key.clone().unwrap_or_default(),
             }),
             other => other,
         }

@@ -4,6 +4,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -11,7 +12,8 @@ use tokio::sync::oneshot;
 
 use crate::metrics::{Gauge, Metrics};
 use crate::protocol::SpaceId;
-use crate::store::{ClientGroupRecord, PullChanges, Store, StoreError, reconnecting};
+use crate::rules::KeySet;
+use crate::store::{ClientGroupRecord, EntryChange, PullChanges, Store, StoreError, reconnecting};
 
 use super::patch::write_patch_op;
 
@@ -27,23 +29,69 @@ pub struct SharedPull {
     client_groups: HashMap<String, ClientGroupRecord>,
     collected_client_groups: HashSet<String>,
     changed_clients: HashMap<String, Vec<(String, u64)>>,
-    /// The patch's operations, already JSON, comma-separated, without brackets; `None` when
-    /// the delta was too large to build in memory (each pull streams it instead).
-    pub patch: Option<Bytes>,
+    /// The patch's operations; `None` when the delta was too large to build in memory (each
+    /// pull streams it instead).
+    patch: Option<SharedPatch>,
+}
+
+/// A delta's operations, already JSON, comma-separated, without brackets, with where each
+/// starts and its key, so that a caller under rules gets only the operations on keys it may
+/// read. Callers with equal read sets share one filtered copy; others never share it.
+#[derive(Debug)]
+struct SharedPatch {
+    whole: Bytes,
+    /// Each operation's key and the byte range of its JSON in `whole`.
+    ops: Vec<(Box<str>, Range<usize>)>,
+    filtered: Mutex<HashMap<KeySet, Bytes>>,
+}
+
+impl SharedPatch {
+    fn new(entries: &[EntryChange]) -> SharedPatch {
+        let mut whole = Vec::new();
+        let mut ops = Vec::with_capacity(entries.len());
+        for (index, entry) in entries.iter().enumerate() {
+            if index > 0 {
+                whole.push(b',');
+            }
+            let start = whole.len();
+            write_patch_op(&mut whole, entry);
+            ops.push((entry.key.as_str().into(), start..whole.len()));
+        }
+        SharedPatch {
+            whole: Bytes::from(whole),
+            ops,
+            filtered: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The operations on keys `readable` allows: the whole patch for every key, else a copy
+    /// made once per distinct read set.
+    fn for_reader(&self, readable: &KeySet) -> Bytes {
+        if readable.is_all() {
+            return self.whole.clone();
+        }
+        let mut filtered = self.filtered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(patch) = filtered.get(readable) {
+            return patch.clone();
+        }
+        let mut patch = Vec::new();
+        for (key, range) in &self.ops {
+            if readable.allows(key) {
+                if !patch.is_empty() {
+                    patch.push(b',');
+                }
+                patch.extend_from_slice(&self.whole[range.clone()]);
+            }
+        }
+        let patch = Bytes::from(patch);
+        filtered.insert(readable.clone(), patch.clone());
+        patch
+    }
 }
 
 impl SharedPull {
     fn new(changes: PullChanges) -> SharedPull {
-        let patch = changes.entries.as_deref().map(|entries| {
-            let mut patch = Vec::new();
-            for (index, entry) in entries.iter().enumerate() {
-                if index > 0 {
-                    patch.push(b',');
-                }
-                write_patch_op(&mut patch, entry);
-            }
-            Bytes::from(patch)
-        });
+        let patch = changes.entries.as_deref().map(SharedPatch::new);
         let mut changed_clients: HashMap<String, Vec<(String, u64)>> = HashMap::new();
         for (group, client, last_mutation_id) in changes.changed_clients {
             changed_clients
@@ -63,6 +111,12 @@ impl SharedPull {
             changed_clients,
             patch,
         }
+    }
+
+    /// The patch's operations a caller that may read `readable` receives; `None` when the delta
+    /// was too large to share (the pull streams it).
+    pub fn patch_for(&self, readable: &KeySet) -> Option<Bytes> {
+        self.patch.as_ref().map(|patch| patch.for_reader(readable))
     }
 
     pub fn client_group(&self, id: &str) -> Option<&ClientGroupRecord> {

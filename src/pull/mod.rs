@@ -4,6 +4,7 @@
 //! delta is too large to hold: then each is streamed like a first pull.
 
 pub mod coalesce;
+mod cookie;
 mod error;
 mod guard;
 mod patch;
@@ -20,12 +21,14 @@ use futures::{Stream, TryStreamExt};
 use tokio::sync::Semaphore;
 
 use self::coalesce::PullCoalescer;
+use self::cookie::{AnswerCookie, Position, answer_cookie};
 pub use self::error::PullError;
 pub use self::guard::StreamLimits;
 use self::patch::{response_head, write_patch_op};
 use crate::auth::check_group_ownership;
 use crate::metrics::{Metrics, PullKind, PullTimer};
 use crate::protocol::{PullRequest, SpaceId, check_identifier, parse_cookie};
+use crate::rules::{CallerKeys, KeySet};
 use crate::store::{PullSnapshot, Store, StoreError, reconnecting};
 
 /// Patch bytes gathered before a chunk is handed to the connection.
@@ -118,28 +121,29 @@ impl Pulls {
         }
     }
 
-    /// Answers `request` for `user` in `space`: a whole space for a null cookie, what changed
-    /// since the cookie otherwise.
+    /// Answers `request` for `caller` in `space`: every key it may read for a null cookie, what
+    /// changed since the cookie otherwise (from scratch when what it may read changed since).
     pub async fn pull(
         &self,
         space: &SpaceId,
-        user: &str,
+        caller: &Puller<'_>,
         request: &PullRequest,
-        writes: &dyn WriteCheck,
     ) -> Result<PullBody, PullError> {
         check_identifier(&request.client_group_id, "clientGroupID")?;
-        // A cookie replisync never issued (a string, an object, a fraction) cannot be honoured.
+        // A cookie replisync never issued (a string, an odd object, a fraction) cannot be
+        // honoured.
         let cookie = parse_cookie(&request.cookie).map_err(|_| PullError::ClientStateNotFound)?;
         let timer = PullTimer::start();
         let client_group_id = &request.client_group_id;
-        let body = match cookie {
+        let body = match cookie.map(Position::of) {
             None => {
                 let timer = timer.with_kind(PullKind::Streamed);
-                self.streamed_pull(space, user, client_group_id, None, 0, timer)
+                let from = StreamFrom::scratch(None);
+                self.streamed_pull(space, caller, client_group_id, from, timer)
                     .await?
             }
-            Some(from) => {
-                self.incremental_pull(space, user, client_group_id, from, writes, timer)
+            Some(base) => {
+                self.incremental_pull(space, caller, client_group_id, &base, timer)
                     .await?
             }
         };
@@ -150,17 +154,15 @@ impl Pulls {
         Ok(body)
     }
 
-    /// A pull streamed from one snapshot: `clear` and the whole space for a null cookie
-    /// (`since: None`) or a cookie older than the space's compacted version, or what changed
-    /// after the cookie when that is too large to share. The answer's cookie is at least
-    /// `cookie_floor`.
+    /// A pull streamed from one snapshot: `clear` and every key the caller may read for a null
+    /// cookie, a cookie older than the space's compacted version or a change of what the caller
+    /// may read, or what changed after the cookie when that is too large to share.
     async fn streamed_pull(
         &self,
         space: &SpaceId,
-        user: &str,
+        caller: &Puller<'_>,
         client_group_id: &str,
-        since: Option<u64>,
-        cookie_floor: u64,
+        from: StreamFrom<'_>,
         timer: PullTimer,
     ) -> Result<PullBody, PullError> {
         let permit = tokio::time::timeout(
@@ -175,14 +177,15 @@ impl Pulls {
             });
         };
         self.metrics.pull_reads.increment();
-        let mut snapshot =
+        let since = from.since;
+        let snapshot =
             reconnecting(|| self.store.streamed_pull(space, client_group_id, since)).await?;
         check_not_collected(snapshot.client_group_collected)?;
         if let Some(group) = &snapshot.client_group {
-            check_group_ownership(group, space, user)?;
+            check_group_ownership(group, space, caller.user)?;
         }
-        if let Some(from) = since {
-            check_cookie_not_ahead(from, snapshot.version)?;
+        if let Some(since) = since {
+            check_cookie_not_ahead(since, snapshot.version)?;
             if snapshot.reset {
                 self.metrics.pull_resets.increment();
             }
@@ -193,9 +196,19 @@ impl Pulls {
             timer
         };
         let from_scratch = since.is_none() || snapshot.reset;
-        snapshot.version = snapshot.version.max(cookie_floor);
+        let cookie = answer_cookie(
+            snapshot.version,
+            from.base,
+            from.visibility_reset,
+            caller.keys,
+        );
+        let response = StreamedResponse {
+            cookie,
+            from_scratch,
+            readable: caller.keys.read.clone(),
+        };
         Ok(PullBody::Streamed(guard::guarded(
-            response_chunks(snapshot, from_scratch),
+            response_chunks(snapshot, response),
             self.limits.stream,
             self.metrics.clone(),
             permit,
@@ -204,50 +217,69 @@ impl Pulls {
     }
 
     /// A pull from a cookie: answered from a read shared with identical concurrent pulls, or
-    /// streamed from a snapshot of its own when the delta is too large to share.
+    /// streamed from a snapshot of its own when the delta is too large to share or the caller
+    /// must start from scratch.
     async fn incremental_pull(
         &self,
         space: &SpaceId,
-        user: &str,
+        caller: &Puller<'_>,
         client_group_id: &str,
-        from: u64,
-        writes: &dyn WriteCheck,
+        base: &Position,
         timer: PullTimer,
     ) -> Result<PullBody, PullError> {
+        let from = base.version;
         let shared = self.coalescer.pull(space, client_group_id, from).await?;
         check_not_collected(shared.client_group_collected(client_group_id))?;
         if let Some(group) = shared.client_group(client_group_id) {
-            check_group_ownership(group, space, user)?;
+            check_group_ownership(group, space, caller.user)?;
         }
         if from > shared.version {
             return self
-                .reset_cookie_ahead(space, user, client_group_id, from, writes, timer)
+                .reset_cookie_ahead(space, caller, client_group_id, base, timer)
+                .await;
+        }
+        if base.visibility_changed(caller.keys) {
+            // The caller's claims or the rules changed since its cookie: it may hold keys it
+            // may no longer read, and lack some it now may. Everything from scratch.
+            self.metrics.pull_resets.increment();
+            self.metrics.pull_visibility_resets.increment();
+            let timer = timer.with_kind(PullKind::Reset);
+            let from = StreamFrom {
+                visibility_reset: true,
+                ..StreamFrom::scratch(Some(base))
+            };
+            return self
+                .streamed_pull(space, caller, client_group_id, from, timer)
                 .await;
         }
         if from < shared.compacted_version {
             // Deletions after this cookie were compacted away: the whole space, from scratch.
             self.metrics.pull_resets.increment();
             let timer = timer.with_kind(PullKind::Reset);
+            let from = StreamFrom::scratch(Some(base));
             return self
-                .streamed_pull(space, user, client_group_id, None, 0, timer)
+                .streamed_pull(space, caller, client_group_id, from, timer)
                 .await;
         }
-        let Some(patch) = &shared.patch else {
+        let Some(patch) = shared.patch_for(&caller.keys.read) else {
             self.metrics.pull_deltas_streamed.increment();
             let timer = timer.with_kind(PullKind::Streamed);
+            let from = StreamFrom {
+                since: Some(from),
+                base: Some(base),
+                visibility_reset: false,
+            };
             return self
-                .streamed_pull(space, user, client_group_id, Some(from), 0, timer)
+                .streamed_pull(space, caller, client_group_id, from, timer)
                 .await;
         };
-        let head = response_head(
-            shared.version,
-            shared.changed_clients(client_group_id),
-            false,
-        );
-        // The patch is shared by every pull of the batch: each response points at it.
+        let cookie = answer_cookie(shared.version, Some(base), false, caller.keys);
+        let head = response_head(&cookie, shared.changed_clients(client_group_id), false);
+        // The patch is shared by every pull of the batch that may read the same keys: each
+        // response points at it.
         Ok(PullBody::Parts(vec![
             Bytes::from(head),
-            patch.clone(),
+            patch,
             Bytes::from_static(b"]}"),
         ]))
     }
@@ -262,26 +294,27 @@ impl Pulls {
     async fn reset_cookie_ahead(
         &self,
         space: &SpaceId,
-        user: &str,
+        caller: &Puller<'_>,
         client_group_id: &str,
-        cookie: u64,
-        writes: &dyn WriteCheck,
+        base: &Position,
         timer: PullTimer,
     ) -> Result<PullBody, PullError> {
         let timer = timer.with_kind(PullKind::Reset);
+        let cookie = base.version;
         if cookie > MAX_ADOPTED_COOKIE {
             // No space gets near this; raising it there would leave too few versions.
             tracing::info!(cookie, "cookie far ahead of any space: ClientStateNotFound");
             return Err(PullError::ClientStateNotFound);
         }
         self.metrics.pull_resets.increment();
-        if !writes.may_write().await {
+        let from = StreamFrom::scratch(Some(base));
+        if !caller.writes.may_write().await {
             tracing::info!(
                 cookie,
                 "cookie ahead of the space, from a reader: the pull gets all of it at its own cookie, the space is unchanged"
             );
             return self
-                .streamed_pull(space, user, client_group_id, None, cookie, timer)
+                .streamed_pull(space, caller, client_group_id, from, timer)
                 .await;
         }
         tracing::info!(
@@ -289,8 +322,42 @@ impl Pulls {
             "cookie ahead of the space (its database was replaced): the space moves up to it, and the pull gets all of it"
         );
         reconnecting(|| self.store.raise_space_version(space, cookie + 1)).await?;
-        self.streamed_pull(space, user, client_group_id, None, 0, timer)
+        self.streamed_pull(space, caller, client_group_id, from, timer)
             .await
+    }
+}
+
+/// Who pulls: its user, the keys it may read, and whether it may write the space.
+pub struct Puller<'a> {
+    pub user: &'a str,
+    pub keys: &'a CallerKeys,
+    pub writes: &'a dyn WriteCheck,
+}
+
+impl std::fmt::Debug for Puller<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Puller")
+            .field("keys", self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a streamed pull starts: `since` a version (a delta) or from scratch (`None`), for a
+/// client at `base` (`None`: a first pull), resetting for a change of what it may read or not.
+#[derive(Clone, Copy)]
+struct StreamFrom<'a> {
+    since: Option<u64>,
+    base: Option<&'a Position>,
+    visibility_reset: bool,
+}
+
+impl<'a> StreamFrom<'a> {
+    fn scratch(base: Option<&'a Position>) -> StreamFrom<'a> {
+        StreamFrom {
+            since: None,
+            base,
+            visibility_reset: false,
+        }
     }
 }
 
@@ -323,17 +390,34 @@ fn check_cookie_not_ahead(cookie: u64, version: u64) -> Result<(), PullError> {
     Ok(())
 }
 
+/// What a streamed answer writes around the snapshot's entries.
+struct StreamedResponse {
+    cookie: AnswerCookie,
+    /// `clear` first: a first pull or a reset.
+    from_scratch: bool,
+    /// Entries on other keys are left out, puts and dels alike.
+    readable: KeySet,
+}
+
 /// The response JSON as chunks: cookie and lastMutationIDChanges first, then the patch
-/// (`clear` first on a first pull) entry by entry.
+/// (`clear` first from scratch) entry by entry, only on keys the caller may read.
 fn response_chunks(
     snapshot: PullSnapshot,
-    first_pull: bool,
+    response: StreamedResponse,
 ) -> impl Stream<Item = Result<Bytes, StoreError>> + Send {
-    let mut buffer = response_head(snapshot.version, &snapshot.changed_clients, first_pull);
+    let StreamedResponse {
+        cookie,
+        from_scratch,
+        readable,
+    } = response;
+    let mut buffer = response_head(&cookie, &snapshot.changed_clients, from_scratch);
     let mut entries = snapshot.entries;
     try_stream! {
-        let mut needs_comma = first_pull;
+        let mut needs_comma = from_scratch;
         while let Some(entry) = entries.try_next().await? {
+            if !readable.allows(&entry.key) {
+                continue;
+            }
             if needs_comma {
                 buffer.push(b',');
             }

@@ -1,15 +1,18 @@
 //! The pull response's JSON, written by hand: stored values are JSON text already, so they are
 //! copied into the patch, never parsed and serialized again.
 
+use super::cookie::AnswerCookie;
 use crate::store::EntryChange;
 
 /// `{"cookie":..,"lastMutationIDChanges":{..},"patch":[` with `clear` first on a first pull.
 pub(super) fn response_head(
-    version: u64,
+    cookie: &AnswerCookie,
     changed_clients: &[(String, u64)],
     first_pull: bool,
 ) -> Vec<u8> {
-    let mut head = format!("{{\"cookie\":{version},\"lastMutationIDChanges\":{{");
+    let mut head = String::from("{\"cookie\":");
+    cookie.write_json(&mut head);
+    head.push_str(",\"lastMutationIDChanges\":{");
     for (index, (client, last_mutation_id)) in changed_clients.iter().enumerate() {
         if index > 0 {
             head.push(',');

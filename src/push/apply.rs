@@ -10,7 +10,7 @@ use super::locking::Locking;
 use super::{Push, PushBudget, PushError, PushOutcome};
 use crate::auth::{AuthError, check_group_ownership};
 use crate::metrics::Timing;
-use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx};
+use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx, Writer};
 use crate::poke::sinks::Pokes;
 use crate::protocol::{Mutation, PushRequest, SpaceId};
 use crate::store::{
@@ -263,6 +263,7 @@ async fn apply_push(
         user,
         request,
         budget,
+        writable,
     } = push;
     let checked = check_client_group(group, request, space, user)
         .and_then(|new_group| Ok((new_group, known_clients(&group.clients, request)?)));
@@ -309,14 +310,12 @@ async fn apply_push(
             partial = Some(applied);
             break;
         }
-        let mut write_tx = WriteTx::new(
-            &mut *tx,
-            &mut group.overlay,
+        let writer = Writer {
             space,
             user,
-            client,
-            mutation.id,
-        );
+            writable,
+        };
+        let mut write_tx = WriteTx::new(&mut *tx, &mut group.overlay, writer, client, mutation.id);
         let span = tracing::debug_span!(
             "push.mutation",
             name = &*shortened(&mutation.name),
@@ -326,7 +325,7 @@ async fn apply_push(
         let result = run_mutator(mutators, &mut write_tx, mutation)
             .instrument(span)
             .await;
-        match write_tx.within_write_limit(result) {
+        match write_tx.within_write_limits(result) {
             Ok(()) => write_tx.keep_writes(),
             Err(MutationError::Store(error)) => return Err(error),
             Err(error) => {

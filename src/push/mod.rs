@@ -14,6 +14,7 @@ use std::time::Instant;
 pub use self::error::PushError;
 pub use self::group::PushGroups;
 use crate::protocol::PushRequest;
+use crate::rules::KeySet;
 
 /// What a push did.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,4 +55,6 @@ pub struct Push {
     pub user: String,
     pub request: PushRequest,
     pub budget: PushBudget,
+    /// The keys its mutations may write (REPLISYNC_RULES; every key in a space without rules).
+    pub writable: KeySet,
 }

@@ -10,9 +10,11 @@ use super::{Push, PushBudget, PushError, PushGroups, PushOutcome};
 use crate::auth::AuthError;
 use crate::metrics::PushAnswer;
 use crate::protocol::{PushRequest, SpaceId};
+use crate::rules::KeySet;
 
 impl PushGroups {
-    /// Applies `request`, sent by `user`, to `space`. A push committed only in part is answered
+    /// Applies `request`, sent by `user`, to `space`; its mutations may write the keys of
+    /// `writable` (a mutation writing another fails, as a failing mutator does). A push committed only in part is answered
     /// `PushError::Partial` (its prefix is committed and poked): only a failure makes Replicache
     /// push again without a new mutation, as its push loop has no timer.
     pub async fn push(
@@ -20,9 +22,10 @@ impl PushGroups {
         space: &SpaceId,
         user: String,
         request: PushRequest,
+        writable: KeySet,
     ) -> Result<PushOutcome, PushError> {
         let started = Instant::now();
-        let answer = self.checked_push(space, user, request).await;
+        let answer = self.checked_push(space, user, request, writable).await;
         self.metrics
             .observe_push(answer_kind(&answer), started.elapsed());
         answer
@@ -33,6 +36,7 @@ impl PushGroups {
         space: &SpaceId,
         user: String,
         request: PushRequest,
+        writable: KeySet,
     ) -> Result<PushOutcome, PushError> {
         let budget = self.budget();
         request.validate()?;
@@ -46,6 +50,7 @@ impl PushGroups {
             user,
             request,
             budget,
+            writable,
         };
         let outcome = self.apply_in_group(space, push).await?;
         if let PushOutcome::Committed {

@@ -10,15 +10,15 @@ use replisync::poke::pusher::{
     PrivateChannels, PusherArgs, PusherConfig, channel_auth_signature, is_socket_id,
 };
 use replisync::protocol::{
-    BodyError, MAX_ID_BYTES, MAX_KEY_BYTES, MAX_SPACE_ID_LEN, PullRequest, PushRequest, SpaceId,
-    check_identifier, check_key, parse_body, parse_cookie,
+    BodyError, Cookie, MAX_COOKIE_ORDER, MAX_ID_BYTES, MAX_KEY_BYTES, MAX_SPACE_ID_LEN,
+    PullRequest, PushRequest, SpaceId, check_identifier, check_key, parse_body, parse_cookie,
 };
 use serde_json::{Map, Value};
 
 use crate::fuzz;
 use crate::generate::{
     SECRET, any_bytes, any_json, authorization, claims_bytes, field_name, good_claims, matching,
-    odd_string, pull_body, push_body, token_of,
+    odd_number, odd_string, pull_body, push_body, token_of,
 };
 
 const ISSUER: &str = "https://issuer.fuzz/";
@@ -86,10 +86,31 @@ fn pull_bodies_parse_or_name_the_problem() {
 
 #[test]
 fn cookies_are_null_or_versions_that_fit_a_bigint() {
-    fuzz("parse cookies", 2000, any_json, |cookie| {
+    // Objects shaped like replisync's own cookies, with odd orders and fingerprints.
+    let cookies = || {
+        let ordered =
+            (odd_number(), odd_string(), any::<bool>()).prop_map(|(order, rules, extra)| {
+                let mut cookie = serde_json::json!({ "order": order, "rules": rules });
+                if extra {
+                    cookie["x"] = Value::Null;
+                }
+                cookie
+            });
+        prop_oneof![any_json(), ordered]
+    };
+    fuzz("parse cookies", 2000, cookies, |cookie| {
         match parse_cookie(&cookie) {
             Ok(None) => prop_assert!(cookie.is_null()),
-            Ok(Some(version)) => {
+            Ok(Some(Cookie::Ordered { order, rules })) => {
+                prop_assert!(
+                    order <= MAX_COOKIE_ORDER,
+                    "{order} is not exact in JavaScript"
+                );
+                prop_assert_eq!(cookie["order"].as_u64(), Some(order));
+                prop_assert_eq!(cookie["rules"].as_str(), Some(rules.as_str()));
+                prop_assert!(!rules.is_empty() && rules.bytes().all(|b| b.is_ascii_alphanumeric()));
+            }
+            Ok(Some(Cookie::Version(version))) => {
                 prop_assert_eq!(cookie.as_u64(), Some(version));
                 prop_assert!(
                     version <= i64::MAX as u64,
@@ -99,6 +120,18 @@ fn cookies_are_null_or_versions_that_fit_a_bigint() {
             Err(_) => {
                 let version = cookie.as_u64().filter(|&v| v <= i64::MAX as u64);
                 prop_assert!(!cookie.is_null() && version.is_none(), "{cookie} refused");
+                if let Some(fields) = cookie.as_object() {
+                    let order = fields.get("order").and_then(|o| o.as_u64());
+                    let rules = fields.get("rules").and_then(|r| r.as_str());
+                    let plausible = fields.len() == 2
+                        && order.is_some_and(|o| o <= MAX_COOKIE_ORDER)
+                        && rules.is_some_and(|r| {
+                            !r.is_empty()
+                                && r.len() <= 64
+                                && r.bytes().all(|b| b.is_ascii_alphanumeric())
+                        });
+                    prop_assert!(!plausible, "{cookie} refused");
+                }
             }
         }
         Ok(())

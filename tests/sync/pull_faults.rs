@@ -2,7 +2,7 @@
 //! batches past 1,000 client groups, and streamed pulls cut at their deadline or stall.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -11,7 +11,8 @@ use futures::StreamExt;
 use replisync::error::ApiError;
 use replisync::metrics::Metrics;
 use replisync::protocol::{PullRequest, SpaceId};
-use replisync::pull::{PullBody, PullError, PullLimits, Pulls, StreamLimits, WriteCheck};
+use replisync::pull::{PullBody, PullError, PullLimits, Puller, Pulls, StreamLimits, WriteCheck};
+use replisync::rules::CallerKeys;
 use replisync::startup::App;
 use replisync::store::StoreError;
 use serde_json::{Value, json};
@@ -78,6 +79,16 @@ fn logged_pulls_with(
 /// A pull caller that may only read.
 struct ReadOnly;
 
+/// The anonymous user, reading every key, never writing.
+fn reader() -> Puller<'static> {
+    static EVERY_KEY: LazyLock<CallerKeys> = LazyLock::new(CallerKeys::unruled);
+    Puller {
+        user: "anonymous",
+        keys: &EVERY_KEY,
+        writes: &ReadOnly,
+    }
+}
+
 #[async_trait]
 impl WriteCheck for ReadOnly {
     async fn may_write(&self) -> bool {
@@ -132,9 +143,10 @@ async fn pull_together(
             .unwrap()
         })
         .collect();
+    let caller = reader();
     let pulls = requests
         .iter()
-        .map(|request| pulls.pull(&space, "anonymous", request, &ReadOnly));
+        .map(|request| pulls.pull(&space, &caller, request));
     futures::future::join_all(pulls).await
 }
 
@@ -245,7 +257,7 @@ async fn failed_first_pulls_give_back_their_turn(backend: Backend) {
     )
     .unwrap();
     for attempt in 0..3 {
-        let failed = pulls.pull(&space, "anonymous", &request, &ReadOnly).await;
+        let failed = pulls.pull(&space, &reader(), &request).await;
         assert_eq!(
             answered(failed).await,
             (
@@ -255,8 +267,7 @@ async fn failed_first_pulls_give_back_their_turn(backend: Backend) {
             "attempt {attempt}"
         );
     }
-    let Ok(PullBody::Streamed(chunks)) = pulls.pull(&space, "anonymous", &request, &ReadOnly).await
-    else {
+    let Ok(PullBody::Streamed(chunks)) = pulls.pull(&space, &reader(), &request).await else {
         panic!("the fourth first pull was not streamed");
     };
     let body: Vec<bytes::Bytes> = chunks.map(|chunk| chunk.unwrap()).collect().await;
