@@ -23,6 +23,7 @@ mod observed;
 mod protocol;
 mod pull_faults;
 mod push_limits;
+mod rules;
 mod slow_requests;
 mod sql_functions;
 mod sse;
