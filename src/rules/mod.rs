@@ -24,6 +24,9 @@ pub const MAX_PATTERNS_PER_CALLER: usize = 256;
 /// Most patterns one space entry of the file may list, under `read` or `write`.
 const MAX_PATTERNS_PER_RULE: usize = 64;
 
+/// Most space entries a file may have (each request looks for its space's entry in order).
+const MAX_SPACE_ENTRIES: usize = 1000;
+
 /// The rules file, loaded once: space entries in file order, the first whose pattern matches a
 /// space applies to it; a space no entry matches has no rules (everyone who may use it sees
 /// and writes every key, as without a rules file).
@@ -70,6 +73,13 @@ impl Rules {
                  [\"shared/*\", \"user/{{user}}/*\"], \"write\": [\"user/{{user}}/*\"]}}]}}"
             )
         })?;
+        if file.spaces.len() > MAX_SPACE_ENTRIES {
+            return Err(format!(
+                "{} space entries, more than {MAX_SPACE_ENTRIES}; give spaces that share rules \
+                 one prefix entry (\"team-*\")",
+                file.spaces.len()
+            ));
+        }
         let spaces = file
             .spaces
             .into_iter()
@@ -116,7 +126,7 @@ impl SpaceRules {
     fn parse(entry: SpaceEntry) -> Result<SpaceRules, String> {
         let SpaceEntry { space, read, write } = entry;
         let body = space.strip_suffix('*').unwrap_or(&space);
-        if body.contains('*') || (space.is_empty()) {
+        if body.contains('*') || space.is_empty() {
             return Err(format!(
                 "space {space:?}: name one space (\"doc-42\"), a prefix (\"team-*\") or every \
                  space (\"*\")"

@@ -91,6 +91,36 @@ fn a_mutators_module_that_imports_stops_start_up_saying_to_bundle() {
     }
 }
 
+#[test]
+fn a_bad_rules_file_stops_start_up_naming_the_entry_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = r#"{"spaces": [{"space": "team-*", "read": ["user/{user}*"]}]}"#;
+    std::fs::write(dir.path().join("rules.json"), rules).unwrap();
+    let stderr = refused_start_up(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("REPLISYNC_RULES", "rules.json")],
+    );
+    for words in [
+        "REPLISYNC_RULES",
+        "rules.json",
+        "spaces[0]: read",
+        "separator",
+    ] {
+        assert!(stderr.contains(words), "says {words:?}: {stderr}");
+    }
+    let stderr = refused_start_up(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("REPLISYNC_RULES", "missing.json")],
+    );
+    assert!(stderr.contains("cannot read missing.json"), "{stderr}");
+    assert!(
+        !dir.path().join("replisync-data").exists(),
+        "it opened a database before refusing"
+    );
+}
+
 /// The authorization webhook is sent callers' tokens: over http, only to this machine.
 #[test]
 fn a_webhook_url_in_the_clear_to_another_host_stops_start_up() {

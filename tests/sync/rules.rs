@@ -3,15 +3,18 @@
 //! change; a randomized run checks that no answer ever holds a key its caller may not read.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use replisync::mutators::Mutators;
+use replisync::mutators::js::JsMutators;
 use replisync::pull::PullLimits;
 use replisync::rules::Rules;
-use replisync::startup::AppBuilder;
+use replisync::startup::{App, AppBuilder};
 use serde_json::{Value, json};
 
 use crate::auth::{claims, hmac_options, token};
 use crate::harness::{Backend, TestServer, push_body};
-use crate::js_mutators::metric;
+use crate::js_mutators::{TokenIsUser, fixture, metric, test_limits};
 
 const SPACE: &str = "team-1";
 
@@ -383,6 +386,46 @@ async fn claims_that_expand_too_far_are_refused(backend: Backend) {
     );
 }
 
+/// A JavaScript mutator that catches the error of a forbidden write still fails, and nothing
+/// it wrote is kept.
+async fn a_javascript_mutator_cannot_catch_its_way_past_the_rules(backend: Backend) {
+    let js = JsMutators::load(&fixture(), test_limits()).expect("the fixture loads");
+    let app = with_rules(App::builder())
+        .mutators(js.register(Mutators::builtin()))
+        .authenticator(Arc::new(TokenIsUser));
+    let server = TestServer::start_with(backend, app).await;
+    let args = json!({"allowed": "user/alice/a", "forbidden": "user/bob/planted"});
+    let body = push_body(
+        "g-alice",
+        &[
+            ("c-alice", 1, "writesOutsideAndCatches", args),
+            (
+                "c-alice",
+                2,
+                "set",
+                json!({"key": "user/alice/ok", "value": 1}),
+            ),
+        ],
+    );
+    assert_eq!(
+        server.push_as(SPACE, &body, "alice").await,
+        (200, json!({}))
+    );
+    let alice = server
+        .pull_ok_as(SPACE, "g-alice", Value::Null, "alice")
+        .await;
+    assert_eq!(alice["lastMutationIDChanges"]["c-alice"], 2);
+    let keys: Vec<&str> = alice["patch"].as_array().unwrap()[1..]
+        .iter()
+        .map(|op| op["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["user/alice/ok"]);
+    let bob = server.pull_ok_as(SPACE, "g-bob", Value::Null, "bob").await;
+    assert_eq!(bob["patch"], json!([{"op": "clear"}]), "nothing planted");
+    let series = r#"replisync_mutations_failed_total{kind="javascript",reason="forbidden_key"}"#;
+    assert_eq!(metric(&server, series).await, 1);
+}
+
 /// A small deterministic generator (xorshift), so a failing run can be replayed.
 struct Dice(u64);
 
@@ -480,5 +523,6 @@ crate::on_both_stores!(
     losing_a_team_removes_its_keys_and_gaining_one_brings_them,
     spaces_without_rules_keep_number_cookies_and_every_key,
     claims_that_expand_too_far_are_refused,
+    a_javascript_mutator_cannot_catch_its_way_past_the_rules,
     no_answer_holds_a_key_its_caller_may_not_read,
 );
