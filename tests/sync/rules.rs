@@ -426,6 +426,77 @@ async fn a_javascript_mutator_cannot_catch_its_way_past_the_rules(backend: Backe
     assert_eq!(metric(&server, series).await, 1);
 }
 
+/// A hostile client gains nothing from the cookie it sends (another user's, one claiming every
+/// key, an old number) or from odd claim values: each answer holds only its own keys.
+async fn forged_cookies_and_odd_claims_reveal_nothing(backend: Backend) {
+    let server = ruled_server(backend, false).await;
+    let mut tabs = three_users();
+    write_every_namespace(&server, &mut tabs, 1).await;
+    let model = model_after(1, &tabs);
+    let mut alice = tabs.remove(0);
+    alice.pull(&server).await;
+    let mut carol = tabs.remove(1);
+    let version = order(&alice.cookie) as u64 / 1024;
+    let forged = [
+        alice.cookie.clone(),
+        json!({"order": version * 1024, "rules": "all"}),
+        json!({"order": 0, "rules": "all"}),
+        json!(version),
+        json!(0),
+    ];
+    for cookie in forged {
+        carol.cookie = cookie.clone();
+        carol.entries = model.clone(); // as if it held everything: the answer must say clear
+        let answer = carol.pull(&server).await;
+        assert_eq!(
+            answer["patch"][0],
+            json!({"op": "clear"}),
+            "{cookie}: {answer}"
+        );
+        assert_eq!(carol.entries, carol.should_hold(&model), "{cookie}");
+    }
+    // Claim values that are not strings or integers, empty, or hold the separator, give no
+    // pattern; the usable ones still work.
+    let mut odd = Tab::new("dave", &[]);
+    let mut claims = claims("dave", &["*"]);
+    claims["teams"] = json!([{"x": 1}, "", "red/../blue", 1.5, true, null, "blue"]);
+    let (status, body) = server
+        .pull_as(SPACE, &odd.group, Value::Null, &token(&claims))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    odd.teams = vec!["blue".into()];
+    odd.apply(&body);
+    assert_eq!(odd.entries, odd.should_hold(&model));
+    assert!(odd.entries.contains_key("team/blue/carol"));
+}
+
+/// Many users pulling the same cookie at once share database reads, never a filtered answer.
+async fn concurrent_pulls_of_different_users_never_share_an_answer(backend: Backend) {
+    let server = ruled_server(backend, false).await;
+    let mut tabs = three_users();
+    write_every_namespace(&server, &mut tabs, 1).await;
+    for tab in tabs.iter_mut() {
+        tab.pull(&server).await;
+    }
+    write_every_namespace(&server, &mut tabs, 2).await;
+    let model = model_after(2, &tabs);
+    // Everyone's cookie is now behind by the same writes; 30 pulls at once, ten per user.
+    let pulls: Vec<(usize, String)> = (0..30).map(|i| (i % 3, tabs[i % 3].auth())).collect();
+    let answers = futures::future::join_all(pulls.iter().map(|(who, auth)| {
+        let tab = &tabs[*who];
+        server.pull_as(SPACE, &tab.group, tab.cookie.clone(), auth)
+    }))
+    .await;
+    for ((who, _), (status, body)) in pulls.iter().zip(answers) {
+        assert_eq!(status, 200, "{body}");
+        let mut view = Tab::new(&tabs[*who].user, &tabs[*who].teams());
+        view.cookie = tabs[*who].cookie.clone();
+        view.entries = tabs[*who].entries.clone();
+        view.apply(&body);
+        assert_eq!(view.entries, view.should_hold(&model), "{}", view.user);
+    }
+}
+
 /// A small deterministic generator (xorshift), so a failing run can be replayed.
 struct Dice(u64);
 
@@ -524,5 +595,7 @@ crate::on_both_stores!(
     spaces_without_rules_keep_number_cookies_and_every_key,
     claims_that_expand_too_far_are_refused,
     a_javascript_mutator_cannot_catch_its_way_past_the_rules,
+    forged_cookies_and_odd_claims_reveal_nothing,
+    concurrent_pulls_of_different_users_never_share_an_answer,
     no_answer_holds_a_key_its_caller_may_not_read,
 );
