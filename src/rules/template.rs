@@ -75,7 +75,9 @@ impl KeyTemplate {
         for (index, part) in self.parts.iter().enumerate() {
             let values = match part {
                 Part::Text(text) => {
-                    texts.iter_mut().for_each(|t| t.push_str(text));
+                    for expanded in &mut texts {
+                        expanded.push_str(text);
+                    }
                     continue;
                 }
                 Part::User => vec![inputs.user.to_owned()],

@@ -226,7 +226,7 @@ async fn every_pull_path_answers_exactly_the_callers_keys(backend: Backend) {
         write_every_namespace(&server, &mut tabs, 1).await;
         // First pulls, streamed.
         let model = model_after(1, &tabs);
-        for tab in tabs.iter_mut() {
+        for tab in &mut tabs {
             let first = tab.pull(&server).await;
             assert_eq!(first["patch"][0], json!({"op": "clear"}));
             assert_eq!(tab.entries, tab.should_hold(&model), "{}", tab.user);
@@ -475,7 +475,7 @@ async fn concurrent_pulls_of_different_users_never_share_an_answer(backend: Back
     let server = ruled_server(backend, false).await;
     let mut tabs = three_users();
     write_every_namespace(&server, &mut tabs, 1).await;
-    for tab in tabs.iter_mut() {
+    for tab in &mut tabs {
         tab.pull(&server).await;
     }
     write_every_namespace(&server, &mut tabs, 2).await;
@@ -516,7 +516,7 @@ impl Dice {
 async fn no_answer_holds_a_key_its_caller_may_not_read(backend: Backend) {
     const STEPS: usize = 300;
     let server = ruled_server(backend, false).await;
-    let mut tabs = vec![
+    let mut tabs = [
         Tab::new("alice", &["red"]),
         Tab::new("bob", &["red", "blue"]),
         Tab::new("carol", &[]),
@@ -577,7 +577,7 @@ async fn no_answer_holds_a_key_its_caller_may_not_read(backend: Backend) {
             }
         }
     }
-    for tab in tabs.iter_mut() {
+    for tab in &mut tabs {
         tab.pull(&server).await;
         assert_eq!(
             tab.entries,

@@ -16,6 +16,7 @@
 //     later writes to `team/red/` do not reach him; red given back brings them back;
 //  6. pokes stay zero-payload: bob is poked for alice's private write and his pull answers an
 //     empty patch.
+// A space no entry matches (`doc-1`) hides nothing and keeps number cookies (a control).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -124,6 +125,17 @@ test('20. visibility rules: private stays private, shared and team keys sync, re
     mutations: [{ name: 'set', args: { key: 'team/blue/list/1', value: 'blue plan' } }],
   });
   assert.equal(seeded.status, 200, seeded.body);
+  // Control: a space no rules entry matches behaves as without rules (number cookies, every key).
+  const unruled = await server.push('doc-1', {
+    clientGroupID: uniqueId('cg-'),
+    clientID: uniqueId('c-'),
+    auth: bearer(aliceToken),
+    mutations: [{ name: 'set', args: { key: 'user/alice/note', value: 'not ruled here' } }],
+  });
+  assert.equal(unruled.status, 200, unruled.body);
+  const bobOnDoc = await server.pull('doc-1', { auth: bearer(bobToken) });
+  assert.equal(typeof bobOnDoc.cookie, 'number', 'an unruled space answers a number cookie');
+  assert.deepEqual(patchKeys(bobOnDoc, 'put'), ['user/alice/note'], 'an unruled space hides nothing');
 
   /** A raw full pull as `tok`: the keys it gets, and its cookie. */
   const rawPull = async (tok, cookie = null) => server.pull(SPACE, { auth: bearer(tok), cookie });
