@@ -338,7 +338,7 @@ async fn apply_push(
         applied += 1;
     }
 
-    failed.log();
+    failed.log(user);
     if advanced.is_empty() {
         return Ok(Ok(if replayed > 0 {
             PushOutcome::Replayed
@@ -480,9 +480,10 @@ impl FailedMutations {
 
     /// Client strings are logged with `?` (escaped): a name holding a newline cannot forge a
     /// log line.
-    fn log(&self) {
+    fn log(&self, user: &str) {
         if self.count > 0 {
             tracing::warn!(
+                user = ?shortened(user),
                 failed = self.count,
                 first = ?self.first,
                 "mutations failed; their writes are discarded and they count as processed"
