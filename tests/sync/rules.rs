@@ -219,6 +219,17 @@ fn three_users() -> Vec<Tab> {
     ]
 }
 
+/// A server with rules, the three users, and one round of their writes (and its model).
+async fn three_users_after_one_round(
+    backend: Backend,
+) -> (TestServer, Vec<Tab>, BTreeMap<String, Value>) {
+    let server = ruled_server(backend, false).await;
+    let mut tabs = three_users();
+    write_every_namespace(&server, &mut tabs, 1).await;
+    let model = model_after(1, &tabs);
+    (server, tabs, model)
+}
+
 async fn every_pull_path_answers_exactly_the_callers_keys(backend: Backend) {
     for streamed_deltas in [false, true] {
         let server = ruled_server(backend, streamed_deltas).await;
@@ -322,10 +333,7 @@ async fn a_write_outside_the_callers_rules_fails_only_that_mutation(backend: Bac
 }
 
 async fn losing_a_team_removes_its_keys_and_gaining_one_brings_them(backend: Backend) {
-    let server = ruled_server(backend, false).await;
-    let mut tabs = three_users();
-    write_every_namespace(&server, &mut tabs, 1).await;
-    let model = model_after(1, &tabs);
+    let (server, mut tabs, model) = three_users_after_one_round(backend).await;
     let mut alice = tabs.remove(0);
     alice.pull(&server).await;
     assert!(alice.entries.contains_key("team/red/bob"));
@@ -429,10 +437,7 @@ async fn a_javascript_mutator_cannot_catch_its_way_past_the_rules(backend: Backe
 /// A hostile client gains nothing from the cookie it sends (another user's, one claiming every
 /// key, an old number) or from odd claim values: each answer holds only its own keys.
 async fn forged_cookies_and_odd_claims_reveal_nothing(backend: Backend) {
-    let server = ruled_server(backend, false).await;
-    let mut tabs = three_users();
-    write_every_namespace(&server, &mut tabs, 1).await;
-    let model = model_after(1, &tabs);
+    let (server, mut tabs, model) = three_users_after_one_round(backend).await;
     let mut alice = tabs.remove(0);
     alice.pull(&server).await;
     let mut carol = tabs.remove(1);
