@@ -1,6 +1,8 @@
 //! The replisync protocol as the benchmark speaks it: the one builder of push bodies and of
 //! pull bodies, and the HTTP calls that send them to a server on loopback.
 
+use std::sync::Arc;
+
 use anyhow::bail;
 use serde_json::{Value, json};
 
@@ -72,6 +74,8 @@ pub(crate) fn pull_body(group: &str, cookie: Value) -> Value {
 pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
+    /// `Authorization` of every request, in place of the client's default (one user's token).
+    bearer: Option<Arc<str>>,
 }
 
 impl Api {
@@ -79,12 +83,36 @@ impl Api {
         Api {
             http,
             base: base.to_owned(),
+            bearer: None,
         }
     }
 
-    /// The same HTTP client, talking to the server at `base`.
+    /// The same HTTP client (and token), talking to the server at `base`.
     pub(crate) fn at(&self, base: &str) -> Api {
-        Api::new(self.http.clone(), base)
+        Api {
+            base: base.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The same server and HTTP client, every request sent with `Authorization: <bearer>`.
+    pub(crate) fn with_bearer(&self, bearer: &str) -> Api {
+        Api {
+            bearer: Some(bearer.into()),
+            ..self.clone()
+        }
+    }
+
+    /// A POST to `path`, with this Api's token when it has one.
+    fn post_request(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .body(body.to_string());
+        match &self.bearer {
+            Some(bearer) => request.header(reqwest::header::AUTHORIZATION, &**bearer),
+            None => request,
+        }
     }
 
     pub(crate) async fn push(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
@@ -102,9 +130,7 @@ impl Api {
         body: &Value,
     ) -> anyhow::Result<usize> {
         let mut response = self
-            .http
-            .post(format!("{}/spaces/{space}/pull", self.base))
-            .body(body.to_string())
+            .post_request(&format!("/spaces/{space}/pull"), body)
             .send()
             .await?;
         let mut bytes = 0usize;
@@ -128,12 +154,7 @@ impl Api {
 
     /// POSTs a push or pull; anything but a 200 without an `error` field is an error.
     async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .body(body.to_string())
-            .send()
-            .await?;
+        let response = self.post_request(path, body).send().await?;
         let status = response.status();
         let body: Value = response.json().await?;
         if status != 200 || body.get("error").is_some() {

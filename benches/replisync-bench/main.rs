@@ -10,6 +10,9 @@ mod gc_workloads;
 mod load;
 mod poke_workloads;
 mod report;
+mod rules_data;
+mod rules_report;
+mod rules_workloads;
 mod server;
 mod soak;
 mod socketio;
@@ -59,8 +62,8 @@ struct Args {
     server: PathBuf,
     /// Run only these workloads (comma-separated): push (on Postgres, then on a replisync
     /// started on its embedded SQLite store, in a fresh temporary file), storm, first-pull,
-    /// poke, js, gc, and soak (never by default; best alone: it starts from the fresh
-    /// database).
+    /// poke, js, gc, rules (visibility rules against none; not by default: it fills 211,200
+    /// entries), and soak (never by default; best alone: it starts from the fresh database).
     #[arg(
         long,
         value_delimiter = ',',
@@ -163,6 +166,9 @@ async fn main() -> anyhow::Result<()> {
         for entries in [10_000, 100_000] {
             report.first_pulls.push(bench.first_pull(entries).await?);
         }
+    }
+    if args.runs("rules") {
+        report.rules = Some(bench.rules_workloads().await?);
     }
     if args.runs("gc") {
         report.compaction = Some(bench.compaction().await?);

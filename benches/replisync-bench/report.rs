@@ -27,6 +27,8 @@ pub(crate) struct Report {
     pub pushes_beside_gc: Vec<GcPushComparison>,
     /// The soak (`--only soak`).
     pub soak: Option<crate::soak::SoakFigures>,
+    /// Visibility rules against none (`--only rules`).
+    pub rules: Option<crate::rules_report::RulesFigures>,
 }
 
 /// One space loaded with `entries` keys, `deleted` of them then deleted, pulled before and
@@ -318,7 +320,7 @@ pub(crate) fn percentile(values: &mut [f64], pct: f64) -> f64 {
     values[rank]
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     percentile(values, 50.0)
 }
 
@@ -404,7 +406,7 @@ fn against_floor(
 }
 
 /// `x` with `places` decimals, or "-" when there is no figure (NaN, infinite).
-fn decimals(x: f64, places: usize) -> String {
+pub(crate) fn decimals(x: f64, places: usize) -> String {
     if x.is_finite() {
         format!("{x:.places$}")
     } else {
@@ -412,7 +414,7 @@ fn decimals(x: f64, places: usize) -> String {
     }
 }
 
-fn one_decimal(x: f64) -> String {
+pub(crate) fn one_decimal(x: f64) -> String {
     decimals(x, 1)
 }
 
@@ -486,6 +488,9 @@ impl Report {
             storm.print();
         }
         self.print_first_pulls();
+        if let Some(rules) = &self.rules {
+            rules.print();
+        }
         if let Some(compaction) = &self.compaction {
             compaction.print();
         }

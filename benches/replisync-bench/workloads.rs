@@ -289,21 +289,38 @@ impl Bench {
     pub(crate) async fn first_pull(&self, entries: usize) -> anyhow::Result<FirstPullFigures> {
         let space = format!("big-{entries}");
         self.load_entries(&space, entries).await?;
-        let server = Server::start(
+        let fresh = FreshServer {
+            jwt_secret: self.jwt_secret.as_deref(),
+            env: &[],
+        };
+        self.first_pull_on_fresh_server(&fresh, &self.api, &space, entries)
+            .await
+    }
+
+    /// One first pull of `space` (holding `entries` entries) through `api` (its token) from a
+    /// replisync started for it as `fresh` says: latency, response size, memory.
+    pub(crate) async fn first_pull_on_fresh_server(
+        &self,
+        fresh: &FreshServer<'_>,
+        api: &Api,
+        space: &str,
+        entries: usize,
+    ) -> anyhow::Result<FirstPullFigures> {
+        let server = Server::start_with_env(
             &self.server_binary,
             &self.database_url,
             None,
-            self.jwt_secret.as_deref(),
+            fresh.jwt_secret,
+            fresh.env,
         )
         .await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rss_before = server.rss_mb();
         let peak_reset = server.reset_peak_rss();
         let started = Instant::now();
-        let bytes = self
-            .api
+        let bytes = api
             .at(&server.base)
-            .pull_response_bytes(&space, &pull_body("reader", Value::Null))
+            .pull_response_bytes(space, &pull_body("reader", Value::Null))
             .await?;
         let latency = started.elapsed();
         let peak = server.peak_rss_mb();
@@ -333,6 +350,12 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// How a first pull's fresh replisync is started: REPLISYNC_JWT_SECRET, and other variables.
+pub(crate) struct FreshServer<'a> {
+    pub jwt_secret: Option<&'a str>,
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// The Postgres one-increment push workloads: name, table label, clients, spaces.

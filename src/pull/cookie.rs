@@ -46,7 +46,7 @@ impl Position {
     /// next answer starts from scratch (a `clear` and every key it may read now).
     pub(super) fn visibility_changed(&self, keys: &CallerKeys) -> bool {
         let then = self.rules.as_deref().unwrap_or(ALL_KEYS);
-        then != keys.read.fingerprint()
+        then != keys.read_fingerprint
     }
 
     fn order(&self) -> u64 {
@@ -96,7 +96,7 @@ pub(super) fn answer_cookie(
     };
     AnswerCookie::Ordered {
         order,
-        rules: keys.read.fingerprint(),
+        rules: keys.read_fingerprint.to_string(),
     }
 }
 
@@ -123,11 +123,7 @@ mod tests {
             text: prefix.into(),
             prefix: true,
         }]);
-        CallerKeys {
-            ruled: true,
-            write: read.clone(),
-            read,
-        }
+        CallerKeys::ruled(read.clone(), read)
     }
 
     fn order_of(cookie: &AnswerCookie) -> u64 {

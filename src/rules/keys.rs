@@ -1,6 +1,8 @@
 //! What one caller may read and write in one space, once its rules are filled in: a set of
 //! exact keys and key prefixes, checked per key, with a fingerprint that changes when it does.
 
+use std::borrow::Cow;
+
 use sha2::{Digest, Sha256};
 
 use super::template::KeyPattern;
@@ -54,12 +56,13 @@ impl KeySet {
 pub const ALL_KEYS: &str = "all";
 
 /// What a caller may do in a space: `ruled` when the space has rules (its pull cookies carry
-/// the read set's fingerprint).
+/// the read set's fingerprint, computed once here).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallerKeys {
     pub ruled: bool,
     pub read: KeySet,
     pub write: KeySet,
+    pub read_fingerprint: Cow<'static, str>,
 }
 
 impl CallerKeys {
@@ -69,6 +72,17 @@ impl CallerKeys {
             ruled: false,
             read: KeySet::All,
             write: KeySet::All,
+            read_fingerprint: Cow::Borrowed(ALL_KEYS),
+        }
+    }
+
+    /// A space with rules, which give the caller these keys to read and to write.
+    pub fn ruled(read: KeySet, write: KeySet) -> CallerKeys {
+        CallerKeys {
+            ruled: true,
+            read_fingerprint: read.fingerprint().into(),
+            read,
+            write,
         }
     }
 }

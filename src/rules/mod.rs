@@ -114,11 +114,10 @@ impl Rules {
         else {
             return Ok(CallerKeys::unruled());
         };
-        Ok(CallerKeys {
-            ruled: true,
-            read: expand(&rules.read, inputs)?,
-            write: expand(&rules.write, inputs)?,
-        })
+        Ok(CallerKeys::ruled(
+            expand(&rules.read, inputs)?,
+            expand(&rules.write, inputs)?,
+        ))
     }
 }
 
