@@ -11,6 +11,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use bytes::BytesMut;
 use http_body_util::BodyExt;
+use serde_json::{Map, Value};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -26,7 +27,6 @@ use crate::metrics::Metrics;
 use crate::protocol::SpaceId;
 use crate::push::settings::PushLimits;
 use crate::rules::{CallerKeys, MAX_PATTERNS_PER_CALLER, RuleInputs, Rules, TooManyPatterns};
-use serde_json::{Map, Value};
 
 /// A request body read whole, within the configured limit (413 beyond it).
 pub(super) struct RequestBody(pub Bytes);
