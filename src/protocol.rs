@@ -175,6 +175,54 @@ pub enum VersionType {
     Schema,
 }
 
+/// The client `schemaVersion`s a server accepts (REPLISYNC_SCHEMA_VERSIONS): any (the default),
+/// or only those listed. A push or pull with another one is answered `VersionNotSupported`
+/// with `versionType: "schema"`, on which Replicache calls `onUpdateNeeded` (by default, the
+/// page reloads and gets the new client).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchemaVersions(Option<Vec<String>>);
+
+impl SchemaVersions {
+    /// Every schemaVersion.
+    pub fn any() -> SchemaVersions {
+        SchemaVersions(None)
+    }
+
+    /// Only these.
+    pub fn only(versions: impl IntoIterator<Item = impl Into<String>>) -> SchemaVersions {
+        SchemaVersions(Some(versions.into_iter().map(Into::into).collect()))
+    }
+
+    /// A comma-separated list (`2,3`); blank accepts every schemaVersion, and `""` stands for
+    /// the empty one (a client that sets none).
+    pub fn parse(list: &str) -> SchemaVersions {
+        if list.trim().is_empty() {
+            return SchemaVersions::any();
+        }
+        SchemaVersions::only(list.split(',').map(|item| match item.trim() {
+            "\"\"" => "",
+            version => version,
+        }))
+    }
+
+    /// Whether a request of `schema_version` may be served.
+    pub fn check(&self, schema_version: &str) -> Result<(), ProtocolError> {
+        match &self.0 {
+            Some(accepted) if !accepted.iter().any(|v| v == schema_version) => {
+                Err(ProtocolError::VersionNotSupported {
+                    version_type: VersionType::Schema,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The accepted versions, for the start-up log (`None`: any).
+    pub fn listed(&self) -> Option<&[String]> {
+        self.0.as_deref()
+    }
+}
+
 /// A request body that names its protocol version.
 pub trait Versioned: serde::de::DeserializeOwned {
     const VERSION_TYPE: VersionType;
@@ -294,6 +342,21 @@ pub struct ForeignCookie;
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn schema_versions_accept_what_they_list() {
+        assert_eq!(SchemaVersions::parse(" "), SchemaVersions::any());
+        assert!(SchemaVersions::any().check("anything").is_ok());
+        let two_three = SchemaVersions::parse("2, 3");
+        assert!(two_three.check("2").is_ok() && two_three.check("3").is_ok());
+        let refused = ProtocolError::VersionNotSupported {
+            version_type: VersionType::Schema,
+        };
+        assert_eq!(two_three.check("1"), Err(refused));
+        assert!(two_three.check("").is_err());
+        let with_empty = SchemaVersions::parse("\"\",2");
+        assert!(with_empty.check("").is_ok() && with_empty.check("2").is_ok());
+    }
 
     #[test]
     fn space_ids_follow_the_channel_alphabet() {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, State};
+use axum::extract::{Form, FromRef, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::extract::{Authenticated, Caller, PushBody, Reads, RequestBody, Writes, authorize};
-use super::state::Draining;
+use super::settings::HttpSettings;
+use super::state::{AppState, Draining};
 use crate::auth::authorize::Authorizer;
 use crate::auth::{Access, Authenticator, Identity};
 use crate::error::ApiError;
@@ -37,10 +38,12 @@ use crate::store::{Store, reconnecting};
 pub(super) async fn push_handler(
     State(pushes): State<Arc<PushGroups>>,
     State(rules): State<Arc<Rules>>,
+    State(served): State<Served>,
     caller: Caller<Writes>,
     body: PushBody,
 ) -> Result<Json<Value>, ApiError> {
     let request: PushRequest = parse_body(&body.bytes)?;
+    served.check_schema(&request.schema_version)?;
     let writable = caller.keys(&rules)?.write;
     let Caller { space, user, .. } = caller;
     pushes.push(&space, user, request, writable).await?;
@@ -52,12 +55,14 @@ pub(super) async fn pull_handler(
     State(pulls): State<Arc<Pulls>>,
     State(authorizer): State<Arc<Authorizer>>,
     State(rules): State<Arc<Rules>>,
+    State(served): State<Served>,
     caller: Caller<Reads>,
     Authenticated(identity): Authenticated,
     headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let request: PullRequest = parse_body(&body)?;
+    served.check_schema(&request.schema_version)?;
     let keys = caller.keys(&rules)?;
     let space = &caller.space;
     let writes = CallerWrites {
@@ -85,6 +90,36 @@ pub(super) async fn pull_handler(
         (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
     ];
     Ok((headers, body).into_response())
+}
+
+/// What the server serves, for the checks every push and pull passes first: the client
+/// schemaVersions it accepts (refusals counted).
+#[derive(Clone)]
+pub(super) struct Served {
+    http: Arc<HttpSettings>,
+    metrics: Arc<Metrics>,
+}
+
+impl FromRef<AppState> for Served {
+    fn from_ref(state: &AppState) -> Served {
+        Served {
+            http: Arc::<HttpSettings>::from_ref(state),
+            metrics: Arc::<Metrics>::from_ref(state),
+        }
+    }
+}
+
+impl Served {
+    /// VersionNotSupported (`schema`) for a schemaVersion REPLISYNC_SCHEMA_VERSIONS does not list.
+    fn check_schema(&self, schema_version: &str) -> Result<(), ApiError> {
+        self.http
+            .schema_versions
+            .check(schema_version)
+            .map_err(|refused| {
+                self.metrics.schema_refused.increment();
+                ApiError::Protocol(refused)
+            })
+    }
 }
 
 /// Whether a pull's caller may write its space, asked of the authorizer when the pull needs it.

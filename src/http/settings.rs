@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use axum::http::HeaderValue;
 
+use crate::protocol::SchemaVersions;
+
 /// The edge's variables as given; [`HttpArgs::settings`] checks them.
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "HTTP server")]
@@ -66,6 +68,12 @@ pub struct HttpArgs {
     #[arg(long, env = "REPLISYNC_CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
 
+    /// The client `schemaVersion`s served, comma-separated (`2,3`; `""` for clients that set
+    /// none). A push or pull with another is answered VersionNotSupported (versionType
+    /// `schema`), on which Replicache calls `onUpdateNeeded`. Unset: every schemaVersion.
+    #[arg(long, env = "REPLISYNC_SCHEMA_VERSIONS", default_value = "")]
+    pub schema_versions: String,
+
     /// One `info` line per request (target `replisync::access`): method, route, status,
     /// duration_ms, space, request id, bytes in and out. `false` writes none.
     #[arg(
@@ -100,6 +108,7 @@ impl HttpArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections,
             access_log: self.access_log,
+            schema_versions: SchemaVersions::parse(&self.schema_versions),
         })
     }
 
@@ -172,6 +181,8 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// Whether each request writes its access log line.
     pub access_log: bool,
+    /// The client schemaVersions pushes and pulls may carry.
+    pub schema_versions: SchemaVersions,
 }
 
 impl Default for HttpSettings {
@@ -187,6 +198,7 @@ impl Default for HttpSettings {
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             access_log: true,
+            schema_versions: SchemaVersions::any(),
         }
     }
 }

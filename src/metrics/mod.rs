@@ -113,6 +113,9 @@ pub struct Metrics {
     /// Pulls answered with the whole space because their cookie was older than the space's
     /// compacted version.
     pub pull_resets: Counter,
+    /// Pushes and pulls refused for a client schemaVersion REPLISYNC_SCHEMA_VERSIONS does not
+    /// list (old tabs still open after a rollout).
+    pub schema_refused: Counter,
     /// Pulls answered from scratch because what the caller may read changed since its cookie
     /// (its claims, or the rules).
     pub pull_visibility_resets: Counter,
@@ -330,6 +333,11 @@ impl Metrics {
                 r,
                 "replisync_pull_resets",
                 "Pulls answered with the whole space: their cookie was older than the space's compaction, or ahead of the space (a replaced database).",
+            ),
+            schema_refused: counter(
+                r,
+                "replisync_schema_version_refused",
+                "Pushes and pulls answered VersionNotSupported (versionType schema): their client's schemaVersion is not in REPLISYNC_SCHEMA_VERSIONS (clients of an old release, which onUpdateNeeded reloads).",
             ),
             pull_visibility_resets: counter(
                 r,

@@ -43,6 +43,7 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ("replisync_gc_tombstones_removed", "counter", None),
     ("replisync_pull_resets", "counter", None),
     ("replisync_pull_visibility_resets", "counter", None),
+    ("replisync_schema_version_refused", "counter", None),
     ("replisync_open_connections", "gauge", None),
     ("replisync_push_in_flight_bytes", "gauge", Some("bytes")),
     ("replisync_pushes_waiting", "gauge", None),

@@ -1147,13 +1147,13 @@ export class ReplisyncServer {
   }
 
   /** Raw protocol pull; resolves to the fetch Response whatever its status. */
-  async pullRaw(space, { clientGroupID = uniqueId('cg-'), cookie = null, auth } = {}) {
+  async pullRaw(space, { clientGroupID = uniqueId('cg-'), cookie = null, auth, schemaVersion = '' } = {}) {
     return realFetch(`${this.url}/spaces/${encodeURIComponent(space)}/pull`, {
       method: 'POST',
       headers: authHeaders(auth),
       body: JSON.stringify({
         pullVersion: 1,
-        schemaVersion: '',
+        schemaVersion,
         profileID: 'e2e-profile',
         clientGroupID,
         cookie,
@@ -1164,10 +1164,11 @@ export class ReplisyncServer {
 
   /**
    * The space's entries as the server has them now (a fresh client group's full pull);
-   * `auth` is the Authorization header, needed when tokens are on.
+   * `auth` is the Authorization header, needed when tokens are on; `schemaVersion` the one
+   * sent (default '').
    */
-  async snapshot(space, { auth } = {}) {
-    const res = await this.pull(space, { auth });
+  async snapshot(space, { auth, schemaVersion } = {}) {
+    const res = await this.pull(space, { auth, schemaVersion });
     const data = {};
     for (const op of res.patch) {
       if (op.op === 'put') data[op.key] = op.value;

@@ -24,6 +24,7 @@ mod protocol;
 mod pull_faults;
 mod push_limits;
 mod rules;
+mod schema_versions;
 mod slow_requests;
 mod sql_functions;
 mod sse;
