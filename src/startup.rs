@@ -92,6 +92,9 @@ impl App {
     /// Pusher pokes when PUSHER_* is set, SSE pokes when REPLISYNC_SSE says so.
     pub async fn from_config(config: &Config) -> anyhow::Result<App> {
         let http = config.http.settings().map_err(anyhow::Error::msg)?;
+        if let Some(versions) = http.schema_versions.listed() {
+            tracing::info!(?versions, "serving only these client schemaVersions");
+        }
         let push = config.push.limits(http.request_timeout);
         let push = push.map_err(anyhow::Error::msg)?;
         let pulls = config.pull.limits(config.store.db_max_connections);

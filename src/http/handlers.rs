@@ -37,14 +37,13 @@ use crate::store::{Store, reconnecting};
 /// `POST /spaces/{space}/push`: parsed here, applied by the push service, answered `{}`.
 pub(super) async fn push_handler(
     State(pushes): State<Arc<PushGroups>>,
-    State(rules): State<Arc<Rules>>,
     State(served): State<Served>,
     caller: Caller<Writes>,
     body: PushBody,
 ) -> Result<Json<Value>, ApiError> {
     let request: PushRequest = parse_body(&body.bytes)?;
     served.check_schema(&request.schema_version)?;
-    let writable = caller.keys(&rules)?.write;
+    let writable = caller.keys(&served.rules)?.write;
     let Caller { space, user, .. } = caller;
     pushes.push(&space, user, request, writable).await?;
     Ok(Json(json!({})))
@@ -54,7 +53,6 @@ pub(super) async fn push_handler(
 pub(super) async fn pull_handler(
     State(pulls): State<Arc<Pulls>>,
     State(authorizer): State<Arc<Authorizer>>,
-    State(rules): State<Arc<Rules>>,
     State(served): State<Served>,
     caller: Caller<Reads>,
     Authenticated(identity): Authenticated,
@@ -63,7 +61,7 @@ pub(super) async fn pull_handler(
 ) -> Result<Response, ApiError> {
     let request: PullRequest = parse_body(&body)?;
     served.check_schema(&request.schema_version)?;
-    let keys = caller.keys(&rules)?;
+    let keys = caller.keys(&served.rules)?;
     let space = &caller.space;
     let writes = CallerWrites {
         authorizer: &authorizer,
@@ -92,12 +90,13 @@ pub(super) async fn pull_handler(
     Ok((headers, body).into_response())
 }
 
-/// What the server serves, for the checks every push and pull passes first: the client
-/// schemaVersions it accepts (refusals counted).
+/// What the server serves, which every push and pull is checked against first: the client
+/// schemaVersions it accepts (refusals counted), and the visibility rules.
 #[derive(Clone)]
 pub(super) struct Served {
     http: Arc<HttpSettings>,
     metrics: Arc<Metrics>,
+    rules: Arc<Rules>,
 }
 
 impl FromRef<AppState> for Served {
@@ -105,6 +104,7 @@ impl FromRef<AppState> for Served {
         Served {
             http: Arc::<HttpSettings>::from_ref(state),
             metrics: Arc::<Metrics>::from_ref(state),
+            rules: Arc::<Rules>::from_ref(state),
         }
     }
 }
