@@ -227,17 +227,7 @@ async fn token_check_micros(secret: &str) -> anyhow::Result<f64> {
 
 /// `Bearer <token>` for user `bench`, granting every space for a day.
 fn bearer_token(secret: &str) -> anyhow::Result<String> {
-    let claims = serde_json::json!({
-        "sub": "bench",
-        "exp": jsonwebtoken::get_current_timestamp() + 24 * 60 * 60,
-        "spaces": ["*"],
-    });
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )?;
-    Ok(format!("Bearer {token}"))
+    rules_data::bearer(secret, "bench", &[])
 }
 
 /// The benchmark's HTTP client; with a JWT secret, every request carries a token granting

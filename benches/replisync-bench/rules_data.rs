@@ -50,7 +50,7 @@ pub(crate) fn readable(user: usize, key: &str) -> bool {
 }
 
 /// `Bearer <token>` for `sub`, in `teams`, granting every space for a day.
-fn bearer(secret: &str, sub: &str, teams: &[String]) -> anyhow::Result<String> {
+pub(crate) fn bearer(secret: &str, sub: &str, teams: &[String]) -> anyhow::Result<String> {
     let claims = json!({
         "sub": sub,
         "exp": jsonwebtoken::get_current_timestamp() + 24 * 60 * 60,
