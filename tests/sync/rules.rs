@@ -519,8 +519,16 @@ impl Dice {
 }
 
 async fn no_answer_holds_a_key_its_caller_may_not_read(backend: Backend) {
+    for streamed_deltas in [false, true] {
+        random_pushes_and_pulls(backend, streamed_deltas).await;
+    }
+}
+
+/// 300 random steps (writes allowed or not, pulls, claims changing, fresh starts), each pull
+/// checked against what its caller may read, and every client converging to its share.
+async fn random_pushes_and_pulls(backend: Backend, streamed_deltas: bool) {
     const STEPS: usize = 300;
-    let server = ruled_server(backend, false).await;
+    let server = ruled_server(backend, streamed_deltas).await;
     let mut tabs = [
         Tab::new("alice", &["red"]),
         Tab::new("bob", &["red", "blue"]),
