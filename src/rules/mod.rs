@@ -9,7 +9,6 @@ pub mod settings;
 mod template;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 pub use self::keys::{ALL_KEYS, CallerKeys, KeySet};
 use self::template::KeyTemplate;
@@ -160,16 +159,10 @@ fn expand(templates: &[KeyTemplate], inputs: RuleInputs<'_>) -> Result<KeySet, T
     Ok(KeySet::only(patterns))
 }
 
-/// No claims (the anonymous default, a custom authenticator).
-pub fn no_claims() -> &'static Map<String, Value> {
-    static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-    EMPTY.get_or_init(Map::new)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     const TEAM_RULES: &str = r#"{"spaces": [
         {"space": "team-*",
