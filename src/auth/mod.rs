@@ -7,7 +7,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod settings;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -94,9 +94,16 @@ impl Identity {
             user: user.into(),
             grants: Grants::Everything,
             expires_at: None,
-            claims: Arc::default(),
+            claims: no_claims(),
         }
     }
+}
+
+/// The claims of an identity without a token: one empty map shared by all, so that an
+/// anonymous request allocates none.
+fn no_claims() -> Arc<Map<String, Value>> {
+    static EMPTY: LazyLock<Arc<Map<String, Value>>> = LazyLock::new(Arc::default);
+    EMPTY.clone()
 }
 
 /// Every user id an authenticator yields is checked here before it is used: it is stored with

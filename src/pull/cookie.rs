@@ -6,6 +6,8 @@
 //! has a higher `order` than the cookie (Replicache ignores an answer whose cookie is not
 //! higher) without moving the space.
 
+use std::fmt::Write;
+
 use crate::protocol::{Cookie, MAX_COOKIE_ORDER};
 use crate::rules::{ALL_KEYS, CallerKeys};
 
@@ -46,7 +48,7 @@ impl Position {
     /// next answer starts from scratch (a `clear` and every key it may read now).
     pub(super) fn visibility_changed(&self, keys: &CallerKeys) -> bool {
         let then = self.rules.as_deref().unwrap_or(ALL_KEYS);
-        then != keys.read_fingerprint
+        then != keys.read_fingerprint()
     }
 
     fn order(&self) -> u64 {
@@ -71,7 +73,7 @@ pub(super) fn answer_cookie(
     visibility_reset: bool,
     keys: &CallerKeys,
 ) -> AnswerCookie {
-    let ordered = keys.ruled || base.is_some_and(|base| base.rules.is_some());
+    let ordered = keys.is_ruled() || base.is_some_and(|base| base.rules.is_some());
     if !ordered {
         let floor = base.map_or(0, |base| base.version);
         return AnswerCookie::Version(version.max(floor));
@@ -96,7 +98,7 @@ pub(super) fn answer_cookie(
     };
     AnswerCookie::Ordered {
         order,
-        rules: keys.read_fingerprint.to_string(),
+        rules: keys.read_fingerprint().to_owned(),
     }
 }
 
@@ -104,10 +106,13 @@ impl AnswerCookie {
     /// The cookie's JSON, as the answer's `cookie` field.
     pub(super) fn write_json(&self, out: &mut String) {
         match self {
-            AnswerCookie::Version(version) => out.push_str(&version.to_string()),
+            // Writing to a String cannot fail. A fingerprint is hex digits or `all`: nothing to
+            // escape.
+            AnswerCookie::Version(version) => {
+                let _ = write!(out, "{version}");
+            }
             AnswerCookie::Ordered { order, rules } => {
-                // A fingerprint is hex digits or `all`: nothing to escape.
-                out.push_str(&format!("{{\"order\":{order},\"rules\":\"{rules}\"}}"));
+                let _ = write!(out, "{{\"order\":{order},\"rules\":\"{rules}\"}}");
             }
         }
     }

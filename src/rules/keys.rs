@@ -55,21 +55,19 @@ impl KeySet {
 /// The fingerprint of [`KeySet::All`].
 pub const ALL_KEYS: &str = "all";
 
-/// What a caller may do in a space: `ruled` when the space has rules (its pull cookies carry
-/// the read set's fingerprint, computed once here).
+/// What a caller may do in a space, with the fingerprint of its read set (computed once here;
+/// in a space with rules, its pull cookies carry it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallerKeys {
-    pub ruled: bool,
     pub read: KeySet,
     pub write: KeySet,
-    pub read_fingerprint: Cow<'static, str>,
+    read_fingerprint: Cow<'static, str>,
 }
 
 impl CallerKeys {
     /// A space without rules: everything.
     pub fn unruled() -> CallerKeys {
         CallerKeys {
-            ruled: false,
             read: KeySet::All,
             write: KeySet::All,
             read_fingerprint: Cow::Borrowed(ALL_KEYS),
@@ -79,11 +77,20 @@ impl CallerKeys {
     /// A space with rules, which give the caller these keys to read and to write.
     pub fn ruled(read: KeySet, write: KeySet) -> CallerKeys {
         CallerKeys {
-            ruled: true,
             read_fingerprint: read.fingerprint().into(),
             read,
             write,
         }
+    }
+
+    /// Whether the space has rules for this caller (rules always name the keys it may read).
+    pub fn is_ruled(&self) -> bool {
+        !self.read.is_all()
+    }
+
+    /// [`KeySet::fingerprint`] of the read set.
+    pub fn read_fingerprint(&self) -> &str {
+        &self.read_fingerprint
     }
 }
 

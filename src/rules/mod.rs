@@ -192,7 +192,7 @@ mod tests {
     fn the_first_matching_entry_decides_and_other_spaces_are_unruled() {
         let rules = Rules::parse(TEAM_RULES).unwrap();
         let alice = keys_of(&rules, "team-1", "alice", json!({"teams": ["red"]}));
-        assert!(alice.ruled);
+        assert!(alice.is_ruled());
         assert!(alice.read.allows("shared/x") && !alice.write.allows("shared/x"));
         assert!(alice.read.allows("user/alice/x") && alice.write.allows("user/alice/x"));
         assert!(!alice.read.allows("user/bob/x") && !alice.write.allows("user/bob/x"));

@@ -10,8 +10,9 @@ use replisync::poke::pusher::{
     PrivateChannels, PusherArgs, PusherConfig, channel_auth_signature, is_socket_id,
 };
 use replisync::protocol::{
-    BodyError, Cookie, MAX_COOKIE_ORDER, MAX_ID_BYTES, MAX_KEY_BYTES, MAX_SPACE_ID_LEN,
-    PullRequest, PushRequest, SpaceId, check_identifier, check_key, parse_body, parse_cookie,
+    BodyError, Cookie, MAX_COOKIE_ORDER, MAX_COOKIE_RULES_BYTES, MAX_ID_BYTES, MAX_KEY_BYTES,
+    MAX_SPACE_ID_LEN, PullRequest, PushRequest, SpaceId, check_identifier, check_key, parse_body,
+    parse_cookie,
 };
 use serde_json::{Map, Value};
 
@@ -127,7 +128,7 @@ fn cookies_are_null_or_versions_that_fit_a_bigint() {
                         && order.is_some_and(|o| o <= MAX_COOKIE_ORDER)
                         && rules.is_some_and(|r| {
                             !r.is_empty()
-                                && r.len() <= 64
+                                && r.len() <= MAX_COOKIE_RULES_BYTES
                                 && r.bytes().all(|b| b.is_ascii_alphanumeric())
                         });
                     prop_assert!(!plausible, "{cookie} refused");
