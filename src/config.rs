@@ -11,6 +11,7 @@ use crate::poke::settings::PokeArgs;
 use crate::pull::settings::PullArgs;
 use crate::push::settings::PushArgs;
 use crate::rules::settings::RulesArgs;
+use crate::server_api::settings::ServerApiArgs;
 use crate::store::settings::StoreArgs;
 
 #[derive(Parser, Debug)]
@@ -63,6 +64,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub rules: RulesArgs,
+
+    #[command(flatten)]
+    pub server_api: ServerApiArgs,
 
     #[command(flatten)]
     pub pokes: PokeArgs,

@@ -49,6 +49,31 @@ pub enum ApiError {
         "the request body stopped arriving for {secs} s (REPLISYNC_BODY_READ_TIMEOUT_SECS); send the whole body at once"
     )]
     BodyStalled { secs: u64 },
+    /// A server API call holds more mutations than one push may apply.
+    #[error("{0}")]
+    TooManyMutations(String),
+    /// A server API call's mutation failed: none of the call's mutations was applied (422,
+    /// naming the mutation and why).
+    #[error("mutation {index} ({name:?}) failed ({reason}), so none of the call's mutations was applied: {message}")]
+    MutationFailed {
+        index: usize,
+        name: String,
+        reason: &'static str,
+        message: String,
+    },
+    /// Nothing is at the path asked for (a key the space does not hold; the server API off).
+    #[error("{message}")]
+    Missing {
+        error: &'static str,
+        message: String,
+    },
+    /// The request conflicts with the server's state (a space that exists already, an
+    /// idempotency key forgotten by garbage collection).
+    #[error("{message}")]
+    Conflict {
+        error: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -141,6 +166,26 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
             }
             ApiError::Busy => return retry_later("Busy", self.to_string(), 1),
+            ApiError::TooManyMutations(message) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "TooManyMutations", message)
+            }
+            ApiError::MutationFailed {
+                index,
+                ref name,
+                reason,
+                ..
+            } => {
+                let body = json!({
+                    "error": "MutationFailed",
+                    "message": self.to_string(),
+                    "index": index,
+                    "name": name,
+                    "reason": reason,
+                });
+                return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
+            }
+            ApiError::Missing { error, message } => (StatusCode::NOT_FOUND, error, message),
+            ApiError::Conflict { error, message } => (StatusCode::CONFLICT, error, message),
             ApiError::PartiallyApplied { .. } => {
                 return retry_later("PartiallyApplied", self.to_string(), 0);
             }

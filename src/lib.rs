@@ -18,6 +18,7 @@ pub mod protocol;
 pub mod pull;
 pub mod push;
 pub mod rules;
+pub mod server_api;
 pub mod startup;
 pub mod store;
 pub mod traces;

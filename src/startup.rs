@@ -30,6 +30,7 @@ use crate::pull::{PullLimits, Pulls};
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;
 use crate::rules::Rules;
+use crate::server_api::ServerApi;
 use crate::store::settings::OpenOptions;
 use crate::store::{Store, activity_granularity};
 
@@ -85,6 +86,7 @@ impl App {
             extra_sinks: Vec::new(),
             gc: None,
             rules: Rules::none(),
+            server_api: ServerApi::off(),
         }
     }
 
@@ -105,6 +107,7 @@ impl App {
         pokes.spawn_reachability_checks();
         let mutators = config.js.load()?;
         let rules = config.rules.load()?;
+        let server_api = config.server_api.load().map_err(anyhow::Error::msg)?;
         let open = open_options(config, &http, &pulls, config.store.auto_migrate);
         let store = config.store.open(open).await?;
         let mut builder = App::builder()
@@ -115,6 +118,7 @@ impl App {
             .authenticator(authenticator)
             .mutators(mutators)
             .rules(rules)
+            .server_api(server_api)
             .pokes(pokes);
         if let Some(webhook) = webhook {
             builder = builder.authz_webhook(webhook);
@@ -147,6 +151,7 @@ pub struct AppBuilder {
     extra_sinks: Vec<Arc<dyn PokeSink>>,
     gc: Option<GcSettings>,
     rules: Rules,
+    server_api: ServerApi,
 }
 
 impl std::fmt::Debug for AppBuilder {
@@ -160,6 +165,7 @@ impl std::fmt::Debug for AppBuilder {
             .field("pokes", &self.pokes)
             .field("gc", &self.gc)
             .field("rules", &self.rules)
+            .field("server_api", &self.server_api)
             .finish_non_exhaustive()
     }
 }
@@ -173,6 +179,12 @@ impl AppBuilder {
     /// Which keys of a space each caller may read and write.
     pub fn rules(mut self, rules: Rules) -> Self {
         self.rules = rules;
+        self
+    }
+
+    /// The server API for trusted backends (off by default).
+    pub fn server_api(mut self, server_api: ServerApi) -> Self {
+        self.server_api = server_api;
         self
     }
 
@@ -265,6 +277,7 @@ impl AppBuilder {
             push: Arc::new(self.push),
             metrics,
             rules: Arc::new(self.rules),
+            server_api: Arc::new(self.server_api),
             draining: Draining::default(),
         });
         App {

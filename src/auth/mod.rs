@@ -106,11 +106,19 @@ fn no_claims() -> Arc<Map<String, Value>> {
     EMPTY.clone()
 }
 
+/// The user id of the server API's calls (the owner of their client groups). No end user's id
+/// starts with [`RESERVED_USER_PREFIX`].
+pub const SERVER_USER: &str = "replisync:server";
+pub const RESERVED_USER_PREFIX: &str = "replisync:";
+
 /// Every user id an authenticator yields is checked here before it is used: it is stored with
 /// each client group and compared on every push and pull, so it must be 1 to
-/// [`MAX_ID_BYTES`] bytes without control characters (Postgres refuses NUL outright).
+/// [`MAX_ID_BYTES`] bytes without control characters (Postgres refuses NUL outright), and not
+/// start with `replisync:`, which names the server itself.
 pub fn check_user_id(user: &str) -> Result<(), AuthError> {
-    let problem = if user.is_empty() {
+    let problem = if user.starts_with(RESERVED_USER_PREFIX) {
+        format!("starts with {RESERVED_USER_PREFIX:?}, which is the server's own")
+    } else if user.is_empty() {
         "is empty".to_owned()
     } else if user.len() > MAX_ID_BYTES {
         format!("is longer than {MAX_ID_BYTES} bytes")
@@ -123,7 +131,8 @@ pub fn check_user_id(user: &str) -> Result<(), AuthError> {
     };
     Err(AuthError::Unauthorized(format!(
         "the user id of these credentials {problem}; a user id must be 1 to {MAX_ID_BYTES} \
-         bytes without control characters: have the app issue a token with a valid user id"
+         bytes without control characters, not starting with {RESERVED_USER_PREFIX:?}: have the \
+         app issue a token with a valid user id"
     )))
 }
 

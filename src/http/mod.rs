@@ -8,6 +8,7 @@ mod bounds;
 mod conn;
 mod extract;
 mod handlers;
+mod server_api;
 pub mod settings;
 mod state;
 
@@ -49,6 +50,9 @@ pub enum Audience {
     Browser,
     /// Load balancers and scrapers: same origin only, no token.
     Operator,
+    /// The app's own backends (the server API): the service token, checked before the handler
+    /// runs; no CORS, so no browser page may call it.
+    Backend,
 }
 
 /// One route: its method, path and audience.
@@ -69,7 +73,7 @@ pub fn endpoints(metrics_endpoint: MetricsEndpoint) -> Vec<Endpoint> {
 
 /// The routes with their handlers: the one list both the router and [`endpoints`] read.
 fn routes(metrics_endpoint: MetricsEndpoint) -> Vec<(Endpoint, MethodRouter<AppState>)> {
-    use Audience::{Browser, Operator};
+    use Audience::{Backend, Browser, Operator};
     let mut routes = vec![
         route(
             Method::POST,
@@ -100,6 +104,24 @@ fn routes(metrics_endpoint: MetricsEndpoint) -> Vec<(Endpoint, MethodRouter<AppS
             "/pusher/auth",
             Browser,
             handlers::pusher_auth_handler,
+        ),
+        route(
+            Method::GET,
+            "/api/spaces/{space}/entries",
+            Backend,
+            server_api::read_page,
+        ),
+        route(
+            Method::GET,
+            "/api/spaces/{space}/entry",
+            Backend,
+            server_api::read_entry,
+        ),
+        route(
+            Method::POST,
+            "/api/spaces/{space}/mutations",
+            Backend,
+            server_api::apply_mutations,
         ),
         route(Method::GET, "/healthz", Operator, handlers::health_handler),
         route(Method::GET, "/readyz", Operator, handlers::ready_handler),
@@ -141,11 +163,12 @@ where
 /// Every route of replisync, `/metrics` included when it is served `Here`, inside the layers
 /// every request goes through.
 pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
-    let (mut browser, mut operator) = (Router::new(), Router::new());
+    let (mut browser, mut operator, mut backend) = (Router::new(), Router::new(), Router::new());
     for (endpoint, handler) in routes(metrics_endpoint) {
         match endpoint.audience {
             Audience::Browser => browser = browser.route(endpoint.path, handler),
             Audience::Operator => operator = operator.route(endpoint.path, handler),
+            Audience::Backend => backend = backend.route(endpoint.path, handler),
         }
     }
     // The 405 fallback is set before CORS wraps the routes: preflights (OPTIONS) reach it.
@@ -157,7 +180,16 @@ pub fn router(state: AppState, metrics_endpoint: MetricsEndpoint) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(cors(&state.http));
     let operator = operator.method_not_allowed_fallback(handlers::method_not_allowed);
-    let routes = browser.merge(operator).fallback(handlers::not_found);
+    let backend = backend
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            server_api::check_service_token,
+        ))
+        .method_not_allowed_fallback(handlers::method_not_allowed);
+    let routes = browser
+        .merge(operator)
+        .merge(backend)
+        .fallback(handlers::not_found);
     with_common_layers(routes, state)
 }
 

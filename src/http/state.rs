@@ -17,6 +17,7 @@ use crate::pull::Pulls;
 use crate::push::PushGroups;
 use crate::push::settings::PushLimits;
 use crate::rules::Rules;
+use crate::server_api::ServerApi;
 use crate::store::Store;
 
 /// The shared parts behind one `Arc`: axum clones the state for every layer and handler a
@@ -62,6 +63,7 @@ parts_from_state! {
     metrics: Arc<Metrics>,
     pulls: Arc<Pulls>,
     rules: Arc<Rules>,
+    server_api: Arc<ServerApi>,
     draining: Draining,
 }
 
@@ -85,6 +87,8 @@ pub struct Parts {
     pub(crate) pulls: Arc<Pulls>,
     /// Which keys of a space each caller may read and write (REPLISYNC_RULES).
     pub(crate) rules: Arc<Rules>,
+    /// The server API for trusted backends: on with REPLISYNC_SERVICE_TOKEN.
+    pub(crate) server_api: Arc<ServerApi>,
     /// Cancelled on SIGTERM: `/readyz` answers 503 and responses close their connections.
     pub(crate) draining: Draining,
 }

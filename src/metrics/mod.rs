@@ -116,6 +116,9 @@ pub struct Metrics {
     /// Pushes and pulls refused for a client schemaVersion REPLISYNC_SCHEMA_VERSIONS does not
     /// list (old tabs still open after a rollout).
     pub schema_refused: Counter,
+    /// Server API calls whose mutations committed, and calls answered as applied before.
+    pub server_api_commits: Counter,
+    pub server_api_replays: Counter,
     /// Pulls answered from scratch because what the caller may read changed since its cookie
     /// (its claims, or the rules).
     pub pull_visibility_resets: Counter,
@@ -338,6 +341,16 @@ impl Metrics {
                 r,
                 "replisync_schema_version_refused",
                 "Pushes and pulls answered VersionNotSupported (versionType schema): their client's schemaVersion is not in REPLISYNC_SCHEMA_VERSIONS (clients of an old release, which onUpdateNeeded reloads).",
+            ),
+            server_api_commits: counter(
+                r,
+                "replisync_server_api_commits",
+                "Server API calls (POST /api/spaces/{space}/mutations) whose mutations committed.",
+            ),
+            server_api_replays: counter(
+                r,
+                "replisync_server_api_replays",
+                "Server API calls answered alreadyApplied: their idempotency key's mutations had committed before (a retry), nothing written.",
             ),
             pull_visibility_resets: counter(
                 r,

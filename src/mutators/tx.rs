@@ -516,6 +516,12 @@ impl<'a> WriteTx<'a> {
         }
     }
 
+    /// Runs the next mutation, `id`, of an all-or-nothing push in this same `WriteTx`: it sees
+    /// the writes of the ones before it, and they are kept (or discarded) together.
+    pub(crate) fn start_mutation(&mut self, id: u64) {
+        self.mutation_id = id;
+    }
+
     /// Keeps this mutation's writes for the push's commit.
     pub(crate) fn keep_writes(self) {
         self.overlay.push_bytes_put += self.mutation_bytes;

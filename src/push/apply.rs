@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
+mod all_or_nothing;
+
 use super::locking::Locking;
-use super::{Push, PushBudget, PushError, PushOutcome};
+use super::{ApplyMode, Push, PushBudget, PushError, PushOutcome};
 use crate::auth::{AuthError, check_group_ownership};
 use crate::metrics::Timing;
 use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx, Writer};
@@ -264,6 +266,7 @@ async fn apply_push(
         request,
         budget,
         writable,
+        mode,
     } = push;
     let checked = check_client_group(group, request, space, user)
         .and_then(|new_group| Ok((new_group, known_clients(&group.clients, request)?)));
@@ -271,6 +274,13 @@ async fn apply_push(
         Ok(checked) => checked,
         Err(refusal) => return Ok(Err(refusal)),
     };
+    if *mode == ApplyMode::AllOrNothing {
+        let client = all_or_nothing::Client {
+            new_group,
+            last_mutation_ids,
+        };
+        return all_or_nothing::apply(tx, group, mutators, space, push, client).await;
+    }
 
     let version = group.next_version();
     group.overlay.start_push(version, budget.max_write_bytes);

@@ -26,6 +26,21 @@ pub enum PushError {
     /// client must push again for the rest.
     #[error("applied {applied} mutations of this push; push again to apply the rest")]
     Partial { applied: usize },
+    /// A mutation of an all-or-nothing push (the server API's) failed, so nothing of the push
+    /// was written: the `index`-th mutation, named `name`, for `reason` (as `/metrics` counts
+    /// failed mutations).
+    #[error("mutation {index} ({name:?}) failed, so none of the call's mutations was applied: {message}")]
+    MutationFailed {
+        index: usize,
+        name: String,
+        reason: &'static str,
+        message: String,
+    },
+    /// An all-or-nothing push holds more mutations than one push may apply.
+    #[error(
+        "the call holds {mutations} mutations; at most {max} are applied together (REPLISYNC_MAX_MUTATIONS_PER_PUSH): split it"
+    )]
+    TooManyMutations { mutations: usize, max: usize },
     /// The database failed (unavailable, timed out, refused a statement): nothing was written.
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),

@@ -57,4 +57,17 @@ pub struct Push {
     pub budget: PushBudget,
     /// The keys its mutations may write (REPLISYNC_RULES; every key in a space without rules).
     pub writable: KeySet,
+    /// How its mutations are applied: one by one (a client's push), or all or nothing.
+    pub mode: ApplyMode,
+}
+
+/// How a push's mutations are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Replicache's rules: in order, a failed mutation counts as processed with its writes
+    /// discarded, and a push past its budget commits a prefix.
+    EachMutation,
+    /// The server API's: the mutations of one client, numbered from 1, all applied together or
+    /// none (the first failure, or the budget running out, is the push's answer), exactly once.
+    AllOrNothing,
 }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Push, PushBudget, PushError, PushGroups, PushOutcome};
+use super::{ApplyMode, Push, PushBudget, PushError, PushGroups, PushOutcome};
 use crate::auth::AuthError;
 use crate::metrics::PushAnswer;
 use crate::protocol::{PushRequest, SpaceId};
@@ -25,7 +25,34 @@ impl PushGroups {
         writable: KeySet,
     ) -> Result<PushOutcome, PushError> {
         let started = Instant::now();
-        let answer = self.checked_push(space, user, request, writable).await;
+        let answer = self
+            .checked_push(space, user, request, writable, ApplyMode::EachMutation)
+            .await;
+        self.metrics
+            .observe_push(answer_kind(&answer), started.elapsed());
+        answer
+    }
+
+    /// Applies `request`'s mutations (of one client, numbered from 1) as `user`, all or none:
+    /// the server API's calls. Applied before (the same client), it is answered `Replayed`; a
+    /// failed mutation is the answer (`PushError::MutationFailed`), with nothing written.
+    pub async fn push_all_or_nothing(
+        self: &Arc<Self>,
+        space: &SpaceId,
+        user: String,
+        request: PushRequest,
+    ) -> Result<PushOutcome, PushError> {
+        let started = Instant::now();
+        let max = self.limits.max_mutations;
+        let answer = if request.mutations.len() > max {
+            Err(PushError::TooManyMutations {
+                mutations: request.mutations.len(),
+                max,
+            })
+        } else {
+            self.checked_push(space, user, request, KeySet::All, ApplyMode::AllOrNothing)
+                .await
+        };
         self.metrics
             .observe_push(answer_kind(&answer), started.elapsed());
         answer
@@ -37,6 +64,7 @@ impl PushGroups {
         user: String,
         request: PushRequest,
         writable: KeySet,
+        mode: ApplyMode,
     ) -> Result<PushOutcome, PushError> {
         let budget = self.budget();
         request.validate()?;
@@ -51,6 +79,7 @@ impl PushGroups {
             request,
             budget,
             writable,
+            mode,
         };
         let outcome = self.apply_in_group(space, push).await?;
         if let PushOutcome::Committed {
@@ -90,6 +119,8 @@ fn answer_kind(answer: &Result<PushOutcome, PushError>) -> PushAnswer {
         Err(
             PushError::Invalid(_)
             | PushError::TooManyClients { .. }
+            | PushError::TooManyMutations { .. }
+            | PushError::MutationFailed { .. }
             | PushError::ClientStateNotFound
             | PushError::Forbidden(_),
         ) => PushAnswer::Refused,

@@ -13,6 +13,7 @@ mod retry;
 pub mod settings;
 mod shared;
 pub mod sqlite;
+mod transfer;
 
 use async_trait::async_trait;
 
@@ -24,6 +25,7 @@ pub use records::{
 };
 pub(crate) use records::{to_i64, to_u64};
 pub use retry::{RECONNECT_ATTEMPTS, reconnecting};
+pub use transfer::{EntryPage, SpaceImport};
 
 use crate::protocol::SpaceId;
 
@@ -117,6 +119,27 @@ pub trait Store: Send + Sync + 'static {
     async fn refresh_statistics(&self) -> Result<Option<Vec<String>>, StoreError> {
         Ok(Some(Vec::new()))
     }
+
+    /// Reads `space`'s version and at most `limit` of its live entries from key `start` on, in
+    /// key order, from one snapshot.
+    async fn read_entries(
+        &self,
+        space: &SpaceId,
+        start: &str,
+        limit: usize,
+    ) -> Result<EntryPage, StoreError>;
+
+    /// Every space's id (every space ever written), in order.
+    async fn space_ids(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Starts loading entries into `space`, created at `version` with everything older
+    /// compacted (every cookie below `version` gets the whole space). `None`, writing nothing,
+    /// when the space exists already. A space's pushes wait for the import to commit.
+    async fn begin_import(
+        &self,
+        space: &SpaceId,
+        version: u64,
+    ) -> Result<Option<Box<dyn SpaceImport>>, StoreError>;
 
     /// Answers whether the database is reachable and answering.
     async fn check_health(&self) -> Result<(), StoreError>;

@@ -26,7 +26,8 @@ use super::{
     PullChanges, PullSnapshot, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
 use super::{BatchLimits, CommitBatchCounts};
-use super::{PoolStats, pool_stats};
+use super::transfer::{self, ImportTx};
+use super::{EntryPage, PoolStats, SpaceImport, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).
@@ -49,6 +50,9 @@ pub struct PgStore {
 /// The statement that starts a transaction (a locked push, a compaction batch): the isolation
 /// replisync's statements are written for, whatever the database's default.
 const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// The statement that starts a read of one snapshot (a streamed pull, a page of entries).
+const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 
 impl PgStore {
     /// Connects with the default [`SessionLimits`]; see [`PgStore::connect_with_limits`].
@@ -225,10 +229,7 @@ impl Store for PgStore {
         client_group_id: &str,
         since: Option<u64>,
     ) -> Result<PullSnapshot, StoreError> {
-        let tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await?;
+        let tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
         shared::streamed_pull(tx, space, client_group_id, since).await
     }
 
@@ -316,6 +317,29 @@ impl Store for PgStore {
 
     async fn refresh_statistics(&self) -> Result<Option<Vec<String>>, StoreError> {
         PgStore::refresh_statistics(self).await
+    }
+
+    async fn read_entries(
+        &self,
+        space: &SpaceId,
+        start: &str,
+        limit: usize,
+    ) -> Result<EntryPage, StoreError> {
+        let tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
+        transfer::read_entries(tx, space, start, limit).await
+    }
+
+    async fn space_ids(&self) -> Result<Vec<String>, StoreError> {
+        transfer::space_ids::<Postgres>(&mut *self.pool.acquire().await?).await
+    }
+
+    async fn begin_import(
+        &self,
+        space: &SpaceId,
+        version: u64,
+    ) -> Result<Option<Box<dyn SpaceImport>>, StoreError> {
+        let tx = self.pool.begin_with(BEGIN_READ_COMMITTED).await?;
+        ImportTx::begin(tx, space, version).await
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {

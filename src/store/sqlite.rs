@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use sqlx::ConnectOptions;
+use sqlx::{ConnectOptions, Sqlite};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -27,7 +27,8 @@ use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, EntryChange, GcBatches, PullChanges,
     PullSnapshot, PushTx, Store, StoreError, delta_bytes, to_i64, unix_now,
 };
-use super::{BatchLimits, CommitBatchCounts, PoolStats, pool_stats};
+use super::transfer::{self, ImportTx};
+use super::{BatchLimits, CommitBatchCounts, EntryPage, PoolStats, SpaceImport, pool_stats};
 use crate::protocol::SpaceId;
 
 /// replisync's migrations, recorded in its own table (see [`migrations`]).
@@ -218,6 +219,30 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn read_entries(
+        &self,
+        space: &SpaceId,
+        start: &str,
+        limit: usize,
+    ) -> Result<EntryPage, StoreError> {
+        let tx = self.readers.begin().await?;
+        transfer::read_entries(tx, space, start, limit).await
+    }
+
+    async fn space_ids(&self) -> Result<Vec<String>, StoreError> {
+        transfer::space_ids::<Sqlite>(&mut *self.readers.acquire().await?).await
+    }
+
+    async fn begin_import(
+        &self,
+        space: &SpaceId,
+        version: u64,
+    ) -> Result<Option<Box<dyn SpaceImport>>, StoreError> {
+        // On the writer, which pushes wait for; the first write takes SQLite's write lock.
+        let tx = self.writer.begin().await?;
+        ImportTx::begin(tx, space, version).await
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {

@@ -16,6 +16,18 @@ impl From<PushError> for ApiError {
             PushError::ClientStateNotFound => ProtocolError::ClientStateNotFound.into(),
             PushError::Forbidden(refusal) => refusal.into(),
             PushError::Partial { applied } => ApiError::PartiallyApplied { applied },
+            PushError::TooManyMutations { .. } => ApiError::TooManyMutations(error.to_string()),
+            PushError::MutationFailed {
+                index,
+                name,
+                reason,
+                message,
+            } => ApiError::MutationFailed {
+                index,
+                name,
+                reason,
+                message,
+            },
             PushError::Store(cause) => ApiError::Store(cause),
             PushError::GroupFailed => ApiError::Failed(error.to_string()),
         }

@@ -1,0 +1,165 @@
+//! The server API's HTTP edge: `/api/spaces/{space}/...` for trusted backends, behind the
+//! service token (checked before any body is read), never an end user's token, and no CORS.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
+use serde::Deserialize;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::extract::PushBody;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::protocol::{PushRequest, SpaceId, check_key};
+use crate::push::{PushError, PushGroups, PushOutcome};
+use crate::server_api::{self, MutationCall, PageQuery, SERVER_USER, ServerApi, ServiceAuthError};
+use crate::store::{Store, StoreError, reconnecting};
+
+/// Lets a request on only with the service token: 404 while the API is off, 401 otherwise.
+pub(super) async fn check_service_token(
+    State(api): State<Arc<ServerApi>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    api.check(authorization)?;
+    Ok(next.run(request).await)
+}
+
+impl From<ServiceAuthError> for ApiError {
+    fn from(error: ServiceAuthError) -> ApiError {
+        match error {
+            ServiceAuthError::Off => ApiError::Missing {
+                error: "ServerApiOff",
+                message: error.to_string(),
+            },
+            ServiceAuthError::NotTheServiceToken => ApiError::Unauthorized(error.to_string()),
+        }
+    }
+}
+
+/// The `{space}` of the path, recorded on the request's span.
+fn space_of(raw: &str) -> Result<SpaceId, ApiError> {
+    let space =
+        SpaceId::parse(raw).map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
+    tracing::Span::current().record("space", space.as_str());
+    Ok(space)
+}
+
+/// One entry of a read: its key and its value as stored (JSON).
+#[derive(Serialize)]
+struct Entry {
+    key: String,
+    value: Box<RawValue>,
+}
+
+fn entry((key, value): (String, String)) -> Result<Entry, ApiError> {
+    let value = RawValue::from_string(value)
+        .map_err(|e| StoreError::Corrupt(format!("stored value of {key:?} is not JSON: {e}")))?;
+    Ok(Entry { key, value })
+}
+
+/// `GET /api/spaces/{space}/entries?prefix=&start=&limit=`: a page of the space's live entries
+/// in key order, with the space's version, from one snapshot; `next` starts the next page.
+pub(super) async fn read_page(
+    State(store): State<Arc<dyn Store>>,
+    Path(space): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let space = space_of(&space)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("InvalidQuery", e.body_text()))?;
+    let limit = query
+        .checked_limit()
+        .map_err(|message| ApiError::bad_request("InvalidQuery", message))?;
+    let first = query.first_key();
+    let read = reconnecting(|| store.read_entries(&space, first, limit + 1)).await?;
+    let (entries, next) = server_api::page(read.entries, &query.prefix, limit);
+    let entries = entries.into_iter().map(entry).collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({
+        "space": space.as_str(),
+        "version": read.version,
+        "entries": entries,
+        "next": next,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeyQuery {
+    key: String,
+}
+
+/// `GET /api/spaces/{space}/entry?key=`: one key's value with the space's version; 404 when
+/// the space does not hold it.
+pub(super) async fn read_entry(
+    State(store): State<Arc<dyn Store>>,
+    Path(space): Path<String>,
+    query: Result<Query<KeyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let space = space_of(&space)?;
+    let Query(KeyQuery { key }) =
+        query.map_err(|e| ApiError::bad_request("InvalidQuery", e.body_text()))?;
+    check_key(&key).map_err(|message| ApiError::bad_request("InvalidKey", message))?;
+    let read = reconnecting(|| store.read_entries(&space, &key, 1)).await?;
+    let Some(found) = read.entries.into_iter().find(|(found, _)| *found == key) else {
+        return Err(ApiError::Missing {
+            error: "NoSuchKey",
+            message: format!(
+                "space {space} holds no key {key:?} (at version {})",
+                read.version
+            ),
+        });
+    };
+    let Entry { key, value } = entry(found)?;
+    Ok(Json(json!({
+        "space": space.as_str(),
+        "version": read.version,
+        "key": key,
+        "value": value,
+    })))
+}
+
+/// `POST /api/spaces/{space}/mutations`: the call's mutations applied as the server, all or
+/// nothing, once per idempotency key, and poked; bounded as a push is (body, mutations, time).
+pub(super) async fn apply_mutations(
+    State(api): State<Arc<ServerApi>>,
+    State(pushes): State<Arc<PushGroups>>,
+    State(metrics): State<Arc<Metrics>>,
+    Path(space): Path<String>,
+    body: PushBody,
+) -> Result<Json<Value>, ApiError> {
+    let space = space_of(&space)?;
+    let call = MutationCall::parse(&body.bytes)
+        .map_err(|message| ApiError::bad_request("InvalidRequest", message))?;
+    let request: PushRequest = api.token()?.push_request(&space, call);
+    let outcome = pushes
+        .push_all_or_nothing(&space, SERVER_USER.to_owned(), request)
+        .await;
+    match outcome {
+        Ok(PushOutcome::Committed { version, .. }) => {
+            metrics.server_api_commits.increment();
+            Ok(Json(json!({ "status": "committed", "version": version })))
+        }
+        Ok(PushOutcome::Replayed | PushOutcome::Unchanged) => {
+            metrics.server_api_replays.increment();
+            Ok(Json(json!({ "status": "alreadyApplied" })))
+        }
+        Err(PushError::ClientStateNotFound) => Err(ApiError::Conflict {
+            error: "IdempotencyKeyExpired",
+            message: "this idempotency key was used longer ago than REPLISYNC_CLIENT_TTL and the \
+                      server no longer remembers it; nothing was applied: send the call with a new \
+                      key if it must be applied again"
+                .to_owned(),
+        }),
+        Err(error) => Err(error.into()),
+    }
+}
