@@ -1,4 +1,5 @@
-//! The command line's commands: `serve` (the default), `migrate`, `gc` and `healthcheck`, each
+//! The command line's commands: `serve` (the default), `migrate`, `gc`, `export`, `import` and
+//! `healthcheck`, each
 //! run from the configuration; building the server is `startup`'s job.
 
 use std::time::Duration;
@@ -11,6 +12,7 @@ use crate::gc::{self, GcSettings};
 use crate::metrics::Metrics;
 use crate::startup::{App, open_store, serve_with_metrics, shutdown_signal};
 use crate::store::unix_now;
+use crate::transfer;
 
 /// Runs the command line: serve (the default), migrate, gc or healthcheck.
 pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -23,6 +25,32 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Healthcheck => healthcheck(&config).await,
         Command::Gc => collect_once(&config).await,
+        Command::Export(args) => {
+            let store = open_store(&config, config.store.auto_migrate).await?;
+            let exported = transfer::export(&*store, &args).await;
+            store.close().await;
+            let exported = exported?;
+            eprintln!(
+                "exported {} spaces, {} entries",
+                exported.spaces, exported.entries
+            );
+            Ok(())
+        }
+        Command::Import(args) => {
+            let store = open_store(&config, config.store.auto_migrate).await?;
+            let imported = transfer::import(&*store, &args).await;
+            store.close().await;
+            let imported = imported?;
+            for (space, version) in &imported.spaces {
+                eprintln!("imported space {space} at version {version}");
+            }
+            eprintln!(
+                "imported {} spaces, {} entries",
+                imported.spaces.len(),
+                imported.entries
+            );
+            Ok(())
+        }
         Command::Serve => {
             let shutdown = shutdown_signal();
             let app = App::from_config(&config).await?;

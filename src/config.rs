@@ -13,6 +13,7 @@ use crate::push::settings::PushArgs;
 use crate::rules::settings::RulesArgs;
 use crate::server_api::settings::ServerApiArgs;
 use crate::store::settings::StoreArgs;
+use crate::transfer::{ExportArgs, ImportArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,7 +28,7 @@ pub struct Cli {
     pub config: Config,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Serve push, pull and pokes (the default).
     Serve,
@@ -36,6 +37,13 @@ pub enum Command {
     /// Run one garbage collection pass (forget client groups idle past REPLISYNC_CLIENT_TTL)
     /// and exit; does nothing when another instance is collecting.
     Gc,
+    /// Write spaces as NDJSON (entries and version, each space from one snapshot) to standard
+    /// output or --output: a backup, or a move to another database (docs/export-import.md).
+    Export(ExportArgs),
+    /// Load spaces from an export (standard input or --input) into this database, all in one
+    /// transaction; refused when a space exists already. Imported spaces get a new identity:
+    /// clients of the old database start from the whole space.
+    Import(ImportArgs),
     /// Ask the server on REPLISYNC_LISTEN's port (through 127.0.0.1 when it listens on every
     /// address) for `GET /healthz`; exit 0 on 200, 1 otherwise. For container health checks.
     Healthcheck,

@@ -22,3 +22,4 @@ pub mod server_api;
 pub mod startup;
 pub mod store;
 pub mod traces;
+pub mod transfer;

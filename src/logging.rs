@@ -34,21 +34,37 @@ pub struct Logging {
 /// Starts logging with `RUST_LOG` (`raw`, when set) in `format`, and exporting traces when the
 /// OTEL_* variables ask for it (the caller flushes them at exit with [`Traces::shutdown`]). An
 /// unusable filter or OTLP setting is an error naming the variable and what to write instead.
-/// Lines go to stdout through a thread of their own: a request that logs never waits for a
-/// slow reader of stdout (a full pipe, a stalled log shipper).
+/// Lines go to stdout (stderr for `to_stderr`: a command whose stdout is its output) through a
+/// thread of their own: a request that logs never waits for a slow reader of stdout (a full
+/// pipe, a stalled log shipper).
 /// `buffer_lines` (REPLISYNC_LOG_BUFFER_LINES) may wait for that thread; past them a line is
 /// dropped, and counted in `replisync_log_lines_dropped_total`.
-pub fn init(raw: Option<&str>, format: LogFormat, buffer_lines: u64) -> Result<Logging, String> {
+pub fn init(
+    raw: Option<&str>,
+    format: LogFormat,
+    buffer_lines: u64,
+    to_stderr: bool,
+) -> Result<Logging, String> {
     let filter = filter_from(raw)?;
     let traces = Traces::from_env()?;
-    let (stdout, guard) = NonBlockingBuilder::default()
+    let builder = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(usize::try_from(buffer_lines).unwrap_or(usize::MAX))
-        .thread_name("replisync-log")
-        .finish(std::io::stdout());
+        .thread_name("replisync-log");
+    let destination: Box<dyn std::io::Write + Send> = if to_stderr {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    let (stdout, guard) = builder.finish(destination);
     let dropped = stdout.error_counter();
     crate::metrics::set_dropped_log_lines(Box::new(move || dropped.dropped_lines() as u64));
-    let layers = layers(filter, format, traces.as_ref(), stdout);
+    let colour = if to_stderr {
+        std::io::stderr().is_terminal()
+    } else {
+        std::io::stdout().is_terminal()
+    };
+    let layers = layers(filter, format, traces.as_ref(), stdout, colour);
     tracing_subscriber::registry().with(layers).init();
     if let Some(traces) = &traces {
         tracing::info!(
@@ -71,10 +87,11 @@ fn layers(
     format: LogFormat,
     traces: Option<&Traces>,
     stdout: NonBlocking,
+    terminal: bool,
 ) -> Vec<Box<dyn Layer<Registry> + Send + Sync>> {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(stdout)
-        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+        .with_ansi(terminal && std::env::var_os("NO_COLOR").is_none());
     let mut layers = vec![match format {
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt

@@ -9,14 +9,18 @@ async fn main() -> std::process::ExitCode {
     let rust_log = std::env::var("RUST_LOG").ok();
     let (format, buffer_lines) = (cli.config.log_format, cli.config.log_buffer_lines);
     // Kept to the end of `main`: its drop writes the log lines still buffered.
-    let mut logging = match replisync::logging::init(rust_log.as_deref(), format, buffer_lines) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    // An export writes its spaces to stdout: its log lines go to stderr.
+    let to_stderr = matches!(command, Command::Export(_) | Command::Import(_));
+    let logging = replisync::logging::init(rust_log.as_deref(), format, buffer_lines, to_stderr);
+    let mut logging = match logging {
         Ok(logging) => logging,
         Err(error) => {
             eprintln!("replisync: {error}");
             return std::process::ExitCode::from(2);
         }
     };
-    let ran = replisync::commands::run(cli.command.unwrap_or(Command::Serve), cli.config).await;
+    let ran = replisync::commands::run(command, cli.config).await;
     if let Some(traces) = logging.traces.take() {
         // Blocking (the exporter's last batch, within its timeout): off the runtime's workers.
         let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;

@@ -132,14 +132,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every space's id (every space ever written), in order.
     async fn space_ids(&self) -> Result<Vec<String>, StoreError>;
 
-    /// Starts loading entries into `space`, created at `version` with everything older
-    /// compacted (every cookie below `version` gets the whole space). `None`, writing nothing,
-    /// when the space exists already. A space's pushes wait for the import to commit.
-    async fn begin_import(
-        &self,
-        space: &SpaceId,
-        version: u64,
-    ) -> Result<Option<Box<dyn SpaceImport>>, StoreError>;
+    /// Starts an import of spaces, in one transaction: pushes to a space it created wait for
+    /// its commit.
+    async fn begin_import(&self) -> Result<Box<dyn SpaceImport>, StoreError>;
 
     /// Answers whether the database is reachable and answering.
     async fn check_health(&self) -> Result<(), StoreError>;

@@ -333,13 +333,9 @@ impl Store for PgStore {
         transfer::space_ids::<Postgres>(&mut *self.pool.acquire().await?).await
     }
 
-    async fn begin_import(
-        &self,
-        space: &SpaceId,
-        version: u64,
-    ) -> Result<Option<Box<dyn SpaceImport>>, StoreError> {
+    async fn begin_import(&self) -> Result<Box<dyn SpaceImport>, StoreError> {
         let tx = self.pool.begin_with(BEGIN_READ_COMMITTED).await?;
-        ImportTx::begin(tx, space, version).await
+        Ok(ImportTx::boxed(tx))
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {

@@ -235,14 +235,10 @@ impl Store for SqliteStore {
         transfer::space_ids::<Sqlite>(&mut *self.readers.acquire().await?).await
     }
 
-    async fn begin_import(
-        &self,
-        space: &SpaceId,
-        version: u64,
-    ) -> Result<Option<Box<dyn SpaceImport>>, StoreError> {
+    async fn begin_import(&self) -> Result<Box<dyn SpaceImport>, StoreError> {
         // On the writer, which pushes wait for; the first write takes SQLite's write lock.
         let tx = self.writer.begin().await?;
-        ImportTx::begin(tx, space, version).await
+        Ok(ImportTx::boxed(tx))
     }
 
     async fn check_health(&self) -> Result<(), StoreError> {

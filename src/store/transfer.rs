@@ -19,14 +19,25 @@ pub struct EntryPage {
     pub entries: Vec<(String, String)>,
 }
 
-/// A space being loaded (see [`Store::begin_import`](super::Store::begin_import)): entries in
-/// batches, then one commit. Dropping it writes nothing.
+/// An import in progress (see [`Store::begin_import`](super::Store::begin_import)): spaces,
+/// each created then filled with entries, and one commit of them all. Dropping it writes
+/// nothing.
 #[async_trait]
 pub trait SpaceImport: Send {
-    /// Adds `entries` (`(key, json text)`, keys not added before) at the import's version.
-    async fn insert(&mut self, entries: &[(String, String)]) -> Result<(), StoreError>;
+    /// Creates `space` at `version`, with everything older compacted (every cookie below
+    /// `version` gets the whole space). `false`, writing nothing, when the space exists.
+    async fn create_space(&mut self, space: &SpaceId, version: u64) -> Result<bool, StoreError>;
 
-    /// Commits the space and every entry added, all or nothing.
+    /// Adds `entries` (`(key, json text)`, keys not added before) to `space`, created by this
+    /// import, at its version.
+    async fn insert(
+        &mut self,
+        space: &SpaceId,
+        version: u64,
+        entries: &[(String, String)],
+    ) -> Result<(), StoreError>;
+
+    /// Commits every space and entry added, all or nothing.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
@@ -82,8 +93,6 @@ pub(super) const IMPORT_ROWS_PER_STATEMENT: usize = 500;
 /// An import in one transaction of either database.
 pub(super) struct ImportTx<DB: Database> {
     tx: Transaction<'static, DB>,
-    space: String,
-    version: i64,
 }
 
 impl<DB> ImportTx<DB>
@@ -95,30 +104,9 @@ where
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
-    /// Creates `space` at `version` (its compacted version too: every older cookie gets the whole
-    /// space) in `tx`; `None`, writing nothing, when the space exists already.
-    pub(super) async fn begin(
-        mut tx: Transaction<'static, DB>,
-        space: &SpaceId,
-        version: u64,
-    ) -> Result<Option<Box<dyn SpaceImport>>, StoreError> {
-        let version = to_i64(version)?;
-        let created = sqlx::query(
-            "INSERT INTO replisync_spaces (id, version, compacted_version) VALUES ($1, $2, $2)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(space.as_str())
-        .bind(version)
-        .execute(&mut *tx)
-        .await?;
-        if DB::rows_affected(&created) == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(ImportTx {
-            tx,
-            space: space.as_str().to_owned(),
-            version,
-        })))
+    /// The import in `tx`.
+    pub(super) fn boxed(tx: Transaction<'static, DB>) -> Box<dyn SpaceImport> {
+        Box::new(ImportTx { tx })
     }
 }
 
@@ -149,12 +137,30 @@ where
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
-    async fn insert(&mut self, entries: &[(String, String)]) -> Result<(), StoreError> {
+    async fn create_space(&mut self, space: &SpaceId, version: u64) -> Result<bool, StoreError> {
+        let created = sqlx::query(
+            "INSERT INTO replisync_spaces (id, version, compacted_version) VALUES ($1, $2, $2)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(space.as_str())
+        .bind(to_i64(version)?)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(DB::rows_affected(&created) == 1)
+    }
+
+    async fn insert(
+        &mut self,
+        space: &SpaceId,
+        version: u64,
+        entries: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let version = to_i64(version)?;
         for rows in entries.chunks(IMPORT_ROWS_PER_STATEMENT) {
             let sql = insert_statement(rows.len());
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(self.space.as_str())
-                .bind(self.version);
+                .bind(space.as_str())
+                .bind(version);
             for (key, value) in rows {
                 query = query.bind(key.as_str()).bind(value.as_str());
             }
