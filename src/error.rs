@@ -54,7 +54,9 @@ pub enum ApiError {
     TooManyMutations(String),
     /// A server API call's mutation failed: none of the call's mutations was applied (422,
     /// naming the mutation and why).
-    #[error("mutation {index} ({name:?}) failed, so none of the call's mutations was applied: {message}")]
+    #[error(
+        "mutation {index} ({name:?}) failed, so none of the call's mutations was applied: {message}"
+    )]
     MutationFailed {
         index: usize,
         name: String,

@@ -162,7 +162,8 @@ mod tests {
     fn debug_span_enabled(rust_log: &str, format: LogFormat) -> bool {
         let filter = filter_from(Some(rust_log)).unwrap();
         let (sink, _guard) = tracing_appender::non_blocking(std::io::sink());
-        let subscriber = tracing_subscriber::registry().with(layers(filter, format, None, sink));
+        let subscriber =
+            tracing_subscriber::registry().with(layers(filter, format, None, sink, false));
         tracing::subscriber::with_default(subscriber, || {
             !tracing::debug_span!("push.commit").is_disabled()
         })

@@ -83,7 +83,10 @@ pub(super) async fn read_page(
     let first = query.first_key();
     let read = reconnecting(|| store.read_entries(&space, first, limit + 1)).await?;
     let (entries, next) = server_api::page(read.entries, &query.prefix, limit);
-    let entries = entries.into_iter().map(entry).collect::<Result<Vec<_>, _>>()?;
+    let entries = entries
+        .into_iter()
+        .map(entry)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({
         "space": space.as_str(),
         "version": read.version,

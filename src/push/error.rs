@@ -29,7 +29,9 @@ pub enum PushError {
     /// A mutation of an all-or-nothing push (the server API's) failed, so nothing of the push
     /// was written: the `index`-th mutation, named `name`, for `reason` (as `/metrics` counts
     /// failed mutations).
-    #[error("mutation {index} ({name:?}) failed, so none of the call's mutations was applied: {message}")]
+    #[error(
+        "mutation {index} ({name:?}) failed, so none of the call's mutations was applied: {message}"
+    )]
     MutationFailed {
         index: usize,
         name: String,

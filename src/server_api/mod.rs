@@ -77,7 +77,9 @@ pub struct ServerApi {
 /// Why a call to the server API is refused before it does anything.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceAuthError {
-    #[error("the server API is off; set REPLISYNC_SERVICE_TOKEN to turn it on (docs/server-api.md)")]
+    #[error(
+        "the server API is off; set REPLISYNC_SERVICE_TOKEN to turn it on (docs/server-api.md)"
+    )]
     Off,
     #[error(
         "the server API takes `Authorization: Bearer <REPLISYNC_SERVICE_TOKEN>`; this request has no such token (an end user's token is never accepted)"
@@ -179,8 +181,8 @@ impl MutationCall {
     /// The call in `body`, checked; the error names the field at fault.
     pub fn parse(body: &[u8]) -> Result<MutationCall, String> {
         let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let call: MutationCall = serde_path_to_error::deserialize(&mut deserializer)
-            .map_err(|e| e.to_string())?;
+        let call: MutationCall =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|e| e.to_string())?;
         deserializer.end().map_err(|e| e.to_string())?;
         call.validate()?;
         Ok(call)
@@ -292,7 +294,10 @@ mod tests {
                 "{wrong:?}"
             );
         }
-        assert_eq!(ServerApi::off().check(None).unwrap_err(), ServiceAuthError::Off);
+        assert_eq!(
+            ServerApi::off().check(None).unwrap_err(),
+            ServiceAuthError::Off
+        );
     }
 
     fn call(key: &str) -> MutationCall {
@@ -306,7 +311,10 @@ mod tests {
     fn a_call_is_one_new_client_numbered_from_one() {
         let space = SpaceId::parse("doc").unwrap();
         let request = token().push_request(&space, call("evt-1"));
-        assert_eq!(request.client_group_id.len(), "replisync-server-".len() + 32);
+        assert_eq!(
+            request.client_group_id.len(),
+            "replisync-server-".len() + 32
+        );
         let ids: Vec<(u64, &str)> = request
             .mutations
             .iter()
@@ -350,7 +358,9 @@ mod tests {
     #[test]
     fn pages_stop_at_the_limit_and_at_the_prefix() {
         let entries = |keys: &[&str]| -> Vec<(String, String)> {
-            keys.iter().map(|k| ((*k).to_owned(), "1".to_owned())).collect()
+            keys.iter()
+                .map(|k| ((*k).to_owned(), "1".to_owned()))
+                .collect()
         };
         let (page1, next) = page(entries(&["a/1", "a/2", "a/3"]), "a/", 2);
         assert_eq!(page1.len(), 2);

@@ -21,7 +21,10 @@ pub struct ServerApiArgs {
 impl std::fmt::Debug for ServerApiArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerApiArgs")
-            .field("service_token", &self.service_token.as_ref().map(|_| "<set>"))
+            .field(
+                "service_token",
+                &self.service_token.as_ref().map(|_| "<set>"),
+            )
             .finish()
     }
 }

@@ -21,12 +21,12 @@ use self::push::{PgPushTx, PushConnection, decode_rows};
 use super::migrations;
 use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
+use super::transfer::{self, ImportTx};
 use super::{
     ACTIVITY_GRANULARITY_SECS, Collected, DELTA_BYTES_PER_ENTRY, EntryChange, GcBatches,
     PullChanges, PullSnapshot, PushTx, Store, StoreError, to_i64, to_u64, unix_now,
 };
 use super::{BatchLimits, CommitBatchCounts};
-use super::transfer::{self, ImportTx};
 use super::{EntryPage, PoolStats, SpaceImport, pool_stats};
 use crate::protocol::SpaceId;
 

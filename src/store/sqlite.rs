@@ -12,22 +12,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use sqlx::{ConnectOptions, Sqlite};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
+use sqlx::{ConnectOptions, Sqlite};
 
 use self::batch::WriterBatches;
 use self::gc::SqliteGcBatches;
 use self::push::{SqlitePushTx, touch_groups};
 use super::migrations;
 use super::shared::{self, client_group_record, to_lmid, to_space_version};
+use super::transfer::{self, ImportTx};
 use super::{
     ACTIVITY_GRANULARITY_SECS, ClientGroupRecord, EntryChange, GcBatches, PullChanges,
     PullSnapshot, PushTx, Store, StoreError, delta_bytes, to_i64, unix_now,
 };
-use super::transfer::{self, ImportTx};
 use super::{BatchLimits, CommitBatchCounts, EntryPage, PoolStats, SpaceImport, pool_stats};
 use crate::protocol::SpaceId;
 

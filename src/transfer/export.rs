@@ -38,9 +38,10 @@ pub async fn export(store: &dyn Store, args: &ExportArgs) -> anyhow::Result<Expo
     let which = if args.all {
         Which::All
     } else {
-        let spaces = args.spaces.iter().map(|space| {
-            SpaceId::parse(space).map_err(|e| anyhow::anyhow!("{space:?}: {e}"))
-        });
+        let spaces = args
+            .spaces
+            .iter()
+            .map(|space| SpaceId::parse(space).map_err(|e| anyhow::anyhow!("{space:?}: {e}")));
         Which::Named(spaces.collect::<anyhow::Result<Vec<_>>>()?)
     };
     let out: Box<dyn Write + Send> = match &args.output {
@@ -111,9 +112,19 @@ async fn export_space(
     let mut count = 0;
     while let Some(entry) = entries.try_next().await? {
         let Some(value) = entry.value else { continue };
-        let value = RawValue::from_string(value)
-            .with_context(|| format!("space {space}: the stored value of {:?} is not JSON", entry.key))?;
-        write_line(out, &EntryLine { key: &entry.key, value: &value })?;
+        let value = RawValue::from_string(value).with_context(|| {
+            format!(
+                "space {space}: the stored value of {:?} is not JSON",
+                entry.key
+            )
+        })?;
+        write_line(
+            out,
+            &EntryLine {
+                key: &entry.key,
+                value: &value,
+            },
+        )?;
         count += 1;
     }
     let end = End {

@@ -62,7 +62,10 @@ pub async fn import_from(
     };
     import.read_all(input).await?;
     let Importer { tx, imported, .. } = import;
-    anyhow::ensure!(!imported.spaces.is_empty(), "the input holds no space; nothing imported");
+    anyhow::ensure!(
+        !imported.spaces.is_empty(),
+        "the input holds no space; nothing imported"
+    );
     tx.commit().await?;
     Ok(imported)
 }
@@ -132,7 +135,9 @@ impl Importer {
                 );
                 self.flush(&mut open).await?;
                 self.imported.entries += open.entries;
-                self.imported.spaces.push((open.space.to_string(), open.version));
+                self.imported
+                    .spaces
+                    .push((open.space.to_string(), open.version));
                 Ok(None)
             }
             (None, _) => anyhow::bail!("expected a space's header line; nothing imported"),
@@ -150,13 +155,17 @@ impl Importer {
                 "the input holds more than one space; import it without a SPACE to keep their ids"
             ),
             Some(space) => space.clone(),
-            None => SpaceId::parse(&exported_as).map_err(|e| anyhow::anyhow!("{exported_as:?}: {e}"))?,
+            None => {
+                SpaceId::parse(&exported_as).map_err(|e| anyhow::anyhow!("{exported_as:?}: {e}"))?
+            }
         };
         let version = exported_version
             .checked_add(IMPORT_VERSION_GAP)
             .filter(|version| *version <= MAX_IMPORTED_VERSION)
             .ok_or_else(|| {
-                anyhow::anyhow!("space {exported_as}'s version {exported_version} is too high to import")
+                anyhow::anyhow!(
+                    "space {exported_as}'s version {exported_version} is too high to import"
+                )
             })?;
         let created = self.tx.create_space(&space, version).await?;
         anyhow::ensure!(
@@ -177,7 +186,9 @@ impl Importer {
         if open.batch.is_empty() {
             return Ok(());
         }
-        self.tx.insert(&open.space, open.version, &open.batch).await?;
+        self.tx
+            .insert(&open.space, open.version, &open.batch)
+            .await?;
         open.batch.clear();
         open.batch_bytes = 0;
         Ok(())

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use replisync::protocol::SpaceId;
 use replisync::store::{
-    ClientState, GcBatches, PullChanges, PullSnapshot, PushChanges, PushTx, Store, StoreError,
+    ClientState, EntryPage, GcBatches, PullChanges, PullSnapshot, PushChanges, PushTx, SpaceImport,
+    Store, StoreError,
 };
 
 /// A push-side store operation a fault can fail.
@@ -324,6 +325,20 @@ impl<F: Fault> Store for Faulty<F> {
     }
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
         self.inner.raise_space_version(space, to).await
+    }
+    async fn read_entries(
+        &self,
+        space: &SpaceId,
+        start: &str,
+        limit: usize,
+    ) -> Result<EntryPage, StoreError> {
+        self.inner.read_entries(space, start, limit).await
+    }
+    async fn space_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.space_ids().await
+    }
+    async fn begin_import(&self) -> Result<Box<dyn SpaceImport>, StoreError> {
+        self.inner.begin_import().await
     }
     async fn check_health(&self) -> Result<(), StoreError> {
         self.inner.check_health().await

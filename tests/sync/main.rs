@@ -25,6 +25,7 @@ mod pull_faults;
 mod push_limits;
 mod rules;
 mod schema_versions;
+mod server_api;
 mod slow_requests;
 mod sql_functions;
 mod sse;
