@@ -600,6 +600,50 @@ export class E2E {
     return server;
   }
 
+  /**
+   * Runs the replisync binary with `args` (a command such as `export` or `import`) to its end,
+   * configured like `startReplisync`'s servers for `databaseUrl` (DATABASE_URL, text logs), with
+   * `env` added, in a temp directory of its own. Resolves to {code, signal, stdout, stderr};
+   * killed (SIGKILL) and rejected after `timeoutMs`.
+   */
+  async runReplisync(args, { databaseUrl, env = {}, timeoutMs = 60_000 } = {}) {
+    if (!existsSync(REPLISYNC_BIN)) {
+      throw new Error(`replisync binary not found at ${REPLISYNC_BIN}: run \`cargo build --bin replisync\``);
+    }
+    const cwd = mkdtempSync(path.join(this.tmp, 'replisync-cmd-'));
+    const child = spawn(REPLISYNC_BIN, args, {
+      cwd,
+      env: {
+        PATH: process.env.PATH,
+        HOME: process.env.HOME,
+        ...(databaseUrl === undefined ? {} : { DATABASE_URL: databaseUrl }),
+        RUST_LOG: 'info',
+        NO_COLOR: '1',
+        REPLISYNC_LOG_FORMAT: 'text',
+        ...env,
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    liveChildren.add(child);
+    const out = { stdout: '', stderr: '' };
+    child.stdout.setEncoding('utf8').on('data', (chunk) => (out.stdout += chunk));
+    child.stderr.setEncoding('utf8').on('data', (chunk) => (out.stderr += chunk));
+    const exit = new Promise((resolve, reject) => {
+      child.on('error', reject);
+      child.on('close', (code, signal) => resolve({ code, signal }));
+    });
+    try {
+      const { code, signal } = await withTimeout(exit, timeoutMs, `replisync ${args.join(' ')}`);
+      log(`replisync ${args.join(' ')} exited ${code}:\n${out.stderr}`);
+      return { code, signal, ...out };
+    } catch (e) {
+      child.kill('SIGKILL');
+      throw new Error(`${e.message}\n--- stderr ---\n${out.stderr}`);
+    } finally {
+      liveChildren.delete(child);
+    }
+  }
+
   // --- Replicache ----------------------------------------------------------------------------
 
   /**

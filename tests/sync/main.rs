@@ -30,3 +30,4 @@ mod slow_requests;
 mod sql_functions;
 mod sse;
 mod stalled;
+mod transfer;

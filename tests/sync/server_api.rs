@@ -123,6 +123,19 @@ async fn an_idempotency_key_applied_twice_commits_once(backend: Backend) {
     )
     .await;
     assert_eq!(again, (200, json!({"status": "alreadyApplied"})));
+    // A key names one call: sent again with more (or other) mutations, nothing of it applies.
+    let longer = call(
+        &server,
+        "doc",
+        "evt-1",
+        json!([
+            increment("n", 5),
+            set("last", json!("evt-1")),
+            increment("n", 100)
+        ]),
+    )
+    .await;
+    assert_eq!(longer, (200, json!({"status": "alreadyApplied"})));
 
     // Ten concurrent retries of a new key: one commits, the others find it applied.
     let answers = join_all((0..10).map(|_| {

@@ -19,7 +19,7 @@ pub(super) struct Client<'r> {
     pub last_mutation_ids: HashMap<&'r str, u64>,
 }
 
-/// Applies `push`'s mutations together: `Replayed` when its client applied them before, its
+/// Applies `push`'s mutations together: `Replayed` when its client applied any before, its
 /// first failure (nothing written) when one fails or the budget's deadline passes before the
 /// last starts, `Committed` otherwise. The outer error (the database failed) fails the group.
 pub(super) async fn apply<'r>(
@@ -45,7 +45,9 @@ pub(super) async fn apply<'r>(
         new_group,
         mut last_mutation_ids,
     } = client;
-    if last_mutation_ids.get(client_id).copied().unwrap_or(0) >= last.id {
+    // The client is the call's own (one per idempotency key), and a call applies all its
+    // mutations or none: any mutation applied means the key's call was, whatever this one holds.
+    if last_mutation_ids.get(client_id).copied().unwrap_or(0) > 0 {
         return Ok(Ok(PushOutcome::Replayed));
     }
     let version = group.next_version();
