@@ -168,7 +168,7 @@ async fn an_idempotency_key_applied_twice_commits_once(backend: Backend) {
     );
     assert_eq!(
         metric(&server, "replisync_server_api_replays_total").await,
-        10
+        11
     );
 }
 
