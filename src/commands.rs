@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 use crate::config::{Command, Config};
 use crate::gc::{self, GcSettings};
 use crate::metrics::Metrics;
-use crate::startup::{App, open_store, serve_with_metrics, shutdown_signal};
+use crate::startup::{
+    App, open_store, open_store_for_transfer, serve_with_metrics, shutdown_signal,
+};
 use crate::store::unix_now;
 use crate::transfer;
 
@@ -26,7 +28,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Healthcheck => healthcheck(&config).await,
         Command::Gc => collect_once(&config).await,
         Command::Export(args) => {
-            let store = open_store(&config, config.store.auto_migrate).await?;
+            let store = open_store_for_transfer(&config).await?;
             let exported = transfer::export(&*store, &args).await;
             store.close().await;
             let exported = exported?;
@@ -37,7 +39,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Import(args) => {
-            let store = open_store(&config, config.store.auto_migrate).await?;
+            let store = open_store_for_transfer(&config).await?;
             let imported = transfer::import(&*store, &args).await;
             store.close().await;
             let imported = imported?;

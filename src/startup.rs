@@ -44,6 +44,21 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
         .await
 }
 
+/// The store for `export` and `import`, whose one statement (an export's read of a whole
+/// space) may stream for longer than a pull may: Postgres statements are bounded by a day
+/// unless REPLISYNC_DB_STATEMENT_TIMEOUT_MS says otherwise.
+pub async fn open_store_for_transfer(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let http = config.http.settings().map_err(anyhow::Error::msg)?;
+    let pulls = config.pull.limits(config.store.db_max_connections);
+    let options = OpenOptions {
+        stream_deadline: TRANSFER_STATEMENT_BOUND,
+        ..open_options(config, &http, &pulls, config.store.auto_migrate)
+    };
+    config.store.open(options).await
+}
+
+const TRANSFER_STATEMENT_BOUND: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// What opening the store takes from the other features' settings: unset Postgres session
 /// bounds follow the request and pull stream timeouts.
 fn open_options(

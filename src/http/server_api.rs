@@ -80,6 +80,10 @@ pub(super) async fn read_page(
     let limit = query
         .checked_limit()
         .map_err(|message| ApiError::bad_request("InvalidQuery", message))?;
+    for (name, key) in [("prefix", &query.prefix), ("start", &query.start)] {
+        check_key(key)
+            .map_err(|e| ApiError::bad_request("InvalidQuery", format!("{name}: {e}")))?;
+    }
     let first = query.first_key();
     let read = reconnecting(|| store.read_entries(&space, first, limit + 1)).await?;
     let (entries, next) = server_api::page(read.entries, &query.prefix, limit);

@@ -1,7 +1,7 @@
 //! `replisync import`: spaces read back from an export, line by line in batches (constant
 //! memory), into spaces that do not exist yet, all in one transaction: all or nothing.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read as _};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -26,6 +26,26 @@ pub struct ImportArgs {
 pub struct Imported {
     pub spaces: Vec<(String, u64)>,
     pub entries: u64,
+}
+
+/// Longest line read: an entry's key and value as one push may write them, and room to spare.
+const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Reads the next line of `input` into `line` (without its newline); `false` at the end. A
+/// line longer than `max` bytes ([`MAX_LINE_BYTES`]) is an error, read no further.
+fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> anyhow::Result<bool> {
+    line.clear();
+    let limit = max as u64 + 1;
+    let read = input.by_ref().take(limit).read_until(b'\n', line)?;
+    if read == 0 {
+        return Ok(false);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > max {
+        anyhow::bail!("longer than {max} bytes: not a line of an export");
+    }
+    Ok(true)
 }
 
 /// Entries sent to the database at once, and the most bytes of keys and values a batch holds.
@@ -89,15 +109,21 @@ struct Open {
 }
 
 impl Importer {
-    async fn read_all(&mut self, input: impl BufRead + Send) -> anyhow::Result<()> {
+    async fn read_all(&mut self, mut input: impl BufRead + Send) -> anyhow::Result<()> {
         let mut open: Option<Open> = None;
-        for (index, line) in input.lines().enumerate() {
-            let number = index + 1;
-            let line = line.with_context(|| format!("cannot read line {number}"))?;
-            if line.trim().is_empty() {
+        let mut line = Vec::new();
+        for number in 1.. {
+            if !read_line(&mut input, &mut line, MAX_LINE_BYTES)
+                .with_context(|| format!("line {number}"))?
+            {
+                break;
+            }
+            let text = std::str::from_utf8(&line)
+                .map_err(|_| anyhow::anyhow!("line {number} is not UTF-8"))?;
+            if text.trim().is_empty() {
                 continue;
             }
-            let read = Line::parse(&line).map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
+            let read = Line::parse(text).map_err(|e| anyhow::anyhow!("line {number}: {e}"))?;
             open = self
                 .take(open, read)
                 .await
@@ -192,5 +218,24 @@ impl Importer {
         open.batch.clear();
         open.batch_bytes = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_line;
+
+    #[test]
+    fn lines_are_read_within_their_bound() {
+        let mut input: &[u8] = b"abc\n\nabcdef\nlast";
+        let mut line = Vec::new();
+        let mut read = Vec::new();
+        while read_line(&mut input, &mut line, 6).unwrap() {
+            read.push(String::from_utf8(line.clone()).unwrap());
+        }
+        assert_eq!(read, ["abc", "", "abcdef", "last"]);
+        let mut long: &[u8] = b"abcdefg\n";
+        let error = read_line(&mut long, &mut line, 6).unwrap_err();
+        assert!(error.to_string().contains("longer than 6 bytes"), "{error}");
     }
 }

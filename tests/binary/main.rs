@@ -14,3 +14,4 @@ mod socketio;
 mod start_up;
 mod subcommands;
 mod traces;
+mod transfer;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{claims, hmac_options, token};
 use crate::harness::{Backend, PokeRecorder, TestServer, inc, push_body};
-use crate::js_mutators::metric;
+use crate::js_mutators::{fixture, metric, test_limits};
 
 pub(crate) const SERVICE_TOKEN: &str = "service-token-0123456789abcdef0123456789";
 
@@ -375,6 +375,9 @@ async fn reads_page_through_a_space_from_one_snapshot(backend: Backend) {
         "/api/spaces/doc/entries?limit=1001",
         "/api/spaces/doc/entries?limit=x",
         "/api/spaces/doc/entries?other=1",
+        "/api/spaces/doc/entries?start=%00",
+        "/api/spaces/doc/entries?prefix=a%00",
+        "/api/spaces/doc/entry?key=%00",
         "/api/spaces/doc/entry",
         "/api/spaces/bad%20space/entries",
     ] {
@@ -384,7 +387,56 @@ async fn reads_page_through_a_space_from_one_snapshot(backend: Backend) {
     }
 }
 
+async fn javascript_mutators_apply_all_or_nothing(backend: Backend) {
+    let js = replisync::mutators::js::JsMutators::load(&fixture(), test_limits()).unwrap();
+    let app =
+        with_api(App::builder()).mutators(js.register(replisync::mutators::Mutators::builtin()));
+    let server = TestServer::start_with(backend, app).await;
+    let js_inc = |delta: i64| json!({"name": "increment", "args": inc("n", delta)});
+    let probe = json!({"name": "probeTx", "args": {"into": "tx"}});
+    let (status, answer) = call(&server, "doc", "a", json!([js_inc(1), js_inc(2), probe])).await;
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("committed")),
+        "{answer}"
+    );
+    let view = server.state("doc", "reader").await;
+    assert_eq!(
+        view.entries["n"], 3,
+        "each mutation sees the ones before it"
+    );
+    let tx = &view.entries["tx"];
+    assert_eq!(tx["mutationID"], 3);
+    assert!(
+        tx["clientID"]
+            .as_str()
+            .unwrap()
+            .starts_with("replisync-server-"),
+        "{tx}"
+    );
+    let before = server.db.fingerprint().await;
+    for (failing, reason) in [
+        ("throws", "threw"),
+        ("rejects", "threw"),
+        ("spins", "timeout"),
+    ] {
+        let mutations = json!([js_inc(10), {"name": failing, "args": {"key": "x"}}]);
+        let (status, answer) = call(&server, "doc", failing, mutations).await;
+        assert_eq!(status, 422, "{failing}: {answer}");
+        assert_eq!(
+            (&answer["index"], &answer["reason"]),
+            (&json!(1), &json!(reason))
+        );
+    }
+    assert_eq!(
+        server.db.fingerprint().await,
+        before,
+        "no failed call wrote anything"
+    );
+}
+
 crate::on_both_stores!(
+    javascript_mutators_apply_all_or_nothing,
     calls_without_the_service_token_are_refused_and_change_nothing,
     an_idempotency_key_applied_twice_commits_once,
     a_failing_mutation_applies_none_of_the_call,
