@@ -19,7 +19,7 @@ pub struct EntryPage {
     pub entries: Vec<(String, String)>,
 }
 
-/// An import in progress (see [`Store::begin_import`](super::Store::begin_import)): spaces,
+/// An import in progress (see `Store::begin_import`): spaces,
 /// each created then filled with entries, and one commit of them all. Dropping it writes
 /// nothing.
 #[async_trait]

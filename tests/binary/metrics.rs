@@ -44,6 +44,8 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ("replisync_pull_resets", "counter", None),
     ("replisync_pull_visibility_resets", "counter", None),
     ("replisync_schema_version_refused", "counter", None),
+    ("replisync_server_api_commits", "counter", None),
+    ("replisync_server_api_replays", "counter", None),
     ("replisync_open_connections", "gauge", None),
     ("replisync_push_in_flight_bytes", "gauge", Some("bytes")),
     ("replisync_pushes_waiting", "gauge", None),

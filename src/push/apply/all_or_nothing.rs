@@ -6,10 +6,9 @@ use std::time::Instant;
 
 use tracing::Instrument;
 
-use super::{GroupState, run_mutator, shortened};
+use super::{GroupState, Push, PushError, PushOutcome, run_mutator, shortened};
 use crate::mutators::{MutationError, Mutators, WriteTx, Writer};
 use crate::protocol::SpaceId;
-use crate::push::{Push, PushError, PushOutcome};
 use crate::store::{ClientGroupRecord, PushTx, StoreError};
 
 /// The push's client as the group's checks found it: its group to create, if new, and the last
