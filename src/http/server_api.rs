@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::header;
+use axum::http::request::Parts as RequestParts;
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
@@ -13,6 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use super::access_log::SpaceNote;
 use super::extract::PushBody;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -47,12 +50,23 @@ impl From<ServiceAuthError> for ApiError {
     }
 }
 
-/// The `{space}` of the path, recorded on the request's span.
-fn space_of(raw: &str) -> Result<SpaceId, ApiError> {
-    let space =
-        SpaceId::parse(raw).map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
-    tracing::Span::current().record("space", space.as_str());
-    Ok(space)
+/// The `{space}` of the path (400 when it is not a space id), recorded on the request's span
+/// and in its access log line.
+pub(super) struct ApiSpace(SpaceId);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiSpace {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut RequestParts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::bad_request("InvalidSpaceId", rejection.body_text()))?;
+        let space = SpaceId::parse(&raw)
+            .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
+        tracing::Span::current().record("space", space.as_str());
+        SpaceNote::note(&parts.extensions, &space);
+        Ok(ApiSpace(space))
+    }
 }
 
 /// One entry of a read: its key and its value as stored (JSON).
@@ -72,10 +86,9 @@ fn entry((key, value): (String, String)) -> Result<Entry, ApiError> {
 /// in key order, with the space's version, from one snapshot; `next` starts the next page.
 pub(super) async fn read_page(
     State(store): State<Arc<dyn Store>>,
-    Path(space): Path<String>,
-    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    ApiSpace(space): ApiSpace,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let space = space_of(&space)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("InvalidQuery", e.body_text()))?;
     let limit = query
         .checked_limit()
@@ -109,10 +122,9 @@ pub(super) struct KeyQuery {
 /// the space does not hold it.
 pub(super) async fn read_entry(
     State(store): State<Arc<dyn Store>>,
-    Path(space): Path<String>,
-    query: Result<Query<KeyQuery>, axum::extract::rejection::QueryRejection>,
+    ApiSpace(space): ApiSpace,
+    query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let space = space_of(&space)?;
     let Query(KeyQuery { key }) =
         query.map_err(|e| ApiError::bad_request("InvalidQuery", e.body_text()))?;
     check_key(&key).map_err(|message| ApiError::bad_request("InvalidKey", message))?;
@@ -141,10 +153,9 @@ pub(super) async fn apply_mutations(
     State(api): State<Arc<ServerApi>>,
     State(pushes): State<Arc<PushGroups>>,
     State(metrics): State<Arc<Metrics>>,
-    Path(space): Path<String>,
+    ApiSpace(space): ApiSpace,
     body: PushBody,
 ) -> Result<Json<Value>, ApiError> {
-    let space = space_of(&space)?;
     let call = MutationCall::parse(&body.bytes)
         .map_err(|message| ApiError::bad_request("InvalidRequest", message))?;
     let request: PushRequest = api.token()?.push_request(&space, call);
