@@ -204,6 +204,39 @@ export function requestsOf(clientGroupID, kind) {
   return fetchLog.filter((e) => e.clientGroupID === clientGroupID && (!kind || e.kind === kind));
 }
 
+/**
+ * Records every pull answer (status 200) Replicache gets in this process: the client group,
+ * the Authorization it sent, the cookie it sent, when it started and the parsed answer.
+ */
+export function recordPullAnswers(t) {
+  const answers = [];
+  const inner = globalThis.fetch;
+  globalThis.fetch = async (input, init) => {
+    const isRequest = typeof input === 'object' && 'clone' in input;
+    const url = new URL(isRequest ? input.url : String(input));
+    if (!url.pathname.endsWith('/pull')) return inner(input, init);
+    const sent = isRequest ? input.clone() : undefined;
+    const start = performance.now();
+    const res = await inner(input, init);
+    if (res.status === 200) {
+      const body = JSON.parse(sent ? await sent.text() : init.body);
+      const headers = sent ? sent.headers : new Headers(init?.headers);
+      answers.push({
+        clientGroupID: body.clientGroupID,
+        auth: headers.get('authorization'),
+        cookie: body.cookie,
+        start,
+        answer: await res.clone().json(),
+      });
+    }
+    return res;
+  };
+  t.after(() => {
+    globalThis.fetch = inner;
+  });
+  return answers;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Child processes
 

@@ -27,6 +27,7 @@ import {
   JWT_SECRET,
   bearer,
   readKey,
+  recordPullAnswers,
   requestsOf,
   signToken,
   uniqueId,
@@ -64,39 +65,6 @@ function patchKeys(answer, op) {
 
 function opsUnder(answer, prefix) {
   return answer.patch.filter((o) => o.key?.startsWith(prefix));
-}
-
-/**
- * Records every pull answer (status 200) Replicache gets in this process: the client group,
- * the Authorization it sent, the cookie it sent, when it started and the parsed answer.
- */
-function recordPullAnswers(t) {
-  const answers = [];
-  const inner = globalThis.fetch;
-  globalThis.fetch = async (input, init) => {
-    const isRequest = typeof input === 'object' && 'clone' in input;
-    const url = new URL(isRequest ? input.url : String(input));
-    if (!url.pathname.endsWith('/pull')) return inner(input, init);
-    const sent = isRequest ? input.clone() : undefined;
-    const start = performance.now();
-    const res = await inner(input, init);
-    if (res.status === 200) {
-      const body = JSON.parse(sent ? await sent.text() : init.body);
-      const headers = sent ? sent.headers : new Headers(init?.headers);
-      answers.push({
-        clientGroupID: body.clientGroupID,
-        auth: headers.get('authorization'),
-        cookie: body.cookie,
-        start,
-        answer: await res.clone().json(),
-      });
-    }
-    return res;
-  };
-  t.after(() => {
-    globalThis.fetch = inner;
-  });
-  return answers;
 }
 
 test('20. visibility rules: private stays private, shared and team keys sync, revocation converges', { timeout: 180_000 }, async (t) => {

@@ -32,6 +32,7 @@ import {
   bearer,
   pushedAndPulled,
   realFetch,
+  recordPullAnswers,
   requestsOf,
   signToken,
   uniqueId,
@@ -97,32 +98,6 @@ async function holdsExactly(rep, expected, what, { timeout = 15_000 } = {}) {
     e.message += `\n${rep.e2eName} holds ${JSON.stringify(await holdings(rep))}\nexpected ${JSON.stringify(expected)}`;
     throw e;
   });
-}
-
-/**
- * Records every pull answer (status 200) Replicache gets in this process: client group, the
- * cookie it sent, when it started and the parsed answer.
- */
-function recordPullAnswers(t) {
-  const answers = [];
-  const inner = globalThis.fetch;
-  globalThis.fetch = async (input, init) => {
-    const isRequest = typeof input === 'object' && 'clone' in input;
-    const url = new URL(isRequest ? input.url : String(input));
-    if (!url.pathname.endsWith('/pull')) return inner(input, init);
-    const sent = isRequest ? input.clone() : undefined;
-    const start = performance.now();
-    const res = await inner(input, init);
-    if (res.status === 200) {
-      const body = JSON.parse(sent ? await sent.text() : init.body);
-      answers.push({ clientGroupID: body.clientGroupID, cookie: body.cookie, start, answer: await res.clone().json() });
-    }
-    return res;
-  };
-  t.after(() => {
-    globalThis.fetch = inner;
-  });
-  return answers;
 }
 
 /** Parses an export (NDJSON): [{space, version, format, entries: {key: value}, end}]. */
