@@ -52,6 +52,9 @@ pub enum ApiError {
     /// A server API call holds more mutations than one push may apply.
     #[error("{0}")]
     TooManyMutations(String),
+    /// A server API call's mutations ran past the push time budget: none applied (422).
+    #[error("{0}")]
+    CallTookTooLong(String),
     /// A server API call's mutation failed: none of the call's mutations was applied (422,
     /// naming the mutation and why).
     #[error(
@@ -185,6 +188,9 @@ impl IntoResponse for ApiError {
                     "reason": reason,
                 });
                 return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
+            }
+            ApiError::CallTookTooLong(message) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "CallTookTooLong", message)
             }
             ApiError::Missing { error, message } => (StatusCode::NOT_FOUND, error, message),
             ApiError::Conflict { error, message } => (StatusCode::CONFLICT, error, message),

@@ -9,7 +9,7 @@ use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::header;
 use axum::http::request::Parts as RequestParts;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -21,7 +21,9 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::{PushRequest, SpaceId, check_key};
 use crate::push::{PushError, PushGroups, PushOutcome};
-use crate::server_api::{self, MutationCall, PageQuery, SERVER_USER, ServerApi, ServiceAuthError};
+use crate::server_api::{
+    self, MAX_PAGE_BYTES, MutationCall, PageQuery, SERVER_USER, ServerApi, ServiceAuthError,
+};
 use crate::store::{Store, StoreError, reconnecting};
 
 /// Lets a request on only with the service token: 404 while the API is off, 401 otherwise.
@@ -30,10 +32,12 @@ pub(super) async fn check_service_token(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
+    let mut headers = request.headers().get_all(header::AUTHORIZATION).iter();
+    // One Authorization header: of several, which one counts would be a proxy's guess.
+    let authorization = match (headers.next(), headers.next()) {
+        (Some(value), None) => value.to_str().ok(),
+        _ => None,
+    };
     api.check(authorization)?;
     Ok(next.run(request).await)
 }
@@ -69,6 +73,33 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiSpace {
     }
 }
 
+/// The query string parsed as `T`, refused (400 `InvalidQuery`) when a value is not UTF-8 once
+/// percent-decoded: a lossy decoding would read another key than the one asked for.
+pub(super) struct StrictQuery<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for StrictQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut RequestParts, state: &S) -> Result<Self, ApiError> {
+        let raw = parts.uri.query().unwrap_or_default();
+        let decodes = raw.split(['&', '=']).all(|part| {
+            percent_encoding::percent_decode_str(&part.replace('+', " "))
+                .decode_utf8()
+                .is_ok()
+        });
+        if !decodes {
+            return Err(ApiError::bad_request(
+                "InvalidQuery",
+                "the query holds a percent-encoded value that is not UTF-8",
+            ));
+        }
+        let Query(query) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e: QueryRejection| ApiError::bad_request("InvalidQuery", e.body_text()))?;
+        Ok(StrictQuery(query))
+    }
+}
+
 /// One entry of a read: its key and its value as stored (JSON).
 #[derive(Serialize)]
 struct Entry {
@@ -82,14 +113,31 @@ fn entry((key, value): (String, String)) -> Result<Entry, ApiError> {
     Ok(Entry { key, value })
 }
 
+/// A page of a read: the stored values pass through as they are, never parsed again.
+#[derive(Serialize)]
+struct Page<'a> {
+    space: &'a str,
+    version: u64,
+    entries: Vec<Entry>,
+    next: Option<String>,
+}
+
+/// One key of a read.
+#[derive(Serialize)]
+struct OneEntry<'a> {
+    space: &'a str,
+    version: u64,
+    key: String,
+    value: Box<RawValue>,
+}
+
 /// `GET /api/spaces/{space}/entries?prefix=&start=&limit=`: a page of the space's live entries
 /// in key order, with the space's version, from one snapshot; `next` starts the next page.
 pub(super) async fn read_page(
     State(store): State<Arc<dyn Store>>,
     ApiSpace(space): ApiSpace,
-    query: Result<Query<PageQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("InvalidQuery", e.body_text()))?;
+    StrictQuery(query): StrictQuery<PageQuery>,
+) -> Result<Response, ApiError> {
     let limit = query
         .checked_limit()
         .map_err(|message| ApiError::bad_request("InvalidQuery", message))?;
@@ -98,18 +146,20 @@ pub(super) async fn read_page(
             .map_err(|e| ApiError::bad_request("InvalidQuery", format!("{name}: {e}")))?;
     }
     let first = query.first_key();
-    let read = reconnecting(|| store.read_entries(&space, first, limit + 1)).await?;
+    let read =
+        reconnecting(|| store.read_entries(&space, first, limit + 1, MAX_PAGE_BYTES)).await?;
     let (entries, next) = server_api::page(read.entries, &query.prefix, limit);
     let entries = entries
         .into_iter()
         .map(entry)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({
-        "space": space.as_str(),
-        "version": read.version,
-        "entries": entries,
-        "next": next,
-    })))
+    let page = Page {
+        space: space.as_str(),
+        version: read.version,
+        entries,
+        next,
+    };
+    Ok(Json(page).into_response())
 }
 
 #[derive(Deserialize)]
@@ -123,12 +173,10 @@ pub(super) struct KeyQuery {
 pub(super) async fn read_entry(
     State(store): State<Arc<dyn Store>>,
     ApiSpace(space): ApiSpace,
-    query: Result<Query<KeyQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(KeyQuery { key }) =
-        query.map_err(|e| ApiError::bad_request("InvalidQuery", e.body_text()))?;
+    StrictQuery(KeyQuery { key }): StrictQuery<KeyQuery>,
+) -> Result<Response, ApiError> {
     check_key(&key).map_err(|message| ApiError::bad_request("InvalidKey", message))?;
-    let read = reconnecting(|| store.read_entries(&space, &key, 1)).await?;
+    let read = reconnecting(|| store.read_entries(&space, &key, 1, MAX_PAGE_BYTES)).await?;
     let Some(found) = read.entries.into_iter().find(|(found, _)| *found == key) else {
         return Err(ApiError::Missing {
             error: "NoSuchKey",
@@ -139,12 +187,13 @@ pub(super) async fn read_entry(
         });
     };
     let Entry { key, value } = entry(found)?;
-    Ok(Json(json!({
-        "space": space.as_str(),
-        "version": read.version,
-        "key": key,
-        "value": value,
-    })))
+    let one = OneEntry {
+        space: space.as_str(),
+        version: read.version,
+        key,
+        value,
+    };
+    Ok(Json(one).into_response())
 }
 
 /// `POST /api/spaces/{space}/mutations`: the call's mutations applied as the server, all or

@@ -38,6 +38,12 @@ pub enum PushError {
         reason: &'static str,
         message: String,
     },
+    /// An all-or-nothing push's mutations ran past the push's time budget: `ran` of them had run
+    /// when the next would have started; nothing was written.
+    #[error(
+        "the call's mutations ran past REPLISYNC_PUSH_TIME_BUDGET_MS after {ran} of {mutations}, so none was applied: send fewer (or quicker) mutations per call"
+    )]
+    TookTooLong { ran: usize, mutations: usize },
     /// An all-or-nothing push holds more mutations than one push may apply.
     #[error(
         "the call holds {mutations} mutations; at most {max} are applied together (REPLISYNC_MAX_MUTATIONS_PER_PUSH): split it"

@@ -120,6 +120,7 @@ fn answer_kind(answer: &Result<PushOutcome, PushError>) -> PushAnswer {
             PushError::Invalid(_)
             | PushError::TooManyClients { .. }
             | PushError::TooManyMutations { .. }
+            | PushError::TookTooLong { .. }
             | PushError::MutationFailed { .. }
             | PushError::ClientStateNotFound
             | PushError::Forbidden(_),

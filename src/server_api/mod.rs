@@ -109,7 +109,9 @@ impl ServerApi {
     pub fn check(&self, authorization: Option<&str>) -> Result<&ServiceToken, ServiceAuthError> {
         let token = self.token.as_ref().ok_or(ServiceAuthError::Off)?;
         let presented = authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or(ServiceAuthError::NotTheServiceToken)?;
         if token.matches(presented.trim()) {
             Ok(token)
@@ -275,10 +277,10 @@ mod tests {
     #[test]
     fn only_the_service_token_passes() {
         let api = api();
-        assert!(
-            api.check(Some("Bearer 0123456789abcdef0123456789abcdef"))
-                .is_ok()
-        );
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let header = format!("{scheme} 0123456789abcdef0123456789abcdef");
+            assert!(api.check(Some(&header)).is_ok(), "{header}");
+        }
         for wrong in [
             None,
             Some(""),
@@ -287,6 +289,7 @@ mod tests {
             Some("Bearer 0123456789abcdef0123456789abcde"),
             Some("Bearer 0123456789abcdef0123456789abcdef0"),
             Some("Basic 0123456789abcdef0123456789abcdef"),
+            Some("Bearer0123456789abcdef0123456789abcdef"),
         ] {
             assert_eq!(
                 api.check(wrong).unwrap_err(),

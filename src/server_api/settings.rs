@@ -36,6 +36,13 @@ impl ServerApiArgs {
             return Ok(ServerApi::off());
         };
         let token = token.trim();
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "REPLISYNC_SERVICE_TOKEN holds a character an HTTP header cannot carry as is: use \
+                 visible ASCII only (make one with `openssl rand -hex 32`)"
+                    .to_owned(),
+            );
+        }
         if token.len() < MIN_SERVICE_TOKEN_BYTES {
             return Err(format!(
                 "REPLISYNC_SERVICE_TOKEN has {} characters; a service token needs at least \
@@ -61,6 +68,8 @@ mod tests {
         let short: ServerApiArgs = parse_feature_args(&["--service-token", "abc"]);
         let error = short.load().unwrap_err();
         assert!(error.contains("at least 32"), "{error}");
+        let accented: ServerApiArgs = parse_feature_args(&["--service-token", &"é".repeat(20)]);
+        assert!(accented.load().unwrap_err().contains("visible ASCII"));
         let token = "0123456789abcdef0123456789abcdef";
         let on: ServerApiArgs = parse_feature_args(&["--service-token", token]);
         assert!(on.load().unwrap().is_on());

@@ -121,12 +121,14 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Reads `space`'s version and at most `limit` of its live entries from key `start` on, in
-    /// key order, from one snapshot.
+    /// key order, from one snapshot; none after the first past which the entries hold
+    /// `max_bytes` of keys and values.
     async fn read_entries(
         &self,
         space: &SpaceId,
         start: &str,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<EntryPage, StoreError>;
 
     /// Every space's id (every space ever written), in order.

@@ -324,9 +324,10 @@ impl Store for PgStore {
         space: &SpaceId,
         start: &str,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<EntryPage, StoreError> {
         let tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
-        transfer::read_entries(tx, space, start, limit).await
+        transfer::read_entries(tx, space, start, limit, max_bytes).await
     }
 
     async fn space_ids(&self) -> Result<Vec<String>, StoreError> {

@@ -226,9 +226,10 @@ impl Store for SqliteStore {
         space: &SpaceId,
         start: &str,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<EntryPage, StoreError> {
         let tx = self.readers.begin().await?;
-        transfer::read_entries(tx, space, start, limit).await
+        transfer::read_entries(tx, space, start, limit, max_bytes).await
     }
 
     async fn space_ids(&self) -> Result<Vec<String>, StoreError> {

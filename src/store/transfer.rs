@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use sqlx::database::HasStatementCache;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Transaction, Type};
 
-use super::shared::{scan_entries, to_space_version};
+use futures::TryStreamExt;
+
+use super::shared::to_space_version;
 use super::{StoreError, to_i64};
 use crate::protocol::SpaceId;
 
@@ -28,26 +30,30 @@ pub trait SpaceImport: Send {
     /// `version` gets the whole space). `false`, writing nothing, when the space exists.
     async fn create_space(&mut self, space: &SpaceId, version: u64) -> Result<bool, StoreError>;
 
-    /// Adds `entries` (`(key, json text)`, keys not added before) to `space`, created by this
-    /// import, at its version.
+    /// Adds `entries` (`(key, json text)`) to `space`, created by this import, at its version;
+    /// answers how many it added: fewer than given when a key was there already (added before,
+    /// or twice in `entries`), which is then left as it was.
     async fn insert(
         &mut self,
         space: &SpaceId,
         version: u64,
         entries: &[(String, String)],
-    ) -> Result<(), StoreError>;
+    ) -> Result<u64, StoreError>;
 
     /// Commits every space and entry added, all or nothing.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
-/// Reads `space`'s version and at most `limit` live entries from `start` on in `tx`, which
-/// must see one snapshot from its first read to its end, then ends it.
+/// Reads `space`'s version and its live entries from `start` on in `tx`, which must see one
+/// snapshot from its first read to its end, then ends it: at most `limit` entries, and none
+/// after the first one past which the entries hold `max_bytes` of keys and values (so a page of
+/// large values is cut by size, never read whole).
 pub(super) async fn read_entries<DB>(
     mut tx: Transaction<'static, DB>,
     space: &SpaceId,
     start: &str,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<EntryPage, StoreError>
 where
     DB: Database + HasStatementCache,
@@ -63,7 +69,31 @@ where
             .bind(space.as_str())
             .fetch_one(&mut *tx)
             .await?;
-    let entries = scan_entries::<DB>(&mut tx, space, start, false, limit).await?;
+    let mut entries = Vec::new();
+    {
+        let mut rows = sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT key, value FROM replisync_entries
+             WHERE space_id = $1 AND key >= $2 AND NOT deleted ORDER BY key LIMIT $3",
+        )
+        .bind(space.as_str())
+        .bind(start)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch(&mut *tx);
+        let mut bytes = 0;
+        while let Some((key, value)) = rows.try_next().await? {
+            let Some(value) = value else {
+                return Err(StoreError::Corrupt(format!(
+                    "live entry {key:?} has no value"
+                )));
+            };
+            let past_budget = bytes >= max_bytes;
+            bytes += key.len() + value.len();
+            entries.push((key, value));
+            if past_budget {
+                break;
+            }
+        }
+    }
     tx.commit().await?;
     Ok(EntryPage {
         version: to_space_version(version)?,
@@ -154,8 +184,9 @@ where
         space: &SpaceId,
         version: u64,
         entries: &[(String, String)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let version = to_i64(version)?;
+        let mut added = 0;
         for rows in entries.chunks(IMPORT_ROWS_PER_STATEMENT) {
             let sql = insert_statement(rows.len());
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -164,9 +195,9 @@ where
             for (key, value) in rows {
                 query = query.bind(key.as_str()).bind(value.as_str());
             }
-            query.execute(&mut *self.tx).await?;
+            added += DB::rows_affected(&query.execute(&mut *self.tx).await?);
         }
-        Ok(())
+        Ok(added)
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
@@ -176,7 +207,8 @@ where
 }
 
 /// `INSERT` of `rows` live entries: `$1` the space, `$2` the version, then key and value of
-/// each row. Built from the row count only, never from input.
+/// each row; a key the space holds already is skipped (and not counted). Built from the row
+/// count only, never from input.
 fn insert_statement(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at) VALUES ",
@@ -188,6 +220,7 @@ fn insert_statement(rows: usize) -> String {
         }
         sql.push_str(&format!("($1, ${key}, ${}, FALSE, $2, 0)", key + 1));
     }
+    sql.push_str(" ON CONFLICT (space_id, key) DO NOTHING");
     sql
 }
 
@@ -200,7 +233,8 @@ mod tests {
         assert_eq!(
             insert_statement(2),
             "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at) VALUES \
-             ($1, $3, $4, FALSE, $2, 0), ($1, $5, $6, FALSE, $2, 0)"
+             ($1, $3, $4, FALSE, $2, 0), ($1, $5, $6, FALSE, $2, 0) \
+             ON CONFLICT (space_id, key) DO NOTHING"
         );
     }
 }

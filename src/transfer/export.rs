@@ -44,14 +44,27 @@ pub async fn export(store: &dyn Store, args: &ExportArgs) -> anyhow::Result<Expo
             .map(|space| SpaceId::parse(space).map_err(|e| anyhow::anyhow!("{space:?}: {e}")));
         Which::Named(spaces.collect::<anyhow::Result<Vec<_>>>()?)
     };
-    let out: Box<dyn Write + Send> = match &args.output {
-        Some(path) => Box::new(
-            std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?,
-        ),
-        None => Box::new(std::io::stdout()),
+    let Some(path) = &args.output else {
+        return export_to(store, which, std::io::stdout()).await;
     };
-    export_to(store, which, out).await
+    // Written beside the file and renamed over it once complete: a failed export leaves the
+    // file as it was (an earlier backup), never cut short.
+    let mut partial = path.clone().into_os_string();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = PathBuf::from(partial);
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+    let exported = export_to(store, which, &file).await.and_then(|exported| {
+        file.sync_all().context("cannot write the export")?;
+        std::fs::rename(&partial, path).with_context(|| {
+            format!("cannot rename {} to {}", partial.display(), path.display())
+        })?;
+        Ok(exported)
+    });
+    if exported.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    exported
 }
 
 /// Which spaces to export.

@@ -144,8 +144,9 @@ impl Importer {
             (None, Read::Header { space, version }) => Ok(Some(self.start(space, version).await?)),
             (Some(mut open), Read::Entry { key, value }) => {
                 check_key(&key).map_err(|e| anyhow::anyhow!("space {}: {e}", open.exported_as))?;
-                open.batch_bytes += key.len() + value.get().len();
-                open.batch.push((key, value.get().to_owned()));
+                let value = value.to_string();
+                open.batch_bytes += key.len() + value.len();
+                open.batch.push((key, value));
                 open.entries += 1;
                 if open.batch.len() >= BATCH_ENTRIES || open.batch_bytes >= BATCH_BYTES {
                     self.flush(&mut open).await?;
@@ -212,9 +213,17 @@ impl Importer {
         if open.batch.is_empty() {
             return Ok(());
         }
-        self.tx
+        let added = self
+            .tx
             .insert(&open.space, open.version, &open.batch)
             .await?;
+        anyhow::ensure!(
+            added == open.batch.len() as u64,
+            "space {}: a key appears twice (one of the {} entries read last, or in a line before \
+             them): the export is damaged; nothing imported",
+            open.exported_as,
+            open.batch.len()
+        );
         open.batch.clear();
         open.batch_bytes = 0;
         Ok(())

@@ -13,6 +13,7 @@ pub use export::{ExportArgs, Exported, Which, export, export_to};
 pub use import::{ImportArgs, Imported, import, import_from};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// The `format` of a header line.
@@ -57,7 +58,10 @@ struct Line {
     version: Option<u64>,
     format: Option<String>,
     key: Option<String>,
-    value: Option<Box<RawValue>>,
+    /// Parsed as a push's values are (numbers in range, well-formed strings, at most 128
+    /// levels deep), so that an import stores nothing a push could not. `null` is a value.
+    #[serde(default, deserialize_with = "present")]
+    value: Option<Value>,
     end: Option<String>,
     entries: Option<u64>,
 }
@@ -66,8 +70,13 @@ struct Line {
 #[derive(Debug)]
 enum Read {
     Header { space: String, version: u64 },
-    Entry { key: String, value: Box<RawValue> },
+    Entry { key: String, value: Value },
     End { space: String, entries: u64 },
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(field: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(field).map(Some)
 }
 
 impl Line {
@@ -128,15 +137,37 @@ mod tests {
         let Read::Entry { key, value } = entry else {
             panic!("an entry");
         };
-        assert_eq!((key.as_str(), value.get()), ("a", r#"{"n":[1,2]}"#));
+        assert_eq!(
+            (key.as_str(), value.to_string()),
+            ("a", r#"{"n":[1,2]}"#.to_owned())
+        );
+        let null = Line::parse(r#"{"key":"a","value":null}"#);
+        assert!(
+            matches!(
+                null,
+                Ok(Read::Entry {
+                    value: Value::Null,
+                    ..
+                })
+            ),
+            "{null:?}"
+        );
         let end = Line::parse(r#"{"end":"doc","entries":1}"#);
         assert!(matches!(end, Ok(Read::End { entries: 1, .. })));
+        let deep = format!(
+            r#"{{"key":"a","value":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
         for bad in [
             r#"{"key":"a"}"#,
             r#"{"key":"a","value":1,"space":"doc"}"#,
             r#"{"space":"doc","version":7,"format":"other/9"}"#,
             r#"{"key":"a","value":1,"extra":true}"#,
             r#"{"key":"a","value":}"#,
+            r#"{"key":"a","value":1e400}"#,
+            r#"{"key":"a","value":"\ud800"}"#,
+            deep.as_str(),
             "[]",
         ] {
             assert!(Line::parse(bad).is_err(), "{bad}");

@@ -331,8 +331,11 @@ impl<F: Fault> Store for Faulty<F> {
         space: &SpaceId,
         start: &str,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<EntryPage, StoreError> {
-        self.inner.read_entries(space, start, limit).await
+        self.inner
+            .read_entries(space, start, limit, max_bytes)
+            .await
     }
     async fn space_ids(&self) -> Result<Vec<String>, StoreError> {
         self.inner.space_ids().await

@@ -380,6 +380,9 @@ async fn reads_page_through_a_space_from_one_snapshot(backend: Backend) {
         "/api/spaces/doc/entry?key=%00",
         "/api/spaces/doc/entry",
         "/api/spaces/bad%20space/entries",
+        "/api/spaces/%FF/entries",
+        "/api/spaces/doc/entries?prefix=%FF",
+        "/api/spaces/doc/entry?key=%C3",
     ] {
         let (status, answer) = get_as(&server, bad, &bearer()).await;
         assert_eq!(status, 400, "{bad}: {answer}");
@@ -435,7 +438,45 @@ async fn javascript_mutators_apply_all_or_nothing(backend: Backend) {
     );
 }
 
+async fn a_page_of_large_values_is_cut_by_size(backend: Backend) {
+    let server = TestServer::start_with(backend, with_api(App::builder())).await;
+    let big = "x".repeat(3 * 1024 * 1024);
+    for i in 0..3 {
+        let key = format!("big/{i}");
+        let (status, answer) = call(&server, "doc", &key, json!([set(&key, json!(big))])).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, page) = get_as(&server, "/api/spaces/doc/entries?limit=1000", &bearer()).await;
+    assert_eq!(status, 200);
+    let keys: Vec<&str> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["big/0", "big/1"], "a page stops past 4 MB");
+    assert_eq!(page["next"], "big/2");
+}
+
+async fn the_authorization_header_is_read_as_http_reads_it(backend: Backend) {
+    let server = TestServer::start_with(backend, with_api(App::builder())).await;
+    let lower = format!("bearer {SERVICE_TOKEN}");
+    let (status, _) = get_as(&server, "/api/spaces/doc/entries", &lower).await;
+    assert_eq!(status, 200, "the scheme is case-insensitive");
+    let twice = server
+        .http
+        .get(server.url("/api/spaces/doc/entries"))
+        .header("authorization", bearer())
+        .header("authorization", "Bearer other")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 401, "two Authorization headers are refused");
+}
+
 crate::on_both_stores!(
+    a_page_of_large_values_is_cut_by_size,
+    the_authorization_header_is_read_as_http_reads_it,
     javascript_mutators_apply_all_or_nothing,
     calls_without_the_service_token_are_refused_and_change_nothing,
     an_idempotency_key_applied_twice_commits_once,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use replisync::protocol::SpaceId;
-use replisync::transfer::{IMPORT_VERSION_GAP, Which, export_to, import_from};
+use replisync::transfer::{self, ExportArgs, IMPORT_VERSION_GAP, Which, export_to, import_from};
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, PullView, TestServer, inc, push_body};
@@ -251,6 +251,32 @@ async fn an_import_is_all_or_nothing_and_never_over_a_space(backend: Backend) {
         let message = format!("{:#}", refused.unwrap_err());
         assert!(message.contains(problem), "{problem}: {message}");
     }
+    // Values are checked as a push's are; `null` is one; a key twice is a damaged file.
+    let header = r#"{"space":"v","version":1,"format":"replisync-space/1"}"#;
+    for (value, problem) in [("1e400", "out of range"), (r#""\ud800""#, "hex escape")] {
+        let file = format!(
+            "{header}\n{{\"key\":\"a\",\"value\":{value}}}\n{{\"end\":\"v\",\"entries\":1}}\n"
+        );
+        let refused = import_from(&*target.store, file.as_bytes(), None).await;
+        let message = format!("{:#}", refused.unwrap_err());
+        assert!(message.contains(problem), "{value}: {message}");
+    }
+    let twice = format!(
+        "{header}\n{{\"key\":\"a\",\"value\":1}}\n{{\"key\":\"a\",\"value\":2}}\n{{\"end\":\"v\",\"entries\":2}}\n"
+    );
+    let refused = import_from(&*target.store, twice.as_bytes(), None).await;
+    let message = format!("{:#}", refused.unwrap_err());
+    assert!(message.contains("a key appears twice"), "{message}");
+    assert_eq!(target.db.fingerprint().await, before);
+    let null =
+        format!("{header}\n{{\"key\":\"a\",\"value\":null}}\n{{\"end\":\"v\",\"entries\":1}}\n");
+    import_from(&*target.store, null.as_bytes(), None)
+        .await
+        .unwrap();
+    let view = target.state("v", "r").await;
+    assert_eq!(Value::Object(view.entries), json!({"a": null}));
+    let before = target.db.fingerprint().await;
+
     // A space's file may go under another id, but a file of two spaces may not.
     let renamed = Some(SpaceId::parse("a2").unwrap());
     let refused = import_from(&*target.store, both.as_bytes(), renamed.clone()).await;
@@ -261,10 +287,34 @@ async fn an_import_is_all_or_nothing_and_never_over_a_space(backend: Backend) {
         .unwrap();
     let view = target.state("a2", "r").await;
     assert_eq!(Value::Object(view.entries), json!({"x": "a"}));
-    // An export of a space never written is refused; `--all` of an empty database is empty.
-    let mut out = Vec::new();
-    let missing = export_to(&*target.store, named(&["nothing"]), &mut out).await;
+    // An export of a space never written is refused, and leaves the file it was to replace.
+    let dir = tempfile::tempdir().unwrap();
+    let backup = dir.path().join("backup.ndjson");
+    std::fs::write(&backup, "an earlier backup").unwrap();
+    let args = |spaces: &[&str]| ExportArgs {
+        spaces: spaces.iter().map(|s| (*s).to_owned()).collect(),
+        all: false,
+        output: Some(backup.clone()),
+    };
+    let missing = transfer::export(&*target.store, &args(&["a2", "nothing"])).await;
     assert!(format!("{:#}", missing.unwrap_err()).contains("never been written"));
+    assert_eq!(
+        std::fs::read_to_string(&backup).unwrap(),
+        "an earlier backup"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no partial file is left"
+    );
+    transfer::export(&*target.store, &args(&["a2"]))
+        .await
+        .unwrap();
+    assert!(
+        std::fs::read_to_string(&backup)
+            .unwrap()
+            .starts_with(r#"{"space":"a2""#)
+    );
 }
 
 crate::on_both_stores!(

@@ -17,6 +17,7 @@ impl From<PushError> for ApiError {
             PushError::Forbidden(refusal) => refusal.into(),
             PushError::Partial { applied } => ApiError::PartiallyApplied { applied },
             PushError::TooManyMutations { .. } => ApiError::TooManyMutations(error.to_string()),
+            PushError::TookTooLong { .. } => ApiError::CallTookTooLong(error.to_string()),
             PushError::MutationFailed {
                 index,
                 name,

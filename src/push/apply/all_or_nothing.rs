@@ -65,11 +65,11 @@ pub(super) async fn apply<'r>(
             message: error.to_string(),
         };
         if index > 0 && Instant::now() >= budget.deadline {
-            let error = MutationError::Rejected(
-                "the call's mutations ran past REPLISYNC_PUSH_TIME_BUDGET_MS before this one started; send fewer per call"
-                    .to_owned(),
-            );
-            return Ok(Err(failed(&error)));
+            let mutations = request.mutations.len();
+            return Ok(Err(PushError::TookTooLong {
+                ran: index,
+                mutations,
+            }));
         }
         write_tx.start_mutation(mutation.id);
         let span = tracing::debug_span!(
