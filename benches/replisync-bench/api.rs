@@ -64,6 +64,19 @@ pub(crate) fn push_body(
            "clientGroupID": group, "mutations": mutations})
 }
 
+/// A server API call's body (`POST /api/spaces/{space}/mutations`): `mutations` applied all or
+/// nothing, once per `idempotency_key`.
+pub(crate) fn mutation_call_body(
+    idempotency_key: &str,
+    mutations: impl IntoIterator<Item = Mutation>,
+) -> Value {
+    let mutations: Vec<Value> = mutations
+        .into_iter()
+        .map(|mutation| json!({"name": mutation.name, "args": mutation.args}))
+        .collect();
+    json!({"idempotencyKey": idempotency_key, "mutations": mutations})
+}
+
 /// A pull body for client group `group`, from `cookie` (null for a first pull).
 pub(crate) fn pull_body(group: &str, cookie: Value) -> Value {
     json!({"pullVersion": 1, "schemaVersion": "", "profileID": "bench", "clientGroupID": group, "cookie": cookie})
@@ -121,6 +134,40 @@ impl Api {
 
     pub(crate) async fn pull(&self, space: &str, body: &Value) -> anyhow::Result<Value> {
         self.post(&format!("/spaces/{space}/pull"), body).await
+    }
+
+    /// A server API call (`POST /api/spaces/{space}/mutations`; this Api's bearer must be the
+    /// service token); anything but a 200 without an `error` field is an error. Answers the
+    /// call's `status` (`committed` or `alreadyApplied`).
+    pub(crate) async fn apply_mutations(
+        &self,
+        space: &str,
+        body: &Value,
+    ) -> anyhow::Result<String> {
+        let answer = self
+            .post(&format!("/api/spaces/{space}/mutations"), body)
+            .await?;
+        match answer["status"].as_str() {
+            Some(status) => Ok(status.to_owned()),
+            None => bail!("a server API call answered without a status: {answer}"),
+        }
+    }
+
+    /// A GET of `path_and_query` (a server API read, with this Api's bearer); anything but a
+    /// 200 is an error.
+    pub(crate) async fn get_json(&self, path_and_query: &str) -> anyhow::Result<Value> {
+        let request = self.http.get(format!("{}{path_and_query}", self.base));
+        let request = match &self.bearer {
+            Some(bearer) => request.header(reqwest::header::AUTHORIZATION, &**bearer),
+            None => request,
+        };
+        let response = request.send().await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if status != 200 {
+            bail!("{path_and_query} answered {status}: {body}");
+        }
+        Ok(body)
     }
 
     /// Sends a pull and counts the bytes of its response as they stream in, without parsing.

@@ -28,10 +28,29 @@ fn db_name() -> anyhow::Result<String> {
 
 /// Drops and recreates the benchmark database on the server of `admin_url`; returns its URL.
 pub(crate) async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
+    fresh_database_named(admin_url, &db_name()?).await
+}
+
+/// Drops and recreates the benchmark's second database (the benchmark database's name with
+/// `_` and `suffix`, lower-case letters and digits only), for workloads that need an empty
+/// database beside the benchmark's; returns its URL.
+pub(crate) async fn fresh_side_database(admin_url: &str, suffix: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        !suffix.is_empty()
+            && suffix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+        "a side database's suffix must be lower-case letters and digits, not {suffix:?}"
+    );
+    fresh_database_named(admin_url, &format!("{}_{suffix}", db_name()?)).await
+}
+
+/// Drops and recreates database `name` (checked plain by the callers) on the server of
+/// `admin_url`; returns its URL.
+async fn fresh_database_named(admin_url: &str, name: &str) -> anyhow::Result<String> {
     let options = PgConnectOptions::from_str(admin_url).context("BENCH_DATABASE_URL")?;
     ensure_loopback(options.get_host())?;
     let mut conn = sqlx::PgConnection::connect_with(&options).await?;
-    let name = db_name()?;
     for sql in [
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
         format!("CREATE DATABASE {name}"),
@@ -41,8 +60,38 @@ pub(crate) async fn fresh_database(admin_url: &str) -> anyhow::Result<String> {
             .await?;
     }
     let mut url = reqwest::Url::parse(admin_url)?;
-    url.set_path(&name);
+    url.set_path(name);
     Ok(url.to_string())
+}
+
+/// Drops the side database `fresh_side_database` made with `suffix`, if it exists.
+pub(crate) async fn drop_side_database(admin_url: &str, suffix: &str) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(admin_url).context("BENCH_DATABASE_URL")?;
+    ensure_loopback(options.get_host())?;
+    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    let sql = format!(
+        "DROP DATABASE IF EXISTS {}_{suffix} WITH (FORCE)",
+        db_name()?
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// Settles the database of `url` before a measurement: `VACUUM ANALYZE` of the entries (hint
+/// bits and the visibility map set, statistics fresh, as on a database that has been running),
+/// then a `CHECKPOINT` (so that no flush of earlier writes runs during it; skipped, with a note,
+/// when the role may not).
+pub(crate) async fn settle(url: &str) -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(url)?).await?;
+    sqlx::raw_sql("VACUUM ANALYZE replisync_entries")
+        .execute(&mut conn)
+        .await?;
+    if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await {
+        eprintln!("CHECKPOINT before a measurement failed (measured all the same): {e}");
+    }
+    Ok(())
 }
 
 /// The benchmark loads the database as hard as it can: it refuses any but this machine's.

@@ -14,8 +14,10 @@ mod rules_data;
 mod rules_report;
 mod rules_workloads;
 mod server;
+mod server_api_workloads;
 mod soak;
 mod socketio;
+mod transfer;
 mod workloads;
 
 use std::path::PathBuf;
@@ -63,7 +65,11 @@ struct Args {
     /// Run only these workloads (comma-separated): push (on Postgres, then on a replisync
     /// started on its embedded SQLite store, in a fresh temporary file), storm, first-pull,
     /// poke, js, gc, rules (visibility rules against none; not by default: it fills 211,200
-    /// entries), and soak (never by default; best alone: it starts from the fresh database).
+    /// entries), server-api (server API mutation calls beside pushes, on Postgres then SQLite;
+    /// not by default), transfer (`replisync export` and `import` of 100,000 and 1,000,000
+    /// entries, on Postgres then SQLite; not by default: it writes 1.1 million entries per
+    /// store and as many again per round, and needs about 1 GB of disk), and soak (never by
+    /// default; best alone: it starts from the fresh database).
     #[arg(
         long,
         value_delimiter = ',',
@@ -158,6 +164,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.runs("js") {
         bench.js_workloads(&mut report).await?;
+    }
+    if args.runs("server-api") {
+        bench.server_api_workloads(&mut report).await?;
+    }
+    if args.runs("transfer") {
+        bench.transfer_workloads(&mut report).await?;
     }
     if args.runs("storm") {
         report.poke_storm = Some(bench.poke_storm("storm", 1000).await?);

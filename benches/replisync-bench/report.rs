@@ -29,6 +29,70 @@ pub(crate) struct Report {
     pub soak: Option<crate::soak::SoakFigures>,
     /// Visibility rules against none (`--only rules`).
     pub rules: Option<crate::rules_report::RulesFigures>,
+    /// Server API mutation calls beside the same pushes (`--only server-api`).
+    pub server_api: Vec<ServerApiComparison>,
+    /// `replisync export` and `replisync import` of big spaces (`--only transfer`).
+    pub transfers: Vec<TransferRow>,
+}
+
+/// One-mutation server API calls (`POST /api/spaces/{space}/mutations`, a fresh idempotency
+/// key each) and one-mutation pushes by as many concurrent callers over as many spaces, each
+/// path on a server and database of its own, rounds alternating.
+#[derive(Serialize)]
+pub(crate) struct ServerApiComparison {
+    pub workload: String,
+    /// Each push and each call applies one `increment`: mutations/s is calls/s.
+    pub push: PushRow,
+    pub api: PushRow,
+    /// Median of the rounds' ratios of the calls' throughput to the pushes'.
+    pub ratio: f64,
+    pub ratio_rounds: Vec<f64>,
+}
+
+impl ServerApiComparison {
+    pub(crate) fn from_rounds(
+        workload: String,
+        pushes: &[PushRound],
+        calls: &[PushRound],
+    ) -> ServerApiComparison {
+        let mut ratios: Vec<f64> = pushes
+            .iter()
+            .zip(calls)
+            .map(|(p, c)| c.served.mutations_per_second() / p.served.mutations_per_second())
+            .collect();
+        ServerApiComparison {
+            push: PushRow::from_rounds(format!("{workload}, pushes"), pushes),
+            api: PushRow::from_rounds(format!("{workload}, server API calls"), calls),
+            ratio: median(&mut ratios),
+            ratio_rounds: ratios,
+            workload,
+        }
+    }
+}
+
+/// One `replisync export` or `replisync import` of a space of `entries` entries, over its
+/// rounds: the process from start to exit (connecting and opening the store included).
+#[derive(Serialize)]
+pub(crate) struct TransferRow {
+    /// "Postgres" or "SQLite".
+    pub store: &'static str,
+    /// "export" or "import".
+    pub command: &'static str,
+    pub entries: usize,
+    /// The export file's size (the same file is imported).
+    pub file_mb: f64,
+    pub rounds: usize,
+    /// Median wall time, and each round's in ascending order.
+    pub wall_s: f64,
+    pub wall_s_rounds: Vec<f64>,
+    /// `entries` over the median wall time.
+    pub entries_per_second: f64,
+    /// The replisync process's peak resident size (GNU time's maximum resident set size),
+    /// median and each round's; absent without /usr/bin/time.
+    pub peak_rss_mb: Option<f64>,
+    pub peak_rss_mb_rounds: Vec<f64>,
+    /// The replisync process's CPU time (user + system), median; absent without /usr/bin/time.
+    pub cpu_s: Option<f64>,
 }
 
 /// One space loaded with `entries` keys, `deleted` of them then deleted, pulled before and
@@ -484,6 +548,8 @@ impl Report {
         }
         self.print_pushes();
         self.print_js();
+        self.print_server_api();
+        self.print_transfers();
         if let Some(storm) = &self.poke_storm {
             storm.print();
         }
@@ -577,6 +643,70 @@ impl Report {
                     &row.tombstones_left_rounds
                 )),
                 pass_timing(&row.first_pass_ended_s_rounds, &row.gc_on_run_s_rounds),
+            );
+        }
+    }
+
+    /// Adds a server API comparison, and shows it on stderr straight away.
+    pub(crate) fn add_server_api_row(&mut self, row: ServerApiComparison) {
+        eprintln!(
+            "  {}",
+            serde_json::to_string(&row).unwrap_or_else(|e| e.to_string())
+        );
+        self.server_api.push(row);
+    }
+
+    fn print_server_api(&self) {
+        if self.server_api.is_empty() {
+            return;
+        }
+        println!(
+            "\n| one-mutation increments | push calls/s | push p50 ms | push p99 ms | server API calls/s | server API p50 ms | server API p99 ms | ratio API/push |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &self.server_api {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                row.workload,
+                one_decimal(row.push.mutations_per_second),
+                one_decimal(row.push.push_p50_ms),
+                one_decimal(row.push.push_p99_ms),
+                one_decimal(row.api.mutations_per_second),
+                one_decimal(row.api.push_p50_ms),
+                one_decimal(row.api.push_p99_ms),
+                decimals(row.ratio, 2),
+            );
+        }
+    }
+
+    /// Adds an export or import row, and shows it on stderr straight away.
+    pub(crate) fn add_transfer_row(&mut self, row: TransferRow) {
+        eprintln!(
+            "  {}",
+            serde_json::to_string(&row).unwrap_or_else(|e| e.to_string())
+        );
+        self.transfers.push(row);
+    }
+
+    fn print_transfers(&self) {
+        if self.transfers.is_empty() {
+            return;
+        }
+        println!(
+            "\n| transfer | entries | file MB | wall s | entries/s | replisync peak RSS MB | replisync CPU s |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for row in &self.transfers {
+            println!(
+                "| {}, replisync {} | {} | {} | {} | {} | {} | {} |",
+                row.store,
+                row.command,
+                row.entries,
+                one_decimal(row.file_mb),
+                decimals(row.wall_s, 2),
+                decimals(row.entries_per_second, 0),
+                row.peak_rss_mb.map_or("-".to_owned(), one_decimal),
+                row.cpu_s.map_or("-".to_owned(), |s| decimals(s, 2)),
             );
         }
     }

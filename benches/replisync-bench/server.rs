@@ -52,8 +52,18 @@ impl Server {
         file: &Path,
         jwt_secret: Option<&str>,
     ) -> anyhow::Result<Server> {
+        Server::start_on_sqlite_with_env(binary, file, jwt_secret, &[]).await
+    }
+
+    /// `start_on_sqlite`, with these variables set too.
+    pub(crate) async fn start_on_sqlite_with_env(
+        binary: &Path,
+        file: &Path,
+        jwt_secret: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
         let server =
-            Server::launch(binary, Database::SqliteFile(file), None, jwt_secret, &[]).await?;
+            Server::launch(binary, Database::SqliteFile(file), None, jwt_secret, env).await?;
         anyhow::ensure!(
             server.logged_message_starting("store: sqlite"),
             "the replisync meant to run on SQLite did not log \"store: sqlite\" before its address (a --server-env DATABASE_URL overrides the benchmark's choice)"
@@ -184,6 +194,19 @@ pub(crate) async fn run_gc_once(
     Ok((elapsed, stdout))
 }
 
+/// `command` (replisync, or a program that runs it, such as GNU time) set up to run a
+/// replisync command (`export`, `import`, `migrate`...) against `database` as the servers are
+/// (nothing from this environment, `--server-env`'s variables), its logs on stderr (warnings
+/// only), its standard output discarded: the caller adds the arguments and runs it.
+pub(crate) fn cli_command(command: Command, database: Database<'_>) -> Command {
+    let mut command = with_server_env(command, database);
+    command
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -200,7 +223,7 @@ pub(crate) fn set_extra_env(env: Vec<(String, String)>) {
 
 /// Which database a replisync the benchmark starts uses.
 #[derive(Clone, Copy)]
-enum Database<'a> {
+pub(crate) enum Database<'a> {
     /// DATABASE_URL.
     Postgres(&'a str),
     /// No DATABASE_URL: the embedded SQLite store, in this file (REPLISYNC_SQLITE_PATH).
@@ -210,7 +233,12 @@ enum Database<'a> {
 /// replisync with nothing from this environment but the settings below: its database, JSON
 /// logs on stdout, SSE off, the benchmark's pool size, and `--server-env`'s variables.
 fn server_command(binary: &Path, database: Database<'_>) -> Command {
-    let mut command = Command::new(binary);
+    with_server_env(Command::new(binary), database)
+}
+
+/// `command` (replisync, or a program that runs it) with replisync's environment as
+/// `server_command` sets it.
+fn with_server_env(mut command: Command, database: Database<'_>) -> Command {
     command
         .current_dir(std::env::temp_dir()) // no `.env` of the developer's
         .env_clear();
