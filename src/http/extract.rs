@@ -278,6 +278,22 @@ impl NeedsAccess for Writes {
     const ACCESS: Access = Access::Write;
 }
 
+/// The `{space}` of the path (400 `InvalidSpaceId` when it is not one), recorded on the
+/// request's span and in its access log line.
+pub(super) async fn path_space<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+) -> Result<SpaceId, ApiError> {
+    let Path(raw_space) = Path::<String>::from_request_parts(parts, state)
+        .await
+        .map_err(|rejection| ApiError::bad_request("InvalidSpaceId", rejection.body_text()))?;
+    let space = SpaceId::parse(&raw_space)
+        .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
+    tracing::Span::current().record("space", space.as_str());
+    SpaceNote::note(&parts.extensions, &space);
+    Ok(space)
+}
+
 impl<S, A> FromRequestParts<S> for Caller<A>
 where
     S: Send + Sync,
@@ -288,13 +304,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw_space) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|rejection| ApiError::bad_request("InvalidSpaceId", rejection.body_text()))?;
-        let space = SpaceId::parse(&raw_space)
-            .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
-        tracing::Span::current().record("space", space.as_str());
-        SpaceNote::note(&parts.extensions, &space);
+        let space = path_space(parts, state).await?;
         let Authenticated(identity) = Authenticated::from_request_parts(parts, state).await?;
         let authorizer = Arc::<Authorizer>::from_ref(state);
         authorize(&authorizer, &identity, &parts.headers, &space, A::ACCESS)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::header;
 use axum::http::request::Parts as RequestParts;
 use axum::middleware::Next;
@@ -15,8 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use super::access_log::SpaceNote;
-use super::extract::PushBody;
+use super::extract::{PushBody, path_space};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::{PushRequest, SpaceId, check_key};
@@ -62,14 +61,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiSpace {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut RequestParts, state: &S) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|rejection| ApiError::bad_request("InvalidSpaceId", rejection.body_text()))?;
-        let space = SpaceId::parse(&raw)
-            .map_err(|message| ApiError::bad_request("InvalidSpaceId", message))?;
-        tracing::Span::current().record("space", space.as_str());
-        SpaceNote::note(&parts.extensions, &space);
-        Ok(ApiSpace(space))
+        path_space(parts, state).await.map(ApiSpace)
     }
 }
 
