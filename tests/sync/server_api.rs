@@ -474,7 +474,53 @@ async fn the_authorization_header_is_read_as_http_reads_it(backend: Backend) {
     assert_eq!(twice.status(), 401, "two Authorization headers are refused");
 }
 
+/// A Rust mutator that takes its time, then sets `slow`.
+struct Slow;
+
+#[async_trait::async_trait]
+impl replisync::mutators::Mutator for Slow {
+    async fn apply(
+        &self,
+        tx: &mut replisync::mutators::WriteTx<'_>,
+        _args: &Value,
+    ) -> Result<(), replisync::mutators::MutationError> {
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        tx.put("slow", json!(true))
+    }
+}
+
+async fn a_call_past_its_time_budget_applies_nothing(backend: Backend) {
+    let limits = PushLimits {
+        time_budget: Some(std::time::Duration::from_millis(200)),
+        ..PushLimits::default()
+    };
+    let mutators = replisync::mutators::Mutators::builtin().register("slow", Slow);
+    let app = with_api(App::builder()).push(limits).mutators(mutators);
+    let server = TestServer::start_with(backend, app).await;
+    let before = server.db.fingerprint().await;
+    let slow = json!({"name": "slow"});
+    let (status, answer) = call(&server, "doc", "k", json!([slow, slow, slow, slow])).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (422, Some("CallTookTooLong")),
+        "{answer}"
+    );
+    assert!(
+        answer["message"].as_str().unwrap().contains(" of 4"),
+        "{answer}"
+    );
+    assert_eq!(server.db.fingerprint().await, before);
+    // Within the budget, the same key still applies.
+    let (status, answer) = call(&server, "doc", "k", json!([slow])).await;
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("committed")),
+        "{answer}"
+    );
+}
+
 crate::on_both_stores!(
+    a_call_past_its_time_budget_applies_nothing,
     a_page_of_large_values_is_cut_by_size,
     the_authorization_header_is_read_as_http_reads_it,
     javascript_mutators_apply_all_or_nothing,
