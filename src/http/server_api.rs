@@ -74,8 +74,9 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Str
 
     async fn from_request_parts(parts: &mut RequestParts, state: &S) -> Result<Self, ApiError> {
         let raw = parts.uri.query().unwrap_or_default();
+        // `+` (a space) is ASCII: it never changes whether a value decodes to UTF-8.
         let decodes = raw.split(['&', '=']).all(|part| {
-            percent_encoding::percent_decode_str(&part.replace('+', " "))
+            percent_encoding::percent_decode_str(part)
                 .decode_utf8()
                 .is_ok()
         });

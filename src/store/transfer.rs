@@ -118,7 +118,7 @@ where
 
 /// Rows one statement of an import inserts: 4 parameters each, far below both databases'
 /// limits (SQLite 32,766, Postgres 65,535).
-pub(super) const IMPORT_ROWS_PER_STATEMENT: usize = 500;
+const IMPORT_ROWS_PER_STATEMENT: usize = 500;
 
 /// An import in one transaction of either database.
 pub(super) struct ImportTx<DB: Database> {
