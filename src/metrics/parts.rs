@@ -147,6 +147,24 @@ impl PartsCollector {
             "replisync_commit_batch_waiting",
             "Push groups waiting for a batch's commit now.",
             counts.waiting as i64,
+        )?;
+        counter(
+            encoder,
+            "replisync_read_batches",
+            "Statements that carried the reads of several pushes (read batching, Postgres).",
+            counts.read_batches,
+        )?;
+        counter(
+            encoder,
+            "replisync_batched_reads",
+            "Reads of pushes (client state, mutations' gets) carried by those statements.",
+            counts.batched_reads,
+        )?;
+        gauge(
+            encoder,
+            "replisync_read_batch_waiting",
+            "Reads of pushes waiting for the next shared statement now.",
+            counts.reads_waiting as i64,
         )
     }
 }

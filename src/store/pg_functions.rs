@@ -46,6 +46,17 @@ pub const LOCK_SPACE_AND_READ_GROUPS: SqlCall = SqlCall {
     args: READ_GROUPS_ARGS,
 };
 
+/// The first reads of several optimistic pushes, to any spaces, in one statement
+/// (`postgres::reads`).
+pub const READ_GROUPS_OF_SPACES: SqlCall = SqlCall {
+    name: "replisync_read_groups_of_spaces",
+    args: &[
+        ("spaces", "text[]"),
+        ("push_client_groups", "text[]"),
+        ("push_client_ids", "text[]"),
+    ],
+};
+
 /// A push group's writes (`PgPushTx::commit`).
 pub const COMMIT_PUSH_GROUP: SqlCall = SqlCall {
     name: "replisync_commit_push_group",
@@ -101,6 +112,7 @@ pub const COMMIT_PUSH_BATCH: SqlCall = SqlCall {
 pub const CALLS: &[SqlCall] = &[
     READ_GROUPS,
     LOCK_SPACE_AND_READ_GROUPS,
+    READ_GROUPS_OF_SPACES,
     COMMIT_PUSH_GROUP,
     COMMIT_PUSH_BATCH,
 ];

@@ -5,7 +5,9 @@
 
 mod batch;
 mod commit;
+mod kept;
 mod push;
+mod reads;
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -17,7 +19,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, Postgres};
 
 use self::batch::CommitBatcher;
-use self::push::{PgPushTx, PushConnection, decode_rows};
+use self::kept::KeptConnections;
+use self::push::{PgPushTx, PushConnection};
+use self::reads::{SharedReads, decode_rows};
 use super::migrations;
 use super::pg_session::SessionLimits;
 use super::shared::{self, client_group_record, to_space_version};
@@ -45,6 +49,9 @@ pub struct PgStore {
     activity_granularity: i64,
     batch_limits: BatchLimits,
     batcher: Arc<CommitBatcher>,
+    reads: SharedReads,
+    /// The connections the batchers keep between statements.
+    kept: Arc<KeptConnections>,
 }
 
 /// The statement that starts a transaction (a locked push, a compaction batch): the isolation
@@ -89,12 +96,15 @@ impl PgStore {
             .connect_with(options)
             .await?;
         let batch_limits = BatchLimits::default();
+        let kept = Arc::new(KeptConnections::new(pool.clone()));
         Ok(PgStore {
             batcher: Arc::new(CommitBatcher::new(
-                pool.clone(),
+                Arc::clone(&kept),
                 batch_limits,
                 ACTIVITY_GRANULARITY_SECS,
             )),
+            reads: SharedReads::new(&kept, batch_limits.max_pushes),
+            kept,
             pool,
             activity_granularity: ACTIVITY_GRANULARITY_SECS,
             batch_limits,
@@ -116,10 +126,11 @@ impl PgStore {
     /// The batcher, made again with the store's settings (before any push).
     fn new_batcher(mut self) -> PgStore {
         self.batcher = Arc::new(CommitBatcher::new(
-            self.pool.clone(),
+            Arc::clone(&self.kept),
             self.batch_limits,
             self.activity_granularity,
         ));
+        self.reads = SharedReads::new(&self.kept, self.batch_limits.max_pushes);
         self
     }
 
@@ -153,9 +164,11 @@ impl PgStore {
     fn push_on(&self, conn: PushConnection, space: &SpaceId) -> Box<dyn PushTx> {
         Box::new(PgPushTx {
             conn,
+            pool: self.pool.clone(),
             space: space.clone(),
             activity_granularity: self.activity_granularity,
             batcher: Arc::clone(&self.batcher),
+            reads: self.reads.clone(),
         })
     }
 
@@ -202,18 +215,23 @@ impl Store for PgStore {
     }
 
     fn pools(&self) -> Vec<PoolStats> {
-        vec![pool_stats("postgres", &self.pool)]
+        vec![pool_stats("postgres", &self.pool), self.kept.stats()]
     }
 
     fn commit_batches(&self) -> CommitBatchCounts {
-        self.batcher.counts()
+        let (read_batches, batched_reads, reads_waiting) = self.reads.counts();
+        CommitBatchCounts {
+            read_batches,
+            batched_reads,
+            reads_waiting,
+            ..self.batcher.counts()
+        }
     }
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         // No transaction at all: the reads run on their own and the commit is one statement,
-        // its own transaction.
-        let conn = PushConnection::Unlocked(self.pool.acquire().await?);
-        Ok(self.push_on(conn, space))
+        // its own transaction, each on a pooled connection taken for it.
+        Ok(self.push_on(PushConnection::Unlocked, space))
     }
 
     async fn begin_locked_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {

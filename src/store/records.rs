@@ -205,11 +205,16 @@ impl Default for BatchLimits {
 }
 
 /// Commits that carried the push groups of several spaces (`batches`), and the groups they
-/// carried (`batched_groups`), since the store opened; and the groups that wait for a batch's
-/// commit now (`waiting`).
+/// carried (`batched_groups`), since the store opened; the groups that wait for a batch's commit
+/// now (`waiting`); and on Postgres, the statements that carried the reads of several pushes
+/// (`read_batches`), the reads they carried (`batched_reads`), and the reads waiting for the next
+/// such statement now (`reads_waiting`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommitBatchCounts {
     pub batches: u64,
     pub batched_groups: u64,
     pub waiting: u64,
+    pub read_batches: u64,
+    pub batched_reads: u64,
+    pub reads_waiting: u64,
 }

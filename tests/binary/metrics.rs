@@ -52,6 +52,9 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ("replisync_commit_batches", "counter", None),
     ("replisync_commit_batched_groups", "counter", None),
     ("replisync_commit_batch_waiting", "gauge", None),
+    ("replisync_read_batches", "counter", None),
+    ("replisync_batched_reads", "counter", None),
+    ("replisync_read_batch_waiting", "gauge", None),
     ("replisync_pulls_waiting", "gauge", None),
     (
         "replisync_gc_last_run_timestamp_seconds",

@@ -269,7 +269,7 @@ async fn hold_a_commit(server: &Arc<TestServer>, backend: Backend, gate: &Gate) 
 
 /// Waits until a session of the server under test waits for a lock: the held space's commit is
 /// in flight.
-async fn wait_for_lock_waiter(server: &TestServer) {
+pub(crate) async fn wait_for_lock_waiter(server: &TestServer) {
     let sql = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                WHERE NOT l.granted AND a.application_name = current_schema()";
     for _ in 0..10_000 {
@@ -365,6 +365,13 @@ async fn sixty_four_clients_over_a_hundred_spaces_land_exact_totals(backend: Bac
         batches > 0 && groups >= 2 * batches,
         "no commit carried several spaces: {batches} batches, {groups} groups"
     );
+    if backend == Backend::Postgres {
+        let counts = server.store.commit_batches();
+        assert!(
+            counts.read_batches > 0 && counts.batched_reads >= 2 * counts.read_batches,
+            "no statement carried several pushes' reads: {counts:?}"
+        );
+    }
 }
 
 /// A second replisync on the test's database, as behind a load balancer.

@@ -23,6 +23,7 @@ mod observed;
 mod protocol;
 mod pull_faults;
 mod push_limits;
+mod read_batches;
 mod rules;
 mod schema_versions;
 mod server_api;

@@ -12,12 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::PgPool;
-use sqlx::{PgConnection, Postgres};
+use sqlx::PgConnection;
 use tokio::sync::oneshot;
 
 use super::commit::{client_columns, commit_group, entry_columns};
+use super::kept::KeptConnections;
 use crate::protocol::SpaceId;
 use crate::store::pg_functions::COMMIT_PUSH_BATCH;
 use crate::store::{BatchLimits, CommitBatchCounts, PushChanges, StoreError, to_i64};
@@ -31,7 +30,7 @@ const ALONE_FROM_BYTES: usize = 1024 * 1024;
 /// The commits of one Postgres store.
 #[derive(Debug)]
 pub(crate) struct CommitBatcher {
-    pool: PgPool,
+    conns: Arc<KeptConnections>,
     limits: BatchLimits,
     activity_granularity: i64,
     queue: Mutex<Queue>,
@@ -55,13 +54,11 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-/// The batch that waits for the commit ahead of it, with its first group's connection to commit
-/// on (the others go back to the pool while they wait).
+/// The batch that waits for the commit ahead of it.
 struct Forming {
     id: u64,
     opened: Instant,
     groups: Vec<Waiting>,
-    conn: Option<PoolConnection<Postgres>>,
 }
 
 /// One space's group in a forming batch, and where its outcome goes.
@@ -79,8 +76,8 @@ struct Counts {
 
 /// How a group's commit goes.
 enum Turn {
-    /// At once, alone, on the push's own connection.
-    Alone(SpaceId, PushChanges, PoolConnection<Postgres>),
+    /// At once, alone.
+    Alone(SpaceId, PushChanges),
     /// In a batch, whose outcome comes on `answer`.
     Wait {
         batch: u64,
@@ -90,9 +87,13 @@ enum Turn {
 }
 
 impl CommitBatcher {
-    pub(super) fn new(pool: PgPool, limits: BatchLimits, activity_granularity: i64) -> Self {
+    pub(super) fn new(
+        conns: Arc<KeptConnections>,
+        limits: BatchLimits,
+        activity_granularity: i64,
+    ) -> Self {
         CommitBatcher {
-            pool,
+            conns,
             limits,
             activity_granularity,
             queue: Mutex::default(),
@@ -107,21 +108,26 @@ impl CommitBatcher {
             batches: self.counts.batches.load(Ordering::Relaxed),
             batched_groups: self.counts.batched_groups.load(Ordering::Relaxed),
             waiting: waiting as u64,
+            ..CommitBatchCounts::default()
         }
     }
 
-    /// Commits an unlocked push group to `space`, alone on `conn` when no commit is in flight,
-    /// else in the next batch (`conn` goes back to the pool meanwhile).
+    /// Commits an unlocked push group to `space`, alone when no commit is in flight, else in
+    /// the next batch, on the connection the batcher keeps (nothing waits for a batch while it
+    /// holds a pooled connection).
     pub(super) async fn commit(
         self: &Arc<Self>,
-        conn: PoolConnection<Postgres>,
         space: SpaceId,
         changes: PushChanges,
     ) -> Result<(), StoreError> {
-        match self.take_turn(space, changes, conn) {
-            Turn::Alone(space, changes, mut conn) => {
+        match self.take_turn(space, changes) {
+            Turn::Alone(space, changes) => {
                 let _slot = InFlight(Arc::clone(self));
-                commit_group(&mut conn, &space, changes, self.activity_granularity).await
+                let mut conn = self.conns.take().await?;
+                let committed =
+                    commit_group(&mut conn, &space, changes, self.activity_granularity).await;
+                self.conns.keep(conn, committed.as_ref().err());
+                committed
             }
             Turn::Wait {
                 batch,
@@ -133,12 +139,7 @@ impl CommitBatcher {
 
     /// Joins the forming batch, or commits alone (counted in flight): when nothing is in
     /// flight, the group is large, or its space is in the batch already.
-    fn take_turn(
-        self: &Arc<Self>,
-        space: SpaceId,
-        changes: PushChanges,
-        conn: PoolConnection<Postgres>,
-    ) -> Turn {
+    fn take_turn(self: &Arc<Self>, space: SpaceId, changes: PushChanges) -> Turn {
         let large = entry_bytes(&changes) > ALONE_FROM_BYTES; // outside the lock
         let mut queue = self.queue();
         let idle = queue.in_flight == 0 && queue.forming.is_none();
@@ -148,7 +149,7 @@ impl CommitBatcher {
             .is_some_and(|batch| batch.groups.iter().any(|g| g.space == space));
         if idle || large || repeated || self.limits.max_pushes <= 1 {
             queue.in_flight += 1;
-            return Turn::Alone(space, changes, conn);
+            return Turn::Alone(space, changes);
         }
         let (sender, answer) = oneshot::channel();
         if queue.forming.is_none() {
@@ -158,15 +159,9 @@ impl CommitBatcher {
                 id,
                 opened: Instant::now(),
                 groups: Vec::new(),
-                conn: None,
             });
         }
         let batch = queue.forming.as_mut().expect("a batch forms");
-        if batch.conn.is_none() {
-            batch.conn = Some(conn);
-        } else {
-            drop(conn); // back to the pool while the push waits
-        }
         batch.groups.push(Waiting {
             space,
             changes,
@@ -220,43 +215,48 @@ impl CommitBatcher {
         let batcher = Arc::clone(self);
         runtime.spawn(async move {
             let _slot = InFlight(Arc::clone(&batcher));
-            batcher.run(batch.groups, batch.conn).await;
+            batcher.run(batch.groups).await;
         });
     }
 
-    /// Commits a batch's groups (on `conn`, else a connection of the pool) and answers each.
-    async fn run(&self, groups: Vec<Waiting>, conn: Option<PoolConnection<Postgres>>) {
+    /// Commits a batch's groups and answers each.
+    async fn run(&self, groups: Vec<Waiting>) {
         let (answers, groups): (Vec<_>, Vec<_>) = groups
             .into_iter()
             .map(|g| (g.answer, (g.space, g.changes)))
             .unzip();
-        let outcomes = self.commit_all(groups, conn).await;
+        let outcomes = self.commit_all(groups).await;
         for (answer, outcome) in answers.into_iter().zip(outcomes) {
             let _ = answer.send(outcome); // the push may have stopped waiting
         }
     }
 
     /// One outcome per group, in order.
-    async fn commit_all(
-        &self,
-        groups: Vec<(SpaceId, PushChanges)>,
-        conn: Option<PoolConnection<Postgres>>,
-    ) -> Vec<Result<(), StoreError>> {
-        let acquired = match conn {
-            Some(conn) => Ok(conn),
-            None => self.pool.acquire().await,
-        };
-        let mut conn = match acquired {
+    async fn commit_all(&self, groups: Vec<(SpaceId, PushChanges)>) -> Vec<Result<(), StoreError>> {
+        let mut conn = match self.conns.take().await {
             Ok(conn) => conn,
-            Err(error) => return vec![Err(error.into()); groups.len()],
+            Err(error) => return vec![Err(error); groups.len()],
         };
+        let outcomes = self.commit_all_on(&mut conn, groups).await;
+        // The last statement's outcome tells whether the connection is still sound.
+        let failed = outcomes.iter().filter_map(|o| o.as_ref().err()).next_back();
+        self.conns.keep(conn, failed);
+        outcomes
+    }
+
+    /// `commit_all` on `conn`: one statement, else each group alone.
+    async fn commit_all_on(
+        &self,
+        conn: &mut PgConnection,
+        groups: Vec<(SpaceId, PushChanges)>,
+    ) -> Vec<Result<(), StoreError>> {
         if groups.len() > 1 {
             self.counts.batches.fetch_add(1, Ordering::Relaxed);
             let carried = groups.len() as u64;
             self.counts
                 .batched_groups
                 .fetch_add(carried, Ordering::Relaxed);
-            match commit_batch(&mut conn, &groups, self.activity_granularity).await {
+            match commit_batch(conn, &groups, self.activity_granularity).await {
                 Ok(moved) => return outcomes_of(&groups, &moved),
                 Err(error) if fails_every_group(&error) => {
                     return vec![Err(error); groups.len()];
@@ -268,7 +268,7 @@ impl CommitBatcher {
         }
         let mut outcomes = Vec::with_capacity(groups.len());
         for (space, changes) in groups {
-            let alone = commit_group(&mut conn, &space, changes, self.activity_granularity);
+            let alone = commit_group(conn, &space, changes, self.activity_granularity);
             outcomes.push(alone.await);
         }
         outcomes

@@ -5,43 +5,39 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Transaction};
 
 use super::batch::CommitBatcher;
 use super::commit::commit_group;
+use super::reads::{EntryRead, SharedReads, StateRead, decode_rows};
 use crate::protocol::SpaceId;
-use crate::store::pg_functions::{LOCK_SPACE_AND_READ_GROUPS, READ_GROUPS};
+use crate::store::pg_functions::LOCK_SPACE_AND_READ_GROUPS;
 use crate::store::shared::{self, client_group_record, to_space_version};
 use crate::store::{ClientRecord, ClientState, PushChanges, PushTx, StoreError};
 
 /// The statements calling the SQL functions, built once from their descriptions.
-static READ_GROUPS_SQL: LazyLock<String> = LazyLock::new(|| READ_GROUPS.select_sql());
 static LOCK_SPACE_AND_READ_GROUPS_SQL: LazyLock<String> =
     LazyLock::new(|| LOCK_SPACE_AND_READ_GROUPS.select_sql());
 
-/// A push's connection: a transaction holding the space's lock, or a plain connection whose
-/// commit is one statement.
+/// A push's connection: a transaction holding the space's lock, or none: an unlocked push's
+/// statements (its reads, its commit) take a pooled connection each, maybe shared with other
+/// pushes' (`reads`, `batch`).
 pub(super) enum PushConnection {
     Locked(Transaction<'static, Postgres>),
-    Unlocked(PoolConnection<Postgres>),
-}
-
-impl PushConnection {
-    fn get(&mut self) -> &mut PgConnection {
-        match self {
-            PushConnection::Locked(tx) => tx,
-            PushConnection::Unlocked(conn) => conn,
-        }
-    }
+    Unlocked,
 }
 
 pub(super) struct PgPushTx {
     pub(super) conn: PushConnection,
+    /// Where an unlocked push's statements that are not shared take their connection.
+    pub(super) pool: PgPool,
     pub(super) space: SpaceId,
     pub(super) activity_granularity: i64,
     /// Where an unlocked push's commit goes, to share a transaction with other spaces'.
     pub(super) batcher: Arc<CommitBatcher>,
+    /// Where an unlocked push's reads go, to share a statement with other pushes'.
+    pub(super) reads: SharedReads,
 }
 
 /// `client_state`'s one row: the space's version, then groups, collected groups and clients as
@@ -55,19 +51,27 @@ impl PushTx for PgPushTx {
         client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // One round trip either way (see the migration that defines the functions). Locked: lock,
-        // then read. Unlocked: one snapshot; the commit checks the version. The binds are
-        // READ_GROUPS's arguments, in order.
-        let sql = match self.conn {
-            PushConnection::Locked(_) => LOCK_SPACE_AND_READ_GROUPS_SQL.as_str(),
-            PushConnection::Unlocked(_) => READ_GROUPS_SQL.as_str(),
+        // One round trip either way (see the migrations that define the functions). Locked: lock,
+        // then read. Unlocked: one snapshot, maybe shared with other pushes'; the commit checks
+        // the version. The binds are LOCK_SPACE_AND_READ_GROUPS's arguments, in order.
+        let tx = match &mut self.conn {
+            PushConnection::Locked(tx) => tx,
+            PushConnection::Unlocked => {
+                let read = StateRead {
+                    space: self.space.clone(),
+                    client_group_ids: client_group_ids.to_vec(),
+                    client_ids: client_ids.to_vec(),
+                };
+                return self.reads.states.read(read).await;
+            }
         };
-        let (version, groups, collected, clients): ClientStateRow = sqlx::query_as(sql)
-            .bind(self.space.as_str())
-            .bind(client_group_ids)
-            .bind(client_ids)
-            .fetch_one(self.conn.get())
-            .await?;
+        let (version, groups, collected, clients): ClientStateRow =
+            sqlx::query_as(LOCK_SPACE_AND_READ_GROUPS_SQL.as_str())
+                .bind(self.space.as_str())
+                .bind(client_group_ids)
+                .bind(client_ids)
+                .fetch_one(&mut **tx)
+                .await?;
         Ok(ClientState {
             space_version: to_space_version(version)?,
             groups: decode_rows(groups, client_group_record)?,
@@ -83,7 +87,16 @@ impl PushTx for PgPushTx {
     }
 
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        shared::entry::<Postgres>(self.conn.get(), &self.space, key).await
+        match &mut self.conn {
+            PushConnection::Locked(tx) => shared::entry::<Postgres>(tx, &self.space, key).await,
+            PushConnection::Unlocked => {
+                let read = EntryRead {
+                    space: self.space.clone(),
+                    key: key.to_owned(),
+                };
+                self.reads.entries.read(read).await
+            }
+        }
     }
 
     async fn scan_entries(
@@ -92,8 +105,16 @@ impl PushTx for PgPushTx {
         exclusive: bool,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        shared::scan_entries::<Postgres>(self.conn.get(), &self.space, start, exclusive, limit)
-            .await
+        let space = &self.space;
+        match &mut self.conn {
+            PushConnection::Locked(tx) => {
+                shared::scan_entries::<Postgres>(tx, space, start, exclusive, limit).await
+            }
+            PushConnection::Unlocked => {
+                let mut conn = self.pool.acquire().await?;
+                shared::scan_entries::<Postgres>(&mut conn, space, start, exclusive, limit).await
+            }
+        }
     }
 
     async fn commit(self: Box<Self>, changes: PushChanges) -> Result<(), StoreError> {
@@ -102,9 +123,11 @@ impl PushTx for PgPushTx {
             space,
             activity_granularity,
             batcher,
+            pool: _,
+            reads: _,
         } = *self;
         match conn {
-            PushConnection::Unlocked(conn) => batcher.commit(conn, space, changes).await,
+            PushConnection::Unlocked => batcher.commit(space, changes).await,
             PushConnection::Locked(mut tx) => {
                 commit_group(&mut tx, &space, changes, activity_granularity).await?;
                 tx.commit().await?;
@@ -112,14 +135,4 @@ impl PushTx for PgPushTx {
             }
         }
     }
-}
-
-/// Decodes a `json_agg` of row arrays into typed rows.
-pub(super) fn decode_rows<Row: serde::de::DeserializeOwned, T>(
-    rows: Value,
-    into: impl Fn(Row) -> T,
-) -> Result<Vec<T>, StoreError> {
-    let rows: Vec<Row> = serde_json::from_value(rows)
-        .map_err(|e| StoreError::Corrupt(format!("unexpected pull row: {e}")))?;
-    Ok(rows.into_iter().map(into).collect())
 }

@@ -91,6 +91,7 @@ impl WriterBatches {
             batches: self.batches.load(Ordering::Relaxed),
             batched_groups: self.batched_groups.load(Ordering::Relaxed),
             waiting: self.waiting.load(Ordering::Relaxed),
+            ..CommitBatchCounts::default()
         }
     }
 

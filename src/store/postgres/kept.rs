@@ -1,0 +1,127 @@
+//! The connections that the batchers (shared reads, commits) keep between their statements,
+//! outside the pool: sqlx pings a pooled connection each time it goes back, a round trip more.
+//!
+//! The last connection kept is the next one taken, so that an idle server's push runs its reads and
+//! its commit on one warm backend, as it would on one pooled connection.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use sqlx::PgConnection;
+use sqlx::postgres::PgPool;
+
+use crate::store::{PoolStats, StoreError};
+
+/// At most as many connections as the batchers run statements at once (`MAX_KEPT`), each taken
+/// from the pool (and detached from it) when none is kept.
+#[derive(Debug)]
+pub(super) struct KeptConnections {
+    pool: PgPool,
+    kept: Mutex<Vec<PgConnection>>,
+    /// Connections taken from the pool and not closed yet: kept, or running a statement.
+    open: AtomicU32,
+}
+
+/// Enough for the two read lanes and a commit at once; a connection beyond that is closed.
+const MAX_KEPT: usize = 4;
+
+impl KeptConnections {
+    pub(super) fn new(pool: PgPool) -> Self {
+        KeptConnections {
+            pool,
+            kept: Mutex::new(Vec::with_capacity(MAX_KEPT)),
+            open: AtomicU32::new(0),
+        }
+    }
+
+    /// The connection kept last, or a new one from the pool when none is kept.
+    pub(super) async fn take(&self) -> Result<Taken<'_>, StoreError> {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match kept {
+            Some(conn) => conn,
+            None => {
+                let conn = self.pool.acquire().await?.detach();
+                self.open.fetch_add(1, Ordering::Relaxed);
+                conn
+            }
+        };
+        Ok(Taken {
+            conn: Some(conn),
+            home: self,
+        })
+    }
+
+    /// Keeps `taken` for a next statement, unless the last one on it ended with an `error` that
+    /// may have broken it, or enough are kept: then it is dropped, closing it.
+    pub(super) fn keep(&self, mut taken: Taken<'_>, error: Option<&StoreError>) {
+        if error.is_some_and(may_break_the_connection) {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() < MAX_KEPT
+            && let Some(conn) = taken.conn.take()
+        {
+            kept.push(conn);
+        }
+    }
+
+    /// The batchers' connections, as a pool of their own (`batching`) in `/metrics`.
+    pub(super) fn stats(&self) -> PoolStats {
+        let idle = self
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        PoolStats {
+            name: "batching",
+            size: self.open.load(Ordering::Relaxed),
+            idle,
+            max: MAX_KEPT as u32,
+        }
+    }
+}
+
+/// A connection taken for a statement; dropped without being kept, it closes.
+pub(super) struct Taken<'a> {
+    conn: Option<PgConnection>,
+    home: &'a KeptConnections,
+}
+
+impl std::ops::Deref for Taken<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn
+            .as_ref()
+            .expect("a taken connection until it is kept")
+    }
+}
+
+impl std::ops::DerefMut for Taken<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_mut()
+            .expect("a taken connection until it is kept")
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if self.conn.is_some() {
+            self.home.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a statement that failed with `error` may have left its connection unusable (lost, or
+/// cut short by a timeout). A refused or conflicting statement leaves it ready for the next.
+fn may_break_the_connection(error: &StoreError) -> bool {
+    !matches!(
+        error,
+        StoreError::Conflict(_) | StoreError::Database(_) | StoreError::Corrupt(_)
+    )
+}
