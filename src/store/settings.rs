@@ -34,7 +34,8 @@ pub struct StoreArgs {
     )]
     pub sqlite_path: PathBuf,
 
-    /// Database connections per instance.
+    /// Database connections per instance (Postgres: the pool; read and commit batching keep up
+    /// to 4 more outside it).
     #[arg(long, env = "REPLISYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
 
@@ -63,8 +64,9 @@ pub struct StoreArgs {
     pub db_tcp_keepalive_secs: u64,
 
     /// Most push groups (each the pushes to one space) one commit carries: pushes to different
-    /// spaces that are ready while another commit is in flight share the next one. 1 turns
-    /// commit batching off.
+    /// spaces that are ready while another commit is in flight share the next one. On Postgres
+    /// also the most reads of pushes one statement carries (read batching). 1 turns commit and
+    /// read batching off.
     #[arg(long, env = "REPLISYNC_COMMIT_BATCH_MAX_PUSHES", default_value_t = 64)]
     pub commit_batch_max_pushes: usize,
 
