@@ -141,3 +141,100 @@ async fn gets_read_together_see_each_space_own_value() {
         assert_eq!(state.entries["n"], json!(n), "{space}");
     }
 }
+
+/// The server's database sessions now, by backend pid.
+async fn server_sessions(server: &TestServer) -> Vec<i32> {
+    let mut conn = server.db.pg().await;
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE application_name = current_schema() AND pid <> pg_backend_pid() ORDER BY pid",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// The connections the batchers keep now.
+fn kept_connections(server: &TestServer) -> usize {
+    let pools = server.store.pools();
+    let batching = pools.iter().find(|p| p.name == "batching");
+    batching.expect("the batching pool").idle
+}
+
+/// A push whose caller hangs up while its read waits leaves that read's connection drained and
+/// kept: afterwards the server talks to the database over the very same sessions, none closed
+/// and none opened (a client that aborts requests cannot make the server open connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_cut_short_mid_read_leaves_its_connection_kept() {
+    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    server
+        .push_ok("a", &one("g-a", "c-a", 1, "increment", inc("n", 1)))
+        .await;
+    let (sessions, kept) = (server_sessions(&server).await, kept_connections(&server));
+    assert!(kept >= 1, "the push's statements left a connection kept");
+
+    let mut conn = server.db.pg().await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::raw_sql("LOCK TABLE replisync_clients IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let open = server.metrics.open_connections.get();
+    let left = send(&server, "b", one("g-b", "c-b", 1, "increment", inc("n", 1)));
+    wait_for_lock_waiter(&server).await;
+    left.abort(); // the caller hangs up while its read waits for the lock
+    let _ = left.await;
+    let metrics = server.metrics.clone();
+    let connections = || metrics.open_connections.get();
+    wait_until("the server to see the hang-up", connections, |n| *n < open).await;
+    tx.commit().await.unwrap();
+
+    wait_until(
+        "the cut-short read's connection to be kept again",
+        || kept_connections(&server),
+        |now| *now == kept,
+    )
+    .await;
+    assert_eq!(server_sessions(&server).await, sessions);
+    let next = one("g-b", "c-b", 1, "increment", inc("n", 5));
+    assert_eq!(server.push("b", &next).await, (200, json!({})));
+    assert_eq!(server.state("b", "g-b").await.entries["n"], json!(5));
+}
+
+/// A shared read that fails for one push's data (here a space whose stored version is corrupt)
+/// is read again one by one: only that push fails, the others are answered as if alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_at_fault_fails_alone() {
+    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    for space in ["a", "bad", "c"] {
+        let body = one(
+            &format!("g-{space}"),
+            &format!("c-{space}"),
+            1,
+            "increment",
+            inc("n", 1),
+        );
+        server.push_ok(space, &body).await;
+    }
+    server
+        .db
+        .execute("UPDATE replisync_spaces SET version = -5 WHERE id = 'bad'")
+        .await;
+    let answers = push_behind_a_locked_table(
+        &server,
+        "replisync_clients",
+        vec![
+            ("lead", one("g-lead", "c-lead", 1, "increment", inc("n", 1))),
+            ("a", one("g-a", "c-a", 2, "increment", inc("n", 1))),
+            ("bad", one("g-bad", "c-bad", 2, "increment", inc("n", 1))),
+            ("c", one("g-c", "c-c", 2, "increment", inc("n", 1))),
+        ],
+    )
+    .await;
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, [200, 200, 500, 200], "{answers:?}");
+    for space in ["a", "c"] {
+        let state = server.state(space, "reader").await;
+        assert_eq!(state.entries["n"], json!(2), "{space}");
+    }
+}

@@ -2,13 +2,17 @@
 //! outside the pool: sqlx pings a pooled connection each time it goes back, a round trip more.
 //!
 //! The last connection kept is the next one taken, so that an idle server's push runs its reads and
-//! its commit on one warm backend, as it would on one pooled connection.
+//! its commit on one warm backend, as it would on one pooled connection. A connection whose
+//! statement was cut short (its push was cancelled) is drained with a ping in a task of its own
+//! and kept again, as the pool does: a client that aborts requests cannot make the server open
+//! connections.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
+use sqlx::{Connection, PgConnection};
 
 use crate::store::{PoolStats, StoreError};
 
@@ -25,6 +29,9 @@ pub(super) struct KeptConnections {
 /// Enough for the two read lanes and a commit at once; a connection beyond that is closed.
 const MAX_KEPT: usize = 4;
 
+/// How long a cut-short statement's connection may take to answer its ping before it is closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl KeptConnections {
     pub(super) fn new(pool: PgPool) -> Self {
         KeptConnections {
@@ -35,7 +42,7 @@ impl KeptConnections {
     }
 
     /// The connection kept last, or a new one from the pool when none is kept.
-    pub(super) async fn take(&self) -> Result<Taken<'_>, StoreError> {
+    pub(super) async fn take(self: &Arc<Self>) -> Result<Taken, StoreError> {
         let kept = self
             .kept
             .lock()
@@ -51,22 +58,51 @@ impl KeptConnections {
         };
         Ok(Taken {
             conn: Some(conn),
-            home: self,
+            home: Arc::clone(self),
         })
     }
 
     /// Keeps `taken` for a next statement, unless the last one on it ended with an `error` that
     /// may have broken it, or enough are kept: then it is dropped, closing it.
-    pub(super) fn keep(&self, mut taken: Taken<'_>, error: Option<&StoreError>) {
-        if error.is_some_and(may_break_the_connection) {
+    pub(super) fn keep(&self, mut taken: Taken, error: Option<&StoreError>) {
+        let Some(conn) = taken.conn.take() else {
             return;
+        };
+        if error.is_some_and(may_break_the_connection) {
+            self.close(conn);
+        } else {
+            self.keep_conn(conn);
         }
+    }
+
+    fn keep_conn(&self, conn: PgConnection) {
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
-        if kept.len() < MAX_KEPT
-            && let Some(conn) = taken.conn.take()
-        {
+        if kept.len() < MAX_KEPT {
             kept.push(conn);
+        } else {
+            drop(kept);
+            self.close(conn);
         }
+    }
+
+    /// Closes `conn` (dropping it: its socket closes), counted.
+    fn close(&self, conn: PgConnection) {
+        drop(conn);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Drains a connection whose statement was cut short, and keeps it if it answers in time.
+    fn recover(self: Arc<Self>, mut conn: PgConnection) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.close(conn); // the process is stopping
+            return;
+        };
+        runtime.spawn(async move {
+            match tokio::time::timeout(DRAIN_TIMEOUT, conn.ping()).await {
+                Ok(Ok(())) => self.keep_conn(conn),
+                _ => self.close(conn),
+            }
+        });
     }
 
     /// The batchers' connections, as a pool of their own (`batching`) in `/metrics`.
@@ -85,13 +121,14 @@ impl KeptConnections {
     }
 }
 
-/// A connection taken for a statement; dropped without being kept, it closes.
-pub(super) struct Taken<'a> {
+/// A connection taken for a statement. Given back with `keep`; dropped without (its statement was
+/// cut short), it is drained and kept again.
+pub(super) struct Taken {
     conn: Option<PgConnection>,
-    home: &'a KeptConnections,
+    home: Arc<KeptConnections>,
 }
 
-impl std::ops::Deref for Taken<'_> {
+impl std::ops::Deref for Taken {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
@@ -101,7 +138,7 @@ impl std::ops::Deref for Taken<'_> {
     }
 }
 
-impl std::ops::DerefMut for Taken<'_> {
+impl std::ops::DerefMut for Taken {
     fn deref_mut(&mut self) -> &mut PgConnection {
         self.conn
             .as_mut()
@@ -109,10 +146,10 @@ impl std::ops::DerefMut for Taken<'_> {
     }
 }
 
-impl Drop for Taken<'_> {
+impl Drop for Taken {
     fn drop(&mut self) {
-        if self.conn.is_some() {
-            self.home.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = self.conn.take() {
+            Arc::clone(&self.home).recover(conn);
         }
     }
 }

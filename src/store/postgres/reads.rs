@@ -22,7 +22,7 @@ use super::kept::KeptConnections;
 use crate::protocol::SpaceId;
 use crate::store::pg_functions::READ_GROUPS_OF_SPACES;
 use crate::store::shared::{client_group_record, to_space_version};
-use crate::store::{ClientRecord, ClientState, StoreError};
+use crate::store::{ClientGroupRecord, ClientRecord, ClientState, StoreError};
 
 static READ_GROUPS_OF_SPACES_SQL: LazyLock<String> =
     LazyLock::new(|| READ_GROUPS_OF_SPACES.select_sql());
@@ -148,16 +148,35 @@ impl<R: SharedRead> Lane<R> {
             self.batched
                 .fetch_add(reads.len() as u64, Ordering::Relaxed);
         }
-        let answers = self.run(&reads).await;
+        let answers = match self.run(&reads).await {
+            Err(error) if reads.len() > 1 && may_be_one_reads_fault(&error) => {
+                tracing::info!(%error, reads = reads.len(), "shared read failed; reading each alone");
+                self.run_each_alone(&reads).await
+            }
+            shared => shared.map(|answers| answers.into_iter().map(Ok).collect()),
+        };
         match answers {
             Ok(answers) if answers.len() == senders.len() => {
                 for (sender, answer) in senders.into_iter().zip(answers) {
-                    let _ = sender.send(Ok(answer)); // the push may have stopped waiting
+                    let _ = sender.send(answer); // the push may have stopped waiting
                 }
             }
             Ok(_) => answer_all(senders, &missing_answer()),
             Err(error) => answer_all(senders, &error),
         }
+    }
+
+    /// Each of `reads` in a statement of its own, so that only a read at fault fails.
+    async fn run_each_alone(
+        &self,
+        reads: &[R],
+    ) -> Result<Vec<Result<R::Answer, StoreError>>, StoreError> {
+        let mut answers = Vec::with_capacity(reads.len());
+        for read in reads {
+            let alone = self.run(std::slice::from_ref(read)).await;
+            answers.push(alone.and_then(|mut answer| answer.pop().ok_or_else(missing_answer)));
+        }
+        Ok(answers)
     }
 
     /// Runs `reads` in one statement on the lane's connection.
@@ -186,6 +205,12 @@ impl<R: SharedRead> Drop for Turn<R> {
     fn drop(&mut self) {
         self.0.hand_on();
     }
+}
+
+/// A shared read's failure that one read's data may cause (a statement the database refuses),
+/// rather than one every read shares (the database unavailable, the connection lost).
+fn may_be_one_reads_fault(error: &StoreError) -> bool {
+    matches!(error, StoreError::Database(_) | StoreError::Corrupt(_))
 }
 
 fn missing_answer() -> StoreError {
@@ -235,36 +260,46 @@ impl SharedRead for StateRead {
             decode_rows(versions, |(space, version): (String, i64)| (space, version))?
                 .into_iter()
                 .collect();
-        let stored_groups = decode_rows(stored_groups, client_group_record)?;
+        let stored_groups: HashMap<String, ClientGroupRecord> =
+            decode_rows(stored_groups, client_group_record)?
+                .into_iter()
+                .map(|g| (g.id.clone(), g))
+                .collect();
         let collected: HashSet<String> = decode_rows(collected, |id: String| id)?
             .into_iter()
             .collect();
-        let stored_clients = decode_rows(stored_clients, |(id, group, last_mutation_id)| {
-            ClientRecord {
-                id,
-                client_group_id: group,
-                last_mutation_id,
-            }
-        })?;
+        let stored_clients: HashMap<String, ClientRecord> =
+            decode_rows(stored_clients, |(id, group, last_mutation_id)| {
+                ClientRecord {
+                    id,
+                    client_group_id: group,
+                    last_mutation_id,
+                }
+            })?
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
+        // Each read gets the rows of the ids it asked for: lookups, whatever the batch holds.
         reads
             .iter()
             .map(|read| {
+                let groups = &read.client_group_ids;
                 Ok(ClientState {
                     space_version: to_space_version(versions.get(read.space.as_str()).copied())?,
-                    groups: stored_groups
+                    groups: groups
                         .iter()
-                        .filter(|g| read.client_group_ids.contains(&g.id))
+                        .filter_map(|id| stored_groups.get(id))
                         .cloned()
                         .collect(),
-                    collected_groups: read
-                        .client_group_ids
+                    collected_groups: groups
                         .iter()
                         .filter(|id| collected.contains(*id))
                         .cloned()
                         .collect(),
-                    clients: stored_clients
+                    clients: read
+                        .client_ids
                         .iter()
-                        .filter(|c| read.client_ids.contains(&c.id))
+                        .filter_map(|id| stored_clients.get(id))
                         .cloned()
                         .collect(),
                 })
