@@ -61,30 +61,34 @@ fn one(group: &str, client: &str, id: u64, name: &str, args: Value) -> Value {
     push_body(group, &[(client, id, name, args)])
 }
 
+/// Mutation `id` of the client `c-{space}` of `space`'s own group `g-{space}`: `n` += `delta`.
+fn increment(space: &str, id: u64, delta: i64) -> Value {
+    let (group, client) = (format!("g-{space}"), format!("c-{space}"));
+    one(&group, &client, id, "increment", inc("n", delta))
+}
+
+/// Each space's first push, `n` = its value.
+async fn seed(server: &TestServer, spaces: &[(&str, i64)]) {
+    for (space, value) in spaces {
+        server.push_ok(space, &increment(space, 1, *value)).await;
+    }
+}
+
 /// Client state read for four spaces in one statement: a known client's next mutation, a new
 /// client group, a replayed mutation, and another space's client group (refused) are each
 /// answered as if alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_states_read_together_answer_each_push_as_alone() {
     let server = Arc::new(TestServer::start(Backend::Postgres).await);
-    for space in ["a", "c", "x"] {
-        let body = one(
-            &format!("g-{space}"),
-            &format!("c-{space}"),
-            1,
-            "increment",
-            inc("n", 10),
-        );
-        server.push_ok(space, &body).await;
-    }
+    seed(&server, &[("a", 10), ("c", 10), ("x", 10)]).await;
     let answers = push_behind_a_locked_table(
         &server,
         "replisync_clients",
         vec![
-            ("lead", one("g-lead", "c-lead", 1, "increment", inc("n", 1))),
-            ("a", one("g-a", "c-a", 2, "increment", inc("n", 1))),
-            ("b", one("g-b", "c-b", 1, "increment", inc("n", 5))),
-            ("c", one("g-c", "c-c", 1, "increment", inc("n", 1))),
+            ("lead", increment("lead", 1, 1)),
+            ("a", increment("a", 2, 1)),
+            ("b", increment("b", 1, 5)),
+            ("c", increment("c", 1, 1)),
             ("d", one("g-x", "c-x", 2, "increment", inc("n", 1))),
         ],
     )
@@ -113,25 +117,16 @@ async fn client_states_read_together_answer_each_push_as_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gets_read_together_see_each_space_own_value() {
     let server = Arc::new(TestServer::start(Backend::Postgres).await);
-    for (space, start) in [("a", 100), ("b", 200), ("c", 300)] {
-        let body = one(
-            &format!("g-{space}"),
-            &format!("c-{space}"),
-            1,
-            "increment",
-            inc("n", start),
-        );
-        server.push_ok(space, &body).await;
-    }
+    seed(&server, &[("a", 100), ("b", 200), ("c", 300)]).await;
     let answers = push_behind_a_locked_table(
         &server,
         "replisync_entries",
         vec![
-            ("lead", one("g-lead", "c-lead", 1, "increment", inc("n", 1))),
-            ("a", one("g-a", "c-a", 2, "increment", inc("n", 1))),
-            ("b", one("g-b", "c-b", 2, "increment", inc("n", 2))),
-            ("c", one("g-c", "c-c", 2, "increment", inc("n", 3))),
-            ("d", one("g-d", "c-d", 1, "increment", inc("n", 4))),
+            ("lead", increment("lead", 1, 1)),
+            ("a", increment("a", 2, 1)),
+            ("b", increment("b", 2, 2)),
+            ("c", increment("c", 2, 3)),
+            ("d", increment("d", 1, 4)),
         ],
     )
     .await;
@@ -206,16 +201,7 @@ async fn a_push_cut_short_mid_read_leaves_its_connection_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_at_fault_fails_alone() {
     let server = Arc::new(TestServer::start(Backend::Postgres).await);
-    for space in ["a", "bad", "c"] {
-        let body = one(
-            &format!("g-{space}"),
-            &format!("c-{space}"),
-            1,
-            "increment",
-            inc("n", 1),
-        );
-        server.push_ok(space, &body).await;
-    }
+    seed(&server, &[("a", 1), ("bad", 1), ("c", 1)]).await;
     server
         .db
         .execute("UPDATE replisync_spaces SET version = -5 WHERE id = 'bad'")
@@ -224,10 +210,10 @@ async fn a_read_at_fault_fails_alone() {
         &server,
         "replisync_clients",
         vec![
-            ("lead", one("g-lead", "c-lead", 1, "increment", inc("n", 1))),
-            ("a", one("g-a", "c-a", 2, "increment", inc("n", 1))),
-            ("bad", one("g-bad", "c-bad", 2, "increment", inc("n", 1))),
-            ("c", one("g-c", "c-c", 2, "increment", inc("n", 1))),
+            ("lead", increment("lead", 1, 1)),
+            ("a", increment("a", 2, 1)),
+            ("bad", increment("bad", 2, 1)),
+            ("c", increment("c", 2, 1)),
         ],
     )
     .await;
