@@ -7,12 +7,14 @@
 
 use std::sync::Arc;
 
+use replisync::startup::App;
+use replisync::store::BatchLimits;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
 use crate::commit_batches::wait_for_lock_waiter;
 use crate::group_commit::send;
-use crate::harness::{Backend, TestServer, inc, push_body, wait_until};
+use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body, wait_until};
 
 /// Runs `pushes` (space, body) while `table` is locked: the first push's read of it waits for the
 /// lock, the others wait for that read in the lane; then the lock goes. Answers in order.
@@ -222,5 +224,52 @@ async fn a_read_at_fault_fails_alone() {
     for space in ["a", "c"] {
         let state = server.state(space, "reader").await;
         assert_eq!(state.entries["n"], json!(2), "{space}");
+    }
+}
+
+/// Rounds of `clients` pushes at once, each to a space of its own (`round` is the mutation id).
+async fn pushes_at_once(server: &Arc<TestServer>, clients: usize, round: u64) {
+    let pushes: Vec<_> = (0..clients)
+        .map(|c| {
+            let space = format!("s{c}");
+            send(server, &space, increment(&space, round, 1))
+        })
+        .collect();
+    for push in pushes {
+        assert_eq!(push.await.unwrap(), (200, json!({})));
+    }
+}
+
+/// With batching off, more statements run at once than the batchers keep connections for: the
+/// rest use pooled connections as before, so the server goes on talking over the same sessions
+/// (none closed and opened again per statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_batching_off_statements_beyond_the_kept_connections_reuse_the_pool() {
+    let options = StoreOptions {
+        batch: BatchLimits {
+            max_pushes: 1,
+            ..BatchLimits::default()
+        },
+        ..StoreOptions::default()
+    };
+    let server = Arc::new(TestServer::start_on(Backend::Postgres, options, App::builder()).await);
+    const CLIENTS: usize = 24; // more than the pool's 16 connections and the 4 kept
+    for round in 1..=2 {
+        pushes_at_once(&server, CLIENTS, round).await;
+    }
+    let sessions = server_sessions(&server).await;
+    for round in 3..=4 {
+        pushes_at_once(&server, CLIENTS, round).await;
+    }
+    let now = server_sessions(&server).await;
+    let opened: Vec<_> = now.iter().filter(|pid| !sessions.contains(pid)).collect();
+    assert!(
+        opened.is_empty(),
+        "sessions opened again: {opened:?} (before {sessions:?})"
+    );
+    assert_eq!(server.store.commit_batches().batches, 0, "batching was off");
+    for c in 0..CLIENTS {
+        let state = server.state(&format!("s{c}"), "reader").await;
+        assert_eq!(state.entries["n"], json!(4));
     }
 }

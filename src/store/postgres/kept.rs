@@ -2,31 +2,33 @@
 //! outside the pool: sqlx pings a pooled connection each time it goes back, a round trip more.
 //!
 //! The last connection kept is the next one taken, so that an idle server's push runs its reads and
-//! its commit on one warm backend, as it would on one pooled connection. A connection whose
-//! statement was cut short (its push was cancelled) is drained with a ping in a task of its own
-//! and kept again, as the pool does: a client that aborts requests cannot make the server open
-//! connections.
+//! its commit on one warm backend, as it would on one pooled connection. Past `MAX_KEPT`
+//! statements at once (batching turned off, groups committed alone beside a batch), a statement
+//! takes a pooled connection as before. A kept connection whose statement was cut short (its push
+//! was cancelled) is drained with a ping in a task of its own and kept again, as the pool does: a
+//! client that aborts requests cannot make the server open connections.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPool;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, Postgres};
 
 use crate::store::{PoolStats, StoreError};
 
-/// At most as many connections as the batchers run statements at once (`MAX_KEPT`), each taken
-/// from the pool (and detached from it) when none is kept.
+/// At most `MAX_KEPT` connections, each taken from the pool (and detached from it) when a
+/// statement finds none kept.
 #[derive(Debug)]
 pub(super) struct KeptConnections {
     pool: PgPool,
     kept: Mutex<Vec<PgConnection>>,
-    /// Connections taken from the pool and not closed yet: kept, or running a statement.
-    open: AtomicU32,
+    /// Kept connections open: idle in `kept`, or running a statement.
+    open: AtomicUsize,
 }
 
-/// Enough for the two read lanes and a commit at once; a connection beyond that is closed.
+/// Enough for the two read lanes and a commit at once.
 const MAX_KEPT: usize = 4;
 
 /// How long a cut-short statement's connection may take to answer its ping before it is closed.
@@ -37,61 +39,65 @@ impl KeptConnections {
         KeptConnections {
             pool,
             kept: Mutex::new(Vec::with_capacity(MAX_KEPT)),
-            open: AtomicU32::new(0),
+            open: AtomicUsize::new(0),
         }
     }
 
-    /// The connection kept last, or a new one from the pool when none is kept.
+    /// The connection kept last; else a new kept one while fewer than `MAX_KEPT` are open; else
+    /// a pooled one.
     pub(super) async fn take(self: &Arc<Self>) -> Result<Taken, StoreError> {
-        let kept = self
-            .kept
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let conn = match kept {
-            Some(conn) => conn,
-            None => {
-                let conn = self.pool.acquire().await?.detach();
-                self.open.fetch_add(1, Ordering::Relaxed);
-                conn
+        let kept = self.kept().pop();
+        if let Some(conn) = kept {
+            return Ok(self.taken(Held::Kept(conn)));
+        }
+        let room = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < MAX_KEPT).then_some(open + 1)
+            })
+            .is_ok();
+        let acquired = self.pool.acquire().await;
+        if !room {
+            return Ok(self.taken(Held::Pooled(acquired?)));
+        }
+        match acquired {
+            Ok(conn) => Ok(self.taken(Held::Kept(conn.detach()))),
+            Err(error) => {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                Err(error.into())
             }
-        };
-        Ok(Taken {
-            conn: Some(conn),
+        }
+    }
+
+    fn taken(self: &Arc<Self>, held: Held) -> Taken {
+        Taken {
+            held: Some(held),
             home: Arc::clone(self),
-        })
+        }
     }
 
-    /// Keeps `taken` for a next statement, unless the last one on it ended with an `error` that
-    /// may have broken it, or enough are kept: then it is dropped, closing it.
+    /// Gives `taken` back after its statement: kept for the next one, unless the statement
+    /// ended with an `error` that may have broken the connection (it is closed). A pooled
+    /// connection goes back to the pool.
     pub(super) fn keep(&self, mut taken: Taken, error: Option<&StoreError>) {
-        let Some(conn) = taken.conn.take() else {
-            return;
-        };
-        if error.is_some_and(may_break_the_connection) {
-            self.close(conn);
-        } else {
-            self.keep_conn(conn);
+        match taken.held.take() {
+            Some(Held::Kept(conn)) if error.is_some_and(may_break_the_connection) => {
+                self.close(conn);
+            }
+            Some(Held::Kept(conn)) => self.kept().push(conn),
+            Some(Held::Pooled(conn)) => drop(conn),
+            None => {}
         }
     }
 
-    fn keep_conn(&self, conn: PgConnection) {
-        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
-        if kept.len() < MAX_KEPT {
-            kept.push(conn);
-        } else {
-            drop(kept);
-            self.close(conn);
-        }
-    }
-
-    /// Closes `conn` (dropping it: its socket closes), counted.
+    /// Closes a kept connection (dropping it closes its socket).
     fn close(&self, conn: PgConnection) {
         drop(conn);
         self.open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Drains a connection whose statement was cut short, and keeps it if it answers in time.
+    /// Drains a kept connection whose statement was cut short, and keeps it if it answers in
+    /// time.
     fn recover(self: Arc<Self>, mut conn: PgConnection) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.close(conn); // the process is stopping
@@ -99,57 +105,24 @@ impl KeptConnections {
         };
         runtime.spawn(async move {
             match tokio::time::timeout(DRAIN_TIMEOUT, conn.ping()).await {
-                Ok(Ok(())) => self.keep_conn(conn),
+                Ok(Ok(())) => self.kept().push(conn),
                 _ => self.close(conn),
             }
         });
     }
 
-    /// The batchers' connections, as a pool of their own (`batching`) in `/metrics`.
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<PgConnection>> {
+        self.kept.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The batchers' kept connections, as a pool of their own (`batching`) in `/metrics`.
     pub(super) fn stats(&self) -> PoolStats {
-        let idle = self
-            .kept
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
+        let idle = self.kept().len();
         PoolStats {
             name: "batching",
-            size: self.open.load(Ordering::Relaxed),
+            size: u32::try_from(self.open.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
             idle,
             max: MAX_KEPT as u32,
-        }
-    }
-}
-
-/// A connection taken for a statement. Given back with `keep`; dropped without (its statement was
-/// cut short), it is drained and kept again.
-pub(super) struct Taken {
-    conn: Option<PgConnection>,
-    home: Arc<KeptConnections>,
-}
-
-impl std::ops::Deref for Taken {
-    type Target = PgConnection;
-
-    fn deref(&self) -> &PgConnection {
-        self.conn
-            .as_ref()
-            .expect("a taken connection until it is kept")
-    }
-}
-
-impl std::ops::DerefMut for Taken {
-    fn deref_mut(&mut self) -> &mut PgConnection {
-        self.conn
-            .as_mut()
-            .expect("a taken connection until it is kept")
-    }
-}
-
-impl Drop for Taken {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            Arc::clone(&self.home).recover(conn);
         }
     }
 }
@@ -161,4 +134,54 @@ fn may_break_the_connection(error: &StoreError) -> bool {
         error,
         StoreError::Conflict(_) | StoreError::Database(_) | StoreError::Corrupt(_)
     )
+}
+
+/// A connection taken for a statement: one of the kept, or a pooled one.
+enum Held {
+    Kept(PgConnection),
+    Pooled(PoolConnection<Postgres>),
+}
+
+/// A connection taken for a statement, given back with `keep`. Dropped instead (its statement
+/// was cut short), a kept one is drained and kept again, a pooled one goes back to the pool
+/// (which drains it).
+pub(super) struct Taken {
+    held: Option<Held>,
+    home: Arc<KeptConnections>,
+}
+
+impl std::ops::Deref for Taken {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match self
+            .held
+            .as_ref()
+            .expect("a taken connection until it is given back")
+        {
+            Held::Kept(conn) => conn,
+            Held::Pooled(conn) => conn,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Taken {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self
+            .held
+            .as_mut()
+            .expect("a taken connection until it is given back")
+        {
+            Held::Kept(conn) => conn,
+            Held::Pooled(conn) => conn,
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(Held::Kept(conn)) = self.held.take() {
+            Arc::clone(&self.home).recover(conn);
+        }
+    }
 }
