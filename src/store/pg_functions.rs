@@ -34,7 +34,8 @@ const READ_GROUPS_ARGS: &[(&str, &str)] = &[
     ("push_client_ids", "text[]"),
 ];
 
-/// An optimistic push's first read (`PgPushTx::client_state`, unlocked).
+/// A push's first read of one space, which `LOCK_SPACE_AND_READ_GROUPS` runs after the lock
+/// (unlocked pushes read through `READ_GROUPS_OF_SPACES`).
 pub const READ_GROUPS: SqlCall = SqlCall {
     name: "replisync_read_groups",
     args: READ_GROUPS_ARGS,

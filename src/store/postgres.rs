@@ -1,7 +1,8 @@
 //! The Postgres store, for production and any number of instances behind a load balancer. A push
-//! commits in one statement if its space did not move (with other spaces' in a batch when a
-//! commit is in flight: `batch`), or under the space's lock (READ COMMITTED: `push`); pulls read
-//! REPEATABLE READ snapshots. Every session is bounded (see [`SessionLimits`]).
+//! reads (with other pushes' reads in one statement when one is in flight: `reads`) and commits
+//! in one statement if its space did not move (with other spaces' in a batch when a commit is in
+//! flight: `batch`), or under the space's lock (READ COMMITTED: `push`); pulls read REPEATABLE
+//! READ snapshots. Every session is bounded (see [`SessionLimits`]).
 
 mod batch;
 mod commit;

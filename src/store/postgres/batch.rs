@@ -113,8 +113,8 @@ impl CommitBatcher {
     }
 
     /// Commits an unlocked push group to `space`, alone when no commit is in flight, else in
-    /// the next batch, on the connection the batcher keeps (nothing waits for a batch while it
-    /// holds a pooled connection).
+    /// the next batch, on a connection the batchers keep (`kept`): nothing waits for a batch
+    /// while it holds a connection.
     pub(super) async fn commit(
         self: &Arc<Self>,
         space: SpaceId,

@@ -20,9 +20,9 @@ use crate::store::{ClientRecord, ClientState, PushChanges, PushTx, StoreError};
 static LOCK_SPACE_AND_READ_GROUPS_SQL: LazyLock<String> =
     LazyLock::new(|| LOCK_SPACE_AND_READ_GROUPS.select_sql());
 
-/// A push's connection: a transaction holding the space's lock, or none: an unlocked push's
-/// statements (its reads, its commit) take a pooled connection each, maybe shared with other
-/// pushes' (`reads`, `batch`).
+/// A push's connection: a transaction holding the space's lock, or none: each statement of an
+/// unlocked push (its reads, its commit) takes a connection of its own, on which it may carry
+/// other pushes' too (`reads`, `batch`, on the connections `kept`).
 pub(super) enum PushConnection {
     Locked(Transaction<'static, Postgres>),
     Unlocked,

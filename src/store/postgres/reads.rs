@@ -4,10 +4,10 @@
 //! A read that finds none of its kind in flight runs at once, alone (no added latency when idle).
 //! Otherwise it waits, and when the read ahead of it is done, everything that waits (up to
 //! `max_reads`) goes in one statement. A lane runs one statement at a time, on a connection the
-//! store keeps for its batchers (`kept`): nothing waits for a shared read while it holds a pooled
-//! connection. Unlocked reads
-//! never ran in one snapshot with the rest of their push (the commit checks the space's version),
-//! so a batch's snapshot is as good as each push's own.
+//! store keeps for its batchers (`kept`): nothing waits for a shared read while it holds a
+//! connection. Unlocked reads never ran in one snapshot with the rest of their push (the commit
+//! checks the space's version), so a batch's snapshot is as good as each push's own. A shared read
+//! that fails for one read's data is run again one read at a time, so only that read fails.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
