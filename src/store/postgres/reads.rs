@@ -151,7 +151,7 @@ impl<R: SharedRead> Lane<R> {
         let answers = match self.run(&reads).await {
             Err(error) if reads.len() > 1 && may_be_one_reads_fault(&error) => {
                 tracing::info!(%error, reads = reads.len(), "shared read failed; reading each alone");
-                self.run_each_alone(&reads).await
+                Ok(self.run_each_alone(&reads).await)
             }
             shared => shared.map(|answers| answers.into_iter().map(Ok).collect()),
         };
@@ -167,16 +167,13 @@ impl<R: SharedRead> Lane<R> {
     }
 
     /// Each of `reads` in a statement of its own, so that only a read at fault fails.
-    async fn run_each_alone(
-        &self,
-        reads: &[R],
-    ) -> Result<Vec<Result<R::Answer, StoreError>>, StoreError> {
+    async fn run_each_alone(&self, reads: &[R]) -> Vec<Result<R::Answer, StoreError>> {
         let mut answers = Vec::with_capacity(reads.len());
         for read in reads {
             let alone = self.run(std::slice::from_ref(read)).await;
             answers.push(alone.and_then(|mut answer| answer.pop().ok_or_else(missing_answer)));
         }
-        Ok(answers)
+        answers
     }
 
     /// Runs `reads` in one statement on the lane's connection.
