@@ -231,7 +231,7 @@ impl Store for PgStore {
 
     async fn begin_push(&self, space: &SpaceId) -> Result<Box<dyn PushTx>, StoreError> {
         // No transaction at all: the reads run on their own and the commit is one statement,
-        // its own transaction, each on a pooled connection taken for it.
+        // its own transaction, each on a connection taken for it (`kept`).
         Ok(self.push_on(PushConnection::Unlocked, space))
     }
 
@@ -364,6 +364,7 @@ impl Store for PgStore {
     }
 
     async fn close(&self) {
+        self.kept.close_all().await;
         self.pool.close().await;
     }
 }

@@ -141,12 +141,16 @@ async fn gets_read_together_see_each_space_own_value() {
 
 /// The server's database sessions now, by backend pid.
 async fn server_sessions(server: &TestServer) -> Vec<i32> {
-    let mut conn = server.db.pg().await;
+    sessions_seen_from(&mut server.db.pg().await).await
+}
+
+/// The server's database sessions, as `conn` (a session of the test's) sees them now.
+async fn sessions_seen_from(conn: &mut sqlx::PgConnection) -> Vec<i32> {
     sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity
          WHERE application_name = current_schema() AND pid <> pg_backend_pid() ORDER BY pid",
     )
-    .fetch_all(&mut conn)
+    .fetch_all(conn)
     .await
     .unwrap()
 }
@@ -272,4 +276,29 @@ async fn with_batching_off_statements_beyond_the_kept_connections_reuse_the_pool
         let state = server.state(&format!("s{c}"), "reader").await;
         assert_eq!(state.entries["n"], json!(4));
     }
+}
+
+/// Closing the store (at shutdown) ends every database session it opened, the kept connections
+/// too, each with the protocol's goodbye.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closing_the_store_ends_the_kept_connections_too() {
+    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    pushes_at_once(&server, 8, 1).await;
+    assert!(
+        kept_connections(&server) >= 1,
+        "pushes left connections kept"
+    );
+    let mut watcher = server.db.pg().await;
+    server.store.close().await;
+    for _ in 0..2_500 {
+        if sessions_seen_from(&mut watcher).await.is_empty() {
+            assert_eq!(kept_connections(&server), 0);
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    panic!(
+        "sessions still open: {:?}",
+        sessions_seen_from(&mut watcher).await
+    );
 }

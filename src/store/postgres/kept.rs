@@ -111,6 +111,16 @@ impl KeptConnections {
         });
     }
 
+    /// Closes the kept connections, each with the protocol's goodbye (at shutdown, before the
+    /// pool closes its own).
+    pub(super) async fn close_all(&self) {
+        let kept: Vec<PgConnection> = self.kept().drain(..).collect();
+        for conn in kept {
+            let _ = conn.close().await;
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     fn kept(&self) -> std::sync::MutexGuard<'_, Vec<PgConnection>> {
         self.kept.lock().unwrap_or_else(PoisonError::into_inner)
     }
