@@ -229,7 +229,7 @@ impl PushGroups {
     async fn apply(&self, space: &SpaceId, pushes: &[Push]) -> GroupAnswers {
         match self.apply_with_retries(space, pushes).await {
             Ok(answers) => answers,
-            Err(error) if pushes.len() > 1 && fails_one_push(&error) => {
+            Err(error) if pushes.len() > 1 && error.may_be_one_callers_fault() => {
                 tracing::info!(%error, pushes = pushes.len(), "push group failed; applying its pushes one by one");
                 let mut answers = Vec::with_capacity(pushes.len());
                 for push in pushes {
@@ -290,12 +290,6 @@ impl PushGroups {
             }
         }
     }
-}
-
-/// A database error that one push's data may cause (a statement the database refuses), rather
-/// than one that fails every push alike (unavailable, disconnected, conflicts).
-fn fails_one_push(error: &StoreError) -> bool {
-    matches!(error, StoreError::Database(_) | StoreError::Corrupt(_))
 }
 
 fn conflict_backoff(attempt: u32) -> Duration {

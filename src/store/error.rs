@@ -30,6 +30,16 @@ pub enum StoreError {
     EngineUnavailable(String),
 }
 
+impl StoreError {
+    /// Whether one caller's data may have caused this (a statement the database refused, a row
+    /// that does not decode), rather than what every caller meets alike (the database
+    /// unavailable, a lost connection, a conflict, a timeout): work shared by several callers
+    /// that fails so is done again caller by caller, so that only the one at fault fails.
+    pub fn may_be_one_callers_fault(&self) -> bool {
+        matches!(self, StoreError::Database(_) | StoreError::Corrupt(_))
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {

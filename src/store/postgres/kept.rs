@@ -140,10 +140,7 @@ impl KeptConnections {
 /// Whether a statement that failed with `error` may have left its connection unusable (lost, or
 /// cut short by a timeout). A refused or conflicting statement leaves it ready for the next.
 fn may_break_the_connection(error: &StoreError) -> bool {
-    !matches!(
-        error,
-        StoreError::Conflict(_) | StoreError::Database(_) | StoreError::Corrupt(_)
-    )
+    !(error.may_be_one_callers_fault() || matches!(error, StoreError::Conflict(_)))
 }
 
 /// A connection taken for a statement: one of the kept, or a pooled one.

@@ -93,9 +93,12 @@ impl<R: SharedRead> Lane<R> {
     /// Reads `read`: at once when no read of this kind is in flight, else in the next shared
     /// statement.
     pub(super) async fn read(self: &Arc<Self>, read: R) -> Result<R::Answer, StoreError> {
+        if self.max_reads <= 1 {
+            return self.run_one(&read).await; // sharing is off
+        }
         let answer = {
             let mut queue = self.queue();
-            if queue.busy && self.max_reads > 1 {
+            if queue.busy {
                 let (sender, answer) = oneshot::channel();
                 queue.waiting.push((read, sender));
                 Err(answer)
@@ -107,8 +110,7 @@ impl<R: SharedRead> Lane<R> {
         match answer {
             Ok(read) => {
                 let _turn = Turn(Arc::clone(self));
-                let mut answers = self.run(std::slice::from_ref(&read)).await?;
-                answers.pop().ok_or_else(missing_answer)
+                self.run_one(&read).await
             }
             Err(answer) => answer.await.unwrap_or_else(|_| Err(dropped_read())),
         }
@@ -149,7 +151,7 @@ impl<R: SharedRead> Lane<R> {
                 .fetch_add(reads.len() as u64, Ordering::Relaxed);
         }
         let answers = match self.run(&reads).await {
-            Err(error) if reads.len() > 1 && may_be_one_reads_fault(&error) => {
+            Err(error) if reads.len() > 1 && error.may_be_one_callers_fault() => {
                 tracing::info!(%error, reads = reads.len(), "shared read failed; reading each alone");
                 Ok(self.run_each_alone(&reads).await)
             }
@@ -170,10 +172,15 @@ impl<R: SharedRead> Lane<R> {
     async fn run_each_alone(&self, reads: &[R]) -> Vec<Result<R::Answer, StoreError>> {
         let mut answers = Vec::with_capacity(reads.len());
         for read in reads {
-            let alone = self.run(std::slice::from_ref(read)).await;
-            answers.push(alone.and_then(|mut answer| answer.pop().ok_or_else(missing_answer)));
+            answers.push(self.run_one(read).await);
         }
         answers
+    }
+
+    /// Runs `read` in a statement of its own.
+    async fn run_one(&self, read: &R) -> Result<R::Answer, StoreError> {
+        let mut answers = self.run(std::slice::from_ref(read)).await?;
+        answers.pop().ok_or_else(missing_answer)
     }
 
     /// Runs `reads` in one statement on the lane's connection.
@@ -202,12 +209,6 @@ impl<R: SharedRead> Drop for Turn<R> {
     fn drop(&mut self) {
         self.0.hand_on();
     }
-}
-
-/// A shared read's failure that one read's data may cause (a statement the database refuses),
-/// rather than one every read shares (the database unavailable, the connection lost).
-fn may_be_one_reads_fault(error: &StoreError) -> bool {
-    matches!(error, StoreError::Database(_) | StoreError::Corrupt(_))
 }
 
 fn missing_answer() -> StoreError {
