@@ -123,17 +123,14 @@ impl WriterBatches {
     }
 
     /// Opens the writer's next transaction (once the one before has committed), with the caller
-    /// as its first member.
+    /// as its first member. A caller that goes away while it waits for the writer (its client
+    /// left) hands the opening on: the pushes waiting for it try again.
     async fn open_next(self: &Arc<Self>) -> Result<Member, StoreError> {
-        let begun = self.writer.begin_with("BEGIN IMMEDIATE").await;
-        let tx = match begun {
-            Ok(tx) => tx,
-            Err(error) => {
-                self.state().opening = false;
-                self.opened.notify_waiters();
-                return Err(error.into());
-            }
+        let mut opener = Opener {
+            batches: self,
+            opened: None,
         };
+        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let (outcome, _) = watch::channel(None);
         let shared = Arc::new(SharedTx {
             conn: tokio::sync::Mutex::new(TxConn {
@@ -149,12 +146,8 @@ impl WriterBatches {
             }),
             outcome,
         });
-        {
-            let mut state = self.state();
-            state.opening = false;
-            state.open = Some(Arc::clone(&shared));
-        }
-        self.opened.notify_waiters();
+        opener.opened = Some(Arc::clone(&shared));
+        drop(opener); // publishes it
         Ok(Member::new(self, shared))
     }
 
@@ -206,6 +199,27 @@ enum Place {
     Joined(Member),
     Open,
     Wait,
+}
+
+/// The push opening the writer's next transaction. Dropped, it publishes the transaction it
+/// `opened` for the pushes waiting to join, or, when there is none (the begin failed, or the
+/// push's caller went away while it waited for the writer), lets one of them open it.
+struct Opener<'a> {
+    batches: &'a WriterBatches,
+    opened: Option<Arc<SharedTx>>,
+}
+
+impl Drop for Opener<'_> {
+    fn drop(&mut self) {
+        {
+            let mut state = self.batches.state();
+            state.opening = false;
+            if let Some(opened) = self.opened.take() {
+                state.open = Some(opened);
+            }
+        }
+        self.batches.opened.notify_waiters();
+    }
 }
 
 /// One push's place in a shared transaction. Dropping it without [`Member::commit`] leaves the
@@ -478,5 +492,41 @@ where
         }
         (Ok(()), Ok(_)) => Written::Yes,
         (Err(error), Ok(_)) => Written::No(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt;
+    use sqlx::sqlite::SqlitePoolOptions;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_push_that_goes_away_while_it_waits_for_the_writer_lets_the_next_open_it() {
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        // One push per transaction: every push opens the next.
+        let limits = BatchLimits {
+            max_pushes: 1,
+            max_age: Duration::from_secs(60),
+        };
+        let batches = Arc::new(WriterBatches::new(writer, limits));
+        let holding = batches.join().await.expect("the first push opens one");
+        assert!(
+            batches.join().now_or_never().is_none(),
+            "a second push waits for the writer, then its caller goes away"
+        );
+        drop(holding); // rolls back, which frees the writer
+        let next = tokio::time::timeout(Duration::from_secs(30), batches.join()).await;
+        assert!(
+            matches!(next, Ok(Ok(_))),
+            "a third push opens the next transaction"
+        );
     }
 }

@@ -104,6 +104,7 @@ test(
     const pageUrl = `${demo.url}?space=${space}`;
     const serverTodos = async () => (await server.snapshot(space)).data;
     const problems = [];
+    const consoleLines = [];
 
     /** A user of the todo page: a browser context of its own, whose IndexedDB outlives its pages. */
     const browserUser = async (label) => {
@@ -117,6 +118,10 @@ test(
         page.setDefaultTimeout(15_000);
         page.on('load', () => page.e2eLoads++);
         page.on('pageerror', (e) => problems.push(`${label}: ${e.message}`));
+        // Replicache's own errors and warnings, for the report when the scenario fails.
+        page.on('console', (m) => {
+          if (m.type() === 'error' || m.type() === 'warning') consoleLines.push(`${label}: ${m.text()}`);
+        });
         user.page = page;
         await page.goto(pageUrl);
         return page;
@@ -360,7 +365,13 @@ test(
       const details =
         `\npage problems: ${JSON.stringify(problems)}` +
         users.map((user) => `\n${user.label}'s pushes and pulls: ${syncs(user)}`).join('') +
-        `\nreplisync log tail:\n${server.lines.slice(-20).join('\n')}`;
+        `\npage console errors and warnings:\n${consoleLines.slice(-30).join('\n')}` +
+        // Every line but garbage collection's passes and B's pulls (one each a second).
+        `\nreplisync log, the last 60 lines but GC passes and pulls:\n${server.lines
+          .filter((l) => !/replisync::gc: garbage collection: removed|route="\/spaces\/\{space\}\/pull" status=200/.test(l))
+          .slice(-60)
+          .join('\n')}` +
+        `\nreplisync log tail:\n${server.lines.slice(-10).join('\n')}`;
       // The report prints the stack, which may have been made with the first message.
       const stack = e.stack;
       e.message += details;
