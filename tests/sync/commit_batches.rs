@@ -498,6 +498,56 @@ fn options_like(options: &StoreOptions) -> StoreOptions {
     }
 }
 
+/// SQLite: a push whose client leaves while it waits to open the writer's transaction (here the
+/// gate holds the writer, and one push per transaction makes every push open one of its own, as
+/// garbage collection's hold on the writer does) hands the opening on: the next push is applied.
+/// Before, every later push waited for ever.
+#[tokio::test]
+async fn a_push_whose_client_leaves_while_it_waits_for_the_writer_holds_up_no_other() {
+    let gate = Gate::default();
+    let app = App::builder().mutators(Mutators::builtin().register("gate", gate.clone()));
+    let alone = StoreOptions {
+        batch: BatchLimits {
+            max_pushes: 1,
+            max_age: Duration::from_secs(60),
+        },
+        ..StoreOptions::default()
+    };
+    let server = Arc::new(TestServer::start_on(Backend::Sqlite, alone, app).await);
+    let held = gate.hold(&server, "held").await;
+    let bytes_in_flight = || server.metrics.push_bytes_in_flight.get();
+    let held_bytes = bytes_in_flight();
+    let leaving = {
+        let server = server.clone();
+        let body = one("g-left", "c-left", 1, "increment", inc("n", 1));
+        tokio::spawn(async move { server.push("left", &body).await })
+    };
+    wait_until("the leaving push to be read", bytes_in_flight, |b| {
+        *b > held_bytes
+    })
+    .await;
+    // Time to reach the writer's wait (microseconds): a push still short of it would not
+    // exercise the hand-on, but neither could it fail the test.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    leaving.abort();
+    wait_until(
+        "the server to drop the push whose client left",
+        bytes_in_flight,
+        |b| *b == held_bytes,
+    )
+    .await;
+    gate.open.add_permits(1);
+    assert_eq!(held.await.unwrap(), (200, json!({})), "the held push");
+    let next = one("g-next", "c-next", 1, "increment", inc("n", 1));
+    let answered = tokio::time::timeout(Duration::from_secs(20), server.push("next", &next)).await;
+    assert_eq!(
+        answered.expect("the next push is answered, not held up by the one that left"),
+        (200, json!({}))
+    );
+    let left = server.state("left", "reader").await;
+    assert_eq!(left.cookie, 0, "the push whose client left wrote nothing");
+}
+
 crate::on_both_stores!(
     one_failing_push_in_a_batch_fails_alone,
     a_client_id_claimed_twice_in_one_batch_goes_to_one_group,
