@@ -4,6 +4,7 @@
 mod batch;
 mod gc;
 mod push;
+mod writes;
 
 use std::collections::HashSet;
 use std::path::Path;

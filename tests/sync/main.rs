@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod clients_leave;
 mod commit_batches;
 mod compaction;
 mod concurrency;

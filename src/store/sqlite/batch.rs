@@ -18,6 +18,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
 
+use super::writes::{UNDO_SAVEPOINT, Wrap};
 use crate::store::{BatchLimits, CommitBatchCounts, StoreError};
 
 /// The writer's transactions, one open at a time.
@@ -287,7 +288,7 @@ impl Member {
     /// whole transaction back), then commits in its own task.
     pub(super) async fn commit<W>(mut self, write: W) -> Result<(), StoreError>
     where
-        W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
+        W: for<'c> FnOnce(&'c mut SqliteConnection, Wrap) -> BoxFuture<'c, Result<(), StoreError>>,
     {
         let mut outcome = self.tx.outcome.subscribe();
         let alone = self.tx.close_if_alone();
@@ -384,17 +385,27 @@ impl TxConn {
         let Some(tx) = self.tx.as_mut() else {
             return Ok(());
         };
-        let undone = sqlx::raw_sql(UNDO_SAVEPOINT).execute(&mut **tx).await;
+        let undone = undo_savepoint(tx).await;
         self.savepoint_open = false;
         if let Err(error) = undone {
             self.broken = true;
-            return Err(error.into());
+            return Err(error);
         }
         Ok(())
     }
 }
 
-const UNDO_SAVEPOINT: &str = "ROLLBACK TO push_group; RELEASE push_group";
+/// Undoes the savepoint of a member's write, if it is open: a write cut short before its first
+/// statement, or after its last, left none (and nothing half written).
+async fn undo_savepoint(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    match sqlx::raw_sql(UNDO_SAVEPOINT).execute(conn).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(error)) if error.message().starts_with("no such savepoint") => {
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
 
 /// The shared transaction's connection, held.
 pub(super) struct ConnGuard<'a>(tokio::sync::MutexGuard<'a, TxConn>);
@@ -440,7 +451,7 @@ async fn writable(tx: &SharedTx) -> Result<tokio::sync::MutexGuard<'_, TxConn>, 
 /// rolls the whole transaction back.
 async fn write_alone<W>(tx: &SharedTx, write: W) -> Written
 where
-    W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
+    W: for<'c> FnOnce(&'c mut SqliteConnection, Wrap) -> BoxFuture<'c, Result<(), StoreError>>,
 {
     let mut guard = match writable(tx).await {
         Ok(guard) => guard,
@@ -448,7 +459,7 @@ where
     };
     let state = &mut *guard;
     let open = state.tx.as_mut().expect("checked by writable");
-    match write(open).await {
+    match write(open, Wrap::Direct).await {
         Ok(()) => Written::Yes,
         Err(error) => {
             state.broken = true; // rolls back: nothing else is in the transaction
@@ -457,10 +468,11 @@ where
     }
 }
 
-/// Runs `write` inside a savepoint of the shared transaction: all of it, or none of it.
+/// Runs `write` inside a savepoint of the shared transaction (its statements open and release
+/// it): all of it, or none of it.
 async fn write_in_savepoint<W>(tx: &SharedTx, write: W) -> Written
 where
-    W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<(), StoreError>>,
+    W: for<'c> FnOnce(&'c mut SqliteConnection, Wrap) -> BoxFuture<'c, Result<(), StoreError>>,
 {
     let mut guard = match writable(tx).await {
         Ok(guard) => guard,
@@ -468,30 +480,21 @@ where
     };
     let state = &mut *guard;
     let conn: &mut SqliteConnection = state.tx.as_mut().expect("checked by writable");
-    if let Err(error) = sqlx::raw_sql("SAVEPOINT push_group")
-        .execute(&mut *conn)
-        .await
-    {
-        return Written::No(error.into());
-    }
+    // Set first: a write cut short anywhere is undone by whoever takes the connection next.
     state.savepoint_open = true;
-    let written = write(&mut *conn).await;
-    let ended = match &written {
-        Ok(()) => {
-            sqlx::raw_sql("RELEASE push_group")
-                .execute(&mut *conn)
-                .await
-        }
-        Err(_) => sqlx::raw_sql(UNDO_SAVEPOINT).execute(&mut *conn).await,
+    let written = write(&mut *conn, Wrap::Savepoint).await;
+    let undone = match &written {
+        Ok(()) => Ok(()), // released by the write's last statement
+        Err(_) => undo_savepoint(conn).await,
     };
     state.savepoint_open = false;
-    match (written, ended) {
+    match (written, undone) {
         (_, Err(error)) => {
             state.broken = true;
-            Written::Broken(error.into())
+            Written::Broken(error)
         }
-        (Ok(()), Ok(_)) => Written::Yes,
-        (Err(error), Ok(_)) => Written::No(error),
+        (Ok(()), Ok(())) => Written::Yes,
+        (Err(error), Ok(())) => Written::No(error),
     }
 }
 

@@ -1,5 +1,5 @@
 //! A push's place in the single writer's transaction (`batch`: every space's lock, shared with
-//! pushes to other spaces), its reads one by one, and its writes, activity only when stale.
+//! pushes to other spaces), its reads, and its writes (`writes`), activity only when stale.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,41 +9,57 @@ use sqlx::Sqlite;
 use sqlx::sqlite::SqliteConnection;
 
 use super::batch::{Member, WriterBatches};
+use super::writes::write_changes;
 
 use crate::protocol::SpaceId;
 use crate::store::shared::{self, client_group_record, to_lmid, to_space_version};
-use crate::store::{
-    ClientRecord, ClientState, ClientWrite, PushChanges, PushTx, StoreError, to_i64,
-};
+use crate::store::{ClientRecord, ClientState, PushChanges, PushTx, StoreError};
 
 /// One push's place in the writer's transaction, until it commits or is dropped.
 pub(super) struct SqlitePushTx {
     member: Member,
     space: SpaceId,
-    version: u64,
     activity_granularity: i64,
     /// The stored groups' last activity, read with them: the commit writes it only when stale.
     groups_last_active: HashMap<String, i64>,
 }
 
 impl SqlitePushTx {
-    /// Joins the writer's transaction and reads the space's version.
+    /// Joins the writer's transaction.
     pub(super) async fn begin(
         batches: &Arc<WriterBatches>,
         space: &SpaceId,
         activity_granularity: i64,
     ) -> Result<SqlitePushTx, StoreError> {
-        let member = batches.join().await?;
-        let version = space_version(&mut *member.conn().await?, space).await?;
         Ok(SqlitePushTx {
-            member,
+            member: batches.join().await?,
             space: space.clone(),
-            version,
             activity_granularity,
             groups_last_active: HashMap::new(),
         })
     }
 }
+
+/// The space's version, the stored client groups and the stored clients asked for, in one
+/// statement (one call to the writer's thread): rows of `(kind, id, a, b, number)`, kind 0 the
+/// version, 1 a group (space, user, last activity), 2 a client (group, last mutation id). The
+/// ids travel as JSON arrays.
+const CLIENT_STATE: &str = "
+    SELECT 0, NULL, NULL, NULL, (SELECT version FROM replisync_spaces WHERE id = ?1)
+    UNION ALL
+    SELECT 1, id, space_id, user_id, last_active FROM replisync_client_groups
+    WHERE id IN (SELECT value FROM json_each(?2))
+    UNION ALL
+    SELECT 2, id, client_group_id, NULL, last_mutation_id FROM replisync_clients
+    WHERE id IN (SELECT value FROM json_each(?3))";
+
+type StateRow = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
 
 #[async_trait]
 impl PushTx for SqlitePushTx {
@@ -52,31 +68,45 @@ impl PushTx for SqlitePushTx {
         client_group_ids: &[String],
         client_ids: &[String],
     ) -> Result<ClientState, StoreError> {
-        // Unlike Postgres's one statement, plain reads one by one: the push's begin already holds
-        // the lock and the embedded database costs no round trips.
-        let mut state = ClientState {
-            space_version: self.version,
-            ..ClientState::default()
-        };
         let mut conn = self.member.conn().await?;
-        for id in client_group_ids {
-            let row = sqlx::query_as::<_, (String, String, i64)>(
-                "SELECT space_id, user_id, last_active FROM replisync_client_groups WHERE id = ?1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *conn)
+        let rows: Vec<StateRow> = sqlx::query_as(CLIENT_STATE)
+            .bind(self.space.as_str())
+            .bind(json_list(client_group_ids)?)
+            .bind(json_list(client_ids)?)
+            .fetch_all(&mut *conn)
             .await?;
-            if let Some((space_id, user_id, last_active)) = row {
-                self.groups_last_active.insert(id.clone(), last_active);
-                state
-                    .groups
-                    .push(client_group_record((id.clone(), space_id, user_id)));
+        let mut state = ClientState::default();
+        let mut groups = HashMap::new();
+        let mut clients = HashMap::new();
+        for (kind, id, a, b, number) in rows {
+            match (kind, id, a, b, number) {
+                (0, _, _, _, version) => state.space_version = to_space_version(version)?,
+                (1, Some(id), Some(space_id), Some(user_id), Some(last_active)) => {
+                    groups.insert(id, (space_id, user_id, last_active));
+                }
+                (2, Some(id), Some(group), _, Some(lmid)) => {
+                    clients.insert(id, (group, to_lmid(lmid)?));
+                }
+                _ => return Err(StoreError::Database("unexpected client state row".into())),
+            }
+        }
+        for id in client_group_ids {
+            if let Some((space_id, user_id, last_active)) = groups.get(id) {
+                self.groups_last_active.insert(id.clone(), *last_active);
+                let stored = (id.clone(), space_id.clone(), user_id.clone());
+                state.groups.push(client_group_record(stored));
             } else if shared::client_group_collected::<Sqlite>(&mut conn, id).await? {
                 state.collected_groups.push(id.clone());
             }
         }
         for id in client_ids {
-            state.clients.extend(stored_client(&mut conn, id).await?);
+            if let Some((client_group_id, last_mutation_id)) = clients.get(id) {
+                state.clients.push(ClientRecord {
+                    id: id.clone(),
+                    client_group_id: client_group_id.clone(),
+                    last_mutation_id: *last_mutation_id,
+                });
+            }
         }
         Ok(state)
     }
@@ -101,21 +131,22 @@ impl PushTx for SqlitePushTx {
             space,
             activity_granularity,
             groups_last_active,
-            ..
         } = *self;
         let stale = stale_groups(&changes, &groups_last_active, activity_granularity);
         member
-            .commit(move |conn| {
-                Box::pin(write_changes(
-                    conn,
-                    space,
-                    changes,
-                    stale,
-                    activity_granularity,
-                ))
+            .commit(move |conn, wrap| {
+                Box::pin(async move {
+                    let space = space.as_str();
+                    write_changes(conn, space, &changes, &stale, activity_granularity, wrap).await
+                })
             })
             .await
     }
+}
+
+/// `ids` as a JSON array, for `json_each`.
+fn json_list(ids: &[String]) -> Result<String, StoreError> {
+    serde_json::to_string(ids).map_err(|error| StoreError::Database(error.to_string()))
 }
 
 /// The groups that pushed whose stored activity is older than the granularity: only those are
@@ -137,85 +168,6 @@ fn stale_groups(
         .collect()
 }
 
-/// Writes one push group's changes to `space` and moves its version.
-async fn write_changes(
-    conn: &mut SqliteConnection,
-    space: SpaceId,
-    changes: PushChanges,
-    stale: Vec<String>,
-    activity_granularity: i64,
-) -> Result<(), StoreError> {
-    let space = space.as_str();
-    let version = to_i64(changes.version)?;
-    for group in &changes.new_client_groups {
-        sqlx::query(
-            "INSERT INTO replisync_client_groups (id, space_id, user_id, last_active)
-             VALUES (?1, ?2, ?3, ?4)",
-        )
-        .bind(&group.id)
-        .bind(space)
-        .bind(&group.user_id)
-        .bind(changes.active_at)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !stale.is_empty() {
-        touch_groups(conn, &stale, changes.active_at, activity_granularity).await?;
-    }
-    for ClientWrite { client, version } in &changes.clients {
-        // A client of another group is left alone: a push of another space in the same
-        // transaction claimed the id after this push read it. This push runs again.
-        let written = sqlx::query(
-            "INSERT INTO replisync_clients
-                 (id, client_group_id, last_mutation_id, last_modified_version)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (id) DO UPDATE
-                 SET last_mutation_id = excluded.last_mutation_id,
-                     last_modified_version = excluded.last_modified_version
-                 WHERE replisync_clients.client_group_id = excluded.client_group_id",
-        )
-        .bind(&client.id)
-        .bind(&client.client_group_id)
-        .bind(to_i64(client.last_mutation_id)?)
-        .bind(to_i64(*version)?)
-        .execute(&mut *conn)
-        .await?;
-        if written.rows_affected() != 1 {
-            return Err(StoreError::Conflict(
-                "a client id was claimed by another client group".into(),
-            ));
-        }
-    }
-    for entry in &changes.entries {
-        sqlx::query(
-            "INSERT INTO replisync_entries (space_id, key, value, deleted, version, changed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (space_id, key) DO UPDATE
-                 SET value = excluded.value,
-                     deleted = excluded.deleted,
-                     version = excluded.version,
-                     changed_at = excluded.changed_at",
-        )
-        .bind(space)
-        .bind(&entry.key)
-        .bind(&entry.value)
-        .bind(entry.value.is_none())
-        .bind(to_i64(entry.version)?)
-        .bind(changes.active_at)
-        .execute(&mut *conn)
-        .await?;
-    }
-    sqlx::query(
-        "INSERT INTO replisync_spaces (id, version) VALUES (?1, ?2)
-         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-    )
-    .bind(space)
-    .bind(version)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// Sets the last activity of `group_ids` to `now` where it is older than `granularity`.
 pub(super) async fn touch_groups(
     conn: &mut SqliteConnection,
@@ -235,35 +187,4 @@ pub(super) async fn touch_groups(
         .await?;
     }
     Ok(())
-}
-
-/// The version of `space` (0 for a space never written).
-async fn space_version(conn: &mut SqliteConnection, space: &SpaceId) -> Result<u64, StoreError> {
-    let version: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM replisync_spaces WHERE id = ?1")
-            .bind(space.as_str())
-            .fetch_optional(conn)
-            .await?;
-    to_space_version(version)
-}
-
-/// The stored client `id`, if any.
-async fn stored_client(
-    conn: &mut SqliteConnection,
-    id: &str,
-) -> Result<Option<ClientRecord>, StoreError> {
-    let row: Option<(String, i64)> = sqlx::query_as(
-        "SELECT client_group_id, last_mutation_id FROM replisync_clients WHERE id = ?1",
-    )
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
-    row.map(|(client_group_id, lmid)| {
-        Ok(ClientRecord {
-            id: id.to_owned(),
-            client_group_id,
-            last_mutation_id: to_lmid(lmid)?,
-        })
-    })
-    .transpose()
 }
