@@ -167,26 +167,6 @@ where
     Ok(ids.len())
 }
 
-/// Whether garbage collection removed `client_group_id` (and remembers it).
-pub(super) async fn client_group_collected<DB>(
-    conn: &mut DB::Connection,
-    client_group_id: &str,
-) -> Result<bool, StoreError>
-where
-    DB: Database + HasStatementCache,
-    DB::Arguments: IntoArguments<DB>,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    (i64,): for<'r> FromRow<'r, DB::Row>,
-{
-    let count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM replisync_collected_client_groups WHERE id = $1")
-            .bind(client_group_id)
-            .fetch_one(&mut *conn)
-            .await?;
-    Ok(count > 0)
-}
-
 /// The live value (json text) of `key` in `space`, `None` if absent or deleted.
 pub(super) async fn entry<DB>(
     conn: &mut DB::Connection,

@@ -4,6 +4,7 @@
 mod batch;
 mod gc;
 mod push;
+mod reads;
 mod writes;
 
 use std::collections::HashSet;

@@ -18,6 +18,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
 
+use super::reads::{Combined, EntryRead, StateAnswer, StateRead};
 use super::writes::{UNDO_SAVEPOINT, Wrap};
 use crate::store::{BatchLimits, CommitBatchCounts, StoreError};
 
@@ -50,6 +51,9 @@ pub(super) struct SharedTx {
     members: Mutex<Members>,
     /// The commit's outcome, once known.
     outcome: watch::Sender<Option<Result<(), StoreError>>>,
+    /// The members' reads waiting for the connection, each kind run together.
+    states: Combined<StateRead>,
+    entries: Combined<EntryRead>,
 }
 
 impl std::fmt::Debug for SharedTx {
@@ -146,6 +150,8 @@ impl WriterBatches {
                 ..Members::default()
             }),
             outcome,
+            states: Combined::default(),
+            entries: Combined::default(),
         });
         opener.opened = Some(Arc::clone(&shared));
         drop(opener); // publishes it
@@ -279,6 +285,16 @@ impl Member {
             ));
         }
         Ok(ConnGuard(guard))
+    }
+
+    /// The push's client state, read with those of the other members waiting to read theirs.
+    pub(super) async fn client_state(&self, read: StateRead) -> Result<StateAnswer, StoreError> {
+        self.tx.states.read(self.conn(), read).await
+    }
+
+    /// The live value of a key, read with the other members' waiting reads of keys.
+    pub(super) async fn entry(&self, read: EntryRead) -> Result<Option<String>, StoreError> {
+        self.tx.entries.read(self.conn(), read).await
     }
 
     /// Writes the member's group, then waits for the transaction's commit. With other members,

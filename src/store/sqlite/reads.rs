@@ -1,0 +1,276 @@
+//! The reads of the pushes that share the writer's transaction, combined: whoever takes the
+//! connection runs every read of its kind that waits for it in one statement (one call to the
+//! writer's thread), and the others find their answers ready when their turn comes.
+//!
+//! The ids travel as JSON arrays (SQLite has no array parameters). Reads see the transaction as
+//! it is when their statement runs, as they would one by one at that moment: pushes to one space
+//! never meet in a transaction, and a push writes only when it is done reading.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::DerefMut;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use sqlx::sqlite::SqliteConnection;
+use tokio::sync::oneshot;
+use tokio::sync::oneshot::error::TryRecvError;
+
+use crate::store::shared::{client_group_record, to_lmid, to_space_version};
+use crate::store::{ClientRecord, ClientState, StoreError};
+
+/// A read that the members of a transaction can share one statement for.
+#[async_trait]
+pub(super) trait CombinedRead: Clone + Send + Sync + Sized + 'static {
+    type Answer: Send + 'static;
+
+    /// Runs `reads` in one statement: one answer per read, in order.
+    async fn run(
+        conn: &mut SqliteConnection,
+        reads: &[Self],
+    ) -> Result<Vec<Self::Answer>, StoreError>;
+}
+
+/// The reads of one kind waiting for the transaction's connection.
+pub(super) struct Combined<R: CombinedRead> {
+    waiting: Mutex<Vec<Waiting<R>>>,
+}
+
+type Waiting<R> = (
+    R,
+    oneshot::Sender<Result<<R as CombinedRead>::Answer, StoreError>>,
+);
+
+impl<R: CombinedRead> Default for Combined<R> {
+    fn default() -> Self {
+        Combined {
+            waiting: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<R: CombinedRead> Combined<R> {
+    /// Reads `read` on the transaction's connection, which `take_conn` waits for: with every
+    /// read of its kind waiting when it has it, unless another member read it first.
+    pub(super) async fn read<C, F>(&self, take_conn: F, read: R) -> Result<R::Answer, StoreError>
+    where
+        C: DerefMut<Target = SqliteConnection>,
+        F: Future<Output = Result<C, StoreError>>,
+    {
+        let (sender, mut answer) = oneshot::channel();
+        self.waiting().push((read.clone(), sender));
+        let mut conn = take_conn.await?;
+        match answer.try_recv() {
+            Ok(answered) => return answered,
+            // The member that took it went away before answering: read it alone.
+            Err(TryRecvError::Closed) => {
+                let mut alone = R::run(&mut conn, std::slice::from_ref(&read)).await?;
+                return alone.pop().ok_or_else(missing_answer);
+            }
+            Err(TryRecvError::Empty) => {} // still waiting here: this member reads for all
+        }
+        let (reads, senders): (Vec<R>, Vec<_>) =
+            std::mem::take(&mut *self.waiting()).into_iter().unzip();
+        match R::run(&mut conn, &reads).await {
+            Ok(answers) if answers.len() == senders.len() => {
+                for (sender, answer) in senders.into_iter().zip(answers) {
+                    let _ = sender.send(Ok(answer)); // its push may have gone away
+                }
+            }
+            Ok(_) => answer_all(senders, &missing_answer()),
+            Err(error) => answer_all(senders, &error),
+        }
+        drop(conn);
+        answer.try_recv().unwrap_or_else(|_| Err(missing_answer()))
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Vec<Waiting<R>>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn answer_all<A>(senders: Vec<oneshot::Sender<Result<A, StoreError>>>, error: &StoreError) {
+    for sender in senders {
+        let _ = sender.send(Err(error.clone()));
+    }
+}
+
+fn missing_answer() -> StoreError {
+    StoreError::Database("a combined read returned no answer for a push".into())
+}
+
+/// A push's first read: its space's version, and the client groups and clients it names.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct StateRead {
+    #[serde(rename = "s")]
+    pub space: String,
+    #[serde(rename = "g")]
+    pub groups: Vec<String>,
+    #[serde(rename = "c")]
+    pub clients: Vec<String>,
+}
+
+/// Rows of `(read, kind, id, a, b, number)`: kind 0 the version, 1 a stored group (space, user,
+/// last activity), 2 a stored client (group, last mutation id), 3 a group garbage collection
+/// removed.
+const STATE_READS: &str = "
+    SELECT r.key, 0, NULL, NULL, NULL,
+           (SELECT version FROM replisync_spaces WHERE id = json_extract(r.value, '$.s'))
+    FROM json_each(?1) r
+    UNION ALL
+    SELECT r.key, 1, g.id, g.space_id, g.user_id, g.last_active
+    FROM json_each(?1) r, json_each(r.value, '$.g') x
+    JOIN replisync_client_groups g ON g.id = x.value
+    UNION ALL
+    SELECT r.key, 2, c.id, c.client_group_id, NULL, c.last_mutation_id
+    FROM json_each(?1) r, json_each(r.value, '$.c') x
+    JOIN replisync_clients c ON c.id = x.value
+    UNION ALL
+    SELECT r.key, 3, k.id, NULL, NULL, NULL
+    FROM json_each(?1) r, json_each(r.value, '$.g') x
+    JOIN replisync_collected_client_groups k ON k.id = x.value";
+
+type StateRow = (
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+/// A push's client state, and its stored groups' last activity.
+pub(super) type StateAnswer = (ClientState, HashMap<String, i64>);
+
+#[async_trait]
+impl CombinedRead for StateRead {
+    type Answer = StateAnswer;
+
+    async fn run(
+        conn: &mut SqliteConnection,
+        reads: &[StateRead],
+    ) -> Result<Vec<StateAnswer>, StoreError> {
+        let rows: Vec<StateRow> = sqlx::query_as(STATE_READS)
+            .bind(json(reads)?)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut found: Vec<Found> = (0..reads.len()).map(|_| Found::default()).collect();
+        for (read, kind, id, a, b, number) in rows {
+            let found = usize::try_from(read)
+                .ok()
+                .and_then(|read| found.get_mut(read))
+                .ok_or_else(|| unexpected_row("client state"))?;
+            found.add(kind, id, a, b, number)?;
+        }
+        Ok(reads
+            .iter()
+            .zip(found)
+            .map(|(read, found)| found.answer(read))
+            .collect())
+    }
+}
+
+/// What the statement found for one read.
+#[derive(Default)]
+struct Found {
+    version: u64,
+    groups: HashMap<String, (String, String, i64)>,
+    clients: HashMap<String, (String, u64)>,
+    collected: Vec<String>,
+}
+
+impl Found {
+    fn add(
+        &mut self,
+        kind: i64,
+        id: Option<String>,
+        a: Option<String>,
+        b: Option<String>,
+        number: Option<i64>,
+    ) -> Result<(), StoreError> {
+        match (kind, id, a, b, number) {
+            (0, _, _, _, version) => self.version = to_space_version(version)?,
+            (1, Some(id), Some(space_id), Some(user_id), Some(last_active)) => {
+                self.groups.insert(id, (space_id, user_id, last_active));
+            }
+            (2, Some(id), Some(group), _, Some(lmid)) => {
+                self.clients.insert(id, (group, to_lmid(lmid)?));
+            }
+            (3, Some(id), _, _, _) => self.collected.push(id),
+            _ => return Err(unexpected_row("client state")),
+        }
+        Ok(())
+    }
+
+    /// The client state, in the order the read named its groups and clients.
+    fn answer(self, read: &StateRead) -> StateAnswer {
+        let mut state = ClientState {
+            space_version: self.version,
+            ..ClientState::default()
+        };
+        let mut last_active = HashMap::new();
+        for id in &read.groups {
+            if let Some((space_id, user_id, active)) = self.groups.get(id) {
+                last_active.insert(id.clone(), *active);
+                let stored = (id.clone(), space_id.clone(), user_id.clone());
+                state.groups.push(client_group_record(stored));
+            } else if self.collected.contains(id) {
+                state.collected_groups.push(id.clone());
+            }
+        }
+        for id in &read.clients {
+            if let Some((client_group_id, last_mutation_id)) = self.clients.get(id) {
+                state.clients.push(ClientRecord {
+                    id: id.clone(),
+                    client_group_id: client_group_id.clone(),
+                    last_mutation_id: *last_mutation_id,
+                });
+            }
+        }
+        (state, last_active)
+    }
+}
+
+/// A mutator's read of one key: `(space, key)`.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct EntryRead(pub String, pub String);
+
+/// Rows of `(read, value)` for the reads whose key holds a live value.
+const ENTRY_READS: &str = "
+    SELECT r.key, e.value FROM json_each(?1) r
+    JOIN replisync_entries e
+      ON e.space_id = json_extract(r.value, '$[0]') AND e.key = json_extract(r.value, '$[1]')
+    WHERE NOT e.deleted";
+
+#[async_trait]
+impl CombinedRead for EntryRead {
+    type Answer = Option<String>;
+
+    async fn run(
+        conn: &mut SqliteConnection,
+        reads: &[EntryRead],
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(ENTRY_READS)
+            .bind(json(reads)?)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut values = vec![None; reads.len()];
+        for (read, value) in rows {
+            let slot = usize::try_from(read)
+                .ok()
+                .and_then(|read| values.get_mut(read))
+                .ok_or_else(|| unexpected_row("entry"))?;
+            *slot = Some(value);
+        }
+        Ok(values)
+    }
+}
+
+fn json<T: Serialize>(reads: &[T]) -> Result<String, StoreError> {
+    serde_json::to_string(reads).map_err(|error| StoreError::Database(error.to_string()))
+}
+
+fn unexpected_row(read: &str) -> StoreError {
+    StoreError::Database(format!("unexpected row in a combined {read} read"))
+}
