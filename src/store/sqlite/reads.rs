@@ -274,3 +274,116 @@ fn json<T: Serialize>(reads: &[T]) -> Result<String, StoreError> {
 fn unexpected_row(read: &str) -> StoreError {
     StoreError::Database(format!("unexpected row in a combined {read} read"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use sqlx::Connection;
+
+    use super::*;
+
+    /// Statements run, whether the next one hangs (until its caller goes away), and the task
+    /// that ran the last.
+    #[derive(Default)]
+    struct Probe {
+        statements: AtomicUsize,
+        hang_next: AtomicBool,
+        last_reader: std::sync::Mutex<Option<tokio::task::Id>>,
+    }
+
+    /// A read answered with its own number.
+    #[derive(Clone)]
+    struct Echo(u32, Arc<Probe>);
+
+    #[async_trait]
+    impl CombinedRead for Echo {
+        type Answer = u32;
+
+        async fn run(_: &mut SqliteConnection, reads: &[Echo]) -> Result<Vec<u32>, StoreError> {
+            let probe = &reads[0].1;
+            *probe.last_reader.lock().unwrap() = tokio::task::try_id();
+            probe.statements.fetch_add(1, Ordering::SeqCst);
+            if probe.hang_next.swap(false, Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            Ok(reads.iter().map(|read| read.0).collect())
+        }
+    }
+
+    type Conn = Arc<tokio::sync::Mutex<SqliteConnection>>;
+
+    async fn conn() -> Conn {
+        let conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        Arc::new(tokio::sync::Mutex::new(conn))
+    }
+
+    /// Reads `n` through `reads`, taking `conn` when its turn comes.
+    fn spawn_read(
+        reads: &Arc<Combined<Echo>>,
+        conn: &Conn,
+        n: u32,
+        probe: &Arc<Probe>,
+    ) -> tokio::task::JoinHandle<Result<u32, StoreError>> {
+        let (reads, conn, probe) = (reads.clone(), conn.clone(), probe.clone());
+        tokio::spawn(async move {
+            let take = async { Ok::<_, StoreError>(conn.lock().await) };
+            reads.read(take, Echo(n, probe)).await
+        })
+    }
+
+    /// Waits until `count` reads wait for the connection.
+    async fn waiting(reads: &Combined<Echo>, count: usize) {
+        while reads.waiting().len() < count {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_that_wait_together_go_in_one_statement_each_with_its_answer() {
+        let (reads, conn, probe) = (Arc::default(), conn().await, Arc::<Probe>::default());
+        let held = conn.lock().await;
+        let tasks: Vec<_> = (1..=3)
+            .map(|n| spawn_read(&reads, &conn, n, &probe))
+            .collect();
+        waiting(&reads, 3).await;
+        drop(held);
+        for (n, task) in (1..=3).zip(tasks) {
+            assert_eq!(task.await.unwrap().unwrap(), n);
+        }
+        assert_eq!(probe.statements.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn reads_whose_reader_went_away_midway_are_read_again() {
+        let (reads, conn, probe) = (Arc::default(), conn().await, Arc::<Probe>::default());
+        let held = conn.lock().await;
+        let tasks: Vec<_> = (1..=3)
+            .map(|n| spawn_read(&reads, &conn, n, &probe))
+            .collect();
+        waiting(&reads, 3).await;
+        probe.hang_next.store(true, Ordering::SeqCst);
+        drop(held);
+        while probe.statements.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The reader running the shared statement goes away (its push was dropped).
+        let reader = probe.last_reader.lock().unwrap().expect("run in a task");
+        let (cut, others): (Vec<_>, Vec<_>) =
+            (1..=3).zip(tasks).partition(|(_, t)| t.id() == reader);
+        cut[0].1.abort();
+        for (n, task) in others {
+            assert_eq!(
+                task.await.unwrap().unwrap(),
+                n,
+                "read {n} answered after all"
+            );
+        }
+        assert_eq!(
+            probe.statements.load(Ordering::SeqCst),
+            3,
+            "the shared statement, then each of the two others alone"
+        );
+    }
+}
