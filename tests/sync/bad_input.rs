@@ -263,7 +263,55 @@ async fn mutator_arguments_of_the_wrong_shape_fail_only_that_mutation(backend: B
     );
 }
 
+/// Keys and ids made of what SQL, JSON and JSON paths treat specially travel through every read
+/// and write unchanged: on SQLite the reads of several pushes travel as JSON arrays, and a
+/// group's writes as one text of statements. Each key is incremented twice (the second push
+/// reads what the first wrote) by a client of a group with such ids, in two spaces at once.
+async fn odd_keys_and_ids_round_trip_through_reads_and_writes(backend: Backend) {
+    let long = "k".repeat(replisync::protocol::MAX_KEY_BYTES);
+    let keys = [
+        "q\"uote",
+        "back\\slash",
+        "$.path[0]",
+        "tab\tnew\nline",
+        "\u{1}\u{1f}ctl\u{7f}",
+        "é-🦀-\u{fffd}",
+        "'; DROP TABLE replisync_entries; --",
+        "?1 ?2 ?",
+        "",
+        long.as_str(),
+    ];
+    let ids = |space: &str| (format!("g\"\\🦀'?{space}"), format!("c\t\"{{}}[]{space}"));
+    let server = std::sync::Arc::new(TestServer::start(backend).await);
+    let mut pushes = Vec::new();
+    for space in ["odd-a", "odd-b"] {
+        let (server, keys) = (server.clone(), keys.map(str::to_owned));
+        let (group, client) = ids(space);
+        pushes.push(tokio::spawn(async move {
+            for round in 0..2 {
+                let mutations: Vec<_> = (1..)
+                    .zip(&keys)
+                    .map(|(n, key)| (client.as_str(), round * 10 + n, "increment", inc(key, 1)))
+                    .collect();
+                server.push_ok(space, &push_body(&group, &mutations)).await;
+            }
+        }));
+    }
+    for push in pushes {
+        push.await.unwrap();
+    }
+    for space in ["odd-a", "odd-b"] {
+        let (group, client) = ids(space);
+        let view = server.state(space, &group).await;
+        for key in keys {
+            assert_eq!(view.entries.get(key), Some(&json!(2)), "{space}: {key:?}");
+        }
+        assert_eq!(view.lmid(&client), 20, "{space}");
+    }
+}
+
 crate::on_both_stores!(
+    odd_keys_and_ids_round_trip_through_reads_and_writes,
     every_kind_of_bad_push_changes_nothing,
     every_kind_of_bad_pull_is_a_clear_error,
     mutator_arguments_of_the_wrong_shape_fail_only_that_mutation,
