@@ -151,7 +151,7 @@ impl PartsCollector {
         counter(
             encoder,
             "replisync_read_batches",
-            "Statements that carried the reads of several pushes (read batching, Postgres).",
+            "Statements that carried the reads of several pushes (read batching).",
             counts.read_batches,
         )?;
         counter(

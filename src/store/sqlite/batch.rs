@@ -18,7 +18,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::{Notify, watch};
 
-use super::reads::{Combined, EntryRead, StateAnswer, StateRead};
+use super::reads::{Combined, EntryRead, ReadCounts, StateAnswer, StateRead};
 use super::writes::{UNDO_SAVEPOINT, Wrap};
 use crate::store::{BatchLimits, CommitBatchCounts, StoreError};
 
@@ -34,6 +34,7 @@ pub(super) struct WriterBatches {
     batched_groups: AtomicU64,
     /// Members written and waiting for their transaction's commit.
     waiting: AtomicU64,
+    reads: ReadCounts,
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +89,7 @@ impl WriterBatches {
             batches: AtomicU64::new(0),
             batched_groups: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            reads: ReadCounts::default(),
         }
     }
 
@@ -96,7 +98,11 @@ impl WriterBatches {
             batches: self.batches.load(Ordering::Relaxed),
             batched_groups: self.batched_groups.load(Ordering::Relaxed),
             waiting: self.waiting.load(Ordering::Relaxed),
-            ..CommitBatchCounts::default()
+            read_batches: self.reads.statements.load(Ordering::Relaxed),
+            batched_reads: self.reads.reads.load(Ordering::Relaxed),
+            reads_waiting: self.state().open.as_ref().map_or(0, |open| {
+                (open.states.waiting_now() + open.entries.waiting_now()) as u64
+            }),
         }
     }
 
@@ -289,12 +295,14 @@ impl Member {
 
     /// The push's client state, read with those of the other members waiting to read theirs.
     pub(super) async fn client_state(&self, read: StateRead) -> Result<StateAnswer, StoreError> {
-        self.tx.states.read(self.conn(), read).await
+        let counts = &self.batches.reads;
+        self.tx.states.read(self.conn(), read, counts).await
     }
 
     /// The live value of a key, read with the other members' waiting reads of keys.
     pub(super) async fn entry(&self, read: EntryRead) -> Result<Option<String>, StoreError> {
-        self.tx.entries.read(self.conn(), read).await
+        let counts = &self.batches.reads;
+        self.tx.entries.read(self.conn(), read, counts).await
     }
 
     /// Writes the member's group, then waits for the transaction's commit. With other members,

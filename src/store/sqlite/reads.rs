@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::DerefMut;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
@@ -32,6 +33,13 @@ pub(super) trait CombinedRead: Clone + Send + Sync + Sized + 'static {
     ) -> Result<Vec<Self::Answer>, StoreError>;
 }
 
+/// Statements that carried several members' reads, and the reads they carried (for `/metrics`).
+#[derive(Debug, Default)]
+pub(super) struct ReadCounts {
+    pub statements: AtomicU64,
+    pub reads: AtomicU64,
+}
+
 /// The reads of one kind waiting for the transaction's connection.
 pub(super) struct Combined<R: CombinedRead> {
     waiting: Mutex<Vec<Waiting<R>>>,
@@ -53,7 +61,12 @@ impl<R: CombinedRead> Default for Combined<R> {
 impl<R: CombinedRead> Combined<R> {
     /// Reads `read` on the transaction's connection, which `take_conn` waits for: with every
     /// read of its kind waiting when it has it, unless another member read it first.
-    pub(super) async fn read<C, F>(&self, take_conn: F, read: R) -> Result<R::Answer, StoreError>
+    pub(super) async fn read<C, F>(
+        &self,
+        take_conn: F,
+        read: R,
+        counts: &ReadCounts,
+    ) -> Result<R::Answer, StoreError>
     where
         C: DerefMut<Target = SqliteConnection>,
         F: Future<Output = Result<C, StoreError>>,
@@ -72,6 +85,12 @@ impl<R: CombinedRead> Combined<R> {
         }
         let (reads, senders): (Vec<R>, Vec<_>) =
             std::mem::take(&mut *self.waiting()).into_iter().unzip();
+        if reads.len() > 1 {
+            counts.statements.fetch_add(1, Ordering::Relaxed);
+            counts
+                .reads
+                .fetch_add(reads.len() as u64, Ordering::Relaxed);
+        }
         match R::run(&mut conn, &reads).await {
             Ok(answers) if answers.len() == senders.len() => {
                 for (sender, answer) in senders.into_iter().zip(answers) {
@@ -83,6 +102,11 @@ impl<R: CombinedRead> Combined<R> {
         }
         drop(conn);
         answer.try_recv().unwrap_or_else(|_| Err(missing_answer()))
+    }
+
+    /// Reads waiting for the connection now.
+    pub(super) fn waiting_now(&self) -> usize {
+        self.waiting().len()
     }
 
     fn waiting(&self) -> MutexGuard<'_, Vec<Waiting<R>>> {
@@ -278,7 +302,7 @@ fn unexpected_row(read: &str) -> StoreError {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
     use sqlx::Connection;
 
@@ -329,7 +353,9 @@ mod tests {
         let (reads, conn, probe) = (reads.clone(), conn.clone(), probe.clone());
         tokio::spawn(async move {
             let take = async { Ok::<_, StoreError>(conn.lock().await) };
-            reads.read(take, Echo(n, probe)).await
+            reads
+                .read(take, Echo(n, probe), &ReadCounts::default())
+                .await
         })
     }
 
