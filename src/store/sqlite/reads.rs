@@ -359,21 +359,36 @@ mod tests {
         })
     }
 
-    /// Waits until `count` reads wait for the connection.
-    async fn waiting(reads: &Combined<Echo>, count: usize) {
-        while reads.waiting().len() < count {
+    /// Three reads waiting for the connection, which the test holds.
+    struct ThreeWaiting {
+        reads: Arc<Combined<Echo>>,
+        probe: Arc<Probe>,
+        held: tokio::sync::OwnedMutexGuard<SqliteConnection>,
+        tasks: Vec<tokio::task::JoinHandle<Result<u32, StoreError>>>,
+    }
+
+    async fn three_waiting() -> ThreeWaiting {
+        let (reads, conn, probe) = (Arc::default(), conn().await, Arc::<Probe>::default());
+        let held = conn.clone().lock_owned().await;
+        let tasks = (1..=3)
+            .map(|n| spawn_read(&reads, &conn, n, &probe))
+            .collect();
+        while reads.waiting().len() < 3 {
             tokio::task::yield_now().await;
+        }
+        ThreeWaiting {
+            reads,
+            probe,
+            held,
+            tasks,
         }
     }
 
     #[tokio::test]
     async fn reads_that_wait_together_go_in_one_statement_each_with_its_answer() {
-        let (reads, conn, probe) = (Arc::default(), conn().await, Arc::<Probe>::default());
-        let held = conn.lock().await;
-        let tasks: Vec<_> = (1..=3)
-            .map(|n| spawn_read(&reads, &conn, n, &probe))
-            .collect();
-        waiting(&reads, 3).await;
+        let ThreeWaiting {
+            probe, held, tasks, ..
+        } = three_waiting().await;
         drop(held);
         for (n, task) in (1..=3).zip(tasks) {
             assert_eq!(task.await.unwrap().unwrap(), n);
@@ -383,12 +398,12 @@ mod tests {
 
     #[tokio::test]
     async fn reads_whose_reader_went_away_midway_are_read_again() {
-        let (reads, conn, probe) = (Arc::default(), conn().await, Arc::<Probe>::default());
-        let held = conn.lock().await;
-        let tasks: Vec<_> = (1..=3)
-            .map(|n| spawn_read(&reads, &conn, n, &probe))
-            .collect();
-        waiting(&reads, 3).await;
+        let ThreeWaiting {
+            reads: _reads,
+            probe,
+            held,
+            tasks,
+        } = three_waiting().await;
         probe.hang_next.store(true, Ordering::SeqCst);
         drop(held);
         while probe.statements.load(Ordering::SeqCst) == 0 {
