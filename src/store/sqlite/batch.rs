@@ -527,9 +527,31 @@ mod tests {
     use std::time::Duration;
 
     use futures::FutureExt;
+    use sqlx::Connection;
     use sqlx::sqlite::SqlitePoolOptions;
 
     use super::*;
+
+    #[tokio::test]
+    async fn undoing_a_savepoint_that_is_not_open_is_nothing_to_undo_and_keeps_what_was_written() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let setup = "CREATE TABLE t (n INTEGER); BEGIN; INSERT INTO t VALUES (1)";
+        sqlx::raw_sql(setup).execute(&mut conn).await.unwrap();
+        undo_savepoint(&mut conn)
+            .await
+            .expect("none open: nothing to undo");
+        let open = "SAVEPOINT push_group; INSERT INTO t VALUES (2)";
+        sqlx::raw_sql(open).execute(&mut conn).await.unwrap();
+        undo_savepoint(&mut conn).await.expect("undone");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows, 1,
+            "the savepoint's row is undone, the one before it kept"
+        );
+    }
 
     #[tokio::test]
     async fn a_push_that_goes_away_while_it_waits_for_the_writer_lets_the_next_open_it() {
