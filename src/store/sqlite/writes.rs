@@ -1,5 +1,6 @@
 //! A push group's writes on SQLite as one text of statements, run in one call to the writer's
-//! thread (each call is a hop between threads, which the writes of a small group would pay many times).
+//! thread (each call is a hop between threads, which a group's writes would otherwise pay one
+//! statement at a time).
 //!
 //! Parameters are positional (`?`), bound in the order they appear across the call's statements:
 //! SQLite numbers each statement's own, and sqlx binds a call's arguments statement after
