@@ -77,10 +77,7 @@ impl<R: CombinedRead> Combined<R> {
         match answer.try_recv() {
             Ok(answered) => return answered,
             // The member that took it went away before answering: read it alone.
-            Err(TryRecvError::Closed) => {
-                let mut alone = R::run(&mut conn, std::slice::from_ref(&read)).await?;
-                return alone.pop().ok_or_else(missing_answer);
-            }
+            Err(TryRecvError::Closed) => return run_alone(&mut conn, &read).await,
             Err(TryRecvError::Empty) => {} // still waiting here: this member reads for all
         }
         let (reads, senders): (Vec<R>, Vec<_>) =
@@ -91,14 +88,21 @@ impl<R: CombinedRead> Combined<R> {
                 .reads
                 .fetch_add(reads.len() as u64, Ordering::Relaxed);
         }
-        match R::run(&mut conn, &reads).await {
-            Ok(answers) if answers.len() == senders.len() => {
-                for (sender, answer) in senders.into_iter().zip(answers) {
-                    let _ = sender.send(Ok(answer)); // its push may have gone away
+        let answers = match R::run(&mut conn, &reads).await {
+            Ok(answers) if answers.len() == reads.len() => answers.into_iter().map(Ok).collect(),
+            Ok(_) => failed_all(&missing_answer(), reads.len()),
+            // A row of one read that does not decode fails only that read.
+            Err(error) if reads.len() > 1 && error.may_be_one_callers_fault() => {
+                let mut each = Vec::with_capacity(reads.len());
+                for read in &reads {
+                    each.push(run_alone(&mut conn, read).await);
                 }
+                each
             }
-            Ok(_) => answer_all(senders, &missing_answer()),
-            Err(error) => answer_all(senders, &error),
+            Err(error) => failed_all(&error, reads.len()),
+        };
+        for (sender, answer) in senders.into_iter().zip(answers) {
+            let _ = sender.send(answer); // its push may have gone away
         }
         drop(conn);
         answer.try_recv().unwrap_or_else(|_| Err(missing_answer()))
@@ -114,10 +118,18 @@ impl<R: CombinedRead> Combined<R> {
     }
 }
 
-fn answer_all<A>(senders: Vec<oneshot::Sender<Result<A, StoreError>>>, error: &StoreError) {
-    for sender in senders {
-        let _ = sender.send(Err(error.clone()));
-    }
+/// `count` answers, each `error`.
+fn failed_all<A>(error: &StoreError, count: usize) -> Vec<Result<A, StoreError>> {
+    (0..count).map(|_| Err(error.clone())).collect()
+}
+
+/// `read` in a statement of its own.
+async fn run_alone<R: CombinedRead>(
+    conn: &mut SqliteConnection,
+    read: &R,
+) -> Result<R::Answer, StoreError> {
+    let mut alone = R::run(conn, std::slice::from_ref(read)).await?;
+    alone.pop().ok_or_else(missing_answer)
 }
 
 fn missing_answer() -> StoreError {
@@ -332,6 +344,9 @@ mod tests {
             if probe.hang_next.swap(false, Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }
+            if reads.iter().any(|read| read.0 == 0) {
+                return Err(StoreError::Corrupt("read 0's row does not decode".into()));
+            }
             Ok(reads.iter().map(|read| read.0).collect())
         }
     }
@@ -368,9 +383,15 @@ mod tests {
     }
 
     async fn three_waiting() -> ThreeWaiting {
+        waiting_reads([1, 2, 3]).await
+    }
+
+    /// Reads of `numbers` waiting for the connection, which the test holds.
+    async fn waiting_reads(numbers: [u32; 3]) -> ThreeWaiting {
         let (reads, conn, probe) = (Arc::default(), conn().await, Arc::<Probe>::default());
         let held = conn.clone().lock_owned().await;
-        let tasks = (1..=3)
+        let tasks = numbers
+            .into_iter()
             .map(|n| spawn_read(&reads, &conn, n, &probe))
             .collect();
         while reads.waiting().len() < 3 {
@@ -425,6 +446,28 @@ mod tests {
             probe.statements.load(Ordering::SeqCst),
             3,
             "the shared statement, then each of the two others alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_row_does_not_decode_fails_alone() {
+        let ThreeWaiting {
+            probe, held, tasks, ..
+        } = waiting_reads([1, 0, 3]).await;
+        drop(held);
+        let answers: Vec<_> = futures::future::join_all(tasks).await;
+        let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+        assert!(matches!(answers[0], Ok(1)), "{:?}", answers[0]);
+        assert!(
+            matches!(answers[1], Err(StoreError::Corrupt(_))),
+            "{:?}",
+            answers[1]
+        );
+        assert!(matches!(answers[2], Ok(3)), "{:?}", answers[2]);
+        assert_eq!(
+            probe.statements.load(Ordering::SeqCst),
+            4,
+            "the shared statement, then each read alone"
         );
     }
 }
