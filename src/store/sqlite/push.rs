@@ -54,7 +54,7 @@ impl PushTx for SqlitePushTx {
             clients: client_ids.to_vec(),
         };
         let (state, last_active) = self.member.client_state(read).await?;
-        self.groups_last_active = last_active;
+        self.groups_last_active.extend(last_active);
         Ok(state)
     }
 
