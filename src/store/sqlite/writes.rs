@@ -73,7 +73,6 @@ fn claimed_client_conflict(error: sqlx::Error) -> StoreError {
 struct Call {
     sql: String,
     args: SqliteArguments,
-    params: usize,
     entries: usize,
 }
 
@@ -82,7 +81,6 @@ impl Call {
         Call {
             sql: String::new(),
             args: SqliteArguments::default(),
-            params: 0,
             entries: 0,
         }
     }
@@ -93,9 +91,12 @@ impl Call {
         value: T,
     ) -> Result<(), StoreError> {
         sqlx::Arguments::add(&mut self.args, value)
-            .map_err(|error| StoreError::Database(error.to_string()))?;
-        self.params += 1;
-        Ok(())
+            .map_err(|error| StoreError::Database(error.to_string()))
+    }
+
+    /// Parameters bound so far.
+    fn params(&self) -> usize {
+        sqlx::Arguments::len(&self.args)
     }
 }
 
@@ -206,7 +207,7 @@ fn plan(
 
 /// `call` if it has room for `params` more parameters, else a new one (`call` goes to `calls`).
 fn room_for(calls: &mut Vec<Call>, call: Call, params: usize) -> Call {
-    if call.params + params <= MAX_PARAMS {
+    if call.params() + params <= MAX_PARAMS {
         return call;
     }
     calls.push(call);
