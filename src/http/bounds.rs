@@ -20,6 +20,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::settings::HttpSettings;
+use super::unread_body;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
@@ -41,7 +42,9 @@ pub(super) async fn bounded(
         );
     }
     let stalled = Arc::new(AtomicBool::new(false));
-    let request = request.map(|body| stall_guarded(body, &http, stalled.clone()));
+    let (parts, body) = request.into_parts();
+    let (body, taken_back) = unread_body::kept(stall_guarded(body, &http, stalled.clone()));
+    let request = Request::from_parts(parts, body);
     let answered = tokio::time::timeout(http.request_timeout, next.run(request)).await;
     let cut = if stalled.load(Ordering::Relaxed) {
         metrics.request_bodies_stalled.increment();
@@ -50,7 +53,10 @@ pub(super) async fn bounded(
         }
     } else {
         match answered {
-            Ok(response) => return response,
+            Ok(response) => {
+                let (max_bytes, time) = (http.max_body_bytes, http.unread_body_linger);
+                return unread_body::finish(taken_back, max_bytes, time, &metrics, response).await;
+            }
             Err(_elapsed) => {
                 metrics.requests_timed_out.increment();
                 ApiError::RequestTimeout {

@@ -11,6 +11,7 @@ mod handlers;
 mod server_api;
 pub mod settings;
 mod state;
+mod unread_body;
 
 use std::sync::Arc;
 use std::time::Duration;

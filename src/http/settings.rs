@@ -21,7 +21,9 @@ pub struct HttpArgs {
     #[arg(long, env = "REPLISYNC_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Largest accepted request body but a push's, in bytes (larger ones get 413).
+    /// Largest accepted request body but a push's, in bytes (larger ones get 413); also the most
+    /// of a body answered before it was read (see REPLISYNC_UNREAD_BODY_LINGER_MS) that is read
+    /// and dropped.
     #[arg(long, env = "REPLISYNC_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
@@ -52,6 +54,13 @@ pub struct HttpArgs {
     /// within REPLISYNC_REQUEST_TIMEOUT_SECS.
     #[arg(long, env = "REPLISYNC_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
     pub body_read_timeout_secs: u64,
+
+    /// Milliseconds the server keeps reading, and dropping, a request body it answered before
+    /// reading it (a 401, a 413), at most REPLISYNC_MAX_BODY_BYTES of it: a client still sending
+    /// then reads the answer and keeps its connection. A body not over by then has its
+    /// connection closed (`Connection: close`). 0 reads only what has already arrived.
+    #[arg(long, env = "REPLISYNC_UNREAD_BODY_LINGER_MS", default_value_t = 1000)]
+    pub unread_body_linger_ms: u64,
 
     /// Seconds a keep-alive connection may stay open with no request in flight; then it is
     /// closed.
@@ -105,6 +114,7 @@ impl HttpArgs {
             drain_delay: Duration::from_secs(self.drain_delay_secs),
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
             body_read_timeout: Duration::from_secs(self.body_read_timeout_secs.max(1)),
+            unread_body_linger: Duration::from_millis(self.unread_body_linger_ms),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             max_connections: self.max_connections,
             access_log: self.access_log,
@@ -175,6 +185,8 @@ pub struct HttpSettings {
     pub header_read_timeout: Duration,
     /// How long a request body may pause between two of its bytes before it is cut.
     pub body_read_timeout: Duration,
+    /// How long the server reads and drops a body it answered before reading it.
+    pub unread_body_linger: Duration,
     /// How long a keep-alive connection may stay open with no request in flight.
     pub idle_timeout: Duration,
     /// Most client connections open at once.
@@ -195,6 +207,7 @@ impl Default for HttpSettings {
             drain_delay: Duration::ZERO,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            unread_body_linger: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             access_log: true,

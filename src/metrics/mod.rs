@@ -138,6 +138,12 @@ pub struct Metrics {
     /// Requests cut (408, connection closed) because their body paused longer than
     /// REPLISYNC_BODY_READ_TIMEOUT_SECS.
     pub request_bodies_stalled: Counter,
+    /// Request bodies a handler left unread (an early answer such as 401 or 413) that were read
+    /// and dropped before the answer, so the connection stays usable.
+    pub request_bodies_drained: Counter,
+    /// Request bodies left unread past REPLISYNC_MAX_BODY_BYTES or REPLISYNC_UNREAD_BODY_LINGER_MS:
+    /// answered with `Connection: close`.
+    pub request_bodies_left_unread: Counter,
     /// SSE poke streams refused 503 over REPLISYNC_SSE_MAX_STREAMS,
     /// REPLISYNC_SSE_MAX_STREAMS_PER_SPACE or REPLISYNC_SSE_MAX_STREAMS_PER_USER.
     pub sse_streams_refused: Counter,
@@ -301,6 +307,16 @@ impl Metrics {
                 r,
                 "replisync_request_bodies_stalled",
                 "Requests cut because their body paused longer than REPLISYNC_BODY_READ_TIMEOUT_SECS (408, connection closed).",
+            ),
+            request_bodies_drained: counter(
+                r,
+                "replisync_request_bodies_drained",
+                "Request bodies answered early (401, 413, ...) and read to their end before the answer, so the connection stays usable.",
+            ),
+            request_bodies_left_unread: counter(
+                r,
+                "replisync_request_bodies_left_unread",
+                "Request bodies answered early with more left than REPLISYNC_MAX_BODY_BYTES (or not over within REPLISYNC_UNREAD_BODY_LINGER_MS): answered with Connection: close.",
             ),
             sse_streams_refused: counter(
                 r,

@@ -35,6 +35,8 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ("replisync_idle_closes", "counter", None),
     ("replisync_requests_timed_out", "counter", None),
     ("replisync_request_bodies_stalled", "counter", None),
+    ("replisync_request_bodies_drained", "counter", None),
+    ("replisync_request_bodies_left_unread", "counter", None),
     ("replisync_sse_streams_refused", "counter", None),
     ("replisync_sse_streams_refused_per_user", "counter", None),
     ("replisync_gc_client_groups_removed", "counter", None),

@@ -123,6 +123,16 @@ async fn a_browser_route_refuses_a_missing_token_before_reading_the_body() {
             endpoint.method,
             endpoint.path
         );
+        // The rest of the body did not come within REPLISYNC_UNREAD_BODY_LINGER_MS.
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{} {}: {answer}",
+            endpoint.method,
+            endpoint.path
+        );
     }
     assert_eq!(server.metrics.request_bodies_stalled.get(), 0);
+    assert!(server.metrics.request_bodies_left_unread.get() >= 1);
 }
