@@ -36,7 +36,7 @@ async fn floor_push(store: &dyn Store, space: &str, client: &str, id: u64) -> an
     let group_id = group_name(client);
     let mut tx = store.begin_locked_push(&space).await?;
     let state = tx
-        .client_state(std::slice::from_ref(&group_id), &[client.to_owned()])
+        .client_state(std::slice::from_ref(&group_id), &[client.to_owned()], &[])
         .await?;
     let new_group = state.groups.is_empty();
     let key = "counter-0";

@@ -17,6 +17,7 @@ pub struct MutationMetrics {
     failures: Family<FailureLabels, PromCounter>,
     js_duration: Timing,
     js_contexts: Gauge,
+    keys_read_ahead: PromCounter,
 }
 
 /// The failures shown at 0 before the first (so that a rate over them starts at once): each
@@ -44,6 +45,7 @@ impl Default for MutationMetrics {
             failures: Family::default(),
             js_duration: Timing::default(),
             js_contexts: Gauge::default(),
+            keys_read_ahead: PromCounter::default(),
         };
         for (kind, reason) in KNOWN_FAILURES {
             drop(
@@ -78,6 +80,18 @@ impl MutationMetrics {
             .map_or(0, |counter| counter.get())
     }
 
+    /// Counts keys a push group's first read fetched ahead for its mutations.
+    pub(crate) fn read_ahead(&self, keys: usize) {
+        if keys > 0 {
+            self.keys_read_ahead.inc_by(keys as u64);
+        }
+    }
+
+    /// Keys push groups' first reads fetched ahead for their mutations.
+    pub fn keys_read_ahead(&self) -> u64 {
+        self.keys_read_ahead.get()
+    }
+
     pub fn js_duration(&self) -> &Timing {
         &self.js_duration
     }
@@ -102,6 +116,11 @@ impl MutationMetrics {
             "Time a JavaScript mutation took in its engine",
             Unit::Seconds,
             self.js_duration.histogram().clone(),
+        );
+        registry.register(
+            "replisync_mutation_keys_read_ahead",
+            "Keys a push group's first read fetched ahead for its mutations (Postgres, unlocked pushes: the argument fields each mutator read as keys before), so that they read them without a statement of their own",
+            self.keys_read_ahead.clone(),
         );
         registry.register(
             "replisync_mutator_contexts",

@@ -4,6 +4,7 @@
 
 mod builtin;
 pub mod js;
+pub mod read_hints;
 pub mod settings;
 mod tx;
 
@@ -11,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::metrics::MutationMetrics;
+
+use self::read_hints::ReadHints;
 
 pub use self::tx::{
     MutationError, Mutator, PushOverlay, ScanRange, ScriptError, ScriptFailure, WriteTx, Writer,
@@ -22,6 +25,8 @@ pub struct Mutators {
     by_name: HashMap<String, Arc<dyn Mutator>>,
     /// Failed mutations by kind and reason, and JavaScript mutation times, for `/metrics`.
     metrics: MutationMetrics,
+    /// The keys mutations read, learned, for stores to read ahead.
+    read_hints: Arc<ReadHints>,
 }
 
 impl std::fmt::Debug for Mutators {
@@ -59,6 +64,12 @@ impl Mutators {
     /// Whether a mutator is called `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
+    }
+
+    /// The argument fields each mutator read as keys so far: the keys a push's first read
+    /// fetches ahead.
+    pub fn read_hints(&self) -> &ReadHints {
+        &self.read_hints
     }
 
     /// Failed mutations and JavaScript mutation times, which `/metrics` shows.

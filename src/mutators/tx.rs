@@ -177,6 +177,22 @@ impl PushOverlay {
         self.max_push_write_bytes = max_write_bytes;
     }
 
+    /// Takes the stored values of keys read ahead (`None`: absent) as known, so that mutations
+    /// reading them find them here. A value that does not parse is left out: the mutation
+    /// that reads it reads it again, and fails as it would have.
+    pub(crate) fn know_stored(&mut self, entries: Vec<(String, Option<String>)>) {
+        for (key, text) in entries {
+            let value = match text {
+                Some(text) => match parse_stored(&key, &text) {
+                    Ok(value) => Some(value),
+                    Err(_) => continue,
+                },
+                None => None,
+            };
+            self.known.entry(key).or_insert(value);
+        }
+    }
+
     /// Bytes of keys and values the group's pushes put so far.
     pub(crate) fn group_bytes_put(&self) -> usize {
         self.group_bytes_put
@@ -253,7 +269,12 @@ pub struct WriteTx<'a> {
     user_id: &'a str,
     client_id: &'a str,
     mutation_id: u64,
+    /// Keys this mutation read from the store (the first few), to learn read hints from.
+    store_reads: Vec<String>,
 }
+
+/// Most keys a mutation's [`WriteTx::store_reads`] remembers.
+const REMEMBERED_STORE_READS: usize = 4;
 
 /// Names the mutation, never the app's data.
 impl std::fmt::Debug for WriteTx<'_> {
@@ -287,7 +308,14 @@ impl<'a> WriteTx<'a> {
             user_id: writer.user,
             client_id,
             mutation_id,
+            store_reads: Vec::new(),
         }
+    }
+
+    /// The first keys this mutation read from the store (not from the push's writes or what it
+    /// knew already).
+    pub(crate) fn store_reads(&self) -> &[String] {
+        &self.store_reads
     }
 
     pub fn space(&self) -> &SpaceId {
@@ -337,6 +365,9 @@ impl<'a> WriteTx<'a> {
             Some(text) => Some(parse_stored(key, &text)?),
             None => None,
         };
+        if self.store_reads.len() < REMEMBERED_STORE_READS {
+            self.store_reads.push(key.to_owned());
+        }
         self.overlay.known.insert(key.to_owned(), stored.clone());
         Ok(stored)
     }

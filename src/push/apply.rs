@@ -45,7 +45,7 @@ pub(super) async fn apply_group(
 ) -> Result<GroupAnswers, StoreError> {
     let AfterCommit { pokes, commit_time } = after_commit;
     let mut tx = locking.begin(store, space).await?;
-    let mut group = GroupState::read(&mut *tx, pushes).await?;
+    let mut group = GroupState::read(&mut *tx, pushes, mutators).await?;
     let started = Instant::now();
     let mut answers: GroupAnswers = Vec::with_capacity(pushes.len());
     for (index, push) in pushes.iter().enumerate() {
@@ -145,8 +145,14 @@ struct GroupState {
 }
 
 impl GroupState {
-    /// Reads the space's version and every client group and client the pushes name, at once.
-    async fn read(tx: &mut dyn PushTx, pushes: &[Push]) -> Result<GroupState, StoreError> {
+    /// Reads the space's version and every client group and client the pushes name, at once;
+    /// with them, the entries the pushes' mutations are likely to read (see
+    /// [`ReadHints`]), when the store can in the same snapshot.
+    async fn read(
+        tx: &mut dyn PushTx,
+        pushes: &[Push],
+        mutators: &Mutators,
+    ) -> Result<GroupState, StoreError> {
         let group_ids = distinct(pushes.iter().map(|p| p.request.client_group_id.as_str()));
         let client_ids = distinct(
             pushes
@@ -154,7 +160,14 @@ impl GroupState {
                 .flat_map(|p| &p.request.mutations)
                 .map(|m| m.client_id.as_str()),
         );
-        let stored = tx.client_state(&group_ids, &client_ids).await?;
+        let mutations = pushes.iter().flat_map(|p| &p.request.mutations);
+        let read_ahead = mutators.read_hints().keys(mutations);
+        let stored = tx
+            .client_state(&group_ids, &client_ids, &read_ahead)
+            .await?;
+        mutators.metrics().read_ahead(stored.entries.len());
+        let mut overlay = PushOverlay::default();
+        overlay.know_stored(stored.entries);
         Ok(GroupState {
             read_version: stored.space_version,
             groups: stored
@@ -172,7 +185,7 @@ impl GroupState {
             active_groups: HashSet::new(),
             advanced_clients: HashMap::new(),
             committed: 0,
-            overlay: PushOverlay::default(),
+            overlay,
         })
     }
 
@@ -524,5 +537,10 @@ async fn run_mutator(
     })?;
     let args: serde_json::Value = serde_json::from_str(mutation.args.get())
         .map_err(|e| MutationError::InvalidArgs(format!("arguments are not JSON: {e}")))?;
-    mutator.apply(tx, &args).await
+    let applied = mutator.apply(tx, &args).await;
+    if !tx.store_reads().is_empty() {
+        let hints = mutators.read_hints();
+        hints.learn(&mutation.name, &args, tx.store_reads());
+    }
+    applied
 }

@@ -150,11 +150,14 @@ pub trait Store: Send + Sync + 'static {
 pub trait PushTx: Send {
     /// Reads the space's version, the stored client groups among `client_group_ids` (and which
     /// of them garbage collection removed) and the stored clients among `client_ids`, together
-    /// (taking the space's write lock first when the push is locked). Called once, first.
+    /// (taking the space's write lock first when the push is locked). Called once, first. A
+    /// store may read `read_ahead`'s entries with them, in the same snapshot (the push's
+    /// mutations are likely to read them); one that does not answers no entries.
     async fn client_state(
         &mut self,
         client_group_ids: &[String],
         client_ids: &[String],
+        read_ahead: &[String],
     ) -> Result<ClientState, StoreError>;
 
     /// The live value (json text) of `key` in this space, `None` if absent or deleted.

@@ -58,6 +58,19 @@ pub const READ_GROUPS_OF_SPACES: SqlCall = SqlCall {
     ],
 };
 
+/// `READ_GROUPS_OF_SPACES` and, in the same snapshot, the entries the pushes' mutations are
+/// likely to read (`postgres::reads`).
+pub const READ_GROUPS_AND_ENTRIES_OF_SPACES: SqlCall = SqlCall {
+    name: "replisync_read_groups_and_entries_of_spaces",
+    args: &[
+        ("spaces", "text[]"),
+        ("push_client_groups", "text[]"),
+        ("push_client_ids", "text[]"),
+        ("entry_spaces", "text[]"),
+        ("entry_keys", "text[]"),
+    ],
+};
+
 /// A push group's writes (`PgPushTx::commit`).
 pub const COMMIT_PUSH_GROUP: SqlCall = SqlCall {
     name: "replisync_commit_push_group",
@@ -114,6 +127,7 @@ pub const CALLS: &[SqlCall] = &[
     READ_GROUPS,
     LOCK_SPACE_AND_READ_GROUPS,
     READ_GROUPS_OF_SPACES,
+    READ_GROUPS_AND_ENTRIES_OF_SPACES,
     COMMIT_PUSH_GROUP,
     COMMIT_PUSH_BATCH,
 ];

@@ -35,6 +35,9 @@ pub struct ClientState {
     pub collected_groups: Vec<String>,
     /// The stored clients among those asked for (unknown ids are absent).
     pub clients: Vec<ClientRecord>,
+    /// Keys read ahead with the rest (those asked for, when the store reads ahead in this
+    /// snapshot), each with its stored value (json text; `None`: absent or deleted).
+    pub entries: Vec<(String, Option<String>)>,
 }
 
 /// One key's new state: `Some(json text)` to put, `None` to delete.

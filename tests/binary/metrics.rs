@@ -102,6 +102,7 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
         Some("seconds"),
     ),
     ("replisync_mutations_failed", "counter", None),
+    ("replisync_mutation_keys_read_ahead", "counter", None),
     (
         "replisync_js_mutation_duration_seconds",
         "histogram",

@@ -12,7 +12,7 @@ use replisync::startup::App;
 use replisync::store::{RECONNECT_ATTEMPTS, Store, StoreError, unix_now};
 use serde_json::{Value, json};
 
-use crate::faults::{CommitHooks, FailTimes, Faulty, Op};
+use crate::faults::{CommitHooks, FailTimes, Fault, Faulty, Op};
 use crate::group_commit::{Gate, options_with, wait_for_none_waiting};
 use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body};
 
@@ -114,6 +114,93 @@ async fn postgres_a_push_whose_space_moved_after_its_read_applies_under_the_lock
         expected,
         "read 1, moved to 2, wrote 3"
     );
+    wait_for_none_waiting(&server).await;
+}
+
+/// A key read ahead with the push's first read (its mutator read the key its arguments name
+/// before) that another writer changes before the commit: the commit finds the space moved, and
+/// the push runs again under the lock on the value the other writer left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_value_read_ahead_that_changes_before_the_commit_is_read_again() {
+    let (server, hooks) = server_with_commit_hooks().await;
+    let space = "ahead".to_owned();
+    assert_eq!(
+        server.push(&space, &increment("g", "c", 1)).await,
+        applied()
+    );
+    let read_ahead = keys_read_ahead(&server).await;
+    let change = format!(
+        "UPDATE replisync_entries SET value = '10', version = 2 WHERE space_id = '{space}' AND key = 'n';
+         UPDATE replisync_spaces SET version = 2 WHERE id = '{space}'"
+    );
+    let answer = push_racing(
+        (&server, &hooks),
+        &space,
+        change,
+        &increment("g", "c", 2),
+        "the space changed after the push read it",
+    )
+    .await;
+    assert_eq!(answer, applied());
+    assert_eq!(
+        keys_read_ahead(&server).await,
+        read_ahead + 1,
+        "the optimistic run read n ahead (the locked run reads it itself)"
+    );
+    let state = server.state(&space, "g").await;
+    assert_eq!((state.cookie, state.lmid("c")), (3, 2));
+    assert_eq!(
+        state.entries["n"],
+        json!(11),
+        "10 left by the other writer, plus 1"
+    );
+    wait_for_none_waiting(&server).await;
+}
+
+/// Keys push groups' first reads fetched ahead, as `/metrics` shows them.
+async fn keys_read_ahead(server: &TestServer) -> u64 {
+    crate::js_mutators::metric(server, "replisync_mutation_keys_read_ahead_total").await
+}
+
+/// Fails every entry read once `on` is set: what a mutation reads then must come another way.
+struct EntryReadsFail {
+    on: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Fault for EntryReadsFail {
+    fn fail(&self, op: Op) -> Option<StoreError> {
+        let on = self.on.load(std::sync::atomic::Ordering::SeqCst);
+        (on && op == Op::Entry).then(|| StoreError::Corrupt("an entry read was made".into()))
+    }
+}
+
+/// Once `increment` read the key its `key` argument names, a push's first read fetches the
+/// keys its increments name, present or not, and its mutations make no read of their own: with
+/// every entry read failing, increments still apply, on the right values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_keys_learned_from_earlier_mutations_are_read_with_the_first_read() {
+    let on = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fault = EntryReadsFail { on: on.clone() };
+    let store = StoreOptions::wrapped(move |store| Faulty::wrap(store, fault));
+    let server = TestServer::start_on(Backend::Postgres, store, App::builder()).await;
+    assert_eq!(server.push("s", &increment("g", "c", 1)).await, applied());
+    on.store(true, std::sync::atomic::Ordering::SeqCst);
+    let two_keys = push_body(
+        "g",
+        &[
+            ("c", 2, "increment", inc("n", 1)),
+            ("c", 3, "increment", inc("m", 5)),
+        ],
+    );
+    assert_eq!(server.push("s", &two_keys).await, applied());
+    assert_eq!(server.push("t", &increment("h", "d", 1)).await, applied());
+    let (s, t) = (server.state("s", "g").await, server.state("t", "h").await);
+    assert_eq!(
+        (s.entries["n"].clone(), s.entries["m"].clone()),
+        (json!(2), json!(5))
+    );
+    assert_eq!(t.entries["n"], json!(1));
+    assert_eq!(keys_read_ahead(&server).await, 3);
     wait_for_none_waiting(&server).await;
 }
 

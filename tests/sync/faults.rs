@@ -252,9 +252,10 @@ impl<F: Fault> PushTx for FaultyTx<F> {
         &mut self,
         groups: &[String],
         clients: &[String],
+        read_ahead: &[String],
     ) -> Result<ClientState, StoreError> {
         self.check(Op::ClientState)?;
-        self.inner.client_state(groups, clients).await
+        self.inner.client_state(groups, clients, read_ahead).await
     }
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError> {
         self.check(Op::Entry)?;

@@ -371,7 +371,7 @@ async fn postgres_a_push_whose_group_is_collected_before_its_commit_does_not_com
     let space = SpaceId::parse("s").unwrap();
     let mut tx = server.store.begin_locked_push(&space).await.unwrap();
     let state = tx
-        .client_state(&["g".to_owned()], &["c".to_owned()])
+        .client_state(&["g".to_owned()], &["c".to_owned()], &[])
         .await
         .unwrap();
     assert_eq!(state.groups.len(), 1);

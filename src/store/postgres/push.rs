@@ -50,10 +50,13 @@ impl PushTx for PgPushTx {
         &mut self,
         client_group_ids: &[String],
         client_ids: &[String],
+        read_ahead: &[String],
     ) -> Result<ClientState, StoreError> {
         // One round trip either way (see the migrations that define the functions). Locked: lock,
-        // then read. Unlocked: one snapshot, maybe shared with other pushes'; the commit checks
-        // the version. The binds are LOCK_SPACE_AND_READ_GROUPS's arguments, in order.
+        // then read (nothing read ahead: a statement's snapshot may predate its lock). Unlocked:
+        // one snapshot with the keys read ahead, maybe shared with other pushes'; the commit
+        // checks the version, so what was read ahead is what the push would have read. The
+        // binds are LOCK_SPACE_AND_READ_GROUPS's arguments, in order.
         let tx = match &mut self.conn {
             PushConnection::Locked(tx) => tx,
             PushConnection::Unlocked => {
@@ -61,6 +64,7 @@ impl PushTx for PgPushTx {
                     space: self.space.clone(),
                     client_group_ids: client_group_ids.to_vec(),
                     client_ids: client_ids.to_vec(),
+                    read_ahead: read_ahead.to_vec(),
                 };
                 return self.reads.states.read(read).await;
             }
@@ -83,6 +87,7 @@ impl PushTx for PgPushTx {
                     last_mutation_id,
                 }
             })?,
+            entries: Vec::new(),
         })
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::kept::KeptConnections;
 use crate::protocol::SpaceId;
-use crate::store::pg_functions::READ_GROUPS_OF_SPACES;
+use crate::store::pg_functions::{READ_GROUPS_AND_ENTRIES_OF_SPACES, READ_GROUPS_OF_SPACES};
 use crate::store::shared::{client_group_record, to_space_version};
 use crate::store::{ClientGroupRecord, ClientRecord, ClientState, StoreError};
 
@@ -219,41 +219,99 @@ fn dropped_read() -> StoreError {
     StoreError::Unavailable("the shared read was dropped (the server is stopping)".into())
 }
 
-/// A push's first read: its space's version, and the client groups and clients it names.
+/// A push's first read: its space's version, the client groups and clients it names, and the
+/// entries its mutations are likely to read.
 pub(super) struct StateRead {
     pub space: SpaceId,
     pub client_group_ids: Vec<String>,
     pub client_ids: Vec<String>,
+    pub read_ahead: Vec<String>,
 }
 
 /// `READ_GROUPS_OF_SPACES`'s one row: each space with its version, then the groups, collected
 /// groups and clients of every read, as `json_agg`s.
 type StatesRow = (Value, Value, Value, Value);
 
+/// [`StatesRow`] and the entries read ahead, each `[ordinal, value]` (only those present).
+type StatesAndEntriesRow = (Value, Value, Value, Value, Value);
+
+static READ_GROUPS_AND_ENTRIES_SQL: LazyLock<String> =
+    LazyLock::new(|| READ_GROUPS_AND_ENTRIES_OF_SPACES.select_sql());
+
+/// Runs the first reads of `reads` in one statement, with the entries they read ahead.
+async fn read_states(
+    conn: &mut PgConnection,
+    reads: &[StateRead],
+) -> Result<(StatesRow, Vec<Vec<(String, Option<String>)>>), StoreError> {
+    let spaces: Vec<&str> = reads.iter().map(|r| r.space.as_str()).collect();
+    let groups: Vec<&str> = reads
+        .iter()
+        .flat_map(|r| &r.client_group_ids)
+        .map(String::as_str)
+        .collect();
+    let clients: Vec<&str> = reads
+        .iter()
+        .flat_map(|r| &r.client_ids)
+        .map(String::as_str)
+        .collect();
+    if reads.iter().all(|r| r.read_ahead.is_empty()) {
+        // The binds are READ_GROUPS_OF_SPACES's arguments, in order.
+        let row: StatesRow = sqlx::query_as(READ_GROUPS_OF_SPACES_SQL.as_str())
+            .bind(&spaces)
+            .bind(&groups)
+            .bind(&clients)
+            .fetch_one(conn)
+            .await?;
+        return Ok((row, reads.iter().map(|_| Vec::new()).collect()));
+    }
+    let (entry_spaces, keys): (Vec<&str>, Vec<&str>) = reads
+        .iter()
+        .flat_map(|r| {
+            r.read_ahead
+                .iter()
+                .map(|key| (r.space.as_str(), key.as_str()))
+        })
+        .unzip();
+    // The binds are READ_GROUPS_AND_ENTRIES_OF_SPACES's arguments, in order.
+    let (versions, stored_groups, collected, stored_clients, found): StatesAndEntriesRow =
+        sqlx::query_as(READ_GROUPS_AND_ENTRIES_SQL.as_str())
+            .bind(&spaces)
+            .bind(&groups)
+            .bind(&clients)
+            .bind(&entry_spaces)
+            .bind(&keys)
+            .fetch_one(conn)
+            .await?;
+    let mut values: Vec<Option<String>> = vec![None; keys.len()];
+    for (ordinal, value) in decode_rows(found, |row: (i64, Option<String>)| row)? {
+        let index = usize::try_from(ordinal - 1).ok();
+        if let Some(slot) = index.and_then(|i| values.get_mut(i)) {
+            *slot = value;
+        }
+    }
+    let mut values = values.into_iter();
+    let entries = reads
+        .iter()
+        .map(|r| {
+            r.read_ahead
+                .iter()
+                .map(|key| (key.clone(), values.next().flatten()))
+                .collect()
+        })
+        .collect();
+    Ok((
+        (versions, stored_groups, collected, stored_clients),
+        entries,
+    ))
+}
+
 #[async_trait]
 impl SharedRead for StateRead {
     type Answer = ClientState;
 
     async fn run(conn: &mut PgConnection, reads: &[Self]) -> Result<Vec<ClientState>, StoreError> {
-        let spaces: Vec<&str> = reads.iter().map(|r| r.space.as_str()).collect();
-        let groups: Vec<&str> = reads
-            .iter()
-            .flat_map(|r| &r.client_group_ids)
-            .map(String::as_str)
-            .collect();
-        let clients: Vec<&str> = reads
-            .iter()
-            .flat_map(|r| &r.client_ids)
-            .map(String::as_str)
-            .collect();
-        // The binds are READ_GROUPS_OF_SPACES's arguments, in order.
-        let (versions, stored_groups, collected, stored_clients): StatesRow =
-            sqlx::query_as(READ_GROUPS_OF_SPACES_SQL.as_str())
-                .bind(&spaces)
-                .bind(&groups)
-                .bind(&clients)
-                .fetch_one(conn)
-                .await?;
+        let ((versions, stored_groups, collected, stored_clients), entries) =
+            read_states(conn, reads).await?;
         let versions: HashMap<String, i64> =
             decode_rows(versions, |(space, version): (String, i64)| (space, version))?
                 .into_iter()
@@ -280,7 +338,8 @@ impl SharedRead for StateRead {
         // Each read gets the rows of the ids it asked for: lookups, whatever the batch holds.
         reads
             .iter()
-            .map(|read| {
+            .zip(entries)
+            .map(|(read, entries)| {
                 let groups = &read.client_group_ids;
                 Ok(ClientState {
                     space_version: to_space_version(versions.get(read.space.as_str()).copied())?,
@@ -300,6 +359,7 @@ impl SharedRead for StateRead {
                         .filter_map(|id| stored_clients.get(id))
                         .cloned()
                         .collect(),
+                    entries,
                 })
             })
             .collect()

@@ -47,6 +47,7 @@ impl PushTx for SqlitePushTx {
         &mut self,
         client_group_ids: &[String],
         client_ids: &[String],
+        _read_ahead: &[String],
     ) -> Result<ClientState, StoreError> {
         let read = StateRead {
             space: self.space.as_str().to_owned(),
