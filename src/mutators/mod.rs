@@ -68,7 +68,7 @@ impl Mutators {
 
     /// The argument fields each mutator read as keys so far: the keys a push's first read
     /// fetches ahead.
-    pub fn read_hints(&self) -> &ReadHints {
+    pub fn read_hints(&self) -> &Arc<ReadHints> {
         &self.read_hints
     }
 

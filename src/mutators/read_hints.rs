@@ -40,17 +40,19 @@ impl ReadHints {
             let Some(args) = small_object(mutation.args.get()) else {
                 continue;
             };
-            for field in learned {
-                let Some(key) = args.get(field).and_then(Value::as_str) else {
-                    continue;
-                };
-                if check_key(key).is_ok() && !keys.iter().any(|k| k == key) {
-                    keys.push(key.to_owned());
-                    if keys.len() == MAX_KEYS_PER_READ {
-                        return keys;
-                    }
-                }
+            if add_keys(learned, &args, &mut keys) {
+                break;
             }
+        }
+        keys
+    }
+
+    /// The keys one mutation of the mutator `name`, called with `args`, is likely to read.
+    pub fn keys_of(&self, name: &str, args: &Value) -> Vec<String> {
+        let fields = self.fields.read().unwrap_or_else(PoisonError::into_inner);
+        let mut keys = Vec::new();
+        if let (Some(learned), Some(args)) = (fields.get(name), args.as_object()) {
+            add_keys(learned, args, &mut keys);
         }
         keys
     }
@@ -87,6 +89,23 @@ impl ReadHints {
             }
         }
     }
+}
+
+/// Adds to `keys` the values of `args`'s `fields` that are keys a store can hold, once each;
+/// `true` once `keys` holds [`MAX_KEYS_PER_READ`].
+fn add_keys(fields: &[String], args: &Map<String, Value>, keys: &mut Vec<String>) -> bool {
+    for field in fields {
+        let Some(key) = args.get(field).and_then(Value::as_str) else {
+            continue;
+        };
+        if check_key(key).is_ok() && !keys.iter().any(|k| k == key) {
+            keys.push(key.to_owned());
+            if keys.len() == MAX_KEYS_PER_READ {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// `args` as an object, when it is a small one.
@@ -129,6 +148,8 @@ mod tests {
             mutation("increment", json!({"key": "d"})),
         ];
         assert_eq!(hints.keys(&next), ["a", "d"]);
+        assert_eq!(hints.keys_of("increment", &json!({"key": "e"})), ["e"]);
+        assert!(hints.keys_of("set", &json!({"key": "e"})).is_empty());
     }
 
     #[test]

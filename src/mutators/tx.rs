@@ -372,6 +372,16 @@ impl<'a> WriteTx<'a> {
         Ok(stored)
     }
 
+    /// The value of `key` as this mutation sees it, when the push knows it without a read (read
+    /// ahead, read or written by earlier mutations, or written by this one): `Some(None)` when it
+    /// is known to be absent, `None` when only a read would tell.
+    pub(crate) fn known(&self, key: &str) -> Option<Option<&Value>> {
+        self.mutation_writes
+            .get(key)
+            .or_else(|| self.overlay.known.get(key))
+            .map(Option::as_ref)
+    }
+
     /// Whether `key` holds a value, as this mutation sees it.
     pub async fn has(&mut self, key: &str) -> Result<bool, MutationError> {
         Ok(self.get(key).await?.is_some())

@@ -137,6 +137,27 @@ async fn get_has_and_is_empty(backend: Backend) {
     );
 }
 
+/// A key a mutator read before goes along with its next mutations, its value as the push knows
+/// it (read ahead with the push's first read on Postgres, or written by an earlier mutation of
+/// the push), and the engine answers `tx.get` and `tx.has` of it itself: those answers follow
+/// the mutation's own writes and deletes, and the next mutation sees the last write.
+async fn what_goes_along_with_a_mutation_follows_its_writes(backend: Backend) {
+    let server = js_server(backend).await;
+    let probe = |into: &str| ("probeKnownKey", json!({"key": "k", "into": into}));
+    let entries = run(&server, "s", 1, &[probe("out/0")]).await;
+    assert_eq!(entries["k"], json!(11));
+    let entries = run(&server, "s", 2, &[probe("out/1"), probe("out/2")]).await;
+    let seen = |before: i64| {
+        json!({
+            "before": before, "afterSet": before + 1, "hasAfterSet": true,
+            "afterDel": null, "hasAfterDel": false,
+        })
+    };
+    assert_eq!(entries["out/1"], seen(11));
+    assert_eq!(entries["out/2"], seen(22));
+    assert_eq!(entries["k"], json!(33));
+}
+
 async fn set_put_and_del(backend: Backend) {
     let server = js_server(backend).await;
     let entries = run(
@@ -624,6 +645,7 @@ async fn module_mutator_replaces_builtin(backend: Backend) {
 
 crate::on_both_stores!(
     get_has_and_is_empty,
+    what_goes_along_with_a_mutation_follows_its_writes,
     set_put_and_del,
     scan_options_and_results,
     scan_merges_pages_with_the_push_writes,

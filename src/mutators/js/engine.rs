@@ -386,10 +386,11 @@ impl Engine {
             mutation_id,
             user_id,
             space_id,
+            known,
         } = call;
         let token = self.last_tx_token.get() + 1;
         self.last_tx_token.set(token);
-        link.set_live_tx(token);
+        link.set_live_tx(token, known);
         self.start_clock();
         let result = (|| {
             let mutator: Value = loaded.mutators.get(name.as_str())?;
@@ -421,7 +422,7 @@ impl Engine {
         })()
         .catch(ctx);
         let outcome = self.outcome(ctx, result);
-        link.set_live_tx(0);
+        link.set_live_tx(0, Vec::new());
         self.deadline.set(None);
         if matches!(&outcome, Err(e) if e.reason == ScriptFailure::Memory) {
             self.ran_out_of_memory.set(true);

@@ -2,6 +2,7 @@
 //! the push and its answers back, and the host functions the shim builds `tx` on.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use rquickjs::{Ctx, Function, Object};
@@ -16,6 +17,9 @@ pub(super) struct Link {
     /// The token of the `tx` of the mutation running in this context (0: none runs). A `tx`
     /// with another token belongs to a mutation that has ended.
     live_tx: Cell<u64>,
+    /// What the push sent along with the running mutation, by key (JSON text, `None`: absent),
+    /// less what the mutation wrote since.
+    known: RefCell<HashMap<String, Option<String>>>,
 }
 
 impl Link {
@@ -27,6 +31,7 @@ impl Link {
             to_push: RefCell::new(to_push),
             from_push: RefCell::new(from_push),
             live_tx: Cell::new(0),
+            known: RefCell::default(),
         }
     }
 
@@ -36,6 +41,7 @@ impl Link {
             to_push: RefCell::new(end.to_push),
             from_push: RefCell::new(end.from_push),
             live_tx: Cell::new(0),
+            known: RefCell::default(),
         }
     }
 
@@ -51,9 +57,26 @@ impl Link {
         self.from_push.swap(&session.from_push);
     }
 
-    /// Makes the `tx` holding `token` the one whose requests are answered (0: none is).
-    pub(super) fn set_live_tx(&self, token: u64) {
+    /// Makes the `tx` holding `token` the one whose requests are answered (0: none is), with
+    /// `known` the entries the push sent along with its mutation.
+    pub(super) fn set_live_tx(&self, token: u64, known: Vec<(String, Option<String>)>) {
         self.live_tx.set(token);
+        *self.known.borrow_mut() = known.into_iter().collect();
+    }
+
+    /// What the push sent along for `key`, for the live `tx` only (any other is refused by
+    /// [`Link::ask`]); `None` when only the push can tell.
+    fn known(&self, token: f64, key: &str) -> Option<Option<String>> {
+        if token != self.live_tx.get() as f64 || token == 0.0 {
+            return None;
+        }
+        self.known.borrow().get(key).cloned()
+    }
+
+    /// Forgets what was sent along for `key`, which the mutation writes: the push answers for it
+    /// from now on.
+    fn forget(&self, key: &str) {
+        self.known.borrow_mut().remove(key);
     }
 
     pub(super) fn send(&self, message: FromEngine) {
@@ -106,7 +129,8 @@ pub(super) fn fail_every_call(session: &Link, first: Option<Call>, fault: &str) 
 }
 
 /// The host functions the shim builds `tx` on: `get`, `has`, `scan`, `put` and `del`, each a
-/// synchronous request to the push, made with the token of the `tx` that asks.
+/// synchronous request to the push, made with the token of the `tx` that asks (a `get` or `has`
+/// of what the push sent along with the mutation is answered here).
 pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Result<Object<'js>> {
     let host = Object::new(ctx.clone())?;
     let l = link.clone();
@@ -114,8 +138,9 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         "get",
         Function::new(
             ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String| {
-                answer(&ctx, l.ask(token, HostRequest::Get(key)))
+            move |ctx: Ctx<'js>, token: f64, key: String| match l.known(token, &key) {
+                Some(value) => Ok(value),
+                None => answer(&ctx, l.ask(token, HostRequest::Get(key))),
             },
         )?,
     )?;
@@ -124,9 +149,10 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         "has",
         Function::new(
             ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String| {
-                answer(&ctx, l.ask(token, HostRequest::Has(key)))
-                    .map(|text| text.as_deref() == Some("true"))
+            move |ctx: Ctx<'js>, token: f64, key: String| match l.known(token, &key) {
+                Some(value) => Ok(value.is_some()),
+                None => answer(&ctx, l.ask(token, HostRequest::Has(key)))
+                    .map(|text| text.as_deref() == Some("true")),
             },
         )?,
     )?;
@@ -162,6 +188,7 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, token: f64, key: String, value: String| {
+                l.forget(&key);
                 answer(&ctx, l.ask(token, HostRequest::Put(key, value))).map(drop)
             },
         )?,
@@ -172,6 +199,7 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, token: f64, key: String| {
+                l.forget(&key);
                 answer(&ctx, l.ask(token, HostRequest::Del(key)))
                     .map(|text| text.as_deref() == Some("true"))
             },

@@ -14,6 +14,9 @@ pub(super) struct Call {
     pub mutation_id: u64,
     pub user_id: String,
     pub space_id: String,
+    /// Entries the push knows that the mutation is likely to read (see `ReadHints`), each with
+    /// its JSON text (`None`: absent): the engine answers their `tx.get` and `tx.has` itself.
+    pub known: Vec<(String, Option<String>)>,
 }
 
 /// A read or write the running mutator asks of the push's transaction.

@@ -30,6 +30,7 @@ use self::engine::{Engine, EngineLimits, ModuleSource};
 use self::messages::{Call, FromEngine, HostReply, HostRequest, PushEnd, RunError, ToEngine};
 use self::pool::EnginePool;
 use crate::metrics::{Gauge, MutationMetrics};
+use crate::mutators::read_hints::ReadHints;
 use crate::mutators::{MutationError, Mutator, Mutators, ScanRange, WriteTx};
 use crate::store::StoreError;
 
@@ -145,6 +146,7 @@ impl JsMutators {
                 name: name.clone(),
                 pool: self.pool.clone(),
                 metrics: mutators.metrics().clone(),
+                read_hints: mutators.read_hints().clone(),
             };
             mutators = mutators.register(name.clone(), mutator);
         }
@@ -162,6 +164,8 @@ struct JsMutator {
     name: String,
     pool: Arc<EnginePool>,
     metrics: MutationMetrics,
+    /// What its mutations are likely to read: what the push knows of it goes along.
+    read_hints: Arc<ReadHints>,
 }
 
 /// A push's session with an engine, kept from its first JavaScript mutation to its last.
@@ -211,6 +215,7 @@ impl JsMutator {
             mutation_id: tx.mutation_id(),
             user_id: tx.user_id().to_owned(),
             space_id: tx.space().as_str().to_owned(),
+            known: self.known_entries(tx, args),
         };
         if end.to_engine.send(ToEngine::Run(call)).is_err() {
             session.0 = None;
@@ -229,6 +234,20 @@ impl JsMutator {
                 }
             }
         }
+    }
+}
+
+impl JsMutator {
+    /// The entries a mutation with `args` is likely to read that the push knows without a read.
+    fn known_entries(&self, tx: &WriteTx<'_>, args: &Value) -> Vec<(String, Option<String>)> {
+        let likely = self.read_hints.keys_of(&self.name, args);
+        likely
+            .into_iter()
+            .filter_map(|key| {
+                let value = tx.known(&key)?.map(Value::to_string);
+                Some((key, value))
+            })
+            .collect()
     }
 }
 
