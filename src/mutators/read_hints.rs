@@ -58,21 +58,28 @@ impl ReadHints {
     }
 
     /// Learns from a mutation of the mutator `name`, called with `args`, that read `keys` from
-    /// the store: each top-level field of `args` whose value is one of them.
+    /// the store: for each of them, the one top-level field of `args` whose value it is. A key
+    /// that several fields hold teaches nothing: a client cannot fill a mutator's few fields
+    /// with others that merely repeat the key it reads.
     pub fn learn(&self, name: &str, args: &Value, keys: &[String]) {
         let Some(args) = args.as_object() else {
             return;
         };
-        let read_as_key =
-            |value: &Value| value.as_str().is_some_and(|v| keys.iter().any(|k| k == v));
+        let naming = |key: &String| {
+            let mut holding = args
+                .iter()
+                .filter(|(_, v)| v.as_str() == Some(key.as_str()));
+            match (holding.next(), holding.next()) {
+                (Some((field, _)), None) => Some(field),
+                _ => None,
+            }
+        };
         let new: Vec<&String> = {
             let fields = self.fields.read().unwrap_or_else(PoisonError::into_inner);
             let known = fields.get(name);
-            args.iter()
-                .filter(|(field, value)| {
-                    read_as_key(value) && known.is_none_or(|known| !known.contains(field))
-                })
-                .map(|(field, _)| field)
+            keys.iter()
+                .filter_map(naming)
+                .filter(|field| known.is_none_or(|known| !known.contains(field)))
                 .collect()
         };
         if new.is_empty() {
@@ -153,10 +160,28 @@ mod tests {
     }
 
     #[test]
+    fn fields_that_repeat_the_key_read_teach_nothing() {
+        let hints = ReadHints::default();
+        let read = ["k".to_owned()];
+        let crowded = json!({"a": "k", "b": "k", "c": "k", "d": "k", "key": "k"});
+        hints.learn("increment", &crowded, &read);
+        assert!(hints.keys_of("increment", &crowded).is_empty());
+        hints.learn("increment", &json!({"key": "k", "delta": 1}), &read);
+        assert_eq!(hints.keys_of("increment", &crowded), ["k"]);
+        assert_eq!(
+            hints.keys_of("increment", &json!({"key": "j", "a": "i"})),
+            ["j"]
+        );
+    }
+
+    #[test]
     fn what_a_hint_asks_for_is_bounded() {
         let hints = ReadHints::default();
-        let wide: Map<String, Value> = (0..10).map(|i| (format!("f{i}"), json!("k"))).collect();
-        hints.learn("m", &Value::Object(wide), &["k".to_owned()]);
+        let wide: Map<String, Value> = (0..10)
+            .map(|i| (format!("f{i}"), json!(i.to_string())))
+            .collect();
+        let read: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        hints.learn("m", &Value::Object(wide), &read);
         let mutations: Vec<Mutation> = (0..100)
             .map(|i| mutation("m", json!({"f0": format!("k{i}"), "f9": "other"})))
             .collect();

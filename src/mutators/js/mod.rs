@@ -237,15 +237,21 @@ impl JsMutator {
     }
 }
 
+/// The largest value sent along with a mutation to its engine (a guess may be wrong: a large
+/// value goes only when the mutation asks for it).
+const MAX_SENT_ALONG_BYTES: usize = 64 * 1024;
+
 impl JsMutator {
-    /// The entries a mutation with `args` is likely to read that the push knows without a read.
+    /// The entries a mutation with `args` is likely to read that the push knows without a read
+    /// (but values over [`MAX_SENT_ALONG_BYTES`], which the engine asks for if it reads them).
     fn known_entries(&self, tx: &WriteTx<'_>, args: &Value) -> Vec<(String, Option<String>)> {
         let likely = self.read_hints.keys_of(&self.name, args);
         likely
             .into_iter()
             .filter_map(|key| {
                 let value = tx.known(&key)?.map(Value::to_string);
-                Some((key, value))
+                let small = value.as_ref().is_none_or(|v| v.len() <= MAX_SENT_ALONG_BYTES);
+                small.then_some((key, value))
             })
             .collect()
     }
