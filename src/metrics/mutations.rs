@@ -119,7 +119,7 @@ impl MutationMetrics {
         );
         registry.register(
             "replisync_mutation_keys_read_ahead",
-            "Keys a push group's first read fetched ahead for its mutations (Postgres, unlocked pushes: the argument fields each mutator read as keys before), so that they read them without a statement of their own",
+            "Keys a push group's first read fetched ahead for its mutations (the values of the argument fields each mutator read as keys before), so that they read them without a statement of their own",
             self.keys_read_ahead.clone(),
         );
         registry.register(

@@ -177,12 +177,11 @@ impl Fault for EntryReadsFail {
 /// Once `increment` read the key its `key` argument names, a push's first read fetches the
 /// keys its increments name, present or not, and its mutations make no read of their own: with
 /// every entry read failing, increments still apply, on the right values.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_keys_learned_from_earlier_mutations_are_read_with_the_first_read() {
+async fn keys_learned_from_earlier_mutations_are_read_with_the_first_read(backend: Backend) {
     let on = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let fault = EntryReadsFail { on: on.clone() };
     let store = StoreOptions::wrapped(move |store| Faulty::wrap(store, fault));
-    let server = TestServer::start_on(Backend::Postgres, store, App::builder()).await;
+    let server = TestServer::start_on(backend, store, App::builder()).await;
     assert_eq!(server.push("s", &increment("g", "c", 1)).await, applied());
     on.store(true, std::sync::atomic::Ordering::SeqCst);
     let two_keys = push_body(
@@ -617,4 +616,5 @@ crate::on_both_stores!(
     more_dead_connections_than_retries_answer_503,
     a_group_failed_by_the_database_being_unavailable_fails_every_push,
     a_group_failed_by_corrupt_data_runs_again_one_push_at_a_time,
+    keys_learned_from_earlier_mutations_are_read_with_the_first_read,
 );

@@ -250,7 +250,9 @@ impl JsMutator {
             .into_iter()
             .filter_map(|key| {
                 let value = tx.known(&key)?.map(Value::to_string);
-                let small = value.as_ref().is_none_or(|v| v.len() <= MAX_SENT_ALONG_BYTES);
+                let small = value
+                    .as_ref()
+                    .is_none_or(|v| v.len() <= MAX_SENT_ALONG_BYTES);
                 small.then_some((key, value))
             })
             .collect()

@@ -47,12 +47,13 @@ impl PushTx for SqlitePushTx {
         &mut self,
         client_group_ids: &[String],
         client_ids: &[String],
-        _read_ahead: &[String],
+        read_ahead: &[String],
     ) -> Result<ClientState, StoreError> {
         let read = StateRead {
             space: self.space.as_str().to_owned(),
             groups: client_group_ids.to_vec(),
             clients: client_ids.to_vec(),
+            read_ahead: read_ahead.to_vec(),
         };
         let (state, last_active) = self.member.client_state(read).await?;
         self.groups_last_active.extend(last_active);

@@ -145,11 +145,14 @@ pub(super) struct StateRead {
     pub groups: Vec<String>,
     #[serde(rename = "c")]
     pub clients: Vec<String>,
+    /// Keys its mutators are likely to read, read with the rest.
+    #[serde(rename = "k")]
+    pub read_ahead: Vec<String>,
 }
 
 /// Rows of `(read, kind, id, a, b, number)`: kind 0 the version, 1 a stored group (space, user,
 /// last activity), 2 a stored client (group, last mutation id), 3 a group garbage collection
-/// removed.
+/// removed, 4 a live entry read ahead (key, value).
 const STATE_READS: &str = "
     SELECT r.key, 0, NULL, NULL, NULL,
            (SELECT version FROM replisync_spaces WHERE id = json_extract(r.value, '$.s'))
@@ -165,7 +168,12 @@ const STATE_READS: &str = "
     UNION ALL
     SELECT r.key, 3, k.id, NULL, NULL, NULL
     FROM json_each(?1) r, json_each(r.value, '$.g') x
-    JOIN replisync_collected_client_groups k ON k.id = x.value";
+    JOIN replisync_collected_client_groups k ON k.id = x.value
+    UNION ALL
+    SELECT r.key, 4, e.key, e.value, NULL, NULL
+    FROM json_each(?1) r, json_each(r.value, '$.k') x
+    JOIN replisync_entries e ON e.space_id = json_extract(r.value, '$.s') AND e.key = x.value
+    WHERE NOT e.deleted";
 
 type StateRow = (
     i64,
@@ -214,6 +222,7 @@ struct Found {
     groups: HashMap<String, (String, String, i64)>,
     clients: HashMap<String, (String, u64)>,
     collected: Vec<String>,
+    entries: HashMap<String, String>,
 }
 
 impl Found {
@@ -234,13 +243,16 @@ impl Found {
                 self.clients.insert(id, (group, to_lmid(lmid)?));
             }
             (3, Some(id), _, _, _) => self.collected.push(id),
+            (4, Some(key), Some(value), _, _) => {
+                self.entries.insert(key, value);
+            }
             _ => return Err(unexpected_row("client state")),
         }
         Ok(())
     }
 
     /// The client state, in the order the read named its groups and clients.
-    fn answer(self, read: &StateRead) -> StateAnswer {
+    fn answer(mut self, read: &StateRead) -> StateAnswer {
         let mut state = ClientState {
             space_version: self.version,
             ..ClientState::default()
@@ -264,6 +276,9 @@ impl Found {
                 });
             }
         }
+        state.entries = (read.read_ahead.iter())
+            .map(|key| (key.clone(), self.entries.remove(key)))
+            .collect();
         (state, last_active)
     }
 }
