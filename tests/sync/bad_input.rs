@@ -329,6 +329,8 @@ async fn an_oversized_body_is_answered_413_and_the_next_request_is_too(backend: 
     let options = App::builder()
         .http(HttpSettings {
             max_body_bytes: LIMIT,
+            // Longer than a loaded machine may keep a sender waiting (the default is 1 s).
+            unread_body_linger: std::time::Duration::from_secs(10),
             ..HttpSettings::default()
         })
         .push(PushLimits {
