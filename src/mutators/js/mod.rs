@@ -193,6 +193,10 @@ impl Mutator for JsMutator {
     }
 }
 
+/// The largest value sent along with a mutation to its engine (a guess may be wrong: a large
+/// value goes only when the mutation asks for it).
+const MAX_SENT_ALONG_BYTES: usize = 64 * 1024;
+
 impl JsMutator {
     async fn run(
         &self,
@@ -235,13 +239,7 @@ impl JsMutator {
             }
         }
     }
-}
 
-/// The largest value sent along with a mutation to its engine (a guess may be wrong: a large
-/// value goes only when the mutation asks for it).
-const MAX_SENT_ALONG_BYTES: usize = 64 * 1024;
-
-impl JsMutator {
     /// The entries a mutation with `args` is likely to read that the push knows without a read
     /// (but values over [`MAX_SENT_ALONG_BYTES`], which the engine asks for if it reads them).
     fn known_entries(&self, tx: &WriteTx<'_>, args: &Value) -> Vec<(String, Option<String>)> {
