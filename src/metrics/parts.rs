@@ -12,7 +12,7 @@ use prometheus_client::registry::Unit;
 
 use crate::poke::delivery::PokerStats;
 use crate::poke::sinks::Pokes;
-use crate::store::Store;
+use crate::store::{KnownCounts, Store};
 
 /// Reads the pokes' and the store's figures at each scrape.
 pub(super) struct PartsCollector {
@@ -165,6 +165,33 @@ impl PartsCollector {
             "replisync_read_batch_waiting",
             "Reads of pushes waiting for the next shared statement now.",
             counts.reads_waiting as i64,
+        )?;
+        self.encode_known_states(encoder, counts.known)
+    }
+
+    /// What the store knew of spaces (REPLISYNC_KNOWN_STATE_MB): reads it spared, and its size.
+    fn encode_known_states(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        known: KnownCounts,
+    ) -> Result<(), std::fmt::Error> {
+        counter(
+            encoder,
+            "replisync_push_reads_known",
+            "Pushes' first reads answered from what the instance knew of the space, with no statement.",
+            known.served,
+        )?;
+        counter(
+            encoder,
+            "replisync_push_reads_known_stale",
+            "Of those, pushes whose commit found the space moved by another writer (run again from a fresh read).",
+            known.stale,
+        )?;
+        gauge(
+            encoder,
+            "replisync_known_state_bytes",
+            "Bytes kept of what the instance knows of the spaces it pushed to lately.",
+            i64::try_from(known.bytes).unwrap_or(i64::MAX),
         )
     }
 }

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 pub use error::{ConnectionLoss, StoreError};
 pub use records::{
     ACTIVITY_GRANULARITY_SECS, BatchLimits, ClientGroupRecord, ClientRecord, ClientState,
-    ClientWrite, Collected, CommitBatchCounts, DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite,
+    ClientWrite, Collected, CommitBatchCounts, KnownCounts, DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite,
     PullChanges, PullSnapshot, PushChanges, activity_granularity, delta_bytes, unix_now,
 };
 pub(crate) use records::{to_i64, to_u64};

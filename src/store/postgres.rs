@@ -7,6 +7,7 @@
 mod batch;
 mod commit;
 mod kept;
+mod known;
 mod push;
 mod reads;
 
@@ -21,6 +22,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, Postgres};
 
 use self::batch::CommitBatcher;
 use self::kept::KeptConnections;
+use self::known::KnownSpaces;
 use self::push::{PgPushTx, PushConnection};
 use self::reads::{SharedReads, decode_rows};
 use super::migrations;
@@ -43,6 +45,9 @@ static MIGRATOR: LazyLock<sqlx::migrate::Migrator> =
 /// is handed out as it is (a ping is a full round trip, on every push and pull).
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
+/// The default of REPLISYNC_KNOWN_STATE_MB, in bytes.
+pub const DEFAULT_KNOWN_STATE_BYTES: u64 = 16 << 20;
+
 #[derive(Debug)]
 pub struct PgStore {
     pool: PgPool,
@@ -53,6 +58,8 @@ pub struct PgStore {
     reads: SharedReads,
     /// The connections the batchers keep between statements.
     kept: Arc<KeptConnections>,
+    /// What the instance knows of the spaces it pushed to lately (see `known`).
+    known: Arc<KnownSpaces>,
 }
 
 /// The statement that starts a transaction (a locked push, a compaction batch): the isolation
@@ -109,6 +116,7 @@ impl PgStore {
             pool,
             activity_granularity: ACTIVITY_GRANULARITY_SECS,
             batch_limits,
+            known: Arc::new(KnownSpaces::new(DEFAULT_KNOWN_STATE_BYTES)),
         })
     }
 
@@ -122,6 +130,12 @@ impl PgStore {
     pub fn with_batch_limits(mut self, limits: BatchLimits) -> PgStore {
         self.batch_limits = limits;
         self.new_batcher()
+    }
+
+    /// Keeps what pushes read and commit of each space, within `bytes` (0: every push reads).
+    pub fn with_known_state_bytes(mut self, bytes: u64) -> PgStore {
+        self.known = Arc::new(KnownSpaces::new(bytes));
+        self
     }
 
     /// The batcher, made again with the store's settings (before any push).
@@ -170,6 +184,8 @@ impl PgStore {
             activity_granularity: self.activity_granularity,
             batcher: Arc::clone(&self.batcher),
             reads: self.reads.clone(),
+            known: Arc::clone(&self.known),
+            base: None,
         })
     }
 
@@ -225,6 +241,7 @@ impl Store for PgStore {
             read_batches,
             batched_reads,
             reads_waiting,
+            known: self.known.counts(),
             ..self.batcher.counts()
         }
     }
@@ -316,7 +333,10 @@ impl Store for PgStore {
         if !try_gc_lock(&mut conn).await? {
             return Ok(None);
         }
-        Ok(Some(Box::new(PgGcBatches { conn })))
+        Ok(Some(Box::new(PgGcBatches {
+            conn,
+            known: Arc::clone(&self.known),
+        })))
     }
 
     async fn raise_space_version(&self, space: &SpaceId, to: u64) -> Result<(), StoreError> {
@@ -406,6 +426,8 @@ async fn try_gc_lock(conn: &mut PgConnection) -> Result<bool, StoreError> {
 /// Garbage collection's batches, on the connection that holds its session lock.
 struct PgGcBatches {
     conn: PoolConnection<Postgres>,
+    /// Forgotten once client groups are removed: a known group may be one of them.
+    known: Arc<KnownSpaces>,
 }
 
 #[async_trait]
@@ -440,6 +462,9 @@ impl GcBatches for PgGcBatches {
         .bind(now)
         .fetch_one(&mut *self.conn)
         .await?;
+        if groups > 0 {
+            self.known.forget_all();
+        }
         Ok(Collected {
             client_groups: to_u64(groups, "collected groups")?,
             clients: to_u64(clients, "collected clients")?,

@@ -220,4 +220,15 @@ pub struct CommitBatchCounts {
     pub read_batches: u64,
     pub batched_reads: u64,
     pub reads_waiting: u64,
+    /// Pushes' first reads answered from what the instance knew (Postgres).
+    pub known: KnownCounts,
+}
+
+/// Pushes' first reads answered from what a Postgres store knew of their space (no statement),
+/// those of them whose commit found the space moved by another writer, and the bytes kept.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KnownCounts {
+    pub served: u64,
+    pub stale: u64,
+    pub bytes: u64,
 }

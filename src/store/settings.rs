@@ -75,6 +75,13 @@ pub struct StoreArgs {
     #[arg(long, env = "REPLISYNC_COMMIT_BATCH_MAX_AGE_MS", default_value_t = 5)]
     pub commit_batch_max_age_ms: u64,
 
+    /// Postgres: megabytes of what each instance keeps of the spaces it pushed to lately (the
+    /// space's version, its client groups and clients, the keys its mutations read), so that the
+    /// next push there skips its first read; a commit whose space another writer moved is run
+    /// again from a fresh read. 0 turns it off: every push reads first.
+    #[arg(long, env = "REPLISYNC_KNOWN_STATE_MB", default_value_t = 16)]
+    pub known_state_mb: u64,
+
     /// Apply migrations at start-up (`false` when operators run `replisync migrate` themselves).
     #[arg(long, env = "REPLISYNC_AUTO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_migrate: bool,
@@ -191,7 +198,8 @@ impl StoreArgs {
                     .await
                     .with_context(|| format!("cannot connect to Postgres at {target}"))?
                     .with_activity_granularity(options.activity_granularity)
-                    .with_batch_limits(batch_limits);
+                    .with_batch_limits(batch_limits)
+                    .with_known_state_bytes(self.known_state_mb.saturating_mul(1 << 20));
                 if options.migrate {
                     store.migrate().await?;
                 }

@@ -493,6 +493,7 @@ fn options_like(options: &StoreOptions) -> StoreOptions {
         pg_limits: options.pg_limits,
         pg_options: options.pg_options,
         batch: options.batch,
+        known_state_bytes: options.known_state_bytes,
         wrap_store: None,
     }
 }

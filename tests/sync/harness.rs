@@ -10,7 +10,7 @@ use replisync::poke::sse::settings::SseSettings;
 use replisync::protocol::SpaceId;
 use replisync::startup::{App, AppBuilder, serve};
 use replisync::store::pg_session::SessionLimits;
-use replisync::store::postgres::PgStore;
+use replisync::store::postgres::{DEFAULT_KNOWN_STATE_BYTES, PgStore};
 use replisync::store::sqlite::SqliteStore;
 use replisync::store::{BatchLimits, Store};
 use serde_json::{Value, json};
@@ -83,6 +83,8 @@ pub(crate) struct StoreOptions {
     pub pg_options: fn(PgConnectOptions) -> PgConnectOptions,
     /// How the store batches the commits of pushes to several spaces.
     pub batch: BatchLimits,
+    /// Postgres: bytes kept of what pushes read and committed (0: every push reads).
+    pub known_state_bytes: u64,
 }
 
 /// A wrapper of the test's store that captures what the test keeps (a gate, a switch).
@@ -107,6 +109,7 @@ impl Default for StoreOptions {
             pg_limits: SessionLimits::default(),
             pg_options: |options| options,
             batch: BatchLimits::default(),
+            known_state_bytes: DEFAULT_KNOWN_STATE_BYTES,
         }
     }
 }
@@ -388,7 +391,8 @@ impl TestDb {
                 let store = PgStore::connect_with_limits(connect, 16, options.pg_limits)
                     .await
                     .unwrap()
-                    .with_batch_limits(options.batch);
+                    .with_batch_limits(options.batch)
+                    .with_known_state_bytes(options.known_state_bytes);
                 store.migrate().await.unwrap();
                 Arc::new(store)
             }

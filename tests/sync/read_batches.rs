@@ -16,6 +16,16 @@ use crate::commit_batches::wait_for_lock_waiter;
 use crate::group_commit::send;
 use crate::harness::{Backend, StoreOptions, TestServer, inc, push_body, wait_until};
 
+/// A server whose pushes all read (none is answered from what the store knew of its space), so
+/// that their reads meet in the lane.
+async fn every_push_reads() -> Arc<TestServer> {
+    let options = StoreOptions {
+        known_state_bytes: 0,
+        ..StoreOptions::default()
+    };
+    Arc::new(TestServer::start_on(Backend::Postgres, options, App::builder()).await)
+}
+
 /// Runs `pushes` (space, body) while `table` is locked: the first push's read of it waits for the
 /// lock, the others wait for that read in the lane; then the lock goes. Answers in order.
 async fn push_behind_a_locked_table(
@@ -81,7 +91,7 @@ async fn seed(server: &TestServer, spaces: &[(&str, i64)]) {
 /// answered as if alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_states_read_together_answer_each_push_as_alone() {
-    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    let server = every_push_reads().await;
     seed(&server, &[("a", 10), ("c", 10), ("x", 10)]).await;
     let answers = push_behind_a_locked_table(
         &server,
@@ -118,7 +128,7 @@ async fn client_states_read_together_answer_each_push_as_alone() {
 /// (one of them missing), and the totals are exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gets_read_together_see_each_space_own_value() {
-    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    let server = every_push_reads().await;
     seed(&server, &[("a", 100), ("b", 200), ("c", 300)]).await;
     let answers = push_behind_a_locked_table(
         &server,
@@ -167,7 +177,7 @@ fn kept_connections(server: &TestServer) -> usize {
 /// and none opened (a client that aborts requests cannot make the server open connections).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_cut_short_mid_read_leaves_its_connection_kept() {
-    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    let server = every_push_reads().await;
     server
         .push_ok("a", &one("g-a", "c-a", 1, "increment", inc("n", 1)))
         .await;
@@ -206,7 +216,7 @@ async fn a_push_cut_short_mid_read_leaves_its_connection_kept() {
 /// is read again one by one: only that push fails, the others are answered as if alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_at_fault_fails_alone() {
-    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    let server = every_push_reads().await;
     seed(&server, &[("a", 1), ("bad", 1), ("c", 1)]).await;
     server
         .db
@@ -254,6 +264,7 @@ async fn with_batching_off_statements_beyond_the_kept_connections_reuse_the_pool
             max_pushes: 1,
             ..BatchLimits::default()
         },
+        known_state_bytes: 0,
         ..StoreOptions::default()
     };
     let server = Arc::new(TestServer::start_on(Backend::Postgres, options, App::builder()).await);
@@ -282,7 +293,7 @@ async fn with_batching_off_statements_beyond_the_kept_connections_reuse_the_pool
 /// too, each with the protocol's goodbye.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn closing_the_store_ends_the_kept_connections_too() {
-    let server = Arc::new(TestServer::start(Backend::Postgres).await);
+    let server = every_push_reads().await;
     pushes_at_once(&server, 8, 1).await;
     assert!(
         kept_connections(&server) >= 1,

@@ -10,6 +10,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::batch::CommitBatcher;
 use super::commit::commit_group;
+use super::known::{KnownSpaces, ReadBase};
 use super::reads::{EntryRead, SharedReads, StateRead, decode_rows};
 use crate::protocol::SpaceId;
 use crate::store::pg_functions::LOCK_SPACE_AND_READ_GROUPS;
@@ -38,6 +39,11 @@ pub(super) struct PgPushTx {
     pub(super) batcher: Arc<CommitBatcher>,
     /// Where an unlocked push's reads go, to share a statement with other pushes'.
     pub(super) reads: SharedReads,
+    /// What the instance knows of spaces from its last reads and commits: an unlocked push's
+    /// first read when it covers the read, and what its commit carries forward.
+    pub(super) known: Arc<KnownSpaces>,
+    /// What this push's first read was (when the instance keeps known states).
+    pub(super) base: Option<ReadBase>,
 }
 
 /// `client_state`'s one row: the space's version, then groups, collected groups and clients as
@@ -58,15 +64,25 @@ impl PushTx for PgPushTx {
         // checks the version, so what was read ahead is what the push would have read. The
         // binds are LOCK_SPACE_AND_READ_GROUPS's arguments, in order.
         let tx = match &mut self.conn {
-            PushConnection::Locked(tx) => tx,
+            PushConnection::Locked(tx) => {
+                self.known.forget(&self.space);
+                tx
+            }
             PushConnection::Unlocked => {
+                let known = self.known.answer(&self.space, client_group_ids, client_ids, read_ahead);
+                if let Some((state, base)) = known {
+                    self.base = Some(base);
+                    return Ok(state);
+                }
                 let read = StateRead {
                     space: self.space.clone(),
                     client_group_ids: client_group_ids.to_vec(),
                     client_ids: client_ids.to_vec(),
                     read_ahead: read_ahead.to_vec(),
                 };
-                return self.reads.states.read(read).await;
+                let state = self.reads.states.read(read).await?;
+                self.base = self.known.learn(&self.space, &state, read_ahead);
+                return Ok(state);
             }
         };
         let (version, groups, collected, clients): ClientStateRow =
@@ -128,11 +144,25 @@ impl PushTx for PgPushTx {
             space,
             activity_granularity,
             batcher,
+            known,
+            base,
             pool: _,
             reads: _,
         } = *self;
         match conn {
-            PushConnection::Unlocked => batcher.commit(space, changes).await,
+            PushConnection::Unlocked => {
+                let after = base.map(|base| KnownSpaces::after(base, &changes));
+                let committed = batcher.commit(space.clone(), changes).await;
+                match (&committed, after) {
+                    (Ok(()), Some((state, _))) => known.committed(&space, state),
+                    (Err(e), after) => {
+                        let served = after.is_some_and(|(_, served)| served);
+                        known.refused(&space, served, matches!(e, StoreError::Conflict(_)));
+                    }
+                    (Ok(()), None) => {}
+                }
+                committed
+            }
             PushConnection::Locked(mut tx) => {
                 commit_group(&mut tx, &space, changes, activity_granularity).await?;
                 tx.commit().await?;

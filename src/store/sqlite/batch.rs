@@ -103,6 +103,7 @@ impl WriterBatches {
             reads_waiting: self.state().open.as_ref().map_or(0, |open| {
                 (open.states.waiting_now() + open.entries.waiting_now()) as u64
             }),
+            ..CommitBatchCounts::default()
         }
     }
 
