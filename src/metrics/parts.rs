@@ -187,12 +187,13 @@ impl PartsCollector {
             "Of those, pushes whose commit found the space moved by another writer (run again from a fresh read).",
             known.stale,
         )?;
-        gauge(
-            encoder,
-            "replisync_known_state_bytes",
+        let bytes = i64::try_from(known.bytes).unwrap_or(i64::MAX);
+        ConstGauge::new(bytes).encode(encoder.encode_descriptor(
+            "replisync_known_state",
             "Bytes kept of what the instance knows of the spaces it pushed to lately.",
-            i64::try_from(known.bytes).unwrap_or(i64::MAX),
-        )
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?)
     }
 }
 

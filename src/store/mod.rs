@@ -20,8 +20,9 @@ use async_trait::async_trait;
 pub use error::{ConnectionLoss, StoreError};
 pub use records::{
     ACTIVITY_GRANULARITY_SECS, BatchLimits, ClientGroupRecord, ClientRecord, ClientState,
-    ClientWrite, Collected, CommitBatchCounts, KnownCounts, DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite,
-    PullChanges, PullSnapshot, PushChanges, activity_granularity, delta_bytes, unix_now,
+    ClientWrite, Collected, CommitBatchCounts, DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite,
+    KnownCounts, PullChanges, PullSnapshot, PushChanges, activity_granularity, delta_bytes,
+    unix_now,
 };
 pub(crate) use records::{to_i64, to_u64};
 pub use retry::{RECONNECT_ATTEMPTS, reconnecting};

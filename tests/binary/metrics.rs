@@ -57,6 +57,9 @@ const FAMILIES: &[(&str, &str, Option<&str>)] = &[
     ("replisync_read_batches", "counter", None),
     ("replisync_batched_reads", "counter", None),
     ("replisync_read_batch_waiting", "gauge", None),
+    ("replisync_push_reads_known", "counter", None),
+    ("replisync_push_reads_known_stale", "counter", None),
+    ("replisync_known_state_bytes", "gauge", Some("bytes")),
     ("replisync_pulls_waiting", "gauge", None),
     (
         "replisync_gc_last_run_timestamp_seconds",

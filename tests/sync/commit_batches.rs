@@ -69,7 +69,7 @@ async fn refuse_poison(server: &TestServer, backend: Backend) {
 }
 
 /// One push of one mutation by `group`'s client `client`.
-fn one(group: &str, client: &str, id: u64, name: &str, args: Value) -> Value {
+pub(crate) fn one(group: &str, client: &str, id: u64, name: &str, args: Value) -> Value {
     push_body(group, &[(client, id, name, args)])
 }
 
@@ -374,9 +374,9 @@ async fn sixty_four_clients_over_a_hundred_spaces_land_exact_totals(backend: Bac
 }
 
 /// A second replisync on the test's database, as behind a load balancer.
-struct SecondInstance {
-    store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
+pub(crate) struct SecondInstance {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) metrics: Arc<Metrics>,
     base: String,
     http: reqwest::Client,
     stop: CancellationToken,
@@ -384,7 +384,7 @@ struct SecondInstance {
 }
 
 impl SecondInstance {
-    async fn beside(first: &TestServer, options: &StoreOptions) -> SecondInstance {
+    pub(crate) async fn beside(first: &TestServer, options: &StoreOptions) -> SecondInstance {
         let app = App::builder().build(first.db.open_store_with(options).await);
         let (store, metrics) = (app.store().clone(), app.metrics().clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -401,7 +401,7 @@ impl SecondInstance {
         }
     }
 
-    async fn push(&self, space: &str, body: &Value) -> (u16, Value) {
+    pub(crate) async fn push(&self, space: &str, body: &Value) -> (u16, Value) {
         let response = self
             .http
             .post(format!("{}/spaces/{space}/push", self.base))
@@ -413,7 +413,7 @@ impl SecondInstance {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         self.served.await.unwrap().unwrap();
     }
@@ -488,7 +488,7 @@ async fn two_instances_batch_the_same_spaces_without_deadlock_or_lost_pushes() {
 }
 
 /// The same options again (they hold a closure, so they are not `Clone`).
-fn options_like(options: &StoreOptions) -> StoreOptions {
+pub(crate) fn options_like(options: &StoreOptions) -> StoreOptions {
     StoreOptions {
         pg_limits: options.pg_limits,
         pg_options: options.pg_options,

@@ -17,6 +17,7 @@ mod js_contexts;
 mod js_engine;
 mod js_hostile;
 mod js_mutators;
+mod known_states;
 mod large_deltas;
 mod limits;
 mod migrations;

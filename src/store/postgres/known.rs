@@ -31,6 +31,9 @@ const SHARED_FOR: Duration = Duration::from_secs(10);
 /// Most client groups and clients kept for one space: past it, only the last commit's are kept.
 const MAX_IDS_PER_SPACE: usize = 1024;
 
+/// Most keys kept for one space beyond those its last read asked for.
+const MAX_KEYS_PER_SPACE: usize = 256;
+
 /// Most bytes one space's known state may hold; a larger one is not kept.
 const MAX_BYTES_PER_SPACE: u32 = 1 << 20;
 
@@ -182,7 +185,10 @@ impl KnownSpaces {
         KnownCounts {
             served: self.served.load(Ordering::Relaxed),
             stale: self.stale.load(Ordering::Relaxed),
-            bytes: self.states.as_ref().map_or(0, Cache::weighted_size),
+            bytes: self.states.as_ref().map_or(0, |states| {
+                states.run_pending_tasks(); // the weights of recent inserts
+                states.weighted_size()
+            }),
         }
     }
 }
@@ -216,7 +222,9 @@ impl KnownSpace {
             return;
         }
         for (id, group) in &kept.groups {
-            self.groups.entry(id.clone()).or_insert_with(|| group.clone());
+            self.groups
+                .entry(id.clone())
+                .or_insert_with(|| group.clone());
         }
         if kept.version != self.version
             || self.clients.len() + kept.clients.len() > MAX_IDS_PER_SPACE
@@ -224,10 +232,17 @@ impl KnownSpace {
             return;
         }
         for (id, client) in &kept.clients {
-            self.clients.entry(id.clone()).or_insert_with(|| client.clone());
+            self.clients
+                .entry(id.clone())
+                .or_insert_with(|| client.clone());
         }
         for (key, value) in &kept.entries {
-            self.entries.entry(key.clone()).or_insert_with(|| value.clone());
+            if self.entries.len() >= MAX_KEYS_PER_SPACE {
+                break;
+            }
+            self.entries
+                .entry(key.clone())
+                .or_insert_with(|| value.clone());
         }
     }
 
@@ -252,8 +267,8 @@ impl KnownSpace {
         })
     }
 
-    /// Moves the state over a commit: its version, new groups and clients, and the new values of
-    /// the keys known (other keys written stay unknown: a push reading them reads).
+    /// Moves the state over a commit: its version, new groups and clients, and the values it
+    /// wrote (new keys up to [`MAX_KEYS_PER_SPACE`]; past it, a push reading them reads).
     fn apply(&mut self, changes: &PushChanges) {
         self.version = changes.version;
         if self.groups.len() + self.clients.len() > MAX_IDS_PER_SPACE {
@@ -270,13 +285,19 @@ impl KnownSpace {
         for entry in &changes.entries {
             if let Some(value) = self.entries.get_mut(&entry.key) {
                 value.clone_from(&entry.value);
+            } else if self.entries.len() < MAX_KEYS_PER_SPACE {
+                self.entries.insert(entry.key.clone(), entry.value.clone());
             }
         }
     }
 
     /// Bytes the state holds, roughly; past [`MAX_BYTES_PER_SPACE`] it outweighs any budget.
     fn weight(&self) -> u32 {
-        let groups: usize = self.groups.values().map(|g| g.id.len() + g.user_id.len()).sum();
+        let groups: usize = self
+            .groups
+            .values()
+            .map(|g| g.id.len() + g.user_id.len())
+            .sum();
         let clients: usize = self.clients.values().map(|c| c.id.len() * 2).sum();
         let entries: usize = self
             .entries
@@ -285,6 +306,151 @@ impl KnownSpace {
             .sum();
         let records = self.groups.len() + self.clients.len() + self.entries.len();
         let bytes = groups + clients + entries + records * RECORD_OVERHEAD;
-        u32::try_from(bytes).map_or(u32::MAX, |b| if b > MAX_BYTES_PER_SPACE { u32::MAX } else { b })
+        u32::try_from(bytes).map_or(
+            u32::MAX,
+            |b| if b > MAX_BYTES_PER_SPACE { u32::MAX } else { b },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ClientWrite, EntryWrite};
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn read_at(version: u64) -> ClientState {
+        ClientState {
+            space_version: version,
+            groups: vec![ClientGroupRecord {
+                id: "g".into(),
+                space_id: "s".into(),
+                user_id: "u".into(),
+            }],
+            collected_groups: Vec::new(),
+            clients: vec![client("c", 3)],
+            entries: vec![("k".into(), Some("1".into()))],
+        }
+    }
+
+    fn client(id: &str, last_mutation_id: u64) -> ClientRecord {
+        ClientRecord {
+            id: id.into(),
+            client_group_id: "g".into(),
+            last_mutation_id,
+        }
+    }
+
+    #[test]
+    fn a_read_is_answered_only_when_everything_it_asks_for_is_known() {
+        let known = KnownSpace::from_read(&read_at(7), &strings(&["k", "absent"]));
+        let answer = known
+            .answer(
+                &strings(&["g"]),
+                &strings(&["c"]),
+                &strings(&["absent", "k"]),
+            )
+            .expect("all known");
+        assert_eq!(answer.space_version, 7);
+        assert_eq!(answer.clients, vec![client("c", 3)]);
+        assert_eq!(
+            answer.entries,
+            vec![("absent".into(), None), ("k".into(), Some("1".into()))]
+        );
+        assert!(known.answer(&strings(&["other"]), &[], &[]).is_none());
+        assert!(
+            known
+                .answer(&strings(&["g"]), &strings(&["new"]), &[])
+                .is_none()
+        );
+        assert!(
+            known
+                .answer(&strings(&["g"]), &[], &strings(&["unread"]))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_commit_moves_the_version_and_what_it_wrote() {
+        let mut known = KnownSpace::from_read(&read_at(7), &strings(&["k"]));
+        known.apply(&PushChanges {
+            version: 9,
+            read_version: 7,
+            clients: vec![ClientWrite {
+                client: client("c", 5),
+                version: 9,
+            }],
+            entries: vec![
+                EntryWrite {
+                    key: "k".into(),
+                    value: None,
+                    version: 9,
+                },
+                EntryWrite {
+                    key: "new".into(),
+                    value: Some("2".into()),
+                    version: 8,
+                },
+            ],
+            ..PushChanges::default()
+        });
+        let answer = known
+            .answer(&strings(&["g"]), &strings(&["c"]), &strings(&["k", "new"]))
+            .unwrap();
+        assert_eq!(answer.space_version, 9);
+        assert_eq!(answer.clients, vec![client("c", 5)]);
+        assert_eq!(
+            answer.entries,
+            vec![("k".into(), None), ("new".into(), Some("2".into()))]
+        );
+    }
+
+    #[test]
+    fn a_newer_read_keeps_only_the_groups_an_older_state_knew() {
+        let mut older = KnownSpace::from_read(&read_at(7), &strings(&["k"]));
+        older.clients.insert("old".into(), client("old", 1));
+        let mut newer = KnownSpace::from_read(
+            &ClientState {
+                space_version: 8,
+                ..ClientState::default()
+            },
+            &[],
+        );
+        newer.keep_what_still_holds(&older);
+        assert!(newer.groups.contains_key("g"));
+        assert!(newer.clients.is_empty() && newer.entries.is_empty());
+        let mut same = KnownSpace::from_read(&read_at(7), &[]);
+        same.keep_what_still_holds(&older);
+        assert!(same.clients.contains_key("old") && same.entries.contains_key("k"));
+    }
+
+    #[test]
+    fn a_state_past_its_bound_is_not_kept_and_stale_spaces_are_read() {
+        let huge = ClientState {
+            entries: vec![("k".into(), Some("x".repeat(2 << 20)))],
+            ..ClientState::default()
+        };
+        let spaces = KnownSpaces::new(64 << 20);
+        let space = SpaceId::parse("s").unwrap();
+        assert!(spaces.learn(&space, &huge, &[]).is_some());
+        spaces.counts();
+        assert!(spaces.answer(&space, &[], &[], &[]).is_none(), "over 1 MiB");
+
+        spaces.learn(&space, &read_at(7), &[]);
+        let (_, base) = spaces.answer(&space, &[], &[], &[]).expect("known");
+        let (state, served) = KnownSpaces::after(base, &PushChanges::default());
+        assert!(served);
+        drop(state);
+        spaces.refused(&space, true, true);
+        assert!(spaces.answer(&space, &[], &[], &[]).is_none());
+        spaces.learn(&space, &read_at(8), &[]);
+        assert!(
+            spaces.answer(&space, &[], &[], &[]).is_none(),
+            "read while shared"
+        );
+        assert_eq!(spaces.counts().stale, 1);
     }
 }

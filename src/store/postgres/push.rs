@@ -69,7 +69,9 @@ impl PushTx for PgPushTx {
                 tx
             }
             PushConnection::Unlocked => {
-                let known = self.known.answer(&self.space, client_group_ids, client_ids, read_ahead);
+                let known =
+                    self.known
+                        .answer(&self.space, client_group_ids, client_ids, read_ahead);
                 if let Some((state, base)) = known {
                     self.base = Some(base);
                     return Ok(state);
