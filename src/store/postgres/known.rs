@@ -10,12 +10,11 @@
 //! sharing a busy space would otherwise lose a commit each time.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use moka::ops::compute::Op;
-use moka::sync::Cache;
+use lru::LruCache;
 
 use crate::protocol::SpaceId;
 use crate::store::{ClientGroupRecord, ClientRecord, ClientState, KnownCounts, PushChanges};
@@ -35,18 +34,37 @@ const MAX_IDS_PER_SPACE: usize = 1024;
 const MAX_KEYS_PER_SPACE: usize = 256;
 
 /// Most bytes one space's known state may hold; a larger one is not kept.
-const MAX_BYTES_PER_SPACE: u32 = 1 << 20;
+const MAX_BYTES_PER_SPACE: u64 = 1 << 20;
+
+/// Most spaces remembered as written by another writer; past it, the oldest marks go.
+const MAX_SHARED_SPACES: usize = 10_000;
 
 /// Bytes counted for each kept record besides its text.
 const RECORD_OVERHEAD: usize = 64;
 
 /// The known states of the spaces this instance pushed to lately, within a byte budget.
+/// Pushes to one space run one at a time in an instance, and a push takes its space's state
+/// out while it runs: the lock is held for a lookup or an insert, never across a statement.
 pub(crate) struct KnownSpaces {
-    states: Option<Cache<SpaceId, Arc<KnownSpace>>>,
-    /// Spaces another writer moved under a known state lately.
-    shared: Cache<SpaceId, ()>,
+    /// 0: nothing is kept.
+    max_bytes: u64,
+    kept: Mutex<Kept>,
     served: AtomicU64,
     stale: AtomicU64,
+}
+
+/// The states, least recently committed first, and the spaces read before each push for now.
+struct Kept {
+    states: LruCache<SpaceId, KeptState>,
+    bytes: u64,
+    /// Spaces another writer moved under a known state, until when they are read.
+    shared: LruCache<SpaceId, Instant>,
+}
+
+struct KeptState {
+    state: KnownSpace,
+    weight: u64,
+    kept_at: Instant,
 }
 
 /// One space's push state at `version`, as replisync last read or committed it.
@@ -77,58 +95,67 @@ impl std::fmt::Debug for KnownSpaces {
 impl KnownSpaces {
     /// Known states within `max_bytes` (0: none kept, every push reads).
     pub(super) fn new(max_bytes: u64) -> KnownSpaces {
-        let states = (max_bytes > 0).then(|| {
-            Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|_space: &SpaceId, state: &Arc<KnownSpace>| state.weight())
-                .time_to_live(KNOWN_FOR)
-                .build()
-        });
         KnownSpaces {
-            states,
-            shared: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(SHARED_FOR)
-                .build(),
+            max_bytes,
+            kept: Mutex::new(Kept {
+                states: LruCache::unbounded(),
+                bytes: 0,
+                shared: LruCache::unbounded(),
+            }),
             served: AtomicU64::new(0),
             stale: AtomicU64::new(0),
         }
     }
 
-    /// The push's first read answered from memory, when every group, client and key it asks
-    /// for is known.
+    fn kept(&self) -> MutexGuard<'_, Kept> {
+        // Each change under the lock leaves the maps and byte count consistent.
+        self.kept.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes out what the instance knows of `space`, for the push about to run there: it comes
+    /// back, moved on, with the push's commit (pushes to one space run one at a time).
+    pub(super) fn take(&self, space: &SpaceId) -> Option<KnownSpace> {
+        if self.max_bytes == 0 {
+            return None;
+        }
+        let taken = self.kept().take(space)?;
+        (taken.kept_at.elapsed() < KNOWN_FOR).then_some(taken.state)
+    }
+
+    /// The push's first read answered from `known`, when every group, client and key it asks
+    /// for is in it; else `known` back.
+    #[allow(clippy::result_large_err)] // moved, not copied: `known` comes back whole
     pub(super) fn answer(
         &self,
-        space: &SpaceId,
+        known: KnownSpace,
         group_ids: &[String],
         client_ids: &[String],
         read_ahead: &[String],
-    ) -> Option<(ClientState, ReadBase)> {
-        let known = self.states.as_ref()?.get(space)?;
-        let answer = known.answer(group_ids, client_ids, read_ahead)?;
+    ) -> Result<(ClientState, ReadBase), KnownSpace> {
+        let Some(answer) = known.answer(group_ids, client_ids, read_ahead) else {
+            return Err(known);
+        };
         self.served.fetch_add(1, Ordering::Relaxed);
         let base = ReadBase {
-            state: KnownSpace::clone(&known),
+            state: known,
             served: true,
         };
-        Some((answer, base))
+        Ok((answer, base))
     }
 
-    /// Learns what a statement read for a push (`read_ahead`: the keys it asked for).
+    /// What a statement read for a push (`read_ahead`: the keys it asked for), added to what
+    /// was `kept` of the space, for the push's commit to carry forward.
     pub(super) fn learn(
         &self,
-        space: &SpaceId,
+        kept: Option<KnownSpace>,
         read: &ClientState,
         read_ahead: &[String],
     ) -> Option<ReadBase> {
-        let states = self.states.as_ref()?;
-        let mut state = KnownSpace::from_read(read, read_ahead);
-        if let Some(kept) = states.get(space) {
-            state.keep_what_still_holds(&kept);
+        if self.max_bytes == 0 {
+            return None;
         }
-        if !self.shared.contains_key(space) {
-            states.insert(space.clone(), Arc::new(state.clone()));
-        }
+        let mut state = kept.unwrap_or_default();
+        state.absorb(read, read_ahead);
         Some(ReadBase {
             state,
             served: false,
@@ -142,108 +169,121 @@ impl KnownSpaces {
         (state, served)
     }
 
-    /// Keeps the state a commit made, unless a newer one is known.
+    /// Keeps the state a commit made, unless a newer one is known or the space is shared;
+    /// the least recently kept go while the states weigh more than the budget.
     pub(super) fn committed(&self, space: &SpaceId, state: KnownSpace) {
-        let Some(states) = &self.states else { return };
-        if self.shared.contains_key(space) {
+        let weight = state.weight();
+        if self.max_bytes == 0 || weight > MAX_BYTES_PER_SPACE.min(self.max_bytes) {
             return;
         }
-        let version = state.version;
-        states
-            .entry(space.clone())
-            .and_compute_with(|kept| match kept {
-                Some(kept) if kept.value().version > version => Op::Nop,
-                _ => Op::Put(Arc::new(state)),
-            });
+        let mut kept = self.kept();
+        if kept.is_shared(space) {
+            return;
+        }
+        if let Some(newer) = kept.states.peek(space)
+            && newer.state.version > state.version
+        {
+            return;
+        }
+        kept.take(space);
+        kept.bytes += weight;
+        let kept_at = Instant::now();
+        let entry = KeptState {
+            state,
+            weight,
+            kept_at,
+        };
+        kept.states.push(space.clone(), entry);
+        while kept.bytes > self.max_bytes {
+            let Some((_, oldest)) = kept.states.pop_lru() else {
+                break;
+            };
+            kept.bytes -= oldest.weight;
+        }
     }
 
-    /// Forgets a space after a commit that failed (`served`: based on a known state, which,
-    /// on a conflict, another writer made stale).
+    /// After a commit that failed (`served`: based on a known state, which, on a conflict,
+    /// another writer made stale): the space stays unknown, and a stale one is read for a while.
     pub(super) fn refused(&self, space: &SpaceId, served: bool, conflict: bool) {
-        self.forget(space);
+        let mut kept = self.kept();
+        kept.take(space);
         if served && conflict {
             self.stale.fetch_add(1, Ordering::Relaxed);
-            self.shared.insert(space.clone(), ());
+            kept.shared.push(space.clone(), Instant::now() + SHARED_FOR);
+            if kept.shared.len() > MAX_SHARED_SPACES {
+                kept.shared.pop_lru();
+            }
         }
     }
 
     /// Forgets a space (a locked push reads it afresh).
     pub(super) fn forget(&self, space: &SpaceId) {
-        if let Some(states) = &self.states {
-            states.invalidate(space);
-        }
+        self.kept().take(space);
     }
 
     /// Forgets every space (after garbage collection removed client groups).
     pub(super) fn forget_all(&self) {
-        if let Some(states) = &self.states {
-            states.invalidate_all();
-        }
+        let mut kept = self.kept();
+        kept.states.clear();
+        kept.bytes = 0;
     }
 
     pub(super) fn counts(&self) -> KnownCounts {
         KnownCounts {
             served: self.served.load(Ordering::Relaxed),
             stale: self.stale.load(Ordering::Relaxed),
-            bytes: self.states.as_ref().map_or(0, |states| {
-                states.run_pending_tasks(); // the weights of recent inserts
-                states.weighted_size()
-            }),
+            bytes: self.kept().bytes,
+        }
+    }
+}
+
+impl Kept {
+    fn take(&mut self, space: &SpaceId) -> Option<KeptState> {
+        let taken = self.states.pop(space)?;
+        self.bytes -= taken.weight;
+        Some(taken)
+    }
+
+    /// Whether `space` is read before each push for now (a mark past its time goes).
+    fn is_shared(&mut self, space: &SpaceId) -> bool {
+        match self.shared.peek(space) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                self.shared.pop(space);
+                false
+            }
+            None => false,
         }
     }
 }
 
 impl KnownSpace {
-    fn from_read(read: &ClientState, read_ahead: &[String]) -> KnownSpace {
-        let mut entries: HashMap<String, Option<String>> =
-            read_ahead.iter().map(|key| (key.clone(), None)).collect();
-        entries.extend(read.entries.iter().cloned());
-        KnownSpace {
-            version: read.space_version,
-            groups: read
-                .groups
-                .iter()
-                .map(|g| (g.id.clone(), g.clone()))
-                .collect(),
-            clients: read
-                .clients
-                .iter()
-                .map(|c| (c.id.clone(), c.clone()))
-                .collect(),
-            entries,
+    /// Adds what a statement read: at a new version, clients and keys known before may have
+    /// moved and are dropped; client groups are kept (a group's record never changes, and the
+    /// commit checks that it still exists). Past the bounds, what was known before is dropped.
+    fn absorb(&mut self, read: &ClientState, read_ahead: &[String]) {
+        if read.space_version != self.version {
+            self.version = read.space_version;
+            self.clients.clear();
+            self.entries.clear();
         }
-    }
-
-    /// Adds what `kept` knew that still holds at this state's version: its client groups (a
-    /// group's record never changes; the commit checks that it still exists) and, when it is
-    /// of the same version, its clients and keys.
-    fn keep_what_still_holds(&mut self, kept: &KnownSpace) {
-        if self.groups.len() + kept.groups.len() > MAX_IDS_PER_SPACE {
-            return;
+        if self.groups.len() + self.clients.len() > MAX_IDS_PER_SPACE {
+            self.groups.clear();
+            self.clients.clear();
         }
-        for (id, group) in &kept.groups {
-            self.groups
-                .entry(id.clone())
-                .or_insert_with(|| group.clone());
+        if self.entries.len() > MAX_KEYS_PER_SPACE {
+            self.entries.clear();
         }
-        if kept.version != self.version
-            || self.clients.len() + kept.clients.len() > MAX_IDS_PER_SPACE
-        {
-            return;
+        for group in &read.groups {
+            self.groups.insert(group.id.clone(), group.clone());
         }
-        for (id, client) in &kept.clients {
-            self.clients
-                .entry(id.clone())
-                .or_insert_with(|| client.clone());
+        for client in &read.clients {
+            self.clients.insert(client.id.clone(), client.clone());
         }
-        for (key, value) in &kept.entries {
-            if self.entries.len() >= MAX_KEYS_PER_SPACE {
-                break;
-            }
-            self.entries
-                .entry(key.clone())
-                .or_insert_with(|| value.clone());
+        for key in read_ahead {
+            self.entries.insert(key.clone(), None);
         }
+        self.entries.extend(read.entries.iter().cloned());
     }
 
     /// The read asked for, when everything in it is known.
@@ -291,8 +331,8 @@ impl KnownSpace {
         }
     }
 
-    /// Bytes the state holds, roughly; past [`MAX_BYTES_PER_SPACE`] it outweighs any budget.
-    fn weight(&self) -> u32 {
+    /// Bytes the state holds, roughly.
+    fn weight(&self) -> u64 {
         let groups: usize = self
             .groups
             .values()
@@ -305,11 +345,7 @@ impl KnownSpace {
             .map(|(key, value)| key.len() + value.as_ref().map_or(0, String::len))
             .sum();
         let records = self.groups.len() + self.clients.len() + self.entries.len();
-        let bytes = groups + clients + entries + records * RECORD_OVERHEAD;
-        u32::try_from(bytes).map_or(
-            u32::MAX,
-            |b| if b > MAX_BYTES_PER_SPACE { u32::MAX } else { b },
-        )
+        (groups + clients + entries + records * RECORD_OVERHEAD) as u64
     }
 }
 
@@ -317,6 +353,12 @@ impl KnownSpace {
 mod tests {
     use super::*;
     use crate::store::{ClientWrite, EntryWrite};
+
+    fn known_from(read: &ClientState, read_ahead: &[String]) -> KnownSpace {
+        let mut known = KnownSpace::default();
+        known.absorb(read, read_ahead);
+        known
+    }
 
     fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| (*s).to_owned()).collect()
@@ -346,7 +388,7 @@ mod tests {
 
     #[test]
     fn a_read_is_answered_only_when_everything_it_asks_for_is_known() {
-        let known = KnownSpace::from_read(&read_at(7), &strings(&["k", "absent"]));
+        let known = known_from(&read_at(7), &strings(&["k", "absent"]));
         let answer = known
             .answer(
                 &strings(&["g"]),
@@ -375,7 +417,7 @@ mod tests {
 
     #[test]
     fn a_commit_moves_the_version_and_what_it_wrote() {
-        let mut known = KnownSpace::from_read(&read_at(7), &strings(&["k"]));
+        let mut known = known_from(&read_at(7), &strings(&["k"]));
         known.apply(&PushChanges {
             version: 9,
             read_version: 7,
@@ -409,48 +451,60 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_read_keeps_only_the_groups_an_older_state_knew() {
-        let mut older = KnownSpace::from_read(&read_at(7), &strings(&["k"]));
-        older.clients.insert("old".into(), client("old", 1));
-        let mut newer = KnownSpace::from_read(
-            &ClientState {
-                space_version: 8,
-                ..ClientState::default()
-            },
-            &[],
-        );
-        newer.keep_what_still_holds(&older);
-        assert!(newer.groups.contains_key("g"));
-        assert!(newer.clients.is_empty() && newer.entries.is_empty());
-        let mut same = KnownSpace::from_read(&read_at(7), &[]);
-        same.keep_what_still_holds(&older);
+    fn a_newer_read_keeps_only_the_groups_known_before() {
+        let mut known = known_from(&read_at(7), &strings(&["k"]));
+        known.clients.insert("old".into(), client("old", 1));
+        let mut same = KnownSpace::clone(&known);
+        same.absorb(&read_at(7), &[]);
         assert!(same.clients.contains_key("old") && same.entries.contains_key("k"));
+        let newer = ClientState {
+            space_version: 8,
+            ..ClientState::default()
+        };
+        known.absorb(&newer, &[]);
+        assert!(known.groups.contains_key("g"));
+        assert!(known.clients.is_empty() && known.entries.is_empty());
     }
 
     #[test]
     fn a_state_past_its_bound_is_not_kept_and_stale_spaces_are_read() {
+        let spaces = KnownSpaces::new(64 << 20);
+        let space = SpaceId::parse("s").unwrap();
+        let commit = |read: &ClientState| {
+            let base = spaces.learn(spaces.take(&space), read, &[]).unwrap();
+            let (state, served) = KnownSpaces::after(base, &PushChanges::default());
+            spaces.committed(&space, state);
+            served
+        };
         let huge = ClientState {
             entries: vec![("k".into(), Some("x".repeat(2 << 20)))],
             ..ClientState::default()
         };
-        let spaces = KnownSpaces::new(64 << 20);
-        let space = SpaceId::parse("s").unwrap();
-        assert!(spaces.learn(&space, &huge, &[]).is_some());
-        spaces.counts();
-        assert!(spaces.answer(&space, &[], &[], &[]).is_none(), "over 1 MiB");
+        assert!(!commit(&huge));
+        assert!(spaces.take(&space).is_none(), "over 1 MiB");
 
-        spaces.learn(&space, &read_at(7), &[]);
-        let (_, base) = spaces.answer(&space, &[], &[], &[]).expect("known");
-        let (state, served) = KnownSpaces::after(base, &PushChanges::default());
-        assert!(served);
-        drop(state);
-        spaces.refused(&space, true, true);
-        assert!(spaces.answer(&space, &[], &[], &[]).is_none());
-        spaces.learn(&space, &read_at(8), &[]);
+        commit(&read_at(7));
+        let known = spaces.take(&space).expect("known");
         assert!(
-            spaces.answer(&space, &[], &[], &[]).is_none(),
-            "read while shared"
+            spaces.take(&space).is_none(),
+            "taken out while its push runs"
         );
-        assert_eq!(spaces.counts().stale, 1);
+        let (_, base) = spaces.answer(known, &[], &[], &[]).ok().unwrap();
+        let (_, served) = KnownSpaces::after(base, &PushChanges::default());
+        assert!(served);
+        spaces.refused(&space, true, true);
+        commit(&read_at(8));
+        assert!(
+            spaces.take(&space).is_none(),
+            "read while another writer is about"
+        );
+        assert_eq!(
+            spaces.counts(),
+            KnownCounts {
+                served: 1,
+                stale: 1,
+                bytes: 0
+            }
+        );
     }
 }

@@ -50,6 +50,40 @@ pub(super) struct PgPushTx {
 /// `json_agg`s.
 type ClientStateRow = (Option<i64>, Value, Value, Value);
 
+impl PgPushTx {
+    /// An unlocked push's first read: from what the instance knows of the space when that
+    /// covers it, else one statement (maybe shared with other pushes'), added to what it knew.
+    async fn unlocked_client_state(
+        &mut self,
+        client_group_ids: &[String],
+        client_ids: &[String],
+        read_ahead: &[String],
+    ) -> Result<ClientState, StoreError> {
+        let mut kept = self.known.take(&self.space);
+        if let Some(known) = kept.take() {
+            match self
+                .known
+                .answer(known, client_group_ids, client_ids, read_ahead)
+            {
+                Ok((state, base)) => {
+                    self.base = Some(base);
+                    return Ok(state);
+                }
+                Err(known) => kept = Some(known),
+            }
+        }
+        let read = StateRead {
+            space: self.space.clone(),
+            client_group_ids: client_group_ids.to_vec(),
+            client_ids: client_ids.to_vec(),
+            read_ahead: read_ahead.to_vec(),
+        };
+        let state = self.reads.states.read(read).await?;
+        self.base = self.known.learn(kept, &state, read_ahead);
+        Ok(state)
+    }
+}
+
 #[async_trait]
 impl PushTx for PgPushTx {
     async fn client_state(
@@ -69,22 +103,9 @@ impl PushTx for PgPushTx {
                 tx
             }
             PushConnection::Unlocked => {
-                let known =
-                    self.known
-                        .answer(&self.space, client_group_ids, client_ids, read_ahead);
-                if let Some((state, base)) = known {
-                    self.base = Some(base);
-                    return Ok(state);
-                }
-                let read = StateRead {
-                    space: self.space.clone(),
-                    client_group_ids: client_group_ids.to_vec(),
-                    client_ids: client_ids.to_vec(),
-                    read_ahead: read_ahead.to_vec(),
-                };
-                let state = self.reads.states.read(read).await?;
-                self.base = self.known.learn(&self.space, &state, read_ahead);
-                return Ok(state);
+                return self
+                    .unlocked_client_state(client_group_ids, client_ids, read_ahead)
+                    .await;
             }
         };
         let (version, groups, collected, clients): ClientStateRow =
