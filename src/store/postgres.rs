@@ -22,7 +22,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, Postgres};
 
 use self::batch::CommitBatcher;
 use self::kept::KeptConnections;
-use self::known::KnownSpaces;
+use self::known::{HeldBase, KnownSpaces};
 use self::push::{PgPushTx, PushConnection};
 use self::reads::{SharedReads, decode_rows};
 use super::migrations;
@@ -185,7 +185,7 @@ impl PgStore {
             batcher: Arc::clone(&self.batcher),
             reads: self.reads.clone(),
             known: Arc::clone(&self.known),
-            base: None,
+            base: HeldBase::new(Arc::clone(&self.known), space.clone()),
         })
     }
 

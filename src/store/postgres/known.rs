@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
@@ -82,6 +82,41 @@ pub(super) struct ReadBase {
     state: KnownSpace,
     /// Whether the state came from memory (no statement read it).
     served: bool,
+}
+
+/// A push's read base while the push runs: given back as it was when the push ends without
+/// a commit (nothing to write, refused, failed before its commit), so the next push knows it.
+pub(super) struct HeldBase {
+    known: Arc<KnownSpaces>,
+    space: SpaceId,
+    base: Option<ReadBase>,
+}
+
+impl HeldBase {
+    pub(super) fn new(known: Arc<KnownSpaces>, space: SpaceId) -> HeldBase {
+        HeldBase {
+            known,
+            space,
+            base: None,
+        }
+    }
+
+    pub(super) fn hold(&mut self, base: Option<ReadBase>) {
+        self.base = base;
+    }
+
+    /// The base, for the push's commit to carry forward.
+    pub(super) fn take(&mut self) -> Option<ReadBase> {
+        self.base.take()
+    }
+}
+
+impl Drop for HeldBase {
+    fn drop(&mut self) {
+        if let Some(base) = self.base.take() {
+            self.known.keep(&self.space, base.state);
+        }
+    }
 }
 
 impl std::fmt::Debug for KnownSpaces {
@@ -169,9 +204,10 @@ impl KnownSpaces {
         (state, served)
     }
 
-    /// Keeps the state a commit made, unless a newer one is known or the space is shared;
-    /// the least recently kept go while the states weigh more than the budget.
-    pub(super) fn committed(&self, space: &SpaceId, state: KnownSpace) {
+    /// Keeps a state (one a commit made, or one a push read and left as it was), unless a
+    /// newer one is known or the space is shared; the least recently kept go while the states
+    /// weigh more than the budget.
+    pub(super) fn keep(&self, space: &SpaceId, state: KnownSpace) {
         let weight = state.weight();
         if self.max_bytes == 0 || weight > MAX_BYTES_PER_SPACE.min(self.max_bytes) {
             return;
@@ -473,7 +509,7 @@ mod tests {
         let commit = |read: &ClientState| {
             let base = spaces.learn(spaces.take(&space), read, &[]).unwrap();
             let (state, served) = KnownSpaces::after(base, &PushChanges::default());
-            spaces.committed(&space, state);
+            spaces.keep(&space, state);
             served
         };
         let huge = ClientState {

@@ -10,7 +10,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::batch::CommitBatcher;
 use super::commit::commit_group;
-use super::known::{KnownSpaces, ReadBase};
+use super::known::{HeldBase, KnownSpaces};
 use super::reads::{EntryRead, SharedReads, StateRead, decode_rows};
 use crate::protocol::SpaceId;
 use crate::store::pg_functions::LOCK_SPACE_AND_READ_GROUPS;
@@ -43,7 +43,7 @@ pub(super) struct PgPushTx {
     /// first read when it covers the read, and what its commit carries forward.
     pub(super) known: Arc<KnownSpaces>,
     /// What this push's first read was (when the instance keeps known states).
-    pub(super) base: Option<ReadBase>,
+    pub(super) base: HeldBase,
 }
 
 /// `client_state`'s one row: the space's version, then groups, collected groups and clients as
@@ -66,7 +66,7 @@ impl PgPushTx {
                 .answer(known, client_group_ids, client_ids, read_ahead)
             {
                 Ok((state, base)) => {
-                    self.base = Some(base);
+                    self.base.hold(Some(base));
                     return Ok(state);
                 }
                 Err(known) => kept = Some(known),
@@ -79,7 +79,7 @@ impl PgPushTx {
             read_ahead: read_ahead.to_vec(),
         };
         let state = self.reads.states.read(read).await?;
-        self.base = self.known.learn(kept, &state, read_ahead);
+        self.base.hold(self.known.learn(kept, &state, read_ahead));
         Ok(state)
     }
 }
@@ -168,16 +168,16 @@ impl PushTx for PgPushTx {
             activity_granularity,
             batcher,
             known,
-            base,
+            mut base,
             pool: _,
             reads: _,
         } = *self;
         match conn {
             PushConnection::Unlocked => {
-                let after = base.map(|base| KnownSpaces::after(base, &changes));
+                let after = base.take().map(|base| KnownSpaces::after(base, &changes));
                 let committed = batcher.commit(space.clone(), changes).await;
                 match (&committed, after) {
-                    (Ok(()), Some((state, _))) => known.committed(&space, state),
+                    (Ok(()), Some((state, _))) => known.keep(&space, state),
                     (Err(e), after) => {
                         let served = after.is_some_and(|(_, served)| served);
                         known.refused(&space, served, matches!(e, StoreError::Conflict(_)));
