@@ -16,7 +16,8 @@ use crate::mutators::{MutationError, Mutators, PushOverlay, WriteTx, Writer};
 use crate::poke::sinks::Pokes;
 use crate::protocol::{Mutation, PushRequest, SpaceId};
 use crate::store::{
-    ClientGroupRecord, ClientRecord, ClientWrite, PushChanges, PushTx, Store, StoreError, unix_now,
+    ClientGroupRecord, ClientRecord, ClientWrite, MaybeNewGroup, PushChanges, PushTx, Store,
+    StoreError, unix_now,
 };
 
 /// What applying a group did to each of its pushes, in order: its answer, or `None` for a push
@@ -162,8 +163,9 @@ impl GroupState {
         );
         let mutations = pushes.iter().flat_map(|p| &p.request.mutations);
         let read_ahead = mutators.read_hints().keys(mutations);
+        let maybe_new = maybe_new_groups(pushes);
         let stored = tx
-            .client_state(&group_ids, &client_ids, &read_ahead)
+            .client_state_of(&group_ids, &client_ids, &read_ahead, &maybe_new)
             .await?;
         mutators.metrics().read_ahead(stored.entries.len());
         let mut overlay = PushOverlay::default();
@@ -428,6 +430,43 @@ fn check_client_group(
         space_id: space.as_str().to_owned(),
         user_id: user.to_owned(),
     }))
+}
+
+/// The client groups of `pushes` that may be new (see [`MaybeNewGroup`]): each of their clients'
+/// first mutation here is id 1, and no push of another group names those clients.
+fn maybe_new_groups(pushes: &[Push]) -> Vec<MaybeNewGroup> {
+    let mut first: HashMap<&str, (&str, u64)> = HashMap::new();
+    let mut shared: HashSet<&str> = HashSet::new();
+    for push in pushes {
+        let group = push.request.client_group_id.as_str();
+        for mutation in &push.request.mutations {
+            let (first_group, _) = *first
+                .entry(mutation.client_id.as_str())
+                .or_insert((group, mutation.id));
+            if first_group != group {
+                shared.insert(mutation.client_id.as_str());
+            }
+        }
+    }
+    let groups = distinct(pushes.iter().map(|p| p.request.client_group_id.as_str()));
+    groups
+        .into_iter()
+        .filter_map(|id| {
+            let clients: Vec<(&str, u64)> = first
+                .iter()
+                .filter(|(_, (group, _))| *group == id)
+                .map(|(client, (_, first_id))| (*client, *first_id))
+                .collect();
+            let new_like = !clients.is_empty()
+                && clients
+                    .iter()
+                    .all(|(client, first_id)| *first_id == 1 && !shared.contains(client));
+            new_like.then(|| MaybeNewGroup {
+                client_ids: clients.iter().map(|(c, _)| (*c).to_owned()).collect(),
+                id,
+            })
+        })
+        .collect()
 }
 
 fn distinct<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {

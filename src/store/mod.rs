@@ -21,8 +21,8 @@ pub use error::{ConnectionLoss, StoreError};
 pub use records::{
     ACTIVITY_GRANULARITY_SECS, BatchLimits, ClientGroupRecord, ClientRecord, ClientState,
     ClientWrite, Collected, CommitBatchCounts, DELTA_BYTES_PER_ENTRY, EntryChange, EntryWrite,
-    KnownCounts, PullChanges, PullSnapshot, PushChanges, activity_granularity, delta_bytes,
-    unix_now,
+    KnownCounts, MaybeNewGroup, PullChanges, PullSnapshot, PushChanges, activity_granularity,
+    delta_bytes, unix_now,
 };
 pub(crate) use records::{to_i64, to_u64};
 pub use retry::{RECONNECT_ATTEMPTS, reconnecting};
@@ -160,6 +160,22 @@ pub trait PushTx: Send {
         client_ids: &[String],
         read_ahead: &[String],
     ) -> Result<ClientState, StoreError>;
+
+    /// `client_state`, told which of the groups `maybe_new` names may be new. A store whose
+    /// commit refuses to create a group that exists (or was collected), or to move a client of
+    /// another group, may answer without reading, taking such a group and its clients as new
+    /// when it knows nothing of them: their pushes commit, and the commit checks it.
+    async fn client_state_of(
+        &mut self,
+        client_group_ids: &[String],
+        client_ids: &[String],
+        read_ahead: &[String],
+        maybe_new: &[MaybeNewGroup],
+    ) -> Result<ClientState, StoreError> {
+        let _ = maybe_new;
+        self.client_state(client_group_ids, client_ids, read_ahead)
+            .await
+    }
 
     /// The live value (json text) of `key` in this space, `None` if absent or deleted.
     async fn entry(&mut self, key: &str) -> Result<Option<String>, StoreError>;

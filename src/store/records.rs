@@ -40,6 +40,15 @@ pub struct ClientState {
     pub entries: Vec<(String, Option<String>)>,
 }
 
+/// A client group a push group names that may be new: each of its clients' first mutation there
+/// is id 1 and no other group's push names them, so were it new, its pushes would apply a
+/// mutation and commit (see [`PushTx::client_state_of`](super::PushTx::client_state_of)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaybeNewGroup {
+    pub id: String,
+    pub client_ids: Vec<String>,
+}
+
 /// One key's new state: `Some(json text)` to put, `None` to delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryChange {

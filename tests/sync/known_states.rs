@@ -109,7 +109,8 @@ async fn a_known_client_group_collected_elsewhere_is_told_to_start_over() {
 /// The same odd pushes to a server that keeps known states and to one that reads before every
 /// push get the same answers and leave the same rows: replays, a mutation from the future, a
 /// client of another group, a group of another space, a bad argument, a delete then an
-/// increment of the deleted key.
+/// increment of the deleted key, a group that looks new (its client starts at mutation 1) but
+/// is another space's, or whose client is another group's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_pushes_are_answered_as_when_every_push_reads() {
     let reads = StoreOptions {
@@ -127,6 +128,11 @@ async fn odd_pushes_are_answered_as_when_every_push_reads() {
         ("s", increment("g2", "c1", 3, 1)), // c1 belongs to g1
         ("t", increment("g3", "c3", 1, 1)),
         ("s", increment("g3", "c3", 2, 1)), // g3 is t's
+        ("t", increment("g6", "c6", 1, 1)),
+        ("s", increment("g6", "c6b", 1, 1)), // g6 is t's, though it looks new
+        ("s", increment("g4", "c1", 1, 1)),  // a new group, but c1 is g1's
+        ("s", increment("g5", "c5", 1, 2)),  // a new group
+        ("s", increment("g5", "c5", 2, 2)),
         (
             "s",
             one(
@@ -163,6 +169,8 @@ async fn odd_pushes_are_answered_as_when_every_push_reads() {
     );
     let known = knowing.store.commit_batches().known;
     assert!(known.served >= 6, "{known:?}");
+    // g6's push to s was taken for a new group's and refused at its commit: run again, read.
+    assert_eq!(known.stale, 1, "{known:?}");
     assert_eq!(reading.store.commit_batches().known.served, 0);
     let state = knowing.state("s", "g1").await;
     assert_eq!(

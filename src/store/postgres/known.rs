@@ -9,7 +9,7 @@
 //! space whose known state turned out stale is read, not assumed, for a while after: instances
 //! sharing a busy space would otherwise lose a commit each time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 
 use crate::protocol::SpaceId;
-use crate::store::{ClientGroupRecord, ClientRecord, ClientState, KnownCounts, PushChanges};
+use crate::store::{
+    ClientGroupRecord, ClientRecord, ClientState, KnownCounts, MaybeNewGroup, PushChanges,
+};
 
 /// How long a known state is trusted at most: a bound on memory held for a quiet space, and on
 /// how long a group garbage collection removed in another process stays known (its pushes then
@@ -76,6 +78,15 @@ pub(super) struct KnownSpace {
     /// Keys read ahead, each with its value (`None`: absent or deleted).
     entries: HashMap<String, Option<String>>,
 }
+
+/// What a push group's first read asks for: client groups, clients, keys read ahead, and the
+/// groups that may be new.
+pub(super) type Asked<'a> = (
+    &'a [String],
+    &'a [String],
+    &'a [String],
+    &'a [MaybeNewGroup],
+);
 
 /// What a push's first read was based on, for its commit to carry forward.
 pub(super) struct ReadBase {
@@ -163,11 +174,9 @@ impl KnownSpaces {
     pub(super) fn answer(
         &self,
         known: KnownSpace,
-        group_ids: &[String],
-        client_ids: &[String],
-        read_ahead: &[String],
+        asked: Asked<'_>,
     ) -> Result<(ClientState, ReadBase), KnownSpace> {
-        let Some(answer) = known.answer(group_ids, client_ids, read_ahead) else {
+        let Some(answer) = known.answer(asked) else {
             return Err(known);
         };
         self.served.fetch_add(1, Ordering::Relaxed);
@@ -322,23 +331,51 @@ impl KnownSpace {
         self.entries.extend(read.entries.iter().cloned());
     }
 
-    /// The read asked for, when everything in it is known.
-    fn answer(
-        &self,
-        group_ids: &[String],
-        client_ids: &[String],
-        read_ahead: &[String],
-    ) -> Option<ClientState> {
-        let groups = group_ids.iter().map(|id| self.groups.get(id).cloned());
-        let clients = client_ids.iter().map(|id| self.clients.get(id).cloned());
+    /// The read asked for, when everything in it is known, or is a group that may be new (see
+    /// [`MaybeNewGroup`]) of which nothing is known, nor of its clients: such a group and its
+    /// clients are answered absent (its pushes commit, and the commit refuses to create a group
+    /// that exists or was collected, or to move another group's client).
+    fn answer(&self, asked: Asked<'_>) -> Option<ClientState> {
+        let (group_ids, client_ids, read_ahead, maybe_new) = asked;
+        let mut new_clients: HashSet<&str> = HashSet::new();
+        for group in maybe_new
+            .iter()
+            .filter(|g| !self.groups.contains_key(&g.id))
+        {
+            if group
+                .client_ids
+                .iter()
+                .any(|c| self.clients.contains_key(c))
+            {
+                return None;
+            }
+            new_clients.extend(group.client_ids.iter().map(String::as_str));
+        }
+        let is_new_group = |id: &String| maybe_new.iter().any(|g| &g.id == id);
+        let mut groups = Vec::with_capacity(group_ids.len());
+        for id in group_ids {
+            match self.groups.get(id) {
+                Some(group) => groups.push(group.clone()),
+                None if is_new_group(id) => {}
+                None => return None,
+            }
+        }
+        let mut clients = Vec::with_capacity(client_ids.len());
+        for id in client_ids {
+            match self.clients.get(id) {
+                Some(client) => clients.push(client.clone()),
+                None if new_clients.contains(id.as_str()) => {}
+                None => return None,
+            }
+        }
         let entries = read_ahead
             .iter()
             .map(|key| Some((key.clone(), self.entries.get(key)?.clone())));
         Some(ClientState {
             space_version: self.version,
-            groups: groups.collect::<Option<_>>()?,
+            groups,
             collected_groups: Vec::new(),
-            clients: clients.collect::<Option<_>>()?,
+            clients,
             entries: entries.collect::<Option<_>>()?,
         })
     }
@@ -425,12 +462,9 @@ mod tests {
     #[test]
     fn a_read_is_answered_only_when_everything_it_asks_for_is_known() {
         let known = known_from(&read_at(7), &strings(&["k", "absent"]));
+        let (g, c) = (strings(&["g"]), strings(&["c"]));
         let answer = known
-            .answer(
-                &strings(&["g"]),
-                &strings(&["c"]),
-                &strings(&["absent", "k"]),
-            )
+            .answer((&g, &c, &strings(&["absent", "k"]), &[]))
             .expect("all known");
         assert_eq!(answer.space_version, 7);
         assert_eq!(answer.clients, vec![client("c", 3)]);
@@ -438,17 +472,51 @@ mod tests {
             answer.entries,
             vec![("absent".into(), None), ("k".into(), Some("1".into()))]
         );
-        assert!(known.answer(&strings(&["other"]), &[], &[]).is_none());
         assert!(
             known
-                .answer(&strings(&["g"]), &strings(&["new"]), &[])
+                .answer((&strings(&["other"]), &[], &[], &[]))
                 .is_none()
         );
+        assert!(known.answer((&g, &strings(&["new"]), &[], &[])).is_none());
         assert!(
             known
-                .answer(&strings(&["g"]), &[], &strings(&["unread"]))
+                .answer((&g, &[], &strings(&["unread"]), &[]))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn an_unknown_group_that_may_be_new_is_answered_absent_unless_a_client_is_known() {
+        let known = known_from(&read_at(7), &[]);
+        let maybe_new = |clients: &[&str]| MaybeNewGroup {
+            id: "fresh".into(),
+            client_ids: strings(clients),
+        };
+        let (groups, clients) = (strings(&["g", "fresh"]), strings(&["c", "n1", "n2"]));
+        let fresh = [maybe_new(&["n1", "n2"])];
+        let answer = known.answer((&groups, &clients, &[], &fresh)).expect("new");
+        assert_eq!(answer.groups.len(), 1);
+        assert_eq!(answer.clients, vec![client("c", 3)]);
+        // A client of the maybe-new group that is known: the group is not new, read it.
+        let claimed = [maybe_new(&["n1", "c"])];
+        assert!(known.answer((&groups, &clients, &[], &claimed)).is_none());
+        // An unknown client outside the maybe-new groups is read.
+        assert!(
+            known
+                .answer((&groups, &clients, &[], &[maybe_new(&["n1"])]))
+                .is_none()
+        );
+        // A known group is answered as known, whatever the push layer guessed.
+        let guessed = [MaybeNewGroup {
+            id: "g".into(),
+            client_ids: strings(&["c"]),
+        }];
+        let answer = known.answer((&g_only(), &strings(&["c"]), &[], &guessed));
+        assert_eq!(answer.expect("known").groups.len(), 1);
+    }
+
+    fn g_only() -> Vec<String> {
+        strings(&["g"])
     }
 
     #[test]
@@ -476,7 +544,12 @@ mod tests {
             ..PushChanges::default()
         });
         let answer = known
-            .answer(&strings(&["g"]), &strings(&["c"]), &strings(&["k", "new"]))
+            .answer((
+                &strings(&["g"]),
+                &strings(&["c"]),
+                &strings(&["k", "new"]),
+                &[],
+            ))
             .unwrap();
         assert_eq!(answer.space_version, 9);
         assert_eq!(answer.clients, vec![client("c", 5)]);
@@ -525,7 +598,7 @@ mod tests {
             spaces.take(&space).is_none(),
             "taken out while its push runs"
         );
-        let (_, base) = spaces.answer(known, &[], &[], &[]).ok().unwrap();
+        let (_, base) = spaces.answer(known, (&[], &[], &[], &[])).ok().unwrap();
         let (_, served) = KnownSpaces::after(base, &PushChanges::default());
         assert!(served);
         spaces.refused(&space, true, true);
@@ -542,5 +615,31 @@ mod tests {
                 bytes: 0
             }
         );
+    }
+
+    #[test]
+    fn the_least_recently_kept_states_go_past_the_budget() {
+        let state = |value: &str| {
+            known_from(
+                &ClientState {
+                    entries: vec![("k".into(), Some(value.into()))],
+                    ..ClientState::default()
+                },
+                &[],
+            )
+        };
+        let weight = state(&"x".repeat(1000)).weight();
+        let spaces = KnownSpaces::new(2 * weight + weight / 2);
+        let names = ["a", "b", "c"].map(|name| SpaceId::parse(name).unwrap());
+        for space in &names {
+            spaces.keep(space, state(&"x".repeat(1000)));
+        }
+        assert_eq!(spaces.counts().bytes, 2 * weight);
+        assert!(spaces.take(&names[0]).is_none(), "the oldest went");
+        assert!(spaces.take(&names[1]).is_some() && spaces.take(&names[2]).is_some());
+        assert_eq!(spaces.counts().bytes, 0);
+        spaces.keep(&names[0], state("1"));
+        spaces.forget_all();
+        assert!(spaces.take(&names[0]).is_none());
     }
 }

@@ -15,7 +15,7 @@ use super::reads::{EntryRead, SharedReads, StateRead, decode_rows};
 use crate::protocol::SpaceId;
 use crate::store::pg_functions::LOCK_SPACE_AND_READ_GROUPS;
 use crate::store::shared::{self, client_group_record, to_space_version};
-use crate::store::{ClientRecord, ClientState, PushChanges, PushTx, StoreError};
+use crate::store::{ClientRecord, ClientState, MaybeNewGroup, PushChanges, PushTx, StoreError};
 
 /// The statements calling the SQL functions, built once from their descriptions.
 static LOCK_SPACE_AND_READ_GROUPS_SQL: LazyLock<String> =
@@ -58,13 +58,12 @@ impl PgPushTx {
         client_group_ids: &[String],
         client_ids: &[String],
         read_ahead: &[String],
+        maybe_new: &[MaybeNewGroup],
     ) -> Result<ClientState, StoreError> {
         let mut kept = self.known.take(&self.space);
         if let Some(known) = kept.take() {
-            match self
-                .known
-                .answer(known, client_group_ids, client_ids, read_ahead)
-            {
+            let asked = (client_group_ids, client_ids, read_ahead, maybe_new);
+            match self.known.answer(known, asked) {
                 Ok((state, base)) => {
                     self.base.hold(Some(base));
                     return Ok(state);
@@ -92,6 +91,17 @@ impl PushTx for PgPushTx {
         client_ids: &[String],
         read_ahead: &[String],
     ) -> Result<ClientState, StoreError> {
+        self.client_state_of(client_group_ids, client_ids, read_ahead, &[])
+            .await
+    }
+
+    async fn client_state_of(
+        &mut self,
+        client_group_ids: &[String],
+        client_ids: &[String],
+        read_ahead: &[String],
+        maybe_new: &[MaybeNewGroup],
+    ) -> Result<ClientState, StoreError> {
         // One round trip either way (see the migrations that define the functions). Locked: lock,
         // then read (nothing read ahead: a statement's snapshot may predate its lock). Unlocked:
         // one snapshot with the keys read ahead, maybe shared with other pushes'; the commit
@@ -104,7 +114,7 @@ impl PushTx for PgPushTx {
             }
             PushConnection::Unlocked => {
                 return self
-                    .unlocked_client_state(client_group_ids, client_ids, read_ahead)
+                    .unlocked_client_state(client_group_ids, client_ids, read_ahead, maybe_new)
                     .await;
             }
         };
