@@ -42,7 +42,7 @@ pub struct ClientState {
 
 /// A client group a push group names that may be new: each of its clients' first mutation there
 /// is id 1 and no other group's push names them, so were it new, its pushes would apply a
-/// mutation and commit (see [`PushTx::client_state_of`](super::PushTx::client_state_of)).
+/// mutation and commit (see `PushTx::client_state_of`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaybeNewGroup {
     pub id: String,
