@@ -21,9 +21,10 @@ use crate::store::{
     ClientGroupRecord, ClientRecord, ClientState, KnownCounts, MaybeNewGroup, PushChanges,
 };
 
-/// How long a known state is trusted at most: a bound on memory held for a quiet space, and on
-/// how long a group garbage collection removed in another process stays known (its pushes then
-/// commit nothing only when they carry no new mutation; any commit checks the group).
+/// How long a known state is trusted after the database last confirmed it (a read, a commit): a
+/// bound on memory held for a quiet space, and on how long a group garbage collection removed
+/// in another process stays known (its pushes then commit nothing only when they carry no new
+/// mutation; any commit checks the group).
 const KNOWN_FOR: Duration = Duration::from_secs(60);
 
 /// How long a space whose known state was stale is read before each push.
@@ -66,7 +67,6 @@ struct Kept {
 struct KeptState {
     state: KnownSpace,
     weight: u64,
-    kept_at: Instant,
 }
 
 /// One space's push state at `version`, as replisync last read or committed it.
@@ -77,6 +77,9 @@ pub(super) struct KnownSpace {
     clients: HashMap<String, ClientRecord>,
     /// Keys read ahead, each with its value (`None`: absent or deleted).
     entries: HashMap<String, Option<String>>,
+    /// When the database last confirmed it: a read, or a commit (which checks the version and
+    /// the groups); answering a push from it confirms nothing.
+    checked_at: Option<Instant>,
 }
 
 /// What a push group's first read asks for: client groups, clients, keys read ahead, and the
@@ -165,7 +168,8 @@ impl KnownSpaces {
             return None;
         }
         let taken = self.kept().take(space)?;
-        (taken.kept_at.elapsed() < KNOWN_FOR).then_some(taken.state)
+        let checked = taken.state.checked_at?;
+        (checked.elapsed() < KNOWN_FOR).then_some(taken.state)
     }
 
     /// The push's first read answered from `known`, when every group, client and key it asks
@@ -232,12 +236,7 @@ impl KnownSpaces {
         }
         kept.take(space);
         kept.bytes += weight;
-        let kept_at = Instant::now();
-        let entry = KeptState {
-            state,
-            weight,
-            kept_at,
-        };
+        let entry = KeptState { state, weight };
         kept.states.push(space.clone(), entry);
         while kept.bytes > self.max_bytes {
             let Some((_, oldest)) = kept.states.pop_lru() else {
@@ -307,6 +306,7 @@ impl KnownSpace {
     /// moved and are dropped; client groups are kept (a group's record never changes, and the
     /// commit checks that it still exists). Past the bounds, what was known before is dropped.
     fn absorb(&mut self, read: &ClientState, read_ahead: &[String]) {
+        self.checked_at = Some(Instant::now());
         if read.space_version != self.version {
             self.version = read.space_version;
             self.clients.clear();
@@ -383,6 +383,7 @@ impl KnownSpace {
     /// Moves the state over a commit: its version, new groups and clients, and the values it
     /// wrote (new keys up to [`MAX_KEYS_PER_SPACE`]; past it, a push reading them reads).
     fn apply(&mut self, changes: &PushChanges) {
+        self.checked_at = Some(Instant::now()); // kept only once the commit succeeded
         self.version = changes.version;
         if self.groups.len() + self.clients.len() > MAX_IDS_PER_SPACE {
             self.groups.clear();
