@@ -3,10 +3,12 @@
 //! `js` runs the app's own mutators, written in JavaScript, in an embedded engine.
 
 mod builtin;
+mod error;
 pub mod js;
 pub mod read_hints;
 pub mod settings;
 mod tx;
+mod writes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,9 +17,9 @@ use crate::metrics::MutationMetrics;
 
 use self::read_hints::ReadHints;
 
-pub use self::tx::{
-    MutationError, Mutator, PushOverlay, ScanRange, ScriptError, ScriptFailure, WriteTx, Writer,
-};
+pub use self::error::{MutationError, ScriptError, ScriptFailure};
+pub use self::tx::{Mutator, PushOverlay, ScanRange, WriteTx, Writer};
+pub use self::writes::MutationWrites;
 
 /// The mutators a server knows, by name.
 #[derive(Clone, Default)]

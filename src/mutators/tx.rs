@@ -16,79 +16,11 @@ use std::ops::Bound;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use super::error::MutationError;
+use super::writes::MutationWrites;
 use crate::protocol::{SpaceId, check_key};
 use crate::rules::KeySet;
 use crate::store::{EntryWrite, PushTx, StoreError};
-
-/// Why a mutation was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum MutationError {
-    /// The arguments do not have the shape the mutator needs.
-    #[error("invalid arguments: {0}")]
-    InvalidArgs(String),
-    /// A business rule refused the mutation.
-    #[error("rejected: {0}")]
-    Rejected(String),
-    /// A JavaScript mutator threw, ran out of time or memory, or wrote a value that is not JSON.
-    #[error("{0}")]
-    Script(#[from] ScriptError),
-    /// The mutation wrote a key the caller may not write (REPLISYNC_RULES).
-    #[error(
-        "the caller may not write {key:?} in this space (REPLISYNC_RULES): this mutation's writes are discarded"
-    )]
-    ForbiddenKey { key: String },
-    /// The push's mutators put more bytes (keys and values) than the push may write.
-    #[error(
-        "the push's mutators put more than {limit} bytes of keys and values (REPLISYNC_MAX_PUSH_WRITE_BYTES): this mutation's writes are discarded; write less per push, or raise the limit"
-    )]
-    TooMuchWritten { limit: usize },
-    /// The database failed: the whole push is rolled back and answered 5xx.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// Why a JavaScript mutator failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScriptFailure {
-    /// It threw, or its promise was rejected (or never settled).
-    Threw,
-    /// It ran past REPLISYNC_MUTATOR_TIMEOUT_MS.
-    Timeout,
-    /// It allocated past REPLISYNC_MUTATOR_MEMORY_MB.
-    Memory,
-}
-
-impl MutationError {
-    /// Why the mutation failed, as `/metrics` counts it.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            MutationError::InvalidArgs(_) => "invalid_args",
-            MutationError::Rejected(_) => "rejected",
-            MutationError::Script(error) => error.reason.as_str(),
-            MutationError::TooMuchWritten { .. } => "write_limit",
-            MutationError::ForbiddenKey { .. } => "forbidden_key",
-            MutationError::Store(_) => "database",
-        }
-    }
-}
-
-impl ScriptFailure {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ScriptFailure::Threw => "threw",
-            ScriptFailure::Timeout => "timeout",
-            ScriptFailure::Memory => "memory",
-        }
-    }
-}
-
-/// A JavaScript mutator's failure: why, and what the engine said.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("JavaScript mutator failed ({}): {message}", reason.as_str())]
-pub struct ScriptError {
-    pub reason: ScriptFailure,
-    pub message: String,
-}
 
 /// A named server-side mutation. Register your own with `Mutators::register`.
 ///
@@ -256,19 +188,15 @@ pub struct Writer<'a> {
 pub struct WriteTx<'a> {
     store: &'a mut dyn PushTx,
     overlay: &'a mut PushOverlay,
-    mutation_writes: BTreeMap<String, Option<Value>>,
-    /// Bytes of keys and values this mutation put, and whether it was refused a write for
-    /// going past the push's limit (which fails it, whatever it returns).
-    mutation_bytes: usize,
-    over_write_limit: bool,
-    /// The keys the caller may write, and the first key it tried to write outside them (which
-    /// fails the mutation, whatever it returns).
+    /// This mutation's writes so far, and the keys the caller may write.
+    writes: MutationWrites,
     writable: &'a KeySet,
-    forbidden_key: Option<String>,
     space: &'a SpaceId,
     user_id: &'a str,
     client_id: &'a str,
     mutation_id: u64,
+    /// Whether this is the push's last mutation (nothing more runs in it after this one).
+    last_of_push: bool,
     /// Keys this mutation read from the store (the first few), to learn read hints from.
     store_reads: Vec<String>,
 }
@@ -298,16 +226,14 @@ impl<'a> WriteTx<'a> {
     ) -> Self {
         WriteTx {
             store,
+            writes: MutationWrites::new(overlay.push_bytes_put, overlay.max_push_write_bytes),
             overlay,
-            mutation_writes: BTreeMap::new(),
-            mutation_bytes: 0,
-            over_write_limit: false,
             writable: writer.writable,
-            forbidden_key: None,
             space: writer.space,
             user_id: writer.user,
             client_id,
             mutation_id,
+            last_of_push: false,
             store_reads: Vec::new(),
         }
     }
@@ -337,6 +263,17 @@ impl<'a> WriteTx<'a> {
         self.mutation_id
     }
 
+    /// Marks this mutation as the push's last: a mutator may let go of what it kept for the
+    /// push (its [`WriteTx::push_scoped`] state) as it returns.
+    pub(crate) fn mark_last_of_push(&mut self) {
+        self.last_of_push = true;
+    }
+
+    /// Whether this is the push's last mutation (see [`WriteTx::mark_last_of_push`]).
+    pub fn is_last_of_push(&self) -> bool {
+        self.last_of_push
+    }
+
     /// State of type `T` kept from one mutation of this push to the next, created with
     /// `T::default()` on first use and dropped when the push's mutations are done (a push run
     /// again after a conflict starts with none).
@@ -352,8 +289,8 @@ impl<'a> WriteTx<'a> {
     /// The value of `key` as this mutation sees it: its own writes, then earlier mutations'
     /// writes in the same push, then the database.
     pub async fn get(&mut self, key: &str) -> Result<Option<Value>, MutationError> {
-        if let Some(value) = self.mutation_writes.get(key) {
-            return Ok(value.clone());
+        if let Some(value) = self.writes.get(key) {
+            return Ok(value.cloned());
         }
         if let Some(value) = self.overlay.known.get(key) {
             return Ok(value.clone());
@@ -376,10 +313,9 @@ impl<'a> WriteTx<'a> {
     /// ahead, read or written by earlier mutations, or written by this one): `Some(None)` when it
     /// is known to be absent, `None` when only a read would tell.
     pub(crate) fn known(&self, key: &str) -> Option<Option<&Value>> {
-        self.mutation_writes
+        self.writes
             .get(key)
-            .or_else(|| self.overlay.known.get(key))
-            .map(Option::as_ref)
+            .or_else(|| self.overlay.known.get(key).map(Option::as_ref))
     }
 
     /// Whether `key` holds a value, as this mutation sees it.
@@ -414,7 +350,7 @@ impl<'a> WriteTx<'a> {
             }
             pending.insert(key, self.overlay.known.get(key).and_then(Option::as_ref));
         }
-        for (key, value) in self.mutation_writes.range::<str, _>(bounds) {
+        for (key, value) in self.writes.by_key.range::<str, _>(bounds) {
             if !in_prefix(key) {
                 break;
             }
@@ -481,61 +417,32 @@ impl<'a> WriteTx<'a> {
     /// Writes `value` at `key`. Fails (failing the mutation) for a key no store can hold, or
     /// past the push's write limit.
     pub fn put(&mut self, key: impl Into<String>, value: Value) -> Result<(), MutationError> {
-        let key = self.writable_key(key.into())?;
-        self.count_write(&key, json_len(&value))?;
-        self.mutation_writes.insert(key, Some(value));
-        Ok(())
-    }
-
-    /// Writes the value whose JSON text is `text` at `key`, counting the text against the
-    /// push's write limit before parsing it.
-    pub(crate) fn put_json_text(&mut self, key: String, text: &str) -> Result<(), MutationError> {
-        let key = self.writable_key(key)?;
-        self.count_write(&key, text.len())?;
-        let value = serde_json::from_str(text).map_err(|error| {
-            MutationError::InvalidArgs(format!("the value for {key:?} is not JSON: {error}"))
-        })?;
-        self.mutation_writes.insert(key, Some(value));
-        Ok(())
+        let bytes = json_len(&value);
+        self.writes.put(self.writable, key.into(), value, bytes)
     }
 
     /// Deletes `key`. Fails (failing the mutation) for a key no store can hold, or past the
     /// push's write limit.
     pub fn del(&mut self, key: impl Into<String>) -> Result<(), MutationError> {
-        let key = self.writable_key(key.into())?;
-        self.count_write(&key, 0)?;
-        self.mutation_writes.insert(key, None);
-        Ok(())
+        self.writes.del(self.writable, key.into())
     }
 
-    /// `key`, if a store can hold it and the caller may write it; a key the caller may not
-    /// write is remembered, and fails the mutation whatever the mutator does next.
-    fn writable_key(&mut self, key: String) -> Result<String, MutationError> {
-        let key = checked_key(key)?;
-        if !self.writable.allows(&key) {
-            let error = MutationError::ForbiddenKey { key: key.clone() };
-            self.forbidden_key.get_or_insert(key);
-            return Err(error);
-        }
-        Ok(key)
+    /// Lends this mutation's writes to whoever makes them elsewhere (a JavaScript engine),
+    /// with the keys the caller may write: until [`WriteTx::give_back_writes`], reads see none
+    /// of them.
+    pub(crate) fn lend_writes(&mut self) -> (MutationWrites, KeySet) {
+        (self.take_writes(), self.writable.clone())
     }
 
-    /// Counts a write of `key` with `value_bytes` against the push's limit; refuses it (and
-    /// marks the mutation failed) past the limit.
-    fn count_write(&mut self, key: &str, value_bytes: usize) -> Result<(), MutationError> {
-        let limit = self.overlay.max_push_write_bytes;
-        let bytes = key.len().saturating_add(value_bytes);
-        let total = self
-            .overlay
-            .push_bytes_put
-            .saturating_add(self.mutation_bytes)
-            .saturating_add(bytes);
-        if total > limit {
-            self.over_write_limit = true;
-            return Err(MutationError::TooMuchWritten { limit });
-        }
-        self.mutation_bytes += bytes;
-        Ok(())
+    /// Takes this mutation's writes (reads see none of them until they are given back).
+    pub(crate) fn take_writes(&mut self) -> MutationWrites {
+        let none = self.writes.none_yet();
+        std::mem::replace(&mut self.writes, none)
+    }
+
+    /// Takes back the writes lent by [`WriteTx::lend_writes`], with what was written since.
+    pub(crate) fn give_back_writes(&mut self, writes: MutationWrites) {
+        self.writes = writes;
     }
 
     /// The mutator's `result`, unless a write of its went past the push's limit or to a key
@@ -545,16 +452,7 @@ impl<'a> WriteTx<'a> {
         &self,
         result: Result<(), MutationError>,
     ) -> Result<(), MutationError> {
-        match result {
-            Err(MutationError::Store(error)) => Err(MutationError::Store(error)),
-            _ if self.over_write_limit => Err(MutationError::TooMuchWritten {
-                limit: self.overlay.max_push_write_bytes,
-            }),
-            _ if self.forbidden_key.is_some() => Err(MutationError::ForbiddenKey {
-                key: self.forbidden_key.clone().unwrap_or_default(),
-            }),
-            other => other,
-        }
+        self.writes.within_limits(result)
     }
 
     /// Runs the next mutation, `id`, of an all-or-nothing push in this same `WriteTx`: it sees
@@ -565,9 +463,9 @@ impl<'a> WriteTx<'a> {
 
     /// Keeps this mutation's writes for the push's commit.
     pub(crate) fn keep_writes(self) {
-        self.overlay.push_bytes_put += self.mutation_bytes;
-        self.overlay.group_bytes_put += self.mutation_bytes;
-        for (key, value) in self.mutation_writes {
+        self.overlay.push_bytes_put += self.writes.bytes;
+        self.overlay.group_bytes_put += self.writes.bytes;
+        for (key, value) in self.writes.by_key {
             self.overlay
                 .written
                 .insert(key.clone(), self.overlay.version);
@@ -596,10 +494,4 @@ fn json_len(value: &Value) -> usize {
 fn parse_stored(key: &str, text: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text)
         .map_err(|e| StoreError::Corrupt(format!("value of {key:?} is not JSON: {e}")))
-}
-
-/// A key no store can hold fails the mutation, not the push.
-fn checked_key(key: String) -> Result<String, MutationError> {
-    check_key(&key).map_err(MutationError::InvalidArgs)?;
-    Ok(key)
 }

@@ -305,7 +305,8 @@ async fn apply_push(
     let mut applied = 0usize;
     let mut replayed = 0usize;
     let mut partial = None;
-    for mutation in &request.mutations {
+    let last_index = request.mutations.len().saturating_sub(1);
+    for (index, mutation) in request.mutations.iter().enumerate() {
         let client = mutation.client_id.as_str();
         if stopped_by_gap.contains(client) {
             continue;
@@ -341,6 +342,9 @@ async fn apply_push(
             writable,
         };
         let mut write_tx = WriteTx::new(&mut *tx, &mut group.overlay, writer, client, mutation.id);
+        if index == last_index {
+            write_tx.mark_last_of_push();
+        }
         let span = tracing::debug_span!(
             "push.mutation",
             name = &*shortened(&mutation.name),

@@ -348,6 +348,35 @@ async fn scan_merges_pages_with_the_push_writes(backend: Backend) {
     assert_eq!(entries["out/window"], json!(["p/0055", "p/006", "p/007"]));
 }
 
+/// A mutation's own writes, made in its engine, reach a scan in the middle of it and are kept
+/// with those after it; a delete answers whether the key was there.
+async fn writes_cross_a_scan_in_their_mutation(backend: Backend) {
+    let server = js_server(backend).await;
+    run(
+        &server,
+        "s",
+        1,
+        &[("seed", json!({"prefix": "p/", "count": 3}))],
+    )
+    .await;
+    let probe = json!({"prefix": "p/", "deleteFirst": "p/001", "into": "out"});
+    let entries = run(&server, "s", 2, &[("probeWritesAroundScan", probe)]).await;
+    assert_eq!(
+        entries["out"],
+        json!({
+            "deleted": true,
+            "seen": [["p/000", 0], ["p/002", 2], ["p/new", "written before the scan"]],
+            "again": "written before the scan",
+        })
+    );
+    assert_eq!(entries.get("p/001"), None, "the delete is kept");
+    assert_eq!(entries["p/new"], json!("written before the scan"));
+    assert_eq!(entries["p/zz"], json!("written after the scan"));
+    let probe = json!({"prefix": "q/", "deleteFirst": "q/absent", "into": "out"});
+    let entries = run(&server, "s", 3, &[("probeWritesAroundScan", probe)]).await;
+    assert_eq!(entries["out"]["deleted"], json!(false));
+}
+
 /// Keys in Replicache's order: by code point (UTF-8 bytes), so U+1F600 (a surrogate pair in
 /// UTF-16) sorts after U+E000 and U+FFFD, unlike JavaScript's `<` on strings.
 async fn non_ascii_keys_in_code_point_order(backend: Backend) {
@@ -649,6 +678,7 @@ crate::on_both_stores!(
     set_put_and_del,
     scan_options_and_results,
     scan_merges_pages_with_the_push_writes,
+    writes_cross_a_scan_in_their_mutation,
     non_ascii_keys_in_code_point_order,
     tx_says_who_where_and_why,
     keys_no_store_can_hold,

@@ -33,7 +33,7 @@ use super::host::{Link, fail_every_call, host_object};
 use super::imports::RefuseImports;
 use super::messages::{Call, EngineEnd, FromEngine, RunError};
 use crate::metrics::Gauge;
-use crate::mutators::{ScriptError, ScriptFailure};
+use crate::mutators::{MutationWrites, ScriptError, ScriptFailure};
 
 const SHIM: &str = include_str!("shim.js");
 
@@ -99,7 +99,7 @@ enum Served {
     SessionEnded,
     /// A mutation was stopped (time or memory): its context is dropped, and the push's next
     /// call is `pending`, for a fresh context.
-    Stopped { pending: Option<Call> },
+    Stopped { pending: Option<Box<Call>> },
 }
 
 impl Engine {
@@ -178,7 +178,7 @@ impl Engine {
                 Served::SessionEnded => drop(space),
                 Served::Stopped { pending } => {
                     drop(space);
-                    next = pending;
+                    next = pending.map(|call| *call);
                 }
             }
             self.tidy_up();
@@ -321,22 +321,24 @@ impl Engine {
         loop {
             if call.space_id != space.space {
                 return Served::Stopped {
-                    pending: Some(call),
+                    pending: Some(Box::new(call)),
                 };
             }
-            let result = match &loaded {
+            let last = call.last;
+            let (result, writes) = match &loaded {
                 Ok(loaded) => self.run(ctx, loaded, &space.link, call),
-                Err(error) => Err(error.clone()),
+                Err(error) => (Err(error.clone()), Some(call.writes)),
             };
             let stopped = matches!(&result, Err(e) if e.reason != ScriptFailure::Threw);
-            space
-                .link
-                .send(FromEngine::Done(result.map_err(RunError::Script)));
-            match space.link.next_call() {
+            let result = result.map_err(RunError::Script);
+            space.link.send(FromEngine::Done(result, writes));
+            let next = if last { None } else { space.link.next_call() };
+            match next {
+                None if stopped => return Served::Stopped { pending: None },
                 None => return Served::SessionEnded,
                 Some(next) if stopped => {
                     return Served::Stopped {
-                        pending: Some(next),
+                        pending: Some(Box::new(next)),
                     };
                 }
                 Some(next) => call = next,
@@ -371,14 +373,14 @@ impl Engine {
     }
 
     /// Runs one mutation: its promise settled, and every job it started finished. Its `tx`
-    /// works until it ends, no longer.
+    /// works until it ends, no longer. Returns how it ended, and its writes.
     fn run<'js>(
         &self,
         ctx: &Ctx<'js>,
         loaded: &Loaded<'js>,
         link: &Link,
         call: Call,
-    ) -> Result<(), ScriptError> {
+    ) -> (Result<(), ScriptError>, Option<MutationWrites>) {
         let Call {
             name,
             args,
@@ -387,10 +389,13 @@ impl Engine {
             user_id,
             space_id,
             known,
+            writes,
+            writable,
+            last: _,
         } = call;
         let token = self.last_tx_token.get() + 1;
         self.last_tx_token.set(token);
-        link.set_live_tx(token, known);
+        link.start_tx(token, known, writes, writable);
         self.start_clock();
         let result = (|| {
             let mutator: Value = loaded.mutators.get(name.as_str())?;
@@ -422,12 +427,12 @@ impl Engine {
         })()
         .catch(ctx);
         let outcome = self.outcome(ctx, result);
-        link.set_live_tx(0, Vec::new());
+        let writes = link.end_tx();
         self.deadline.set(None);
         if matches!(&outcome, Err(e) if e.reason == ScriptFailure::Memory) {
             self.ran_out_of_memory.set(true);
         }
-        outcome
+        (outcome, writes)
     }
 
     /// Runs jobs until `promise` settles; a rejection is thrown into `ctx`.

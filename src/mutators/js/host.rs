@@ -1,5 +1,6 @@
-//! The engine's side of a push's session: the link that carries a mutation's `tx` requests to
-//! the push and its answers back, and the host functions the shim builds `tx` on.
+//! The engine's side of a push's session: the link that carries a mutation's `tx` reads to the
+//! push and its answers back, and the host functions the shim builds `tx` on. Writes are made
+//! here, in the writes the push lent the mutation, checked as the push would check them.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -8,6 +9,8 @@ use std::rc::Rc;
 use rquickjs::{Ctx, Function, Object};
 
 use super::messages::{Call, EngineEnd, FromEngine, HostReply, HostRequest, RunError, ToEngine};
+use crate::mutators::{MutationError, MutationWrites};
+use crate::rules::KeySet;
 
 /// The engine's link to the push it serves: the channels of the push's session, attached to a
 /// space's context for as long as it serves the push.
@@ -17,9 +20,13 @@ pub(super) struct Link {
     /// The token of the `tx` of the mutation running in this context (0: none runs). A `tx`
     /// with another token belongs to a mutation that has ended.
     live_tx: Cell<u64>,
-    /// What the push sent along with the running mutation, by key (JSON text, `None`: absent),
-    /// less what the mutation wrote since.
+    /// What the push sent along with the running mutation, by key (JSON text, `None`: absent);
+    /// what the mutation wrote since is in `writes`.
     known: RefCell<HashMap<String, Option<String>>>,
+    /// The running mutation's writes (`None` between mutations, and while a scan's request
+    /// holds them), and the keys the caller may write.
+    writes: RefCell<Option<MutationWrites>>,
+    writable: RefCell<KeySet>,
 }
 
 impl Link {
@@ -32,6 +39,8 @@ impl Link {
             from_push: RefCell::new(from_push),
             live_tx: Cell::new(0),
             known: RefCell::default(),
+            writes: RefCell::default(),
+            writable: RefCell::new(KeySet::All),
         }
     }
 
@@ -42,6 +51,8 @@ impl Link {
             from_push: RefCell::new(end.from_push),
             live_tx: Cell::new(0),
             known: RefCell::default(),
+            writes: RefCell::default(),
+            writable: RefCell::new(KeySet::All),
         }
     }
 
@@ -57,26 +68,73 @@ impl Link {
         self.from_push.swap(&session.from_push);
     }
 
-    /// Makes the `tx` holding `token` the one whose requests are answered (0: none is), with
-    /// `known` the entries the push sent along with its mutation.
-    pub(super) fn set_live_tx(&self, token: u64, known: Vec<(String, Option<String>)>) {
+    /// Makes the `tx` holding `token` the one whose requests are answered, with the entries
+    /// the push sent along (`known`), the writes it lent and the keys the caller may write.
+    pub(super) fn start_tx(
+        &self,
+        token: u64,
+        known: Vec<(String, Option<String>)>,
+        writes: MutationWrites,
+        writable: KeySet,
+    ) {
         self.live_tx.set(token);
         *self.known.borrow_mut() = known.into_iter().collect();
+        *self.writes.borrow_mut() = Some(writes);
+        *self.writable.borrow_mut() = writable;
     }
 
-    /// What the push sent along for `key`, for the live `tx` only (any other is refused by
-    /// [`Link::ask`]); `None` when only the push can tell.
-    fn known(&self, token: f64, key: &str) -> Option<Option<String>> {
+    /// Ends the live `tx` (none is, from now on), and hands back its mutation's writes.
+    pub(super) fn end_tx(&self) -> Option<MutationWrites> {
+        self.live_tx.set(0);
+        self.known.borrow_mut().clear();
+        self.writes.borrow_mut().take()
+    }
+
+    /// Refuses a `tx` other than the live one.
+    fn check_live(&self, token: f64) -> Result<(), String> {
         if token != self.live_tx.get() as f64 || token == 0.0 {
-            return None;
+            return Err(
+                "this tx belongs to a mutation that has ended: use the tx passed to the running mutator, and do not keep it"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// What the live `tx` sees at `key` without asking the push: what its mutation wrote, else
+    /// what the push sent along (JSON text, `Some(None)`: absent); `None` when only the push
+    /// can tell, or for another `tx` (which [`Link::ask`] refuses).
+    fn local(&self, token: f64, key: &str) -> Option<Option<String>> {
+        self.check_live(token).ok()?;
+        if let Some(written) = self.writes.borrow().as_ref().and_then(|w| w.get(key)) {
+            return Some(written.map(|value| value.to_string()));
         }
         self.known.borrow().get(key).cloned()
     }
 
-    /// Forgets what was sent along for `key`, which the mutation writes: the push answers for it
-    /// from now on.
-    fn forget(&self, key: &str) {
-        self.known.borrow_mut().remove(key);
+    /// Makes a write of the live `tx` with `write`, which checks it as the push would: its
+    /// refusal is thrown in JavaScript (and remembered in the writes, failing the mutation if
+    /// the mutator catches it).
+    fn write(
+        &self,
+        token: f64,
+        write: impl FnOnce(&mut MutationWrites, &KeySet) -> Result<(), MutationError>,
+    ) -> HostReply {
+        self.check_live(token)?;
+        let mut writes = self.writes.borrow_mut();
+        let writes = writes.as_mut().ok_or("the mutation's writes are gone")?;
+        write(writes, &self.writable.borrow()).map_err(|error| error.to_string())?;
+        Ok(None)
+    }
+
+    /// Takes the live `tx`'s writes for a request that needs them (a scan); [`Link::ask`] puts
+    /// them back with its reply.
+    fn lend_writes(&self, token: f64) -> Result<MutationWrites, String> {
+        self.check_live(token)?;
+        self.writes
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| "the mutation's writes are gone".into())
     }
 
     pub(super) fn send(&self, message: FromEngine) {
@@ -88,20 +146,15 @@ impl Link {
         loop {
             match self.from_push.borrow_mut().blocking_recv()? {
                 ToEngine::Run(call) => return Some(call),
-                ToEngine::Reply(_) => continue, // an answer nobody waits for
+                ToEngine::Reply(..) => continue, // an answer nobody waits for
             }
         }
     }
 
-    /// Asks the push for a read or write on behalf of the `tx` holding `token`, and waits for
-    /// its answer. A `tx` kept past its mutation is refused.
+    /// Asks the push for a read on behalf of the `tx` holding `token`, and waits for its answer
+    /// (and the writes the request took along, if any). A `tx` kept past its mutation is refused.
     fn ask(&self, token: f64, request: HostRequest) -> HostReply {
-        if token != self.live_tx.get() as f64 || token == 0.0 {
-            return Err(
-                "this tx belongs to a mutation that has ended: use the tx passed to the running mutator, and do not keep it"
-                    .into(),
-            );
-        }
+        self.check_live(token)?;
         if self
             .to_push
             .borrow()
@@ -111,7 +164,12 @@ impl Link {
             return Err("the push has ended".into());
         }
         match self.from_push.borrow_mut().blocking_recv() {
-            Some(ToEngine::Reply(reply)) => reply,
+            Some(ToEngine::Reply(reply, writes)) => {
+                if writes.is_some() {
+                    *self.writes.borrow_mut() = writes;
+                }
+                reply
+            }
             Some(ToEngine::Run(_)) => Err("the push sent a mutation while one was running".into()),
             None => Err("the push has ended".into()),
         }
@@ -122,15 +180,16 @@ impl Link {
 /// drops it.
 pub(super) fn fail_every_call(session: &Link, first: Option<Call>, fault: &str) {
     let mut next = first;
-    while next.is_some() {
-        session.send(FromEngine::Done(Err(RunError::Engine(fault.to_owned()))));
+    while let Some(call) = next {
+        let failed = Err(RunError::Engine(fault.to_owned()));
+        session.send(FromEngine::Done(failed, Some(call.writes)));
         next = session.next_call();
     }
 }
 
-/// The host functions the shim builds `tx` on: `get`, `has`, `scan`, `put` and `del`, each a
-/// synchronous request to the push, made with the token of the `tx` that asks (a `get` or `has`
-/// of what the push sent along with the mutation is answered here).
+/// The host functions the shim builds `tx` on: `get`, `has`, `scan`, `put` and `del`, each
+/// synchronous, made with the token of the `tx` that asks: writes, and reads of what the
+/// mutation wrote or the push sent along, are answered here; other reads by the push.
 pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Result<Object<'js>> {
     let host = Object::new(ctx.clone())?;
     let l = link.clone();
@@ -138,7 +197,7 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         "get",
         Function::new(
             ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String| match l.known(token, &key) {
+            move |ctx: Ctx<'js>, token: f64, key: String| match l.local(token, &key) {
                 Some(value) => Ok(value),
                 None => answer(&ctx, l.ask(token, HostRequest::Get(key))),
             },
@@ -149,7 +208,7 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         "has",
         Function::new(
             ctx.clone(),
-            move |ctx: Ctx<'js>, token: f64, key: String| match l.known(token, &key) {
+            move |ctx: Ctx<'js>, token: f64, key: String| match l.local(token, &key) {
                 Some(value) => Ok(value.is_some()),
                 None => answer(&ctx, l.ask(token, HostRequest::Has(key)))
                     .map(|text| text.as_deref() == Some("true")),
@@ -172,11 +231,13 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
                 } else {
                     0
                 };
+                let writes = answer(&ctx, l.lend_writes(token))?;
                 let request = HostRequest::Scan {
                     prefix,
                     start,
                     exclusive,
                     limit,
+                    writes,
                 };
                 answer(&ctx, l.ask(token, request)).map(|text| text.unwrap_or_else(|| "[]".into()))
             },
@@ -188,8 +249,10 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, token: f64, key: String, value: String| {
-                l.forget(&key);
-                answer(&ctx, l.ask(token, HostRequest::Put(key, value))).map(drop)
+                let put = l.write(token, |writes, writable| {
+                    writes.put_json_text(writable, key, &value)
+                });
+                answer(&ctx, put).map(drop)
             },
         )?,
     )?;
@@ -199,9 +262,18 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, token: f64, key: String| {
-                l.forget(&key);
-                answer(&ctx, l.ask(token, HostRequest::Del(key)))
-                    .map(|text| text.as_deref() == Some("true"))
+                let existed = match l.local(token, &key) {
+                    Some(value) => value.is_some(),
+                    None => {
+                        let has = answer(&ctx, l.ask(token, HostRequest::Has(key.clone())))?;
+                        has.as_deref() == Some("true")
+                    }
+                };
+                answer(
+                    &ctx,
+                    l.write(token, |writes, writable| writes.del(writable, key)),
+                )?;
+                rquickjs::Result::Ok(existed)
             },
         )?,
     )?;
@@ -209,6 +281,6 @@ pub(super) fn host_object<'js>(ctx: &Ctx<'js>, link: &Rc<Link>) -> rquickjs::Res
 }
 
 /// A reply as the host function's result, or an `Error` thrown in JavaScript.
-fn answer(ctx: &Ctx<'_>, reply: HostReply) -> rquickjs::Result<Option<String>> {
+fn answer<T>(ctx: &Ctx<'_>, reply: Result<T, String>) -> rquickjs::Result<T> {
     reply.map_err(|message| rquickjs::Exception::throw_message(ctx, &message))
 }

@@ -3,7 +3,8 @@
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::mutators::ScriptError;
+use crate::mutators::{MutationWrites, ScriptError};
+use crate::rules::KeySet;
 
 /// One mutation to run.
 pub(super) struct Call {
@@ -17,21 +18,29 @@ pub(super) struct Call {
     /// Entries the push knows that the mutation is likely to read (see `ReadHints`), each with
     /// its JSON text (`None`: absent): the engine answers their `tx.get` and `tx.has` itself.
     pub known: Vec<(String, Option<String>)>,
+    /// The writes the push lends the mutation (those of the mutations before it in an
+    /// all-or-nothing call, else none), which the engine makes and checks itself, with the keys
+    /// the caller may write; they go back with [`FromEngine::Done`].
+    pub writes: MutationWrites,
+    pub writable: KeySet,
+    /// The push's last mutation: the engine ends the session after it, without waiting for
+    /// the push to let it go.
+    pub last: bool,
 }
 
-/// A read or write the running mutator asks of the push's transaction.
+/// A read the running mutator asks of the push's transaction (its writes stay in the engine).
 pub(super) enum HostRequest {
+    /// Of a key the mutation did not write.
     Get(String),
     Has(String),
+    /// A scan sees the mutation's writes: they go along, and come back with the reply.
     Scan {
         prefix: String,
         start: String,
         exclusive: bool,
         limit: usize,
+        writes: MutationWrites,
     },
-    /// The value is JSON text.
-    Put(String, String),
-    Del(String),
 }
 
 /// The answer to a [`HostRequest`]: text for the JavaScript side (JSON, or `true`/`false`), or
@@ -40,12 +49,15 @@ pub(super) type HostReply = Result<Option<String>, String>;
 
 pub(super) enum ToEngine {
     Run(Call),
-    Reply(HostReply),
+    /// The answer to a request, with the writes a scan took along.
+    Reply(HostReply, Option<MutationWrites>),
 }
 
 pub(super) enum FromEngine {
     Host(HostRequest),
-    Done(Result<(), RunError>),
+    /// How the call ended, and its writes (those it was lent, and its own; `None` only if they
+    /// were lost with the push, which then fails whole).
+    Done(Result<(), RunError>, Option<MutationWrites>),
 }
 
 /// Why a mutation did not run to its end.

@@ -31,7 +31,7 @@ use self::messages::{Call, FromEngine, HostReply, HostRequest, PushEnd, RunError
 use self::pool::EnginePool;
 use crate::metrics::{Gauge, MutationMetrics};
 use crate::mutators::read_hints::ReadHints;
-use crate::mutators::{MutationError, Mutator, Mutators, ScanRange, WriteTx};
+use crate::mutators::{MutationError, MutationWrites, Mutator, Mutators, ScanRange, WriteTx};
 use crate::store::StoreError;
 
 /// The bounds on JavaScript mutators.
@@ -212,6 +212,9 @@ impl JsMutator {
                     .ok_or_else(engine_gone)?,
             ),
         };
+        let known = self.known_entries(tx, args);
+        let last = tx.is_last_of_push();
+        let (writes, writable) = tx.lend_writes();
         let call = Call {
             name: self.name.clone(),
             args: args.to_string(),
@@ -219,7 +222,10 @@ impl JsMutator {
             mutation_id: tx.mutation_id(),
             user_id: tx.user_id().to_owned(),
             space_id: tx.space().as_str().to_owned(),
-            known: self.known_entries(tx, args),
+            known,
+            writes,
+            writable,
+            last,
         };
         if end.to_engine.send(ToEngine::Run(call)).is_err() {
             session.0 = None;
@@ -227,10 +233,21 @@ impl JsMutator {
         }
         loop {
             match end.from_engine.recv().await {
-                Some(FromEngine::Done(result)) => return result.map_err(run_error),
+                Some(FromEngine::Done(result, Some(writes))) => {
+                    tx.give_back_writes(writes);
+                    if last {
+                        session.0 = None; // the engine has ended it
+                    }
+                    return result.map_err(run_error);
+                }
+                Some(FromEngine::Done(_, None)) => {
+                    // Never sent to a push that waits; failing closed all the same.
+                    session.0 = None;
+                    return Err(engine_gone());
+                }
                 Some(FromEngine::Host(request)) => {
-                    let reply = answer(tx, request).await?;
-                    let _ = end.to_engine.send(ToEngine::Reply(reply));
+                    let (reply, writes) = answer(tx, request).await?;
+                    let _ = end.to_engine.send(ToEngine::Reply(reply, writes));
                 }
                 None => {
                     session.0 = None;
@@ -273,48 +290,55 @@ fn engine_gone() -> MutationError {
     ))
 }
 
-/// Serves a running mutator's read or write from the push's transaction. Only a database
-/// failure is an `Err` (it fails the push); anything else is thrown in JavaScript.
-async fn answer(tx: &mut WriteTx<'_>, request: HostRequest) -> Result<HostReply, MutationError> {
-    let outcome = match request {
-        HostRequest::Get(key) => tx
-            .get(&key)
-            .await
-            .map(|value| value.map(|value| value.to_string())),
-        HostRequest::Has(key) => tx.has(&key).await.map(|has| Some(has.to_string())),
+/// Serves a running mutator's read from the push's transaction, and gives back the writes a
+/// scan took along. Only a database failure is an `Err` (it fails the push); anything else is
+/// thrown in JavaScript.
+async fn answer(
+    tx: &mut WriteTx<'_>,
+    request: HostRequest,
+) -> Result<(HostReply, Option<MutationWrites>), MutationError> {
+    let (outcome, writes) = match request {
+        HostRequest::Get(key) => {
+            let value = tx.get(&key).await;
+            (
+                value.map(|value| value.map(|value| value.to_string())),
+                None,
+            )
+        }
+        HostRequest::Has(key) => (tx.has(&key).await.map(|has| Some(has.to_string())), None),
         HostRequest::Scan {
             prefix,
             start,
             exclusive,
             limit,
+            writes,
         } => {
             let range = ScanRange {
                 prefix,
                 start,
                 exclusive,
             };
-            tx.scan(&range, limit.min(MAX_SCAN_PAGE))
-                .await
-                .map(|entries| {
-                    Some(
-                        Value::from_iter(
-                            entries
-                                .into_iter()
-                                .map(|(k, v)| Value::from(vec![Value::from(k), v])),
-                        )
-                        .to_string(),
-                    )
-                })
+            tx.give_back_writes(writes);
+            let entries = tx.scan(&range, limit.min(MAX_SCAN_PAGE)).await;
+            (
+                entries.map(|entries| Some(scan_text(entries))),
+                Some(tx.take_writes()),
+            )
         }
-        HostRequest::Put(key, text) => tx.put_json_text(key, &text).map(|()| None),
-        HostRequest::Del(key) => match tx.has(&key).await {
-            Ok(existed) => tx.del(key).map(|()| Some(existed.to_string())),
-            Err(error) => Err(error),
-        },
     };
     match outcome {
-        Ok(reply) => Ok(Ok(reply)),
+        Ok(reply) => Ok((Ok(reply), writes)),
         Err(MutationError::Store(error)) => Err(MutationError::Store(error)),
-        Err(other) => Ok(Err(other.to_string())),
+        Err(other) => Ok((Err(other.to_string()), writes)),
     }
+}
+
+/// Scanned entries as the JSON text of `[key, value]` pairs.
+fn scan_text(entries: Vec<(String, Value)>) -> String {
+    Value::from_iter(
+        entries
+            .into_iter()
+            .map(|(k, v)| Value::from(vec![Value::from(k), v])),
+    )
+    .to_string()
 }

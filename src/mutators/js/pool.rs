@@ -134,12 +134,12 @@ mod tests {
         let message = format!("generation {generation}");
         let _ = end
             .to_push
-            .send(FromEngine::Done(Err(RunError::Engine(message))));
+            .send(FromEngine::Done(Err(RunError::Engine(message)), None));
     }
 
     fn answered(push: &mut PushEnd) -> Option<String> {
         match push.from_engine.try_recv() {
-            Ok(FromEngine::Done(Err(RunError::Engine(message)))) => Some(message),
+            Ok(FromEngine::Done(Err(RunError::Engine(message)), _)) => Some(message),
             _ => None,
         }
     }

@@ -1,6 +1,7 @@
 //! The sessions waiting for an engine. Each space has an engine of its own choice (by a hash of
 //! its id), which keeps its context warm: a free engine takes the sessions of its own spaces
-//! first, then those whose engine is busy, so no session waits while an engine is free.
+//! first, then those whose engine is busy, so no session waits while an engine is free. Only an
+//! engine that has a session to take is woken.
 
 use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -11,7 +12,8 @@ use super::messages::EngineEnd;
 /// Sessions waiting, and which engines are busy. Shared by the pool and its engine threads.
 pub(super) struct SessionQueue {
     state: Mutex<QueueState>,
-    changed: Condvar,
+    /// Per engine: rung when there is a session for it to take.
+    wake: Vec<Condvar>,
 }
 
 struct QueueState {
@@ -31,7 +33,7 @@ impl SessionQueue {
                 busy: vec![false; engines.max(1)],
                 closed: false,
             }),
-            changed: Condvar::new(),
+            wake: (0..engines.max(1)).map(|_| Condvar::new()).collect(),
         }
     }
 
@@ -43,8 +45,7 @@ impl SessionQueue {
         }
         let engine = engine_for(space, state.busy.len());
         state.waiting.push_back((engine, end));
-        drop(state);
-        self.changed.notify_all();
+        self.wake_free_engines(&state);
         Ok(())
     }
 
@@ -57,18 +58,13 @@ impl SessionQueue {
             if let Some(at) = state.pick(engine) {
                 let (_, end) = state.waiting.remove(at).expect("picked from the queue");
                 state.busy[engine] = true;
-                let others_wait = !state.waiting.is_empty();
-                drop(state);
-                if others_wait {
-                    self.changed.notify_all(); // this engine's spaces may now go to another
-                }
+                self.wake_free_engines(&state); // this engine's spaces may now go to another
                 return Some(end);
             }
             if state.closed && state.waiting.is_empty() {
                 return None;
             }
-            state = self
-                .changed
+            state = self.wake[engine]
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
@@ -76,14 +72,25 @@ impl SessionQueue {
 
     /// `engine` serves no more (its thread is ending): its spaces' sessions go to others.
     pub(super) fn leave(&self, engine: usize) {
-        self.lock().busy[engine] = true;
-        self.changed.notify_all();
+        let mut state = self.lock();
+        state.busy[engine] = true;
+        self.wake_free_engines(&state);
     }
 
     /// No more sessions: the engines serve those waiting, then stop.
     pub(super) fn close(&self) {
         self.lock().closed = true;
-        self.changed.notify_all();
+        self.wake.iter().for_each(Condvar::notify_all);
+    }
+
+    /// Wakes each free engine that has a session to take (called with the state locked, so
+    /// that an engine cannot miss it between looking and waiting).
+    fn wake_free_engines(&self, state: &QueueState) {
+        for (engine, wake) in self.wake.iter().enumerate() {
+            if !state.busy[engine] && state.pick(engine).is_some() {
+                wake.notify_one();
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -136,8 +143,8 @@ mod tests {
 
     /// Whether `taken` is the session of `push`: what its engine end sends, `push` receives.
     fn is_session_of(taken: &EngineEnd, push: &mut PushEnd) -> bool {
-        let _ = taken.to_push.send(FromEngine::Done(Ok(())));
-        matches!(push.from_engine.try_recv(), Ok(FromEngine::Done(Ok(()))))
+        let _ = taken.to_push.send(FromEngine::Done(Ok(()), None));
+        matches!(push.from_engine.try_recv(), Ok(FromEngine::Done(Ok(()), _)))
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub(super) async fn apply<'r>(
             }));
         }
         write_tx.start_mutation(mutation.id);
+        if index + 1 == request.mutations.len() {
+            write_tx.mark_last_of_push();
+        }
         let span = tracing::debug_span!(
             "push.mutation",
             name = &*shortened(&mutation.name),
