@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rquickjs::promise::PromiseState;
 use rquickjs::{
     CatchResultExt, CaughtError, Context, Ctx, Function, Module, Object, Persistent, Promise,
-    Runtime, Value,
+    Runtime, Value, WriteOptions,
 };
 
 use super::allocator::{LimitedAllocator, MemoryGauge};
@@ -35,7 +35,9 @@ use super::messages::{Call, EngineEnd, FromEngine, RunError};
 use crate::metrics::Gauge;
 use crate::mutators::{MutationWrites, ScriptError, ScriptFailure};
 
-const SHIM: &str = include_str!("shim.js");
+/// The shim, as a module whose default export is the function that builds the `tx` API.
+const SHIM_MODULE: &str = concat!("export default ", include_str!("shim.js"), ";\n");
+const SHIM_MODULE_NAME: &str = "replisync:tx-shim";
 
 /// Native stack QuickJS may use (deep recursion throws a RangeError past it); engine threads get
 /// a larger stack of their own.
@@ -46,10 +48,43 @@ pub(super) const ENGINE_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
 /// (QuickJS's own rule), but at least at this size.
 const MIN_GC_THRESHOLD_BYTES: usize = 256 * 1024;
 
-/// The app's module: its name in error messages (the file's path) and its source.
+/// The app's module: its name in error messages (the file's path) and its source; and the
+/// shim, compiled once (parsing it again for each context cost more than the rest of a context).
 pub(super) struct ModuleSource {
     pub name: String,
     pub source: String,
+    shim_bytecode: Vec<u8>,
+}
+
+impl ModuleSource {
+    pub(super) fn new(name: String, source: String) -> Result<ModuleSource, String> {
+        Ok(ModuleSource {
+            name,
+            source,
+            shim_bytecode: compile_shim().map_err(|e| format!("cannot compile the tx shim: {e}"))?,
+        })
+    }
+}
+
+/// The shim's bytecode, compiled in a runtime of its own.
+fn compile_shim() -> rquickjs::Result<Vec<u8>> {
+    let runtime = Runtime::new()?;
+    let context = Context::full(&runtime)?;
+    context.with(|ctx| {
+        Module::declare(ctx, SHIM_MODULE_NAME, SHIM_MODULE)?.write(WriteOptions::default())
+    })
+}
+
+/// The shim's function, from its bytecode, in `ctx`.
+#[allow(unsafe_code)]
+fn shim_function<'js>(ctx: &Ctx<'js>, bytecode: &[u8]) -> rquickjs::Result<Function<'js>> {
+    // SAFETY: `bytecode` is what `compile_shim` wrote with this same QuickJS, never anything
+    // from outside; it is read with QuickJS's ROM flag (its buffers used in place), and it lives
+    // in the engine's `ModuleSource`, which the engine drops after its runtime.
+    let declared = unsafe { Module::load(ctx.clone(), bytecode)? };
+    let (module, evaluated) = declared.eval()?;
+    evaluated.finish::<()>()?;
+    module.namespace()?.get("default")
 }
 
 /// What bounds one mutation's run.
@@ -350,7 +385,7 @@ impl Engine {
     fn load<'js>(&self, ctx: &Ctx<'js>, link: &Rc<Link>) -> Result<Loaded<'js>, ScriptError> {
         self.start_clock();
         let result = (|| {
-            let shim: Function = ctx.eval(SHIM)?;
+            let shim = shim_function(ctx, &self.module.shim_bytecode)?;
             let api: Object = shim.call((host_object(ctx, link)?,))?;
             let (module, evaluated) = Module::declare(
                 ctx.clone(),
