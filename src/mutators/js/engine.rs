@@ -61,7 +61,8 @@ impl ModuleSource {
         Ok(ModuleSource {
             name,
             source,
-            shim_bytecode: compile_shim().map_err(|e| format!("cannot compile the tx shim: {e}"))?,
+            shim_bytecode: compile_shim()
+                .map_err(|e| format!("cannot compile the tx shim: {e}"))?,
         })
     }
 }

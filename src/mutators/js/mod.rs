@@ -93,9 +93,8 @@ impl JsMutators {
 
     /// Loads a module from its source; `name` stands for its file in error messages.
     pub fn from_source(name: &str, source: String, limits: JsLimits) -> anyhow::Result<JsMutators> {
-        let module = Arc::new(
-            ModuleSource::new(name.to_owned(), source).map_err(anyhow::Error::msg)?,
-        );
+        let module =
+            Arc::new(ModuleSource::new(name.to_owned(), source).map_err(anyhow::Error::msg)?);
         let engine_limits = EngineLimits {
             timeout: limits.timeout,
             memory_bytes: limits.memory_bytes,

@@ -1,11 +1,12 @@
 //! The sessions waiting for an engine. Each space has an engine of its own choice (by a hash of
 //! its id), which keeps its context warm: a free engine takes the sessions of its own spaces
-//! first, then those whose engine is busy, so no session waits while an engine is free. Only an
-//! engine that has a session to take is woken.
+//! first, then those whose engine has been busy for longer than loading a context takes, so no
+//! session waits long while an engine is free. Only an engine that has a session to take is woken.
 
 use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::messages::EngineEnd;
 
@@ -16,11 +17,25 @@ pub(super) struct SessionQueue {
     wake: Vec<Condvar>,
 }
 
+/// How long a session waits for its own engine, busy, before a free engine takes it. Its own
+/// engine has its space's context; another loads one (about 0.4 ms), while a session usually
+/// frees its engine within a fraction of that.
+const WAIT_FOR_OWN_ENGINE: Duration = Duration::from_millis(1);
+
+struct Waiting {
+    /// The engine its space prefers.
+    engine: usize,
+    since: Instant,
+    end: EngineEnd,
+}
+
 struct QueueState {
-    /// Oldest first, each with the engine its space prefers.
-    waiting: VecDeque<(usize, EngineEnd)>,
+    /// Oldest first.
+    waiting: VecDeque<Waiting>,
     /// Per engine: serving a session (or gone), so that its spaces' sessions go to another.
     busy: Vec<bool>,
+    /// Per engine: gone (its thread ended), so that its spaces' sessions go to another at once.
+    gone: Vec<bool>,
     /// No more sessions come: the engines take what waits, in any order, then stop.
     closed: bool,
 }
@@ -31,6 +46,7 @@ impl SessionQueue {
             state: Mutex::new(QueueState {
                 waiting: VecDeque::new(),
                 busy: vec![false; engines.max(1)],
+                gone: vec![false; engines.max(1)],
                 closed: false,
             }),
             wake: (0..engines.max(1)).map(|_| Condvar::new()).collect(),
@@ -44,7 +60,8 @@ impl SessionQueue {
             return Err(end);
         }
         let engine = engine_for(space, state.busy.len());
-        state.waiting.push_back((engine, end));
+        let since = Instant::now();
+        state.waiting.push_back(Waiting { engine, since, end });
         self.wake_free_engines(&state);
         Ok(())
     }
@@ -55,8 +72,9 @@ impl SessionQueue {
         let mut state = self.lock();
         state.busy[engine] = false;
         loop {
-            if let Some(at) = state.pick(engine) {
-                let (_, end) = state.waiting.remove(at).expect("picked from the queue");
+            let now = Instant::now();
+            if let Some(at) = state.pick(engine, now) {
+                let Waiting { end, .. } = state.waiting.remove(at).expect("picked from the queue");
                 state.busy[engine] = true;
                 self.wake_free_engines(&state); // this engine's spaces may now go to another
                 return Some(end);
@@ -64,9 +82,19 @@ impl SessionQueue {
             if state.closed && state.waiting.is_empty() {
                 return None;
             }
-            state = self.wake[engine]
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let wake = &self.wake[engine];
+            state = match state.next_to_take_over(now) {
+                Some(at) => {
+                    let timeout = at.saturating_duration_since(now);
+                    match wake.wait_timeout(state, timeout) {
+                        Ok((state, _)) => state,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    }
+                }
+                None => wake
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            };
         }
     }
 
@@ -74,6 +102,7 @@ impl SessionQueue {
     pub(super) fn leave(&self, engine: usize) {
         let mut state = self.lock();
         state.busy[engine] = true;
+        state.gone[engine] = true;
         self.wake_free_engines(&state);
     }
 
@@ -83,11 +112,16 @@ impl SessionQueue {
         self.wake.iter().for_each(Condvar::notify_all);
     }
 
-    /// Wakes each free engine that has a session to take (called with the state locked, so
-    /// that an engine cannot miss it between looking and waiting).
+    /// Wakes each free engine that has a session to take, now or once it has waited for its
+    /// busy engine long enough (called with the state locked, so that an engine cannot miss it
+    /// between looking and waiting).
     fn wake_free_engines(&self, state: &QueueState) {
         for (engine, wake) in self.wake.iter().enumerate() {
-            if !state.busy[engine] && state.pick(engine).is_some() {
+            let concerned = state
+                .waiting
+                .iter()
+                .any(|w| w.engine == engine || state.busy[w.engine]);
+            if !state.busy[engine] && concerned {
                 wake.notify_one();
             }
         }
@@ -103,14 +137,23 @@ impl SessionQueue {
 
 impl QueueState {
     /// Where the session `engine` should take waits: the oldest of its own spaces, else the
-    /// oldest whose engine is busy (any, once closed).
-    fn pick(&self, engine: usize) -> Option<usize> {
-        let own = self.waiting.iter().position(|(for_, _)| *for_ == engine);
+    /// oldest whose engine is gone, or busy for [`WAIT_FOR_OWN_ENGINE`] of its wait (any, once
+    /// closed).
+    fn pick(&self, engine: usize, now: Instant) -> Option<usize> {
+        let own = self.waiting.iter().position(|w| w.engine == engine);
         own.or_else(|| {
-            self.waiting
-                .iter()
-                .position(|(for_, _)| self.closed || self.busy[*for_])
+            self.waiting.iter().position(|w| {
+                self.closed
+                    || self.gone[w.engine]
+                    || (self.busy[w.engine] && now >= w.since + WAIT_FOR_OWN_ENGINE)
+            })
         })
+    }
+
+    /// When the first session whose engine is busy may be taken over by another.
+    fn next_to_take_over(&self, now: Instant) -> Option<Instant> {
+        let first = self.waiting.iter().find(|w| self.busy[w.engine])?;
+        Some((first.since + WAIT_FOR_OWN_ENGINE).max(now))
     }
 }
 
@@ -159,6 +202,7 @@ mod tests {
 
         // Engine 1 is busy: engine 0 takes its own space's session before the older one of 1.
         let mut second_of_1 = queue_for(&queue, &of_1);
+        let queued = Instant::now();
         let mut of_0_push = queue_for(&queue, &of_0);
         let taken = queue.take(0).unwrap();
         assert!(is_session_of(&taken, &mut of_0_push), "its own first");
@@ -167,6 +211,29 @@ mod tests {
             is_session_of(&taken, &mut second_of_1),
             "then one whose engine is busy"
         );
+        assert!(
+            queued.elapsed() >= WAIT_FOR_OWN_ENGINE,
+            "once it waited for its own engine for a while"
+        );
+    }
+
+    #[test]
+    fn the_sessions_of_a_busy_engine_wait_for_it_a_moment_before_another_takes_them() {
+        let queue = SessionQueue::new(2);
+        let of_1 = space_of(1, 2);
+        let _first = queue_for(&queue, &of_1);
+        queue.take(1).expect("engine 1 is busy from now on");
+        let now = Instant::now();
+        let mut second = queue_for(&queue, &of_1);
+        let state = queue.lock();
+        assert_eq!(state.pick(0, now), None, "not at once");
+        let later = now + WAIT_FOR_OWN_ENGINE + Duration::from_millis(1);
+        assert_eq!(state.pick(0, later), Some(0), "after a while");
+        drop(state);
+        let taken = queue
+            .take(1)
+            .expect("its own engine, once free, takes it at once");
+        assert!(is_session_of(&taken, &mut second));
     }
 
     #[test]
