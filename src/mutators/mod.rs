@@ -19,7 +19,7 @@ use self::read_hints::ReadHints;
 
 pub use self::error::{MutationError, ScriptError, ScriptFailure};
 pub use self::tx::{Mutator, PushOverlay, ScanRange, WriteTx, Writer};
-pub use self::writes::MutationWrites;
+pub(crate) use self::writes::MutationWrites;
 
 /// The mutators a server knows, by name.
 #[derive(Clone, Default)]

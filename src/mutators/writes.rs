@@ -12,18 +12,18 @@ use crate::rules::KeySet;
 
 /// What one mutation wrote (`None`: deleted), by key, and what it may still write.
 #[derive(Debug, Clone)]
-pub struct MutationWrites {
+pub(crate) struct MutationWrites {
     pub(super) by_key: BTreeMap<String, Option<Value>>,
     /// Bytes of keys and values the mutation put, and whether it was refused a write for going
     /// past the push's limit (which fails it, whatever it returns).
     pub(super) bytes: usize,
-    pub(super) over_write_limit: bool,
+    over_write_limit: bool,
     /// The first key it tried to write outside the caller's (which fails it, whatever it
     /// returns).
-    pub(super) forbidden_key: Option<String>,
+    forbidden_key: Option<String>,
     /// Bytes the push's earlier mutations put, and what the push may put in all.
     push_bytes_before: usize,
-    pub(super) max_push_write_bytes: usize,
+    max_push_write_bytes: usize,
 }
 
 impl MutationWrites {
@@ -47,7 +47,7 @@ impl MutationWrites {
 
     /// What the mutation wrote at `key`: `Some(None)` when it deleted it, `None` when it did
     /// not write it.
-    pub fn get(&self, key: &str) -> Option<Option<&Value>> {
+    pub(crate) fn get(&self, key: &str) -> Option<Option<&Value>> {
         self.by_key.get(key).map(Option::as_ref)
     }
 
@@ -69,7 +69,7 @@ impl MutationWrites {
 
     /// Writes the value whose JSON text is `text` at `key`, counting the text against the
     /// push's write limit before parsing it.
-    pub fn put_json_text(
+    pub(crate) fn put_json_text(
         &mut self,
         writable: &KeySet,
         key: String,
@@ -85,7 +85,7 @@ impl MutationWrites {
     }
 
     /// Deletes `key`, with the same checks as a write.
-    pub fn del(&mut self, writable: &KeySet, key: String) -> Result<(), MutationError> {
+    pub(crate) fn del(&mut self, writable: &KeySet, key: String) -> Result<(), MutationError> {
         let key = self.writable_key(writable, key)?;
         self.count_write(&key, 0)?;
         self.by_key.insert(key, None);
